@@ -1,0 +1,12 @@
+//! ccluster's engine: the clusterfile compiler (syntax → model → plan) and, in later stages, the
+//! executor, runners and agents. The `ccluster` binary is a thin shell over this crate.
+
+pub mod compile;
+pub mod diagnostic;
+pub mod model;
+pub mod plan;
+pub mod schema;
+pub mod syntax;
+
+pub use compile::{compile, compile_file, Compiled, Stage};
+pub use diagnostic::{Diagnostic, SourceFile};

@@ -1,0 +1,612 @@
+//! Decoding: document tree → [`RawClusterfile`], reporting every unknown key, wrong type and invalid
+//! value at once (serde would stop at the first).
+
+use indexmap::IndexMap;
+
+use super::raw::*;
+use super::spanned::Spanned;
+use crate::diagnostic::{did_you_mean, Category, Diagnostic};
+use crate::syntax::{Key, Node, NodeValue};
+
+/// Decodes a whole document. Never fails: what cannot be decoded is left out and reported.
+pub fn decode(root: &Node, diagnostics: &mut Vec<Diagnostic>) -> RawClusterfile {
+    let mut d = Decoder { diagnostics };
+    d.clusterfile(root)
+}
+
+struct Decoder<'d> {
+    diagnostics: &'d mut Vec<Diagnostic>,
+}
+
+/// A table being read: remembers which keys were asked for, so the rest are reported as unknown.
+struct Table<'n> {
+    entries: &'n [(Key, Node)],
+    asked: Vec<&'static str>,
+    /// What the table is, for messages: "task `build`", "`[defaults]`".
+    what: String,
+}
+
+impl<'n> Table<'n> {
+    fn get(&mut self, key: &'static str) -> Option<&'n Node> {
+        self.asked.push(key);
+        self.entries
+            .iter()
+            .find(|(k, _)| k.name == key)
+            .map(|(_, v)| v)
+    }
+}
+
+impl Decoder<'_> {
+    fn error(&mut self, d: Diagnostic) {
+        self.diagnostics.push(d);
+    }
+
+    fn wrong_type(&mut self, node: &Node, key: &str, expected: &str) {
+        self.error(
+            Diagnostic::error(
+                Category::WrongType,
+                "wrong-type",
+                format!("`{key}` must be {expected}, found {}", node.type_name()),
+            )
+            .at(node.span, format!("expected {expected}")),
+        );
+    }
+
+    /// Opens a table, or reports that the value is not one.
+    fn table<'n>(&mut self, node: &'n Node, key: &str, what: String) -> Option<Table<'n>> {
+        match &node.value {
+            NodeValue::Table(entries) => {
+                self.report_duplicate_keys(entries, &what);
+                Some(Table {
+                    entries,
+                    asked: Vec::new(),
+                    what,
+                })
+            }
+            _ => {
+                self.wrong_type(node, key, "a table");
+                None
+            }
+        }
+    }
+
+    /// KDL allows a node name twice; TOML's parser already rejects repeated keys.
+    fn report_duplicate_keys(&mut self, entries: &[(Key, Node)], what: &str) {
+        for (i, (key, _)) in entries.iter().enumerate() {
+            if let Some((first, _)) = entries[..i].iter().find(|(k, _)| k.name == key.name) {
+                let (category, code) = if what == "`tasks`" {
+                    (Category::DuplicateId, "duplicate-id")
+                } else {
+                    (Category::InvalidValue, "duplicate-key")
+                };
+                self.error(
+                    Diagnostic::error(
+                        category,
+                        code,
+                        format!("`{}` is defined twice in {what}", key.name),
+                    )
+                    .at(key.span, "defined again here")
+                    .note(first.span, "first defined here")
+                    .help("remove or rename one of them"),
+                );
+            }
+        }
+    }
+
+    /// Reports keys of `table` that were never asked for, with the closest known key as a hint.
+    fn finish(&mut self, table: Table<'_>) {
+        for (key, _) in table.entries {
+            if table.asked.iter().any(|k| *k == key.name) {
+                continue;
+            }
+            let mut d = Diagnostic::error(
+                Category::UnknownKey,
+                "unknown-key",
+                format!("unknown key `{}` in {}", key.name, table.what),
+            )
+            .at(key.span, "unknown key");
+            d = match did_you_mean(&key.name, table.asked.iter().copied()) {
+                Some(best) => d.help(format!("did you mean `{best}`?")),
+                None => d.help(format!(
+                    "known keys here: {}",
+                    table
+                        .asked
+                        .iter()
+                        .map(|k| format!("`{k}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            };
+            self.error(d);
+        }
+    }
+
+    fn string(&mut self, node: &Node, key: &str) -> Option<Spanned<String>> {
+        match &node.value {
+            NodeValue::String(s) => Some(Spanned::new(s.clone(), node.span)),
+            _ => {
+                self.wrong_type(node, key, "a string");
+                None
+            }
+        }
+    }
+
+    fn int(&mut self, node: &Node, key: &str, min: i64) -> Option<Spanned<i64>> {
+        match node.value {
+            NodeValue::Integer(i) if i >= min => Some(Spanned::new(i, node.span)),
+            NodeValue::Integer(i) => {
+                self.error(
+                    Diagnostic::error(
+                        Category::InvalidValue,
+                        "out-of-range",
+                        format!("`{key}` must be at least {min}, found {i}"),
+                    )
+                    .at(node.span, format!("must be >= {min}")),
+                );
+                None
+            }
+            _ => {
+                self.wrong_type(node, key, "an integer");
+                None
+            }
+        }
+    }
+
+    fn float(&mut self, node: &Node, key: &str, range: (f64, f64)) -> Option<Spanned<f64>> {
+        let value = match node.value {
+            NodeValue::Float(f) => f,
+            NodeValue::Integer(i) => i as f64,
+            _ => {
+                self.wrong_type(node, key, "a number");
+                return None;
+            }
+        };
+        if !(value >= range.0 && value <= range.1) {
+            let bounds = if range.1.is_infinite() {
+                format!("at least {}", range.0)
+            } else {
+                format!("between {} and {}", range.0, range.1)
+            };
+            self.error(
+                Diagnostic::error(
+                    Category::InvalidValue,
+                    "out-of-range",
+                    format!("`{key}` must be {bounds}, found {value}"),
+                )
+                .at(node.span, format!("must be {bounds}")),
+            );
+            return None;
+        }
+        Some(Spanned::new(value, node.span))
+    }
+
+    fn bool(&mut self, node: &Node, key: &str) -> Option<Spanned<bool>> {
+        match node.value {
+            NodeValue::Bool(b) => Some(Spanned::new(b, node.span)),
+            _ => {
+                self.wrong_type(node, key, "a boolean");
+                None
+            }
+        }
+    }
+
+    /// A closed set of string values, with a "did you mean" for near misses.
+    fn choice<T: Copy>(
+        &mut self,
+        node: &Node,
+        key: &str,
+        choices: &[(&'static str, T)],
+    ) -> Option<Spanned<T>> {
+        let s = self.string(node, key)?;
+        if let Some((_, v)) = choices.iter().find(|(name, _)| *name == s.value) {
+            return Some(Spanned::new(*v, s.span));
+        }
+        let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+        let list = names
+            .iter()
+            .map(|n| format!("`{n}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let help = match did_you_mean(&s.value, names.iter().copied()) {
+            Some(best) => format!("did you mean `{best}`? expected one of {list}"),
+            None => format!("expected one of {list}"),
+        };
+        self.error(
+            Diagnostic::error(
+                Category::InvalidValue,
+                "invalid-value",
+                format!("invalid value `{}` for `{key}`", s.value),
+            )
+            .at(s.span, "not a valid choice")
+            .help(help),
+        );
+        None
+    }
+
+    /// A list; a single KDL argument (`needs "build"`) counts as a one-element list.
+    fn list<'n>(&mut self, node: &'n Node, key: &str) -> Option<Vec<&'n Node>> {
+        match &node.value {
+            NodeValue::Array(items) => Some(items.iter().collect()),
+            _ if node.bare_scalar => Some(vec![node]),
+            _ => {
+                self.wrong_type(node, key, "a list");
+                None
+            }
+        }
+    }
+
+    fn string_list(&mut self, node: &Node, key: &str) -> Option<Spanned<Vec<Spanned<String>>>> {
+        let items = self.list(node, key)?;
+        let values = items
+            .into_iter()
+            .filter_map(|n| self.string(n, key))
+            .collect();
+        Some(Spanned::new(values, node.span))
+    }
+
+    /// A table of string values; numbers and booleans are taken as their text.
+    fn string_map(&mut self, node: &Node, key: &str) -> IndexMap<String, Spanned<String>> {
+        let mut out = IndexMap::new();
+        let NodeValue::Table(entries) = &node.value else {
+            self.wrong_type(node, key, "a table");
+            return out;
+        };
+        self.report_duplicate_keys(entries, &format!("`{key}`"));
+        for (k, v) in entries {
+            let text = match &v.value {
+                NodeValue::String(s) => s.clone(),
+                NodeValue::Integer(i) => i.to_string(),
+                NodeValue::Float(f) => f.to_string(),
+                NodeValue::Bool(b) => b.to_string(),
+                _ => {
+                    self.wrong_type(v, &format!("{key}.{}", k.name), "a string");
+                    continue;
+                }
+            };
+            out.entry(k.name.clone())
+                .or_insert(Spanned::new(text, v.span));
+        }
+        out
+    }
+
+    fn string_or_object(&mut self, node: &Node, key: &str) -> Option<Spanned<StringOrObject>> {
+        match node.to_json() {
+            serde_json::Value::String(s) => {
+                Some(Spanned::new(StringOrObject::String(s), node.span))
+            }
+            serde_json::Value::Object(m) => {
+                Some(Spanned::new(StringOrObject::Object(m), node.span))
+            }
+            _ => {
+                self.wrong_type(node, key, "a string (a path) or a table");
+                None
+            }
+        }
+    }
+
+    fn clusterfile(&mut self, root: &Node) -> RawClusterfile {
+        let mut raw = RawClusterfile::default();
+        let Some(mut t) = self.table(root, "clusterfile", "the clusterfile".to_string()) else {
+            return raw;
+        };
+        if let Some(n) = t.get("version") {
+            raw.version = self.int(n, "version", i64::MIN);
+        }
+        if let Some(n) = t.get("workflow") {
+            raw.workflow = self.workflow(n);
+        }
+        if let Some(n) = t.get("inputs") {
+            raw.inputs = self.named_tables(n, "inputs", |d, key, node| d.input(key, node));
+        }
+        if let Some(n) = t.get("vars") {
+            if let Some(vars) = self.table(n, "vars", "`[vars]`".to_string()) {
+                for (k, v) in vars.entries {
+                    raw.vars
+                        .entry(k.name.clone())
+                        .or_insert(Spanned::new(v.to_json(), v.span));
+                }
+            }
+        }
+        if let Some(n) = t.get("defaults") {
+            raw.defaults = self.defaults(n);
+        }
+        if let Some(n) = t.get("runners") {
+            raw.runners = self.named_tables(n, "runners", |d, key, node| d.runner(key, node));
+        }
+        if let Some(n) = t.get("tasks") {
+            raw.tasks = self.named_tables(n, "tasks", |d, key, node| d.task(key, node));
+        }
+        self.finish(t);
+        raw
+    }
+
+    /// `[inputs.<name>]`, `[runners.<name>]`, `[tasks.<id>]`: a table of tables, first definition wins.
+    fn named_tables<T>(
+        &mut self,
+        node: &Node,
+        key: &'static str,
+        mut one: impl FnMut(&mut Self, &Key, &Node) -> Option<T>,
+    ) -> IndexMap<String, T> {
+        let mut out = IndexMap::new();
+        let Some(t) = self.table(node, key, format!("`{key}`")) else {
+            return out;
+        };
+        for (k, v) in t.entries {
+            if out.contains_key(&k.name) {
+                continue;
+            }
+            if let Some(value) = one(self, k, v) {
+                out.insert(k.name.clone(), value);
+            }
+        }
+        out
+    }
+
+    fn workflow(&mut self, node: &Node) -> Option<RawWorkflowMeta> {
+        let mut t = self.table(node, "workflow", "`[workflow]`".to_string())?;
+        let mut w = RawWorkflowMeta::default();
+        if let Some(n) = t.get("name") {
+            w.name = self.string(n, "name");
+        }
+        if let Some(n) = t.get("description") {
+            w.description = self.string(n, "description");
+        }
+        self.finish(t);
+        Some(w)
+    }
+
+    fn input(&mut self, key: &Key, node: &Node) -> Option<RawInput> {
+        let mut t = self.table(node, &key.name, format!("input `{}`", key.name))?;
+        let mut input = RawInput {
+            name_span: key.span,
+            ..RawInput::default()
+        };
+        if let Some(n) = t.get("description") {
+            input.description = self.string(n, "description");
+        }
+        if let Some(n) = t.get("type") {
+            input.ty = self.choice(n, "type", InputType::ALL);
+        }
+        if let Some(n) = t.get("default") {
+            input.default = Some(Spanned::new(n.to_json(), n.span));
+        }
+        if let Some(n) = t.get("required") {
+            input.required = self.bool(n, "required");
+        }
+        self.finish(t);
+        Some(input)
+    }
+
+    fn claude(&mut self, node: &Node, what: &str) -> Option<RawClaude> {
+        let mut t = self.table(node, "claude", format!("{what} `claude` settings"))?;
+        let mut c = RawClaude::default();
+        if let Some(n) = t.get("model") {
+            c.model = self.string(n, "model");
+        }
+        if let Some(n) = t.get("permission_mode") {
+            c.permission_mode = self.choice(n, "permission_mode", PermissionMode::ALL);
+        }
+        if let Some(n) = t.get("allowed_tools") {
+            c.allowed_tools = self.string_list(n, "allowed_tools");
+        }
+        if let Some(n) = t.get("disallowed_tools") {
+            c.disallowed_tools = self.string_list(n, "disallowed_tools");
+        }
+        if let Some(n) = t.get("max_turns") {
+            c.max_turns = self.int(n, "max_turns", 1);
+        }
+        if let Some(n) = t.get("max_budget_usd") {
+            c.max_budget_usd = self.float(n, "max_budget_usd", (0.0, f64::INFINITY));
+        }
+        if let Some(n) = t.get("append_system_prompt") {
+            c.append_system_prompt = self.string(n, "append_system_prompt");
+        }
+        if let Some(n) = t.get("settings") {
+            c.settings = self.string_or_object(n, "settings");
+        }
+        self.finish(t);
+        Some(c)
+    }
+
+    fn retry(&mut self, node: &Node, what: &str) -> Option<RawRetry> {
+        let mut t = self.table(node, "retry", format!("{what} `retry`"))?;
+        let mut r = RawRetry::default();
+        if let Some(n) = t.get("limit") {
+            r.limit = self.int(n, "limit", 0);
+        }
+        if let Some(n) = t.get("backoff") {
+            if let Some(mut b) = self.table(n, "backoff", format!("{what} `retry.backoff`")) {
+                let mut backoff = RawBackoff::default();
+                if let Some(n) = b.get("initial") {
+                    backoff.initial = self.string(n, "initial");
+                }
+                if let Some(n) = b.get("factor") {
+                    backoff.factor = self.float(n, "factor", (1.0, f64::INFINITY));
+                }
+                if let Some(n) = b.get("max") {
+                    backoff.max = self.string(n, "max");
+                }
+                if let Some(n) = b.get("jitter") {
+                    backoff.jitter = self.float(n, "jitter", (0.0, 1.0));
+                }
+                self.finish(b);
+                r.backoff = Some(backoff);
+            }
+        }
+        if let Some(n) = t.get("on") {
+            if let Some(items) = self.list(n, "on") {
+                let classes = items
+                    .into_iter()
+                    .filter_map(|i| self.choice(i, "on", FailureClass::ALL))
+                    .collect::<Vec<_>>();
+                for class in &classes {
+                    if class.value == FailureClass::Auth {
+                        self.error(
+                            Diagnostic::error(
+                                Category::InvalidValue,
+                                "auth-not-retryable",
+                                "`auth` failures are never retried",
+                            )
+                            .at(class.span, "not retryable")
+                            .help("a rejected credential does not fix itself; remove `auth` from `on`"),
+                        );
+                    }
+                }
+                r.on = Some(Spanned::new(classes, n.span));
+            }
+        }
+        self.finish(t);
+        Some(r)
+    }
+
+    fn defaults(&mut self, node: &Node) -> Option<RawDefaults> {
+        let mut t = self.table(node, "defaults", "`[defaults]`".to_string())?;
+        let mut d = RawDefaults::default();
+        if let Some(n) = t.get("claude") {
+            d.claude = self.claude(n, "`[defaults]`");
+        }
+        if let Some(n) = t.get("retry") {
+            d.retry = self.retry(n, "`[defaults]`");
+        }
+        if let Some(n) = t.get("timeout") {
+            d.timeout = self.string(n, "timeout");
+        }
+        if let Some(n) = t.get("runner") {
+            d.runner = self.string(n, "runner");
+        }
+        if let Some(n) = t.get("env") {
+            d.env = self.string_map(n, "env");
+        }
+        if let Some(n) = t.get("workdir") {
+            d.workdir = self.string(n, "workdir");
+        }
+        if let Some(n) = t.get("max_parallel") {
+            d.max_parallel = self.int(n, "max_parallel", 1);
+        }
+        if let Some(n) = t.get("on_item_failure") {
+            d.on_item_failure = self.choice(n, "on_item_failure", OnItemFailure::ALL);
+        }
+        if let Some(n) = t.get("artifacts") {
+            d.artifacts = self.string_list(n, "artifacts");
+        }
+        self.finish(t);
+        Some(d)
+    }
+
+    fn runner(&mut self, key: &Key, node: &Node) -> Option<RawRunner> {
+        let mut t = self.table(node, &key.name, format!("runner `{}`", key.name))?;
+        let mut r = RawRunner {
+            name_span: key.span,
+            ..RawRunner::default()
+        };
+        if let Some(n) = t.get("kind") {
+            r.kind = self.choice(n, "kind", RunnerKind::ALL);
+        }
+        if let Some(n) = t.get("image") {
+            r.image = self.string(n, "image");
+        }
+        if let Some(n) = t.get("namespace") {
+            r.namespace = self.string(n, "namespace");
+        }
+        if let Some(n) = t.get("max_parallel") {
+            r.max_parallel = self.int(n, "max_parallel", 1);
+        }
+        self.finish(t);
+        Some(r)
+    }
+
+    fn task(&mut self, key: &Key, node: &Node) -> Option<RawTask> {
+        let what = format!("task `{}`", key.name);
+        let mut t = self.table(node, &key.name, what.clone())?;
+        let mut task = RawTask {
+            id_span: key.span,
+            ..RawTask::default()
+        };
+        if let Some(n) = t.get("description") {
+            task.description = self.string(n, "description");
+        }
+        if let Some(n) = t.get("prompt") {
+            task.prompt = self.string(n, "prompt");
+        }
+        if let Some(n) = t.get("run") {
+            task.run = self.string(n, "run");
+        }
+        if let Some(n) = t.get("merge") {
+            if let Some(mut m) = self.table(n, "merge", format!("{what} `merge`")) {
+                let mut merge = RawMerge::default();
+                if let Some(n) = m.get("strategy") {
+                    merge.strategy = self.choice(n, "strategy", MergeStrategy::ALL);
+                }
+                if let Some(n) = m.get("on_conflict") {
+                    merge.on_conflict = self.choice(n, "on_conflict", OnConflict::ALL);
+                }
+                self.finish(m);
+                task.merge = Some(merge);
+            }
+        }
+        if let Some(n) = t.get("claude") {
+            task.claude = self.claude(n, &what);
+        }
+        if let Some(n) = t.get("output_schema") {
+            task.output_schema = self.string_or_object(n, "output_schema");
+        }
+        if let Some(n) = t.get("output") {
+            task.output = self.choice(n, "output", OutputMode::ALL);
+        }
+        if let Some(n) = t.get("env") {
+            task.env = self.string_map(n, "env");
+        }
+        if let Some(n) = t.get("workdir") {
+            task.workdir = self.string(n, "workdir");
+        }
+        if let Some(n) = t.get("needs") {
+            task.needs = self.string_list(n, "needs");
+        }
+        if let Some(n) = t.get("when") {
+            task.when = match &n.value {
+                NodeValue::Bool(b) => Some(Spanned::new(RawWhen::Bool(*b), n.span)),
+                NodeValue::String(s) => Some(Spanned::new(RawWhen::Expression(s.clone()), n.span)),
+                _ => {
+                    self.wrong_type(n, "when", "a template expression string or a boolean");
+                    None
+                }
+            };
+        }
+        if let Some(n) = t.get("map") {
+            task.map = match &n.value {
+                NodeValue::Array(items) => Some(Spanned::new(
+                    RawMap::List(items.iter().map(Node::to_json).collect()),
+                    n.span,
+                )),
+                NodeValue::String(s) => Some(Spanned::new(RawMap::Expression(s.clone()), n.span)),
+                _ => {
+                    self.wrong_type(n, "map", "a list or a template expression string");
+                    None
+                }
+            };
+        }
+        if let Some(n) = t.get("max_parallel") {
+            task.max_parallel = self.int(n, "max_parallel", 1);
+        }
+        if let Some(n) = t.get("on_item_failure") {
+            task.on_item_failure = self.choice(n, "on_item_failure", OnItemFailure::ALL);
+        }
+        if let Some(n) = t.get("min_success") {
+            task.min_success = self.int(n, "min_success", 0);
+        }
+        if let Some(n) = t.get("retry") {
+            task.retry = self.retry(n, &what);
+        }
+        if let Some(n) = t.get("timeout") {
+            task.timeout = self.string(n, "timeout");
+        }
+        if let Some(n) = t.get("runner") {
+            task.runner = self.string(n, "runner");
+        }
+        if let Some(n) = t.get("artifacts") {
+            task.artifacts = self.string_list(n, "artifacts");
+        }
+        self.finish(t);
+        Some(task)
+    }
+}

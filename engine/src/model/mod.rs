@@ -1,0 +1,12 @@
+//! The clusterfile model: raw (as written, with spans) → validated [`Workflow`].
+
+pub mod decode;
+pub mod raw;
+pub mod spanned;
+pub mod template;
+pub mod workflow;
+
+pub use raw::RawClusterfile;
+pub use spanned::Spanned;
+pub use template::Template;
+pub use workflow::{Action, AgentSettings, MapSpec, RetryPolicy, Task, TaskId, When, Workflow};

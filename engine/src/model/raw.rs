@@ -1,0 +1,470 @@
+//! The raw clusterfile: what the file says, key by key, with spans; nothing resolved yet.
+//!
+//! These types are also the source of the JSON Schema (`ccluster schema`): their doc comments are the
+//! schema's descriptions, so keep them short and user-facing.
+
+use indexmap::IndexMap;
+use schemars::JsonSchema;
+use serde::Serialize;
+
+use super::spanned::Spanned;
+use crate::diagnostic::Span;
+
+/// A ccluster workflow: tasks (agent sessions, shell commands, merges) and the dependencies between
+/// them. Reference: docs/clusterfile.md.
+#[derive(Clone, Debug, Default, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "ccluster clusterfile")]
+pub struct RawClusterfile {
+    /// Format version of the clusterfile. Only `1` exists.
+    #[schemars(range(min = 1, max = 1))]
+    pub version: Option<Spanned<i64>>,
+    /// Name and description of the workflow.
+    pub workflow: Option<RawWorkflowMeta>,
+    /// Declared parameters, set with `--var name=value` or `--vars file.toml|json`.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub inputs: IndexMap<String, RawInput>,
+    /// Constants, available to templates as `vars.<name>`.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub vars: IndexMap<String, Spanned<serde_json::Value>>,
+    /// Settings inherited by every task.
+    pub defaults: Option<RawDefaults>,
+    /// Named runners that tasks can select with `runner = "<name>"`. `local` always exists.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub runners: IndexMap<String, RawRunner>,
+    /// The tasks, by id. An id is letters, digits, `_` and `-`, starting with a letter or `_`.
+    #[serde(default)]
+    pub tasks: IndexMap<String, RawTask>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawWorkflowMeta {
+    /// Name of the workflow, shown in plans and reports.
+    pub name: Option<Spanned<String>>,
+    /// What the workflow does.
+    pub description: Option<Spanned<String>>,
+}
+
+/// The type of an input parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum InputType {
+    String,
+    Number,
+    Bool,
+    List,
+    Object,
+}
+
+impl InputType {
+    pub const ALL: &'static [(&'static str, InputType)] = &[
+        ("string", InputType::String),
+        ("number", InputType::Number),
+        ("bool", InputType::Bool),
+        ("list", InputType::List),
+        ("object", InputType::Object),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, t)| *t == self)
+            .map_or("string", |(n, _)| n)
+    }
+
+    /// Whether a JSON value has this type.
+    pub fn accepts(self, value: &serde_json::Value) -> bool {
+        use serde_json::Value;
+        matches!(
+            (self, value),
+            (InputType::String, Value::String(_))
+                | (InputType::Number, Value::Number(_))
+                | (InputType::Bool, Value::Bool(_))
+                | (InputType::List, Value::Array(_))
+                | (InputType::Object, Value::Object(_))
+        )
+    }
+}
+
+/// A declared parameter of the workflow.
+#[derive(Clone, Debug, Default, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawInput {
+    /// What the parameter means.
+    pub description: Option<Spanned<String>>,
+    /// The parameter's type (default `string`).
+    #[serde(rename = "type")]
+    pub ty: Option<Spanned<InputType>>,
+    /// Value used when the parameter is not set.
+    pub default: Option<Spanned<serde_json::Value>>,
+    /// Whether the parameter must be set (default: true when there is no `default`).
+    pub required: Option<Spanned<bool>>,
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub name_span: Span,
+}
+
+/// Agent (Claude Code) settings of a task, or of every task under `[defaults.claude]`.
+#[derive(Clone, Debug, Default, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawClaude {
+    /// Model name or alias (`opus`, `sonnet`, `haiku`, or a full model id).
+    pub model: Option<Spanned<String>>,
+    /// Claude Code permission mode (default `acceptEdits`).
+    pub permission_mode: Option<Spanned<PermissionMode>>,
+    /// Tools the agent may use without asking, e.g. `"Bash(cargo *)"`.
+    pub allowed_tools: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Tools the agent may not use.
+    pub disallowed_tools: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Upper bound on agent turns (model requests) per attempt.
+    #[schemars(range(min = 1))]
+    pub max_turns: Option<Spanned<i64>>,
+    /// Upper bound on the cost of one attempt, in US dollars.
+    #[schemars(range(min = 0))]
+    pub max_budget_usd: Option<Spanned<f64>>,
+    /// Text appended to the agent's system prompt.
+    pub append_system_prompt: Option<Spanned<String>>,
+    /// Claude Code settings: a path to a settings JSON file, or the settings inline.
+    pub settings: Option<Spanned<StringOrObject>>,
+}
+
+/// A string, or a table written inline.
+#[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum StringOrObject {
+    String(String),
+    Object(serde_json::Map<String, serde_json::Value>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, JsonSchema)]
+pub enum PermissionMode {
+    #[serde(rename = "acceptEdits")]
+    AcceptEdits,
+    #[serde(rename = "auto")]
+    Auto,
+    #[serde(rename = "bypassPermissions")]
+    BypassPermissions,
+    #[serde(rename = "default")]
+    Default,
+    #[serde(rename = "dontAsk")]
+    DontAsk,
+    #[serde(rename = "manual")]
+    Manual,
+    #[serde(rename = "plan")]
+    Plan,
+}
+
+impl PermissionMode {
+    pub const ALL: &'static [(&'static str, PermissionMode)] = &[
+        ("acceptEdits", PermissionMode::AcceptEdits),
+        ("auto", PermissionMode::Auto),
+        ("bypassPermissions", PermissionMode::BypassPermissions),
+        ("default", PermissionMode::Default),
+        ("dontAsk", PermissionMode::DontAsk),
+        ("manual", PermissionMode::Manual),
+        ("plan", PermissionMode::Plan),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, m)| *m == self)
+            .map_or("default", |(n, _)| n)
+    }
+}
+
+/// Retry policy: `limit` counts retries, so a task runs at most `limit + 1` times.
+#[derive(Clone, Debug, Default, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    /// Number of retries after the first attempt (default 0).
+    #[schemars(range(min = 0))]
+    pub limit: Option<Spanned<i64>>,
+    /// Delay between attempts.
+    pub backoff: Option<RawBackoff>,
+    /// Failure classes that are retried (default: every class but `auth`, `budget` and `setup_error`).
+    pub on: Option<Spanned<Vec<Spanned<FailureClass>>>>,
+}
+
+/// Exponential backoff: the n-th retry waits `initial * factor^(n-1)`, at most `max`, randomised by
+/// ± `jitter` (a fraction).
+#[derive(Clone, Debug, Default, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackoff {
+    /// First delay, a duration like `"1s"` (default `"1s"`).
+    pub initial: Option<Spanned<String>>,
+    /// Multiplier per retry, at least 1 (default 2).
+    #[schemars(range(min = 1))]
+    pub factor: Option<Spanned<f64>>,
+    /// Cap on the delay (default `"5m"`).
+    pub max: Option<Spanned<String>>,
+    /// Random spread as a fraction between 0 and 1 (default 0.1).
+    #[schemars(range(min = 0, max = 1))]
+    pub jitter: Option<Spanned<f64>>,
+}
+
+/// Why an attempt failed; retry policies select on these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureClass {
+    /// A shell command exited non-zero, or an agent ended with an error result.
+    ExitCode,
+    /// The task ran past its `timeout`.
+    Timeout,
+    /// The process was ended by a signal it did not get from ccluster.
+    Signal,
+    /// The process could not be started.
+    SpawnError,
+    /// The workspace `setup` commands failed.
+    SetupError,
+    /// The model API answered 429.
+    RateLimit,
+    /// The model API answered 529.
+    Overloaded,
+    /// Other model API failures: 5xx, timeouts, broken streams.
+    ApiError,
+    /// Authentication failed (401/403); never retried.
+    Auth,
+    /// The agent reached `max_turns`.
+    MaxTurns,
+    /// The agent reached `max_budget_usd`.
+    Budget,
+    /// The agent did not produce a valid structured output.
+    StructuredOutput,
+    /// The worker was killed.
+    Killed,
+    /// The agent ended without a result.
+    NoResult,
+}
+
+impl FailureClass {
+    pub const ALL: &'static [(&'static str, FailureClass)] = &[
+        ("exit_code", FailureClass::ExitCode),
+        ("timeout", FailureClass::Timeout),
+        ("signal", FailureClass::Signal),
+        ("spawn_error", FailureClass::SpawnError),
+        ("setup_error", FailureClass::SetupError),
+        ("rate_limit", FailureClass::RateLimit),
+        ("overloaded", FailureClass::Overloaded),
+        ("api_error", FailureClass::ApiError),
+        ("auth", FailureClass::Auth),
+        ("max_turns", FailureClass::MaxTurns),
+        ("budget", FailureClass::Budget),
+        ("structured_output", FailureClass::StructuredOutput),
+        ("killed", FailureClass::Killed),
+        ("no_result", FailureClass::NoResult),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, c)| *c == self)
+            .map_or("exit_code", |(n, _)| n)
+    }
+
+    /// Classes retried when a policy does not say `on`: everything a retry can plausibly fix.
+    pub fn retried_by_default(self) -> bool {
+        !matches!(
+            self,
+            FailureClass::Auth | FailureClass::Budget | FailureClass::SetupError
+        )
+    }
+}
+
+/// What a fan-out does when one of its instances fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnItemFailure {
+    /// Stop scheduling new instances; let running ones finish; the task fails.
+    FailFast,
+    /// Run every instance; the task succeeds when at least `min_success` instances did.
+    Continue,
+}
+
+impl OnItemFailure {
+    pub const ALL: &'static [(&'static str, OnItemFailure)] = &[
+        ("fail_fast", OnItemFailure::FailFast),
+        ("continue", OnItemFailure::Continue),
+    ];
+}
+
+/// How a shell task's stdout becomes its output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputMode {
+    /// Trimmed stdout text (the default).
+    Text,
+    /// The last JSON value printed on stdout.
+    Json,
+}
+
+impl OutputMode {
+    pub const ALL: &'static [(&'static str, OutputMode)] =
+        &[("text", OutputMode::Text), ("json", OutputMode::Json)];
+}
+
+/// Settings every task inherits unless it sets its own.
+#[derive(Clone, Debug, Default, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawDefaults {
+    pub claude: Option<RawClaude>,
+    pub retry: Option<RawRetry>,
+    /// Default timeout, a duration like `"30m"`.
+    pub timeout: Option<Spanned<String>>,
+    /// Default runner name (default `local`).
+    pub runner: Option<Spanned<String>>,
+    /// Environment variables given to every shell task (templates).
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub env: IndexMap<String, Spanned<String>>,
+    /// Default working directory of shell tasks, relative to the task's workspace (template).
+    pub workdir: Option<Spanned<String>>,
+    #[schemars(range(min = 1))]
+    pub max_parallel: Option<Spanned<i64>>,
+    pub on_item_failure: Option<Spanned<OnItemFailure>>,
+    /// Globs of files kept as artifacts of every task.
+    pub artifacts: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// Where a runner places task processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RunnerKind {
+    Local,
+    Docker,
+    Kubernetes,
+}
+
+impl RunnerKind {
+    pub const ALL: &'static [(&'static str, RunnerKind)] = &[
+        ("local", RunnerKind::Local),
+        ("docker", RunnerKind::Docker),
+        ("kubernetes", RunnerKind::Kubernetes),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, k)| *k == self)
+            .map_or("local", |(n, _)| n)
+    }
+}
+
+/// A named runner.
+#[derive(Clone, Debug, Default, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawRunner {
+    /// `local` (a process on this machine), `docker` or `kubernetes`.
+    pub kind: Option<Spanned<RunnerKind>>,
+    /// Container image (`docker`, `kubernetes`).
+    pub image: Option<Spanned<String>>,
+    /// Namespace of the task pods (`kubernetes`).
+    pub namespace: Option<Spanned<String>>,
+    /// Upper bound on tasks running at once on this runner.
+    #[schemars(range(min = 1))]
+    pub max_parallel: Option<Spanned<i64>>,
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub name_span: Span,
+}
+
+/// A merge (fan-in) task's settings.
+#[derive(Clone, Debug, Default, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawMerge {
+    /// `git` merges the branches of the tasks it needs; `collect` gathers their outputs into a list.
+    pub strategy: Option<Spanned<MergeStrategy>>,
+    /// What a conflicting git merge does: `fail` (default) or hand it to an `agent`.
+    pub on_conflict: Option<Spanned<OnConflict>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeStrategy {
+    Git,
+    Collect,
+}
+
+impl MergeStrategy {
+    pub const ALL: &'static [(&'static str, MergeStrategy)] = &[
+        ("git", MergeStrategy::Git),
+        ("collect", MergeStrategy::Collect),
+    ];
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnConflict {
+    Fail,
+    Agent,
+}
+
+impl OnConflict {
+    pub const ALL: &'static [(&'static str, OnConflict)] =
+        &[("fail", OnConflict::Fail), ("agent", OnConflict::Agent)];
+}
+
+/// `map`: a literal list, or a template expression that evaluates to a list.
+#[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum RawMap {
+    List(Vec<serde_json::Value>),
+    Expression(String),
+}
+
+/// `when`: a template expression (`"{{ inputs.docs }}"`) or a literal boolean.
+#[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum RawWhen {
+    Bool(bool),
+    Expression(String),
+}
+
+/// A task: exactly one of `prompt` (agent), `run` (shell) or `merge` (fan-in).
+#[derive(Clone, Debug, Default, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawTask {
+    /// What the task is for, shown in plans and reports.
+    pub description: Option<Spanned<String>>,
+    /// Agent task: the prompt, a template.
+    pub prompt: Option<Spanned<String>>,
+    /// Shell task: the command, a template run by `sh -c`.
+    pub run: Option<Spanned<String>>,
+    /// Merge task: fan-in of the tasks it needs.
+    pub merge: Option<RawMerge>,
+    /// Agent settings, merged key by key over `[defaults.claude]`.
+    pub claude: Option<RawClaude>,
+    /// Agent task: JSON Schema of a structured output, inline or as a path to a JSON file.
+    pub output_schema: Option<Spanned<StringOrObject>>,
+    /// Shell task: how stdout becomes the output (`text` or `json`).
+    pub output: Option<Spanned<OutputMode>>,
+    /// Shell task: environment variables (templates), merged over `[defaults.env]`.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub env: IndexMap<String, Spanned<String>>,
+    /// Shell task: working directory relative to the workspace (template).
+    pub workdir: Option<Spanned<String>>,
+    /// Ids of the tasks this one runs after.
+    pub needs: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Run only when this is true; otherwise the task is skipped.
+    pub when: Option<Spanned<RawWhen>>,
+    /// Fan-out: one instance per item, with `item` and `index` in the template context.
+    pub map: Option<Spanned<RawMap>>,
+    /// Upper bound on instances of this fan-out running at once.
+    #[schemars(range(min = 1))]
+    pub max_parallel: Option<Spanned<i64>>,
+    /// What a failing instance does to the fan-out (`fail_fast` or `continue`).
+    pub on_item_failure: Option<Spanned<OnItemFailure>>,
+    /// With `continue`: how many instances must succeed (default: all).
+    #[schemars(range(min = 0))]
+    pub min_success: Option<Spanned<i64>>,
+    pub retry: Option<RawRetry>,
+    /// Time limit of one attempt, a duration like `"30m"`.
+    pub timeout: Option<Spanned<String>>,
+    /// Runner name (default from `[defaults]`, else `local`).
+    pub runner: Option<Spanned<String>>,
+    /// Globs of files kept as artifacts, relative to the workspace.
+    pub artifacts: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub id_span: Span,
+}

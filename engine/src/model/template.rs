@@ -1,0 +1,375 @@
+//! Templates: strict minijinja rendering, and the static checks that find undefined names at validate
+//! time wherever the value is knowable.
+
+use std::collections::BTreeSet;
+
+use minijinja::{Environment, UndefinedBehavior};
+
+use crate::diagnostic::{did_you_mean, Category, Diagnostic, Span};
+
+/// A template as written in the clusterfile.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[serde(transparent)]
+pub struct Template {
+    pub source: String,
+    /// Span of the whole string value in the file.
+    #[serde(skip)]
+    pub span: Span,
+    /// File offset of the template's first character when the file holds the text verbatim (no
+    /// escapes), so errors inside the template point at the exact spot; else the value's start.
+    #[serde(skip)]
+    pub origin: Option<usize>,
+}
+
+impl Template {
+    /// Finds where the template text starts in the file: after the quote of a TOML/KDL string.
+    pub fn new(source: String, span: Span, file: &str) -> Template {
+        let raw = file.get(span.start..span.end).unwrap_or("");
+        let hashes = raw.len() - raw.trim_start_matches('#').len();
+        let after_hashes = &raw[hashes..];
+        let mut skip = hashes
+            + if after_hashes.starts_with("\"\"\"") || after_hashes.starts_with("'''") {
+                3
+            } else if after_hashes.starts_with('"') || after_hashes.starts_with('\'') {
+                1
+            } else {
+                0
+            };
+        let rest = &raw[skip.min(raw.len())..];
+        if skip >= 3 && rest.starts_with("\r\n") {
+            skip += 2;
+        } else if skip >= 3 && rest.starts_with('\n') {
+            skip += 1;
+        }
+        let origin = span.start + skip;
+        let verbatim = file.get(origin..origin + source.len()) == Some(source.as_str());
+        Template {
+            origin: verbatim.then_some(origin),
+            source,
+            span,
+        }
+    }
+
+    /// A span into the file for a byte range of the template, as exact as the file allows.
+    pub fn span_of(&self, range: Option<std::ops::Range<usize>>) -> Span {
+        match (self.origin, range) {
+            (Some(origin), Some(r)) if r.end <= self.source.len() => Span::new(
+                origin + r.start,
+                origin + r.end.max(r.start + 1).min(self.source.len()),
+            ),
+            _ => self.span,
+        }
+    }
+
+    /// Span of the first mention of `name` in the template, for "undefined name" errors.
+    pub fn span_of_name(&self, name: &str) -> Span {
+        let found = self.source.match_indices(name).find(|(i, _)| {
+            let before = self.source[..*i].chars().next_back();
+            !before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '.')
+        });
+        self.span_of(found.map(|(i, _)| i..i + name.len()))
+    }
+
+    /// The expression inside `{{ … }}`, or the whole text when it has no braces (`when`, `map`).
+    pub fn as_expression(&self) -> &str {
+        let t = self.source.trim();
+        match t.strip_prefix("{{").and_then(|t| t.strip_suffix("}}")) {
+            Some(inner) if !inner.contains("{{") && !inner.contains("}}") => inner.trim(),
+            _ => t,
+        }
+    }
+}
+
+/// The environment every template is rendered in: strict undefined, no auto-escaping, keep a
+/// trailing newline (commands and prompts are whitespace-sensitive).
+pub fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_keep_trailing_newline(true);
+    env
+}
+
+/// Names a template may start from, and what is known about them for one task.
+pub struct Scope<'a> {
+    pub inputs: &'a [&'a str],
+    pub vars: &'a [&'a str],
+    /// Tasks whose outputs this task can read (its transitive `needs`), with whether each is mapped.
+    pub upstream: &'a [(&'a str, bool)],
+    /// All task ids, to tell "unknown task" from "not upstream".
+    pub all_tasks: &'a [&'a str],
+    pub mapped: bool,
+    pub task: &'a str,
+}
+
+/// Built-in functions of minijinja that static analysis reports as free names.
+const GLOBALS: &[&str] = &[
+    "range",
+    "dict",
+    "namespace",
+    "debug",
+    "loop",
+    "self",
+    "super",
+    "caller",
+    "varargs",
+    "kwargs",
+    "cycler",
+    "joiner",
+    "true",
+    "false",
+    "none",
+    "True",
+    "False",
+    "None",
+];
+
+/// Whether a name path (`tasks.plan.output`) reads an upstream output, i.e. is only known at run time.
+pub fn is_runtime_name(path: &str) -> bool {
+    path == "tasks" || path.starts_with("tasks.")
+}
+
+/// Checks the free names of a template against the scope. Returns the diagnostics.
+pub fn check_names(
+    template: &Template,
+    names: &BTreeSet<String>,
+    scope: &Scope<'_>,
+    field: &str,
+) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    for path in names {
+        let parts: Vec<&str> = path.split('.').collect();
+        let undefined = |what: String, candidates: &[&str], span_name: &str| {
+            let mut d = Diagnostic::error(
+                Category::Template,
+                "undefined-name",
+                format!(
+                    "undefined name `{path}` in the `{field}` of task `{}`",
+                    scope.task
+                ),
+            )
+            .at(template.span_of_name(span_name), what);
+            if let Some(best) = did_you_mean(
+                parts.last().copied().unwrap_or(""),
+                candidates.iter().copied(),
+            ) {
+                d = d.help(format!("did you mean `{best}`?"));
+            }
+            d
+        };
+        match parts[0] {
+            "inputs" => {
+                if let Some(name) = parts.get(1) {
+                    if !scope.inputs.contains(name) {
+                        out.push(
+                            undefined(format!("no input `{name}` is declared"), scope.inputs, path)
+                                .help(
+                                    did_you_mean(name, scope.inputs.iter().copied())
+                                        .map(|b| format!("did you mean `inputs.{b}`?"))
+                                        .unwrap_or_else(|| {
+                                            format!("declare it under `[inputs.{name}]`")
+                                        }),
+                                ),
+                        );
+                    }
+                }
+            }
+            "vars" => {
+                if let Some(name) = parts.get(1) {
+                    if !scope.vars.contains(name) {
+                        out.push(
+                            undefined(format!("no var `{name}` is defined"), scope.vars, path)
+                                .help(
+                                    did_you_mean(name, scope.vars.iter().copied())
+                                        .map(|b| format!("did you mean `vars.{b}`?"))
+                                        .unwrap_or_else(|| {
+                                            format!("define it under `[vars]`: {name} = ...")
+                                        }),
+                                ),
+                        );
+                    }
+                }
+            }
+            "workflow" => {
+                if let Some(name) = parts.get(1) {
+                    if !["name", "description"].contains(name) {
+                        out.push(undefined(
+                            "`workflow` has `name` and `description`".into(),
+                            &["name", "description"],
+                            path,
+                        ));
+                    }
+                }
+            }
+            "tasks" => {
+                let Some(id) = parts.get(1) else { continue };
+                match scope.upstream.iter().find(|(u, _)| u == id) {
+                    None if scope.all_tasks.contains(id) => out.push(
+                        Diagnostic::error(
+                            Category::Template,
+                            "not-upstream",
+                            format!(
+                                "task `{}` reads `tasks.{id}` but does not need `{id}`",
+                                scope.task
+                            ),
+                        )
+                        .at(template.span_of_name(path), "not an upstream task")
+                        .help(format!("add `\"{id}\"` to `needs` so `{id}` runs first")),
+                    ),
+                    None => {
+                        let mut d = Diagnostic::error(
+                            Category::Template,
+                            "undefined-name",
+                            format!("undefined name `{path}`: there is no task `{id}`"),
+                        )
+                        .at(template.span_of_name(path), "no such task");
+                        if let Some(best) = did_you_mean(id, scope.all_tasks.iter().copied()) {
+                            d = d.help(format!("did you mean `tasks.{best}`?"));
+                        }
+                        out.push(d);
+                    }
+                    Some((_, mapped)) => {
+                        let Some(field_name) = parts.get(2) else {
+                            continue;
+                        };
+                        let expected = if *mapped { "outputs" } else { "output" };
+                        if *field_name != expected {
+                            let why = if *mapped {
+                                format!("`{id}` is mapped: its instances' outputs are the list `tasks.{id}.outputs`")
+                            } else {
+                                format!("`{id}` has one output: `tasks.{id}.output`")
+                            };
+                            out.push(
+                                Diagnostic::error(
+                                    Category::Template,
+                                    "undefined-name",
+                                    format!("undefined name `{path}`"),
+                                )
+                                .at(
+                                    template.span_of_name(path),
+                                    format!("use `tasks.{id}.{expected}`"),
+                                )
+                                .help(why),
+                            );
+                        }
+                    }
+                }
+            }
+            "item" | "index" if !scope.mapped => out.push(
+                Diagnostic::error(
+                    Category::Template,
+                    "undefined-name",
+                    format!(
+                        "undefined name `{}` in task `{}`, which has no `map`",
+                        parts[0], scope.task
+                    ),
+                )
+                .at(
+                    template.span_of_name(parts[0]),
+                    "only defined in mapped tasks",
+                )
+                .help("`item` and `index` exist in tasks with `map = [...]`"),
+            ),
+            "item" | "index" | "attempt" => {}
+            root if GLOBALS.contains(&root) => {}
+            root => {
+                let roots = [
+                    "inputs", "vars", "workflow", "tasks", "item", "index", "attempt",
+                ];
+                let mut d = Diagnostic::error(
+                    Category::Template,
+                    "undefined-name",
+                    format!(
+                        "undefined name `{root}` in the `{field}` of task `{}`",
+                        scope.task
+                    ),
+                )
+                .at(template.span_of_name(root), "undefined");
+                d = match did_you_mean(root, roots) {
+                    Some(best) => d.help(format!("did you mean `{best}`?")),
+                    None if scope.inputs.contains(&root) => d.help(format!("inputs are read as `inputs.{root}`")),
+                    None if scope.vars.contains(&root) => d.help(format!("vars are read as `vars.{root}`")),
+                    None => d.help("templates can read `inputs`, `vars`, `workflow`, `tasks.<id>.output`, `item`, `index` and `attempt`"),
+                };
+                out.push(d);
+            }
+        }
+    }
+    out
+}
+
+/// A template syntax error as a diagnostic.
+pub fn syntax_error(
+    template: &Template,
+    err: &minijinja::Error,
+    field: &str,
+    task: &str,
+) -> Diagnostic {
+    let detail = err
+        .detail()
+        .map(str::to_string)
+        .unwrap_or_else(|| err.kind().to_string());
+    Diagnostic::error(
+        Category::Template,
+        "template-syntax",
+        format!("template syntax error in the `{field}` of task `{task}`: {detail}"),
+    )
+    .at(template.span_of(err.range()), detail)
+    .help("templates use minijinja (Jinja2) syntax: `{{ expression }}`, `{% if … %}…{% endif %}`")
+}
+
+/// A render (evaluation) error as a diagnostic.
+pub fn render_error(
+    template: &Template,
+    err: &minijinja::Error,
+    field: &str,
+    task: &str,
+) -> Diagnostic {
+    let detail = err
+        .detail()
+        .map(str::to_string)
+        .unwrap_or_else(|| err.kind().to_string());
+    Diagnostic::error(
+        Category::Template,
+        "template-render",
+        format!("cannot render the `{field}` of task `{task}`: {detail}"),
+    )
+    .at(template.span_of(err.range()), detail)
+    .help("rendering is strict: every name and attribute must exist")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_points_after_the_quote() {
+        let file = "run = \"echo {{ x }}\"";
+        let t = Template::new("echo {{ x }}".into(), Span::new(6, 20), file);
+        assert_eq!(t.origin, Some(7));
+        let s = t.span_of_name("x");
+        assert_eq!(&file[s.start..s.end], "x");
+    }
+
+    #[test]
+    fn multiline_strings_skip_the_first_newline() {
+        let file = "p = \"\"\"\nhello {{ y }}\n\"\"\"";
+        let t = Template::new("hello {{ y }}\n".into(), Span::new(4, file.len()), file);
+        assert_eq!(t.origin, Some(8));
+    }
+
+    #[test]
+    fn escapes_fall_back_to_the_value_span() {
+        let file = "run = \"a\\tb\"";
+        let t = Template::new("a\tb".into(), Span::new(6, 12), file);
+        assert_eq!(t.origin, None);
+        assert_eq!(t.span_of(Some(0..1)), Span::new(6, 12));
+    }
+
+    #[test]
+    fn expression_strips_braces() {
+        let t = Template::new("{{ inputs.files }}".into(), Span::default(), "");
+        assert_eq!(t.as_expression(), "inputs.files");
+        let t = Template::new("inputs.n > 2".into(), Span::default(), "");
+        assert_eq!(t.as_expression(), "inputs.n > 2");
+    }
+}

@@ -1,0 +1,1138 @@
+//! The validated workflow: names resolved, defaults applied, durations parsed, dependencies checked
+//! (unknown, self, cycles). Templates are parsed and their names checked, but not rendered yet.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use indexmap::IndexMap;
+use serde::Serialize;
+
+use super::raw::*;
+use super::spanned::Spanned;
+use super::template::{self, Scope, Template};
+use crate::diagnostic::{did_you_mean, Category, Diagnostic, Span};
+
+/// A task id as written under `[tasks.<id>]`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct TaskId(pub String);
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TaskId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Letters, digits, `_` and `-`, starting with a letter or `_`; `.` and `[` are reserved for
+    /// template tasks (`api.plan`) and map instances (`theme[2]`).
+    pub fn is_valid(id: &str) -> bool {
+        let mut chars = id.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct InputDecl {
+    #[serde(rename = "type")]
+    pub ty: InputType,
+    pub default: Option<serde_json::Value>,
+    pub required: bool,
+    pub description: Option<String>,
+    #[serde(skip)]
+    pub span: Span,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RunnerDecl {
+    pub kind: RunnerKind,
+    pub image: Option<String>,
+    pub namespace: Option<String>,
+    pub max_parallel: Option<u32>,
+}
+
+/// Effective agent settings of a task: task keys over `[defaults.claude]` over built-in defaults.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AgentSettings {
+    pub model: Option<String>,
+    pub permission_mode: &'static str,
+    pub allowed_tools: Vec<String>,
+    pub disallowed_tools: Vec<String>,
+    pub max_turns: Option<u32>,
+    pub max_budget_usd: Option<f64>,
+    pub append_system_prompt: Option<String>,
+    pub settings: Option<StringOrObject>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Backoff {
+    #[serde(with = "duration_ms", rename = "initial_ms")]
+    pub initial: Duration,
+    pub factor: f64,
+    #[serde(with = "duration_ms", rename = "max_ms")]
+    pub max: Duration,
+    pub jitter: f64,
+}
+
+/// Effective retry policy. `limit` counts retries: at most `limit + 1` attempts.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RetryPolicy {
+    pub limit: u32,
+    pub backoff: Backoff,
+    pub on: Vec<FailureClass>,
+}
+
+mod duration_ms {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum Action {
+    Agent {
+        prompt: Template,
+        settings: AgentSettings,
+        output_schema: Option<serde_json::Value>,
+    },
+    Shell {
+        run: Template,
+        env: IndexMap<String, Template>,
+        workdir: Option<Template>,
+        output: OutputMode,
+    },
+    Merge {
+        strategy: MergeStrategy,
+        on_conflict: OnConflict,
+    },
+}
+
+impl Action {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::Agent { .. } => "agent",
+            Action::Shell { .. } => "shell",
+            Action::Merge { .. } => "merge",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum When {
+    Literal(bool),
+    Expression(Template),
+}
+
+#[derive(Clone, Debug)]
+pub enum MapSpec {
+    Static(Vec<serde_json::Value>),
+    Expression(Template),
+}
+
+#[derive(Clone, Debug)]
+pub struct Task {
+    pub id: TaskId,
+    pub span: Span,
+    pub description: Option<String>,
+    pub action: Action,
+    pub needs: Vec<Spanned<TaskId>>,
+    pub when: Option<When>,
+    pub map: Option<MapSpec>,
+    pub max_parallel: Option<u32>,
+    pub on_item_failure: OnItemFailure,
+    pub min_success: Option<u32>,
+    pub retry: RetryPolicy,
+    pub timeout: Option<Duration>,
+    pub runner: String,
+    pub artifacts: Vec<String>,
+}
+
+impl Task {
+    pub fn is_mapped(&self) -> bool {
+        self.map.is_some()
+    }
+}
+
+/// A validated workflow.
+#[derive(Clone, Debug)]
+pub struct Workflow {
+    pub name: String,
+    pub description: Option<String>,
+    pub inputs: IndexMap<String, InputDecl>,
+    pub vars: IndexMap<String, serde_json::Value>,
+    pub runners: IndexMap<String, RunnerDecl>,
+    /// In declaration order.
+    pub tasks: Vec<Task>,
+}
+
+impl Workflow {
+    pub fn task_index(&self) -> HashMap<&str, usize> {
+        self.tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id.as_str(), i))
+            .collect()
+    }
+}
+
+const AGENT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60 * 60);
+
+fn parse_duration(s: &Spanned<String>, key: &str, diags: &mut Vec<Diagnostic>) -> Option<Duration> {
+    match humantime::parse_duration(s.value.trim()) {
+        Ok(d) if !d.is_zero() => Some(d),
+        Ok(_) => {
+            diags.push(
+                Diagnostic::error(
+                    Category::Duration,
+                    "invalid-duration",
+                    format!("`{key}` must be longer than zero"),
+                )
+                .at(s.span, "zero duration")
+                .help("durations look like `90s`, `30m` or `1h 30m`"),
+            );
+            None
+        }
+        Err(e) => {
+            diags.push(
+                Diagnostic::error(
+                    Category::Duration,
+                    "invalid-duration",
+                    format!("invalid duration `{}` for `{key}`: {e}", s.value),
+                )
+                .at(s.span, "not a duration")
+                .help("durations look like `90s`, `30m` or `1h 30m` (units: ms, s, m, h, d)"),
+            );
+            None
+        }
+    }
+}
+
+/// Resolves a raw clusterfile. `base_dir` is where relative paths (`output_schema = "x.json"`) live.
+pub fn resolve(
+    raw: &RawClusterfile,
+    file: &str,
+    base_dir: &Path,
+    diags: &mut Vec<Diagnostic>,
+) -> Workflow {
+    match &raw.version {
+        None => diags.push(
+            Diagnostic::error(
+                Category::InvalidValue,
+                "missing-version",
+                "the clusterfile has no `version`",
+            )
+            .at(Span::new(0, 0), "expected `version = 1` at the top")
+            .help("add `version = 1` as the first line"),
+        ),
+        Some(v) if v.value != 1 => diags.push(
+            Diagnostic::error(
+                Category::InvalidValue,
+                "unsupported-version",
+                format!("unsupported clusterfile version {}", v.value),
+            )
+            .at(v.span, "this ccluster reads version 1")
+            .help("set `version = 1`, or upgrade ccluster"),
+        ),
+        Some(_) => {}
+    }
+
+    let inputs = resolve_inputs(raw, diags);
+    let vars: IndexMap<String, serde_json::Value> = raw
+        .vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.value.clone()))
+        .collect();
+    let runners = resolve_runners(raw, diags);
+    let defaults = raw.defaults.clone().unwrap_or_default();
+
+    if let Some(runner) = &defaults.runner {
+        check_runner_name(runner, &runners, diags);
+    }
+    let default_timeout = defaults
+        .timeout
+        .as_ref()
+        .and_then(|t| parse_duration(t, "timeout", diags));
+
+    let ids: Vec<&str> = raw.tasks.keys().map(String::as_str).collect();
+    for (id, task) in &raw.tasks {
+        if !TaskId::is_valid(id) {
+            diags.push(
+                Diagnostic::error(Category::InvalidValue, "invalid-id", format!("invalid task id `{id}`"))
+                    .at(task.id_span, "not a valid id")
+                    .help("ids are letters, digits, `_` and `-`, starting with a letter or `_` (`.` and `[` are reserved)"),
+            );
+        }
+    }
+
+    let mut tasks = Vec::new();
+    for (id, rt) in &raw.tasks {
+        let needs = resolve_needs(id, rt, &ids, diags);
+        tasks.push(resolve_task(
+            id,
+            rt,
+            needs,
+            &defaults,
+            default_timeout,
+            &runners,
+            file,
+            base_dir,
+            diags,
+        ));
+    }
+
+    let workflow = Workflow {
+        name: raw
+            .workflow
+            .as_ref()
+            .and_then(|w| w.name.as_ref())
+            .map(|n| n.value.clone())
+            .unwrap_or_else(|| "workflow".into()),
+        description: raw
+            .workflow
+            .as_ref()
+            .and_then(|w| w.description.as_ref())
+            .map(|d| d.value.clone()),
+        inputs,
+        vars,
+        runners,
+        tasks,
+    };
+    let acyclic = check_cycles(&workflow, diags);
+    if acyclic {
+        check_templates(&workflow, diags);
+    }
+    check_fan_out_settings(&workflow, raw, diags);
+    workflow
+}
+
+fn resolve_inputs(
+    raw: &RawClusterfile,
+    diags: &mut Vec<Diagnostic>,
+) -> IndexMap<String, InputDecl> {
+    let mut inputs = IndexMap::new();
+    for (name, input) in &raw.inputs {
+        let ty = input.ty.as_ref().map_or(InputType::String, |t| t.value);
+        if let Some(default) = &input.default {
+            if !ty.accepts(&default.value) {
+                diags.push(
+                    Diagnostic::error(
+                        Category::WrongType,
+                        "wrong-type",
+                        format!("the default of input `{name}` is not a {}", ty.name()),
+                    )
+                    .at(default.span, format!("expected a {}", ty.name()))
+                    .help(format!("make the default a {} or change `type`", ty.name())),
+                );
+            }
+        }
+        inputs.insert(
+            name.clone(),
+            InputDecl {
+                ty,
+                default: input.default.as_ref().map(|d| d.value.clone()),
+                required: input
+                    .required
+                    .as_ref()
+                    .map_or(input.default.is_none(), |r| r.value),
+                description: input.description.as_ref().map(|d| d.value.clone()),
+                span: input.name_span,
+            },
+        );
+    }
+    inputs
+}
+
+fn resolve_runners(
+    raw: &RawClusterfile,
+    diags: &mut Vec<Diagnostic>,
+) -> IndexMap<String, RunnerDecl> {
+    let mut runners = IndexMap::new();
+    runners.insert(
+        "local".to_string(),
+        RunnerDecl {
+            kind: RunnerKind::Local,
+            image: None,
+            namespace: None,
+            max_parallel: None,
+        },
+    );
+    for (name, r) in &raw.runners {
+        let Some(kind) = &r.kind else {
+            diags.push(
+                Diagnostic::error(
+                    Category::InvalidValue,
+                    "missing-key",
+                    format!("runner `{name}` has no `kind`"),
+                )
+                .at(r.name_span, "missing `kind`")
+                .help("set `kind = \"local\"`, `\"docker\"` or `\"kubernetes\"`"),
+            );
+            continue;
+        };
+        if kind.value != RunnerKind::Local && r.image.is_none() {
+            diags.push(
+                Diagnostic::error(
+                    Category::InvalidValue,
+                    "missing-key",
+                    format!(
+                        "runner `{name}` of kind `{}` has no `image`",
+                        kind.value.name()
+                    ),
+                )
+                .at(r.name_span, "missing `image`")
+                .help("set `image = \"<container image with git and the claude CLI>\"`"),
+            );
+        }
+        if kind.value == RunnerKind::Local && (r.image.is_some() || r.namespace.is_some()) {
+            let span = r
+                .image
+                .as_ref()
+                .or(r.namespace.as_ref())
+                .map_or(r.name_span, |s| s.span);
+            diags.push(
+                Diagnostic::warning(
+                    Category::InvalidValue,
+                    "ignored-key",
+                    format!("runner `{name}` is local: `image` and `namespace` are ignored"),
+                )
+                .at(span, "ignored for local runners"),
+            );
+        }
+        runners.insert(
+            name.clone(),
+            RunnerDecl {
+                kind: kind.value,
+                image: r.image.as_ref().map(|s| s.value.clone()),
+                namespace: r.namespace.as_ref().map(|s| s.value.clone()),
+                max_parallel: r.max_parallel.as_ref().map(|m| m.value as u32),
+            },
+        );
+    }
+    runners
+}
+
+fn check_runner_name(
+    name: &Spanned<String>,
+    runners: &IndexMap<String, RunnerDecl>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    if runners.contains_key(&name.value) {
+        return;
+    }
+    let mut d = Diagnostic::error(
+        Category::InvalidValue,
+        "unknown-runner",
+        format!("unknown runner `{}`", name.value),
+    )
+    .at(name.span, "no such runner");
+    d = match did_you_mean(&name.value, runners.keys().map(String::as_str)) {
+        Some(best) => d.help(format!("did you mean `{best}`?")),
+        None => d.help(format!(
+            "declare it under `[runners.{}]` with a `kind`",
+            name.value
+        )),
+    };
+    diags.push(d);
+}
+
+fn resolve_needs(
+    id: &str,
+    rt: &RawTask,
+    ids: &[&str],
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<Spanned<TaskId>> {
+    let mut needs: Vec<Spanned<TaskId>> = Vec::new();
+    for need in rt.needs.iter().flat_map(|n| n.value.iter()) {
+        if need.value == id {
+            diags.push(
+                Diagnostic::error(
+                    Category::Cycle,
+                    "self-dependency",
+                    format!("task `{id}` needs itself"),
+                )
+                .at(need.span, "a task cannot need itself")
+                .help("remove it from `needs`"),
+            );
+        } else if !ids.contains(&need.value.as_str()) {
+            let mut d = Diagnostic::error(
+                Category::UnknownNeed,
+                "unknown-need",
+                format!("task `{id}` needs `{}`, which does not exist", need.value),
+            )
+            .at(need.span, "no such task");
+            d = match did_you_mean(&need.value, ids.iter().copied()) {
+                Some(best) => d.help(format!("did you mean `{best}`?")),
+                None => d.help(format!("tasks are declared as `[tasks.{}]`", need.value)),
+            };
+            diags.push(d);
+        } else if needs.iter().any(|n| n.value.0 == need.value) {
+            diags.push(
+                Diagnostic::warning(
+                    Category::UnknownNeed,
+                    "repeated-need",
+                    format!("task `{id}` lists `{}` twice in `needs`", need.value),
+                )
+                .at(need.span, "listed again here"),
+            );
+        } else {
+            needs.push(Spanned::new(TaskId(need.value.clone()), need.span));
+        }
+    }
+    needs
+}
+
+#[allow(clippy::too_many_arguments)]
+fn resolve_task(
+    id: &str,
+    rt: &RawTask,
+    needs: Vec<Spanned<TaskId>>,
+    defaults: &RawDefaults,
+    default_timeout: Option<Duration>,
+    runners: &IndexMap<String, RunnerDecl>,
+    file: &str,
+    base_dir: &Path,
+    diags: &mut Vec<Diagnostic>,
+) -> Task {
+    let tpl = |s: &Spanned<String>| Template::new(s.value.clone(), s.span, file);
+
+    let given: Vec<&str> = [
+        ("prompt", rt.prompt.is_some()),
+        ("run", rt.run.is_some()),
+        ("merge", rt.merge.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(k, set)| set.then_some(k))
+    .collect();
+    if given.len() != 1 {
+        let message = if given.is_empty() {
+            format!("task `{id}` has none of `prompt`, `run` or `merge`")
+        } else {
+            format!(
+                "task `{id}` has both {}",
+                given
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            )
+        };
+        diags.push(
+            Diagnostic::error(Category::TaskKind, "task-kind", message)
+                .at(rt.id_span, "a task is exactly one of agent, shell or merge")
+                .help("set exactly one of `prompt = \"...\"` (agent), `run = \"...\"` (shell) or `merge = { strategy = \"git\" }`"),
+        );
+    }
+
+    let not_for = |key: &str, span: Span, kind: &str, diags: &mut Vec<Diagnostic>| {
+        diags.push(
+            Diagnostic::error(
+                Category::TaskKind,
+                "key-not-for-kind",
+                format!("`{key}` applies to {kind} tasks only, and task `{id}` is not one"),
+            )
+            .at(span, format!("only for {kind} tasks"))
+            .help(format!("remove `{key}`, or make `{id}` a {kind} task")),
+        );
+    };
+
+    let action = if let Some(prompt) = &rt.prompt {
+        let output_schema = rt
+            .output_schema
+            .as_ref()
+            .and_then(|s| load_output_schema(s, base_dir, diags));
+        if let Some(o) = &rt.output {
+            not_for("output", o.span, "shell", diags);
+        }
+        Action::Agent {
+            prompt: tpl(prompt),
+            settings: agent_settings(defaults.claude.as_ref(), rt.claude.as_ref()),
+            output_schema,
+        }
+    } else if let Some(merge) = &rt.merge {
+        let strategy = merge
+            .strategy
+            .as_ref()
+            .map_or(MergeStrategy::Git, |s| s.value);
+        if let (MergeStrategy::Collect, Some(oc)) = (strategy, &merge.on_conflict) {
+            diags.push(
+                Diagnostic::error(
+                    Category::InvalidValue,
+                    "invalid-value",
+                    "`on_conflict` applies to `strategy = \"git\"` only",
+                )
+                .at(oc.span, "a collect merge has no conflicts"),
+            );
+        }
+        if needs.is_empty() && rt.needs.is_none() {
+            diags.push(
+                Diagnostic::error(
+                    Category::TaskKind,
+                    "empty-merge",
+                    format!("merge task `{id}` needs no task, so it has nothing to merge"),
+                )
+                .at(rt.id_span, "nothing to merge")
+                .help("list the tasks to merge in `needs`"),
+            );
+        }
+        Action::Merge {
+            strategy,
+            on_conflict: merge
+                .on_conflict
+                .as_ref()
+                .map_or(OnConflict::Fail, |o| o.value),
+        }
+    } else {
+        let run = rt
+            .run
+            .as_ref()
+            .map(tpl)
+            .unwrap_or_else(|| Template::new(String::new(), rt.id_span, ""));
+        let mut env: IndexMap<String, Template> = defaults
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), tpl(v)))
+            .collect();
+        env.extend(rt.env.iter().map(|(k, v)| (k.clone(), tpl(v))));
+        Action::Shell {
+            run,
+            env,
+            workdir: rt.workdir.as_ref().or(defaults.workdir.as_ref()).map(tpl),
+            output: rt.output.as_ref().map_or(OutputMode::Text, |o| o.value),
+        }
+    };
+    if !matches!(action, Action::Agent { .. }) && rt.prompt.is_none() {
+        if let Some(c) = rt.claude.as_ref().and_then(|c| first_claude_span(c)) {
+            not_for("claude", c, "agent", diags);
+        }
+        if let Some(s) = &rt.output_schema {
+            not_for("output_schema", s.span, "agent", diags);
+        }
+    }
+    if rt.merge.is_some() && rt.prompt.is_none() && rt.run.is_none() {
+        if let Some(o) = &rt.output {
+            not_for("output", o.span, "shell", diags);
+        }
+    }
+
+    let runner = rt.runner.as_ref().or(defaults.runner.as_ref());
+    if let Some(r) = &rt.runner {
+        check_runner_name(r, runners, diags);
+    }
+    let timeout = match &rt.timeout {
+        Some(t) => parse_duration(t, "timeout", diags),
+        None => default_timeout
+            .or(matches!(action, Action::Agent { .. }).then_some(AGENT_TIMEOUT_DEFAULT)),
+    };
+
+    let map = rt.map.as_ref().map(|m| match &m.value {
+        RawMap::List(items) => MapSpec::Static(items.clone()),
+        RawMap::Expression(e) => MapSpec::Expression(Template::new(e.clone(), m.span, file)),
+    });
+    let when = rt.when.as_ref().map(|w| match &w.value {
+        RawWhen::Bool(b) => When::Literal(*b),
+        RawWhen::Expression(e) => When::Expression(Template::new(e.clone(), w.span, file)),
+    });
+
+    Task {
+        id: TaskId(id.to_string()),
+        span: rt.id_span,
+        description: rt.description.as_ref().map(|d| d.value.clone()),
+        action,
+        needs,
+        when,
+        map,
+        max_parallel: rt
+            .max_parallel
+            .as_ref()
+            .or(defaults.max_parallel.as_ref())
+            .map(|m| m.value as u32),
+        on_item_failure: rt
+            .on_item_failure
+            .as_ref()
+            .or(defaults.on_item_failure.as_ref())
+            .map_or(OnItemFailure::FailFast, |o| o.value),
+        min_success: rt.min_success.as_ref().map(|m| m.value as u32),
+        retry: retry_policy(defaults.retry.as_ref(), rt.retry.as_ref(), diags),
+        timeout,
+        runner: runner.map_or_else(|| "local".to_string(), |r| r.value.clone()),
+        artifacts: rt
+            .artifacts
+            .as_ref()
+            .or(defaults.artifacts.as_ref())
+            .map(|a| a.value.iter().map(|s| s.value.clone()).collect())
+            .unwrap_or_default(),
+    }
+}
+
+fn first_claude_span(c: &RawClaude) -> Option<Span> {
+    [
+        c.model.as_ref().map(|s| s.span),
+        c.permission_mode.as_ref().map(|s| s.span),
+        c.allowed_tools.as_ref().map(|s| s.span),
+        c.disallowed_tools.as_ref().map(|s| s.span),
+        c.max_turns.as_ref().map(|s| s.span),
+        c.max_budget_usd.as_ref().map(|s| s.span),
+        c.append_system_prompt.as_ref().map(|s| s.span),
+        c.settings.as_ref().map(|s| s.span),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+}
+
+fn agent_settings(defaults: Option<&RawClaude>, task: Option<&RawClaude>) -> AgentSettings {
+    fn pick<'a, T>(
+        task: Option<&'a RawClaude>,
+        defaults: Option<&'a RawClaude>,
+        f: impl Fn(&'a RawClaude) -> Option<&'a Spanned<T>>,
+    ) -> Option<&'a T> {
+        task.and_then(&f)
+            .or_else(|| defaults.and_then(&f))
+            .map(|s| &s.value)
+    }
+    let list = |v: Option<&Vec<Spanned<String>>>| {
+        v.map(|l| l.iter().map(|s| s.value.clone()).collect())
+            .unwrap_or_default()
+    };
+    AgentSettings {
+        model: pick(task, defaults, |c| c.model.as_ref()).cloned(),
+        permission_mode: pick(task, defaults, |c| c.permission_mode.as_ref())
+            .copied()
+            .unwrap_or(PermissionMode::AcceptEdits)
+            .name(),
+        allowed_tools: list(pick(task, defaults, |c| c.allowed_tools.as_ref())),
+        disallowed_tools: list(pick(task, defaults, |c| c.disallowed_tools.as_ref())),
+        max_turns: pick(task, defaults, |c| c.max_turns.as_ref()).map(|m| *m as u32),
+        max_budget_usd: pick(task, defaults, |c| c.max_budget_usd.as_ref()).copied(),
+        append_system_prompt: pick(task, defaults, |c| c.append_system_prompt.as_ref()).cloned(),
+        settings: pick(task, defaults, |c| c.settings.as_ref()).cloned(),
+    }
+}
+
+fn retry_policy(
+    defaults: Option<&RawRetry>,
+    task: Option<&RawRetry>,
+    diags: &mut Vec<Diagnostic>,
+) -> RetryPolicy {
+    let limit = task
+        .and_then(|r| r.limit.as_ref())
+        .or_else(|| defaults.and_then(|r| r.limit.as_ref()))
+        .map_or(0, |l| l.value.min(u32::MAX as i64) as u32);
+    let backoff = |f: &dyn Fn(&RawBackoff) -> bool| {
+        task.and_then(|r| r.backoff.as_ref())
+            .filter(|b| f(b))
+            .or_else(|| defaults.and_then(|r| r.backoff.as_ref()).filter(|b| f(b)))
+    };
+    let initial = backoff(&|b| b.initial.is_some())
+        .and_then(|b| b.initial.as_ref())
+        .and_then(|s| parse_duration(s, "initial", diags))
+        .unwrap_or(Duration::from_secs(1));
+    let max = backoff(&|b| b.max.is_some())
+        .and_then(|b| b.max.as_ref())
+        .and_then(|s| parse_duration(s, "max", diags))
+        .unwrap_or(Duration::from_secs(300));
+    let factor = backoff(&|b| b.factor.is_some())
+        .and_then(|b| b.factor.as_ref())
+        .map_or(2.0, |f| f.value);
+    let jitter = backoff(&|b| b.jitter.is_some())
+        .and_then(|b| b.jitter.as_ref())
+        .map_or(0.1, |j| j.value);
+    let on = task
+        .and_then(|r| r.on.as_ref())
+        .or_else(|| defaults.and_then(|r| r.on.as_ref()))
+        .map(|on| {
+            let mut v: Vec<FailureClass> = on
+                .value
+                .iter()
+                .map(|c| c.value)
+                .filter(|c| *c != FailureClass::Auth)
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        })
+        .unwrap_or_else(|| {
+            FailureClass::ALL
+                .iter()
+                .map(|(_, c)| *c)
+                .filter(|c| c.retried_by_default())
+                .collect()
+        });
+    RetryPolicy {
+        limit,
+        backoff: Backoff {
+            initial,
+            factor,
+            max,
+            jitter,
+        },
+        on,
+    }
+}
+
+fn load_output_schema(
+    s: &Spanned<StringOrObject>,
+    base_dir: &Path,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<serde_json::Value> {
+    let schema_error = |message: String, label: &str, help: &str| {
+        Diagnostic::error(Category::OutputSchema, "invalid-output-schema", message)
+            .at(s.span, label.to_string())
+            .help(help.to_string())
+    };
+    let value = match &s.value {
+        StringOrObject::Object(m) => serde_json::Value::Object(m.clone()),
+        StringOrObject::String(text) if text.trim_start().starts_with('{') => {
+            match serde_json::from_str(text) {
+                Ok(v) => v,
+                Err(e) => {
+                    diags.push(schema_error(format!("`output_schema` is not valid JSON: {e}"), "invalid JSON", "write the schema as a TOML table, a JSON string, or a path to a .json file"));
+                    return None;
+                }
+            }
+        }
+        StringOrObject::String(path) => {
+            let full = base_dir.join(path);
+            let text = match std::fs::read_to_string(&full) {
+                Ok(t) => t,
+                Err(e) => {
+                    diags.push(schema_error(
+                        format!("cannot read `output_schema` file `{path}`: {e}"),
+                        "unreadable file",
+                        "paths are relative to the clusterfile's directory",
+                    ));
+                    return None;
+                }
+            };
+            match serde_json::from_str(&text) {
+                Ok(v) => v,
+                Err(e) => {
+                    diags.push(schema_error(
+                        format!("`output_schema` file `{path}` is not valid JSON: {e}"),
+                        "invalid JSON file",
+                        "the file must hold one JSON Schema object",
+                    ));
+                    return None;
+                }
+            }
+        }
+    };
+    if !value.is_object() {
+        diags.push(schema_error(
+            "`output_schema` must be a JSON Schema object".into(),
+            "not an object",
+            "e.g. { type = \"object\", properties = { ... } }",
+        ));
+        return None;
+    }
+    // The validator panics on some inputs (an unknown `$schema` draft); bad input must never panic.
+    let checked = std::panic::catch_unwind(|| {
+        jsonschema::validator_for(&value)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    match checked {
+        Ok(Ok(())) => Some(value),
+        Ok(Err(e)) => {
+            diags.push(schema_error(
+                format!("`output_schema` is not a valid JSON Schema: {e}"),
+                "invalid JSON Schema",
+                "see https://json-schema.org/understanding-json-schema",
+            ));
+            None
+        }
+        Err(_) => {
+            diags.push(schema_error(
+                "`output_schema` is not a valid JSON Schema".into(),
+                "invalid JSON Schema",
+                "check `$schema` names a known draft",
+            ));
+            None
+        }
+    }
+}
+
+/// Reports every dependency cycle, naming the whole chain. Returns whether the graph is acyclic.
+fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) -> bool {
+    use petgraph::graph::DiGraph;
+    let index = workflow.task_index();
+    let mut graph = DiGraph::<usize, ()>::with_capacity(workflow.tasks.len(), 0);
+    let nodes: Vec<_> = (0..workflow.tasks.len())
+        .map(|i| graph.add_node(i))
+        .collect();
+    for (i, task) in workflow.tasks.iter().enumerate() {
+        for need in &task.needs {
+            if let Some(&j) = index.get(need.value.as_str()) {
+                graph.add_edge(nodes[i], nodes[j], ());
+            }
+        }
+    }
+    let mut acyclic = true;
+    let mut sccs: Vec<Vec<usize>> = petgraph::algo::tarjan_scc(&graph)
+        .into_iter()
+        .filter(|c| c.len() > 1)
+        .map(|c| {
+            let mut members: Vec<usize> = c.iter().map(|n| graph[*n]).collect();
+            members.sort();
+            members
+        })
+        .collect();
+    sccs.sort();
+    for members in sccs {
+        acyclic = false;
+        // Walk from the first-declared member along `needs` edges inside the component until back.
+        let start = members[0];
+        let mut path = vec![start];
+        let mut seen = vec![start];
+        let mut found = false;
+        fn walk(
+            workflow: &Workflow,
+            index: &HashMap<&str, usize>,
+            members: &[usize],
+            start: usize,
+            path: &mut Vec<usize>,
+            seen: &mut Vec<usize>,
+        ) -> bool {
+            let current = *path.last().unwrap_or(&start);
+            for need in &workflow.tasks[current].needs {
+                let Some(&next) = index.get(need.value.as_str()) else {
+                    continue;
+                };
+                if !members.contains(&next) {
+                    continue;
+                }
+                if next == start {
+                    return true;
+                }
+                if seen.contains(&next) {
+                    continue;
+                }
+                seen.push(next);
+                path.push(next);
+                if walk(workflow, index, members, start, path, seen) {
+                    return true;
+                }
+                path.pop();
+            }
+            false
+        }
+        if walk(workflow, &index, &members, start, &mut path, &mut seen) {
+            found = true;
+        }
+        let chain: Vec<&str> = if found {
+            path.iter()
+                .map(|&i| workflow.tasks[i].id.as_str())
+                .collect()
+        } else {
+            members
+                .iter()
+                .map(|&i| workflow.tasks[i].id.as_str())
+                .collect()
+        };
+        let text = format!("{} -> {}", chain.join(" -> "), chain[0]);
+        let first = &workflow.tasks[start];
+        let edge_span = first
+            .needs
+            .iter()
+            .find(|n| {
+                path.get(1)
+                    .is_some_and(|&p| workflow.tasks[p].id == n.value)
+            })
+            .map_or(first.span, |n| n.span);
+        let mut d = Diagnostic::error(
+            Category::Cycle,
+            "cycle",
+            format!("dependency cycle: {text}"),
+        )
+        .at(
+            edge_span,
+            format!(
+                "`{}` needs `{}`",
+                first.id,
+                chain.get(1).unwrap_or(&chain[0])
+            ),
+        )
+        .help("each task needs the next; remove one of these `needs` to break the cycle");
+        for &i in path.iter().skip(1) {
+            let t = &workflow.tasks[i];
+            let next = path
+                .iter()
+                .skip_while(|&&p| p != i)
+                .nth(1)
+                .copied()
+                .unwrap_or(start);
+            if let Some(n) = t.needs.iter().find(|n| n.value == workflow.tasks[next].id) {
+                d = d.note(
+                    n.span,
+                    format!("`{}` needs `{}`", t.id, workflow.tasks[next].id),
+                );
+            }
+        }
+        diags.push(d);
+    }
+    acyclic
+}
+
+/// Transitive `needs` of every task (an acyclic graph is assumed).
+pub fn ancestors(workflow: &Workflow) -> Vec<BTreeSet<usize>> {
+    let index = workflow.task_index();
+    let mut memo: Vec<Option<BTreeSet<usize>>> = vec![None; workflow.tasks.len()];
+    fn visit(
+        i: usize,
+        workflow: &Workflow,
+        index: &HashMap<&str, usize>,
+        memo: &mut Vec<Option<BTreeSet<usize>>>,
+    ) -> BTreeSet<usize> {
+        if let Some(done) = &memo[i] {
+            return done.clone();
+        }
+        let mut set = BTreeSet::new();
+        for need in &workflow.tasks[i].needs {
+            if let Some(&j) = index.get(need.value.as_str()) {
+                set.insert(j);
+                set.extend(visit(j, workflow, index, memo));
+            }
+        }
+        memo[i] = Some(set.clone());
+        set
+    }
+    (0..workflow.tasks.len())
+        .map(|i| visit(i, workflow, &index, &mut memo))
+        .collect()
+}
+
+/// Parses every template and checks the names it reads against what the task can see.
+fn check_templates(workflow: &Workflow, diags: &mut Vec<Diagnostic>) {
+    let env = template::environment();
+    let ancestors = ancestors(workflow);
+    let inputs: Vec<&str> = workflow.inputs.keys().map(String::as_str).collect();
+    let vars: Vec<&str> = workflow.vars.keys().map(String::as_str).collect();
+    let all: Vec<&str> = workflow.tasks.iter().map(|t| t.id.as_str()).collect();
+    for (i, task) in workflow.tasks.iter().enumerate() {
+        let upstream: Vec<(&str, bool)> = ancestors[i]
+            .iter()
+            .map(|&j| (workflow.tasks[j].id.as_str(), workflow.tasks[j].is_mapped()))
+            .collect();
+        let scope = Scope {
+            inputs: &inputs,
+            vars: &vars,
+            upstream: &upstream,
+            all_tasks: &all,
+            mapped: task.is_mapped(),
+            task: task.id.as_str(),
+        };
+        let mut check = |t: &Template, field: &str, expression: bool, scope: &Scope<'_>| {
+            let names = if expression {
+                env.compile_expression(t.as_expression())
+                    .map(|e| e.undeclared_variables(true))
+            } else {
+                env.template_from_str(&t.source)
+                    .map(|tpl| tpl.undeclared_variables(true))
+            };
+            match names {
+                Ok(names) => {
+                    let names: BTreeSet<String> = names.into_iter().collect();
+                    diags.extend(template::check_names(t, &names, scope, field));
+                }
+                Err(e) => diags.push(template::syntax_error(t, &e, field, scope.task)),
+            }
+        };
+        match &task.action {
+            Action::Agent { prompt, .. } => check(prompt, "prompt", false, &scope),
+            Action::Shell {
+                run, env, workdir, ..
+            } => {
+                check(run, "run", false, &scope);
+                for (k, v) in env {
+                    check(v, &format!("env.{k}"), false, &scope);
+                }
+                if let Some(w) = workdir {
+                    check(w, "workdir", false, &scope);
+                }
+            }
+            Action::Merge { .. } => {}
+        }
+        if let Some(When::Expression(w)) = &task.when {
+            check(w, "when", true, &scope);
+        }
+        if let Some(MapSpec::Expression(m)) = &task.map {
+            // `item`/`index` do not exist yet while the list itself is computed.
+            let map_scope = Scope {
+                mapped: false,
+                ..scope
+            };
+            check(m, "map", true, &map_scope);
+        }
+    }
+}
+
+/// Fan-out settings that make no sense where they are.
+fn check_fan_out_settings(workflow: &Workflow, raw: &RawClusterfile, diags: &mut Vec<Diagnostic>) {
+    for task in &workflow.tasks {
+        let Some(rt) = raw.tasks.get(task.id.as_str()) else {
+            continue;
+        };
+        if !task.is_mapped() {
+            for (key, span) in [
+                ("max_parallel", rt.max_parallel.as_ref().map(|s| s.span)),
+                (
+                    "on_item_failure",
+                    rt.on_item_failure.as_ref().map(|s| s.span),
+                ),
+                ("min_success", rt.min_success.as_ref().map(|s| s.span)),
+            ] {
+                if let Some(span) = span {
+                    diags.push(
+                        Diagnostic::warning(
+                            Category::InvalidValue,
+                            "no-effect",
+                            format!("`{key}` has no effect: task `{}` has no `map`", task.id),
+                        )
+                        .at(span, "ignored without `map`"),
+                    );
+                }
+            }
+        }
+        if let Some(ms) = &rt.min_success {
+            if task.on_item_failure == OnItemFailure::FailFast && task.is_mapped() {
+                diags.push(
+                    Diagnostic::error(
+                        Category::InvalidValue,
+                        "min-success-needs-continue",
+                        "`min_success` needs `on_item_failure = \"continue\"`",
+                    )
+                    .at(ms.span, "fail_fast fails at the first failed instance")
+                    .help("set `on_item_failure = \"continue\"` to tolerate failed instances"),
+                );
+            }
+            if let Some(MapSpec::Static(items)) = &task.map {
+                if ms.value as usize > items.len() {
+                    diags.push(
+                        Diagnostic::error(
+                            Category::InvalidValue,
+                            "out-of-range",
+                            format!(
+                                "`min_success` is {} but `map` has only {} items",
+                                ms.value,
+                                items.len()
+                            ),
+                        )
+                        .at(ms.span, "can never be reached"),
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,516 @@
+//! Builds the [`Plan`] from a [`Workflow`].
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
+
+use indexmap::IndexMap;
+use minijinja::value::Value as JinjaValue;
+use minijinja::{context, Environment};
+use petgraph::graph::{DiGraph, NodeIndex};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::diagnostic::{Category, Diagnostic};
+use crate::model::raw::{MergeStrategy, OnConflict, OnItemFailure, OutputMode};
+use crate::model::template::{self, is_runtime_name, Template};
+use crate::model::workflow::{Action, AgentSettings, MapSpec, RetryPolicy, Task, When, Workflow};
+
+/// A template's text in the plan: rendered now, or at run time (it reads an upstream output or an
+/// input that has no value yet).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Text {
+    pub template: String,
+    /// `None` when the template can only be rendered at run time.
+    pub rendered: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PlannedAction {
+    Agent {
+        prompt: Text,
+        settings: AgentSettings,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        output_schema: Option<Value>,
+    },
+    Shell {
+        run: Text,
+        env: IndexMap<String, Text>,
+        workdir: Option<Text>,
+        output: OutputMode,
+    },
+    Merge {
+        strategy: MergeStrategy,
+        on_conflict: OnConflict,
+    },
+}
+
+/// Whether the task's `when` lets it run.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum WhenState {
+    /// No `when`.
+    Always,
+    /// Evaluated at plan time.
+    Known { expression: String, value: bool },
+    /// Reads upstream outputs: evaluated when the task is ready.
+    AtRunTime { expression: String },
+}
+
+/// A map whose list comes from upstream outputs; expanded when those finish.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DynamicMap {
+    pub expression: String,
+    pub from: Vec<String>,
+}
+
+/// One node of the plan: a task, one instance of a mapped task, or a dynamic map's placeholder.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PlannedTask {
+    /// `build`, `theme[2]` (static instance) or `shard[*]` (dynamic map placeholder).
+    pub id: String,
+    pub task: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub item: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dynamic_map: Option<DynamicMap>,
+    /// Ids of the plan nodes this one runs after.
+    pub needs: Vec<String>,
+    pub when: WhenState,
+    pub runner: String,
+    pub timeout_ms: Option<u64>,
+    pub retry: RetryPolicy,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fan_out: Option<FanOut>,
+    pub artifacts: Vec<String>,
+    pub action: PlannedAction,
+}
+
+/// Fan-out settings, on instances of mapped tasks.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FanOut {
+    pub max_parallel: Option<u32>,
+    pub on_item_failure: OnItemFailure,
+    pub min_success: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Summary {
+    pub tasks: usize,
+    pub nodes: usize,
+    pub agent: usize,
+    pub shell: usize,
+    pub merge: usize,
+    pub static_instances: usize,
+    pub dynamic_maps: usize,
+    pub skipped: usize,
+}
+
+/// The sealed plan. `nodes` are in a deterministic topological order (declaration order of tasks,
+/// then instance index); `graph` holds the same nodes (weight = position in `nodes`) and an edge
+/// from each dependency to its dependent.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub name: String,
+    pub description: Option<String>,
+    pub inputs: IndexMap<String, Value>,
+    pub summary: Summary,
+    pub nodes: Vec<PlannedTask>,
+    pub graph: DiGraph<usize, ()>,
+}
+
+/// What a template may read at plan time.
+struct Renderer<'a> {
+    env: Environment<'static>,
+    base: JinjaValue,
+    /// Inputs that have a value; a template that reads another input is rendered at run time.
+    known_inputs: &'a IndexMap<String, Value>,
+    all_inputs_known: bool,
+}
+
+/// A template context and whether `item`/`index` are in it.
+struct Ctx {
+    value: JinjaValue,
+    item_known: bool,
+}
+
+enum Prepared {
+    /// Knowable now: the source, ready to render per instance.
+    Now(String),
+    /// Reads something only known at run time.
+    Later,
+}
+
+impl Renderer<'_> {
+    fn knowable(&self, names: &BTreeSet<String>, item_known: bool) -> bool {
+        names.iter().all(|n| {
+            !is_runtime_name(n)
+                && (item_known || !(n == "item" || n == "index" || n.starts_with("item.")))
+                && match n.strip_prefix("inputs.") {
+                    Some(rest) => self
+                        .known_inputs
+                        .contains_key(rest.split('.').next().unwrap_or(rest)),
+                    None => n != "inputs" || self.all_inputs_known,
+                }
+        })
+    }
+
+    fn prepare(&self, t: &Template, expression: bool, item_known: bool) -> Prepared {
+        let names: Option<BTreeSet<String>> = if expression {
+            self.env
+                .compile_expression(t.as_expression())
+                .ok()
+                .map(|e| e.undeclared_variables(true).into_iter().collect())
+        } else {
+            self.env
+                .template_from_str(&t.source)
+                .ok()
+                .map(|tpl| tpl.undeclared_variables(true).into_iter().collect())
+        };
+        match names {
+            Some(names) if self.knowable(&names, item_known) => Prepared::Now(t.source.clone()),
+            _ => Prepared::Later,
+        }
+    }
+
+    /// The context of one plan node; `item_known` is false for a dynamic map's placeholder.
+    fn context(&self, instance: Option<(usize, &Value)>, item_known: bool) -> Ctx {
+        let value = match instance {
+            Some((index, item)) => {
+                context! { item => JinjaValue::from_serialize(item), index => index, ..self.base.clone() }
+            }
+            None => self.base.clone(),
+        };
+        Ctx { value, item_known }
+    }
+
+    fn render(
+        &self,
+        t: &Template,
+        ctx: &Ctx,
+        field: &str,
+        task: &str,
+        diags: &mut Vec<Diagnostic>,
+    ) -> Text {
+        let rendered = match self.prepare(t, false, ctx.item_known) {
+            Prepared::Later => None,
+            Prepared::Now(src) => match self.env.render_str(&src, &ctx.value) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    diags.push(template::render_error(t, &e, field, task));
+                    None
+                }
+            },
+        };
+        Text {
+            template: t.source.clone(),
+            rendered,
+        }
+    }
+
+    fn eval(
+        &self,
+        t: &Template,
+        ctx: &Ctx,
+        field: &str,
+        task: &str,
+        diags: &mut Vec<Diagnostic>,
+    ) -> Option<Option<JinjaValue>> {
+        match self.prepare(t, true, ctx.item_known) {
+            Prepared::Later => Some(None),
+            Prepared::Now(_) => match self
+                .env
+                .compile_expression(t.as_expression())
+                .and_then(|e| e.eval(&ctx.value))
+            {
+                Ok(v) => Some(Some(v)),
+                Err(e) => {
+                    diags.push(template::render_error(t, &e, field, task));
+                    None
+                }
+            },
+        }
+    }
+}
+
+/// Builds the plan. Expects a workflow without errors (acyclic, names resolved).
+pub fn build(
+    workflow: &Workflow,
+    inputs: &IndexMap<String, Value>,
+    diags: &mut Vec<Diagnostic>,
+) -> Plan {
+    let renderer = Renderer {
+        env: template::environment(),
+        base: context! {
+            inputs => JinjaValue::from_serialize(inputs),
+            vars => JinjaValue::from_serialize(&workflow.vars),
+            workflow => context! { name => workflow.name.clone(), description => workflow.description.clone() },
+            attempt => 1,
+        },
+        known_inputs: inputs,
+        all_inputs_known: workflow.inputs.keys().all(|k| inputs.contains_key(k)),
+    };
+
+    let order = task_order(workflow);
+    let mut nodes: Vec<PlannedTask> = Vec::new();
+    // Plan node ids of each task's instances, by task position.
+    let mut instance_ids: Vec<Vec<String>> = vec![Vec::new(); workflow.tasks.len()];
+    let index = workflow.task_index();
+    let mut summary = Summary {
+        tasks: workflow.tasks.len(),
+        ..Summary::default()
+    };
+
+    for &ti in &order {
+        let task = &workflow.tasks[ti];
+        let needs: Vec<String> = task
+            .needs
+            .iter()
+            .filter_map(|n| index.get(n.value.as_str()))
+            .flat_map(|&j| instance_ids[j].iter().cloned())
+            .collect();
+        let base_ctx = renderer.context(None, true);
+        match &task.map {
+            None => {
+                let node = plan_instance(&renderer, task, &base_ctx, task.id.to_string(), needs, diags);
+                instance_ids[ti].push(node.id.clone());
+                nodes.push(node);
+            }
+            Some(MapSpec::Static(items)) => {
+                summary.static_instances += items.len();
+                expand(&renderer, task, items, &needs, &mut nodes, &mut instance_ids[ti], diags);
+            }
+            Some(MapSpec::Expression(m)) => match renderer.eval(m, &base_ctx, "map", task.id.as_str(), diags) {
+                None => {}
+                Some(Some(value)) => match list_of(&value) {
+                    Some(items) => {
+                        summary.static_instances += items.len();
+                        expand(&renderer, task, &items, &needs, &mut nodes, &mut instance_ids[ti], diags);
+                    }
+                    None => diags.push(
+                        Diagnostic::error(Category::MapNotList, "map-not-list", format!("the `map` of task `{}` is not a list: it evaluates to {}", task.id, value.kind()))
+                            .at(m.span, "not a list")
+                            .help("`map` needs a list: `map = [\"a\", \"b\"]` or `map = \"{{ inputs.files }}\"` with a list input"),
+                    ),
+                },
+                Some(None) => {
+                    let from: BTreeSet<String> = renderer
+                        .env
+                        .compile_expression(m.as_expression())
+                        .map(|e| e.undeclared_variables(true))
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter_map(|n| n.strip_prefix("tasks.").map(|r| r.split('.').next().unwrap_or(r).to_string()))
+                        .collect();
+                    let placeholder_ctx = renderer.context(None, false);
+                    let mut node = plan_instance(&renderer, task, &placeholder_ctx, format!("{}[*]", task.id), needs, diags);
+                    node.dynamic_map = Some(DynamicMap {
+                        expression: m.source.clone(),
+                        from: from.into_iter().collect(),
+                    });
+                    summary.dynamic_maps += 1;
+                    instance_ids[ti].push(node.id.clone());
+                    nodes.push(node);
+                }
+            },
+        }
+    }
+
+    let mut graph = DiGraph::<usize, ()>::with_capacity(nodes.len(), nodes.len());
+    let ids: HashMap<&str, NodeIndex> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.id.as_str(), graph.add_node(i)))
+        .collect();
+    for (i, node) in nodes.iter().enumerate() {
+        for need in &node.needs {
+            if let Some(&from) = ids.get(need.as_str()) {
+                graph.add_edge(from, NodeIndex::new(i), ());
+            }
+        }
+    }
+    for node in &nodes {
+        match node.action {
+            PlannedAction::Agent { .. } => summary.agent += 1,
+            PlannedAction::Shell { .. } => summary.shell += 1,
+            PlannedAction::Merge { .. } => summary.merge += 1,
+        }
+        if matches!(node.when, WhenState::Known { value: false, .. }) {
+            summary.skipped += 1;
+        }
+    }
+    summary.nodes = nodes.len();
+
+    Plan {
+        name: workflow.name.clone(),
+        description: workflow.description.clone(),
+        inputs: inputs.clone(),
+        summary,
+        nodes,
+        graph,
+    }
+}
+
+fn list_of(value: &JinjaValue) -> Option<Vec<Value>> {
+    if value.kind() != minijinja::value::ValueKind::Seq {
+        return None;
+    }
+    serde_json::to_value(value).ok().and_then(|v| match v {
+        Value::Array(items) => Some(items),
+        _ => None,
+    })
+}
+
+fn expand(
+    renderer: &Renderer<'_>,
+    task: &Task,
+    items: &[Value],
+    needs: &[String],
+    nodes: &mut Vec<PlannedTask>,
+    ids: &mut Vec<String>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    nodes.reserve(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let ctx = renderer.context(Some((i, item)), true);
+        let mut node = plan_instance(
+            renderer,
+            task,
+            &ctx,
+            format!("{}[{i}]", task.id),
+            needs.to_vec(),
+            diags,
+        );
+        node.index = Some(i);
+        node.item = Some(item.clone());
+        ids.push(node.id.clone());
+        nodes.push(node);
+    }
+}
+
+fn plan_instance(
+    renderer: &Renderer<'_>,
+    task: &Task,
+    ctx: &Ctx,
+    id: String,
+    needs: Vec<String>,
+    diags: &mut Vec<Diagnostic>,
+) -> PlannedTask {
+    let name = task.id.as_str();
+    let when = match &task.when {
+        None => WhenState::Always,
+        Some(When::Literal(b)) => WhenState::Known {
+            expression: b.to_string(),
+            value: *b,
+        },
+        Some(When::Expression(t)) => match renderer.eval(t, ctx, "when", name, diags) {
+            Some(Some(v)) => WhenState::Known {
+                expression: t.source.clone(),
+                value: v.is_true(),
+            },
+            Some(None) | None => WhenState::AtRunTime {
+                expression: t.source.clone(),
+            },
+        },
+    };
+    let action = match &task.action {
+        Action::Agent {
+            prompt,
+            settings,
+            output_schema,
+        } => PlannedAction::Agent {
+            prompt: renderer.render(prompt, ctx, "prompt", name, diags),
+            settings: settings.clone(),
+            output_schema: output_schema.clone(),
+        },
+        Action::Shell {
+            run,
+            env,
+            workdir,
+            output,
+        } => PlannedAction::Shell {
+            run: renderer.render(run, ctx, "run", name, diags),
+            env: env
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        renderer.render(v, ctx, &format!("env.{k}"), name, diags),
+                    )
+                })
+                .collect(),
+            workdir: workdir
+                .as_ref()
+                .map(|w| renderer.render(w, ctx, "workdir", name, diags)),
+            output: *output,
+        },
+        Action::Merge {
+            strategy,
+            on_conflict,
+        } => PlannedAction::Merge {
+            strategy: *strategy,
+            on_conflict: *on_conflict,
+        },
+    };
+    PlannedTask {
+        id,
+        task: task.id.to_string(),
+        description: task.description.clone(),
+        index: None,
+        item: None,
+        dynamic_map: None,
+        needs,
+        when,
+        runner: task.runner.clone(),
+        timeout_ms: task.timeout.map(|d| d.as_millis() as u64),
+        retry: task.retry.clone(),
+        fan_out: task.is_mapped().then(|| FanOut {
+            max_parallel: task.max_parallel,
+            on_item_failure: task.on_item_failure,
+            min_success: task.min_success,
+        }),
+        artifacts: task.artifacts.clone(),
+        action,
+    }
+}
+
+/// Tasks in topological order; among ready tasks, the first declared goes first (stable output).
+fn task_order(workflow: &Workflow) -> Vec<usize> {
+    let index = workflow.task_index();
+    let n = workflow.tasks.len();
+    let mut pending: Vec<usize> = workflow
+        .tasks
+        .iter()
+        .map(|t| {
+            t.needs
+                .iter()
+                .filter(|d| index.contains_key(d.value.as_str()))
+                .count()
+        })
+        .collect();
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, t) in workflow.tasks.iter().enumerate() {
+        for need in &t.needs {
+            if let Some(&j) = index.get(need.value.as_str()) {
+                dependents[j].push(i);
+            }
+        }
+    }
+    let mut ready: BinaryHeap<Reverse<usize>> =
+        (0..n).filter(|&i| pending[i] == 0).map(Reverse).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(Reverse(i)) = ready.pop() {
+        order.push(i);
+        for &d in &dependents[i] {
+            pending[d] -= 1;
+            if pending[d] == 0 {
+                ready.push(Reverse(d));
+            }
+        }
+    }
+    order
+}

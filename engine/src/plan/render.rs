@@ -1,0 +1,309 @@
+//! Plan output formats: text for people, JSON for tools (documented in docs/plan-json.md), DOT and
+//! Mermaid for diagrams.
+
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use crate::model::raw::FailureClass;
+
+use super::build::{Plan, PlannedAction, PlannedTask, Summary, Text, WhenState};
+
+/// Version of the JSON plan format; bumped on any incompatible change.
+pub const PLAN_FORMAT_VERSION: u32 = 1;
+
+#[derive(Serialize)]
+struct JsonPlan<'a> {
+    format_version: u32,
+    workflow: JsonWorkflow<'a>,
+    inputs: &'a indexmap::IndexMap<String, serde_json::Value>,
+    summary: &'a Summary,
+    tasks: &'a [PlannedTask],
+}
+
+#[derive(Serialize)]
+struct JsonWorkflow<'a> {
+    name: &'a str,
+    description: Option<&'a str>,
+}
+
+pub fn to_json(plan: &Plan) -> String {
+    let doc = JsonPlan {
+        format_version: PLAN_FORMAT_VERSION,
+        workflow: JsonWorkflow {
+            name: &plan.name,
+            description: plan.description.as_deref(),
+        },
+        inputs: &plan.inputs,
+        summary: &plan.summary,
+        tasks: &plan.nodes,
+    };
+    let mut out =
+        serde_json::to_string_pretty(&doc).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    out.push('\n');
+    out
+}
+
+fn duration(ms: u64) -> String {
+    humantime::format_duration(std::time::Duration::from_millis(ms)).to_string()
+}
+
+fn text_block(out: &mut String, label: &str, text: &Text) {
+    match &text.rendered {
+        Some(r) => {
+            let _ = writeln!(out, "  {label}:");
+            for line in r.trim_end_matches('\n').lines() {
+                let _ = writeln!(out, "    | {line}");
+            }
+        }
+        None => {
+            let _ = writeln!(out, "  {label} (rendered at run time):");
+            for line in text.template.trim_end_matches('\n').lines() {
+                let _ = writeln!(out, "    : {line}");
+            }
+        }
+    }
+}
+
+pub fn to_text(plan: &Plan) -> String {
+    let mut out = String::new();
+    let s = &plan.summary;
+    let _ = write!(out, "workflow `{}`", plan.name);
+    if let Some(d) = &plan.description {
+        let _ = write!(out, ": {d}");
+    }
+    out.push('\n');
+    for (k, v) in &plan.inputs {
+        let _ = writeln!(out, "input {k} = {v}");
+    }
+    let _ = writeln!(
+        out,
+        "{} tasks, {} plan nodes ({} agent, {} shell, {} merge); {} static map instances, {} dynamic maps, {} skipped",
+        s.tasks, s.nodes, s.agent, s.shell, s.merge, s.static_instances, s.dynamic_maps, s.skipped
+    );
+    for (i, node) in plan.nodes.iter().enumerate() {
+        out.push('\n');
+        let kind = match node.action {
+            PlannedAction::Agent { .. } => "agent",
+            PlannedAction::Shell { .. } => "shell",
+            PlannedAction::Merge { .. } => "merge",
+        };
+        let _ = writeln!(out, "{}. {} [{kind}]", i + 1, node.id);
+        if let Some(d) = &node.description {
+            let _ = writeln!(out, "  {d}");
+        }
+        if let Some(item) = &node.item {
+            let _ = writeln!(out, "  item: {item}");
+        }
+        if let Some(m) = &node.dynamic_map {
+            let _ = writeln!(
+                out,
+                "  map (expanded at run time from {}): {}",
+                m.from.join(", "),
+                m.expression
+            );
+        }
+        if !node.needs.is_empty() {
+            let _ = writeln!(out, "  needs: {}", abbreviate(&node.needs));
+        }
+        match &node.when {
+            WhenState::Always => {}
+            WhenState::Known {
+                expression,
+                value: true,
+            } => {
+                let _ = writeln!(out, "  when: {expression} (true)");
+            }
+            WhenState::Known {
+                expression,
+                value: false,
+            } => {
+                let _ = writeln!(out, "  when: {expression} (false: skipped)");
+            }
+            WhenState::AtRunTime { expression } => {
+                let _ = writeln!(out, "  when: {expression} (evaluated at run time)");
+            }
+        }
+        let r = &node.retry;
+        let retry = if r.limit == 0 {
+            "none".to_string()
+        } else {
+            format!(
+                "{} (backoff {} x{} max {} jitter {}) on {}",
+                r.limit,
+                humantime::format_duration(r.backoff.initial),
+                r.backoff.factor,
+                humantime::format_duration(r.backoff.max),
+                r.backoff.jitter,
+                if r.on == default_classes() {
+                    "the default classes".to_string()
+                } else {
+                    r.on.iter().map(|c| c.name()).collect::<Vec<_>>().join(",")
+                }
+            )
+        };
+        let _ = writeln!(
+            out,
+            "  runner: {} | timeout: {} | retries: {retry}",
+            node.runner,
+            node.timeout_ms.map_or("none".to_string(), duration)
+        );
+        if let Some(f) = &node.fan_out {
+            let _ = writeln!(
+                out,
+                "  fan-out: max_parallel={} on_item_failure={} min_success={}",
+                f.max_parallel.map_or("-".into(), |m| m.to_string()),
+                snake(&f.on_item_failure),
+                f.min_success.map_or("all".into(), |m| m.to_string())
+            );
+        }
+        if !node.artifacts.is_empty() {
+            let _ = writeln!(out, "  artifacts: {}", node.artifacts.join(", "));
+        }
+        match &node.action {
+            PlannedAction::Agent {
+                prompt,
+                settings,
+                output_schema,
+            } => {
+                let mut parts = vec![format!("permission_mode={}", settings.permission_mode)];
+                if let Some(m) = &settings.model {
+                    parts.insert(0, format!("model={m}"));
+                }
+                if let Some(t) = settings.max_turns {
+                    parts.push(format!("max_turns={t}"));
+                }
+                if let Some(b) = settings.max_budget_usd {
+                    parts.push(format!("max_budget_usd={b}"));
+                }
+                if !settings.allowed_tools.is_empty() {
+                    parts.push(format!(
+                        "allowed_tools={}",
+                        settings.allowed_tools.join(",")
+                    ));
+                }
+                if !settings.disallowed_tools.is_empty() {
+                    parts.push(format!(
+                        "disallowed_tools={}",
+                        settings.disallowed_tools.join(",")
+                    ));
+                }
+                if settings.append_system_prompt.is_some() {
+                    parts.push("append_system_prompt=yes".into());
+                }
+                if settings.settings.is_some() {
+                    parts.push("settings=yes".into());
+                }
+                if output_schema.is_some() {
+                    parts.push("output_schema=yes".into());
+                }
+                let _ = writeln!(out, "  claude: {}", parts.join(" "));
+                text_block(&mut out, "prompt", prompt);
+            }
+            PlannedAction::Shell {
+                run,
+                env,
+                workdir,
+                output,
+            } => {
+                if let Some(w) = workdir {
+                    text_block(&mut out, "workdir", w);
+                }
+                for (k, v) in env {
+                    text_block(&mut out, &format!("env {k}"), v);
+                }
+                if *output != crate::model::raw::OutputMode::Text {
+                    let _ = writeln!(out, "  output: json");
+                }
+                text_block(&mut out, "run", run);
+            }
+            PlannedAction::Merge {
+                strategy,
+                on_conflict,
+            } => {
+                let _ = writeln!(
+                    out,
+                    "  merge: strategy={} on_conflict={}",
+                    snake(strategy),
+                    snake(on_conflict)
+                );
+            }
+        }
+    }
+    out
+}
+
+/// The serde name of an enum value (`fail_fast`), as written in clusterfiles.
+fn snake<T: Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn default_classes() -> Vec<FailureClass> {
+    FailureClass::ALL
+        .iter()
+        .map(|(_, c)| *c)
+        .filter(|c| c.retried_by_default())
+        .collect()
+}
+
+/// At most 8 ids, then a count: a merge of 10,000 instances stays readable.
+fn abbreviate(ids: &[String]) -> String {
+    if ids.len() <= 8 {
+        ids.join(", ")
+    } else {
+        format!("{}, … ({} in all)", ids[..8].join(", "), ids.len())
+    }
+}
+
+fn node_label(node: &PlannedTask) -> String {
+    let kind = match node.action {
+        PlannedAction::Agent { .. } => "agent",
+        PlannedAction::Shell { .. } => "shell",
+        PlannedAction::Merge { .. } => "merge",
+    };
+    format!("{} ({kind})", node.id)
+}
+
+pub fn to_dot(plan: &Plan) -> String {
+    let mut out = String::from("digraph plan {\n  rankdir=LR;\n  node [shape=box];\n");
+    for node in &plan.nodes {
+        let style = if matches!(node.when, WhenState::Known { value: false, .. }) {
+            ", style=dashed"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            out,
+            "  {:?} [label={:?}{style}];",
+            node.id,
+            node_label(node)
+        );
+    }
+    for edge in plan.graph.raw_edges() {
+        let from = &plan.nodes[plan.graph[edge.source()]].id;
+        let to = &plan.nodes[plan.graph[edge.target()]].id;
+        let _ = writeln!(out, "  {from:?} -> {to:?};");
+    }
+    out.push_str("}\n");
+    out
+}
+
+pub fn to_mermaid(plan: &Plan) -> String {
+    let mut out = String::from("flowchart LR\n");
+    for (i, node) in plan.nodes.iter().enumerate() {
+        let label = node_label(node).replace('"', "#quot;");
+        let _ = writeln!(out, "  n{i}[\"{label}\"]");
+    }
+    for edge in plan.graph.raw_edges() {
+        let _ = writeln!(
+            out,
+            "  n{} --> n{}",
+            plan.graph[edge.source()],
+            plan.graph[edge.target()]
+        );
+    }
+    out
+}

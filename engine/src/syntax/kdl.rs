@@ -1,0 +1,178 @@
+//! KDL → [`Node`]. The mapping, documented in `docs/clusterfile.md`:
+//! a node with children is a table of its children; a node with properties and no arguments is a
+//! table of its properties (merged with its children); a node with one argument is that value; with
+//! several arguments, a list; a child named `-` is a list element (for lists of tables).
+
+use kdl::{KdlDocument, KdlNode, KdlValue};
+
+use super::node::{Key, Node, NodeValue};
+use crate::diagnostic::{Category, Diagnostic, Span};
+
+pub fn parse(text: &str) -> (Option<Node>, Vec<Diagnostic>) {
+    match text.parse::<KdlDocument>() {
+        Ok(doc) => {
+            let mut diagnostics = Vec::new();
+            let value = lower_document(&doc, &mut diagnostics);
+            let span = Span::new(0, text.len());
+            (Some(Node::new(value, span)), diagnostics)
+        }
+        Err(err) => {
+            let diagnostics = err
+                .diagnostics
+                .iter()
+                .map(|d| {
+                    let span = Span::new(d.span.offset(), d.span.offset() + d.span.len());
+                    let message = d
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| "invalid KDL".to_string());
+                    let label = d.label.clone().unwrap_or_else(|| message.clone());
+                    Diagnostic::error(
+                        Category::Syntax,
+                        "kdl-syntax",
+                        format!("KDL syntax error: {message}"),
+                    )
+                    .at(span, label)
+                    .help(d.help.clone().unwrap_or_else(|| {
+                        "see the KDL v2 reference at https://kdl.dev".to_string()
+                    }))
+                })
+                .collect();
+            (None, diagnostics)
+        }
+    }
+}
+
+fn span_of(s: miette::SourceSpan) -> Span {
+    Span::new(s.offset(), s.offset() + s.len())
+}
+
+fn lower_document(doc: &KdlDocument, diagnostics: &mut Vec<Diagnostic>) -> NodeValue {
+    let nodes = doc.nodes();
+    if !nodes.is_empty() && nodes.iter().all(|n| n.name().value() == "-") {
+        return NodeValue::Array(nodes.iter().map(|n| lower_node(n, diagnostics)).collect());
+    }
+    NodeValue::Table(
+        nodes
+            .iter()
+            .map(|n| {
+                let key = Key {
+                    name: n.name().value().to_string(),
+                    span: span_of(n.name().span()),
+                };
+                (key, lower_node(n, diagnostics))
+            })
+            .collect(),
+    )
+}
+
+fn lower_value(v: &KdlValue, span: Span) -> Node {
+    let value = match v {
+        KdlValue::String(s) => NodeValue::String(s.clone()),
+        KdlValue::Integer(i) => match i64::try_from(*i) {
+            Ok(n) => NodeValue::Integer(n),
+            Err(_) => NodeValue::Float(f64::INFINITY),
+        },
+        KdlValue::Float(f) => NodeValue::Float(*f),
+        KdlValue::Bool(b) => NodeValue::Bool(*b),
+        KdlValue::Null => NodeValue::Null,
+    };
+    Node::new(value, span)
+}
+
+fn lower_node(node: &KdlNode, diagnostics: &mut Vec<Diagnostic>) -> Node {
+    let span = span_of(node.span());
+    let mut args = Vec::new();
+    let mut props = Vec::new();
+    for entry in node.entries() {
+        let entry_span = span_of(entry.span());
+        match entry.name() {
+            Some(name) => props.push((
+                Key {
+                    name: name.value().to_string(),
+                    span: span_of(name.span()),
+                },
+                lower_value(entry.value(), entry_span),
+            )),
+            None => args.push(lower_value(entry.value(), entry_span)),
+        }
+    }
+    let children = node.children().map(|c| lower_document(c, diagnostics));
+
+    if !args.is_empty() && (!props.is_empty() || children.is_some()) {
+        diagnostics.push(
+            Diagnostic::error(
+                Category::WrongType,
+                "kdl-mixed-node",
+                format!("node `{}` mixes arguments with properties or children", node.name().value()),
+            )
+            .at(span, "arguments and properties/children together")
+            .help("write a value as arguments (`key \"value\"`) or a table as properties/children, not both"),
+        );
+    }
+    match (args.len(), children) {
+        (_, Some(NodeValue::Array(items))) if props.is_empty() && args.is_empty() => {
+            Node::new(NodeValue::Array(items), span)
+        }
+        (0, children) if !props.is_empty() || children.is_some() => {
+            let mut entries = props;
+            match children {
+                Some(NodeValue::Table(more)) => entries.extend(more),
+                Some(NodeValue::Array(_)) => diagnostics.push(
+                    Diagnostic::error(
+                        Category::WrongType,
+                        "kdl-mixed-node",
+                        format!(
+                            "node `{}` mixes properties with list elements",
+                            node.name().value()
+                        ),
+                    )
+                    .at(span, "properties and `-` elements together"),
+                ),
+                _ => {}
+            }
+            Node::new(NodeValue::Table(entries), span)
+        }
+        (0, _) => Node::new(NodeValue::Table(Vec::new()), span),
+        (1, _) => {
+            let mut value = args
+                .pop()
+                .unwrap_or_else(|| Node::new(NodeValue::Null, span));
+            value.bare_scalar = true;
+            value
+        }
+        _ => Node::new(NodeValue::Array(args), span),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_nodes_to_tables_values_and_lists() {
+        let (root, errors) = parse("tasks {\n  a run=\"x\" {\n    needs \"b\" \"c\"\n  }\n}\n");
+        assert!(errors.is_empty(), "{errors:?}");
+        let json = root.unwrap().to_json();
+        assert_eq!(
+            json,
+            serde_json::json!({"tasks": {"a": {"run": "x", "needs": ["b", "c"]}}})
+        );
+    }
+
+    #[test]
+    fn dash_children_make_a_list() {
+        let (root, _) = parse("map {\n  - name=\"a\"\n  - name=\"b\"\n}\n");
+        assert_eq!(
+            root.unwrap().to_json(),
+            serde_json::json!({"map": [{"name": "a"}, {"name": "b"}]})
+        );
+    }
+
+    #[test]
+    fn syntax_errors_are_diagnostics() {
+        let (root, errors) = parse("tasks {\n");
+        assert!(root.is_none());
+        assert!(!errors.is_empty());
+    }
+}
