@@ -17,7 +17,7 @@ use crate::diagnostic::Span;
 #[schemars(title = "ccluster clusterfile")]
 pub struct RawClusterfile {
     /// Format version of the clusterfile. Only `1` exists.
-    #[schemars(range(min = 1, max = 1))]
+    #[schemars(range(min = 1, max = 1), required)]
     pub version: Option<Spanned<i64>>,
     /// Name and description of the workflow.
     pub workflow: Option<RawWorkflowMeta>,
