@@ -1,14 +1,12 @@
 //! `ccluster`: the command line. Thin by design: arguments, rendering and exit codes; all logic
 //! lives in `ccluster-engine`.
 
-mod render;
-
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use ccluster_engine::plan::{self, InputArgs};
-use ccluster_engine::{compile_file, Stage};
+use ccluster_engine::{compile_file, render, Diagnostic, SourceFile, Stage};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Exit codes, as documented in the README.
@@ -104,6 +102,12 @@ fn print(text: &str) {
     let _ = out.flush();
 }
 
+/// Diagnostics for a person on stderr: colored on a terminal unless `NO_COLOR` is set.
+fn human(diagnostics: &[Diagnostic], source: &SourceFile) -> String {
+    let color = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    render::human(diagnostics, source, color)
+}
+
 fn input_args(file: &FileArgs) -> Result<InputArgs, String> {
     let mut args = InputArgs::default();
     for path in &file.vars_files {
@@ -138,16 +142,16 @@ fn compile(
     match result {
         Ok(compiled) => {
             if format == DiagnosticFormat::Human {
-                eprint!("{}", render::diagnostics(&compiled.warnings, &source));
+                eprint!("{}", human(&compiled.warnings, &source));
             }
             Ok(compiled)
         }
         Err(diagnostics) => {
             match format {
                 DiagnosticFormat::Human => {
-                    eprint!("{}", render::diagnostics(&diagnostics, &source))
+                    eprint!("{}", human(&diagnostics, &source))
                 }
-                DiagnosticFormat::Json => print(&render::diagnostics_json(&diagnostics, &source)),
+                DiagnosticFormat::Json => print(&render::json(&diagnostics, &source)),
             }
             Err(exit::INVALID_INPUT)
         }
@@ -166,8 +170,8 @@ fn validate(file: &FileArgs, format: DiagnosticFormat) -> u8 {
                 )),
                 DiagnosticFormat::Json => {
                     let name = file.file.display().to_string();
-                    let source = ccluster_engine::SourceFile::new(name, "");
-                    print(&render::diagnostics_json(&c.warnings, &source));
+                    let source = SourceFile::new(name, "");
+                    print(&render::json(&c.warnings, &source));
                 }
             }
             exit::SUCCESS

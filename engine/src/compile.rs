@@ -37,7 +37,13 @@ pub fn compile(
 ) -> Result<Compiled, Vec<Diagnostic>> {
     let mut diags = Vec::new();
     let (tree, syntax_errors) = syntax::parse(&source.text, format);
-    diags.extend(syntax_errors);
+    // After a syntax error, the recovered tree holds placeholders: checking it would only add
+    // follow-on errors that point at the wrong places. Report the syntax errors alone.
+    if !syntax_errors.is_empty() {
+        let mut all = Diagnostics::default();
+        all.extend(syntax_errors);
+        return Err(all.into_sorted());
+    }
     let raw = tree
         .as_ref()
         .map(|t| decode::decode(t, &mut diags))
@@ -77,4 +83,63 @@ pub fn compile_file(
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let result = compile(&source, Format::from_path(path), &base_dir, args, stage);
     Ok((source, result))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Property tests: whatever the bytes, the compiler returns diagnostics and never panics. The
+    //! long coverage-guided run lives in `fuzz/` (cargo fuzz); this is its quick CI counterpart.
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const SEEDS: &[&str] = &[
+        include_str!("../../workflows/feature-fanout.toml"),
+        include_str!("../../workflows/feature-fanout.kdl"),
+        include_str!("../../workflows/tests-per-module.toml"),
+        include_str!("../../tests/fixtures/kitchen-sink.toml"),
+    ];
+
+    fn compile_both(text: &str) {
+        let source = SourceFile::new("prop.toml", text);
+        for format in [Format::Toml, Format::Kdl] {
+            for stage in [Stage::Validate, Stage::Plan] {
+                if let Err(diags) = compile(
+                    &source,
+                    format,
+                    Path::new("."),
+                    &InputArgs::default(),
+                    stage,
+                ) {
+                    assert!(diags.iter().any(Diagnostic::is_error));
+                    let _ = crate::render::human(&diags, &source, false);
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+            compile_both(&text);
+        }
+
+        #[test]
+        fn mutated_valid_files_never_panic(seed in 0..SEEDS.len(), edits in proptest::collection::vec((any::<prop::sample::Index>(), 0u8..4, "\\PC{0,6}"), 1..6)) {
+            let mut text = SEEDS[seed].to_string();
+            for (at, op, insert) in edits {
+                let mut i = at.index(text.len() + 1);
+                while !text.is_char_boundary(i) { i -= 1; }
+                match op {
+                    0 => text.insert_str(i, &insert),
+                    1 => { let end = (i + insert.len()).min(text.len()); let mut e = end; while !text.is_char_boundary(e) { e -= 1; } text.replace_range(i..e.max(i), ""); }
+                    2 => { let line_end = text[i..].find('\n').map_or(text.len(), |n| i + n); text.replace_range(i..line_end, &insert); }
+                    _ => { let copy = text[i..].lines().next().unwrap_or("").to_string(); text.insert_str(i, &format!("{copy}\n")); }
+                }
+            }
+            compile_both(&text);
+        }
+    }
 }

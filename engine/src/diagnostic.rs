@@ -273,10 +273,12 @@ impl miette::Diagnostic for Report<'_> {
 
     fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
         let span = self.diagnostic.span?;
+        // Spans from parsers may end past the text or inside a character; miette needs neither.
+        let text = &self.source.text;
         let clamp = |s: Span| {
-            let len = self.source.text.len();
-            let start = s.start.min(len);
-            (start, s.end.min(len) - start)
+            let start = floor_char_boundary(text, s.start.min(text.len()));
+            let end = floor_char_boundary(text, s.end.min(text.len())).max(start);
+            (start, end - start)
         };
         let (start, len) = clamp(span);
         let label = (!self.diagnostic.label.is_empty()).then(|| self.diagnostic.label.clone());
@@ -311,7 +313,7 @@ mod tests {
         let src = SourceFile::new("f.toml", "ab\ncdé\nf");
         assert_eq!(src.line_col(0), (1, 1));
         assert_eq!(src.line_col(4), (2, 2));
-        assert_eq!(src.line_col(9), (3, 1));
+        assert_eq!(src.line_col(8), (3, 1));
         assert_eq!(src.line_col(999), (3, 2));
     }
 

@@ -5,6 +5,7 @@ pub mod compile;
 pub mod diagnostic;
 pub mod model;
 pub mod plan;
+pub mod render;
 pub mod schema;
 pub mod syntax;
 

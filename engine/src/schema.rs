@@ -6,7 +6,8 @@ use crate::model::RawClusterfile;
 
 /// The schema as pretty JSON with a trailing newline: the exact text of `schema/clusterfile.schema.json`.
 pub fn clusterfile_schema() -> String {
-    let mut schema = serde_json::to_value(schemars::schema_for!(RawClusterfile)).unwrap_or_default();
+    let mut schema =
+        serde_json::to_value(schemars::schema_for!(RawClusterfile)).unwrap_or_default();
     drop_null(&mut schema);
     let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
     text.push('\n');
@@ -26,7 +27,11 @@ fn drop_null(node: &mut Value) {
                 }
             }
             if let Some(Value::Array(options)) = map.get("anyOf") {
-                let rest: Vec<Value> = options.iter().filter(|o| o.get("type") != Some(&Value::from("null"))).cloned().collect();
+                let rest: Vec<Value> = options
+                    .iter()
+                    .filter(|o| o.get("type") != Some(&Value::from("null")))
+                    .cloned()
+                    .collect();
                 if rest.len() == 1 && options.len() == 2 {
                     map.remove("anyOf");
                     if let Value::Object(inner) = &rest[0] {

@@ -5,7 +5,10 @@ use crate::support::{ccluster, files};
 #[test]
 fn every_shipped_workflow_validates() {
     let workflows = files("workflows", &["toml", "kdl"]);
-    assert!(workflows.len() >= 4, "expected shipped examples, found {workflows:?}");
+    assert!(
+        workflows.len() >= 4,
+        "expected shipped examples, found {workflows:?}"
+    );
     for file in workflows {
         let run = ccluster(&["validate", &file]);
         assert_eq!(run.code, 0, "{file} does not validate:\n{}", run.stderr);
@@ -24,14 +27,20 @@ fn toml_and_kdl_forms_compile_to_identical_plans() {
         let from_toml = ccluster(&["plan", "--format", "json", &toml_file]);
         assert_eq!(from_kdl.code, 0, "{}", from_kdl.stderr);
         assert_eq!(from_toml.code, 0, "{}", from_toml.stderr);
-        assert_eq!(from_kdl.stdout, from_toml.stdout, "{kdl_file} and {toml_file} differ");
+        assert_eq!(
+            from_kdl.stdout, from_toml.stdout,
+            "{kdl_file} and {toml_file} differ"
+        );
     }
 }
 
 #[test]
 fn plans_of_shipped_workflows() {
     for file in files("workflows", &["toml"]) {
-        let name = file.trim_start_matches("workflows/").trim_end_matches(".toml").to_string();
+        let name = file
+            .trim_start_matches("workflows/")
+            .trim_end_matches(".toml")
+            .to_string();
         let text = ccluster(&["plan", &file]);
         assert_eq!(text.code, 0, "{}", text.stderr);
         insta::assert_snapshot!(format!("plan-text-{name}"), text.stdout);
@@ -46,24 +55,51 @@ fn diagram_formats() {
     let dot = ccluster(&["plan", "--format", "dot", "workflows/feature-fanout.toml"]);
     assert_eq!(dot.code, 0, "{}", dot.stderr);
     insta::assert_snapshot!("plan-dot-feature-fanout", dot.stdout);
-    let mermaid = ccluster(&["plan", "--format", "mermaid", "workflows/tests-per-module.toml"]);
+    let mermaid = ccluster(&[
+        "plan",
+        "--format",
+        "mermaid",
+        "workflows/tests-per-module.toml",
+    ]);
     assert_eq!(mermaid.code, 0, "{}", mermaid.stderr);
     insta::assert_snapshot!("plan-mermaid-tests-per-module", mermaid.stdout);
 }
 
 #[test]
 fn vars_override_defaults_and_are_typed() {
-    let run = ccluster(&["plan", "--format", "json", "workflows/hello.toml", "--var", r#"names=["x","y"]"#]);
+    let run = ccluster(&[
+        "plan",
+        "--format",
+        "json",
+        "workflows/hello.toml",
+        "--var",
+        r#"names=["x","y"]"#,
+    ]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let plan: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
-    let ids: Vec<&str> = plan["tasks"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = plan["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["greet[0]", "greet[1]", "greetings", "show"]);
-    assert_eq!(plan["tasks"][1]["action"]["run"]["rendered"], "echo 'Hello, y!'");
+    assert_eq!(
+        plan["tasks"][1]["action"]["run"]["rendered"],
+        "echo 'Hello, y!'"
+    );
 }
 
 #[test]
 fn bad_vars_are_reported_with_exit_code_2() {
-    let run = ccluster(&["plan", "workflows/hello.toml", "--var", "names=notjson", "--var", "nmaes=1"]);
+    let run = ccluster(&[
+        "plan",
+        "workflows/hello.toml",
+        "--var",
+        "names=notjson",
+        "--var",
+        "nmaes=1",
+    ]);
     assert_eq!(run.code, 2);
     insta::assert_snapshot!("bad-vars", run.stderr);
 }
@@ -72,5 +108,9 @@ fn bad_vars_are_reported_with_exit_code_2() {
 fn missing_file_is_exit_code_2() {
     let run = ccluster(&["validate", "does-not-exist.toml"]);
     assert_eq!(run.code, 2);
-    assert!(run.stderr.contains("cannot read `does-not-exist.toml`"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("cannot read `does-not-exist.toml`"),
+        "{}",
+        run.stderr
+    );
 }

@@ -8,7 +8,8 @@ use serde_json::Value;
 use crate::support::{ccluster, files, root};
 
 fn committed_schema() -> String {
-    std::fs::read_to_string(root().join("schema/clusterfile.schema.json")).expect("schema/clusterfile.schema.json")
+    std::fs::read_to_string(root().join("schema/clusterfile.schema.json"))
+        .expect("schema/clusterfile.schema.json")
 }
 
 #[test]
@@ -31,9 +32,15 @@ fn toml_as_json(path: &str) -> Value {
 fn shipped_workflows_satisfy_the_schema() {
     let schema: Value = serde_json::from_str(&committed_schema()).unwrap();
     let validator = jsonschema::validator_for(&schema).expect("a valid schema");
-    for file in files("workflows", &["toml"]).into_iter().chain(["tests/fixtures/kitchen-sink.toml".to_string()]) {
+    for file in files("workflows", &["toml"])
+        .into_iter()
+        .chain(["tests/fixtures/kitchen-sink.toml".to_string()])
+    {
         let doc = toml_as_json(&file);
-        let errors: Vec<String> = validator.iter_errors(&doc).map(|e| format!("{} at {}", e, e.instance_path)).collect();
+        let errors: Vec<String> = validator
+            .iter_errors(&doc)
+            .map(|e| format!("{} at {}", e, e.instance_path))
+            .collect();
         assert!(errors.is_empty(), "{file}: {errors:#?}");
     }
 }
@@ -62,7 +69,12 @@ fn schema_paths(schema: &Value, node: &Value, prefix: &str, out: &mut BTreeSet<S
         _ => {}
     }
     for key in ["anyOf", "oneOf", "allOf"] {
-        for v in node.get(key).and_then(Value::as_array).into_iter().flatten() {
+        for v in node
+            .get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             schema_paths(schema, v, prefix, out);
         }
     }
@@ -71,7 +83,9 @@ fn schema_paths(schema: &Value, node: &Value, prefix: &str, out: &mut BTreeSet<S
 fn document_paths(doc: &Value, prefix: &str, out: &mut BTreeSet<String>, free_form: &[&str]) {
     if let Value::Object(map) = doc {
         for (k, v) in map {
-            let is_map = ["inputs", "runners", "tasks", "vars", "env"].iter().any(|m| prefix.ends_with(&format!("{m}.")) || prefix == format!("{m}."));
+            let is_map = ["inputs", "runners", "tasks", "vars", "env"]
+                .iter()
+                .any(|m| prefix.ends_with(&format!("{m}.")) || prefix == format!("{m}."));
             let key = if is_map { "*" } else { k.as_str() };
             let path = format!("{prefix}{key}");
             out.insert(path.clone());
@@ -92,12 +106,27 @@ fn schema_keys_are_the_keys_the_compiler_accepts() {
     let mut declared = BTreeSet::new();
     schema_paths(&schema, &schema, "", &mut declared);
     // Free-form values (a JSON Schema, Claude settings, an input default) have no fixed keys.
-    declared.retain(|p| ![".output_schema.", ".settings.", ".default."].iter().any(|f| p.contains(f)));
+    declared.retain(|p| {
+        ![".output_schema.", ".settings.", ".default."]
+            .iter()
+            .any(|f| p.contains(f))
+    });
     let mut used = BTreeSet::new();
     let free_form = ["output_schema", "settings", "default", "vars.*"];
-    document_paths(&toml_as_json("tests/fixtures/kitchen-sink.toml"), "", &mut used, &free_form);
+    document_paths(
+        &toml_as_json("tests/fixtures/kitchen-sink.toml"),
+        "",
+        &mut used,
+        &free_form,
+    );
     let missing_from_schema: Vec<_> = used.difference(&declared).collect();
     let missing_from_sink: Vec<_> = declared.difference(&used).collect();
-    assert!(missing_from_schema.is_empty(), "keys the compiler accepts but the schema lacks: {missing_from_schema:?}");
-    assert!(missing_from_sink.is_empty(), "schema keys the kitchen sink does not exercise: {missing_from_sink:?}");
+    assert!(
+        missing_from_schema.is_empty(),
+        "keys the compiler accepts but the schema lacks: {missing_from_schema:?}"
+    );
+    assert!(
+        missing_from_sink.is_empty(),
+        "schema keys the kitchen sink does not exercise: {missing_from_sink:?}"
+    );
 }

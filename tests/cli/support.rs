@@ -5,7 +5,10 @@ use std::process::Command;
 
 /// The repository root (the workspace directory).
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// The output of one run of `ccluster`.
@@ -37,7 +40,11 @@ pub fn files(dir: &str, extensions: &[&str]) -> Vec<String> {
         .unwrap_or_else(|e| panic!("read {dir}: {e}"))
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .filter(|p| p.extension().and_then(|e| e.to_str()).is_some_and(|e| extensions.contains(&e)))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| extensions.contains(&e))
+        })
         .map(|p| format!("{dir}/{}", p.file_name().unwrap().to_string_lossy()))
         .collect();
     out.sort();

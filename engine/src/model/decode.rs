@@ -14,6 +14,25 @@ pub fn decode(root: &Node, diagnostics: &mut Vec<Diagnostic>) -> RawClusterfile 
     d.clusterfile(root)
 }
 
+/// Names other tools use for our keys, for "did you mean" hints.
+const ALIASES: &[(&str, &str)] = &[
+    ("depends_on", "needs"),
+    ("dependencies", "needs"),
+    ("after", "needs"),
+    ("command", "run"),
+    ("cmd", "run"),
+    ("script", "run"),
+    ("if", "when"),
+    ("condition", "when"),
+    ("matrix", "map"),
+    ("for_each", "map"),
+    ("foreach", "map"),
+    ("with_items", "map"),
+    ("retries", "retry"),
+    ("parallelism", "max_parallel"),
+    ("concurrency", "max_parallel"),
+];
+
 struct Decoder<'d> {
     diagnostics: &'d mut Vec<Diagnostic>,
 }
@@ -42,14 +61,20 @@ impl Decoder<'_> {
     }
 
     fn wrong_type(&mut self, node: &Node, key: &str, expected: &str) {
-        self.error(
-            Diagnostic::error(
-                Category::WrongType,
-                "wrong-type",
-                format!("`{key}` must be {expected}, found {}", node.type_name()),
-            )
-            .at(node.span, format!("expected {expected}")),
-        );
+        let mut d = Diagnostic::error(
+            Category::WrongType,
+            "wrong-type",
+            format!("`{key}` must be {expected}, found {}", node.type_name()),
+        )
+        .at(node.span, format!("expected {expected}"));
+        if let (true, NodeValue::String(s)) = (expected == "a list", &node.value) {
+            d = d.help(format!("write a list: `{key} = [{s:?}]`"));
+        }
+        self.error(d);
+    }
+
+    fn errors_so_far(&self) -> usize {
+        self.diagnostics.len()
     }
 
     /// Opens a table, or reports that the value is not one.
@@ -105,7 +130,11 @@ impl Decoder<'_> {
                 format!("unknown key `{}` in {}", key.name, table.what),
             )
             .at(key.span, "unknown key");
-            d = match did_you_mean(&key.name, table.asked.iter().copied()) {
+            let alias = ALIASES
+                .iter()
+                .find(|(other, ours)| *other == key.name && table.asked.contains(ours))
+                .map(|(_, ours)| *ours);
+            d = match alias.or_else(|| did_you_mean(&key.name, table.asked.iter().copied())) {
                 Some(best) => d.help(format!("did you mean `{best}`?")),
                 None => d.help(format!(
                     "known keys here: {}",
@@ -131,17 +160,38 @@ impl Decoder<'_> {
         }
     }
 
-    fn int(&mut self, node: &Node, key: &str, min: i64) -> Option<Spanned<i64>> {
+    /// An integer that fits a count (`u32`) and is at least `min`.
+    fn count(&mut self, node: &Node, key: &str, min: i64) -> Option<Spanned<i64>> {
+        self.int(node, key, min, u32::MAX as i64)
+    }
+
+    fn int(&mut self, node: &Node, key: &str, min: i64, max: i64) -> Option<Spanned<i64>> {
         match node.value {
-            NodeValue::Integer(i) if i >= min => Some(Spanned::new(i, node.span)),
+            NodeValue::Integer(i) if (min..=max).contains(&i) => Some(Spanned::new(i, node.span)),
             NodeValue::Integer(i) => {
+                let bounds = if max == u32::MAX as i64 {
+                    format!("at least {min}")
+                } else {
+                    format!("between {min} and {max}")
+                };
                 self.error(
                     Diagnostic::error(
                         Category::InvalidValue,
                         "out-of-range",
-                        format!("`{key}` must be at least {min}, found {i}"),
+                        format!("`{key}` must be {bounds}, found {i}"),
                     )
-                    .at(node.span, format!("must be >= {min}")),
+                    .at(node.span, format!("must be {bounds}")),
+                );
+                None
+            }
+            NodeValue::Float(f) if f.is_infinite() => {
+                self.error(
+                    Diagnostic::error(
+                        Category::InvalidValue,
+                        "out-of-range",
+                        format!("`{key}` is too large"),
+                    )
+                    .at(node.span, format!("must be at most {max}")),
                 );
                 None
             }
@@ -161,7 +211,7 @@ impl Decoder<'_> {
                 return None;
             }
         };
-        if !(value >= range.0 && value <= range.1) {
+        if !(value.is_finite() && value >= range.0 && value <= range.1) {
             let bounds = if range.1.is_infinite() {
                 format!("at least {}", range.0)
             } else {
@@ -290,7 +340,8 @@ impl Decoder<'_> {
             return raw;
         };
         if let Some(n) = t.get("version") {
-            raw.version = self.int(n, "version", i64::MIN);
+            raw.version_given = true;
+            raw.version = self.int(n, "version", i64::MIN, i64::MAX);
         }
         if let Some(n) = t.get("workflow") {
             raw.workflow = self.workflow(n);
@@ -356,6 +407,7 @@ impl Decoder<'_> {
     }
 
     fn input(&mut self, key: &Key, node: &Node) -> Option<RawInput> {
+        let before = self.errors_so_far();
         let mut t = self.table(node, &key.name, format!("input `{}`", key.name))?;
         let mut input = RawInput {
             name_span: key.span,
@@ -374,6 +426,7 @@ impl Decoder<'_> {
             input.required = self.bool(n, "required");
         }
         self.finish(t);
+        input.decode_errors = self.errors_so_far() > before;
         Some(input)
     }
 
@@ -393,7 +446,7 @@ impl Decoder<'_> {
             c.disallowed_tools = self.string_list(n, "disallowed_tools");
         }
         if let Some(n) = t.get("max_turns") {
-            c.max_turns = self.int(n, "max_turns", 1);
+            c.max_turns = self.count(n, "max_turns", 1);
         }
         if let Some(n) = t.get("max_budget_usd") {
             c.max_budget_usd = self.float(n, "max_budget_usd", (0.0, f64::INFINITY));
@@ -412,7 +465,7 @@ impl Decoder<'_> {
         let mut t = self.table(node, "retry", format!("{what} `retry`"))?;
         let mut r = RawRetry::default();
         if let Some(n) = t.get("limit") {
-            r.limit = self.int(n, "limit", 0);
+            r.limit = self.count(n, "limit", 0);
         }
         if let Some(n) = t.get("backoff") {
             if let Some(mut b) = self.table(n, "backoff", format!("{what} `retry.backoff`")) {
@@ -481,7 +534,7 @@ impl Decoder<'_> {
             d.workdir = self.string(n, "workdir");
         }
         if let Some(n) = t.get("max_parallel") {
-            d.max_parallel = self.int(n, "max_parallel", 1);
+            d.max_parallel = self.count(n, "max_parallel", 1);
         }
         if let Some(n) = t.get("on_item_failure") {
             d.on_item_failure = self.choice(n, "on_item_failure", OnItemFailure::ALL);
@@ -494,6 +547,7 @@ impl Decoder<'_> {
     }
 
     fn runner(&mut self, key: &Key, node: &Node) -> Option<RawRunner> {
+        let before = self.errors_so_far();
         let mut t = self.table(node, &key.name, format!("runner `{}`", key.name))?;
         let mut r = RawRunner {
             name_span: key.span,
@@ -509,15 +563,17 @@ impl Decoder<'_> {
             r.namespace = self.string(n, "namespace");
         }
         if let Some(n) = t.get("max_parallel") {
-            r.max_parallel = self.int(n, "max_parallel", 1);
+            r.max_parallel = self.count(n, "max_parallel", 1);
         }
         self.finish(t);
+        r.decode_errors = self.errors_so_far() > before;
         Some(r)
     }
 
     fn task(&mut self, key: &Key, node: &Node) -> Option<RawTask> {
         let what = format!("task `{}`", key.name);
-        let mut t = self.table(node, &key.name, what.clone())?;
+        let before = self.errors_so_far();
+        let mut t = self.table(node, &format!("tasks.{}", key.name), what.clone())?;
         let mut task = RawTask {
             id_span: key.span,
             ..RawTask::default()
@@ -573,6 +629,7 @@ impl Decoder<'_> {
             };
         }
         if let Some(n) = t.get("map") {
+            task.map_given = true;
             task.map = match &n.value {
                 NodeValue::Array(items) => Some(Spanned::new(
                     RawMap::List(items.iter().map(Node::to_json).collect()),
@@ -586,13 +643,13 @@ impl Decoder<'_> {
             };
         }
         if let Some(n) = t.get("max_parallel") {
-            task.max_parallel = self.int(n, "max_parallel", 1);
+            task.max_parallel = self.count(n, "max_parallel", 1);
         }
         if let Some(n) = t.get("on_item_failure") {
             task.on_item_failure = self.choice(n, "on_item_failure", OnItemFailure::ALL);
         }
         if let Some(n) = t.get("min_success") {
-            task.min_success = self.int(n, "min_success", 0);
+            task.min_success = self.count(n, "min_success", 0);
         }
         if let Some(n) = t.get("retry") {
             task.retry = self.retry(n, &what);
@@ -607,6 +664,7 @@ impl Decoder<'_> {
             task.artifacts = self.string_list(n, "artifacts");
         }
         self.finish(t);
+        task.decode_errors = self.errors_so_far() > before;
         Some(task)
     }
 }

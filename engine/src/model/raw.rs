@@ -19,6 +19,10 @@ pub struct RawClusterfile {
     /// Format version of the clusterfile. Only `1` exists.
     #[schemars(range(min = 1, max = 1), required)]
     pub version: Option<Spanned<i64>>,
+    /// Whether a `version` key was written at all (possibly with a wrong value).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub version_given: bool,
     /// Name and description of the workflow.
     pub workflow: Option<RawWorkflowMeta>,
     /// Declared parameters, set with `--var name=value` or `--vars file.toml|json`.
@@ -103,6 +107,10 @@ pub struct RawInput {
     #[serde(skip)]
     #[schemars(skip)]
     pub name_span: Span,
+    /// Decoding this table reported errors: later checks skip what would only be follow-ons.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub decode_errors: bool,
 }
 
 /// Agent (Claude Code) settings of a task, or of every task under `[defaults.claude]`.
@@ -366,6 +374,9 @@ pub struct RawRunner {
     #[serde(skip)]
     #[schemars(skip)]
     pub name_span: Span,
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub decode_errors: bool,
 }
 
 /// A merge (fan-in) task's settings.
@@ -467,4 +478,11 @@ pub struct RawTask {
     #[serde(skip)]
     #[schemars(skip)]
     pub id_span: Span,
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub decode_errors: bool,
+    /// A `map` key was written (possibly with a wrong value): `item` and `index` are meant to exist.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub map_given: bool,
 }

@@ -254,6 +254,11 @@ pub fn check_names(
                     }
                 }
             }
+            "item" | "index" if field == "map" => out.push(
+                Diagnostic::error(Category::Template, "undefined-name", format!("undefined name `{}` in the `map` of task `{}`", parts[0], scope.task))
+                    .at(template.span_of_name(parts[0]), "not defined while the list is computed")
+                    .help("`item` and `index` exist in the task's other templates, once per item of the list `map` computes"),
+            ),
             "item" | "index" if !scope.mapped => out.push(
                 Diagnostic::error(
                     Category::Template,

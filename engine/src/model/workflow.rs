@@ -106,6 +106,7 @@ pub enum Action {
         prompt: Template,
         settings: AgentSettings,
         output_schema: Option<serde_json::Value>,
+        env: IndexMap<String, Template>,
     },
     Shell {
         run: Template,
@@ -189,34 +190,65 @@ impl Workflow {
 
 const AGENT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60 * 60);
 
-fn parse_duration(s: &Spanned<String>, key: &str, diags: &mut Vec<Diagnostic>) -> Option<Duration> {
-    match humantime::parse_duration(s.value.trim()) {
-        Ok(d) if !d.is_zero() => Some(d),
-        Ok(_) => {
-            diags.push(
-                Diagnostic::error(
-                    Category::Duration,
-                    "invalid-duration",
-                    format!("`{key}` must be longer than zero"),
-                )
-                .at(s.span, "zero duration")
-                .help("durations look like `90s`, `30m` or `1h 30m`"),
-            );
-            None
-        }
-        Err(e) => {
-            diags.push(
-                Diagnostic::error(
-                    Category::Duration,
-                    "invalid-duration",
-                    format!("invalid duration `{}` for `{key}`: {e}", s.value),
-                )
-                .at(s.span, "not a duration")
-                .help("durations look like `90s`, `30m` or `1h 30m` (units: ms, s, m, h, d)"),
-            );
-            None
-        }
+/// Parses `90s`, `30m`, `1h30m`, `1h 30m`, `500ms`, `2d`: numbers with the units ms, s, m, h, d.
+/// Stricter than humantime on purpose: `1M` (a month there) or `30 minutes` are mistakes here.
+pub fn parse_duration_text(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("it is empty".into());
     }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!("expected a number at `{rest}`"));
+        }
+        let number: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("`{}` is too large", &rest[..digits]))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        let scale = match unit {
+            "ms" => Duration::from_millis(1),
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            "d" => Duration::from_secs(86400),
+            "" => return Err(format!("`{number}` has no unit")),
+            other => return Err(format!("unknown unit `{other}`")),
+        };
+        let part = u32::try_from(number)
+            .ok()
+            .and_then(|n| scale.checked_mul(n))
+            .ok_or_else(|| format!("`{number}{unit}` is too long"))?;
+        total = total.checked_add(part).ok_or("the duration is too long")?;
+        rest = rest[unit_len..].trim_start();
+    }
+    Ok(total)
+}
+
+fn parse_duration(s: &Spanned<String>, key: &str, diags: &mut Vec<Diagnostic>) -> Option<Duration> {
+    let problem = match parse_duration_text(&s.value) {
+        Ok(d) if !d.is_zero() => return Some(d),
+        Ok(_) => "it is zero".to_string(),
+        Err(e) => e,
+    };
+    diags.push(
+        Diagnostic::error(
+            Category::Duration,
+            "invalid-duration",
+            format!("invalid duration `{}` for `{key}`: {problem}", s.value),
+        )
+        .at(s.span, "not a duration")
+        .help("durations are numbers with units ms, s, m, h, d: `90s`, `30m`, `1h30m`"),
+    );
+    None
 }
 
 /// Resolves a raw clusterfile. `base_dir` is where relative paths (`output_schema = "x.json"`) live.
@@ -227,6 +259,7 @@ pub fn resolve(
     diags: &mut Vec<Diagnostic>,
 ) -> Workflow {
     match &raw.version {
+        None if raw.version_given => {}
         None => diags.push(
             Diagnostic::error(
                 Category::InvalidValue,
@@ -266,6 +299,13 @@ pub fn resolve(
         .and_then(|t| parse_duration(t, "timeout", diags));
 
     let ids: Vec<&str> = raw.tasks.keys().map(String::as_str).collect();
+    if ids.is_empty() && raw.version.is_some() {
+        diags.push(
+            Diagnostic::warning(Category::TaskKind, "no-tasks", "the workflow has no tasks")
+                .at(Span::new(0, 0), "nothing to run")
+                .help("add a task: `[tasks.build]` with `run = \"...\"` or `prompt = \"...\"`"),
+        );
+    }
     for (id, task) in &raw.tasks {
         if !TaskId::is_valid(id) {
             diags.push(
@@ -309,10 +349,8 @@ pub fn resolve(
         runners,
         tasks,
     };
-    let acyclic = check_cycles(&workflow, diags);
-    if acyclic {
-        check_templates(&workflow, diags);
-    }
+    check_cycles(&workflow, diags);
+    check_templates(&workflow, raw, diags);
     check_fan_out_settings(&workflow, raw, diags);
     workflow
 }
@@ -324,7 +362,7 @@ fn resolve_inputs(
     let mut inputs = IndexMap::new();
     for (name, input) in &raw.inputs {
         let ty = input.ty.as_ref().map_or(InputType::String, |t| t.value);
-        if let Some(default) = &input.default {
+        if let Some(default) = input.default.as_ref().filter(|_| !input.decode_errors) {
             if !ty.accepts(&default.value) {
                 diags.push(
                     Diagnostic::error(
@@ -370,6 +408,20 @@ fn resolve_runners(
     );
     for (name, r) in &raw.runners {
         let Some(kind) = &r.kind else {
+            if r.decode_errors {
+                // `kind` was given but invalid (already reported): keep the runner so tasks that
+                // name it get no false "unknown runner" error.
+                runners.insert(
+                    name.clone(),
+                    RunnerDecl {
+                        kind: RunnerKind::Local,
+                        image: None,
+                        namespace: None,
+                        max_parallel: None,
+                    },
+                );
+                continue;
+            }
             diags.push(
                 Diagnostic::error(
                     Category::InvalidValue,
@@ -515,7 +567,7 @@ fn resolve_task(
     .into_iter()
     .filter_map(|(k, set)| set.then_some(k))
     .collect();
-    if given.len() != 1 {
+    if given.len() > 1 || (given.is_empty() && !rt.decode_errors) {
         let message = if given.is_empty() {
             format!("task `{id}` has none of `prompt`, `run` or `merge`")
         } else {
@@ -543,11 +595,27 @@ fn resolve_task(
                 format!("`{key}` applies to {kind} tasks only, and task `{id}` is not one"),
             )
             .at(span, format!("only for {kind} tasks"))
-            .help(format!("remove `{key}`, or make `{id}` a {kind} task")),
+            .help(format!(
+                "remove `{key}`, or make `{id}` {} {kind} task",
+                if kind.starts_with('a') { "an" } else { "a" }
+            )),
         );
     };
 
+    // `env` is for processes: shell commands and agent workers (merged over `[defaults.env]`).
+    let env = || -> IndexMap<String, Template> {
+        let mut env: IndexMap<String, Template> = defaults
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), tpl(v)))
+            .collect();
+        env.extend(rt.env.iter().map(|(k, v)| (k.clone(), tpl(v))));
+        env
+    };
     let action = if let Some(prompt) = &rt.prompt {
+        if let Some(w) = &rt.workdir {
+            not_for("workdir", w.span, "shell", diags);
+        }
         let output_schema = rt
             .output_schema
             .as_ref()
@@ -559,6 +627,7 @@ fn resolve_task(
             prompt: tpl(prompt),
             settings: agent_settings(defaults.claude.as_ref(), rt.claude.as_ref()),
             output_schema,
+            env: env(),
         }
     } else if let Some(merge) = &rt.merge {
         let strategy = merge
@@ -575,7 +644,7 @@ fn resolve_task(
                 .at(oc.span, "a collect merge has no conflicts"),
             );
         }
-        if needs.is_empty() && rt.needs.is_none() {
+        if needs.is_empty() && rt.needs.as_ref().is_none_or(|n| n.value.is_empty()) {
             diags.push(
                 Diagnostic::error(
                     Category::TaskKind,
@@ -599,15 +668,9 @@ fn resolve_task(
             .as_ref()
             .map(tpl)
             .unwrap_or_else(|| Template::new(String::new(), rt.id_span, ""));
-        let mut env: IndexMap<String, Template> = defaults
-            .env
-            .iter()
-            .map(|(k, v)| (k.clone(), tpl(v)))
-            .collect();
-        env.extend(rt.env.iter().map(|(k, v)| (k.clone(), tpl(v))));
         Action::Shell {
             run,
-            env,
+            env: env(),
             workdir: rt.workdir.as_ref().or(defaults.workdir.as_ref()).map(tpl),
             output: rt.output.as_ref().map_or(OutputMode::Text, |o| o.value),
         }
@@ -623,6 +686,12 @@ fn resolve_task(
     if rt.merge.is_some() && rt.prompt.is_none() && rt.run.is_none() {
         if let Some(o) = &rt.output {
             not_for("output", o.span, "shell", diags);
+        }
+        if let Some(w) = &rt.workdir {
+            not_for("workdir", w.span, "shell", diags);
+        }
+        if let Some(span) = rt.env.values().map(|v| v.span).min() {
+            not_for("env", span, "shell or agent", diags);
         }
     }
 
@@ -839,9 +908,14 @@ fn load_output_schema(
     }
     // The validator panics on some inputs (an unknown `$schema` draft); bad input must never panic.
     let checked = std::panic::catch_unwind(|| {
-        jsonschema::validator_for(&value)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        jsonschema::validator_for(&value).map(|_| ()).map_err(|e| {
+            let at = e.instance_path.to_string();
+            if at.is_empty() {
+                e.to_string()
+            } else {
+                format!("{e} (at `{at}`)")
+            }
+        })
     });
     match checked {
         Ok(Ok(())) => Some(value),
@@ -985,36 +1059,37 @@ fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) -> bool {
     acyclic
 }
 
-/// Transitive `needs` of every task (an acyclic graph is assumed).
+/// Transitive `needs` of every task. Safe on cyclic graphs (each task is visited once per walk), so
+/// templates are checked even when a cycle is reported too.
 pub fn ancestors(workflow: &Workflow) -> Vec<BTreeSet<usize>> {
     let index = workflow.task_index();
-    let mut memo: Vec<Option<BTreeSet<usize>>> = vec![None; workflow.tasks.len()];
-    fn visit(
-        i: usize,
-        workflow: &Workflow,
-        index: &HashMap<&str, usize>,
-        memo: &mut Vec<Option<BTreeSet<usize>>>,
-    ) -> BTreeSet<usize> {
-        if let Some(done) = &memo[i] {
-            return done.clone();
-        }
-        let mut set = BTreeSet::new();
-        for need in &workflow.tasks[i].needs {
-            if let Some(&j) = index.get(need.value.as_str()) {
-                set.insert(j);
-                set.extend(visit(j, workflow, index, memo));
-            }
-        }
-        memo[i] = Some(set.clone());
-        set
-    }
+    let direct: Vec<Vec<usize>> = workflow
+        .tasks
+        .iter()
+        .map(|t| {
+            t.needs
+                .iter()
+                .filter_map(|n| index.get(n.value.as_str()).copied())
+                .collect()
+        })
+        .collect();
     (0..workflow.tasks.len())
-        .map(|i| visit(i, workflow, &index, &mut memo))
+        .map(|start| {
+            let mut seen = BTreeSet::new();
+            let mut stack = direct[start].clone();
+            while let Some(i) = stack.pop() {
+                if seen.insert(i) {
+                    stack.extend(&direct[i]);
+                }
+            }
+            seen.remove(&start);
+            seen
+        })
         .collect()
 }
 
 /// Parses every template and checks the names it reads against what the task can see.
-fn check_templates(workflow: &Workflow, diags: &mut Vec<Diagnostic>) {
+fn check_templates(workflow: &Workflow, raw: &RawClusterfile, diags: &mut Vec<Diagnostic>) {
     let env = template::environment();
     let ancestors = ancestors(workflow);
     let inputs: Vec<&str> = workflow.inputs.keys().map(String::as_str).collect();
@@ -1030,7 +1105,9 @@ fn check_templates(workflow: &Workflow, diags: &mut Vec<Diagnostic>) {
             vars: &vars,
             upstream: &upstream,
             all_tasks: &all,
-            mapped: task.is_mapped(),
+            // A `map` with a wrong value was reported already; `item` is still meant to exist.
+            mapped: task.is_mapped()
+                || raw.tasks.get(task.id.as_str()).is_some_and(|t| t.map_given),
             task: task.id.as_str(),
         };
         let mut check = |t: &Template, field: &str, expression: bool, scope: &Scope<'_>| {
@@ -1050,7 +1127,12 @@ fn check_templates(workflow: &Workflow, diags: &mut Vec<Diagnostic>) {
             }
         };
         match &task.action {
-            Action::Agent { prompt, .. } => check(prompt, "prompt", false, &scope),
+            Action::Agent { prompt, env, .. } => {
+                check(prompt, "prompt", false, &scope);
+                for (k, v) in env {
+                    check(v, &format!("env.{k}"), false, &scope);
+                }
+            }
             Action::Shell {
                 run, env, workdir, ..
             } => {

@@ -32,6 +32,7 @@ pub enum PlannedAction {
         settings: AgentSettings,
         #[serde(skip_serializing_if = "Option::is_none")]
         output_schema: Option<Value>,
+        env: IndexMap<String, Text>,
     },
     Shell {
         run: Text,
@@ -422,10 +423,20 @@ fn plan_instance(
             prompt,
             settings,
             output_schema,
+            env,
         } => PlannedAction::Agent {
             prompt: renderer.render(prompt, ctx, "prompt", name, diags),
             settings: settings.clone(),
             output_schema: output_schema.clone(),
+            env: env
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        renderer.render(v, ctx, &format!("env.{k}"), name, diags),
+                    )
+                })
+                .collect(),
         },
         Action::Shell {
             run,

@@ -165,6 +165,7 @@ pub fn to_text(plan: &Plan) -> String {
                 prompt,
                 settings,
                 output_schema,
+                env,
             } => {
                 let mut parts = vec![format!("permission_mode={}", settings.permission_mode)];
                 if let Some(m) = &settings.model {
@@ -198,6 +199,9 @@ pub fn to_text(plan: &Plan) -> String {
                     parts.push("output_schema=yes".into());
                 }
                 let _ = writeln!(out, "  claude: {}", parts.join(" "));
+                for (k, v) in env {
+                    text_block(&mut out, &format!("env {k}"), v);
+                }
                 text_block(&mut out, "prompt", prompt);
             }
             PlannedAction::Shell {

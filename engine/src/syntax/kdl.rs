@@ -12,7 +12,7 @@ pub fn parse(text: &str) -> (Option<Node>, Vec<Diagnostic>) {
     match text.parse::<KdlDocument>() {
         Ok(doc) => {
             let mut diagnostics = Vec::new();
-            let value = lower_document(&doc, &mut diagnostics);
+            let value = lower_document(&doc, text, &mut diagnostics);
             let span = Span::new(0, text.len());
             (Some(Node::new(value, span)), diagnostics)
         }
@@ -43,14 +43,32 @@ pub fn parse(text: &str) -> (Option<Node>, Vec<Diagnostic>) {
     }
 }
 
+/// The span of a property entry covers `key=value`; diagnostics about the value should point at
+/// the value alone (so a template error lands on the exact character).
+fn property_value_span(text: &str, entry: Span) -> Span {
+    match text.get(entry.start..entry.end).and_then(|s| s.find('=')) {
+        Some(eq) => {
+            let after = &text[entry.start + eq + 1..entry.end];
+            let start = entry.start + eq + 1 + (after.len() - after.trim_start().len());
+            Span::new(start, entry.end)
+        }
+        None => entry,
+    }
+}
+
 fn span_of(s: miette::SourceSpan) -> Span {
     Span::new(s.offset(), s.offset() + s.len())
 }
 
-fn lower_document(doc: &KdlDocument, diagnostics: &mut Vec<Diagnostic>) -> NodeValue {
+fn lower_document(doc: &KdlDocument, text: &str, diagnostics: &mut Vec<Diagnostic>) -> NodeValue {
     let nodes = doc.nodes();
     if !nodes.is_empty() && nodes.iter().all(|n| n.name().value() == "-") {
-        return NodeValue::Array(nodes.iter().map(|n| lower_node(n, diagnostics)).collect());
+        return NodeValue::Array(
+            nodes
+                .iter()
+                .map(|n| lower_node(n, text, diagnostics))
+                .collect(),
+        );
     }
     NodeValue::Table(
         nodes
@@ -60,7 +78,7 @@ fn lower_document(doc: &KdlDocument, diagnostics: &mut Vec<Diagnostic>) -> NodeV
                     name: n.name().value().to_string(),
                     span: span_of(n.name().span()),
                 };
-                (key, lower_node(n, diagnostics))
+                (key, lower_node(n, text, diagnostics))
             })
             .collect(),
     )
@@ -80,7 +98,7 @@ fn lower_value(v: &KdlValue, span: Span) -> Node {
     Node::new(value, span)
 }
 
-fn lower_node(node: &KdlNode, diagnostics: &mut Vec<Diagnostic>) -> Node {
+fn lower_node(node: &KdlNode, text: &str, diagnostics: &mut Vec<Diagnostic>) -> Node {
     let span = span_of(node.span());
     let mut args = Vec::new();
     let mut props = Vec::new();
@@ -92,14 +110,17 @@ fn lower_node(node: &KdlNode, diagnostics: &mut Vec<Diagnostic>) -> Node {
                     name: name.value().to_string(),
                     span: span_of(name.span()),
                 },
-                lower_value(entry.value(), entry_span),
+                lower_value(entry.value(), property_value_span(text, entry_span)),
             )),
             None => args.push(lower_value(entry.value(), entry_span)),
         }
     }
-    let children = node.children().map(|c| lower_document(c, diagnostics));
+    let children = node
+        .children()
+        .map(|c| lower_document(c, text, diagnostics));
 
-    if !args.is_empty() && (!props.is_empty() || children.is_some()) {
+    let mixed = !args.is_empty() && (!props.is_empty() || children.is_some());
+    if mixed {
         diagnostics.push(
             Diagnostic::error(
                 Category::WrongType,
@@ -114,7 +135,7 @@ fn lower_node(node: &KdlNode, diagnostics: &mut Vec<Diagnostic>) -> Node {
         (_, Some(NodeValue::Array(items))) if props.is_empty() && args.is_empty() => {
             Node::new(NodeValue::Array(items), span)
         }
-        (0, children) if !props.is_empty() || children.is_some() => {
+        (_, children) if mixed || !props.is_empty() || children.is_some() => {
             let mut entries = props;
             match children {
                 Some(NodeValue::Table(more)) => entries.extend(more),

@@ -1,17 +1,14 @@
 //! Rendering diagnostics for people (miette, with source excerpts and carets) and for tools (JSON).
 
-use std::io::IsTerminal;
-
-use ccluster_engine::diagnostic::{Report, Severity};
-use ccluster_engine::{Diagnostic, SourceFile};
 use miette::{GraphicalReportHandler, GraphicalTheme};
 
+use crate::diagnostic::{Diagnostic, Report, Severity, SourceFile};
+
 /// Every diagnostic with its excerpt, then a one-line count.
-pub fn diagnostics(diagnostics: &[Diagnostic], source: &SourceFile) -> String {
+pub fn human(diagnostics: &[Diagnostic], source: &SourceFile, color: bool) -> String {
     if diagnostics.is_empty() {
         return String::new();
     }
-    let color = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let theme = if color {
         GraphicalTheme::unicode()
     } else {
@@ -53,7 +50,7 @@ pub fn diagnostics(diagnostics: &[Diagnostic], source: &SourceFile) -> String {
 }
 
 /// One JSON document: `{"diagnostics": [{severity, code, message, file, line, column, ...}]}`.
-pub fn diagnostics_json(diagnostics: &[Diagnostic], source: &SourceFile) -> String {
+pub fn json(diagnostics: &[Diagnostic], source: &SourceFile) -> String {
     let items: Vec<serde_json::Value> = diagnostics
         .iter()
         .map(|d| {
