@@ -100,6 +100,9 @@ mod duration_ms {
     }
 }
 
+/// What a task does. Agent is the large variant and the common one; boxing it would only add an
+/// allocation per task.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Action {
     Agent {
@@ -676,7 +679,7 @@ fn resolve_task(
         }
     };
     if !matches!(action, Action::Agent { .. }) && rt.prompt.is_none() {
-        if let Some(c) = rt.claude.as_ref().and_then(|c| first_claude_span(c)) {
+        if let Some(c) = rt.claude.as_ref().and_then(first_claude_span) {
             not_for("claude", c, "agent", diags);
         }
         if let Some(s) = &rt.output_schema {

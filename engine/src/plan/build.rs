@@ -24,6 +24,8 @@ pub struct Text {
     pub rendered: Option<String>,
 }
 
+/// What a plan node does, with templates rendered where knowable.
+#[allow(clippy::large_enum_variant)] // one per node; agent nodes dominate, boxing buys nothing
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum PlannedAction {
@@ -479,7 +481,7 @@ fn plan_instance(
         runner: task.runner.clone(),
         timeout_ms: task.timeout.map(|d| d.as_millis() as u64),
         retry: task.retry.clone(),
-        fan_out: task.is_mapped().then(|| FanOut {
+        fan_out: task.is_mapped().then_some(FanOut {
             max_parallel: task.max_parallel,
             on_item_failure: task.on_item_failure,
             min_success: task.min_success,
