@@ -124,7 +124,7 @@ fn compile(
     file: &FileArgs,
     stage: Stage,
     format: DiagnosticFormat,
-) -> Result<ccluster_engine::Compiled, u8> {
+) -> Result<(SourceFile, ccluster_engine::Compiled), u8> {
     let args = input_args(file).map_err(|e| {
         eprintln!("error: {e}");
         exit::INVALID_INPUT
@@ -144,7 +144,7 @@ fn compile(
             if format == DiagnosticFormat::Human {
                 eprint!("{}", human(&compiled.warnings, &source));
             }
-            Ok(compiled)
+            Ok((source, compiled))
         }
         Err(diagnostics) => {
             match format {
@@ -160,7 +160,7 @@ fn compile(
 
 fn validate(file: &FileArgs, format: DiagnosticFormat) -> u8 {
     match compile(file, Stage::Validate, format) {
-        Ok(c) => {
+        Ok((source, c)) => {
             match format {
                 DiagnosticFormat::Human => print(&format!(
                     "{}: valid ({} tasks, {} plan nodes)\n",
@@ -169,8 +169,6 @@ fn validate(file: &FileArgs, format: DiagnosticFormat) -> u8 {
                     c.plan.summary.nodes
                 )),
                 DiagnosticFormat::Json => {
-                    let name = file.file.display().to_string();
-                    let source = SourceFile::new(name, "");
                     print(&render::json(&c.warnings, &source));
                 }
             }
@@ -182,7 +180,7 @@ fn validate(file: &FileArgs, format: DiagnosticFormat) -> u8 {
 
 fn plan_command(file: &FileArgs, format: PlanFormat) -> u8 {
     match compile(file, Stage::Plan, DiagnosticFormat::Human) {
-        Ok(c) => {
+        Ok((_, c)) => {
             print(&match format {
                 PlanFormat::Text => plan::to_text(&c.plan),
                 PlanFormat::Json => plan::to_json(&c.plan),

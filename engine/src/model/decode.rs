@@ -169,8 +169,10 @@ impl Decoder<'_> {
         match node.value {
             NodeValue::Integer(i) if (min..=max).contains(&i) => Some(Spanned::new(i, node.span)),
             NodeValue::Integer(i) => {
-                let bounds = if max == u32::MAX as i64 {
+                let bounds = if max == u32::MAX as i64 && i < min {
                     format!("at least {min}")
+                } else if max == u32::MAX as i64 {
+                    format!("at most {max}")
                 } else {
                     format!("between {min} and {max}")
                 };

@@ -123,9 +123,10 @@ const GLOBALS: &[&str] = &[
     "None",
 ];
 
-/// Whether a name path (`tasks.plan.output`) reads an upstream output, i.e. is only known at run time.
+/// Whether a name path is only known at run time: an upstream output (`tasks.plan.output`) or the
+/// attempt number (a retry renders again with `attempt` = 2, 3, ...).
 pub fn is_runtime_name(path: &str) -> bool {
-    path == "tasks" || path.starts_with("tasks.")
+    path == "tasks" || path.starts_with("tasks.") || path == "attempt"
 }
 
 /// Checks the free names of a template against the scope. Returns the diagnostics.

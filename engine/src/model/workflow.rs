@@ -301,6 +301,8 @@ pub fn resolve(
         .as_ref()
         .and_then(|t| parse_duration(t, "timeout", diags));
 
+    // Checks `[defaults.retry]` durations even when no task inherits them (repeats are deduplicated).
+    retry_policy(defaults.retry.as_ref(), None, diags);
     let ids: Vec<&str> = raw.tasks.keys().map(String::as_str).collect();
     if ids.is_empty() && raw.version.is_some() {
         diags.push(
@@ -941,8 +943,8 @@ fn load_output_schema(
     }
 }
 
-/// Reports every dependency cycle, naming the whole chain. Returns whether the graph is acyclic.
-fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) -> bool {
+/// Reports every dependency cycle, naming the whole chain.
+fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) {
     use petgraph::graph::DiGraph;
     let index = workflow.task_index();
     let mut graph = DiGraph::<usize, ()>::with_capacity(workflow.tasks.len(), 0);
@@ -956,7 +958,6 @@ fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) -> bool {
             }
         }
     }
-    let mut acyclic = true;
     let mut sccs: Vec<Vec<usize>> = petgraph::algo::tarjan_scc(&graph)
         .into_iter()
         .filter(|c| c.len() > 1)
@@ -968,7 +969,6 @@ fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) -> bool {
         .collect();
     sccs.sort();
     for members in sccs {
-        acyclic = false;
         // Walk from the first-declared member along `needs` edges inside the component until back.
         let start = members[0];
         let mut path = vec![start];
@@ -1059,7 +1059,6 @@ fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) -> bool {
         }
         diags.push(d);
     }
-    acyclic
 }
 
 /// Transitive `needs` of every task. Safe on cyclic graphs (each task is visited once per walk), so

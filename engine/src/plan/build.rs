@@ -252,7 +252,6 @@ pub fn build(
             inputs => JinjaValue::from_serialize(inputs),
             vars => JinjaValue::from_serialize(&workflow.vars),
             workflow => context! { name => workflow.name.clone(), description => workflow.description.clone() },
-            attempt => 1,
         },
         known_inputs: inputs,
         all_inputs_known: workflow.inputs.keys().all(|k| inputs.contains_key(k)),
@@ -279,11 +278,12 @@ pub fn build(
         let base_ctx = renderer.context(None, true);
         match &task.map {
             None => {
-                let node = plan_instance(&renderer, task, &base_ctx, task.id.to_string(), needs, diags);
+                let node = plan_instance(&renderer, task, &base_ctx, task.id.to_string(), needs.clone(), diags);
                 instance_ids[ti].push(node.id.clone());
                 nodes.push(node);
             }
             Some(MapSpec::Static(items)) => {
+                warn_if_empty(items, task, diags);
                 summary.static_instances += items.len();
                 expand(&renderer, task, items, &needs, &mut nodes, &mut instance_ids[ti], diags);
             }
@@ -291,6 +291,7 @@ pub fn build(
                 None => {}
                 Some(Some(value)) => match list_of(&value) {
                     Some(items) => {
+                        warn_if_empty(&items, task, diags);
                         summary.static_instances += items.len();
                         expand(&renderer, task, &items, &needs, &mut nodes, &mut instance_ids[ti], diags);
                     }
@@ -310,7 +311,7 @@ pub fn build(
                         .filter_map(|n| n.strip_prefix("tasks.").map(|r| r.split('.').next().unwrap_or(r).to_string()))
                         .collect();
                     let placeholder_ctx = renderer.context(None, false);
-                    let mut node = plan_instance(&renderer, task, &placeholder_ctx, format!("{}[*]", task.id), needs, diags);
+                    let mut node = plan_instance(&renderer, task, &placeholder_ctx, format!("{}[*]", task.id), needs.clone(), diags);
                     node.dynamic_map = Some(DynamicMap {
                         expression: m.source.clone(),
                         from: from.into_iter().collect(),
@@ -320,6 +321,10 @@ pub fn build(
                     nodes.push(node);
                 }
             },
+        }
+        if instance_ids[ti].is_empty() {
+            // An empty fan-out stands for its own dependencies, so its dependents still wait for them.
+            instance_ids[ti] = needs;
         }
     }
 
@@ -355,6 +360,25 @@ pub fn build(
         summary,
         nodes,
         graph,
+    }
+}
+
+/// An empty fan-out has no instances; it succeeds at once and its dependents wait only for its own
+/// upstream tasks (see [`build`]). Usually a mistake, so say so.
+fn warn_if_empty(items: &[Value], task: &Task, diags: &mut Vec<Diagnostic>) {
+    if items.is_empty() {
+        diags.push(
+            Diagnostic::warning(
+                Category::MapNotList,
+                "empty-map",
+                format!(
+                    "the `map` of task `{}` is empty: it has no instances",
+                    task.id
+                ),
+            )
+            .at(task.span, "no instances")
+            .help("tasks that need it run once its own dependencies are done"),
+        );
     }
 }
 
