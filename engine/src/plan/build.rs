@@ -149,6 +149,23 @@ enum Prepared {
 }
 
 impl Renderer<'_> {
+    fn render_env(
+        &self,
+        env: &IndexMap<String, Template>,
+        ctx: &Ctx,
+        task: &str,
+        diags: &mut Vec<Diagnostic>,
+    ) -> IndexMap<String, Text> {
+        env.iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    self.render(v, ctx, &format!("env.{k}"), task, diags),
+                )
+            })
+            .collect()
+    }
+
     fn knowable(&self, names: &BTreeSet<String>, item_known: bool) -> bool {
         names.iter().all(|n| {
             !is_runtime_name(n)
@@ -454,15 +471,7 @@ fn plan_instance(
             prompt: renderer.render(prompt, ctx, "prompt", name, diags),
             settings: settings.clone(),
             output_schema: output_schema.clone(),
-            env: env
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        renderer.render(v, ctx, &format!("env.{k}"), name, diags),
-                    )
-                })
-                .collect(),
+            env: renderer.render_env(env, ctx, name, diags),
         },
         Action::Shell {
             run,
@@ -471,15 +480,7 @@ fn plan_instance(
             output,
         } => PlannedAction::Shell {
             run: renderer.render(run, ctx, "run", name, diags),
-            env: env
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        renderer.render(v, ctx, &format!("env.{k}"), name, diags),
-                    )
-                })
-                .collect(),
+            env: renderer.render_env(env, ctx, name, diags),
             workdir: workdir
                 .as_ref()
                 .map(|w| renderer.render(w, ctx, "workdir", name, diags)),
