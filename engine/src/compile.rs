@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::diagnostic::{Diagnostic, Diagnostics, SourceFile};
+use crate::diagnostic::{in_report_order, Diagnostic, SourceFile};
 use crate::model::{decode, workflow, Workflow};
 use crate::plan::{self, InputArgs, Plan};
 use crate::syntax::{self, Format};
@@ -35,39 +35,30 @@ pub fn compile(
     args: &InputArgs,
     stage: Stage,
 ) -> Result<Compiled, Vec<Diagnostic>> {
-    let mut diags = Vec::new();
     let (tree, syntax_errors) = syntax::parse(&source.text, format);
     // After a syntax error, the recovered tree holds placeholders: checking it would only add
     // follow-on errors that point at the wrong places. Report the syntax errors alone.
-    if !syntax_errors.is_empty() {
-        let mut all = Diagnostics::default();
-        all.extend(syntax_errors);
-        return Err(all.into_sorted());
-    }
-    let raw = tree
-        .as_ref()
-        .map(|t| decode::decode(t, &mut diags))
-        .unwrap_or_default();
+    let tree = match tree {
+        Some(tree) if syntax_errors.is_empty() => tree,
+        _ => return Err(in_report_order(syntax_errors)),
+    };
+    let has_errors = |diags: &[Diagnostic]| diags.iter().any(Diagnostic::is_error);
+
+    let mut diags = Vec::new();
+    let raw = decode::decode(&tree, &mut diags);
     let workflow = workflow::resolve(&raw, &source.text, base_dir, &mut diags);
-
-    let mut all = Diagnostics::default();
-    let has_errors = diags.iter().any(Diagnostic::is_error);
-    all.extend(diags);
-    if has_errors {
-        return Err(all.into_sorted());
+    if has_errors(&diags) {
+        return Err(in_report_order(diags));
     }
-
-    let mut plan_diags = Vec::new();
-    let values = plan::inputs::resolve(&workflow, args, stage == Stage::Plan, &mut plan_diags);
-    let plan = plan::build(&workflow, &values, &mut plan_diags);
-    all.extend(plan_diags);
-    if all.has_errors() {
-        return Err(all.into_sorted());
+    let values = plan::inputs::resolve(&workflow, args, stage == Stage::Plan, &mut diags);
+    let plan = plan::build(&workflow, &values, &mut diags);
+    if has_errors(&diags) {
+        return Err(in_report_order(diags));
     }
     Ok(Compiled {
         workflow,
         plan,
-        warnings: all.into_sorted(),
+        warnings: in_report_order(diags),
     })
 }
 

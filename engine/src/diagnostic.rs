@@ -19,14 +19,6 @@ impl Span {
             end: end.max(start),
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.end - self.start
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.end == self.start
-    }
 }
 
 impl From<std::ops::Range<usize>> for Span {
@@ -160,54 +152,19 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
-/// All diagnostics of one compilation, in report order.
-#[derive(Clone, Debug, Default)]
-pub struct Diagnostics {
-    items: Vec<Diagnostic>,
-}
-
-impl Diagnostics {
-    pub fn push(&mut self, d: Diagnostic) {
-        self.items.push(d);
-    }
-
-    pub fn extend(&mut self, other: impl IntoIterator<Item = Diagnostic>) {
-        self.items.extend(other);
-    }
-
-    pub fn has_errors(&self) -> bool {
-        self.items.iter().any(Diagnostic::is_error)
-    }
-
-    pub fn error_count(&self) -> usize {
-        self.items.iter().filter(|d| d.is_error()).count()
-    }
-
-    pub fn warning_count(&self) -> usize {
-        self.items.len() - self.error_count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
-    }
-
-    /// Sorts into the documented, stable order and drops exact repeats.
-    pub fn into_sorted(mut self) -> Vec<Diagnostic> {
-        self.items.sort_by(|a, b| {
-            (a.severity, a.category, a.span.map(|s| s.start), &a.message).cmp(&(
-                b.severity,
-                b.category,
-                b.span.map(|s| s.start),
-                &b.message,
-            ))
-        });
-        self.items.dedup();
-        self.items
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &Diagnostic> {
-        self.items.iter()
-    }
+/// Sorts diagnostics into the documented, stable report order (errors first, then by category,
+/// then by position) and drops exact repeats.
+pub fn in_report_order(mut items: Vec<Diagnostic>) -> Vec<Diagnostic> {
+    items.sort_by(|a, b| {
+        (a.severity, a.category, a.span.map(|s| s.start), &a.message).cmp(&(
+            b.severity,
+            b.category,
+            b.span.map(|s| s.start),
+            &b.message,
+        ))
+    });
+    items.dedup();
+    items
 }
 
 /// A diagnostic bound to its source, ready for miette's renderer.

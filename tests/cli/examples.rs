@@ -114,3 +114,11 @@ fn missing_file_is_exit_code_2() {
         run.stderr
     );
 }
+
+#[test]
+fn a_wrongly_typed_var_is_not_also_reported_missing() {
+    let run = ccluster(&["plan", "workflows/hello.toml", "--var", "names=3"]);
+    assert_eq!(run.code, 2);
+    assert!(run.stderr.contains("wrong-input-type"), "{}", run.stderr);
+    assert!(!run.stderr.contains("missing-input"), "{}", run.stderr);
+}

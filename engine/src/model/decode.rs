@@ -73,6 +73,27 @@ impl Decoder<'_> {
         self.error(d);
     }
 
+    /// A free-form value as JSON. JSON has no infinity or NaN, and integers beyond 64 bits arrive
+    /// here as infinity: report them rather than let them become `null`.
+    fn json(&mut self, node: &Node, key: &str) -> serde_json::Value {
+        fn non_finite(node: &Node) -> Option<&Node> {
+            match &node.value {
+                NodeValue::Float(f) if !f.is_finite() => Some(node),
+                NodeValue::Array(items) => items.iter().find_map(non_finite),
+                NodeValue::Table(entries) => entries.iter().find_map(|(_, v)| non_finite(v)),
+                _ => None,
+            }
+        }
+        if let Some(bad) = non_finite(node) {
+            self.error(
+                Diagnostic::error(Category::InvalidValue, "out-of-range", format!("a number in `{key}` is not finite or does not fit in 64 bits"))
+                    .at(bad.span, "not representable")
+                    .help("values are passed on as JSON, which has no infinity, NaN or integers beyond 64 bits; quote it as a string"),
+            );
+        }
+        node.to_json()
+    }
+
     fn errors_so_far(&self) -> usize {
         self.diagnostics.len()
     }
@@ -322,7 +343,7 @@ impl Decoder<'_> {
     }
 
     fn string_or_object(&mut self, node: &Node, key: &str) -> Option<Spanned<StringOrObject>> {
-        match node.to_json() {
+        match self.json(node, key) {
             serde_json::Value::String(s) => {
                 Some(Spanned::new(StringOrObject::String(s), node.span))
             }
@@ -356,7 +377,7 @@ impl Decoder<'_> {
                 for (k, v) in vars.entries {
                     raw.vars
                         .entry(k.name.clone())
-                        .or_insert(Spanned::new(v.to_json(), v.span));
+                        .or_insert(Spanned::new(self.json(v, &k.name), v.span));
                 }
             }
         }
@@ -422,7 +443,7 @@ impl Decoder<'_> {
             input.ty = self.choice(n, "type", InputType::ALL);
         }
         if let Some(n) = t.get("default") {
-            input.default = Some(Spanned::new(n.to_json(), n.span));
+            input.default = Some(Spanned::new(self.json(n, "default"), n.span));
         }
         if let Some(n) = t.get("required") {
             input.required = self.bool(n, "required");
@@ -634,7 +655,7 @@ impl Decoder<'_> {
             task.map_given = true;
             task.map = match &n.value {
                 NodeValue::Array(items) => Some(Spanned::new(
-                    RawMap::List(items.iter().map(Node::to_json).collect()),
+                    RawMap::List(items.iter().map(|i| self.json(i, "map")).collect()),
                     n.span,
                 )),
                 NodeValue::String(s) => Some(Spanned::new(RawMap::Expression(s.clone()), n.span)),

@@ -137,6 +137,16 @@ pub struct RawClaude {
     pub settings: Option<Spanned<StringOrObject>>,
 }
 
+/// An environment value as it may be written; numbers and booleans are taken as their text.
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // only describes the schema
+pub enum EnvValue {
+    String(String),
+    Number(f64),
+    Bool(bool),
+}
+
 /// A string, or a table written inline.
 #[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
 #[serde(untagged)]
@@ -324,6 +334,7 @@ pub struct RawDefaults {
     pub runner: Option<Spanned<String>>,
     /// Environment variables given to every shell task (templates).
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    #[schemars(with = "IndexMap<String, EnvValue>")]
     pub env: IndexMap<String, Spanned<String>>,
     /// Default working directory of shell tasks, relative to the task's workspace (template).
     pub workdir: Option<Spanned<String>>,
@@ -451,6 +462,7 @@ pub struct RawTask {
     pub output: Option<Spanned<OutputMode>>,
     /// Shell task: environment variables (templates), merged over `[defaults.env]`.
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    #[schemars(with = "IndexMap<String, EnvValue>")]
     pub env: IndexMap<String, Spanned<String>>,
     /// Shell task: working directory relative to the workspace (template).
     pub workdir: Option<Spanned<String>>,

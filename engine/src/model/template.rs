@@ -223,7 +223,10 @@ pub fn check_names(
                             format!("undefined name `{path}`: there is no task `{id}`"),
                         )
                         .at(template.span_of_name(path), "no such task");
-                        if let Some(best) = did_you_mean(id, scope.all_tasks.iter().copied()) {
+                        let dashed = scope.all_tasks.iter().find(|t| t.starts_with(&format!("{id}-")));
+                        if let Some(dashed) = dashed {
+                            d = d.help(format!("`-` is subtraction in templates: read `{dashed}` as `tasks[\"{dashed}\"]`"));
+                        } else if let Some(best) = did_you_mean(id, scope.all_tasks.iter().copied()) {
                             d = d.help(format!("did you mean `tasks.{best}`?"));
                         }
                         out.push(d);

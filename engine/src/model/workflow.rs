@@ -91,6 +91,26 @@ pub struct RetryPolicy {
     pub on: Vec<FailureClass>,
 }
 
+impl Default for RetryPolicy {
+    /// No retries; backoff 1s, x2, at most 5m, ±10%; every class a retry can plausibly fix.
+    fn default() -> Self {
+        RetryPolicy {
+            limit: 0,
+            backoff: Backoff {
+                initial: Duration::from_secs(1),
+                factor: 2.0,
+                max: Duration::from_secs(300),
+                jitter: 0.1,
+            },
+            on: FailureClass::ALL
+                .iter()
+                .map(|(_, c)| *c)
+                .filter(|c| c.retried_by_default())
+                .collect(),
+        }
+    }
+}
+
 mod duration_ms {
     pub fn serialize<S: serde::Serializer>(
         d: &std::time::Duration,
@@ -121,16 +141,6 @@ pub enum Action {
         strategy: MergeStrategy,
         on_conflict: OnConflict,
     },
-}
-
-impl Action {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Action::Agent { .. } => "agent",
-            Action::Shell { .. } => "shell",
-            Action::Merge { .. } => "merge",
-        }
-    }
 }
 
 #[derive(Clone, Debug)]
@@ -291,18 +301,20 @@ pub fn resolve(
         .map(|(k, v)| (k.clone(), v.value.clone()))
         .collect();
     let runners = resolve_runners(raw, diags);
-    let defaults = raw.defaults.clone().unwrap_or_default();
-
-    if let Some(runner) = &defaults.runner {
+    let no_defaults = RawDefaults::default();
+    let raw_defaults = raw.defaults.as_ref().unwrap_or(&no_defaults);
+    if let Some(runner) = &raw_defaults.runner {
         check_runner_name(runner, &runners, diags);
     }
-    let default_timeout = defaults
-        .timeout
-        .as_ref()
-        .and_then(|t| parse_duration(t, "timeout", diags));
-
-    // Checks `[defaults.retry]` durations even when no task inherits them (repeats are deduplicated).
-    retry_policy(defaults.retry.as_ref(), None, diags);
+    // Durations of `[defaults]` are parsed (and reported) once, whether or not a task inherits them.
+    let defaults = Defaults {
+        raw: raw_defaults,
+        timeout: raw_defaults
+            .timeout
+            .as_ref()
+            .and_then(|t| parse_duration(t, "timeout", diags)),
+        retry: overlay_retry(&RetryPolicy::default(), raw_defaults.retry.as_ref(), diags),
+    };
     let ids: Vec<&str> = raw.tasks.keys().map(String::as_str).collect();
     if ids.is_empty() && raw.version.is_some() {
         diags.push(
@@ -325,15 +337,7 @@ pub fn resolve(
     for (id, rt) in &raw.tasks {
         let needs = resolve_needs(id, rt, &ids, diags);
         tasks.push(resolve_task(
-            id,
-            rt,
-            needs,
-            &defaults,
-            default_timeout,
-            &runners,
-            file,
-            base_dir,
-            diags,
+            id, rt, needs, &defaults, &runners, file, base_dir, diags,
         ));
     }
 
@@ -412,6 +416,18 @@ fn resolve_runners(
         },
     );
     for (name, r) in &raw.runners {
+        if name == "local" {
+            diags.push(
+                Diagnostic::error(
+                    Category::InvalidValue,
+                    "builtin-runner",
+                    "`local` is the built-in runner and cannot be redefined",
+                )
+                .at(r.name_span, "built in")
+                .help("give this runner another name, e.g. `[runners.workstation]`"),
+            );
+            continue;
+        }
         let Some(kind) = &r.kind else {
             if r.decode_errors {
                 // `kind` was given but invalid (already reported): keep the runner so tasks that
@@ -550,18 +566,25 @@ fn resolve_needs(
     needs
 }
 
+/// `[defaults]` with its durations parsed once.
+struct Defaults<'a> {
+    raw: &'a RawDefaults,
+    timeout: Option<Duration>,
+    retry: RetryPolicy,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn resolve_task(
     id: &str,
     rt: &RawTask,
     needs: Vec<Spanned<TaskId>>,
-    defaults: &RawDefaults,
-    default_timeout: Option<Duration>,
+    resolved: &Defaults<'_>,
     runners: &IndexMap<String, RunnerDecl>,
     file: &str,
     base_dir: &Path,
     diags: &mut Vec<Diagnostic>,
 ) -> Task {
+    let defaults = resolved.raw;
     let tpl = |s: &Spanned<String>| Template::new(s.value.clone(), s.span, file);
 
     let given: Vec<&str> = [
@@ -706,7 +729,8 @@ fn resolve_task(
     }
     let timeout = match &rt.timeout {
         Some(t) => parse_duration(t, "timeout", diags),
-        None => default_timeout
+        None => resolved
+            .timeout
             .or(matches!(action, Action::Agent { .. }).then_some(AGENT_TIMEOUT_DEFAULT)),
     };
 
@@ -738,7 +762,7 @@ fn resolve_task(
             .or(defaults.on_item_failure.as_ref())
             .map_or(OnItemFailure::FailFast, |o| o.value),
         min_success: rt.min_success.as_ref().map(|m| m.value as u32),
-        retry: retry_policy(defaults.retry.as_ref(), rt.retry.as_ref(), diags),
+        retry: overlay_retry(&resolved.retry, rt.retry.as_ref(), diags),
         timeout,
         runner: runner.map_or_else(|| "local".to_string(), |r| r.value.clone()),
         artifacts: rt
@@ -795,65 +819,49 @@ fn agent_settings(defaults: Option<&RawClaude>, task: Option<&RawClaude>) -> Age
     }
 }
 
-fn retry_policy(
-    defaults: Option<&RawRetry>,
-    task: Option<&RawRetry>,
+/// Lays the keys a `retry` table sets over `base` (the built-in policy, or `[defaults.retry]`
+/// already laid over it): each key, and each `backoff` key, is inherited on its own.
+fn overlay_retry(
+    base: &RetryPolicy,
+    raw: Option<&RawRetry>,
     diags: &mut Vec<Diagnostic>,
 ) -> RetryPolicy {
-    let limit = task
-        .and_then(|r| r.limit.as_ref())
-        .or_else(|| defaults.and_then(|r| r.limit.as_ref()))
-        .map_or(0, |l| l.value.min(u32::MAX as i64) as u32);
-    let backoff = |f: &dyn Fn(&RawBackoff) -> bool| {
-        task.and_then(|r| r.backoff.as_ref())
-            .filter(|b| f(b))
-            .or_else(|| defaults.and_then(|r| r.backoff.as_ref()).filter(|b| f(b)))
-    };
-    let initial = backoff(&|b| b.initial.is_some())
-        .and_then(|b| b.initial.as_ref())
-        .and_then(|s| parse_duration(s, "initial", diags))
-        .unwrap_or(Duration::from_secs(1));
-    let max = backoff(&|b| b.max.is_some())
-        .and_then(|b| b.max.as_ref())
-        .and_then(|s| parse_duration(s, "max", diags))
-        .unwrap_or(Duration::from_secs(300));
-    let factor = backoff(&|b| b.factor.is_some())
-        .and_then(|b| b.factor.as_ref())
-        .map_or(2.0, |f| f.value);
-    let jitter = backoff(&|b| b.jitter.is_some())
-        .and_then(|b| b.jitter.as_ref())
-        .map_or(0.1, |j| j.value);
-    let on = task
-        .and_then(|r| r.on.as_ref())
-        .or_else(|| defaults.and_then(|r| r.on.as_ref()))
-        .map(|on| {
-            let mut v: Vec<FailureClass> = on
-                .value
-                .iter()
-                .map(|c| c.value)
-                .filter(|c| *c != FailureClass::Auth)
-                .collect();
-            v.sort();
-            v.dedup();
-            v
-        })
-        .unwrap_or_else(|| {
-            FailureClass::ALL
-                .iter()
-                .map(|(_, c)| *c)
-                .filter(|c| c.retried_by_default())
-                .collect()
-        });
-    RetryPolicy {
-        limit,
-        backoff: Backoff {
-            initial,
-            factor,
-            max,
-            jitter,
-        },
-        on,
+    let mut policy = base.clone();
+    let Some(raw) = raw else { return policy };
+    if let Some(limit) = &raw.limit {
+        policy.limit = limit.value.clamp(0, u32::MAX as i64) as u32;
     }
+    if let Some(b) = &raw.backoff {
+        if let Some(d) = b
+            .initial
+            .as_ref()
+            .and_then(|s| parse_duration(s, "initial", diags))
+        {
+            policy.backoff.initial = d;
+        }
+        if let Some(d) = b.max.as_ref().and_then(|s| parse_duration(s, "max", diags)) {
+            policy.backoff.max = d;
+        }
+        if let Some(f) = &b.factor {
+            policy.backoff.factor = f.value;
+        }
+        if let Some(j) = &b.jitter {
+            policy.backoff.jitter = j.value;
+        }
+    }
+    if let Some(on) = &raw.on {
+        // `auth` was reported by the decoder; it is never retried.
+        let mut classes: Vec<FailureClass> = on
+            .value
+            .iter()
+            .map(|c| c.value)
+            .filter(|c| *c != FailureClass::Auth)
+            .collect();
+        classes.sort();
+        classes.dedup();
+        policy.on = classes;
+    }
+    policy
 }
 
 fn load_output_schema(

@@ -48,6 +48,16 @@ pub enum PlannedAction {
     },
 }
 
+impl PlannedAction {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PlannedAction::Agent { .. } => "agent",
+            PlannedAction::Shell { .. } => "shell",
+            PlannedAction::Merge { .. } => "merge",
+        }
+    }
+}
+
 /// Whether the task's `when` lets it run.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "state", rename_all = "snake_case")]

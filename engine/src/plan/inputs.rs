@@ -115,17 +115,22 @@ pub fn resolve(
         }
     };
     let mut given: IndexMap<String, Value> = IndexMap::new();
+    // Inputs given with a value of the wrong type: already reported, so not "missing" as well.
+    let mut rejected: Vec<&str> = Vec::new();
     for (name, value) in &args.values {
         match workflow.inputs.get(name) {
             None => diags.push(unknown(name)),
-            Some(decl) if !decl.ty.accepts(value) => diags.push(
-                Diagnostic::error(
-                    Category::Input,
-                    "wrong-input-type",
-                    format!("input `{name}` must be a {}, found {value}", decl.ty.name()),
-                )
-                .at(decl.span, "declared here"),
-            ),
+            Some(decl) if !decl.ty.accepts(value) => {
+                rejected.push(name);
+                diags.push(
+                    Diagnostic::error(
+                        Category::Input,
+                        "wrong-input-type",
+                        format!("input `{name}` must be a {}, found {value}", decl.ty.name()),
+                    )
+                    .at(decl.span, "declared here"),
+                );
+            }
             Some(_) => {
                 given.insert(name.clone(), value.clone());
             }
@@ -138,8 +143,9 @@ pub fn resolve(
                 Ok(v) => {
                     given.insert(name.clone(), v);
                 }
-                Err(e) => diags.push(
-                    Diagnostic::error(
+                Err(e) => {
+                    rejected.push(name);
+                    diags.push(Diagnostic::error(
                         Category::Input,
                         "wrong-input-type",
                         format!("input `{name}` must be a {}: {e}", decl.ty.name()),
@@ -150,8 +156,8 @@ pub fn resolve(
                             "lists and objects are given as JSON: --var files='[\"a.rs\",\"b.rs\"]'"
                         }
                         _ => "set it with --var name=value",
-                    }),
-                ),
+                    }));
+                }
             },
         }
     }
@@ -159,7 +165,7 @@ pub fn resolve(
     for (name, decl) in &workflow.inputs {
         if let Some(v) = given.shift_remove(name).or_else(|| decl.default.clone()) {
             values.insert(name.clone(), v);
-        } else if decl.required && require {
+        } else if decl.required && require && !rejected.contains(&name.as_str()) {
             diags.push(
                 Diagnostic::error(
                     Category::Input,

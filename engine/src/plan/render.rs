@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use crate::model::raw::FailureClass;
+use crate::model::RetryPolicy;
 
 use super::build::{Plan, PlannedAction, PlannedTask, Summary, Text, WhenState};
 
@@ -81,14 +81,10 @@ pub fn to_text(plan: &Plan) -> String {
         "{} tasks, {} plan nodes ({} agent, {} shell, {} merge); {} static map instances, {} dynamic maps, {} skipped",
         s.tasks, s.nodes, s.agent, s.shell, s.merge, s.static_instances, s.dynamic_maps, s.skipped
     );
+    let default_on = RetryPolicy::default().on;
     for (i, node) in plan.nodes.iter().enumerate() {
         out.push('\n');
-        let kind = match node.action {
-            PlannedAction::Agent { .. } => "agent",
-            PlannedAction::Shell { .. } => "shell",
-            PlannedAction::Merge { .. } => "merge",
-        };
-        let _ = writeln!(out, "{}. {} [{kind}]", i + 1, node.id);
+        let _ = writeln!(out, "{}. {} [{}]", i + 1, node.id, node.action.kind());
         if let Some(d) = &node.description {
             let _ = writeln!(out, "  {d}");
         }
@@ -135,7 +131,7 @@ pub fn to_text(plan: &Plan) -> String {
                 r.backoff.factor,
                 humantime::format_duration(r.backoff.max),
                 r.backoff.jitter,
-                if r.on == default_classes() {
+                if r.on == default_on {
                     "the default classes".to_string()
                 } else {
                     r.on.iter().map(|c| c.name()).collect::<Vec<_>>().join(",")
@@ -245,14 +241,6 @@ fn snake<T: Serialize>(value: &T) -> String {
         .unwrap_or_default()
 }
 
-fn default_classes() -> Vec<FailureClass> {
-    FailureClass::ALL
-        .iter()
-        .map(|(_, c)| *c)
-        .filter(|c| c.retried_by_default())
-        .collect()
-}
-
 /// At most 8 ids, then a count: a merge of 10,000 instances stays readable.
 fn abbreviate(ids: &[String]) -> String {
     if ids.len() <= 8 {
@@ -263,12 +251,7 @@ fn abbreviate(ids: &[String]) -> String {
 }
 
 fn node_label(node: &PlannedTask) -> String {
-    let kind = match node.action {
-        PlannedAction::Agent { .. } => "agent",
-        PlannedAction::Shell { .. } => "shell",
-        PlannedAction::Merge { .. } => "merge",
-    };
-    format!("{} ({kind})", node.id)
+    format!("{} ({})", node.id, node.action.kind())
 }
 
 pub fn to_dot(plan: &Plan) -> String {

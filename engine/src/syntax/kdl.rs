@@ -17,7 +17,7 @@ pub fn parse(text: &str) -> (Option<Node>, Vec<Diagnostic>) {
             (Some(Node::new(value, span)), diagnostics)
         }
         Err(err) => {
-            let diagnostics = err
+            let mut diagnostics: Vec<Diagnostic> = err
                 .diagnostics
                 .iter()
                 .map(|d| {
@@ -38,6 +38,12 @@ pub fn parse(text: &str) -> (Option<Node>, Vec<Diagnostic>) {
                     }))
                 })
                 .collect();
+            if diagnostics.is_empty() {
+                diagnostics.push(
+                    Diagnostic::error(Category::Syntax, "kdl-syntax", "KDL syntax error")
+                        .at(Span::new(0, text.len()), "not a valid KDL document"),
+                );
+            }
             (None, diagnostics)
         }
     }
