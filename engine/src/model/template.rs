@@ -82,7 +82,7 @@ impl Template {
 
 /// The environment every template is rendered in: strict undefined, no auto-escaping, keep a
 /// trailing newline (commands and prompts are whitespace-sensitive).
-pub fn environment() -> Environment<'static> {
+pub fn environment<'source>() -> Environment<'source> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.set_keep_trailing_newline(true);

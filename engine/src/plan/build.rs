@@ -1,7 +1,9 @@
 //! Builds the [`Plan`] from a [`Workflow`].
 
+use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::rc::Rc;
 
 use indexmap::IndexMap;
 use minijinja::value::Value as JinjaValue;
@@ -136,13 +138,31 @@ pub struct Plan {
     pub graph: DiGraph<usize, ()>,
 }
 
-/// What a template may read at plan time.
-struct Renderer<'a> {
-    env: Environment<'static>,
+/// Renders a workflow's templates at plan time. Each template is parsed and analysed once (the
+/// first time it is used) and then rendered for every instance: a map of 10,000 items parses its
+/// prompt once, not 10,000 times.
+struct Renderer<'e, 'w> {
+    env: &'e Environment<'w>,
     base: JinjaValue,
     /// Inputs that have a value; a template that reads another input is rendered at run time.
-    known_inputs: &'a IndexMap<String, Value>,
+    known_inputs: &'w IndexMap<String, Value>,
     all_inputs_known: bool,
+    /// Compiled templates, keyed by the address of the `Template` in the workflow, which neither
+    /// moves nor changes while the plan is built.
+    cache: RefCell<HashMap<usize, Rc<Compiled<'e, 'w>>>>,
+}
+
+/// A template compiled once, with the free names it reads.
+struct Compiled<'e, 'w> {
+    names: BTreeSet<String>,
+    code: Code<'e, 'w>,
+}
+
+enum Code<'e, 'w> {
+    Template(minijinja::Template<'e, 'w>),
+    Expression(minijinja::Expression<'e, 'w>),
+    /// A syntax error, reported by the validator already.
+    Invalid,
 }
 
 /// A template context and whether `item`/`index` are in it.
@@ -151,29 +171,38 @@ struct Ctx {
     item_known: bool,
 }
 
-enum Prepared {
-    /// Knowable now: the source, ready to render per instance.
-    Now(String),
-    /// Reads something only known at run time.
-    Later,
-}
-
-impl Renderer<'_> {
-    fn render_env(
-        &self,
-        env: &IndexMap<String, Template>,
-        ctx: &Ctx,
-        task: &str,
-        diags: &mut Vec<Diagnostic>,
-    ) -> IndexMap<String, Text> {
-        env.iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    self.render(v, ctx, &format!("env.{k}"), task, diags),
-                )
-            })
-            .collect()
+impl<'e, 'w> Renderer<'e, 'w> {
+    fn compiled(&self, t: &'w Template, expression: bool) -> Rc<Compiled<'e, 'w>> {
+        let key = t as *const Template as usize;
+        if let Some(done) = self.cache.borrow().get(&key) {
+            return done.clone();
+        }
+        let compiled = if expression {
+            match self.env.compile_expression(t.as_expression()) {
+                Ok(e) => Compiled {
+                    names: e.undeclared_variables(true).into_iter().collect(),
+                    code: Code::Expression(e),
+                },
+                Err(_) => Compiled {
+                    names: BTreeSet::new(),
+                    code: Code::Invalid,
+                },
+            }
+        } else {
+            match self.env.template_from_str(&t.source) {
+                Ok(tpl) => Compiled {
+                    names: tpl.undeclared_variables(true).into_iter().collect(),
+                    code: Code::Template(tpl),
+                },
+                Err(_) => Compiled {
+                    names: BTreeSet::new(),
+                    code: Code::Invalid,
+                },
+            }
+        };
+        let compiled = Rc::new(compiled);
+        self.cache.borrow_mut().insert(key, compiled.clone());
+        compiled
     }
 
     fn knowable(&self, names: &BTreeSet<String>, item_known: bool) -> bool {
@@ -189,24 +218,6 @@ impl Renderer<'_> {
         })
     }
 
-    fn prepare(&self, t: &Template, expression: bool, item_known: bool) -> Prepared {
-        let names: Option<BTreeSet<String>> = if expression {
-            self.env
-                .compile_expression(t.as_expression())
-                .ok()
-                .map(|e| e.undeclared_variables(true).into_iter().collect())
-        } else {
-            self.env
-                .template_from_str(&t.source)
-                .ok()
-                .map(|tpl| tpl.undeclared_variables(true).into_iter().collect())
-        };
-        match names {
-            Some(names) if self.knowable(&names, item_known) => Prepared::Now(t.source.clone()),
-            _ => Prepared::Later,
-        }
-    }
-
     /// The context of one plan node; `item_known` is false for a dynamic map's placeholder.
     fn context(&self, instance: Option<(usize, &Value)>, item_known: bool) -> Ctx {
         let value = match instance {
@@ -220,21 +231,24 @@ impl Renderer<'_> {
 
     fn render(
         &self,
-        t: &Template,
+        t: &'w Template,
         ctx: &Ctx,
         field: &str,
         task: &str,
         diags: &mut Vec<Diagnostic>,
     ) -> Text {
-        let rendered = match self.prepare(t, false, ctx.item_known) {
-            Prepared::Later => None,
-            Prepared::Now(src) => match self.env.render_str(&src, &ctx.value) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    diags.push(template::render_error(t, &e, field, task));
-                    None
+        let compiled = self.compiled(t, false);
+        let rendered = match &compiled.code {
+            Code::Template(tpl) if self.knowable(&compiled.names, ctx.item_known) => {
+                match tpl.render(&ctx.value) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        diags.push(template::render_error(t, &e, field, task));
+                        None
+                    }
                 }
-            },
+            }
+            _ => None,
         };
         Text {
             template: t.source.clone(),
@@ -242,27 +256,45 @@ impl Renderer<'_> {
         }
     }
 
+    fn render_env(
+        &self,
+        env: &'w IndexMap<String, Template>,
+        ctx: &Ctx,
+        task: &str,
+        diags: &mut Vec<Diagnostic>,
+    ) -> IndexMap<String, Text> {
+        env.iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    self.render(v, ctx, &format!("env.{k}"), task, diags),
+                )
+            })
+            .collect()
+    }
+
+    /// Evaluates an expression: `Some(Some(value))` when knowable now, `Some(None)` when only at run
+    /// time, `None` after reporting an error.
     fn eval(
         &self,
-        t: &Template,
+        t: &'w Template,
         ctx: &Ctx,
         field: &str,
         task: &str,
         diags: &mut Vec<Diagnostic>,
     ) -> Option<Option<JinjaValue>> {
-        match self.prepare(t, true, ctx.item_known) {
-            Prepared::Later => Some(None),
-            Prepared::Now(_) => match self
-                .env
-                .compile_expression(t.as_expression())
-                .and_then(|e| e.eval(&ctx.value))
-            {
-                Ok(v) => Some(Some(v)),
-                Err(e) => {
-                    diags.push(template::render_error(t, &e, field, task));
-                    None
+        let compiled = self.compiled(t, true);
+        match &compiled.code {
+            Code::Expression(e) if self.knowable(&compiled.names, ctx.item_known) => {
+                match e.eval(&ctx.value) {
+                    Ok(v) => Some(Some(v)),
+                    Err(err) => {
+                        diags.push(template::render_error(t, &err, field, task));
+                        None
+                    }
                 }
-            },
+            }
+            _ => Some(None),
         }
     }
 }
@@ -273,8 +305,9 @@ pub fn build(
     inputs: &IndexMap<String, Value>,
     diags: &mut Vec<Diagnostic>,
 ) -> Plan {
+    let env = template::environment();
     let renderer = Renderer {
-        env: template::environment(),
+        env: &env,
         base: context! {
             inputs => JinjaValue::from_serialize(inputs),
             vars => JinjaValue::from_serialize(&workflow.vars),
@@ -282,6 +315,7 @@ pub fn build(
         },
         known_inputs: inputs,
         all_inputs_known: workflow.inputs.keys().all(|k| inputs.contains_key(k)),
+        cache: RefCell::new(HashMap::new()),
     };
 
     let order = task_order(workflow);
@@ -330,11 +364,9 @@ pub fn build(
                 },
                 Some(None) => {
                     let from: BTreeSet<String> = renderer
-                        .env
-                        .compile_expression(m.as_expression())
-                        .map(|e| e.undeclared_variables(true))
-                        .unwrap_or_default()
-                        .into_iter()
+                        .compiled(m, true)
+                        .names
+                        .iter()
                         .filter_map(|n| n.strip_prefix("tasks.").map(|r| r.split('.').next().unwrap_or(r).to_string()))
                         .collect();
                     let placeholder_ctx = renderer.context(None, false);
@@ -419,9 +451,9 @@ fn list_of(value: &JinjaValue) -> Option<Vec<Value>> {
     })
 }
 
-fn expand(
-    renderer: &Renderer<'_>,
-    task: &Task,
+fn expand<'w>(
+    renderer: &Renderer<'_, 'w>,
+    task: &'w Task,
     items: &[Value],
     needs: &[String],
     nodes: &mut Vec<PlannedTask>,
@@ -446,9 +478,9 @@ fn expand(
     }
 }
 
-fn plan_instance(
-    renderer: &Renderer<'_>,
-    task: &Task,
+fn plan_instance<'w>(
+    renderer: &Renderer<'_, 'w>,
+    task: &'w Task,
     ctx: &Ctx,
     id: String,
     needs: Vec<String>,
