@@ -4,21 +4,22 @@
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use ccluster_engine::plan::{self, InputArgs};
 use ccluster_engine::{compile_file, render, Diagnostic, SourceFile, Stage};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod runs;
+
 /// Exit codes, as documented in the README.
 mod exit {
     pub const SUCCESS: u8 = 0;
-    /// A task failed (used by `apply`).
-    #[allow(dead_code)]
+    /// A task failed (`apply`), or the run could not go on (a state write failed).
     pub const TASK_FAILED: u8 = 1;
-    /// The clusterfile or the command line is invalid.
+    /// The clusterfile, the command line or the state directory cannot be used.
     pub const INVALID_INPUT: u8 = 2;
-    /// The run was cancelled (Ctrl-C).
-    #[allow(dead_code)]
+    /// The run was cancelled (Ctrl-C, SIGTERM, `ccluster cancel`).
     pub const CANCELLED: u8 = 130;
 }
 
@@ -51,8 +52,78 @@ enum Command {
         #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
         format: PlanFormat,
     },
+    /// Run a workflow: every task whose result is not cached, in dependency order.
+    Apply {
+        #[command(flatten)]
+        file: FileArgs,
+        /// Tasks running at once (default: the number of CPUs).
+        #[arg(long, short = 'j')]
+        jobs: Option<usize>,
+        /// Ignore cached results: run every task.
+        #[arg(long)]
+        fresh: bool,
+        /// Time a stopping task gets between SIGTERM and SIGKILL.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        grace_period: Duration,
+        /// Progress as lines for people, or one JSON event per line.
+        #[arg(long, value_enum, default_value_t = runs::OutputFormat::Human)]
+        output: runs::OutputFormat,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// List the runs of a state directory.
+    Runs {
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Show a run's tasks: state, attempts, duration, exit code (default: the latest run).
+    Status {
+        run: Option<String>,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Print a run's task logs (the latest attempt of each task, stdout then stderr).
+    Logs {
+        run: String,
+        /// A task id (`build`) or plan node (`build[2]`).
+        task: Option<String>,
+        /// Keep printing as the log grows, until the run ends (one task).
+        #[arg(long, short = 'f')]
+        follow: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Stop the run in progress, as Ctrl-C would (from another terminal).
+    Cancel {
+        run: Option<String>,
+        #[command(flatten)]
+        state: StateArgs,
+    },
     /// Print the JSON Schema of the clusterfile format.
     Schema,
+}
+
+#[derive(Args)]
+struct StateArgs {
+    /// Where run state lives (default: `.ccluster/` beside the clusterfile).
+    #[arg(long, env = "CCLUSTER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// The clusterfile whose state to use (for the default state directory).
+    #[arg(long, default_value = "clusterfile.toml", hide = true)]
+    clusterfile: PathBuf,
+}
+
+impl StateArgs {
+    fn dir(&self, clusterfile: Option<&std::path::Path>) -> PathBuf {
+        runs::state_dir(
+            self.state_dir.as_deref(),
+            clusterfile.unwrap_or(&self.clusterfile),
+        )
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    ccluster_engine::model::workflow::parse_duration_text(text)
 }
 
 #[derive(Args)]
@@ -87,6 +158,38 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Validate { file, format } => validate(&file, format),
         Command::Plan { file, format } => plan_command(&file, format),
+        Command::Apply {
+            file,
+            jobs,
+            fresh,
+            grace_period,
+            output,
+            state,
+        } => match compile(&file, Stage::Plan, DiagnosticFormat::Human) {
+            Ok((_, compiled)) => runs::apply(
+                &compiled,
+                runs::ApplyArgs {
+                    clusterfile: &file.file,
+                    state_dir: state.dir(Some(&file.file)),
+                    jobs: jobs.unwrap_or_else(|| {
+                        std::thread::available_parallelism().map_or(1, |n| n.get())
+                    }),
+                    fresh,
+                    grace: grace_period,
+                    output,
+                },
+            ),
+            Err(code) => code,
+        },
+        Command::Runs { state } => runs::runs(&state.dir(None)),
+        Command::Status { run, state } => runs::status(&state.dir(None), run.as_deref()),
+        Command::Logs {
+            run,
+            task,
+            follow,
+            state,
+        } => runs::logs(&state.dir(None), &run, task.as_deref(), follow),
+        Command::Cancel { run, state } => runs::cancel(&state.dir(None), run.as_deref()),
         Command::Schema => {
             print(&ccluster_engine::schema::clusterfile_schema());
             exit::SUCCESS

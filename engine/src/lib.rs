@@ -11,3 +11,5 @@ pub mod syntax;
 
 pub use compile::{compile, compile_file, Compiled, Stage};
 pub use diagnostic::{Diagnostic, SourceFile};
+pub mod exec;
+pub mod store;

@@ -1,0 +1,526 @@
+//! `apply`, `runs`, `status`, `logs` and `cancel`: running workflows and looking at their state.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ccluster_engine::exec::{self, ApplyOptions, Event, EventSink, LocalRunner};
+use ccluster_engine::store::{RunRecord, RunState, Store, StoreError, TaskRecord};
+
+use crate::exit;
+
+/// How `apply` reports progress.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// One line per event, with the time.
+    Human,
+    /// One JSON object per event and line (see docs/events.md).
+    Json,
+}
+
+/// Where the state of a clusterfile lives: `--state-dir`, `CCLUSTER_STATE_DIR`, or `.ccluster/`
+/// beside the clusterfile.
+pub fn state_dir(explicit: Option<&Path>, clusterfile: &Path) -> PathBuf {
+    explicit
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| exec::default_state_dir(clusterfile))
+}
+
+fn clock(ms: u64) -> String {
+    let secs = ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}",
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+fn duration(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    }
+}
+
+struct HumanEvents;
+
+impl EventSink for HumanEvents {
+    fn emit(&mut self, event: &Event) {
+        let line = match event {
+            Event::RunStarted {
+                run,
+                workflow,
+                nodes,
+                time_ms,
+            } => format!(
+                "{} run {run} of `{workflow}`: {nodes} tasks",
+                clock(*time_ms)
+            ),
+            Event::TaskStarted {
+                task,
+                attempt,
+                time_ms,
+                ..
+            } if *attempt > 1 => format!("{} start   {task} (attempt {attempt})", clock(*time_ms)),
+            Event::TaskStarted { task, time_ms, .. } => {
+                format!("{} start   {task}", clock(*time_ms))
+            }
+            Event::TaskRetrying {
+                task,
+                attempt,
+                class,
+                delay_ms,
+                message,
+                time_ms,
+                ..
+            } => {
+                format!(
+                    "{} retry   {task}: attempt {attempt} failed ({message}, {}); next in {}",
+                    clock(*time_ms),
+                    class.name(),
+                    duration(*delay_ms)
+                )
+            }
+            Event::TaskSucceeded {
+                task,
+                duration_ms,
+                time_ms,
+                ..
+            } => format!(
+                "{} done    {task} in {}",
+                clock(*time_ms),
+                duration(*duration_ms)
+            ),
+            Event::TaskCached {
+                task,
+                from_run,
+                time_ms,
+                ..
+            } => format!("{} cached  {task} (from run {from_run})", clock(*time_ms)),
+            Event::TaskFailed {
+                task,
+                message,
+                time_ms,
+                ..
+            } => format!("{} FAILED  {task}: {message}", clock(*time_ms)),
+            Event::TaskSkipped {
+                task,
+                reason,
+                time_ms,
+                ..
+            } => format!("{} skip    {task}: {reason}", clock(*time_ms)),
+            Event::TaskCancelled {
+                task,
+                reason,
+                time_ms,
+                ..
+            } => format!("{} cancel  {task}: {reason}", clock(*time_ms)),
+            Event::MapExpanded {
+                task,
+                items,
+                time_ms,
+                ..
+            } => format!("{} map     {task}: {items} instances", clock(*time_ms)),
+            Event::RunFinished {
+                run,
+                state,
+                succeeded,
+                cached,
+                failed,
+                skipped,
+                cancelled,
+                duration_ms,
+                time_ms,
+            } => {
+                let state = serde_json::to_value(state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                format!(
+                    "{} run {run} {state} in {}: {succeeded} succeeded, {cached} cached, {failed} failed, {skipped} skipped, {cancelled} cancelled",
+                    clock(*time_ms),
+                    duration(*duration_ms)
+                )
+            }
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}
+
+struct JsonEvents;
+
+impl EventSink for JsonEvents {
+    fn emit(&mut self, event: &Event) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", serde_json::to_string(event).unwrap_or_default());
+        let _ = out.flush();
+    }
+}
+
+fn open_store(dir: &Path) -> Result<Store, u8> {
+    Store::open(dir).map_err(|e| {
+        eprintln!("error: {e}");
+        if let StoreError::Locked { .. } = e {
+            eprintln!("  help: wait for it, or stop it with `ccluster cancel`; `ccluster status` shows its progress");
+        }
+        exit::INVALID_INPUT
+    })
+}
+
+pub struct ApplyArgs<'a> {
+    pub clusterfile: &'a Path,
+    pub state_dir: PathBuf,
+    pub jobs: usize,
+    pub fresh: bool,
+    pub grace: Duration,
+    pub output: OutputFormat,
+}
+
+pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
+    if let Err(e) = exec::check_supported(compiled) {
+        eprintln!("error: {e}");
+        return exit::INVALID_INPUT;
+    }
+    let store = match open_store(&args.state_dir) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let workdir = args
+        .clusterfile
+        .parent()
+        .map(Path::to_path_buf)
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("."));
+    let opts = ApplyOptions {
+        jobs: args.jobs.max(1),
+        fresh: args.fresh,
+        grace: args.grace,
+        workdir: std::fs::canonicalize(&workdir).unwrap_or(workdir),
+        clusterfile: args.clusterfile.display().to_string(),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return exit::TASK_FAILED;
+        }
+    };
+    let mut human = HumanEvents;
+    let mut json = JsonEvents;
+    let sink: &mut dyn EventSink = match args.output {
+        OutputFormat::Human => &mut human,
+        OutputFormat::Json => &mut json,
+    };
+    let result = runtime.block_on(exec::apply(compiled, &store, &LocalRunner, &opts, sink));
+    match result {
+        Ok(summary) => {
+            if args.output == OutputFormat::Human
+                && summary.state == RunState::Succeeded
+                && summary.succeeded == 0
+                && summary.cached > 0
+                && summary.failed == 0
+            {
+                println!("up to date: nothing to run ({} cached)", summary.cached);
+            }
+            match summary.state {
+                RunState::Succeeded => exit::SUCCESS,
+                RunState::Cancelled => exit::CANCELLED,
+                _ => exit::TASK_FAILED,
+            }
+        }
+        Err(e) => {
+            // A failed state write stops the run: nothing after it can be trusted to resume.
+            eprintln!("error: {e}");
+            exit::TASK_FAILED
+        }
+    }
+}
+
+/// A run and its tasks, from the database, or from the live snapshot while another process holds
+/// the state.
+struct RunView {
+    run: RunRecord,
+    tasks: Vec<TaskRecord>,
+    live: bool,
+}
+
+fn snapshots(dir: &Path) -> Vec<RunView> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir.join("runs")) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path().join("status.json")) else {
+            continue;
+        };
+        let Ok(doc) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        let (Ok(run), Ok(tasks)) = (
+            serde_json::from_value::<RunRecord>(doc["run"].clone()),
+            serde_json::from_value::<Vec<TaskRecord>>(doc["tasks"].clone()),
+        ) else {
+            continue;
+        };
+        out.push(RunView {
+            run,
+            tasks,
+            live: true,
+        });
+    }
+    out.sort_by(|a, b| a.run.id.cmp(&b.run.id));
+    out
+}
+
+fn load_runs(dir: &Path) -> Result<Vec<RunView>, u8> {
+    if !dir.join("db").exists() {
+        return Ok(Vec::new());
+    }
+    match Store::open(dir) {
+        Ok(store) => {
+            let mut views = Vec::new();
+            for run in store.runs().map_err(report)? {
+                let mut tasks = store.tasks(&run.id).map_err(report)?;
+                tasks.sort_by_key(|t| t.order);
+                views.push(RunView {
+                    run,
+                    tasks,
+                    live: false,
+                });
+            }
+            Ok(views)
+        }
+        Err(StoreError::Locked { pid, .. }) => {
+            eprintln!("(a run is in progress in process {pid}: showing its latest snapshot)");
+            Ok(snapshots(dir))
+        }
+        Err(e) => Err(report(e)),
+    }
+}
+
+fn report(e: StoreError) -> u8 {
+    eprintln!("error: {e}");
+    exit::INVALID_INPUT
+}
+
+fn state_name<T: serde::Serialize>(s: &T) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+pub fn runs(dir: &Path) -> u8 {
+    let views = match load_runs(dir) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    if views.is_empty() {
+        println!("no runs yet in {}", dir.display());
+        return exit::SUCCESS;
+    }
+    println!(
+        "{:<22} {:<12} {:<24} {:>6} {:>9}  CLUSTERFILE",
+        "RUN", "STATE", "WORKFLOW", "TASKS", "DURATION"
+    );
+    for v in &views {
+        let took = v.run.finished_ms.map_or("-".to_string(), |f| {
+            duration(f.saturating_sub(v.run.started_ms))
+        });
+        println!(
+            "{:<22} {:<12} {:<24} {:>6} {:>9}  {}",
+            v.run.id,
+            state_name(&v.run.state),
+            v.run.workflow,
+            v.tasks.len(),
+            took,
+            v.run.clusterfile
+        );
+    }
+    exit::SUCCESS
+}
+
+fn find_run(views: Vec<RunView>, id: Option<&str>) -> Result<RunView, u8> {
+    let found = match id {
+        Some(id) => views
+            .into_iter()
+            .find(|v| v.run.id == id || v.run.id.starts_with(id)),
+        None => views.into_iter().last(),
+    };
+    found.ok_or_else(|| {
+        eprintln!(
+            "error: {}",
+            id.map_or("no runs yet".to_string(), |id| format!("no run `{id}`"))
+        );
+        eprintln!("  help: `ccluster runs` lists the runs");
+        exit::INVALID_INPUT
+    })
+}
+
+pub fn status(dir: &Path, run: Option<&str>) -> u8 {
+    let view = match load_runs(dir).and_then(|v| find_run(v, run)) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let r = &view.run;
+    println!(
+        "run {} of `{}` ({}): {}{}",
+        r.id,
+        r.workflow,
+        r.clusterfile,
+        state_name(&r.state),
+        if view.live { " (live)" } else { "" }
+    );
+    println!(
+        "{:<28} {:<10} {:>8} {:>9} {:>5}  MESSAGE",
+        "TASK", "STATE", "ATTEMPTS", "DURATION", "EXIT"
+    );
+    for t in &view.tasks {
+        let took = match (t.started_ms, t.finished_ms) {
+            (Some(s), Some(f)) => duration(f.saturating_sub(s)),
+            _ => "-".into(),
+        };
+        let exit_code = t.exit_code.map_or("-".to_string(), |c| c.to_string());
+        println!(
+            "{:<28} {:<10} {:>8} {:>9} {:>5}  {}",
+            t.node,
+            state_name(&t.state),
+            t.attempts,
+            took,
+            exit_code,
+            t.message.as_deref().unwrap_or("")
+        );
+    }
+    exit::SUCCESS
+}
+
+pub fn logs(dir: &Path, run: &str, task: Option<&str>, follow: bool) -> u8 {
+    let view = match load_runs(dir).and_then(|v| find_run(v, Some(run))) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let tasks: Vec<&TaskRecord> = view
+        .tasks
+        .iter()
+        .filter(|t| task.is_none_or(|id| t.node == id || t.task == id))
+        .collect();
+    if tasks.is_empty() {
+        eprintln!(
+            "error: run {} has no task `{}`",
+            view.run.id,
+            task.unwrap_or("")
+        );
+        return exit::INVALID_INPUT;
+    }
+    let logs = dir.join("runs").join(&view.run.id).join("logs");
+    for t in &tasks {
+        let node_dir = logs.join(
+            t.node
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect::<String>(),
+        );
+        for attempt in 1..=t.attempts.max(1) {
+            for (stream, ext) in [("stdout", "out"), ("stderr", "err")] {
+                let path = node_dir.join(format!("{attempt}.{ext}"));
+                if follow && tasks.len() == 1 && attempt == t.attempts.max(1) && stream == "stdout"
+                {
+                    println!("==> {} attempt {attempt} {stream} <==", t.node);
+                    return follow_file(&path, dir, &view.run.id);
+                }
+                if let Ok(text) = std::fs::read_to_string(&path) {
+                    if !text.is_empty() {
+                        println!("==> {} attempt {attempt} {stream} <==", t.node);
+                        print!("{text}");
+                        if !text.ends_with('\n') {
+                            println!();
+                        }
+                    }
+                }
+            }
+        }
+    }
+    exit::SUCCESS
+}
+
+/// Prints a log file as it grows, until the run is no longer running.
+fn follow_file(path: &Path, dir: &Path, run: &str) -> u8 {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut offset = 0u64;
+    loop {
+        if let Ok(mut file) = std::fs::File::open(path) {
+            if file.seek(SeekFrom::Start(offset)).is_ok() {
+                let mut buf = Vec::new();
+                if let Ok(n) = file.read_to_end(&mut buf) {
+                    offset += n as u64;
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(&buf);
+                    let _ = out.flush();
+                }
+            }
+        }
+        let running = snapshots(dir)
+            .into_iter()
+            .find(|v| v.run.id == run)
+            .is_some_and(|v| v.run.state == RunState::Running);
+        if !running && Store::open(dir).is_ok() {
+            return exit::SUCCESS;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn cancel(dir: &Path, run: Option<&str>) -> u8 {
+    let pid = match Store::open(dir) {
+        Ok(_) => {
+            eprintln!("error: no run is in progress in {}", dir.display());
+            return exit::INVALID_INPUT;
+        }
+        Err(StoreError::Locked { pid, .. }) => pid,
+        Err(e) => return report(e),
+    };
+    if let Some(id) = run {
+        let live = snapshots(dir)
+            .into_iter()
+            .rev()
+            .find(|v| v.run.state == RunState::Running);
+        if live.as_ref().is_some_and(|v| !v.run.id.starts_with(id)) {
+            eprintln!(
+                "error: the run in progress is {}, not `{id}`",
+                live.map(|v| v.run.id).unwrap_or_default()
+            );
+            return exit::INVALID_INPUT;
+        }
+    }
+    let Ok(pid) = pid.parse::<i32>() else {
+        eprintln!("error: the lock file names no process (`{pid}`)");
+        return exit::INVALID_INPUT;
+    };
+    // SIGTERM: the run stops as on Ctrl-C (tasks stopped gracefully, state checkpointed, exit 130).
+    match nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    ) {
+        Ok(()) => {
+            println!("cancelling the run in process {pid}");
+            exit::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: cannot signal process {pid}: {e}");
+            exit::TASK_FAILED
+        }
+    }
+}

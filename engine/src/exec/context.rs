@@ -1,0 +1,227 @@
+//! Run-time rendering and cache keys: templates the plan could not render (they read upstream
+//! outputs or `attempt`) are rendered when their task is ready, and every task instance gets a
+//! key that hashes everything that decides its result.
+
+use std::collections::BTreeMap;
+
+use minijinja::value::Value as JinjaValue;
+use minijinja::{context, Environment};
+use serde_json::Value;
+
+use crate::model::template;
+use crate::plan::{PlannedAction, PlannedTask, Text};
+use crate::store::KeyParts;
+
+/// Version of the cache key recipe: changing what goes into keys must change this.
+const KEY_RECIPE: &str = "ccluster-key-1";
+
+/// The values every template of a run can read.
+pub struct RunScope {
+    env: Environment<'static>,
+    base: JinjaValue,
+}
+
+/// An upstream result as templates see it: `tasks.<id>.output` or, mapped, `tasks.<id>.outputs`.
+pub enum Upstream {
+    Output(Value),
+    Outputs(Vec<Value>),
+}
+
+/// The concrete commands of one attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rendered {
+    pub command: String,
+    pub env: Vec<(String, String)>,
+    pub workdir: Option<String>,
+}
+
+impl RunScope {
+    pub fn new(
+        inputs: &indexmap::IndexMap<String, Value>,
+        vars: &indexmap::IndexMap<String, Value>,
+        name: &str,
+        description: Option<&str>,
+    ) -> RunScope {
+        RunScope {
+            env: template::environment(),
+            base: context! {
+                inputs => JinjaValue::from_serialize(inputs),
+                vars => JinjaValue::from_serialize(vars),
+                workflow => context! { name => name, description => description },
+            },
+        }
+    }
+
+    /// The context of one node at one attempt.
+    pub fn context(
+        &self,
+        node: &PlannedTask,
+        upstream: &BTreeMap<String, Upstream>,
+        attempt: u32,
+    ) -> JinjaValue {
+        let tasks: BTreeMap<&str, JinjaValue> = upstream
+            .iter()
+            .map(|(id, u)| {
+                let v = match u {
+                    Upstream::Output(o) => context! { output => JinjaValue::from_serialize(o) },
+                    Upstream::Outputs(list) => {
+                        context! { outputs => JinjaValue::from_serialize(list) }
+                    }
+                };
+                (id.as_str(), v)
+            })
+            .collect();
+        context! {
+            tasks => tasks,
+            item => node.item.as_ref().map(JinjaValue::from_serialize),
+            index => node.index,
+            attempt => attempt,
+            ..self.base.clone()
+        }
+    }
+
+    fn text(&self, text: &Text, ctx: &JinjaValue) -> Result<String, String> {
+        match &text.rendered {
+            Some(done) => Ok(done.clone()),
+            None => self
+                .env
+                .render_str(&text.template, ctx)
+                .map_err(|e| describe(&e)),
+        }
+    }
+
+    /// Renders what a shell node runs at this attempt.
+    pub fn render(&self, node: &PlannedTask, ctx: &JinjaValue) -> Result<Rendered, String> {
+        match &node.action {
+            PlannedAction::Shell {
+                run, env, workdir, ..
+            } => Ok(Rendered {
+                command: self.text(run, ctx).map_err(|e| format!("`run`: {e}"))?,
+                env: env
+                    .iter()
+                    .map(|(k, v)| {
+                        self.text(v, ctx)
+                            .map(|v| (k.clone(), v))
+                            .map_err(|e| format!("`env.{k}`: {e}"))
+                    })
+                    .collect::<Result<_, _>>()?,
+                workdir: workdir
+                    .as_ref()
+                    .map(|w| self.text(w, ctx))
+                    .transpose()
+                    .map_err(|e| format!("`workdir`: {e}"))?,
+            }),
+            PlannedAction::Agent { prompt, env, .. } => Ok(Rendered {
+                command: self
+                    .text(prompt, ctx)
+                    .map_err(|e| format!("`prompt`: {e}"))?,
+                env: env
+                    .iter()
+                    .map(|(k, v)| {
+                        self.text(v, ctx)
+                            .map(|v| (k.clone(), v))
+                            .map_err(|e| format!("`env.{k}`: {e}"))
+                    })
+                    .collect::<Result<_, _>>()?,
+                workdir: None,
+            }),
+            PlannedAction::Merge { .. } => Ok(Rendered {
+                command: String::new(),
+                env: Vec::new(),
+                workdir: None,
+            }),
+        }
+    }
+
+    /// Evaluates a `when` expression at run time.
+    pub fn condition(&self, expression: &str, ctx: &JinjaValue) -> Result<bool, String> {
+        let t = template::Template::new(expression.to_string(), Default::default(), "");
+        self.env
+            .compile_expression(t.as_expression())
+            .and_then(|e| e.eval(ctx))
+            .map(|v| v.is_true())
+            .map_err(|e| describe(&e))
+    }
+
+    /// Evaluates a dynamic `map` expression to its list.
+    pub fn list(&self, expression: &str, ctx: &JinjaValue) -> Result<Vec<Value>, String> {
+        let t = template::Template::new(expression.to_string(), Default::default(), "");
+        let value = self
+            .env
+            .compile_expression(t.as_expression())
+            .and_then(|e| e.eval(ctx))
+            .map_err(|e| describe(&e))?;
+        if value.kind() != minijinja::value::ValueKind::Seq {
+            return Err(format!(
+                "the `map` expression gave {}, not a list",
+                value.kind()
+            ));
+        }
+        match serde_json::to_value(&value) {
+            Ok(Value::Array(items)) => Ok(items),
+            _ => Err("the `map` expression gave a list that is not plain data".into()),
+        }
+    }
+}
+
+fn describe(e: &minijinja::Error) -> String {
+    match e.detail() {
+        Some(d) => format!("{} ({d})", e.kind()),
+        None => e.kind().to_string(),
+    }
+}
+
+fn hash(value: &impl serde::Serialize) -> String {
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    blake3::hash(&bytes).to_hex()[..16].to_string()
+}
+
+/// The parts of a node's cache key, documented in `docs/caching.md`. Scheduling settings (retry,
+/// timeout, max_parallel, fan-out policy) and descriptions are left out on purpose: changing them
+/// does not change a result.
+pub fn key_parts(
+    node: &PlannedTask,
+    rendered: &Rendered,
+    upstream: &[(String, String, Value)],
+) -> KeyParts {
+    let mut parts = KeyParts::new();
+    parts.insert("recipe".into(), KEY_RECIPE.into());
+    parts.insert("kind".into(), node.action.kind().into());
+    parts.insert("command".into(), hash(&rendered.command));
+    let mut env = rendered.env.clone();
+    env.sort();
+    parts.insert("env".into(), hash(&env));
+    parts.insert("workdir".into(), hash(&rendered.workdir));
+    let settings = match &node.action {
+        PlannedAction::Shell { output, .. } => serde_json::json!({ "output": output }),
+        PlannedAction::Agent {
+            settings,
+            output_schema,
+            ..
+        } => serde_json::json!({ "settings": settings, "output_schema": output_schema }),
+        PlannedAction::Merge {
+            strategy,
+            on_conflict,
+        } => serde_json::json!({ "strategy": strategy, "on_conflict": on_conflict }),
+    };
+    parts.insert("settings".into(), hash(&settings));
+    parts.insert("item".into(), hash(&(&node.index, &node.item)));
+    parts.insert("runner".into(), hash(&node.runner));
+    parts.insert("upstream".into(), hash(&upstream));
+    parts
+}
+
+/// The cache key from its parts.
+pub fn key_of(parts: &KeyParts) -> String {
+    blake3::hash(&serde_json::to_vec(parts).unwrap_or_default())
+        .to_hex()
+        .to_string()
+}
+
+/// The parts that differ between two keys, for `plan --explain`.
+pub fn changed_parts(old: &KeyParts, new: &KeyParts) -> Vec<String> {
+    new.iter()
+        .filter(|(k, v)| old.get(*k) != Some(v))
+        .map(|(k, _)| k.clone())
+        .collect()
+}

@@ -1,0 +1,1235 @@
+//! The dispatcher: owns the run's state, decides what runs next (critical path first, under the
+//! `--jobs` limit and each fan-out's `max_parallel`), and records every state change durably before
+//! acting on it. Processes run on a [`Runner`]; the dispatcher never knows which.
+//!
+//! One loop, one `select!`: a process finished, a retry's backoff elapsed, or a signal arrived.
+//! Writes of one loop turn are committed together (one fsync) before the turn's events are
+//! reported and its processes started.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use super::context::{self, RunScope, Upstream};
+use super::events::{Event, EventSink};
+use super::runner::{ProcessEnd, ProcessSpec, Runner, Stop};
+use crate::compile::Compiled;
+use crate::model::raw::{FailureClass, MergeStrategy, OnItemFailure, OutputMode};
+use crate::model::workflow::{ancestors, RetryPolicy};
+use crate::plan::{PlannedAction, PlannedTask, WhenState};
+use crate::store::{
+    now_ms, AttemptRecord, CacheEntry, KeyParts, RunRecord, RunState, Store, StoreError,
+    TaskRecord, TaskState,
+};
+
+/// Settings of one `apply`.
+#[derive(Clone, Debug)]
+pub struct ApplyOptions {
+    /// Processes running at once.
+    pub jobs: usize,
+    /// Ignore cached results.
+    pub fresh: bool,
+    /// Time between SIGTERM and SIGKILL when a task must stop.
+    pub grace: Duration,
+    /// Directory shell tasks run in (the clusterfile's), against which `workdir` is resolved.
+    pub workdir: PathBuf,
+    /// The clusterfile as the user named it (runs and "last success" records are filed under it).
+    pub clusterfile: String,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunSummary {
+    pub run: String,
+    pub state: RunState,
+    pub succeeded: usize,
+    pub cached: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub cancelled: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("cannot create `{path}`: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Environment variables passed through to every process; everything else must be declared.
+pub const PASSED_ENV: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR", "TERM",
+];
+
+/// Refuses what this version cannot execute yet, before anything starts.
+pub fn check_supported(compiled: &Compiled) -> Result<(), ApplyError> {
+    for node in &compiled.plan.nodes {
+        match &node.action {
+            PlannedAction::Agent { .. } => {
+                return Err(ApplyError::Unsupported(format!(
+                    "task `{}` is an agent task: this version of `apply` runs shell and collect tasks only (agent tasks come with the Claude Code worker)",
+                    node.task
+                )))
+            }
+            PlannedAction::Merge { strategy: MergeStrategy::Git, .. } => {
+                return Err(ApplyError::Unsupported(format!(
+                    "task `{}` is a git merge: this version of `apply` runs shell and collect tasks only (git merges come with workspaces)",
+                    node.task
+                )))
+            }
+            _ => {}
+        }
+        if node.runner != "local" {
+            return Err(ApplyError::Unsupported(format!(
+                "task `{}` uses runner `{}`: only `local` runs in this version",
+                node.task, node.runner
+            )));
+        }
+    }
+    Ok(())
+}
+
+struct Node {
+    plan: PlannedTask,
+    group: usize,
+    order: u64,
+    record: TaskRecord,
+    parts: Option<KeyParts>,
+    started: Option<Instant>,
+    /// Pending in the ready queue (or parked by `max_parallel`).
+    queued: bool,
+}
+
+/// A task of the workflow: its plan nodes (one, or a fan-out's instances) and its aggregate state.
+struct Group {
+    id: String,
+    mapped: bool,
+    /// A map expression still to expand.
+    dynamic: Option<String>,
+    nodes: Vec<usize>,
+    needs: Vec<usize>,
+    ancestors: Vec<usize>,
+    dependents: Vec<usize>,
+    released: bool,
+    /// Set once every node is terminal (or the fan-out failed fast).
+    outcome: Option<TaskState>,
+    running: u32,
+    parked: Vec<usize>,
+    max_parallel: Option<u32>,
+    on_item_failure: OnItemFailure,
+    min_success: Option<u32>,
+    is_merge: bool,
+    /// Length of the longest chain of tasks from here to the end: ready work on long chains first.
+    depth: u32,
+    template: PlannedTask,
+}
+
+enum Wake {
+    Finished {
+        node: usize,
+        end: ProcessEnd,
+        elapsed: Duration,
+    },
+    RetryDue(usize),
+}
+
+struct Dispatcher<'a> {
+    store: &'a Store,
+    opts: &'a ApplyOptions,
+    run: RunRecord,
+    scope: RunScope,
+    nodes: Vec<Node>,
+    groups: Vec<Group>,
+    ready: BinaryHeap<(u32, Reverse<u64>, usize)>,
+    events: Vec<Event>,
+    running: usize,
+    timers: usize,
+    stopping: Option<String>,
+    cancelled: bool,
+    logs: PathBuf,
+    dirty: bool,
+    last_snapshot: Instant,
+}
+
+fn new_run_id() -> String {
+    let now = now_ms();
+    let secs = now / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}-{:04x}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        fastrand::u16(..)
+    )
+}
+
+fn log_name(node: &str) -> String {
+    node.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn backoff_delay(policy: &RetryPolicy, failed_attempt: u32) -> Duration {
+    let b = &policy.backoff;
+    let exp = b
+        .factor
+        .powi(failed_attempt.saturating_sub(1).min(64) as i32);
+    let base = (b.initial.as_secs_f64() * exp).min(b.max.as_secs_f64());
+    let spread = 1.0 + b.jitter * (fastrand::f64() * 2.0 - 1.0);
+    Duration::from_secs_f64((base * spread).max(0.0))
+}
+
+/// The output of a shell task from its stdout.
+fn shell_output(mode: OutputMode, stdout: &str) -> Result<Value, String> {
+    match mode {
+        OutputMode::Text => Ok(Value::String(stdout.trim().to_string())),
+        OutputMode::Json => {
+            if let Ok(v) = serde_json::from_str::<Value>(stdout.trim()) {
+                return Ok(v);
+            }
+            stdout
+                .lines()
+                .rev()
+                .find_map(|line| serde_json::from_str::<Value>(line.trim()).ok())
+                .ok_or_else(|| "`output = \"json\"` but stdout holds no JSON value".to_string())
+        }
+    }
+}
+
+/// Runs a compiled workflow to the end (or until cancelled), recording everything in `store`.
+pub async fn apply(
+    compiled: &Compiled,
+    store: &Store,
+    runner: &dyn Runner,
+    opts: &ApplyOptions,
+    sink: &mut dyn EventSink,
+) -> Result<RunSummary, ApplyError> {
+    check_supported(compiled)?;
+    // A run still marked running belongs to a process that died: we hold the lock.
+    for mut old in store.runs()? {
+        if old.clusterfile == opts.clusterfile && old.state == RunState::Running {
+            old.state = RunState::Interrupted;
+            store.put_run(&old)?;
+        }
+    }
+    let run = RunRecord {
+        id: new_run_id(),
+        workflow: compiled.plan.name.clone(),
+        clusterfile: opts.clusterfile.clone(),
+        state: RunState::Running,
+        pid: std::process::id(),
+        started_ms: now_ms(),
+        finished_ms: None,
+        inputs: serde_json::to_value(&compiled.plan.inputs).unwrap_or_default(),
+    };
+    let logs = store.dir().join("runs").join(&run.id).join("logs");
+    std::fs::create_dir_all(&logs).map_err(|source| ApplyError::Io {
+        path: logs.clone(),
+        source,
+    })?;
+    store.put_run(&run)?;
+
+    let wf = &compiled.workflow;
+    let scope = RunScope::new(
+        &compiled.plan.inputs,
+        &wf.vars,
+        &wf.name,
+        wf.description.as_deref(),
+    );
+    let mut d = Dispatcher {
+        store,
+        opts,
+        run,
+        scope,
+        nodes: Vec::new(),
+        groups: Vec::new(),
+        ready: BinaryHeap::new(),
+        events: Vec::new(),
+        running: 0,
+        timers: 0,
+        stopping: None,
+        cancelled: false,
+        logs,
+        dirty: true,
+        last_snapshot: Instant::now(),
+    };
+    d.build(compiled)?;
+    d.events.push(Event::RunStarted {
+        run: d.run.id.clone(),
+        workflow: d.run.workflow.clone(),
+        nodes: d.nodes.len(),
+        time_ms: now_ms(),
+    });
+    d.drive(runner, sink).await
+}
+
+impl Dispatcher<'_> {
+    fn build(&mut self, compiled: &Compiled) -> Result<(), ApplyError> {
+        let wf = &compiled.workflow;
+        let index = wf.task_index();
+        let all_ancestors = ancestors(wf);
+        for (i, task) in wf.tasks.iter().enumerate() {
+            let template = compiled
+                .plan
+                .nodes
+                .iter()
+                .find(|n| n.task == task.id.as_str())
+                .cloned();
+            let Some(template) = template else { continue };
+            self.groups.push(Group {
+                id: task.id.to_string(),
+                mapped: task.is_mapped(),
+                dynamic: template.dynamic_map.as_ref().map(|m| m.expression.clone()),
+                nodes: Vec::new(),
+                needs: task
+                    .needs
+                    .iter()
+                    .filter_map(|n| index.get(n.value.as_str()).copied())
+                    .collect(),
+                ancestors: all_ancestors[i].iter().copied().collect(),
+                dependents: Vec::new(),
+                released: false,
+                outcome: None,
+                running: 0,
+                parked: Vec::new(),
+                max_parallel: task.max_parallel,
+                on_item_failure: task.on_item_failure,
+                min_success: task.min_success,
+                is_merge: matches!(template.action, PlannedAction::Merge { .. }),
+                depth: 0,
+                template,
+            });
+        }
+        for g in 0..self.groups.len() {
+            for n in self.groups[g].needs.clone() {
+                self.groups[n].dependents.push(g);
+            }
+        }
+        // Depth: tasks are in declaration order, but dependents may come first; iterate to a fixpoint
+        // over the topological order of the plan instead.
+        let order: Vec<usize> = {
+            let mut seen = Vec::new();
+            for node in &compiled.plan.nodes {
+                if let Some(&g) = index.get(node.task.as_str()) {
+                    if !seen.contains(&g) {
+                        seen.push(g);
+                    }
+                }
+            }
+            seen
+        };
+        for &g in order.iter().rev() {
+            let depth = self.groups[g]
+                .dependents
+                .iter()
+                .map(|&d| self.groups[d].depth)
+                .max()
+                .unwrap_or(0)
+                + 1;
+            self.groups[g].depth = depth;
+        }
+        for node in &compiled.plan.nodes {
+            if node.dynamic_map.is_some() {
+                continue;
+            }
+            let g = index[node.task.as_str()];
+            self.add_node(g, node.clone())?;
+        }
+        Ok(())
+    }
+
+    fn add_node(&mut self, group: usize, plan: PlannedTask) -> Result<usize, ApplyError> {
+        let order = self.nodes.len() as u64;
+        let record = TaskRecord {
+            node: plan.id.clone(),
+            task: plan.task.clone(),
+            order,
+            state: TaskState::Pending,
+            attempts: 0,
+            cache_key: None,
+            exit_code: None,
+            class: None,
+            started_ms: None,
+            finished_ms: None,
+            output: None,
+            message: None,
+        };
+        self.store.put_task(&self.run.id, &record)?;
+        self.nodes.push(Node {
+            plan,
+            group,
+            order,
+            record,
+            parts: None,
+            started: None,
+            queued: false,
+        });
+        let ix = self.nodes.len() - 1;
+        self.groups[group].nodes.push(ix);
+        Ok(ix)
+    }
+
+    fn save(&mut self, node: usize) -> Result<(), ApplyError> {
+        self.store
+            .put_task(&self.run.id, &self.nodes[node].record)?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn upstream_outputs(&self, group: usize) -> BTreeMap<String, Upstream> {
+        self.groups[group]
+            .ancestors
+            .iter()
+            .map(|&a| {
+                let g = &self.groups[a];
+                let outputs = g
+                    .nodes
+                    .iter()
+                    .map(|&n| self.nodes[n].record.output.clone().unwrap_or(Value::Null));
+                let value = if g.mapped {
+                    Upstream::Outputs(outputs.collect())
+                } else {
+                    Upstream::Output(outputs.into_iter().next().unwrap_or(Value::Null))
+                };
+                (g.id.clone(), value)
+            })
+            .collect()
+    }
+
+    /// Marks a node terminal without running it.
+    fn settle(&mut self, node: usize, state: TaskState, message: String) -> Result<(), ApplyError> {
+        let n = &mut self.nodes[node];
+        n.record.state = state;
+        n.record.message = Some(message.clone());
+        n.record.finished_ms.get_or_insert(now_ms());
+        let (run, task) = (self.run.id.clone(), n.plan.id.clone());
+        self.events.push(match state {
+            TaskState::Skipped => Event::TaskSkipped {
+                run,
+                task,
+                reason: message,
+                time_ms: now_ms(),
+            },
+            _ => Event::TaskCancelled {
+                run,
+                task,
+                reason: message,
+                time_ms: now_ms(),
+            },
+        });
+        self.save(node)?;
+        self.node_done(node)
+    }
+
+    /// All needs of `group` are settled: skip, cancel, expand or queue its nodes.
+    fn release(&mut self, group: usize) -> Result<(), ApplyError> {
+        if self.groups[group].released {
+            return Ok(());
+        }
+        self.groups[group].released = true;
+        let needs = self.groups[group].needs.clone();
+        let failed = needs.iter().find(|&&n| {
+            matches!(
+                self.groups[n].outcome,
+                Some(TaskState::Failed | TaskState::Cancelled)
+            )
+        });
+        let skipped: Vec<usize> = needs
+            .iter()
+            .copied()
+            .filter(|&n| self.groups[n].outcome == Some(TaskState::Skipped))
+            .collect();
+        let verdict = if let Some(&f) = failed {
+            Some((
+                TaskState::Cancelled,
+                format!("not run: `{}` did not succeed", self.groups[f].id),
+            ))
+        } else if let Some(reason) = &self.stopping {
+            Some((TaskState::Cancelled, reason.clone()))
+        } else if !skipped.is_empty()
+            && (!self.groups[group].is_merge || skipped.len() == needs.len())
+        {
+            Some((
+                TaskState::Skipped,
+                format!("skipped: `{}` was skipped", self.groups[skipped[0]].id),
+            ))
+        } else {
+            None
+        };
+        if let Some(expression) = self.groups[group].dynamic.take() {
+            match verdict {
+                None => self.expand(group, &expression)?,
+                Some((state, _)) => {
+                    // Nothing to expand: the task as a whole takes the verdict.
+                    self.groups[group].outcome = Some(state);
+                    return self.group_done(group);
+                }
+            }
+        }
+        let nodes = self.groups[group].nodes.clone();
+        if nodes.is_empty() {
+            self.groups[group].outcome = Some(verdict.map_or(TaskState::Succeeded, |(s, _)| s));
+            return self.group_done(group);
+        }
+        for node in nodes {
+            if let Some((state, message)) = &verdict {
+                self.settle(node, *state, message.clone())?;
+                continue;
+            }
+            match self.nodes[node].plan.when.clone() {
+                WhenState::Known {
+                    value: false,
+                    expression,
+                } => {
+                    self.settle(
+                        node,
+                        TaskState::Skipped,
+                        format!("skipped: `when` is false ({expression})"),
+                    )?;
+                }
+                WhenState::AtRunTime { expression } => {
+                    let ctx = self.scope.context(
+                        &self.nodes[node].plan,
+                        &self.upstream_outputs(group),
+                        1,
+                    );
+                    match self.scope.condition(&expression, &ctx) {
+                        Ok(true) => self.enqueue(node),
+                        Ok(false) => self.settle(
+                            node,
+                            TaskState::Skipped,
+                            format!("skipped: `when` is false ({expression})"),
+                        )?,
+                        Err(e) => {
+                            self.fail_without_attempt(node, format!("cannot evaluate `when`: {e}"))?
+                        }
+                    }
+                }
+                _ => self.enqueue(node),
+            }
+        }
+        Ok(())
+    }
+
+    fn expand(&mut self, group: usize, expression: &str) -> Result<(), ApplyError> {
+        let template = self.groups[group].template.clone();
+        let ctx = self
+            .scope
+            .context(&template, &self.upstream_outputs(group), 1);
+        let items = match self.scope.list(expression, &ctx) {
+            Ok(items) => items,
+            Err(e) => {
+                // Keep one node to carry the failure in the records.
+                let mut node = template.clone();
+                node.dynamic_map = None;
+                let ix = self.add_node(group, node)?;
+                return self.fail_without_attempt(ix, format!("cannot expand `map`: {e}"));
+            }
+        };
+        // The expansion is checkpointed with the instances it creates.
+        self.store
+            .put_expansion(&self.run.id, &self.groups[group].id, &items)?;
+        let id = self.groups[group].id.clone();
+        for (i, item) in items.iter().enumerate() {
+            let mut node = template.clone();
+            node.id = format!("{id}[{i}]");
+            node.index = Some(i);
+            node.item = Some(item.clone());
+            node.dynamic_map = None;
+            self.add_node(group, node)?;
+        }
+        self.dirty = true;
+        self.events.push(Event::MapExpanded {
+            run: self.run.id.clone(),
+            task: id,
+            items: items.len(),
+            time_ms: now_ms(),
+        });
+        Ok(())
+    }
+
+    fn enqueue(&mut self, node: usize) {
+        let n = &mut self.nodes[node];
+        n.queued = true;
+        self.ready
+            .push((self.groups[n.group].depth, Reverse(n.order), node));
+    }
+
+    fn fail_without_attempt(&mut self, node: usize, message: String) -> Result<(), ApplyError> {
+        let n = &mut self.nodes[node];
+        n.record.state = TaskState::Failed;
+        n.record.message = Some(message.clone());
+        n.record.finished_ms = Some(now_ms());
+        self.events.push(Event::TaskFailed {
+            run: self.run.id.clone(),
+            task: n.plan.id.clone(),
+            attempt: n.record.attempts,
+            class: None,
+            exit_code: None,
+            message,
+            time_ms: now_ms(),
+        });
+        self.save(node)?;
+        self.node_done(node)
+    }
+
+    /// A node became terminal: settle its group when it was the last one, or fail it fast.
+    fn node_done(&mut self, node: usize) -> Result<(), ApplyError> {
+        let group = self.nodes[node].group;
+        let state = self.nodes[node].record.state;
+        let g = &self.groups[group];
+        if g.outcome.is_some() {
+            return Ok(());
+        }
+        if state == TaskState::Failed && g.on_item_failure == OnItemFailure::FailFast {
+            // Fail fast: the task fails now; its instances not started yet will not start.
+            self.groups[group].outcome = Some(TaskState::Failed);
+            return self.group_done(group);
+        }
+        if !g
+            .nodes
+            .iter()
+            .all(|&n| self.nodes[n].record.state.is_terminal())
+        {
+            return Ok(());
+        }
+        let states: Vec<TaskState> = g
+            .nodes
+            .iter()
+            .map(|&n| self.nodes[n].record.state)
+            .collect();
+        let ok = states.iter().filter(|s| s.is_success()).count();
+        let skipped = states.iter().filter(|s| **s == TaskState::Skipped).count();
+        let cancelled = states.contains(&TaskState::Cancelled);
+        let outcome = if skipped == states.len() {
+            TaskState::Skipped
+        } else if cancelled && !g.mapped {
+            TaskState::Cancelled
+        } else {
+            let needed = g.min_success.map_or(states.len() - skipped, |m| m as usize);
+            if ok >= needed {
+                TaskState::Succeeded
+            } else {
+                TaskState::Failed
+            }
+        };
+        self.groups[group].outcome = Some(outcome);
+        self.group_done(group)
+    }
+
+    fn group_done(&mut self, group: usize) -> Result<(), ApplyError> {
+        if self.groups[group].outcome == Some(TaskState::Failed) && self.stopping.is_none() {
+            self.stopping = Some(format!(
+                "not run: the run is stopping because `{}` failed",
+                self.groups[group].id
+            ));
+        }
+        for d in self.groups[group].dependents.clone() {
+            let ready = self.groups[d]
+                .needs
+                .iter()
+                .all(|&n| self.groups[n].outcome.is_some());
+            if ready {
+                self.release(d)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes ready nodes while there is room, and prepares their attempts.
+    fn launch(&mut self, spawns: &mut Vec<(usize, ProcessSpec)>) -> Result<(), ApplyError> {
+        let mut parked = Vec::new();
+        while self.running + spawns.len() < self.opts.jobs && self.stopping.is_none() {
+            let Some((_, _, node)) = self.ready.pop() else {
+                break;
+            };
+            let group = self.nodes[node].group;
+            if self.groups[group].outcome.is_some() {
+                // The fan-out failed fast while this instance waited.
+                self.nodes[node].queued = false;
+                self.settle(
+                    node,
+                    TaskState::Cancelled,
+                    format!("not run: `{}` failed fast", self.groups[group].id),
+                )?;
+                continue;
+            }
+            if let Some(max) = self.groups[group].max_parallel {
+                if self.groups[group].running >= max {
+                    parked.push(node);
+                    continue;
+                }
+            }
+            self.nodes[node].queued = false;
+            if let Some(spec) = self.prepare(node)? {
+                self.groups[group].running += 1;
+                spawns.push((node, spec));
+            }
+        }
+        for node in parked {
+            let group = self.nodes[node].group;
+            self.groups[group].parked.push(node);
+        }
+        Ok(())
+    }
+
+    /// Renders a node's attempt and checks the cache. Returns the process to start, if any.
+    fn prepare(&mut self, node: usize) -> Result<Option<ProcessSpec>, ApplyError> {
+        let group = self.nodes[node].group;
+        let attempt = self.nodes[node].record.attempts + 1;
+        let upstream = self.upstream_outputs(group);
+        let plan = self.nodes[node].plan.clone();
+        let ctx = self.scope.context(&plan, &upstream, attempt);
+        let rendered = match self.scope.render(&plan, &ctx) {
+            Ok(r) => r,
+            Err(e) => {
+                self.fail_without_attempt(node, format!("cannot render {e}"))?;
+                return Ok(None);
+            }
+        };
+        if attempt == 1 {
+            let first = if plan_reads_attempt(&plan) {
+                self.scope
+                    .render(&plan, &self.scope.context(&plan, &upstream, 1))
+                    .unwrap_or_else(|_| rendered.clone())
+            } else {
+                rendered.clone()
+            };
+            let upstream_keys: Vec<(String, String, Value)> = self.groups[group]
+                .needs
+                .iter()
+                .flat_map(|&g| self.groups[g].nodes.iter())
+                .map(|&n| {
+                    let r = &self.nodes[n].record;
+                    (
+                        r.node.clone(),
+                        r.cache_key.clone().unwrap_or_default(),
+                        r.output.clone().unwrap_or(Value::Null),
+                    )
+                })
+                .collect();
+            let parts = context::key_parts(&plan, &first, &upstream_keys);
+            let key = context::key_of(&parts);
+            self.nodes[node].record.cache_key = Some(key.clone());
+            self.nodes[node].parts = Some(parts);
+            if !self.opts.fresh {
+                if let Some(hit) = self.store.cached(&key)? {
+                    let n = &mut self.nodes[node];
+                    n.record.state = TaskState::Cached;
+                    n.record.output = Some(hit.output);
+                    n.record.finished_ms = Some(now_ms());
+                    n.record.message = Some(format!("cached from run {} ({})", hit.run, hit.node));
+                    self.events.push(Event::TaskCached {
+                        run: self.run.id.clone(),
+                        task: plan.id.clone(),
+                        from_run: hit.run,
+                        time_ms: now_ms(),
+                    });
+                    self.save(node)?;
+                    self.node_done(node)?;
+                    return Ok(None);
+                }
+            }
+        }
+        if let PlannedAction::Merge { .. } = plan.action {
+            // A collect merge: its output is its inputs' outputs, in `needs` order, instances in
+            // index order; no process.
+            let outputs: Vec<Value> = self.groups[group]
+                .needs
+                .iter()
+                .flat_map(|&g| self.groups[g].nodes.iter())
+                .filter(|&&n| self.nodes[n].record.state.is_success())
+                .map(|&n| self.nodes[n].record.output.clone().unwrap_or(Value::Null))
+                .collect();
+            let now = now_ms();
+            let n = &mut self.nodes[node];
+            n.record.attempts = attempt;
+            n.record.started_ms = Some(now);
+            n.record.finished_ms = Some(now);
+            n.record.state = TaskState::Succeeded;
+            n.record.output = Some(Value::Array(outputs));
+            self.events.push(Event::TaskSucceeded {
+                run: self.run.id.clone(),
+                task: plan.id.clone(),
+                attempt,
+                duration_ms: 0,
+                time_ms: now,
+            });
+            self.succeeded(node)?;
+            return Ok(None);
+        }
+        let dir = self.logs.join(log_name(&plan.id));
+        std::fs::create_dir_all(&dir).map_err(|source| ApplyError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let stdout = dir.join(format!("{attempt}.out"));
+        let stderr = dir.join(format!("{attempt}.err"));
+        let mut env: Vec<(String, String)> = PASSED_ENV
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+            .collect();
+        env.push(("CCLUSTER_RUN".into(), self.run.id.clone()));
+        env.push(("CCLUSTER_TASK".into(), plan.id.clone()));
+        env.push(("CCLUSTER_ATTEMPT".into(), attempt.to_string()));
+        env.extend(rendered.env.iter().cloned());
+        let cwd = match &rendered.workdir {
+            Some(w) => self.opts.workdir.join(w),
+            None => self.opts.workdir.clone(),
+        };
+        let now = now_ms();
+        let n = &mut self.nodes[node];
+        n.record.attempts = attempt;
+        n.record.state = TaskState::Running;
+        n.record.started_ms.get_or_insert(now);
+        n.started = Some(Instant::now());
+        self.store.put_attempt(
+            &self.run.id,
+            &plan.id,
+            &AttemptRecord {
+                attempt,
+                started_ms: now,
+                finished_ms: None,
+                succeeded: None,
+                class: None,
+                exit_code: None,
+                signal: None,
+                message: None,
+                stdout: stdout.display().to_string(),
+                stderr: stderr.display().to_string(),
+            },
+        )?;
+        self.events.push(Event::TaskStarted {
+            run: self.run.id.clone(),
+            task: plan.id.clone(),
+            attempt,
+            time_ms: now,
+        });
+        self.save(node)?;
+        Ok(Some(ProcessSpec {
+            command: rendered.command,
+            env,
+            cwd,
+            stdout,
+            stderr,
+            timeout: plan.timeout_ms.map(Duration::from_millis),
+            grace: self.opts.grace,
+        }))
+    }
+
+    /// Records a success: the task, the cache entry and the key parts for `plan --explain`.
+    fn succeeded(&mut self, node: usize) -> Result<(), ApplyError> {
+        let n = &self.nodes[node];
+        if let (Some(key), Some(output)) = (&n.record.cache_key, &n.record.output) {
+            self.store.put_cache(
+                key,
+                &CacheEntry {
+                    run: self.run.id.clone(),
+                    node: n.plan.id.clone(),
+                    output: output.clone(),
+                    finished_ms: now_ms(),
+                },
+            )?;
+        }
+        if let Some(parts) = &n.parts {
+            self.store
+                .put_last_success(&self.opts.clusterfile, &n.plan.id, parts)?;
+        }
+        self.save(node)?;
+        self.node_done(node)
+    }
+
+    fn finished(
+        &mut self,
+        node: usize,
+        end: ProcessEnd,
+        elapsed: Duration,
+        retry_tx: &mpsc::UnboundedSender<usize>,
+    ) -> Result<(), ApplyError> {
+        let group = self.nodes[node].group;
+        self.groups[group].running -= 1;
+        if let Some(parked) = self.groups[group].parked.pop() {
+            self.enqueue(parked);
+        }
+        let plan = self.nodes[node].plan.clone();
+        let attempt = self.nodes[node].record.attempts;
+        let stdout_path = self
+            .logs
+            .join(log_name(&plan.id))
+            .join(format!("{attempt}.out"));
+        let (class, exit_code, signal, message) = match &end {
+            ProcessEnd::Exited(0) => {
+                let mode = match plan.action {
+                    PlannedAction::Shell { output, .. } => output,
+                    _ => OutputMode::Text,
+                };
+                let stdout = std::fs::read_to_string(&stdout_path).unwrap_or_default();
+                match shell_output(mode, &stdout) {
+                    Ok(output) => {
+                        self.record_attempt(node, attempt, true, None, Some(0), None, None)?;
+                        let n = &mut self.nodes[node];
+                        n.record.state = TaskState::Succeeded;
+                        n.record.exit_code = Some(0);
+                        n.record.output = Some(output);
+                        n.record.finished_ms = Some(now_ms());
+                        n.record.message = None;
+                        self.events.push(Event::TaskSucceeded {
+                            run: self.run.id.clone(),
+                            task: plan.id.clone(),
+                            attempt,
+                            duration_ms: elapsed.as_millis() as u64,
+                            time_ms: now_ms(),
+                        });
+                        return self.succeeded(node);
+                    }
+                    Err(e) => (Some(FailureClass::ExitCode), Some(0), None, e),
+                }
+            }
+            ProcessEnd::Exited(code) => (
+                Some(FailureClass::ExitCode),
+                Some(*code),
+                None,
+                format!("exit code {code}"),
+            ),
+            ProcessEnd::Signaled(sig) => (
+                Some(FailureClass::Signal),
+                None,
+                Some(*sig),
+                format!("killed by signal {sig}"),
+            ),
+            ProcessEnd::TimedOut => (
+                Some(FailureClass::Timeout),
+                None,
+                None,
+                format!(
+                    "timed out after {}",
+                    humantime::format_duration(Duration::from_millis(plan.timeout_ms.unwrap_or(0)))
+                ),
+            ),
+            ProcessEnd::SpawnFailed(e) => (Some(FailureClass::SpawnError), None, None, e.clone()),
+            ProcessEnd::Cancelled => (None, None, None, "cancelled".to_string()),
+        };
+        self.record_attempt(
+            node,
+            attempt,
+            false,
+            class,
+            exit_code,
+            signal,
+            Some(message.clone()),
+        )?;
+        let n = &mut self.nodes[node];
+        n.record.exit_code = exit_code;
+        n.record.class = class;
+        n.record.message = Some(message.clone());
+        let Some(class) = class else {
+            n.record.state = TaskState::Cancelled;
+            n.record.finished_ms = Some(now_ms());
+            self.events.push(Event::TaskCancelled {
+                run: self.run.id.clone(),
+                task: plan.id.clone(),
+                reason: "stopped: the run was cancelled".into(),
+                time_ms: now_ms(),
+            });
+            self.save(node)?;
+            return self.node_done(node);
+        };
+        let retry = &plan.retry;
+        if attempt <= retry.limit && retry.on.contains(&class) && self.stopping.is_none() {
+            let delay = backoff_delay(retry, attempt);
+            n.record.state = TaskState::Retrying;
+            self.events.push(Event::TaskRetrying {
+                run: self.run.id.clone(),
+                task: plan.id.clone(),
+                attempt,
+                class,
+                delay_ms: delay.as_millis() as u64,
+                message,
+                time_ms: now_ms(),
+            });
+            self.save(node)?;
+            self.timers += 1;
+            let tx = retry_tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = tx.send(node);
+            });
+            return Ok(());
+        }
+        n.record.state = TaskState::Failed;
+        n.record.finished_ms = Some(now_ms());
+        self.events.push(Event::TaskFailed {
+            run: self.run.id.clone(),
+            task: plan.id.clone(),
+            attempt,
+            class: Some(class),
+            exit_code,
+            message,
+            time_ms: now_ms(),
+        });
+        self.save(node)?;
+        self.node_done(node)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record_attempt(
+        &mut self,
+        node: usize,
+        attempt: u32,
+        succeeded: bool,
+        class: Option<FailureClass>,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        message: Option<String>,
+    ) -> Result<(), ApplyError> {
+        let id = &self.nodes[node].plan.id;
+        let dir = self.logs.join(log_name(id));
+        self.store.put_attempt(
+            &self.run.id,
+            id,
+            &AttemptRecord {
+                attempt,
+                started_ms: self.nodes[node].record.started_ms.unwrap_or(0),
+                finished_ms: Some(now_ms()),
+                succeeded: Some(succeeded),
+                class,
+                exit_code,
+                signal,
+                message,
+                stdout: dir.join(format!("{attempt}.out")).display().to_string(),
+                stderr: dir.join(format!("{attempt}.err")).display().to_string(),
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Commits this turn's writes, then reports its events (never the other way round).
+    fn commit(&mut self, sink: &mut dyn EventSink) -> Result<(), ApplyError> {
+        if self.dirty {
+            self.store.commit()?;
+            self.dirty = false;
+            if self.last_snapshot.elapsed() >= Duration::from_millis(500) {
+                self.snapshot();
+            }
+        }
+        for event in self.events.drain(..) {
+            sink.emit(&event);
+        }
+        Ok(())
+    }
+
+    /// A JSON view of the run for `ccluster status` from another terminal (the database is locked
+    /// while a run is driven). Written after a commit, so never ahead of the durable state.
+    fn snapshot(&mut self) {
+        self.last_snapshot = Instant::now();
+        let tasks: Vec<&TaskRecord> = self.nodes.iter().map(|n| &n.record).collect();
+        let doc = serde_json::json!({ "run": &self.run, "tasks": tasks });
+        let dir = self.store.dir().join("runs").join(&self.run.id);
+        let tmp = dir.join("status.json.tmp");
+        if std::fs::write(&tmp, serde_json::to_vec(&doc).unwrap_or_default()).is_ok() {
+            let _ = std::fs::rename(&tmp, dir.join("status.json"));
+        }
+    }
+
+    async fn drive(
+        mut self,
+        runner: &dyn Runner,
+        sink: &mut dyn EventSink,
+    ) -> Result<RunSummary, ApplyError> {
+        let started = Instant::now();
+        let (stop_tx, stop_rx) = watch::channel(Stop::No);
+        let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<usize>();
+        let mut procs: JoinSet<(usize, ProcessEnd, Duration)> = JoinSet::new();
+        let mut interrupt = tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::interrupt(),
+        )
+        .map_err(|source| ApplyError::Io {
+            path: PathBuf::from("SIGINT"),
+            source,
+        })?;
+        let mut terminate = tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        )
+        .map_err(|source| ApplyError::Io {
+            path: PathBuf::from("SIGTERM"),
+            source,
+        })?;
+
+        for g in 0..self.groups.len() {
+            if self.groups[g].needs.is_empty() {
+                self.release(g)?;
+            }
+        }
+        loop {
+            let mut spawns = Vec::new();
+            self.launch(&mut spawns)?;
+            self.commit(sink)?;
+            for (node, spec) in spawns {
+                self.running += 1;
+                let fut = runner.run(spec, stop_rx.clone());
+                let t0 = Instant::now();
+                procs.spawn(async move { (node, fut.await, t0.elapsed()) });
+            }
+            if self.running == 0
+                && self.timers == 0
+                && (self.ready.is_empty() || self.stopping.is_some())
+            {
+                break;
+            }
+            let wake = tokio::select! {
+                Some(done) = procs.join_next(), if self.running > 0 => match done {
+                    Ok((node, end, elapsed)) => Some(Wake::Finished { node, end, elapsed }),
+                    Err(e) => return Err(ApplyError::Unsupported(format!("a task supervisor crashed: {e}"))),
+                },
+                Some(node) = retry_rx.recv(), if self.timers > 0 => Some(Wake::RetryDue(node)),
+                _ = interrupt.recv() => { self.cancel(&stop_tx); None }
+                _ = terminate.recv() => { self.cancel(&stop_tx); None }
+            };
+            let mut wakes: Vec<Wake> = wake.into_iter().collect();
+            // Take whatever else finished meanwhile, so one commit covers it all.
+            while let Some(Ok((node, end, elapsed))) = procs.try_join_next() {
+                wakes.push(Wake::Finished { node, end, elapsed });
+            }
+            for wake in wakes {
+                match wake {
+                    Wake::Finished { node, end, elapsed } => {
+                        self.running -= 1;
+                        self.finished(node, end, elapsed, &retry_tx)?;
+                    }
+                    Wake::RetryDue(node) => {
+                        self.timers -= 1;
+                        if self.stopping.is_some() {
+                            let reason = self.stopping.clone().unwrap_or_default();
+                            self.settle(node, TaskState::Cancelled, reason)?;
+                        } else {
+                            self.enqueue(node);
+                        }
+                    }
+                }
+            }
+        }
+        // Whatever never started: the run stopped before it.
+        let reason = self.stopping.clone().unwrap_or_else(|| "not run".into());
+        for node in 0..self.nodes.len() {
+            if !self.nodes[node].record.state.is_terminal() {
+                self.settle(node, TaskState::Cancelled, reason.clone())?;
+            }
+        }
+        for g in 0..self.groups.len() {
+            if self.groups[g].outcome.is_none() {
+                self.groups[g].outcome = Some(TaskState::Cancelled);
+            }
+        }
+        let count = |s: &[TaskState]| {
+            self.nodes
+                .iter()
+                .filter(|n| s.contains(&n.record.state))
+                .count()
+        };
+        let summary = RunSummary {
+            run: self.run.id.clone(),
+            state: if self.cancelled {
+                RunState::Cancelled
+            } else if self
+                .groups
+                .iter()
+                .any(|g| matches!(g.outcome, Some(TaskState::Failed | TaskState::Cancelled)))
+            {
+                RunState::Failed
+            } else {
+                RunState::Succeeded
+            },
+            succeeded: count(&[TaskState::Succeeded]),
+            cached: count(&[TaskState::Cached]),
+            failed: count(&[TaskState::Failed]),
+            skipped: count(&[TaskState::Skipped]),
+            cancelled: count(&[TaskState::Cancelled]),
+        };
+        self.run.state = summary.state;
+        self.run.finished_ms = Some(now_ms());
+        self.store.put_run(&self.run)?;
+        self.dirty = true;
+        self.events.push(Event::RunFinished {
+            run: summary.run.clone(),
+            state: summary.state,
+            succeeded: summary.succeeded,
+            cached: summary.cached,
+            failed: summary.failed,
+            skipped: summary.skipped,
+            cancelled: summary.cancelled,
+            duration_ms: started.elapsed().as_millis() as u64,
+            time_ms: now_ms(),
+        });
+        self.commit(sink)?;
+        self.snapshot();
+        Ok(summary)
+    }
+
+    /// First Ctrl-C (or SIGTERM): stop launching, stop running tasks gracefully. Second: at once.
+    fn cancel(&mut self, stop: &watch::Sender<Stop>) {
+        let level = if self.cancelled {
+            Stop::Now
+        } else {
+            Stop::Graceful
+        };
+        self.cancelled = true;
+        self.stopping
+            .get_or_insert_with(|| "not run: the run was cancelled".into());
+        let _ = stop.send(level);
+    }
+}
+
+fn plan_reads_attempt(plan: &PlannedTask) -> bool {
+    let deferred_reads =
+        |t: &crate::plan::Text| t.rendered.is_none() && t.template.contains("attempt");
+    match &plan.action {
+        PlannedAction::Shell {
+            run, env, workdir, ..
+        } => {
+            deferred_reads(run)
+                || env.values().any(deferred_reads)
+                || workdir.as_ref().is_some_and(deferred_reads)
+        }
+        PlannedAction::Agent { prompt, env, .. } => {
+            deferred_reads(prompt) || env.values().any(deferred_reads)
+        }
+        PlannedAction::Merge { .. } => false,
+    }
+}
+
+/// Where a clusterfile's state lives by default: `.ccluster/` beside it.
+pub fn default_state_dir(clusterfile: &Path) -> PathBuf {
+    clusterfile
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+        .join(".ccluster")
+}

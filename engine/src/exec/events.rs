@@ -1,0 +1,96 @@
+//! The event stream of a run: what `--output json` prints, one JSON object per line, and what
+//! the human progress view is drawn from. Documented in `docs/events.md`.
+
+use serde::Serialize;
+
+use crate::model::raw::FailureClass;
+use crate::store::RunState;
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    RunStarted {
+        run: String,
+        workflow: String,
+        nodes: usize,
+        time_ms: u64,
+    },
+    TaskStarted {
+        run: String,
+        task: String,
+        attempt: u32,
+        time_ms: u64,
+    },
+    TaskRetrying {
+        run: String,
+        task: String,
+        attempt: u32,
+        class: FailureClass,
+        delay_ms: u64,
+        message: String,
+        time_ms: u64,
+    },
+    TaskSucceeded {
+        run: String,
+        task: String,
+        attempt: u32,
+        duration_ms: u64,
+        time_ms: u64,
+    },
+    /// Not run: a result with the same cache key exists (from `from_run`).
+    TaskCached {
+        run: String,
+        task: String,
+        from_run: String,
+        time_ms: u64,
+    },
+    TaskFailed {
+        run: String,
+        task: String,
+        attempt: u32,
+        class: Option<FailureClass>,
+        exit_code: Option<i32>,
+        message: String,
+        time_ms: u64,
+    },
+    TaskSkipped {
+        run: String,
+        task: String,
+        reason: String,
+        time_ms: u64,
+    },
+    TaskCancelled {
+        run: String,
+        task: String,
+        reason: String,
+        time_ms: u64,
+    },
+    MapExpanded {
+        run: String,
+        task: String,
+        items: usize,
+        time_ms: u64,
+    },
+    RunFinished {
+        run: String,
+        state: RunState,
+        succeeded: usize,
+        cached: usize,
+        failed: usize,
+        skipped: usize,
+        cancelled: usize,
+        duration_ms: u64,
+        time_ms: u64,
+    },
+}
+
+/// Where events go: the CLI prints them; tests collect them.
+pub trait EventSink {
+    fn emit(&mut self, event: &Event);
+}
+
+impl EventSink for Vec<Event> {
+    fn emit(&mut self, event: &Event) {
+        self.push(event.clone());
+    }
+}

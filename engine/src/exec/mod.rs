@@ -1,0 +1,12 @@
+//! Execution: `apply` drives a compiled plan to the end on a runner, checkpointing in the store.
+
+pub mod context;
+mod dispatcher;
+pub mod events;
+pub mod runner;
+
+pub use dispatcher::{
+    apply, check_supported, default_state_dir, ApplyError, ApplyOptions, RunSummary, PASSED_ENV,
+};
+pub use events::{Event, EventSink};
+pub use runner::{LocalRunner, ProcessEnd, ProcessSpec, Runner, Stop};

@@ -1,0 +1,346 @@
+//! Run state, in sled under `.ccluster/`: runs, task instances, attempts, dynamic map expansions
+//! and the result cache. One process at a time drives a state directory (a lock file held with
+//! `flock`, which the kernel releases when the holder dies, even by `kill -9`). Every write that
+//! must survive a crash is followed by [`Store::commit`] (an fsync) before the change is acted on.
+
+mod records;
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub use records::*;
+
+/// Version of the on-disk format. Bump it on any incompatible change; an older ccluster refuses a
+/// newer state instead of misreading it.
+pub const FORMAT_VERSION: u32 = 1;
+const FORMAT_KEY: &[u8] = b"format_version";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("another ccluster process (pid {pid}) is driving the state in `{dir}`")]
+    Locked { pid: String, dir: PathBuf },
+    #[error("the state in `{dir}` was written by a newer ccluster (format {found}; this one reads format {FORMAT_VERSION})")]
+    NewerFormat { found: u32, dir: PathBuf },
+    #[error("cannot use the state directory `{dir}`: {source}")]
+    Io {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("state database error in `{dir}`: {source}")]
+    Db { dir: PathBuf, source: sled::Error },
+    #[error("corrupt state record `{key}`: {source}")]
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
+}
+
+/// The state of one directory, locked for this process.
+pub struct Store {
+    dir: PathBuf,
+    db: sled::Db,
+    runs: sled::Tree,
+    tasks: sled::Tree,
+    attempts: sled::Tree,
+    expansions: sled::Tree,
+    cache: sled::Tree,
+    last_success: sled::Tree,
+    /// Held for the life of the store; dropping it unlocks.
+    _lock: Flock<File>,
+    /// Pid found in the lock file when this process took it over from a dead one.
+    pub took_over_from: Option<String>,
+}
+
+fn io(dir: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        dir: dir.to_path_buf(),
+        source,
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the state in `dir` and locks it.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let lock_path = dir.join("lock");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io(dir))?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((mut file, _)) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = pid.trim().to_string();
+                return Err(StoreError::Locked {
+                    pid: if pid.is_empty() {
+                        "unknown".into()
+                    } else {
+                        pid
+                    },
+                    dir: dir.to_path_buf(),
+                });
+            }
+        };
+        // We hold the lock, so whoever wrote a pid here is gone (the kernel dropped their lock):
+        // a stale lock is taken over, whatever the file holds (even garbage or nothing).
+        let mut previous = Vec::new();
+        let _ = lock.read_to_end(&mut previous);
+        let previous = String::from_utf8_lossy(&previous).trim().to_string();
+        lock.set_len(0).map_err(io(dir))?;
+        lock.rewind().map_err(io(dir))?;
+        write!(lock, "{}", std::process::id()).map_err(io(dir))?;
+        lock.sync_all().map_err(io(dir))?;
+
+        let db_err = |source| StoreError::Db {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .flush_every_ms(None)
+            .open()
+            .map_err(db_err)?;
+        match db.get(FORMAT_KEY).map_err(db_err)? {
+            Some(v) => {
+                let found = v
+                    .as_ref()
+                    .try_into()
+                    .map(u32::from_be_bytes)
+                    .unwrap_or(u32::MAX);
+                if found > FORMAT_VERSION {
+                    return Err(StoreError::NewerFormat {
+                        found,
+                        dir: dir.to_path_buf(),
+                    });
+                }
+            }
+            None => {
+                db.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
+                    .map_err(db_err)?;
+                db.flush().map_err(db_err)?;
+            }
+        }
+        let tree = |name: &str| db.open_tree(name).map_err(db_err);
+        Ok(Store {
+            runs: tree("runs")?,
+            tasks: tree("tasks")?,
+            attempts: tree("attempts")?,
+            expansions: tree("expansions")?,
+            cache: tree("cache")?,
+            last_success: tree("last_success")?,
+            db,
+            dir: dir.to_path_buf(),
+            _lock: lock,
+            took_over_from: (!previous.is_empty()).then_some(previous),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Makes every write so far durable. Called before a recorded change is acted on or reported.
+    pub fn commit(&self) -> Result<(), StoreError> {
+        self.db
+            .flush()
+            .map(|_| ())
+            .map_err(|source| self.db_error(source))
+    }
+
+    fn db_error(&self, source: sled::Error) -> StoreError {
+        StoreError::Db {
+            dir: self.dir.clone(),
+            source,
+        }
+    }
+
+    fn put<T: Serialize>(&self, tree: &sled::Tree, key: &str, value: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Corrupt {
+            key: key.to_string(),
+            source,
+        })?;
+        tree.insert(key.as_bytes(), bytes)
+            .map(|_| ())
+            .map_err(|e| self.db_error(e))
+    }
+
+    fn get<T: DeserializeOwned>(
+        &self,
+        tree: &sled::Tree,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        match tree.get(key.as_bytes()).map_err(|e| self.db_error(e))? {
+            None => Ok(None),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|source| StoreError::Corrupt {
+                        key: key.to_string(),
+                        source,
+                    })
+            }
+        }
+    }
+
+    fn scan<T: DeserializeOwned>(
+        &self,
+        tree: &sled::Tree,
+        prefix: &str,
+    ) -> Result<Vec<T>, StoreError> {
+        tree.scan_prefix(prefix.as_bytes())
+            .map(|item| {
+                let (key, bytes) = item.map_err(|e| self.db_error(e))?;
+                serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    pub fn put_run(&self, run: &RunRecord) -> Result<(), StoreError> {
+        self.put(&self.runs, &run.id, run)
+    }
+
+    pub fn run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
+        self.get(&self.runs, id)
+    }
+
+    /// All runs, oldest first (run ids sort by start time).
+    pub fn runs(&self) -> Result<Vec<RunRecord>, StoreError> {
+        self.scan(&self.runs, "")
+    }
+
+    pub fn put_task(&self, run: &str, task: &TaskRecord) -> Result<(), StoreError> {
+        self.put(&self.tasks, &format!("{run}\0{}", task.node), task)
+    }
+
+    /// Task records of a run, in key order (use the record's `order` for plan order).
+    pub fn tasks(&self, run: &str) -> Result<Vec<TaskRecord>, StoreError> {
+        self.scan(&self.tasks, &format!("{run}\0"))
+    }
+
+    pub fn put_attempt(
+        &self,
+        run: &str,
+        node: &str,
+        attempt: &AttemptRecord,
+    ) -> Result<(), StoreError> {
+        self.put(
+            &self.attempts,
+            &format!("{run}\0{node}\0{:08}", attempt.attempt),
+            attempt,
+        )
+    }
+
+    pub fn attempts(&self, run: &str, node: &str) -> Result<Vec<AttemptRecord>, StoreError> {
+        self.scan(&self.attempts, &format!("{run}\0{node}\0"))
+    }
+
+    pub fn put_expansion(
+        &self,
+        run: &str,
+        task: &str,
+        items: &[serde_json::Value],
+    ) -> Result<(), StoreError> {
+        self.put(&self.expansions, &format!("{run}\0{task}"), &items)
+    }
+
+    pub fn put_cache(&self, key: &str, entry: &CacheEntry) -> Result<(), StoreError> {
+        self.put(&self.cache, key, entry)
+    }
+
+    pub fn cached(&self, key: &str) -> Result<Option<CacheEntry>, StoreError> {
+        self.get(&self.cache, key)
+    }
+
+    /// The key parts of a plan node's last success, for explaining why it would run again.
+    pub fn put_last_success(
+        &self,
+        clusterfile: &str,
+        node: &str,
+        parts: &KeyParts,
+    ) -> Result<(), StoreError> {
+        self.put(&self.last_success, &format!("{clusterfile}\0{node}"), parts)
+    }
+
+    pub fn last_success(
+        &self,
+        clusterfile: &str,
+        node: &str,
+    ) -> Result<Option<KeyParts>, StoreError> {
+        self.get(&self.last_success, &format!("{clusterfile}\0{node}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_open_is_refused_while_the_first_holds_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path()).unwrap();
+        match Store::open(dir.path()) {
+            Err(StoreError::Locked { pid, .. }) => assert_eq!(pid, std::process::id().to_string()),
+            other => panic!("expected Locked, got {:?}", other.err()),
+        }
+        drop(first);
+        Store::open(dir.path()).expect("reopens once the lock is released");
+    }
+
+    #[test]
+    fn a_garbage_lock_file_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("lock"), b"\xff\x00not a pid").unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.took_over_from.is_some());
+        let pid = std::fs::read_to_string(dir.path().join("lock")).unwrap();
+        assert_eq!(pid, std::process::id().to_string());
+    }
+
+    #[test]
+    fn a_newer_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .db
+                .insert(FORMAT_KEY, &(FORMAT_VERSION + 1).to_be_bytes())
+                .unwrap();
+            store.commit().unwrap();
+        }
+        match Store::open(dir.path()) {
+            Err(StoreError::NewerFormat { found, .. }) => assert_eq!(found, FORMAT_VERSION + 1),
+            other => panic!("expected NewerFormat, got {:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn records_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = CacheEntry {
+            run: "r1".into(),
+            node: "build".into(),
+            output: serde_json::json!("ok"),
+            finished_ms: 1,
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.put_cache("k", &entry).unwrap();
+            store.commit().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.cached("k").unwrap(), Some(entry));
+    }
+}

@@ -1,0 +1,116 @@
+//! The records kept in the state: what each run, task instance and attempt did.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::raw::FailureClass;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    /// Found `running` by a later process: the process that drove it died.
+    Interrupted,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// `20261125-081038-3fa2`: sorts by start time.
+    pub id: String,
+    pub workflow: String,
+    /// The clusterfile's path as given to `apply`.
+    pub clusterfile: String,
+    pub state: RunState,
+    pub pid: u32,
+    pub started_ms: u64,
+    pub finished_ms: Option<u64>,
+    /// Input values the run was planned with.
+    pub inputs: serde_json::Value,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Pending,
+    Running,
+    /// Failed an attempt and waits for the next one.
+    Retrying,
+    Succeeded,
+    /// Not run: a result with the same cache key exists.
+    Cached,
+    Failed,
+    Skipped,
+    /// Not run, or stopped, because the run was cancelled or failed first.
+    Cancelled,
+}
+
+impl TaskState {
+    pub fn is_terminal(self) -> bool {
+        !matches!(
+            self,
+            TaskState::Pending | TaskState::Running | TaskState::Retrying
+        )
+    }
+
+    pub fn is_success(self) -> bool {
+        matches!(self, TaskState::Succeeded | TaskState::Cached)
+    }
+}
+
+/// One plan node (a task, or one instance of a mapped task) in one run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub node: String,
+    pub task: String,
+    /// Position in the plan, for listing in plan order.
+    pub order: u64,
+    pub state: TaskState,
+    pub attempts: u32,
+    pub cache_key: Option<String>,
+    pub exit_code: Option<i32>,
+    pub class: Option<FailureClass>,
+    pub started_ms: Option<u64>,
+    pub finished_ms: Option<u64>,
+    pub output: Option<serde_json::Value>,
+    /// Why it was skipped, cancelled or failed, in words.
+    pub message: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    pub started_ms: u64,
+    pub finished_ms: Option<u64>,
+    /// `None` while running (an attempt found so after a crash was interrupted).
+    pub succeeded: Option<bool>,
+    pub class: Option<FailureClass>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub message: Option<String>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A successful result, by cache key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CacheEntry {
+    pub run: String,
+    pub node: String,
+    pub output: serde_json::Value,
+    pub finished_ms: u64,
+}
+
+/// The parts a cache key is made of, each hashed, so a changed key can be explained part by part.
+pub type KeyParts = BTreeMap<String, String>;
