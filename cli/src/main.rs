@@ -79,6 +79,9 @@ enum Command {
     /// Show a run's tasks: state, attempts, duration, exit code (default: the latest run).
     Status {
         run: Option<String>,
+        /// Print the run and its task records as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -182,7 +185,9 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Runs { state } => runs::runs(&state.dir(None)),
-        Command::Status { run, state } => runs::status(&state.dir(None), run.as_deref()),
+        Command::Status { run, json, state } => {
+            runs::status(&state.dir(None), run.as_deref(), json)
+        }
         Command::Logs {
             run,
             task,

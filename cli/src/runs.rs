@@ -364,11 +364,16 @@ fn find_run(views: Vec<RunView>, id: Option<&str>) -> Result<RunView, u8> {
     })
 }
 
-pub fn status(dir: &Path, run: Option<&str>) -> u8 {
+pub fn status(dir: &Path, run: Option<&str>, json: bool) -> u8 {
     let view = match load_runs(dir).and_then(|v| find_run(v, run)) {
         Ok(v) => v,
         Err(code) => return code,
     };
+    if json {
+        let doc = serde_json::json!({ "run": view.run, "live": view.live, "tasks": view.tasks });
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        return exit::SUCCESS;
+    }
     let r = &view.run;
     println!(
         "run {} of `{}` ({}): {}{}",

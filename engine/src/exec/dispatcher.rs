@@ -159,8 +159,12 @@ struct Dispatcher<'a> {
     cancelled: bool,
     logs: PathBuf,
     dirty: bool,
-    last_snapshot: Instant,
+    last_snapshot: Option<Instant>,
+    /// A commit happened since the last snapshot (which is throttled to [`SNAPSHOT_EVERY`]).
+    snapshot_due: bool,
 }
+
+const SNAPSHOT_EVERY: Duration = Duration::from_millis(500);
 
 fn new_run_id() -> String {
     let now = now_ms();
@@ -233,10 +237,13 @@ pub async fn apply(
     sink: &mut dyn EventSink,
 ) -> Result<RunSummary, ApplyError> {
     check_supported(compiled)?;
-    // A run still marked running belongs to a process that died: we hold the lock.
+    // A run still marked running belongs to a process that died (we hold the lock). Its task
+    // processes may have outlived it: stop them before their tasks run again.
     for mut old in store.runs()? {
-        if old.clusterfile == opts.clusterfile && old.state == RunState::Running {
+        if old.state == RunState::Running {
+            reap_orphans(&old.id);
             old.state = RunState::Interrupted;
+            old.finished_ms = Some(now_ms());
             store.put_run(&old)?;
         }
     }
@@ -279,7 +286,8 @@ pub async fn apply(
         cancelled: false,
         logs,
         dirty: true,
-        last_snapshot: Instant::now(),
+        last_snapshot: None,
+        snapshot_due: false,
     };
     d.build(compiled)?;
     d.events.push(Event::RunStarted {
@@ -876,7 +884,8 @@ impl Dispatcher<'_> {
     ) -> Result<(), ApplyError> {
         let group = self.nodes[node].group;
         self.groups[group].running -= 1;
-        if let Some(parked) = self.groups[group].parked.pop() {
+        // Instances held back by `max_parallel` go back in the queue, in their order.
+        for parked in std::mem::take(&mut self.groups[group].parked) {
             self.enqueue(parked);
         }
         let plan = self.nodes[node].plan.clone();
@@ -1036,7 +1045,11 @@ impl Dispatcher<'_> {
         if self.dirty {
             self.store.commit()?;
             self.dirty = false;
-            if self.last_snapshot.elapsed() >= Duration::from_millis(500) {
+            self.snapshot_due = true;
+            if self
+                .last_snapshot
+                .is_none_or(|t| t.elapsed() >= SNAPSHOT_EVERY)
+            {
                 self.snapshot();
             }
         }
@@ -1049,7 +1062,8 @@ impl Dispatcher<'_> {
     /// A JSON view of the run for `ccluster status` from another terminal (the database is locked
     /// while a run is driven). Written after a commit, so never ahead of the durable state.
     fn snapshot(&mut self) {
-        self.last_snapshot = Instant::now();
+        self.last_snapshot = Some(Instant::now());
+        self.snapshot_due = false;
         let tasks: Vec<&TaskRecord> = self.nodes.iter().map(|n| &n.record).collect();
         let doc = serde_json::json!({ "run": &self.run, "tasks": tasks });
         let dir = self.store.dir().join("runs").join(&self.run.id);
@@ -1110,6 +1124,7 @@ impl Dispatcher<'_> {
                     Err(e) => return Err(ApplyError::Unsupported(format!("a task supervisor crashed: {e}"))),
                 },
                 Some(node) = retry_rx.recv(), if self.timers > 0 => Some(Wake::RetryDue(node)),
+                _ = tokio::time::sleep(SNAPSHOT_EVERY), if self.snapshot_due => { self.snapshot(); None }
                 _ = interrupt.recv() => { self.cancel(&stop_tx); None }
                 _ = terminate.recv() => { self.cancel(&stop_tx); None }
             };
@@ -1222,6 +1237,37 @@ fn plan_reads_attempt(plan: &PlannedTask) -> bool {
             deferred_reads(prompt) || env.values().any(deferred_reads)
         }
         PlannedAction::Merge { .. } => false,
+    }
+}
+
+/// Kills what is left of an interrupted run's task processes: every process whose environment
+/// says `CCLUSTER_RUN=<run>` (set for every task process, and inherited by its children). Linux's
+/// `/proc` is read; elsewhere this does nothing.
+fn reap_orphans(run: &str) {
+    let marker = format!("CCLUSTER_RUN={run}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|b| *b == 0)
+            .any(|var| var == marker.as_bytes())
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 

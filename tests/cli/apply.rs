@@ -1,0 +1,583 @@
+//! `ccluster apply` on real processes: retries, timeouts, Ctrl-C, skip rules, fan-out policies,
+//! dynamic maps, the JSON event stream, the cache, the lock.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A clusterfile in a fresh directory, with its state beside it.
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Applied {
+    pub code: i32,
+    pub events: Vec<Value>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Applied {
+    pub fn of(&self, event: &str) -> Vec<&Value> {
+        self.events.iter().filter(|e| e["event"] == event).collect()
+    }
+
+    pub fn tasks(&self, event: &str) -> Vec<String> {
+        self.of(event)
+            .iter()
+            .map(|e| e["task"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+}
+
+impl Sandbox {
+    pub fn new(clusterfile: &str) -> Sandbox {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("clusterfile.toml"), clusterfile).unwrap();
+        Sandbox { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn write(&self, clusterfile: &str) {
+        std::fs::write(self.path().join("clusterfile.toml"), clusterfile).unwrap();
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ccluster"));
+        cmd.args(args)
+            .current_dir(self.path())
+            .env_remove("CCLUSTER_STATE_DIR")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn apply(&self, extra: &[&str]) -> Applied {
+        let mut args = vec!["apply", "--output", "json", "--grace-period", "1s"];
+        args.extend_from_slice(extra);
+        let out = self.command(&args).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let events = stdout
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line {l}: {e}")))
+            .collect();
+        Applied {
+            code: out.status.code().unwrap_or(-1),
+            events,
+            stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    pub fn spawn_apply(&self, extra: &[&str]) -> Child {
+        let mut args = vec!["apply", "--output", "json", "--grace-period", "1s"];
+        args.extend_from_slice(extra);
+        self.command(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    pub fn status(&self) -> Value {
+        let out = self
+            .command(&["status", "--json", "--state-dir", ".ccluster"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn read(&self, file: &str) -> String {
+        std::fs::read_to_string(self.path().join(file)).unwrap_or_default()
+    }
+}
+
+fn wait_for(path: &Path, timeout: Duration) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < timeout,
+            "{} did not appear",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie is dead for our purposes; /proc/<pid>/stat says `Z`.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn retries_with_backoff_until_success() {
+    let s = Sandbox::new(
+        r#"version = 1
+[tasks.flaky]
+run = "n=$(cat count 2>/dev/null || echo 0); n=$((n+1)); echo $n > count; test $n -ge 3"
+retry = { limit = 3, backoff = { initial = "100ms", factor = 2.0, jitter = 0.0 } }
+"#,
+    );
+    let run = s.apply(&[]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let retries = run.of("task_retrying");
+    assert_eq!(retries.len(), 2);
+    assert_eq!(retries[0]["delay_ms"], 100);
+    assert_eq!(retries[1]["delay_ms"], 200);
+    assert_eq!(retries[0]["class"], "exit_code");
+    assert_eq!(run.of("task_succeeded")[0]["attempt"], 3);
+    // Every attempt has its own record and log.
+    let status = s.status();
+    assert_eq!(status["tasks"][0]["attempts"], 3);
+    let logs = std::fs::read_dir(s.path().join(".ccluster/runs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("logs/flaky");
+    for a in 1..=3 {
+        assert!(logs.join(format!("{a}.out")).exists());
+    }
+}
+
+#[test]
+fn retries_stop_at_the_limit() {
+    let s = Sandbox::new(
+        r#"version = 1
+[tasks.always]
+run = "echo try >> tries; exit 7"
+retry = { limit = 2, backoff = { initial = "10ms" } }
+"#,
+    );
+    let run = s.apply(&[]);
+    assert_eq!(run.code, 1);
+    assert_eq!(s.read("tries").lines().count(), 3, "limit 2 = 3 attempts");
+    let failed = run.of("task_failed");
+    assert_eq!(
+        (failed[0]["exit_code"].clone(), failed[0]["attempt"].clone()),
+        (7.into(), 3.into())
+    );
+}
+
+#[test]
+fn classes_not_in_retry_on_are_not_retried() {
+    let s = Sandbox::new(
+        r#"version = 1
+[tasks.once]
+run = "echo try >> tries; exit 1"
+retry = { limit = 5, on = ["timeout"] }
+"#,
+    );
+    let run = s.apply(&[]);
+    assert_eq!(run.code, 1);
+    assert_eq!(
+        s.read("tries").lines().count(),
+        1,
+        "exit_code is not in `on`"
+    );
+    assert!(run.of("task_retrying").is_empty());
+}
+
+#[test]
+fn a_failure_stops_the_run_and_cancels_pending_retries() {
+    let s = Sandbox::new(
+        r#"version = 1
+[tasks.flaky]
+run = "echo try >> tries; exit 1"
+retry = { limit = 5, backoff = { initial = "2s" } }
+[tasks.broken]
+run = "sleep 0.2; exit 2"
+"#,
+    );
+    let run = s.apply(&["--jobs", "2"]);
+    assert_eq!(run.code, 1);
+    assert_eq!(
+        s.read("tries").lines().count(),
+        1,
+        "the pending retry is cancelled when the run stops"
+    );
+    assert_eq!(run.tasks("task_cancelled"), ["flaky"]);
+}
+
+#[test]
+fn a_timeout_kills_the_whole_process_tree() {
+    let s = Sandbox::new(
+        r#"version = 1
+[tasks.slow]
+run = "sleep 60 & echo $! > child.pid; sleep 60"
+timeout = "500ms"
+"#,
+    );
+    let start = Instant::now();
+    let run = s.apply(&[]);
+    assert_eq!(run.code, 1);
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        start.elapsed()
+    );
+    let failed = run.of("task_failed");
+    assert_eq!(failed[0]["class"], "timeout");
+    let child: i32 = s.read("child.pid").trim().parse().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !alive(child),
+        "the background child {child} survived the timeout"
+    );
+}
+
+#[test]
+fn ctrl_c_stops_tasks_checkpoints_and_exits_130() {
+    let s = Sandbox::new(
+        r#"version = 1
+[tasks.quick]
+run = "echo done"
+[tasks.long]
+run = "echo $$ > long.pid; test -f resume || sleep 60"
+[tasks.after]
+needs = ["long"]
+run = "echo never > after.txt"
+"#,
+    );
+    let child = s.spawn_apply(&["--jobs", "2"]);
+    wait_for(&s.path().join("long.pid"), Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(200));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let long: i32 = s.read("long.pid").trim().parse().unwrap();
+    assert!(!alive(long), "the task process survived Ctrl-C");
+    assert!(!s.path().join("after.txt").exists());
+    let status = s.status();
+    assert_eq!(status["run"]["state"], "cancelled");
+    // Resuming runs what did not finish, and only that.
+    std::fs::write(s.path().join("resume"), "").unwrap();
+    let again = s.apply(&[]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(again.tasks("task_cached"), ["quick"]);
+    let mut ran = again.tasks("task_started");
+    ran.sort();
+    assert_eq!(ran, ["after", "long"]);
+}
+
+#[test]
+fn skipped_tasks_skip_their_dependents_but_not_collect_merges() {
+    let s = Sandbox::new(
+        r#"version = 1
+[inputs.docs]
+type = "bool"
+default = false
+[tasks.build]
+run = "echo built"
+[tasks.docs]
+when = "{{ inputs.docs }}"
+run = "echo docs"
+[tasks.publish_docs]
+needs = ["docs"]
+run = "echo publish"
+[tasks.each]
+map = [1, 2, 3]
+when = "{{ item != 2 }}"
+run = "echo {{ item }}"
+[tasks.gather]
+needs = ["each"]
+merge = { strategy = "collect" }
+[tasks.show]
+needs = ["gather"]
+run = "echo '{{ tasks.gather.output | tojson }}'"
+output = "json"
+"#,
+    );
+    let run = s.apply(&[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let mut skipped = run.tasks("task_skipped");
+    skipped.sort();
+    assert_eq!(skipped, ["docs", "each[1]", "publish_docs"]);
+    let status = s.status();
+    let show = status["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["node"] == "show")
+        .unwrap();
+    assert_eq!(show["output"], serde_json::json!(["1", "3"]));
+}
+
+#[test]
+fn fail_fast_stops_a_fan_out_and_continue_tolerates_failures() {
+    let fail_fast = Sandbox::new(
+        r#"version = 1
+[tasks.each]
+map = [1, 2, 3, 4]
+max_parallel = 1
+run = "echo {{ item }} >> ran; test {{ item }} -ne 2"
+"#,
+    );
+    let run = fail_fast.apply(&["--jobs", "4"]);
+    assert_eq!(run.code, 1);
+    assert_eq!(
+        fail_fast.read("ran"),
+        "1\n2\n",
+        "instances after the failure must not start"
+    );
+    let mut cancelled = run.tasks("task_cancelled");
+    cancelled.sort();
+    assert_eq!(cancelled, ["each[2]", "each[3]"]);
+
+    let tolerant = Sandbox::new(
+        r#"version = 1
+[tasks.each]
+map = [1, 2, 3, 4]
+on_item_failure = "continue"
+min_success = 3
+run = "test {{ item }} -ne 2"
+[tasks.after]
+needs = ["each"]
+run = "echo ok"
+"#,
+    );
+    let run = tolerant.apply(&[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.tasks("task_failed"), ["each[1]"]);
+    assert!(run.tasks("task_succeeded").contains(&"after".to_string()));
+
+    let short = Sandbox::new(
+        r#"version = 1
+[tasks.each]
+map = [1, 2, 3]
+on_item_failure = "continue"
+run = "test {{ item }} -eq 1"
+[tasks.after]
+needs = ["each"]
+run = "echo never"
+"#,
+    );
+    let run = short.apply(&[]);
+    assert_eq!(run.code, 1, "min_success defaults to all instances");
+    assert_eq!(
+        run.of("task_failed").len(),
+        2,
+        "continue runs every instance"
+    );
+    assert_eq!(run.tasks("task_cancelled"), ["after"]);
+}
+
+#[test]
+fn a_dynamic_map_expands_from_an_upstream_output() {
+    let s = Sandbox::new(
+        r#"version = 1
+[tasks.list]
+run = "echo 'files: ignored'; echo '[\"a.rs\", \"b.rs\", \"c.rs\"]'"
+output = "json"
+[tasks.each]
+needs = ["list"]
+map = "{{ tasks.list.output }}"
+run = "echo {{ index }}:{{ item }}"
+[tasks.join]
+needs = ["each"]
+run = "echo '{{ tasks.each.outputs | join(\",\") }}'"
+"#,
+    );
+    let run = s.apply(&[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let expanded = run.of("map_expanded");
+    assert_eq!(expanded.len(), 1);
+    assert_eq!(expanded[0]["items"], 3);
+    let status = s.status();
+    let join = status["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["node"] == "join")
+        .unwrap();
+    assert_eq!(join["output"], "0:a.rs,1:b.rs,2:c.rs");
+}
+
+#[test]
+fn json_events_follow_the_documented_shape() {
+    let s = Sandbox::new(
+        r#"version = 1
+[tasks.a]
+run = "echo a"
+[tasks.b]
+needs = ["a"]
+run = "exit 1"
+"#,
+    );
+    let run = s.apply(&[]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stdout.lines().all(|l| l.starts_with('{')),
+        "only JSON lines on stdout:\n{}",
+        run.stdout
+    );
+    assert_eq!(run.events.first().unwrap()["event"], "run_started");
+    let last = run.events.last().unwrap();
+    assert_eq!(last["event"], "run_finished");
+    assert_eq!(last["state"], "failed");
+    for e in &run.events {
+        assert!(e["run"].is_string() && e["time_ms"].is_u64(), "{e}");
+        let kind = e["event"].as_str().unwrap();
+        assert!(
+            [
+                "run_started",
+                "task_started",
+                "task_retrying",
+                "task_succeeded",
+                "task_cached",
+                "task_failed",
+                "task_skipped",
+                "task_cancelled",
+                "map_expanded",
+                "run_finished"
+            ]
+            .contains(&kind),
+            "{kind}"
+        );
+        if kind.starts_with("task_") {
+            assert!(e["task"].is_string(), "{e}");
+        }
+    }
+}
+
+#[test]
+fn a_second_apply_is_up_to_date_and_an_edit_reruns_only_what_it_touches() {
+    let file = |greeting: &str| {
+        format!(
+            r#"version = 1
+[tasks.a]
+run = "echo a >> ran"
+[tasks.b]
+run = "echo {greeting} >> ran"
+[tasks.c]
+needs = ["b"]
+run = "echo c >> ran"
+[tasks.d]
+needs = ["a"]
+run = "echo d >> ran"
+"#
+        )
+    };
+    let s = Sandbox::new(&file("hello"));
+    assert_eq!(s.apply(&[]).code, 0);
+    assert_eq!(s.read("ran").lines().count(), 4);
+
+    let human = s.command(&["apply"]).output().unwrap();
+    assert!(human.status.success());
+    assert!(
+        String::from_utf8_lossy(&human.stdout).contains("up to date"),
+        "{}",
+        String::from_utf8_lossy(&human.stdout)
+    );
+    assert_eq!(s.read("ran").lines().count(), 4, "nothing ran again");
+
+    s.write(&file("bonjour"));
+    let run = s.apply(&[]);
+    let mut ran = run.tasks("task_started");
+    ran.sort();
+    assert_eq!(
+        ran,
+        ["b", "c"],
+        "only the edited task and its dependents run"
+    );
+
+    let fresh = s.apply(&["--fresh"]);
+    assert_eq!(fresh.tasks("task_started").len(), 4);
+}
+
+#[test]
+fn changing_scheduling_settings_keeps_the_cache() {
+    let s = Sandbox::new("version = 1\n[tasks.a]\nrun = \"echo a\"\n");
+    assert_eq!(s.apply(&[]).code, 0);
+    s.write("version = 1\n[tasks.a]\nrun = \"echo a\"\ntimeout = \"5m\"\nretry = { limit = 3 }\ndescription = \"now documented\"\n");
+    let run = s.apply(&["--jobs", "1"]);
+    assert_eq!(run.tasks("task_cached"), ["a"]);
+}
+
+#[test]
+fn a_second_apply_on_the_same_state_is_refused_while_one_runs() {
+    let s = Sandbox::new("version = 1\n[tasks.wait]\nrun = \"touch started; sleep 3\"\n");
+    let first = s.spawn_apply(&[]);
+    wait_for(&s.path().join("started"), Duration::from_secs(20));
+    let second = s.apply(&[]);
+    assert_eq!(second.code, 2);
+    assert!(
+        second.stderr.contains("another ccluster process"),
+        "{}",
+        second.stderr
+    );
+    // `status` from another terminal shows the live run.
+    let live = s.status();
+    assert_eq!(live["live"], true);
+    assert_eq!(live["run"]["state"], "running");
+    let out = first.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn cancel_from_another_terminal() {
+    let s = Sandbox::new("version = 1\n[tasks.wait]\nrun = \"touch started; sleep 60\"\n");
+    let first = s.spawn_apply(&[]);
+    wait_for(&s.path().join("started"), Duration::from_secs(20));
+    let cancel = s.command(&["cancel"]).output().unwrap();
+    assert!(
+        cancel.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cancel.stderr)
+    );
+    let out = first.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+}
+
+#[test]
+fn workers_get_a_clean_environment() {
+    let s = Sandbox::new(
+        r#"version = 1
+[tasks.env]
+run = "env | sort > env.txt"
+env = { DECLARED = "yes" }
+"#,
+    );
+    let out = s
+        .command(&["apply"])
+        .env("ANTHROPIC_API_KEY", "sk-secret")
+        .env("SOME_TOKEN", "t0k3n")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let env = s.read("env.txt");
+    assert!(env.contains("DECLARED=yes"));
+    assert!(env.contains("CCLUSTER_TASK=env"));
+    assert!(
+        !env.contains("sk-secret") && !env.contains("t0k3n"),
+        "{env}"
+    );
+}
