@@ -327,7 +327,7 @@ pub fn runs(dir: &Path) -> u8 {
         return exit::SUCCESS;
     }
     println!(
-        "{:<22} {:<12} {:<24} {:>6} {:>9}  CLUSTERFILE",
+        "{:<26} {:<12} {:<24} {:>6} {:>9}  CLUSTERFILE",
         "RUN", "STATE", "WORKFLOW", "TASKS", "DURATION"
     );
     for v in &views {
@@ -335,7 +335,7 @@ pub fn runs(dir: &Path) -> u8 {
             duration(f.saturating_sub(v.run.started_ms))
         });
         println!(
-            "{:<22} {:<12} {:<24} {:>6} {:>9}  {}",
+            "{:<26} {:<12} {:<24} {:>6} {:>9}  {}",
             v.run.id,
             state_name(&v.run.state),
             v.run.workflow,

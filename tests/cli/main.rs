@@ -2,6 +2,7 @@
 //! codes. Snapshots (insta) live in `tests/cli/snapshots/`.
 
 mod apply;
+mod crash;
 mod examples;
 mod invalid;
 mod schema;

@@ -180,11 +180,14 @@ fn new_run_id() -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
+    // Milliseconds keep ids in start order (one process drives a state at a time); the random
+    // suffix keeps them unique across state directories.
     format!(
-        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}-{:04x}",
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}.{:03}-{:04x}",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60,
+        now % 1000,
         fastrand::u16(..)
     )
 }

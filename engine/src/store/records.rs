@@ -26,7 +26,7 @@ pub enum RunState {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
-    /// `20261125-081038-3fa2`: sorts by start time.
+    /// `20261125-081038.412-3fa2`: sorts by start time.
     pub id: String,
     pub workflow: String,
     /// The clusterfile's path as given to `apply`.
