@@ -426,33 +426,20 @@ pub fn logs(dir: &Path, run: &str, task: Option<&str>, follow: bool) -> u8 {
     }
     let logs = dir.join("runs").join(&view.run.id).join("logs");
     for t in &tasks {
-        let node_dir = logs.join(
-            t.node
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect::<String>(),
-        );
         for attempt in 1..=t.attempts.max(1) {
             for (stream, ext) in [("stdout", "out"), ("stderr", "err")] {
-                let path = node_dir.join(format!("{attempt}.{ext}"));
+                let path = exec::log_path(&logs, &t.node, attempt, ext);
                 if follow && tasks.len() == 1 && attempt == t.attempts.max(1) && stream == "stdout"
                 {
                     println!("==> {} attempt {attempt} {stream} <==", t.node);
                     return follow_file(&path, dir, &view.run.id);
                 }
+                // A stream that printed nothing has no file.
                 if let Ok(text) = std::fs::read_to_string(&path) {
-                    if !text.is_empty() {
-                        println!("==> {} attempt {attempt} {stream} <==", t.node);
-                        print!("{text}");
-                        if !text.ends_with('\n') {
-                            println!();
-                        }
+                    println!("==> {} attempt {attempt} {stream} <==", t.node);
+                    print!("{text}");
+                    if !text.ends_with('\n') {
+                        println!();
                     }
                 }
             }

@@ -132,7 +132,7 @@ fn retries_with_backoff_until_success() {
     let s = Sandbox::new(
         r#"version = 1
 [tasks.flaky]
-run = "n=$(cat count 2>/dev/null || echo 0); n=$((n+1)); echo $n > count; test $n -ge 3"
+run = "n=$(cat count 2>/dev/null || echo 0); n=$((n+1)); echo $n > count; echo attempt $n; test $n -ge 3"
 retry = { limit = 3, backoff = { initial = "100ms", factor = 2.0, jitter = 0.0 } }
 "#,
     );
@@ -153,10 +153,18 @@ retry = { limit = 3, backoff = { initial = "100ms", factor = 2.0, jitter = 0.0 }
         .unwrap()
         .unwrap()
         .path()
-        .join("logs/flaky");
+        .join("logs");
     for a in 1..=3 {
-        assert!(logs.join(format!("{a}.out")).exists());
+        let log = std::fs::read_to_string(logs.join(format!("flaky.{a}.out"))).unwrap();
+        assert_eq!(log, format!("attempt {a}\n"));
     }
+    let run_id = status["run"]["id"].as_str().unwrap();
+    let printed = s.command(&["logs", run_id, "flaky"]).output().unwrap();
+    let printed = String::from_utf8_lossy(&printed.stdout);
+    assert!(
+        printed.contains("==> flaky attempt 2 stdout <==\nattempt 2\n"),
+        "{printed}"
+    );
 }
 
 #[test]

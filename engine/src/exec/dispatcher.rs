@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 
 use super::context::{self, RunScope, Upstream};
 use super::events::{Event, EventSink};
-use super::runner::{ProcessEnd, ProcessSpec, Runner, Stop};
+use super::runner::{ProcessEnd, ProcessResult, ProcessSpec, Runner, Stop};
 use crate::compile::Compiled;
 use crate::model::raw::{FailureClass, MergeStrategy, OnItemFailure, OutputMode};
 use crate::model::workflow::{ancestors, RetryPolicy};
@@ -138,7 +138,7 @@ struct Group {
 enum Wake {
     Finished {
         node: usize,
-        end: ProcessEnd,
+        result: ProcessResult,
         elapsed: Duration,
     },
     RetryDue(usize),
@@ -192,8 +192,11 @@ fn new_run_id() -> String {
     )
 }
 
-fn log_name(node: &str) -> String {
-    node.chars()
+/// Where an attempt's stdout (`out`) or stderr (`err`) goes: one flat folder per run, the file made
+/// only when the stream has bytes.
+pub fn log_path(logs: &Path, node: &str, attempt: u32, stream: &str) -> PathBuf {
+    let name: String = node
+        .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
                 c
@@ -201,7 +204,8 @@ fn log_name(node: &str) -> String {
                 '_'
             }
         })
-        .collect()
+        .collect();
+    logs.join(format!("{name}.{attempt}.{stream}"))
 }
 
 fn backoff_delay(policy: &RetryPolicy, failed_attempt: u32) -> Duration {
@@ -797,13 +801,8 @@ impl Dispatcher<'_> {
             self.succeeded(node)?;
             return Ok(None);
         }
-        let dir = self.logs.join(log_name(&plan.id));
-        std::fs::create_dir_all(&dir).map_err(|source| ApplyError::Io {
-            path: dir.clone(),
-            source,
-        })?;
-        let stdout = dir.join(format!("{attempt}.out"));
-        let stderr = dir.join(format!("{attempt}.err"));
+        let stdout = log_path(&self.logs, &plan.id, attempt, "out");
+        let stderr = log_path(&self.logs, &plan.id, attempt, "err");
         let mut env: Vec<(String, String)> = PASSED_ENV
             .iter()
             .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
@@ -877,14 +876,14 @@ impl Dispatcher<'_> {
         self.save(node)?;
         self.node_done(node)
     }
-
     fn finished(
         &mut self,
         node: usize,
-        end: ProcessEnd,
+        result: ProcessResult,
         elapsed: Duration,
         retry_tx: &mpsc::UnboundedSender<usize>,
     ) -> Result<(), ApplyError> {
+        let end = result.end.clone();
         let group = self.nodes[node].group;
         self.groups[group].running -= 1;
         // Instances held back by `max_parallel` go back in the queue, in their order.
@@ -893,17 +892,13 @@ impl Dispatcher<'_> {
         }
         let plan = self.nodes[node].plan.clone();
         let attempt = self.nodes[node].record.attempts;
-        let stdout_path = self
-            .logs
-            .join(log_name(&plan.id))
-            .join(format!("{attempt}.out"));
         let (class, exit_code, signal, message) = match &end {
             ProcessEnd::Exited(0) => {
                 let mode = match plan.action {
                     PlannedAction::Shell { output, .. } => output,
                     _ => OutputMode::Text,
                 };
-                let stdout = std::fs::read_to_string(&stdout_path).unwrap_or_default();
+                let stdout = String::from_utf8_lossy(&result.stdout);
                 match shell_output(mode, &stdout) {
                     Ok(output) => {
                         self.record_attempt(node, attempt, true, None, Some(0), None, None)?;
@@ -1023,7 +1018,6 @@ impl Dispatcher<'_> {
         message: Option<String>,
     ) -> Result<(), ApplyError> {
         let id = &self.nodes[node].plan.id;
-        let dir = self.logs.join(log_name(id));
         self.store.put_attempt(
             &self.run.id,
             id,
@@ -1036,8 +1030,12 @@ impl Dispatcher<'_> {
                 exit_code,
                 signal,
                 message,
-                stdout: dir.join(format!("{attempt}.out")).display().to_string(),
-                stderr: dir.join(format!("{attempt}.err")).display().to_string(),
+                stdout: log_path(&self.logs, id, attempt, "out")
+                    .display()
+                    .to_string(),
+                stderr: log_path(&self.logs, id, attempt, "err")
+                    .display()
+                    .to_string(),
             },
         )?;
         Ok(())
@@ -1084,7 +1082,7 @@ impl Dispatcher<'_> {
         let started = Instant::now();
         let (stop_tx, stop_rx) = watch::channel(Stop::No);
         let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<usize>();
-        let mut procs: JoinSet<(usize, ProcessEnd, Duration)> = JoinSet::new();
+        let mut procs: JoinSet<(usize, ProcessResult, Duration)> = JoinSet::new();
         let mut interrupt = tokio::signal::unix::signal(
             tokio::signal::unix::SignalKind::interrupt(),
         )
@@ -1123,7 +1121,7 @@ impl Dispatcher<'_> {
             }
             let wake = tokio::select! {
                 Some(done) = procs.join_next(), if self.running > 0 => match done {
-                    Ok((node, end, elapsed)) => Some(Wake::Finished { node, end, elapsed }),
+                    Ok((node, result, elapsed)) => Some(Wake::Finished { node, result, elapsed }),
                     Err(e) => return Err(ApplyError::Unsupported(format!("a task supervisor crashed: {e}"))),
                 },
                 Some(node) = retry_rx.recv(), if self.timers > 0 => Some(Wake::RetryDue(node)),
@@ -1133,14 +1131,22 @@ impl Dispatcher<'_> {
             };
             let mut wakes: Vec<Wake> = wake.into_iter().collect();
             // Take whatever else finished meanwhile, so one commit covers it all.
-            while let Some(Ok((node, end, elapsed))) = procs.try_join_next() {
-                wakes.push(Wake::Finished { node, end, elapsed });
+            while let Some(Ok((node, result, elapsed))) = procs.try_join_next() {
+                wakes.push(Wake::Finished {
+                    node,
+                    result,
+                    elapsed,
+                });
             }
             for wake in wakes {
                 match wake {
-                    Wake::Finished { node, end, elapsed } => {
+                    Wake::Finished {
+                        node,
+                        result,
+                        elapsed,
+                    } => {
                         self.running -= 1;
-                        self.finished(node, end, elapsed, &retry_tx)?;
+                        self.finished(node, result, elapsed, &retry_tx)?;
                     }
                     Wake::RetryDue(node) => {
                         self.timers -= 1;

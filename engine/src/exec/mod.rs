@@ -6,7 +6,8 @@ pub mod events;
 pub mod runner;
 
 pub use dispatcher::{
-    apply, check_supported, default_state_dir, ApplyError, ApplyOptions, RunSummary, PASSED_ENV,
+    apply, check_supported, default_state_dir, log_path, ApplyError, ApplyOptions, RunSummary,
+    PASSED_ENV,
 };
 pub use events::{Event, EventSink};
-pub use runner::{LocalRunner, ProcessEnd, ProcessSpec, Runner, Stop};
+pub use runner::{LocalRunner, ProcessEnd, ProcessResult, ProcessSpec, Runner, Stop};

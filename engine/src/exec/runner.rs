@@ -1,6 +1,7 @@
 //! Runners place and supervise a task's process. The executor only sees [`Runner`]; the local
-//! runner runs `sh -c` in its own process group with an explicit environment, its output going
-//! straight to the attempt's log files.
+//! runner runs `sh -c` in its own process group with an explicit environment; its output is
+//! streamed to the attempt's log files (created on the first byte), and the end of stdout is kept
+//! for the task's output.
 
 use std::future::Future;
 use std::os::unix::process::ExitStatusExt;
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Child;
 use tokio::sync::watch;
 use tokio::time::{sleep, Instant};
@@ -43,6 +45,21 @@ pub enum ProcessEnd {
     SpawnFailed(String),
 }
 
+/// How a process ended, and the end of what it printed on stdout (for the task's output).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessResult {
+    pub end: ProcessEnd,
+    /// The last [`STDOUT_KEPT`] bytes of stdout (the whole of it is in the log file).
+    pub stdout: Vec<u8>,
+}
+
+/// How much of stdout is kept in memory for the task's output.
+pub const STDOUT_KEPT: usize = 4 << 20;
+
+/// After the main process exits, how long its output pipes are still read: a background child
+/// that keeps them open must not hold the task forever.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(250);
+
 /// How urgently running processes must stop (the run is being cancelled).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Stop {
@@ -53,7 +70,7 @@ pub enum Stop {
     Now,
 }
 
-pub type ProcessFuture = Pin<Box<dyn Future<Output = ProcessEnd> + Send>>;
+pub type ProcessFuture = Pin<Box<dyn Future<Output = ProcessResult> + Send>>;
 
 /// Places and supervises processes.
 pub trait Runner: Send + Sync {
@@ -74,14 +91,56 @@ fn signal_group(pgid: i32, signal: Signal) {
     let _ = killpg(Pid::from_raw(pgid), signal);
 }
 
-async fn run_local(spec: ProcessSpec, mut stop: watch::Receiver<Stop>) -> ProcessEnd {
-    let open = |path: &PathBuf| {
-        std::fs::File::create(path)
-            .map_err(|e| format!("cannot create log file `{}`: {e}", path.display()))
-    };
-    let (stdout, stderr) = match (open(&spec.stdout), open(&spec.stderr)) {
-        (Ok(o), Ok(e)) => (o, e),
-        (Err(e), _) | (_, Err(e)) => return ProcessEnd::SpawnFailed(e),
+/// A log file created on the first byte written: most tasks print nothing, and creating two empty
+/// files per attempt costs more than running a small command.
+struct LazyLog {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    failed: bool,
+}
+
+impl LazyLog {
+    fn new(path: PathBuf) -> LazyLog {
+        LazyLog {
+            path,
+            file: None,
+            failed: false,
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        if self.failed {
+            return;
+        }
+        if self.file.is_none() {
+            match std::fs::File::create(&self.path) {
+                Ok(f) => self.file = Some(f),
+                Err(_) => {
+                    self.failed = true;
+                    return;
+                }
+            }
+        }
+        if let Some(f) = &mut self.file {
+            if f.write_all(bytes).is_err() {
+                self.failed = true;
+            }
+        }
+    }
+}
+
+async fn read_some<R: AsyncRead + Unpin>(reader: &mut Option<R>, buf: &mut [u8]) -> usize {
+    match reader {
+        Some(r) => r.read(buf).await.unwrap_or(0),
+        None => std::future::pending().await,
+    }
+}
+
+async fn run_local(spec: ProcessSpec, mut stop: watch::Receiver<Stop>) -> ProcessResult {
+    let failed = |e: String| ProcessResult {
+        end: ProcessEnd::SpawnFailed(e),
+        stdout: Vec::new(),
     };
     let mut command = tokio::process::Command::new("/bin/sh");
     command
@@ -91,52 +150,90 @@ async fn run_local(spec: ProcessSpec, mut stop: watch::Receiver<Stop>) -> Proces
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         // Its own process group: a timeout or Ctrl-C stops the whole tree, and a Ctrl-C in the
         // terminal reaches ccluster only, which then stops tasks in order.
         .process_group(0);
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
-            return ProcessEnd::SpawnFailed(format!(
+            return failed(format!(
                 "cannot start `/bin/sh` in `{}`: {e}",
                 spec.cwd.display()
             ))
         }
     };
     let Some(pgid) = child.id().map(|id| id as i32) else {
-        return ProcessEnd::SpawnFailed("the process vanished at start".into());
+        return failed("the process vanished at start".into());
     };
-    let deadline = spec.timeout.map(|t| Instant::now() + t);
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
+    let (mut out_log, mut err_log) = (
+        LazyLog::new(spec.stdout.clone()),
+        LazyLog::new(spec.stderr.clone()),
+    );
+    let (mut out_buf, mut err_buf) = (vec![0u8; 16 << 10], vec![0u8; 16 << 10]);
+    let mut kept: Vec<u8> = Vec::new();
+    let timeout_at = spec.timeout.map(|t| Instant::now() + t);
+    let mut end: Option<ProcessEnd> = None;
+    let mut drain_until: Option<Instant> = None;
     let mut stop_open = true;
     loop {
-        if *stop.borrow() != Stop::No {
+        if end.is_some() && out.is_none() && err.is_none() {
+            break;
+        }
+        if end.is_none() && *stop.borrow() != Stop::No {
             let level = *stop.borrow();
             terminate(&mut child, pgid, spec.grace, level, &mut stop).await;
-            return ProcessEnd::Cancelled;
+            end = Some(ProcessEnd::Cancelled);
+            drain_until = Some(Instant::now() + DRAIN_AFTER_EXIT);
         }
         tokio::select! {
-            status = child.wait() => {
-                return match status {
+            n = read_some(&mut out, &mut out_buf) => {
+                if n == 0 {
+                    out = None;
+                } else {
+                    out_log.write(&out_buf[..n]);
+                    kept.extend_from_slice(&out_buf[..n]);
+                    if kept.len() > 2 * STDOUT_KEPT {
+                        kept.drain(..kept.len() - STDOUT_KEPT);
+                    }
+                }
+            }
+            n = read_some(&mut err, &mut err_buf) => {
+                if n == 0 { err = None } else { err_log.write(&err_buf[..n]) }
+            }
+            status = child.wait(), if end.is_none() => {
+                end = Some(match status {
                     Ok(s) => match (s.code(), s.signal()) {
                         (Some(code), _) => ProcessEnd::Exited(code),
                         (None, Some(sig)) => ProcessEnd::Signaled(sig),
                         (None, None) => ProcessEnd::Exited(-1),
                     },
                     Err(e) => ProcessEnd::SpawnFailed(format!("cannot wait for the process: {e}")),
-                };
+                });
+                drain_until = Some(Instant::now() + DRAIN_AFTER_EXIT);
             }
-            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+            _ = async { match drain_until { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
+            _ = async { match timeout_at { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } }, if end.is_none() => {
                 terminate(&mut child, pgid, spec.grace, Stop::Graceful, &mut stop).await;
-                return ProcessEnd::TimedOut;
+                end = Some(ProcessEnd::TimedOut);
+                drain_until = Some(Instant::now() + DRAIN_AFTER_EXIT);
             }
-            changed = stop.changed(), if stop_open => {
+            changed = stop.changed(), if stop_open && end.is_none() => {
                 if changed.is_err() {
                     stop_open = false;
                 }
             }
         }
+    }
+    if kept.len() > STDOUT_KEPT {
+        kept.drain(..kept.len() - STDOUT_KEPT);
+    }
+    ProcessResult {
+        end: end.unwrap_or(ProcessEnd::Exited(-1)),
+        stdout: kept,
     }
 }
 
