@@ -52,27 +52,26 @@ impl RunScope {
         }
     }
 
-    /// The context of one node at one attempt.
-    pub fn context(
-        &self,
-        node: &PlannedTask,
-        upstream: &BTreeMap<String, Upstream>,
-        attempt: u32,
-    ) -> JinjaValue {
+    /// What templates see as `tasks`: each upstream task's `output` (or, mapped, `outputs`). Built
+    /// once per task, shared by all its instances and attempts.
+    pub fn tasks_value(upstream: &BTreeMap<String, Upstream>) -> JinjaValue {
         let tasks: BTreeMap<&str, JinjaValue> = upstream
             .iter()
             .map(|(id, u)| {
                 let v = match u {
                     Upstream::Output(o) => context! { output => JinjaValue::from_serialize(o) },
-                    Upstream::Outputs(list) => {
-                        context! { outputs => JinjaValue::from_serialize(list) }
-                    }
+                    Upstream::Outputs(list) => context! { outputs => JinjaValue::from_serialize(list) },
                 };
                 (id.as_str(), v)
             })
             .collect();
+        JinjaValue::from(tasks)
+    }
+
+    /// The context of one node at one attempt.
+    pub fn context(&self, node: &PlannedTask, tasks: &JinjaValue, attempt: u32) -> JinjaValue {
         context! {
-            tasks => tasks,
+            tasks => tasks.clone(),
             item => node.item.as_ref().map(JinjaValue::from_serialize),
             index => node.index,
             attempt => attempt,
@@ -179,11 +178,7 @@ fn hash(value: &impl serde::Serialize) -> String {
 /// The parts of a node's cache key, documented in `docs/caching.md`. Scheduling settings (retry,
 /// timeout, max_parallel, fan-out policy) and descriptions are left out on purpose: changing them
 /// does not change a result.
-pub fn key_parts(
-    node: &PlannedTask,
-    rendered: &Rendered,
-    upstream: &[(String, String, Value)],
-) -> KeyParts {
+pub fn key_parts(node: &PlannedTask, rendered: &Rendered, upstream: &str) -> KeyParts {
     let mut parts = KeyParts::new();
     parts.insert("recipe".into(), KEY_RECIPE.into());
     parts.insert("kind".into(), node.action.kind().into());
@@ -207,8 +202,13 @@ pub fn key_parts(
     parts.insert("settings".into(), hash(&settings));
     parts.insert("item".into(), hash(&(&node.index, &node.item)));
     parts.insert("runner".into(), hash(&node.runner));
-    parts.insert("upstream".into(), hash(&upstream));
+    parts.insert("upstream".into(), upstream.to_string());
     parts
+}
+
+/// The hash of what a task's needs produced: each needed plan node's id, key and output.
+pub fn upstream_hash(upstream: &[(&str, &str, &Value)]) -> String {
+    hash(&upstream)
 }
 
 /// The cache key from its parts.

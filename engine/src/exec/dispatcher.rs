@@ -7,7 +7,9 @@
 //! reported and its processes started.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+
+use minijinja::value::Value as JinjaValue;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -132,7 +134,15 @@ struct Group {
     is_merge: bool,
     /// Length of the longest chain of tasks from here to the end: ready work on long chains first.
     depth: u32,
-    template: PlannedTask,
+    /// The task's first plan node: what a dynamic map's instances are made from.
+    template: Option<PlannedTask>,
+    /// Needs not settled yet: at zero the task is released.
+    unsettled_needs: usize,
+    /// Nodes that reached a terminal state.
+    settled_nodes: usize,
+    /// What templates of this task see as `tasks`, and the hash of its needs' results: both fixed
+    /// once the task is released, so computed once for all its instances.
+    upstream: Option<(JinjaValue, String)>,
 }
 
 enum Wake {
@@ -311,24 +321,21 @@ impl Dispatcher<'_> {
         let wf = &compiled.workflow;
         let index = wf.task_index();
         let all_ancestors = ancestors(wf);
+        let mut first_node: HashMap<&str, &PlannedTask> = HashMap::with_capacity(wf.tasks.len());
+        for node in &compiled.plan.nodes {
+            first_node.entry(node.task.as_str()).or_insert(node);
+        }
         for (i, task) in wf.tasks.iter().enumerate() {
-            let template = compiled
-                .plan
-                .nodes
-                .iter()
-                .find(|n| n.task == task.id.as_str())
-                .cloned();
-            let Some(template) = template else { continue };
+            // A task mapped over an empty list has no plan node: it still takes part (it succeeds).
+            let template = first_node.get(task.id.as_str()).map(|n| (*n).clone());
+            let needs: Vec<usize> = task.needs.iter().filter_map(|n| index.get(n.value.as_str()).copied()).collect();
             self.groups.push(Group {
                 id: task.id.to_string(),
                 mapped: task.is_mapped(),
-                dynamic: template.dynamic_map.as_ref().map(|m| m.expression.clone()),
+                dynamic: template.as_ref().and_then(|t| t.dynamic_map.as_ref()).map(|m| m.expression.clone()),
                 nodes: Vec::new(),
-                needs: task
-                    .needs
-                    .iter()
-                    .filter_map(|n| index.get(n.value.as_str()).copied())
-                    .collect(),
+                unsettled_needs: needs.len(),
+                needs,
                 ancestors: all_ancestors[i].iter().copied().collect(),
                 dependents: Vec::new(),
                 released: false,
@@ -338,9 +345,11 @@ impl Dispatcher<'_> {
                 max_parallel: task.max_parallel,
                 on_item_failure: task.on_item_failure,
                 min_success: task.min_success,
-                is_merge: matches!(template.action, PlannedAction::Merge { .. }),
+                is_merge: matches!(task.action, crate::model::Action::Merge { .. }),
                 depth: 0,
                 template,
+                settled_nodes: 0,
+                upstream: None,
             });
         }
         for g in 0..self.groups.len() {
@@ -348,27 +357,18 @@ impl Dispatcher<'_> {
                 self.groups[n].dependents.push(g);
             }
         }
-        // Depth: tasks are in declaration order, but dependents may come first; iterate to a fixpoint
-        // over the topological order of the plan instead.
-        let order: Vec<usize> = {
-            let mut seen = Vec::new();
-            for node in &compiled.plan.nodes {
-                if let Some(&g) = index.get(node.task.as_str()) {
-                    if !seen.contains(&g) {
-                        seen.push(g);
-                    }
+        // Depth, from the last task of the plan's topological order back to the first.
+        let mut seen = vec![false; self.groups.len()];
+        let mut order = Vec::with_capacity(self.groups.len());
+        for node in &compiled.plan.nodes {
+            if let Some(&g) = index.get(node.task.as_str()) {
+                if !std::mem::replace(&mut seen[g], true) {
+                    order.push(g);
                 }
             }
-            seen
-        };
+        }
         for &g in order.iter().rev() {
-            let depth = self.groups[g]
-                .dependents
-                .iter()
-                .map(|&d| self.groups[d].depth)
-                .max()
-                .unwrap_or(0)
-                + 1;
+            let depth = self.groups[g].dependents.iter().map(|&d| self.groups[d].depth).max().unwrap_or(0) + 1;
             self.groups[g].depth = depth;
         }
         for node in &compiled.plan.nodes {
@@ -419,24 +419,33 @@ impl Dispatcher<'_> {
         Ok(())
     }
 
-    fn upstream_outputs(&self, group: usize) -> BTreeMap<String, Upstream> {
-        self.groups[group]
+    /// The `tasks` template value and the upstream hash of a released task (computed once).
+    fn upstream(&mut self, group: usize) -> (JinjaValue, String) {
+        if let Some(done) = &self.groups[group].upstream {
+            return done.clone();
+        }
+        let outputs: BTreeMap<String, Upstream> = self.groups[group]
             .ancestors
             .iter()
             .map(|&a| {
                 let g = &self.groups[a];
-                let outputs = g
-                    .nodes
-                    .iter()
-                    .map(|&n| self.nodes[n].record.output.clone().unwrap_or(Value::Null));
-                let value = if g.mapped {
-                    Upstream::Outputs(outputs.collect())
-                } else {
-                    Upstream::Output(outputs.into_iter().next().unwrap_or(Value::Null))
-                };
+                let mut outputs = g.nodes.iter().map(|&n| self.nodes[n].record.output.clone().unwrap_or(Value::Null));
+                let value = if g.mapped { Upstream::Outputs(outputs.collect()) } else { Upstream::Output(outputs.next().unwrap_or(Value::Null)) };
                 (g.id.clone(), value)
             })
-            .collect()
+            .collect();
+        let needed: Vec<(&str, &str, &Value)> = self.groups[group]
+            .needs
+            .iter()
+            .flat_map(|&g| self.groups[g].nodes.iter())
+            .map(|&n| {
+                let r = &self.nodes[n].record;
+                (r.node.as_str(), r.cache_key.as_deref().unwrap_or(""), r.output.as_ref().unwrap_or(&Value::Null))
+            })
+            .collect();
+        let value = (RunScope::tasks_value(&outputs), context::upstream_hash(&needed));
+        self.groups[group].upstream = Some(value.clone());
+        value
     }
 
     /// Marks a node terminal without running it.
@@ -531,11 +540,8 @@ impl Dispatcher<'_> {
                     )?;
                 }
                 WhenState::AtRunTime { expression } => {
-                    let ctx = self.scope.context(
-                        &self.nodes[node].plan,
-                        &self.upstream_outputs(group),
-                        1,
-                    );
+                    let (tasks, _) = self.upstream(group);
+                    let ctx = self.scope.context(&self.nodes[node].plan, &tasks, 1);
                     match self.scope.condition(&expression, &ctx) {
                         Ok(true) => self.enqueue(node),
                         Ok(false) => self.settle(
@@ -555,10 +561,11 @@ impl Dispatcher<'_> {
     }
 
     fn expand(&mut self, group: usize, expression: &str) -> Result<(), ApplyError> {
-        let template = self.groups[group].template.clone();
-        let ctx = self
-            .scope
-            .context(&template, &self.upstream_outputs(group), 1);
+        let Some(template) = self.groups[group].template.clone() else {
+            return Ok(());
+        };
+        let (tasks, _) = self.upstream(group);
+        let ctx = self.scope.context(&template, &tasks, 1);
         let items = match self.scope.list(expression, &ctx) {
             Ok(items) => items,
             Err(e) => {
@@ -620,6 +627,7 @@ impl Dispatcher<'_> {
     fn node_done(&mut self, node: usize) -> Result<(), ApplyError> {
         let group = self.nodes[node].group;
         let state = self.nodes[node].record.state;
+        self.groups[group].settled_nodes += 1;
         let g = &self.groups[group];
         if g.outcome.is_some() {
             return Ok(());
@@ -629,11 +637,7 @@ impl Dispatcher<'_> {
             self.groups[group].outcome = Some(TaskState::Failed);
             return self.group_done(group);
         }
-        if !g
-            .nodes
-            .iter()
-            .all(|&n| self.nodes[n].record.state.is_terminal())
-        {
+        if g.settled_nodes < g.nodes.len() {
             return Ok(());
         }
         let states: Vec<TaskState> = g
@@ -662,17 +666,11 @@ impl Dispatcher<'_> {
 
     fn group_done(&mut self, group: usize) -> Result<(), ApplyError> {
         if self.groups[group].outcome == Some(TaskState::Failed) && self.stopping.is_none() {
-            self.stopping = Some(format!(
-                "not run: the run is stopping because `{}` failed",
-                self.groups[group].id
-            ));
+            self.stopping = Some(format!("not run: the run is stopping because `{}` failed", self.groups[group].id));
         }
         for d in self.groups[group].dependents.clone() {
-            let ready = self.groups[d]
-                .needs
-                .iter()
-                .all(|&n| self.groups[n].outcome.is_some());
-            if ready {
+            self.groups[d].unsettled_needs -= 1;
+            if self.groups[d].unsettled_needs == 0 {
                 self.release(d)?;
             }
         }
@@ -720,9 +718,9 @@ impl Dispatcher<'_> {
     fn prepare(&mut self, node: usize) -> Result<Option<ProcessSpec>, ApplyError> {
         let group = self.nodes[node].group;
         let attempt = self.nodes[node].record.attempts + 1;
-        let upstream = self.upstream_outputs(group);
+        let (tasks, upstream_hash) = self.upstream(group);
         let plan = self.nodes[node].plan.clone();
-        let ctx = self.scope.context(&plan, &upstream, attempt);
+        let ctx = self.scope.context(&plan, &tasks, attempt);
         let rendered = match self.scope.render(&plan, &ctx) {
             Ok(r) => r,
             Err(e) => {
@@ -733,25 +731,12 @@ impl Dispatcher<'_> {
         if attempt == 1 {
             let first = if plan_reads_attempt(&plan) {
                 self.scope
-                    .render(&plan, &self.scope.context(&plan, &upstream, 1))
+                    .render(&plan, &self.scope.context(&plan, &tasks, 1))
                     .unwrap_or_else(|_| rendered.clone())
             } else {
                 rendered.clone()
             };
-            let upstream_keys: Vec<(String, String, Value)> = self.groups[group]
-                .needs
-                .iter()
-                .flat_map(|&g| self.groups[g].nodes.iter())
-                .map(|&n| {
-                    let r = &self.nodes[n].record;
-                    (
-                        r.node.clone(),
-                        r.cache_key.clone().unwrap_or_default(),
-                        r.output.clone().unwrap_or(Value::Null),
-                    )
-                })
-                .collect();
-            let parts = context::key_parts(&plan, &first, &upstream_keys);
+            let parts = context::key_parts(&plan, &first, &upstream_hash);
             let key = context::key_of(&parts);
             self.nodes[node].record.cache_key = Some(key.clone());
             self.nodes[node].parts = Some(parts);

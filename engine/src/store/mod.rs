@@ -108,6 +108,8 @@ impl Store {
         let db = sled::Config::new()
             .path(dir.join("db"))
             .flush_every_ms(None)
+            // sled's default cache is 1 GiB; run state is small and mostly written, not re-read.
+            .cache_capacity(32 << 20)
             .open()
             .map_err(db_err)?;
         match db.get(FORMAT_KEY).map_err(db_err)? {
