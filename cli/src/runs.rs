@@ -432,7 +432,7 @@ pub fn logs(dir: &Path, run: &str, task: Option<&str>, follow: bool) -> u8 {
                 if follow && tasks.len() == 1 && attempt == t.attempts.max(1) && stream == "stdout"
                 {
                     println!("==> {} attempt {attempt} {stream} <==", t.node);
-                    return follow_file(&path, dir, &view.run.id);
+                    return follow_file(&path, dir);
                 }
                 // A stream that printed nothing has no file.
                 if let Ok(text) = std::fs::read_to_string(&path) {
@@ -449,7 +449,7 @@ pub fn logs(dir: &Path, run: &str, task: Option<&str>, follow: bool) -> u8 {
 }
 
 /// Prints a log file as it grows, until the run is no longer running.
-fn follow_file(path: &Path, dir: &Path, run: &str) -> u8 {
+fn follow_file(path: &Path, dir: &Path) -> u8 {
     use std::io::{Read, Seek, SeekFrom};
     let mut offset = 0u64;
     loop {
@@ -464,11 +464,8 @@ fn follow_file(path: &Path, dir: &Path, run: &str) -> u8 {
                 }
             }
         }
-        let running = snapshots(dir)
-            .into_iter()
-            .find(|v| v.run.id == run)
-            .is_some_and(|v| v.run.state == RunState::Running);
-        if !running && Store::open(dir).is_ok() {
+        // The run is over when no process holds the state any more.
+        if Store::open(dir).is_ok() {
             return exit::SUCCESS;
         }
         std::thread::sleep(Duration::from_millis(200));

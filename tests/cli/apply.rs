@@ -542,7 +542,8 @@ fn a_second_apply_on_the_same_state_is_refused_while_one_runs() {
         "{}",
         second.stderr
     );
-    // `status` from another terminal shows the live run.
+    // `status` from another terminal shows the live run (its snapshot lags at most 0.5 s).
+    std::thread::sleep(Duration::from_millis(700));
     let live = s.status();
     assert_eq!(live["live"], true);
     assert_eq!(live["run"]["state"], "running");

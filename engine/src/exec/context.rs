@@ -60,7 +60,9 @@ impl RunScope {
             .map(|(id, u)| {
                 let v = match u {
                     Upstream::Output(o) => context! { output => JinjaValue::from_serialize(o) },
-                    Upstream::Outputs(list) => context! { outputs => JinjaValue::from_serialize(list) },
+                    Upstream::Outputs(list) => {
+                        context! { outputs => JinjaValue::from_serialize(list) }
+                    }
                 };
                 (id.as_str(), v)
             })
@@ -79,18 +81,20 @@ impl RunScope {
         }
     }
 
-    fn text(&self, text: &Text, ctx: &JinjaValue) -> Result<String, String> {
-        match &text.rendered {
-            Some(done) => Ok(done.clone()),
-            None => self
+    fn text(&self, text: &Text, ctx: Option<&JinjaValue>) -> Result<String, String> {
+        match (&text.rendered, ctx) {
+            (Some(done), _) => Ok(done.clone()),
+            (None, Some(ctx)) => self
                 .env
                 .render_str(&text.template, ctx)
                 .map_err(|e| describe(&e)),
+            (None, None) => Err("needs a run-time context".into()),
         }
     }
 
     /// Renders what a shell node runs at this attempt.
-    pub fn render(&self, node: &PlannedTask, ctx: &JinjaValue) -> Result<Rendered, String> {
+    /// `ctx` may be `None` when every template of the node was rendered at plan time.
+    pub fn render(&self, node: &PlannedTask, ctx: Option<&JinjaValue>) -> Result<Rendered, String> {
         match &node.action {
             PlannedAction::Shell {
                 run, env, workdir, ..

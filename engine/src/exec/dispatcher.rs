@@ -8,6 +8,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::rc::Rc;
 
 use minijinja::value::Value as JinjaValue;
 use std::path::{Path, PathBuf};
@@ -103,7 +104,8 @@ pub fn check_supported(compiled: &Compiled) -> Result<(), ApplyError> {
 }
 
 struct Node {
-    plan: PlannedTask,
+    /// Shared, so handing it around costs a reference count, not a copy.
+    plan: Rc<PlannedTask>,
     group: usize,
     order: u64,
     record: TaskRecord,
@@ -303,7 +305,8 @@ pub async fn apply(
         cancelled: false,
         logs,
         dirty: true,
-        last_snapshot: None,
+        // The first snapshot comes after SNAPSHOT_EVERY: short runs never need one.
+        last_snapshot: Some(Instant::now()),
         snapshot_due: false,
     };
     d.build(compiled)?;
@@ -328,11 +331,18 @@ impl Dispatcher<'_> {
         for (i, task) in wf.tasks.iter().enumerate() {
             // A task mapped over an empty list has no plan node: it still takes part (it succeeds).
             let template = first_node.get(task.id.as_str()).map(|n| (*n).clone());
-            let needs: Vec<usize> = task.needs.iter().filter_map(|n| index.get(n.value.as_str()).copied()).collect();
+            let needs: Vec<usize> = task
+                .needs
+                .iter()
+                .filter_map(|n| index.get(n.value.as_str()).copied())
+                .collect();
             self.groups.push(Group {
                 id: task.id.to_string(),
                 mapped: task.is_mapped(),
-                dynamic: template.as_ref().and_then(|t| t.dynamic_map.as_ref()).map(|m| m.expression.clone()),
+                dynamic: template
+                    .as_ref()
+                    .and_then(|t| t.dynamic_map.as_ref())
+                    .map(|m| m.expression.clone()),
                 nodes: Vec::new(),
                 unsettled_needs: needs.len(),
                 needs,
@@ -368,7 +378,13 @@ impl Dispatcher<'_> {
             }
         }
         for &g in order.iter().rev() {
-            let depth = self.groups[g].dependents.iter().map(|&d| self.groups[d].depth).max().unwrap_or(0) + 1;
+            let depth = self.groups[g]
+                .dependents
+                .iter()
+                .map(|&d| self.groups[d].depth)
+                .max()
+                .unwrap_or(0)
+                + 1;
             self.groups[g].depth = depth;
         }
         for node in &compiled.plan.nodes {
@@ -397,9 +413,10 @@ impl Dispatcher<'_> {
             output: None,
             message: None,
         };
-        self.store.put_task(&self.run.id, &record)?;
+        // Pending nodes are not written: a node's record is first written when it starts or
+        // settles (the live snapshot lists pending ones), which halves the writes of a run.
         self.nodes.push(Node {
-            plan,
+            plan: Rc::new(plan),
             group,
             order,
             record,
@@ -429,8 +446,15 @@ impl Dispatcher<'_> {
             .iter()
             .map(|&a| {
                 let g = &self.groups[a];
-                let mut outputs = g.nodes.iter().map(|&n| self.nodes[n].record.output.clone().unwrap_or(Value::Null));
-                let value = if g.mapped { Upstream::Outputs(outputs.collect()) } else { Upstream::Output(outputs.next().unwrap_or(Value::Null)) };
+                let mut outputs = g
+                    .nodes
+                    .iter()
+                    .map(|&n| self.nodes[n].record.output.clone().unwrap_or(Value::Null));
+                let value = if g.mapped {
+                    Upstream::Outputs(outputs.collect())
+                } else {
+                    Upstream::Output(outputs.next().unwrap_or(Value::Null))
+                };
                 (g.id.clone(), value)
             })
             .collect();
@@ -440,10 +464,17 @@ impl Dispatcher<'_> {
             .flat_map(|&g| self.groups[g].nodes.iter())
             .map(|&n| {
                 let r = &self.nodes[n].record;
-                (r.node.as_str(), r.cache_key.as_deref().unwrap_or(""), r.output.as_ref().unwrap_or(&Value::Null))
+                (
+                    r.node.as_str(),
+                    r.cache_key.as_deref().unwrap_or(""),
+                    r.output.as_ref().unwrap_or(&Value::Null),
+                )
             })
             .collect();
-        let value = (RunScope::tasks_value(&outputs), context::upstream_hash(&needed));
+        let value = (
+            RunScope::tasks_value(&outputs),
+            context::upstream_hash(&needed),
+        );
         self.groups[group].upstream = Some(value.clone());
         value
     }
@@ -666,7 +697,10 @@ impl Dispatcher<'_> {
 
     fn group_done(&mut self, group: usize) -> Result<(), ApplyError> {
         if self.groups[group].outcome == Some(TaskState::Failed) && self.stopping.is_none() {
-            self.stopping = Some(format!("not run: the run is stopping because `{}` failed", self.groups[group].id));
+            self.stopping = Some(format!(
+                "not run: the run is stopping because `{}` failed",
+                self.groups[group].id
+            ));
         }
         for d in self.groups[group].dependents.clone() {
             self.groups[d].unsettled_needs -= 1;
@@ -720,8 +754,10 @@ impl Dispatcher<'_> {
         let attempt = self.nodes[node].record.attempts + 1;
         let (tasks, upstream_hash) = self.upstream(group);
         let plan = self.nodes[node].plan.clone();
-        let ctx = self.scope.context(&plan, &tasks, attempt);
-        let rendered = match self.scope.render(&plan, &ctx) {
+        // Most plans are rendered at plan time: a context is only built for what is not.
+        let deferred = has_deferred(&plan);
+        let ctx = deferred.then(|| self.scope.context(&plan, &tasks, attempt));
+        let rendered = match self.scope.render(&plan, ctx.as_ref()) {
             Ok(r) => r,
             Err(e) => {
                 self.fail_without_attempt(node, format!("cannot render {e}"))?;
@@ -731,7 +767,7 @@ impl Dispatcher<'_> {
         if attempt == 1 {
             let first = if plan_reads_attempt(&plan) {
                 self.scope
-                    .render(&plan, &self.scope.context(&plan, &tasks, 1))
+                    .render(&plan, Some(&self.scope.context(&plan, &tasks, 1)))
                     .unwrap_or_else(|_| rendered.clone())
             } else {
                 rendered.clone()
@@ -1198,7 +1234,14 @@ impl Dispatcher<'_> {
             time_ms: now_ms(),
         });
         self.commit(sink)?;
-        self.snapshot();
+        // The run is over: its state is in the database, readable once the lock is released.
+        let _ = std::fs::remove_file(
+            self.store
+                .dir()
+                .join("runs")
+                .join(&self.run.id)
+                .join("status.json"),
+        );
         Ok(summary)
     }
 
@@ -1216,22 +1259,28 @@ impl Dispatcher<'_> {
     }
 }
 
-fn plan_reads_attempt(plan: &PlannedTask) -> bool {
-    let deferred_reads =
-        |t: &crate::plan::Text| t.rendered.is_none() && t.template.contains("attempt");
+/// Whether any template of the node passes `test`.
+fn any_text(plan: &PlannedTask, test: impl Fn(&crate::plan::Text) -> bool) -> bool {
     match &plan.action {
         PlannedAction::Shell {
             run, env, workdir, ..
-        } => {
-            deferred_reads(run)
-                || env.values().any(deferred_reads)
-                || workdir.as_ref().is_some_and(deferred_reads)
-        }
-        PlannedAction::Agent { prompt, env, .. } => {
-            deferred_reads(prompt) || env.values().any(deferred_reads)
-        }
+        } => test(run) || env.values().any(&test) || workdir.as_ref().is_some_and(&test),
+        PlannedAction::Agent { prompt, env, .. } => test(prompt) || env.values().any(&test),
         PlannedAction::Merge { .. } => false,
     }
+}
+
+/// Whether any template of the node is left for run time.
+fn has_deferred(plan: &PlannedTask) -> bool {
+    any_text(plan, |t| t.rendered.is_none())
+}
+
+/// Whether a template left for run time may read `attempt` (then the cache key is made from the
+/// rendering of attempt 1, so retries do not change it).
+fn plan_reads_attempt(plan: &PlannedTask) -> bool {
+    any_text(plan, |t| {
+        t.rendered.is_none() && t.template.contains("attempt")
+    })
 }
 
 /// Kills what is left of an interrupted run's task processes: every process whose environment

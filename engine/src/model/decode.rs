@@ -118,8 +118,12 @@ impl Decoder<'_> {
 
     /// KDL allows a node name twice; TOML's parser already rejects repeated keys.
     fn report_duplicate_keys(&mut self, entries: &[(Key, Node)], what: &str) {
-        for (i, (key, _)) in entries.iter().enumerate() {
-            if let Some((first, _)) = entries[..i].iter().find(|(k, _)| k.name == key.name) {
+        let mut seen: std::collections::HashMap<&str, &Key> =
+            std::collections::HashMap::with_capacity(entries.len());
+        for (key, _) in entries {
+            if let Some(first) = seen.insert(key.name.as_str(), key) {
+                // Keep pointing at the first definition for later repeats.
+                seen.insert(key.name.as_str(), first);
                 let (category, code) = if what == "`tasks`" {
                     (Category::DuplicateId, "duplicate-id")
                 } else {

@@ -70,6 +70,12 @@ impl Template {
         self.span_of(found.map(|(i, _)| i..i + name.len()))
     }
 
+    /// Whether the text has no template syntax at all, so it is its own rendering (most `run`
+    /// commands): no need to compile it.
+    pub fn is_literal(&self) -> bool {
+        !(self.source.contains("{{") || self.source.contains("{%") || self.source.contains("{#"))
+    }
+
     /// The expression inside `{{ … }}`, or the whole text when it has no braces (`when`, `map`).
     pub fn as_expression(&self) -> &str {
         let t = self.source.trim();

@@ -315,7 +315,7 @@ pub fn resolve(
             .and_then(|t| parse_duration(t, "timeout", diags)),
         retry: overlay_retry(&RetryPolicy::default(), raw_defaults.retry.as_ref(), diags),
     };
-    let ids: Vec<&str> = raw.tasks.keys().map(String::as_str).collect();
+    let ids: indexmap::IndexSet<&str> = raw.tasks.keys().map(String::as_str).collect();
     if ids.is_empty() && raw.version.is_some() {
         diags.push(
             Diagnostic::warning(Category::TaskKind, "no-tasks", "the workflow has no tasks")
@@ -523,10 +523,11 @@ fn check_runner_name(
 fn resolve_needs(
     id: &str,
     rt: &RawTask,
-    ids: &[&str],
+    ids: &indexmap::IndexSet<&str>,
     diags: &mut Vec<Diagnostic>,
 ) -> Vec<Spanned<TaskId>> {
     let mut needs: Vec<Spanned<TaskId>> = Vec::new();
+    let mut listed: std::collections::HashSet<&str> = std::collections::HashSet::new();
     for need in rt.needs.iter().flat_map(|n| n.value.iter()) {
         if need.value == id {
             diags.push(
@@ -538,7 +539,7 @@ fn resolve_needs(
                 .at(need.span, "a task cannot need itself")
                 .help("remove it from `needs`"),
             );
-        } else if !ids.contains(&need.value.as_str()) {
+        } else if !ids.contains(need.value.as_str()) {
             let mut d = Diagnostic::error(
                 Category::UnknownNeed,
                 "unknown-need",
@@ -550,7 +551,7 @@ fn resolve_needs(
                 None => d.help(format!("tasks are declared as `[tasks.{}]`", need.value)),
             };
             diags.push(d);
-        } else if needs.iter().any(|n| n.value.0 == need.value) {
+        } else if !listed.insert(need.value.as_str()) {
             diags.push(
                 Diagnostic::warning(
                     Category::UnknownNeed,
@@ -1121,6 +1122,9 @@ fn check_templates(workflow: &Workflow, raw: &RawClusterfile, diags: &mut Vec<Di
             task: task.id.as_str(),
         };
         let mut check = |t: &Template, field: &str, expression: bool, scope: &Scope<'_>| {
+            if !expression && t.is_literal() {
+                return;
+            }
             let names = if expression {
                 env.compile_expression(t.as_expression())
                     .map(|e| e.undeclared_variables(true))

@@ -159,6 +159,8 @@ struct Compiled<'e, 'w> {
 }
 
 enum Code<'e, 'w> {
+    /// No template syntax: the text renders as itself.
+    Literal,
     Template(minijinja::Template<'e, 'w>),
     Expression(minijinja::Expression<'e, 'w>),
     /// A syntax error, reported by the validator already.
@@ -177,7 +179,12 @@ impl<'e, 'w> Renderer<'e, 'w> {
         if let Some(done) = self.cache.borrow().get(&key) {
             return done.clone();
         }
-        let compiled = if expression {
+        let compiled = if !expression && t.is_literal() {
+            Compiled {
+                names: BTreeSet::new(),
+                code: Code::Literal,
+            }
+        } else if expression {
             match self.env.compile_expression(t.as_expression()) {
                 Ok(e) => Compiled {
                     names: e.undeclared_variables(true).into_iter().collect(),
@@ -239,6 +246,7 @@ impl<'e, 'w> Renderer<'e, 'w> {
     ) -> Text {
         let compiled = self.compiled(t, false);
         let rendered = match &compiled.code {
+            Code::Literal => Some(t.source.clone()),
             Code::Template(tpl) if self.knowable(&compiled.names, ctx.item_known) => {
                 match tpl.render(&ctx.value) {
                     Ok(s) => Some(s),
