@@ -251,24 +251,34 @@ struct RunView {
     live: bool,
 }
 
+/// Live views of runs in progress, from their `live.jsonl` (see the dispatcher): the run record,
+/// then task records, the last one of each node winning.
 fn snapshots(dir: &Path) -> Vec<RunView> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir.join("runs")) else {
         return out;
     };
     for entry in entries.flatten() {
-        let Ok(text) = std::fs::read_to_string(entry.path().join("status.json")) else {
+        let Ok(text) = std::fs::read_to_string(entry.path().join(exec::LIVE_FILE)) else {
             continue;
         };
-        let Ok(doc) = serde_json::from_str::<serde_json::Value>(&text) else {
+        let mut lines = text.lines();
+        let Some(Ok(run)) = lines.next().map(serde_json::from_str::<RunRecord>) else {
             continue;
         };
-        let (Ok(run), Ok(tasks)) = (
-            serde_json::from_value::<RunRecord>(doc["run"].clone()),
-            serde_json::from_value::<Vec<TaskRecord>>(doc["tasks"].clone()),
-        ) else {
-            continue;
-        };
+        let mut tasks: Vec<TaskRecord> = Vec::new();
+        let mut at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        // A line cut short by a concurrent append is skipped.
+        for record in lines.filter_map(|l| serde_json::from_str::<TaskRecord>(l).ok()) {
+            match at.get(&record.node) {
+                Some(&i) => tasks[i] = record,
+                None => {
+                    at.insert(record.node.clone(), tasks.len());
+                    tasks.push(record);
+                }
+            }
+        }
+        tasks.sort_by_key(|t| t.order);
         out.push(RunView {
             run,
             tasks,

@@ -7,7 +7,7 @@ pub mod runner;
 
 pub use dispatcher::{
     apply, check_supported, default_state_dir, log_path, ApplyError, ApplyOptions, RunSummary,
-    PASSED_ENV,
+    LIVE_FILE, PASSED_ENV,
 };
 pub use events::{Event, EventSink};
 pub use runner::{LocalRunner, ProcessEnd, ProcessResult, ProcessSpec, Runner, Stop};
