@@ -51,6 +51,15 @@ enum Command {
         file: FileArgs,
         #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
         format: PlanFormat,
+        /// Say for each task whether `apply` would run it or it is satisfied by a cached result,
+        /// and why (text: a table; json: an `explain` list beside the plan).
+        #[arg(long)]
+        explain: bool,
+        /// With --explain: as `apply --fresh` would.
+        #[arg(long, requires = "explain")]
+        fresh: bool,
+        #[command(flatten)]
+        state: StateArgs,
     },
     /// Run a workflow: every task whose result is not cached, in dependency order.
     Apply {
@@ -142,7 +151,7 @@ struct FileArgs {
     vars_files: Vec<PathBuf>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum PlanFormat {
     Text,
     Json,
@@ -160,7 +169,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Validate { file, format } => validate(&file, format),
-        Command::Plan { file, format } => plan_command(&file, format),
+        Command::Plan {
+            file,
+            format,
+            explain,
+            fresh,
+            state,
+        } => {
+            let explain = explain.then(|| (state.dir(Some(&file.file)), fresh));
+            plan_command(&file, format, explain)
+        }
         Command::Apply {
             file,
             jobs,
@@ -286,17 +304,19 @@ fn validate(file: &FileArgs, format: DiagnosticFormat) -> u8 {
     }
 }
 
-fn plan_command(file: &FileArgs, format: PlanFormat) -> u8 {
-    match compile(file, Stage::Plan, DiagnosticFormat::Human) {
-        Ok((_, c)) => {
-            print(&match format {
-                PlanFormat::Text => plan::to_text(&c.plan),
-                PlanFormat::Json => plan::to_json(&c.plan),
-                PlanFormat::Dot => plan::to_dot(&c.plan),
-                PlanFormat::Mermaid => plan::to_mermaid(&c.plan),
-            });
-            exit::SUCCESS
-        }
-        Err(code) => code,
+fn plan_command(file: &FileArgs, format: PlanFormat, explain: Option<(PathBuf, bool)>) -> u8 {
+    let c = match compile(file, Stage::Plan, DiagnosticFormat::Human) {
+        Ok((_, c)) => c,
+        Err(code) => return code,
+    };
+    if let Some((dir, fresh)) = explain {
+        return runs::explain(&c, &dir, &file.file, fresh, format == PlanFormat::Json);
     }
+    print(&match format {
+        PlanFormat::Text => plan::to_text(&c.plan),
+        PlanFormat::Json => plan::to_json(&c.plan),
+        PlanFormat::Dot => plan::to_dot(&c.plan),
+        PlanFormat::Mermaid => plan::to_mermaid(&c.plan),
+    });
+    exit::SUCCESS
 }

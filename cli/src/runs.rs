@@ -523,3 +523,62 @@ pub fn cancel(dir: &Path, run: Option<&str>) -> u8 {
         }
     }
 }
+
+/// `plan --explain`: what `apply` would run, and why.
+pub fn explain(
+    compiled: &ccluster_engine::Compiled,
+    dir: &Path,
+    clusterfile: &Path,
+    fresh: bool,
+    json: bool,
+) -> u8 {
+    use ccluster_engine::exec::explain::{explain, Verdict};
+    // With no state yet, nothing is cached: explaining must not create a state directory.
+    let store = match dir.join("db").exists() {
+        true => match open_store(dir) {
+            Ok(s) => Some(s),
+            Err(code) => return code,
+        },
+        false => None,
+    };
+    let explained = match explain(
+        compiled,
+        store.as_ref(),
+        &clusterfile.display().to_string(),
+        fresh,
+    ) {
+        Ok(e) => e,
+        Err(e) => return report(e),
+    };
+    if json {
+        let mut plan: serde_json::Value =
+            serde_json::from_str(&ccluster_engine::plan::to_json(&compiled.plan))
+                .unwrap_or_default();
+        plan["explain"] = serde_json::to_value(&explained).unwrap_or_default();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&plan).unwrap_or_default()
+        );
+        return exit::SUCCESS;
+    }
+    let count = |v: Verdict| explained.iter().filter(|e| e.verdict == v).count();
+    println!(
+        "{} to run, {} satisfied by cached results, {} skipped{}",
+        count(Verdict::Run),
+        count(Verdict::Satisfied),
+        count(Verdict::Skip),
+        match count(Verdict::AtRunTime) {
+            0 => String::new(),
+            n => format!(", {n} known at run time"),
+        }
+    );
+    for e in &explained {
+        println!(
+            "  {:<10} {:<28} {}",
+            state_name(&e.verdict),
+            e.task,
+            e.reason
+        );
+    }
+    exit::SUCCESS
+}

@@ -590,3 +590,80 @@ env = { DECLARED = "yes" }
         "{env}"
     );
 }
+
+#[test]
+fn plan_explain_predicts_what_apply_runs_and_why() {
+    let file = |greeting: &str| {
+        format!(
+            r#"version = 1
+[tasks.a]
+run = "echo a"
+[tasks.b]
+run = "echo {greeting}"
+[tasks.list]
+run = "echo '[1, 2]'"
+output = "json"
+[tasks.each]
+needs = ["list", "b"]
+map = "{{{{ tasks.list.output }}}}"
+run = "echo {{{{ item }}}} {{{{ tasks.b.output }}}}"
+[tasks.d]
+needs = ["a"]
+run = "echo d"
+"#
+        )
+    };
+    let s = Sandbox::new(&file("hello"));
+    let explain = |s: &Sandbox| -> Vec<Value> {
+        let out = s
+            .command(&["plan", "--explain", "--format", "json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+        doc["explain"].as_array().unwrap().clone()
+    };
+    let before = explain(&s);
+    assert!(before.iter().all(|e| e["verdict"] == "run"), "{before:?}");
+    assert!(
+        !s.path().join(".ccluster").exists(),
+        "explaining creates no state"
+    );
+    assert_eq!(s.apply(&[]).code, 0);
+
+    s.write(&file("bonjour"));
+    let predicted = explain(&s);
+    let verdict = |task: &str| {
+        predicted
+            .iter()
+            .find(|e| e["task"] == task)
+            .unwrap_or_else(|| panic!("{task} in {predicted:?}"))
+            .clone()
+    };
+    assert_eq!(verdict("a")["verdict"], "satisfied");
+    assert_eq!(verdict("b")["verdict"], "run");
+    assert_eq!(verdict("b")["changed"], serde_json::json!(["command"]));
+    assert_eq!(verdict("list")["verdict"], "satisfied");
+    assert_eq!(verdict("each[*]")["verdict"], "run");
+    assert_eq!(verdict("d")["verdict"], "satisfied");
+
+    let run = s.apply(&[]);
+    let mut ran = run.tasks("task_started");
+    ran.sort();
+    assert_eq!(ran, ["b", "each[0]", "each[1]"]);
+    let mut cached = run.tasks("task_cached");
+    cached.sort();
+    assert_eq!(cached, ["a", "d", "list"]);
+
+    // Nothing changed: the prediction is "all satisfied", including the expanded instances.
+    let after = explain(&s);
+    assert!(
+        after.iter().all(|e| e["verdict"] == "satisfied"),
+        "{after:?}"
+    );
+    assert!(after.iter().any(|e| e["task"] == "each[1]"));
+}

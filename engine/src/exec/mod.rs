@@ -3,6 +3,7 @@
 pub mod context;
 mod dispatcher;
 pub mod events;
+pub mod explain;
 pub mod runner;
 
 pub use dispatcher::{

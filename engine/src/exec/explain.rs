@@ -1,0 +1,269 @@
+//! `plan --explain`: for each plan node, whether `apply` would run it or it is satisfied by a
+//! cached result, and why, naming the parts of its cache key that changed since it last succeeded.
+//! It walks the plan as `apply` would, using cached outputs where `apply` would use real ones.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::context::{self, RunScope, Upstream};
+use crate::compile::Compiled;
+use crate::model::Action;
+use crate::plan::{PlannedTask, WhenState};
+use crate::store::{Store, StoreError};
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// A result with the same cache key exists: `apply` would not run it.
+    Satisfied,
+    /// `apply` would run it.
+    Run,
+    /// `apply` would skip it (`when` is false, or what it needs is skipped).
+    Skip,
+    /// Not knowable before running: a map expanded from outputs that do not exist yet.
+    AtRunTime,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Explanation {
+    pub task: String,
+    pub verdict: Verdict,
+    pub reason: String,
+    /// Cache key parts that differ from the node's last success (`command`, `env`, `upstream`...).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub changed: Vec<String>,
+}
+
+/// What is known of a task while walking the plan.
+enum Known {
+    /// Every node satisfied or skipped: their (node id, key, output), in instance order (a skipped
+    /// node has an empty key and a null output, as in `apply`).
+    Satisfied(Vec<(String, String, Value)>),
+    Skipped,
+    WillRun,
+}
+
+/// `store` is `None` when nothing ever ran (there is no state yet): then nothing is cached.
+pub fn explain(
+    compiled: &Compiled,
+    store: Option<&Store>,
+    clusterfile: &str,
+    fresh: bool,
+) -> Result<Vec<Explanation>, StoreError> {
+    let wf = &compiled.workflow;
+    let scope = RunScope::new(
+        &compiled.plan.inputs,
+        &wf.vars,
+        &wf.name,
+        wf.description.as_deref(),
+    );
+    let index = wf.task_index();
+    let ancestors = crate::model::workflow::ancestors(wf);
+    let mut nodes_of: HashMap<&str, Vec<&PlannedTask>> = HashMap::new();
+    for node in &compiled.plan.nodes {
+        nodes_of.entry(node.task.as_str()).or_default().push(node);
+    }
+    let mut order: Vec<usize> = Vec::new();
+    for node in &compiled.plan.nodes {
+        let t = index[node.task.as_str()];
+        if !order.contains(&t) {
+            order.push(t);
+        }
+    }
+    let mut known: Vec<Option<Known>> = (0..wf.tasks.len()).map(|_| None).collect();
+    let mut out = Vec::new();
+    let say = |task: &str, verdict: Verdict, reason: String| Explanation {
+        task: task.to_string(),
+        verdict,
+        reason,
+        changed: Vec::new(),
+    };
+
+    for t in order {
+        let task = &wf.tasks[t];
+        let planned = nodes_of.get(task.id.as_str()).cloned().unwrap_or_default();
+        let needs: Vec<usize> = task
+            .needs
+            .iter()
+            .filter_map(|n| index.get(n.value.as_str()).copied())
+            .collect();
+        if let Some(&n) = needs
+            .iter()
+            .find(|&&n| matches!(known[n], Some(Known::WillRun)))
+        {
+            for node in &planned {
+                out.push(say(
+                    &node.id,
+                    Verdict::Run,
+                    format!("`{}` will run first", wf.tasks[n].id),
+                ));
+            }
+            known[t] = Some(Known::WillRun);
+            continue;
+        }
+        let is_merge = matches!(task.action, Action::Merge { .. });
+        let skipped: Vec<usize> = needs
+            .iter()
+            .copied()
+            .filter(|&n| matches!(known[n], Some(Known::Skipped)))
+            .collect();
+        if !skipped.is_empty() && (!is_merge || skipped.len() == needs.len()) {
+            for node in &planned {
+                out.push(say(
+                    &node.id,
+                    Verdict::Skip,
+                    format!("`{}` is skipped", wf.tasks[skipped[0]].id),
+                ));
+            }
+            known[t] = Some(Known::Skipped);
+            continue;
+        }
+        // Everything upstream is satisfied or skipped: its outputs are the cached ones.
+        let results = |a: usize| match &known[a] {
+            Some(Known::Satisfied(r)) => r.clone(),
+            _ => Vec::new(),
+        };
+        let upstream: BTreeMap<String, Upstream> = ancestors[t]
+            .iter()
+            .map(|&a| {
+                let outputs: Vec<Value> = results(a).into_iter().map(|(_, _, o)| o).collect();
+                let value = if wf.tasks[a].is_mapped() {
+                    Upstream::Outputs(outputs)
+                } else {
+                    Upstream::Output(outputs.into_iter().next().unwrap_or(Value::Null))
+                };
+                (wf.tasks[a].id.to_string(), value)
+            })
+            .collect();
+        let tasks_value = RunScope::tasks_value(&upstream);
+        let needed: Vec<(String, String, Value)> = needs.iter().flat_map(|&n| results(n)).collect();
+        let needed_refs: Vec<(&str, &str, &Value)> = needed
+            .iter()
+            .map(|(a, b, c)| (a.as_str(), b.as_str(), c))
+            .collect();
+        let upstream_hash = context::upstream_hash(&needed_refs);
+
+        let mut instances: Vec<PlannedTask> = planned.iter().map(|n| (*n).clone()).collect();
+        if let Some(template) = planned.first().filter(|n| n.dynamic_map.is_some()) {
+            let ctx = scope.context(template, &tasks_value, 1);
+            let expression = template
+                .dynamic_map
+                .as_ref()
+                .map(|m| m.expression.clone())
+                .unwrap_or_default();
+            match scope.list(&expression, &ctx) {
+                Ok(items) => {
+                    instances = items
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, item)| {
+                            let mut node = (*template).clone();
+                            node.id = format!("{}[{i}]", task.id);
+                            node.index = Some(i);
+                            node.item = Some(item);
+                            node.dynamic_map = None;
+                            node
+                        })
+                        .collect();
+                }
+                Err(e) => {
+                    out.push(say(
+                        &template.id,
+                        Verdict::Run,
+                        format!("its `map` cannot be expanded from cached outputs ({e})"),
+                    ));
+                    known[t] = Some(Known::WillRun);
+                    continue;
+                }
+            }
+        }
+
+        let mut satisfied = Vec::new();
+        let mut will_run = false;
+        let mut all_skipped = !instances.is_empty();
+        for node in &instances {
+            let ctx = scope.context(node, &tasks_value, 1);
+            let when = match &node.when {
+                WhenState::Known {
+                    value: false,
+                    expression,
+                } => Some(expression.clone()),
+                WhenState::AtRunTime { expression } => match scope.condition(expression, &ctx) {
+                    Ok(false) => Some(expression.clone()),
+                    _ => None,
+                },
+                _ => None,
+            };
+            if let Some(expression) = when {
+                out.push(say(
+                    &node.id,
+                    Verdict::Skip,
+                    format!("`when` is false ({expression})"),
+                ));
+                // As in `apply`, a skipped instance counts in its task's results with no key or output.
+                satisfied.push((node.id.clone(), String::new(), Value::Null));
+                continue;
+            }
+            all_skipped = false;
+            let rendered = match scope.render(node, Some(&ctx)) {
+                Ok(r) => r,
+                Err(e) => {
+                    out.push(say(
+                        &node.id,
+                        Verdict::Run,
+                        format!("cannot render it from cached outputs ({e})"),
+                    ));
+                    will_run = true;
+                    continue;
+                }
+            };
+            let parts = context::key_parts(node, &rendered, &upstream_hash);
+            let key = context::key_of(&parts);
+            let hit = match store {
+                Some(store) => store.cached(&key)?,
+                None => None,
+            };
+            match hit {
+                Some(hit) if !fresh => {
+                    out.push(say(
+                        &node.id,
+                        Verdict::Satisfied,
+                        format!("cached from run {}", hit.run),
+                    ));
+                    satisfied.push((node.id.clone(), key, hit.output));
+                }
+                _ => {
+                    will_run = true;
+                    let mut e = say(&node.id, Verdict::Run, String::new());
+                    if fresh {
+                        e.reason = "--fresh ignores cached results".into();
+                    } else if let Some(last) = store
+                        .map(|s| s.last_success(clusterfile, &node.id))
+                        .transpose()?
+                        .flatten()
+                    {
+                        e.changed = context::changed_parts(&last, &parts);
+                        e.reason = if e.changed.is_empty() {
+                            "its last result is no longer cached".into()
+                        } else {
+                            format!("changed since it last succeeded: {}", e.changed.join(", "))
+                        };
+                    } else {
+                        e.reason = "it never succeeded".into();
+                    }
+                    out.push(e);
+                }
+            }
+        }
+        known[t] = Some(if will_run {
+            Known::WillRun
+        } else if all_skipped {
+            Known::Skipped
+        } else {
+            Known::Satisfied(satisfied)
+        });
+    }
+    Ok(out)
+}
