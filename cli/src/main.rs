@@ -105,6 +105,22 @@ enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// Run a past run again with its clusterfile text and inputs: what failed or never ran runs,
+    /// what succeeded stays (default: the latest run).
+    Retry {
+        run: Option<String>,
+        /// Also run this task (or plan node) again even though it succeeded; repeatable.
+        #[arg(long = "task", value_name = "ID")]
+        tasks: Vec<String>,
+        #[arg(long, short = 'j')]
+        jobs: Option<usize>,
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        grace_period: Duration,
+        #[arg(long, value_enum, default_value_t = runs::OutputFormat::Human)]
+        output: runs::OutputFormat,
+        #[command(flatten)]
+        state: StateArgs,
+    },
     /// Stop the run in progress, as Ctrl-C would (from another terminal).
     Cancel {
         run: Option<String>,
@@ -132,6 +148,10 @@ impl StateArgs {
             clusterfile.unwrap_or(&self.clusterfile),
         )
     }
+}
+
+fn default_jobs() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -187,14 +207,14 @@ fn main() -> ExitCode {
             output,
             state,
         } => match compile(&file, Stage::Plan, DiagnosticFormat::Human) {
-            Ok((_, compiled)) => runs::apply(
+            Ok((source, compiled)) => runs::apply(
                 &compiled,
                 runs::ApplyArgs {
                     clusterfile: &file.file,
+                    source: &source.text,
+                    rerun: Vec::new(),
                     state_dir: state.dir(Some(&file.file)),
-                    jobs: jobs.unwrap_or_else(|| {
-                        std::thread::available_parallelism().map_or(1, |n| n.get())
-                    }),
+                    jobs: jobs.unwrap_or_else(default_jobs),
                     fresh,
                     grace: grace_period,
                     output,
@@ -202,6 +222,23 @@ fn main() -> ExitCode {
             ),
             Err(code) => code,
         },
+        Command::Retry {
+            run,
+            tasks,
+            jobs,
+            grace_period,
+            output,
+            state,
+        } => runs::retry(
+            &state.dir(None),
+            runs::RetryArgs {
+                run: run.as_deref(),
+                tasks,
+                jobs: jobs.unwrap_or_else(default_jobs),
+                grace: grace_period,
+                output,
+            },
+        ),
         Command::Runs { state } => runs::runs(&state.dir(None)),
         Command::Status { run, json, state } => {
             runs::status(&state.dir(None), run.as_deref(), json)

@@ -173,6 +173,10 @@ fn open_store(dir: &Path) -> Result<Store, u8> {
 
 pub struct ApplyArgs<'a> {
     pub clusterfile: &'a Path,
+    /// The clusterfile's text, kept with the run for `retry`.
+    pub source: &'a str,
+    /// Tasks or plan nodes to run even when cached (`retry --task`).
+    pub rerun: Vec<String>,
     pub state_dir: PathBuf,
     pub jobs: usize,
     pub fresh: bool,
@@ -201,6 +205,8 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         grace: args.grace,
         workdir: std::fs::canonicalize(&workdir).unwrap_or(workdir),
         clusterfile: args.clusterfile.display().to_string(),
+        source: args.source.to_string(),
+        rerun: args.rerun,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -581,4 +587,85 @@ pub fn explain(
         );
     }
     exit::SUCCESS
+}
+
+pub struct RetryArgs<'a> {
+    pub run: Option<&'a str>,
+    pub tasks: Vec<String>,
+    pub jobs: usize,
+    pub grace: Duration,
+    pub output: OutputFormat,
+}
+
+/// `retry`: runs a past run's clusterfile text again, with the same inputs. What succeeded stays
+/// cached (unless named with `--task`); what failed or never ran runs.
+pub fn retry(dir: &Path, args: RetryArgs<'_>) -> u8 {
+    let view = match load_runs(dir).and_then(|v| find_run(v, args.run)) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let run = view.run;
+    if run.source.is_empty() {
+        eprintln!(
+            "error: run {} kept no clusterfile text (it was made by an older ccluster)",
+            run.id
+        );
+        return exit::INVALID_INPUT;
+    }
+    let clusterfile = PathBuf::from(&run.clusterfile);
+    let mut inputs = ccluster_engine::plan::InputArgs::default();
+    if let serde_json::Value::Object(values) = &run.inputs {
+        inputs.values.extend(values.clone());
+    }
+    let source = ccluster_engine::SourceFile::new(run.clusterfile.clone(), run.source.clone());
+    let base_dir = clusterfile
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let format = ccluster_engine::syntax::Format::from_path(&clusterfile);
+    let compiled = match ccluster_engine::compile(
+        &source,
+        format,
+        &base_dir,
+        &inputs,
+        ccluster_engine::Stage::Plan,
+    ) {
+        Ok(c) => c,
+        Err(diagnostics) => {
+            eprint!(
+                "{}",
+                ccluster_engine::render::human(&diagnostics, &source, false)
+            );
+            return exit::INVALID_INPUT;
+        }
+    };
+    let known: Vec<&str> = compiled
+        .plan
+        .nodes
+        .iter()
+        .flat_map(|n| [n.id.as_str(), n.task.as_str()])
+        .collect();
+    if let Some(unknown) = args.tasks.iter().find(|t| !known.contains(&t.as_str())) {
+        eprintln!("error: run {} has no task `{unknown}`", run.id);
+        return exit::INVALID_INPUT;
+    }
+    if args.output == OutputFormat::Human {
+        println!(
+            "retrying run {} ({}), with its clusterfile text and inputs",
+            run.id, run.clusterfile
+        );
+    }
+    apply(
+        &compiled,
+        ApplyArgs {
+            clusterfile: &clusterfile,
+            source: &run.source,
+            rerun: args.tasks,
+            state_dir: dir.to_path_buf(),
+            jobs: args.jobs,
+            fresh: false,
+            grace: args.grace,
+            output: args.output,
+        },
+    )
 }

@@ -667,3 +667,51 @@ run = "echo d"
     );
     assert!(after.iter().any(|e| e["task"] == "each[1]"));
 }
+
+#[test]
+fn retry_reruns_what_failed_with_the_runs_own_text_and_inputs() {
+    let s = Sandbox::new(
+        r#"version = 1
+[inputs.who]
+default = "world"
+[tasks.ok]
+run = "echo {{ inputs.who }} >> ok.log"
+[tasks.shaky]
+needs = ["ok"]
+run = "echo {{ inputs.who }} >> shaky.log; test -f fixed"
+"#,
+    );
+    let first = s
+        .command(&["apply", "--output", "json", "--var", "who=ada"])
+        .output()
+        .unwrap();
+    assert_eq!(first.status.code(), Some(1));
+    // The file changes afterwards; `retry` must still run the run's own text and inputs.
+    s.write("version = 1\n[tasks.other]\nrun = \"echo changed >> other.log\"\n");
+    std::fs::write(s.path().join("fixed"), "").unwrap();
+    let retried = s.command(&["retry", "--output", "json"]).output().unwrap();
+    assert_eq!(
+        retried.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&retried.stderr)
+    );
+    assert_eq!(s.read("ok.log"), "ada\n", "what succeeded is not run again");
+    assert_eq!(
+        s.read("shaky.log"),
+        "ada\nada\n",
+        "the failed task ran again, with the same input"
+    );
+    assert!(!s.path().join("other.log").exists());
+
+    let forced = s
+        .command(&["retry", "--task", "ok", "--output", "json"])
+        .output()
+        .unwrap();
+    assert_eq!(forced.status.code(), Some(0));
+    assert_eq!(
+        s.read("ok.log"),
+        "ada\nada\n",
+        "--task runs a succeeded task again"
+    );
+}

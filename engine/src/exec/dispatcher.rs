@@ -43,6 +43,10 @@ pub struct ApplyOptions {
     pub workdir: PathBuf,
     /// The clusterfile as the user named it (runs and "last success" records are filed under it).
     pub clusterfile: String,
+    /// The clusterfile's text, kept with the run for `ccluster retry`.
+    pub source: String,
+    /// Tasks (ids) or plan nodes (`build[2]`) to run even when a cached result exists.
+    pub rerun: Vec<String>,
 }
 
 /// How a run ended.
@@ -282,6 +286,7 @@ pub async fn apply(
         started_ms: now_ms(),
         finished_ms: None,
         inputs: serde_json::to_value(&compiled.plan.inputs).unwrap_or_default(),
+        source: opts.source.clone(),
     };
     let logs = store.dir().join("runs").join(&run.id).join("logs");
     std::fs::create_dir_all(&logs).map_err(|source| ApplyError::Io {
@@ -786,7 +791,12 @@ impl Dispatcher<'_> {
             let key = context::key_of(&parts);
             self.nodes[node].record.cache_key = Some(key.clone());
             self.nodes[node].parts = Some(parts);
-            if !self.opts.fresh {
+            let forced = self
+                .opts
+                .rerun
+                .iter()
+                .any(|r| *r == plan.id || *r == plan.task);
+            if !self.opts.fresh && !forced {
                 if let Some(hit) = self.store.cached(&key)? {
                     let n = &mut self.nodes[node];
                     n.record.state = TaskState::Cached;

@@ -37,6 +37,10 @@ pub struct RunRecord {
     pub finished_ms: Option<u64>,
     /// Input values the run was planned with.
     pub inputs: serde_json::Value,
+    /// The clusterfile's text as the run compiled it: `ccluster retry` runs exactly this again,
+    /// whatever the file says now.
+    #[serde(default)]
+    pub source: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
