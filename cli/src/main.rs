@@ -10,6 +10,7 @@ use ccluster_engine::plan::{self, InputArgs};
 use ccluster_engine::{compile_file, render, Diagnostic, SourceFile, Stage};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod live;
 mod runs;
 
 /// Exit codes, as documented in the README.

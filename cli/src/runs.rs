@@ -1,6 +1,6 @@
 //! `apply`, `runs`, `status`, `logs` and `cancel`: running workflows and looking at their state.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -220,7 +220,13 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
     };
     let mut human = HumanEvents;
     let mut json = JsonEvents;
+    let mut live;
     let sink: &mut dyn EventSink = match args.output {
+        // On a terminal, a live view; elsewhere (CI, pipes), plain timestamped lines.
+        OutputFormat::Human if std::io::stdout().is_terminal() => {
+            live = crate::live::LiveView::new();
+            &mut live
+        }
         OutputFormat::Human => &mut human,
         OutputFormat::Json => &mut json,
     };

@@ -1,0 +1,162 @@
+//! The live view of `apply` on a terminal: finished tasks scroll by as lines, and below them one
+//! spinner per running task and a summary line (done, failed, running, pending, elapsed).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ccluster_engine::exec::{Event, EventSink};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+pub struct LiveView {
+    multi: MultiProgress,
+    summary: ProgressBar,
+    running: HashMap<String, ProgressBar>,
+    total: usize,
+    done: usize,
+    failed: usize,
+    skipped: usize,
+}
+
+impl LiveView {
+    pub fn new() -> LiveView {
+        let multi = MultiProgress::new();
+        let summary = multi.add(ProgressBar::new_spinner());
+        summary.set_style(
+            ProgressStyle::with_template("{elapsed_precise} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        summary.enable_steady_tick(Duration::from_millis(200));
+        LiveView {
+            multi,
+            summary,
+            running: HashMap::new(),
+            total: 0,
+            done: 0,
+            failed: 0,
+            skipped: 0,
+        }
+    }
+
+    fn refresh(&self) {
+        let running = self.running.len();
+        let pending = self
+            .total
+            .saturating_sub(self.done + self.failed + self.skipped + running);
+        self.summary.set_message(format!(
+            "{} done, {} failed, {} skipped, {running} running, {pending} pending",
+            self.done, self.failed, self.skipped
+        ));
+    }
+
+    fn finish(&mut self, task: &str, line: String) {
+        if let Some(bar) = self.running.remove(task) {
+            bar.finish_and_clear();
+            self.multi.remove(&bar);
+        }
+        let _ = self.multi.println(line);
+    }
+}
+
+impl EventSink for LiveView {
+    fn emit(&mut self, event: &Event) {
+        match event {
+            Event::RunStarted {
+                run,
+                workflow,
+                nodes,
+                ..
+            } => {
+                self.total = *nodes;
+                let _ = self.multi.println(format!("run {run} of `{workflow}`"));
+            }
+            Event::MapExpanded { task, items, .. } => {
+                // The placeholder `task[*]` becomes `items` instances.
+                self.total = self.total + items - 1;
+                let _ = self
+                    .multi
+                    .println(format!("  map     {task}: {items} instances"));
+            }
+            Event::TaskStarted { task, attempt, .. } => {
+                let bar = self
+                    .multi
+                    .insert_before(&self.summary, ProgressBar::new_spinner());
+                bar.set_style(
+                    ProgressStyle::with_template("  {spinner} {msg} {elapsed}")
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                );
+                bar.set_message(if *attempt > 1 {
+                    format!("{task} (attempt {attempt})")
+                } else {
+                    task.clone()
+                });
+                bar.enable_steady_tick(Duration::from_millis(120));
+                if let Some(old) = self.running.insert(task.clone(), bar) {
+                    old.finish_and_clear();
+                }
+            }
+            Event::TaskRetrying {
+                task,
+                attempt,
+                message,
+                delay_ms,
+                ..
+            } => {
+                self.finish(
+                    task,
+                    format!(
+                        "  retry   {task}: attempt {attempt} failed ({message}); next in {:.1}s",
+                        *delay_ms as f64 / 1000.0
+                    ),
+                );
+            }
+            Event::TaskSucceeded {
+                task, duration_ms, ..
+            } => {
+                self.done += 1;
+                self.finish(
+                    task,
+                    format!("  done    {task} in {:.1}s", *duration_ms as f64 / 1000.0),
+                );
+            }
+            Event::TaskCached { task, .. } => {
+                self.done += 1;
+                self.finish(task, format!("  cached  {task}"));
+            }
+            Event::TaskFailed { task, message, .. } => {
+                self.failed += 1;
+                self.finish(task, format!("  FAILED  {task}: {message}"));
+            }
+            Event::TaskSkipped { task, reason, .. } => {
+                self.skipped += 1;
+                self.finish(task, format!("  skip    {task}: {reason}"));
+            }
+            Event::TaskCancelled { task, reason, .. } => {
+                self.skipped += 1;
+                self.finish(task, format!("  cancel  {task}: {reason}"));
+            }
+            Event::RunFinished {
+                run,
+                state,
+                succeeded,
+                cached,
+                failed,
+                skipped,
+                cancelled,
+                duration_ms,
+                ..
+            } => {
+                self.summary.finish_and_clear();
+                let state = serde_json::to_value(state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                let _ = self.multi.println(format!(
+                    "run {run} {state} in {:.1}s: {succeeded} succeeded, {cached} cached, {failed} failed, {skipped} skipped, {cancelled} cancelled",
+                    *duration_ms as f64 / 1000.0
+                ));
+                return;
+            }
+        }
+        self.refresh();
+    }
+}
