@@ -55,7 +55,7 @@ impl EventSink for HumanEvents {
                 nodes,
                 time_ms,
             } => format!(
-                "{} run {run} of `{workflow}`: {nodes} tasks",
+                "{} run {run} of `{workflow}`: {nodes} plan nodes",
                 clock(*time_ms)
             ),
             Event::TaskStarted {
