@@ -170,6 +170,8 @@ struct Dispatcher<'a> {
     ready: BinaryHeap<(u32, Reverse<u64>, usize)>,
     events: Vec<Event>,
     running: usize,
+    /// Processes whose start is being committed: they hold a `--jobs` slot already.
+    reserved: usize,
     timers: usize,
     stopping: Option<String>,
     cancelled: bool,
@@ -312,6 +314,7 @@ pub async fn apply(
         ready: BinaryHeap::new(),
         events: Vec::new(),
         running: 0,
+        reserved: 0,
         timers: 0,
         stopping: None,
         cancelled: false,
@@ -729,7 +732,9 @@ impl Dispatcher<'_> {
     /// Takes ready nodes while there is room, and prepares their attempts.
     fn launch(&mut self, spawns: &mut Vec<(usize, ProcessSpec)>) -> Result<(), ApplyError> {
         let mut parked = Vec::new();
-        while self.running + spawns.len() < self.opts.jobs && self.stopping.is_none() {
+        while self.running + self.reserved + spawns.len() < self.opts.jobs
+            && self.stopping.is_none()
+        {
             let Some((_, _, node)) = self.ready.pop() else {
                 break;
             };
@@ -1167,23 +1172,52 @@ impl Dispatcher<'_> {
                 self.release(g)?;
             }
         }
+        // Group commit, pipelined: this turn's writes (attempts started, results) are synced on a
+        // blocking thread while the loop goes on collecting the next turn's; a batch's events are
+        // reported and its processes started only once its sync is done.
+        let mut staged: Vec<(usize, ProcessSpec)> = Vec::new();
+        let mut committing: (Vec<Event>, Vec<(usize, ProcessSpec)>) = (Vec::new(), Vec::new());
+        let mut flush: Option<tokio::task::JoinHandle<Result<(), StoreError>>> = None;
         loop {
-            let mut spawns = Vec::new();
-            self.launch(&mut spawns)?;
-            self.commit(sink)?;
-            for (node, spec) in spawns {
-                self.running += 1;
-                let fut = runner.run(spec, stop_rx.clone());
-                let t0 = Instant::now();
-                procs.spawn(async move { (node, fut.await, t0.elapsed()) });
+            self.launch(&mut staged)?;
+            if flush.is_none() && (self.dirty || !self.events.is_empty() || !staged.is_empty()) {
+                self.dirty = false;
+                committing = (
+                    std::mem::take(&mut self.events),
+                    std::mem::take(&mut staged),
+                );
+                self.reserved = committing.1.len();
+                let committer = self.store.committer();
+                flush = Some(tokio::task::spawn_blocking(move || committer.commit()));
             }
-            if self.running == 0
+            if flush.is_none()
+                && self.running == 0
                 && self.timers == 0
                 && (self.ready.is_empty() || self.stopping.is_some())
             {
                 break;
             }
             let wake = tokio::select! {
+                synced = async { flush.as_mut().expect("guarded").await }, if flush.is_some() => {
+                    flush = None;
+                    synced.map_err(|e| ApplyError::Unsupported(format!("the state writer crashed: {e}")))??;
+                    let (events, spawns) = std::mem::take(&mut committing);
+                    for event in &events {
+                        sink.emit(event);
+                    }
+                    self.reserved = 0;
+                    for (node, spec) in spawns {
+                        self.running += 1;
+                        let fut = runner.run(spec, stop_rx.clone());
+                        let t0 = Instant::now();
+                        procs.spawn(async move { (node, fut.await, t0.elapsed()) });
+                    }
+                    self.snapshot_due = true;
+                    if self.last_snapshot.is_none_or(|t| t.elapsed() >= SNAPSHOT_EVERY) {
+                        self.snapshot();
+                    }
+                    None
+                }
                 Some(done) = procs.join_next(), if self.running > 0 => match done {
                     Ok((node, result, elapsed)) => Some(Wake::Finished { node, result, elapsed }),
                     Err(e) => return Err(ApplyError::Unsupported(format!("a task supervisor crashed: {e}"))),

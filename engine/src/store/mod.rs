@@ -40,6 +40,24 @@ pub enum StoreError {
     },
 }
 
+/// Makes the writes made before [`Committer::commit`] durable.
+pub struct Committer {
+    db: sled::Db,
+    dir: PathBuf,
+}
+
+impl Committer {
+    pub fn commit(self) -> Result<(), StoreError> {
+        self.db
+            .flush()
+            .map(|_| ())
+            .map_err(|source| StoreError::Db {
+                dir: self.dir,
+                source,
+            })
+    }
+}
+
 /// The state of one directory, locked for this process.
 pub struct Store {
     dir: PathBuf,
@@ -149,6 +167,15 @@ impl Store {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// A handle that makes every write so far durable, usable from another thread (so the
+    /// dispatcher can go on while the disk syncs).
+    pub fn committer(&self) -> Committer {
+        Committer {
+            db: self.db.clone(),
+            dir: self.dir.clone(),
+        }
     }
 
     /// Makes every write so far durable. Called before a recorded change is acted on or reported.
