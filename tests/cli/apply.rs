@@ -715,3 +715,57 @@ run = "echo {{ inputs.who }} >> shaky.log; test -f fixed"
         "--task runs a succeeded task again"
     );
 }
+
+#[test]
+fn a_second_ctrl_c_kills_at_once() {
+    let s = Sandbox::new(
+        r#"version = 1
+[tasks.stubborn]
+run = "trap '' TERM; echo $$ > pid; while true; do sleep 0.1; done"
+"#,
+    );
+    let mut cmd = s.command(&["apply", "--output", "json", "--grace-period", "60s"]);
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&s.path().join("pid"), Duration::from_secs(20));
+    let apply = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(apply, nix::sys::signal::Signal::SIGINT).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    nix::sys::signal::kill(apply, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the second Ctrl-C did not kill at once ({:?})",
+        started.elapsed()
+    );
+    let pid: i32 = s.read("pid").trim().parse().unwrap();
+    assert!(!alive(pid), "the task ignoring SIGTERM survived");
+}
+
+#[test]
+fn logs_follow_prints_until_the_run_ends() {
+    let s = Sandbox::new(
+        "version = 1\n[tasks.talk]\nrun = \"for i in 1 2 3; do echo line $i; sleep 0.3; done\"\n",
+    );
+    let child = s.spawn_apply(&[]);
+    let runs = s.path().join(".ccluster/runs");
+    let start = Instant::now();
+    let run = loop {
+        if let Some(entry) = std::fs::read_dir(&runs).ok().and_then(|mut d| d.next()) {
+            break entry.unwrap().file_name().to_string_lossy().into_owned();
+        }
+        assert!(start.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The live view lags up to 0.5 s behind; `logs` needs the task to be listed.
+    std::thread::sleep(Duration::from_millis(600));
+    let followed = s.command(&["logs", &run, "talk", "-f"]).output().unwrap();
+    let text = String::from_utf8_lossy(&followed.stdout);
+    assert!(text.contains("line 1\nline 2\nline 3\n"), "{text}");
+    assert_eq!(child.wait_with_output().unwrap().status.code(), Some(0));
+}
