@@ -114,7 +114,7 @@ struct Node {
     order: u64,
     record: TaskRecord,
     parts: Option<KeyParts>,
-    started: Option<Instant>,
+    attempt_started_ms: u64,
     /// Pending in the ready queue (or parked by `max_parallel`).
     queued: bool,
 }
@@ -438,7 +438,7 @@ impl Dispatcher<'_> {
             order,
             record,
             parts: None,
-            started: None,
+            attempt_started_ms: 0,
             queued: false,
         });
         let ix = self.nodes.len() - 1;
@@ -866,23 +866,9 @@ impl Dispatcher<'_> {
         n.record.attempts = attempt;
         n.record.state = TaskState::Running;
         n.record.started_ms.get_or_insert(now);
-        n.started = Some(Instant::now());
-        self.store.put_attempt(
-            &self.run.id,
-            &plan.id,
-            &AttemptRecord {
-                attempt,
-                started_ms: now,
-                finished_ms: None,
-                succeeded: None,
-                class: None,
-                exit_code: None,
-                signal: None,
-                message: None,
-                stdout: stdout.display().to_string(),
-                stderr: stderr.display().to_string(),
-            },
-        )?;
+        // The task record (running, attempt n) is the durable mark that attempt n started; the
+        // attempt's own record is written when it ends.
+        n.attempt_started_ms = now;
         self.events.push(Event::TaskStarted {
             run: self.run.id.clone(),
             task: plan.id.clone(),
@@ -1069,9 +1055,9 @@ impl Dispatcher<'_> {
             id,
             &AttemptRecord {
                 attempt,
-                started_ms: self.nodes[node].record.started_ms.unwrap_or(0),
-                finished_ms: Some(now_ms()),
-                succeeded: Some(succeeded),
+                started_ms: self.nodes[node].attempt_started_ms,
+                finished_ms: now_ms(),
+                succeeded,
                 class,
                 exit_code,
                 signal,

@@ -91,14 +91,15 @@ pub struct TaskRecord {
     pub message: Option<String>,
 }
 
+/// An attempt that ended (one that was running when ccluster died has no record: its task record
+/// still says `running`, with the attempt's number).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AttemptRecord {
     /// 1 for the first attempt.
     pub attempt: u32,
     pub started_ms: u64,
-    pub finished_ms: Option<u64>,
-    /// `None` while running (an attempt found so after a crash was interrupted).
-    pub succeeded: Option<bool>,
+    pub finished_ms: u64,
+    pub succeeded: bool,
     pub class: Option<FailureClass>,
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
