@@ -15,6 +15,7 @@ pub struct LiveView {
     done: usize,
     failed: usize,
     skipped: usize,
+    cancelled: usize,
 }
 
 impl LiveView {
@@ -34,6 +35,7 @@ impl LiveView {
             done: 0,
             failed: 0,
             skipped: 0,
+            cancelled: 0,
         }
     }
 
@@ -43,8 +45,8 @@ impl LiveView {
             .total
             .saturating_sub(self.done + self.failed + self.skipped + running);
         self.summary.set_message(format!(
-            "{} done, {} failed, {} skipped, {running} running, {pending} pending",
-            self.done, self.failed, self.skipped
+            "{} done, {} failed, {} skipped, {} cancelled, {running} running, {pending} pending",
+            self.done, self.failed, self.skipped, self.cancelled
         ));
     }
 
@@ -70,8 +72,8 @@ impl EventSink for LiveView {
                 let _ = self.multi.println(format!("run {run} of `{workflow}`"));
             }
             Event::MapExpanded { task, items, .. } => {
-                // The placeholder `task[*]` becomes `items` instances.
-                self.total = self.total + items - 1;
+                // `run_started` counted no node for a map expanded at run time: its instances come now.
+                self.total += items;
                 let _ = self
                     .multi
                     .println(format!("  map     {task}: {items} instances"));
@@ -131,7 +133,7 @@ impl EventSink for LiveView {
                 self.finish(task, format!("  skip    {task}: {reason}"));
             }
             Event::TaskCancelled { task, reason, .. } => {
-                self.skipped += 1;
+                self.cancelled += 1;
                 self.finish(task, format!("  cancel  {task}: {reason}"));
             }
             Event::RunFinished {

@@ -95,7 +95,7 @@ enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
-    /// Print a run's task logs (the latest attempt of each task, stdout then stderr).
+    /// Print a run's task logs: every attempt of each task, stdout then stderr.
     Logs {
         run: String,
         /// A task id (`build`) or plan node (`build[2]`).

@@ -26,6 +26,18 @@ pub fn state_dir(explicit: Option<&Path>, clusterfile: &Path) -> PathBuf {
         .unwrap_or_else(|| exec::default_state_dir(clusterfile))
 }
 
+/// Prints a line to stdout; a closed pipe (`ccluster status | head`) ends the output quietly
+/// instead of panicking like `println!`.
+macro_rules! say {
+    () => { say("") };
+    ($($arg:tt)*) => { say(&format!($($arg)*)) };
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+}
+
 fn clock(ms: u64) -> String {
     let secs = ms / 1000;
     format!(
@@ -239,7 +251,7 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
                 && summary.cached > 0
                 && summary.failed == 0
             {
-                println!("up to date: nothing to run ({} cached)", summary.cached);
+                say!("up to date: nothing to run ({} cached)", summary.cached);
             }
             match summary.state {
                 RunState::Succeeded => exit::SUCCESS,
@@ -305,7 +317,7 @@ fn load_runs(dir: &Path) -> Result<Vec<RunView>, u8> {
     if !dir.join("db").exists() {
         return Ok(Vec::new());
     }
-    match Store::open(dir) {
+    match Store::open_reader(dir) {
         Ok(store) => {
             let mut views = Vec::new();
             for run in store.runs().map_err(report)? {
@@ -345,18 +357,22 @@ pub fn runs(dir: &Path) -> u8 {
         Err(code) => return code,
     };
     if views.is_empty() {
-        println!("no runs yet in {}", dir.display());
+        say!("no runs yet in {}", dir.display());
         return exit::SUCCESS;
     }
-    println!(
+    say!(
         "{:<26} {:<12} {:<24} {:>6} {:>9}  CLUSTERFILE",
-        "RUN", "STATE", "WORKFLOW", "TASKS", "DURATION"
+        "RUN",
+        "STATE",
+        "WORKFLOW",
+        "TASKS",
+        "DURATION"
     );
     for v in &views {
         let took = v.run.finished_ms.map_or("-".to_string(), |f| {
             duration(f.saturating_sub(v.run.started_ms))
         });
-        println!(
+        say!(
             "{:<26} {:<12} {:<24} {:>6} {:>9}  {}",
             v.run.id,
             state_name(&v.run.state),
@@ -393,11 +409,11 @@ pub fn status(dir: &Path, run: Option<&str>, json: bool) -> u8 {
     };
     if json {
         let doc = serde_json::json!({ "run": view.run, "live": view.live, "tasks": view.tasks });
-        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        say!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         return exit::SUCCESS;
     }
     let r = &view.run;
-    println!(
+    say!(
         "run {} of `{}` ({}): {}{}",
         r.id,
         r.workflow,
@@ -405,9 +421,13 @@ pub fn status(dir: &Path, run: Option<&str>, json: bool) -> u8 {
         state_name(&r.state),
         if view.live { " (live)" } else { "" }
     );
-    println!(
+    say!(
         "{:<28} {:<10} {:>8} {:>9} {:>5}  MESSAGE",
-        "TASK", "STATE", "ATTEMPTS", "DURATION", "EXIT"
+        "TASK",
+        "STATE",
+        "ATTEMPTS",
+        "DURATION",
+        "EXIT"
     );
     for t in &view.tasks {
         let took = match (t.started_ms, t.finished_ms) {
@@ -415,7 +435,7 @@ pub fn status(dir: &Path, run: Option<&str>, json: bool) -> u8 {
             _ => "-".into(),
         };
         let exit_code = t.exit_code.map_or("-".to_string(), |c| c.to_string());
-        println!(
+        say!(
             "{:<28} {:<10} {:>8} {:>9} {:>5}  {}",
             t.node,
             state_name(&t.state),
@@ -453,15 +473,15 @@ pub fn logs(dir: &Path, run: &str, task: Option<&str>, follow: bool) -> u8 {
                 let path = exec::log_path(&logs, &t.node, attempt, ext);
                 if follow && tasks.len() == 1 && attempt == t.attempts.max(1) && stream == "stdout"
                 {
-                    println!("==> {} attempt {attempt} {stream} <==", t.node);
+                    say!("==> {} attempt {attempt} {stream} <==", t.node);
                     return follow_file(&path, dir);
                 }
                 // A stream that printed nothing has no file.
                 if let Ok(text) = std::fs::read_to_string(&path) {
-                    println!("==> {} attempt {attempt} {stream} <==", t.node);
+                    say!("==> {} attempt {attempt} {stream} <==", t.node);
                     print!("{text}");
                     if !text.ends_with('\n') {
-                        println!();
+                        say!();
                     }
                 }
             }
@@ -486,47 +506,48 @@ fn follow_file(path: &Path, dir: &Path) -> u8 {
                 }
             }
         }
-        // The run is over when no process holds the state any more.
-        if Store::open(dir).is_ok() {
+        // The run is over when no process drives the state any more.
+        if !matches!(Store::open_reader(dir), Err(StoreError::Locked { .. })) {
             return exit::SUCCESS;
         }
         std::thread::sleep(Duration::from_millis(200));
     }
 }
 
+/// Whether `pid` is a live ccluster process (a pid recorded by a run that died may have been
+/// reused by something else, which must not get the signal).
+fn is_ccluster(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| {
+        cmd.split(|b| *b == 0)
+            .next()
+            .is_some_and(|argv0| argv0.ends_with(b"ccluster"))
+    })
+}
+
 pub fn cancel(dir: &Path, run: Option<&str>) -> u8 {
-    let pid = match Store::open(dir) {
-        Ok(_) => {
-            eprintln!("error: no run is in progress in {}", dir.display());
-            return exit::INVALID_INPUT;
-        }
-        Err(StoreError::Locked { pid, .. }) => pid,
-        Err(e) => return report(e),
+    // The run in progress is the one with a live view whose process is still there.
+    let live = snapshots(dir)
+        .into_iter()
+        .rev()
+        .find(|v| v.run.state == RunState::Running && is_ccluster(v.run.pid as i32));
+    let Some(live) = live else {
+        eprintln!("error: no run is in progress in {}", dir.display());
+        return exit::INVALID_INPUT;
     };
     if let Some(id) = run {
-        let live = snapshots(dir)
-            .into_iter()
-            .rev()
-            .find(|v| v.run.state == RunState::Running);
-        if live.as_ref().is_some_and(|v| !v.run.id.starts_with(id)) {
-            eprintln!(
-                "error: the run in progress is {}, not `{id}`",
-                live.map(|v| v.run.id).unwrap_or_default()
-            );
+        if !live.run.id.starts_with(id) {
+            eprintln!("error: the run in progress is {}, not `{id}`", live.run.id);
             return exit::INVALID_INPUT;
         }
     }
-    let Ok(pid) = pid.parse::<i32>() else {
-        eprintln!("error: the lock file names no process (`{pid}`)");
-        return exit::INVALID_INPUT;
-    };
+    let pid = live.run.pid as i32;
     // SIGTERM: the run stops as on Ctrl-C (tasks stopped gracefully, state checkpointed, exit 130).
     match nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGTERM,
     ) {
         Ok(()) => {
-            println!("cancelling the run in process {pid}");
+            say(&format!("cancelling run {} (process {pid})", live.run.id));
             exit::SUCCESS
         }
         Err(e) => {
@@ -547,7 +568,7 @@ pub fn explain(
     use ccluster_engine::exec::explain::{explain, Verdict};
     // With no state yet, nothing is cached: explaining must not create a state directory.
     let store = match dir.join("db").exists() {
-        true => match open_store(dir) {
+        true => match Store::open_reader(dir).map_err(report) {
             Ok(s) => Some(s),
             Err(code) => return code,
         },
@@ -567,25 +588,21 @@ pub fn explain(
             serde_json::from_str(&ccluster_engine::plan::to_json(&compiled.plan))
                 .unwrap_or_default();
         plan["explain"] = serde_json::to_value(&explained).unwrap_or_default();
-        println!(
+        say!(
             "{}",
             serde_json::to_string_pretty(&plan).unwrap_or_default()
         );
         return exit::SUCCESS;
     }
     let count = |v: Verdict| explained.iter().filter(|e| e.verdict == v).count();
-    println!(
-        "{} to run, {} satisfied by cached results, {} skipped{}",
+    say!(
+        "{} to run, {} satisfied by cached results, {} skipped",
         count(Verdict::Run),
         count(Verdict::Satisfied),
         count(Verdict::Skip),
-        match count(Verdict::AtRunTime) {
-            0 => String::new(),
-            n => format!(", {n} known at run time"),
-        }
     );
     for e in &explained {
-        println!(
+        say!(
             "  {:<10} {:<28} {}",
             state_name(&e.verdict),
             e.task,
@@ -656,9 +673,10 @@ pub fn retry(dir: &Path, args: RetryArgs<'_>) -> u8 {
         return exit::INVALID_INPUT;
     }
     if args.output == OutputFormat::Human {
-        println!(
+        say!(
             "retrying run {} ({}), with its clusterfile text and inputs",
-            run.id, run.clusterfile
+            run.id,
+            run.clusterfile
         );
     }
     apply(

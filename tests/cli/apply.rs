@@ -211,12 +211,18 @@ fn a_failure_stops_the_run_and_cancels_pending_retries() {
         r#"version = 1
 [tasks.flaky]
 run = "echo try >> tries; exit 1"
-retry = { limit = 5, backoff = { initial = "2s" } }
+retry = { limit = 5, backoff = { initial = "60s" } }
 [tasks.broken]
 run = "sleep 0.2; exit 2"
 "#,
     );
+    let start = Instant::now();
     let run = s.apply(&["--jobs", "2"]);
+    // The retry waiting 60 s is cancelled when the run stops, not waited for.
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "the run waited for a cancelled retry"
+    );
     assert_eq!(run.code, 1);
     assert_eq!(
         s.read("tries").lines().count(),
@@ -768,4 +774,25 @@ fn logs_follow_prints_until_the_run_ends() {
     let text = String::from_utf8_lossy(&followed.stdout);
     assert!(text.contains("line 1\nline 2\nline 3\n"), "{text}");
     assert_eq!(child.wait_with_output().unwrap().status.code(), Some(0));
+}
+
+#[test]
+fn two_tasks_with_the_same_command_both_run() {
+    let s = Sandbox::new("version = 1\n[tasks.a]\nrun = \"echo x >> log\"\n[tasks.b]\nneeds = [\"a\"]\nrun = \"echo x >> log\"\n");
+    let run = s.apply(&[]);
+    assert_eq!(run.code, 0);
+    assert_eq!(
+        s.read("log"),
+        "x\nx\n",
+        "a task never takes another task's result"
+    );
+}
+
+#[test]
+fn cancel_without_a_run_changes_nothing() {
+    let s = Sandbox::new("version = 1\n[tasks.a]\nrun = \"true\"\n");
+    let out = s.command(&["cancel"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no run is in progress"));
+    assert!(!s.path().join(".ccluster").exists(), "cancel created state");
 }

@@ -13,7 +13,7 @@ use crate::plan::{PlannedAction, PlannedTask, Text};
 use crate::store::KeyParts;
 
 /// Version of the cache key recipe: changing what goes into keys must change this.
-const KEY_RECIPE: &str = "ccluster-key-1";
+const KEY_RECIPE: &str = "ccluster-key-2";
 
 /// The values every template of a run can read.
 pub struct RunScope {
@@ -179,12 +179,15 @@ fn hash(value: &impl serde::Serialize) -> String {
     blake3::hash(&bytes).to_hex()[..16].to_string()
 }
 
-/// The parts of a node's cache key, documented in `docs/caching.md`. Scheduling settings (retry,
+/// The parts of a node's cache key, documented in `docs/state.md`. Scheduling settings (retry,
 /// timeout, max_parallel, fan-out policy) and descriptions are left out on purpose: changing them
 /// does not change a result.
 pub fn key_parts(node: &PlannedTask, rendered: &Rendered, upstream: &str) -> KeyParts {
     let mut parts = KeyParts::new();
     parts.insert("recipe".into(), KEY_RECIPE.into());
+    // The plan node's id: two tasks that run the same command are still two tasks (their side
+    // effects are the point), so one never takes the other's result.
+    parts.insert("node".into(), node.id.clone());
     parts.insert("kind".into(), node.action.kind().into());
     parts.insert("command".into(), hash(&rendered.command));
     let mut env = rendered.env.clone();

@@ -180,8 +180,10 @@ struct Dispatcher<'a> {
     last_snapshot: Option<Instant>,
     /// A commit happened since the last snapshot (which is throttled to [`SNAPSHOT_EVERY`]).
     snapshot_due: bool,
-    /// Nodes whose record changed since the last snapshot.
+    /// Nodes whose record changed and is not committed yet.
     changed: Vec<usize>,
+    /// Nodes whose changed record is committed but not yet in the live view.
+    committed_changes: Vec<usize>,
     live_started: bool,
 }
 
@@ -219,14 +221,14 @@ fn new_run_id() -> String {
 /// Where an attempt's stdout (`out`) or stderr (`err`) goes: one flat folder per run, the file made
 /// only when the stream has bytes.
 pub fn log_path(logs: &Path, node: &str, attempt: u32, stream: &str) -> PathBuf {
+    // `build[2]` → `build.2`: task ids never contain `.`, so names cannot collide.
     let name: String = node
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
+        .filter_map(|c| match c {
+            '[' => Some('.'),
+            ']' => None,
+            c if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '*' => Some(c),
+            _ => Some('_'),
         })
         .collect();
     logs.join(format!("{name}.{attempt}.{stream}"))
@@ -275,7 +277,6 @@ pub async fn apply(
             reap_orphans(&old.id);
             let _ = std::fs::remove_file(store.dir().join("runs").join(&old.id).join(LIVE_FILE));
             old.state = RunState::Interrupted;
-            old.finished_ms = Some(now_ms());
             store.put_run(&old)?;
         }
     }
@@ -324,9 +325,12 @@ pub async fn apply(
         last_snapshot: Some(Instant::now()),
         snapshot_due: false,
         changed: Vec::new(),
+        committed_changes: Vec::new(),
         live_started: false,
     };
     d.build(compiled)?;
+    // The live view exists from the start, so `status` and `cancel` see the run at once.
+    d.snapshot();
     d.events.push(Event::RunStarted {
         run: d.run.id.clone(),
         workflow: d.run.workflow.clone(),
@@ -431,7 +435,7 @@ impl Dispatcher<'_> {
             message: None,
         };
         // Pending nodes are not written: a node's record is first written when it starts or
-        // settles (the live snapshot lists pending ones), which halves the writes of a run.
+        // settles (so `status` lists the nodes a run reached), which halves the writes of a run.
         self.nodes.push(Node {
             plan: Rc::new(plan),
             group,
@@ -560,10 +564,12 @@ impl Dispatcher<'_> {
         if let Some(expression) = self.groups[group].dynamic.take() {
             match verdict {
                 None => self.expand(group, &expression)?,
-                Some((state, _)) => {
-                    // Nothing to expand: the task as a whole takes the verdict.
-                    self.groups[group].outcome = Some(state);
-                    return self.group_done(group);
+                Some(_) => {
+                    // Nothing to expand: the placeholder `task[*]` takes the verdict, so the task
+                    // still shows in the records.
+                    if let Some(template) = self.groups[group].template.clone() {
+                        self.add_node(group, template)?;
+                    }
                 }
             }
         }
@@ -713,12 +719,29 @@ impl Dispatcher<'_> {
         self.group_done(group)
     }
 
+    /// The run stops: nothing new starts, and tasks waiting for a retry are cancelled now rather
+    /// than when their backoff ends.
+    fn stop(&mut self, reason: String) -> Result<(), ApplyError> {
+        if self.stopping.is_some() {
+            return Ok(());
+        }
+        self.stopping = Some(reason.clone());
+        let waiting: Vec<usize> = (0..self.nodes.len())
+            .filter(|&n| self.nodes[n].record.state == TaskState::Retrying)
+            .collect();
+        self.timers = 0;
+        for node in waiting {
+            self.settle(node, TaskState::Cancelled, reason.clone())?;
+        }
+        Ok(())
+    }
+
     fn group_done(&mut self, group: usize) -> Result<(), ApplyError> {
-        if self.groups[group].outcome == Some(TaskState::Failed) && self.stopping.is_none() {
-            self.stopping = Some(format!(
+        if self.groups[group].outcome == Some(TaskState::Failed) {
+            self.stop(format!(
                 "not run: the run is stopping because `{}` failed",
                 self.groups[group].id
-            ));
+            ))?;
         }
         for d in self.groups[group].dependents.clone() {
             self.groups[d].unsettled_needs -= 1;
@@ -739,16 +762,6 @@ impl Dispatcher<'_> {
                 break;
             };
             let group = self.nodes[node].group;
-            if self.groups[group].outcome.is_some() {
-                // The fan-out failed fast while this instance waited.
-                self.nodes[node].queued = false;
-                self.settle(
-                    node,
-                    TaskState::Cancelled,
-                    format!("not run: `{}` failed fast", self.groups[group].id),
-                )?;
-                continue;
-            }
             if let Some(max) = self.groups[group].max_parallel {
                 if self.groups[group].running >= max {
                     parked.push(node);
@@ -853,10 +866,13 @@ impl Dispatcher<'_> {
             .iter()
             .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
             .collect();
+        // Declared variables first, ccluster's own last: a task cannot hide from orphan reaping
+        // (which looks for CCLUSTER_RUN) by overriding it.
+        env.extend(rendered.env.iter().cloned());
         env.push(("CCLUSTER_RUN".into(), self.run.id.clone()));
         env.push(("CCLUSTER_TASK".into(), plan.id.clone()));
         env.push(("CCLUSTER_ATTEMPT".into(), attempt.to_string()));
-        env.extend(rendered.env.iter().cloned());
+
         let cwd = match &rendered.workdir {
             Some(w) => self.opts.workdir.join(w),
             None => self.opts.workdir.clone(),
@@ -937,6 +953,7 @@ impl Dispatcher<'_> {
                         let n = &mut self.nodes[node];
                         n.record.state = TaskState::Succeeded;
                         n.record.exit_code = Some(0);
+                        n.record.class = None;
                         n.record.output = Some(output);
                         n.record.finished_ms = Some(now_ms());
                         n.record.message = None;
@@ -1078,13 +1095,6 @@ impl Dispatcher<'_> {
         if self.dirty {
             self.store.commit()?;
             self.dirty = false;
-            self.snapshot_due = true;
-            if self
-                .last_snapshot
-                .is_none_or(|t| t.elapsed() >= SNAPSHOT_EVERY)
-            {
-                self.snapshot();
-            }
         }
         for event in self.events.drain(..) {
             sink.emit(&event);
@@ -1092,9 +1102,8 @@ impl Dispatcher<'_> {
         Ok(())
     }
 
-    /// A JSON view of the run for `ccluster status` from another terminal (the database is locked
-    /// while a run is driven). Written after a commit, so never ahead of the durable state.
-    /// Appends the records that changed since the last call to `runs/<run>/live.jsonl` (the run
+    /// The live view of the run, for `ccluster status` from another terminal (the database is
+    /// locked while a run is driven). Appends the records that changed since the last call to `runs/<run>/live.jsonl` (the run
     /// record first, then task records; the last line of a node wins). Written after a commit, so
     /// never ahead of the durable state; appending keeps it cheap for 10,000-task runs.
     fn snapshot(&mut self) {
@@ -1113,7 +1122,7 @@ impl Dispatcher<'_> {
             let _ = serde_json::to_writer(&mut out, &self.run);
             out.push(b'\n');
         }
-        let mut changed = std::mem::take(&mut self.changed);
+        let mut changed = std::mem::take(&mut self.committed_changes);
         changed.sort_unstable();
         changed.dedup();
         for node in changed {
@@ -1164,6 +1173,7 @@ impl Dispatcher<'_> {
         let mut staged: Vec<(usize, ProcessSpec)> = Vec::new();
         let mut committing: (Vec<Event>, Vec<(usize, ProcessSpec)>) = (Vec::new(), Vec::new());
         let mut flush: Option<tokio::task::JoinHandle<Result<(), StoreError>>> = None;
+        let mut committing_changed: Vec<usize> = Vec::new();
         loop {
             self.launch(&mut staged)?;
             if flush.is_none() && (self.dirty || !self.events.is_empty() || !staged.is_empty()) {
@@ -1172,6 +1182,7 @@ impl Dispatcher<'_> {
                     std::mem::take(&mut self.events),
                     std::mem::take(&mut staged),
                 );
+                committing_changed = std::mem::take(&mut self.changed);
                 self.reserved = committing.1.len();
                 let committer = self.store.committer();
                 flush = Some(tokio::task::spawn_blocking(move || committer.commit()));
@@ -1193,11 +1204,19 @@ impl Dispatcher<'_> {
                     }
                     self.reserved = 0;
                     for (node, spec) in spawns {
+                        if let Some(reason) = self.stopping.clone() {
+                            // The run began stopping while this start was being committed.
+                            self.groups[self.nodes[node].group].running -= 1;
+                            self.settle(node, TaskState::Cancelled, reason)?;
+                            continue;
+                        }
                         self.running += 1;
                         let fut = runner.run(spec, stop_rx.clone());
                         let t0 = Instant::now();
                         procs.spawn(async move { (node, fut.await, t0.elapsed()) });
                     }
+                    // Only what this sync made durable goes into the live view.
+                    self.committed_changes.append(&mut committing_changed);
                     self.snapshot_due = true;
                     if self.last_snapshot.is_none_or(|t| t.elapsed() >= SNAPSHOT_EVERY) {
                         self.snapshot();
@@ -1210,8 +1229,8 @@ impl Dispatcher<'_> {
                 },
                 Some(node) = retry_rx.recv(), if self.timers > 0 => Some(Wake::RetryDue(node)),
                 _ = tokio::time::sleep(SNAPSHOT_EVERY), if self.snapshot_due => { self.snapshot(); None }
-                _ = interrupt.recv() => { self.cancel(&stop_tx); None }
-                _ = terminate.recv() => { self.cancel(&stop_tx); None }
+                _ = interrupt.recv() => { self.cancel(&stop_tx)?; None }
+                _ = terminate.recv() => { self.cancel(&stop_tx)?; None }
             };
             let mut wakes: Vec<Wake> = wake.into_iter().collect();
             // Take whatever else finished meanwhile, so one commit covers it all.
@@ -1233,11 +1252,9 @@ impl Dispatcher<'_> {
                         self.finished(node, result, elapsed, &retry_tx)?;
                     }
                     Wake::RetryDue(node) => {
-                        self.timers -= 1;
-                        if self.stopping.is_some() {
-                            let reason = self.stopping.clone().unwrap_or_default();
-                            self.settle(node, TaskState::Cancelled, reason)?;
-                        } else {
+                        // A retry cancelled by a stop is already settled.
+                        if self.nodes[node].record.state == TaskState::Retrying {
+                            self.timers -= 1;
                             self.enqueue(node);
                         }
                     }
@@ -1309,16 +1326,15 @@ impl Dispatcher<'_> {
     }
 
     /// First Ctrl-C (or SIGTERM): stop launching, stop running tasks gracefully. Second: at once.
-    fn cancel(&mut self, stop: &watch::Sender<Stop>) {
+    fn cancel(&mut self, stop: &watch::Sender<Stop>) -> Result<(), ApplyError> {
         let level = if self.cancelled {
             Stop::Now
         } else {
             Stop::Graceful
         };
         self.cancelled = true;
-        self.stopping
-            .get_or_insert_with(|| "not run: the run was cancelled".into());
         let _ = stop.send(level);
+        self.stop("not run: the run was cancelled".into())
     }
 }
 

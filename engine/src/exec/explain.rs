@@ -22,8 +22,6 @@ pub enum Verdict {
     Run,
     /// `apply` would skip it (`when` is false, or what it needs is skipped).
     Skip,
-    /// Not knowable before running: a map expanded from outputs that do not exist yet.
-    AtRunTime,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

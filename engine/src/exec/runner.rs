@@ -86,6 +86,21 @@ impl Runner for LocalRunner {
     }
 }
 
+/// Kills the process group if the supervising future is dropped before the process ended (the
+/// run aborted, e.g. on a failed state write): no task may outlive its supervisor.
+struct GroupGuard {
+    pgid: i32,
+    armed: bool,
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            signal_group(self.pgid, Signal::SIGKILL);
+        }
+    }
+}
+
 fn signal_group(pgid: i32, signal: Signal) {
     // ESRCH (the group is gone) is the expected race here, not an error.
     let _ = killpg(Pid::from_raw(pgid), signal);
@@ -167,6 +182,7 @@ async fn run_local(spec: ProcessSpec, mut stop: watch::Receiver<Stop>) -> Proces
     let Some(pgid) = child.id().map(|id| id as i32) else {
         return failed("the process vanished at start".into());
     };
+    let mut guard = GroupGuard { pgid, armed: true };
     let mut out = child.stdout.take();
     let mut err = child.stderr.take();
     let (mut out_log, mut err_log) = (
@@ -228,6 +244,7 @@ async fn run_local(spec: ProcessSpec, mut stop: watch::Receiver<Stop>) -> Proces
             }
         }
     }
+    guard.armed = false;
     if kept.len() > STDOUT_KEPT {
         kept.drain(..kept.len() - STDOUT_KEPT);
     }

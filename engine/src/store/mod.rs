@@ -58,7 +58,8 @@ impl Committer {
     }
 }
 
-/// The state of one directory, locked for this process.
+/// The state of one directory, locked for this process (exclusively for a writer, shared for
+/// readers).
 pub struct Store {
     dir: PathBuf,
     db: sled::Db,
@@ -69,7 +70,8 @@ pub struct Store {
     cache: sled::Tree,
     last_success: sled::Tree,
     /// Held for the life of the store; dropping it unlocks.
-    _lock: Flock<File>,
+    lock: Flock<File>,
+    writer: bool,
     /// Pid found in the lock file when this process took it over from a dead one.
     pub took_over_from: Option<String>,
 }
@@ -81,36 +83,66 @@ fn io(dir: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
-impl Store {
-    /// Opens (creating if needed) the state in `dir` and locks it.
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let lock_path = dir.join("lock");
+/// How long an open waits for a lock held briefly by someone else (a `status` reading, or the
+/// database being opened by another reader), before saying the state is busy.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn locked_error(file: &mut File, dir: &Path) -> StoreError {
+    let mut pid = String::new();
+    let _ = file.rewind();
+    let _ = file.read_to_string(&mut pid);
+    let pid = pid.trim().to_string();
+    StoreError::Locked {
+        pid: if pid.is_empty() {
+            "unknown".into()
+        } else {
+            pid
+        },
+        dir: dir.to_path_buf(),
+    }
+}
+
+/// Takes a lock on the lock file. A writer (`apply`) waits up to [`LOCK_PATIENCE`] for readers to
+/// let go; a reader gives up at once if a writer holds it (the run's live view is read instead).
+fn take_lock(dir: &Path, writer: bool) -> Result<Flock<File>, StoreError> {
+    let start = std::time::Instant::now();
+    let arg = if writer {
+        FlockArg::LockExclusiveNonblock
+    } else {
+        FlockArg::LockSharedNonblock
+    };
+    loop {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(&lock_path)
+            .open(dir.join("lock"))
             .map_err(io(dir))?;
-        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => lock,
+        match Flock::lock(file, arg) {
+            Ok(lock) => return Ok(lock),
             Err((mut file, _)) => {
-                let mut pid = String::new();
-                let _ = file.read_to_string(&mut pid);
-                let pid = pid.trim().to_string();
-                return Err(StoreError::Locked {
-                    pid: if pid.is_empty() {
-                        "unknown".into()
-                    } else {
-                        pid
-                    },
-                    dir: dir.to_path_buf(),
-                });
+                let held_by_writer = Flock::lock(
+                    file.try_clone().map_err(io(dir))?,
+                    FlockArg::LockSharedNonblock,
+                )
+                .is_err();
+                if !writer || held_by_writer || start.elapsed() >= LOCK_PATIENCE {
+                    return Err(locked_error(&mut file, dir));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
             }
-        };
-        // We hold the lock, so whoever wrote a pid here is gone (the kernel dropped their lock):
-        // a stale lock is taken over, whatever the file holds (even garbage or nothing).
+        }
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the state in `dir` for driving a run: one process at a time.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut lock = take_lock(dir, true)?;
+        // A pid left in the file means its writer died without letting go (a clean exit empties
+        // it): the kernel dropped that lock, and this process takes over.
         let mut previous = Vec::new();
         let _ = lock.read_to_end(&mut previous);
         let previous = String::from_utf8_lossy(&previous).trim().to_string();
@@ -118,18 +150,46 @@ impl Store {
         lock.rewind().map_err(io(dir))?;
         write!(lock, "{}", std::process::id()).map_err(io(dir))?;
         lock.sync_all().map_err(io(dir))?;
+        let mut store = Store::open_db(dir, lock, true)?;
+        store.took_over_from = (!previous.is_empty()).then_some(previous);
+        Ok(store)
+    }
 
+    /// Opens the state for reading (`status`, `runs`, `logs`, `plan --explain`): refused with
+    /// [`StoreError::Locked`] while a run is driven.
+    pub fn open_reader(dir: &Path) -> Result<Store, StoreError> {
+        let lock = take_lock(dir, false)?;
+        Store::open_db(dir, lock, false)
+    }
+
+    fn open_db(dir: &Path, lock: Flock<File>, writer: bool) -> Result<Store, StoreError> {
         let db_err = |source| StoreError::Db {
             dir: dir.to_path_buf(),
             source,
         };
-        let db = sled::Config::new()
-            .path(dir.join("db"))
-            .flush_every_ms(None)
-            // sled's default cache is 1 GiB; run state is small and mostly written, not re-read.
-            .cache_capacity(32 << 20)
-            .open()
-            .map_err(db_err)?;
+        let start = std::time::Instant::now();
+        // Two readers may race for sled's own file lock: the loser waits its turn.
+        let db = loop {
+            match sled::Config::new()
+                .path(dir.join("db"))
+                .flush_every_ms(None)
+                // sled's default cache is 1 GiB; run state is small and mostly written, not re-read.
+                .cache_capacity(32 << 20)
+                .open()
+            {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.to_string().contains("lock") =>
+                {
+                    if start.elapsed() >= LOCK_PATIENCE {
+                        return Err(db_err(sled::Error::Io(e)));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(db_err(e)),
+            }
+        };
         match db.get(FORMAT_KEY).map_err(db_err)? {
             Some(v) => {
                 let found = v
@@ -144,11 +204,12 @@ impl Store {
                     });
                 }
             }
-            None => {
+            None if writer => {
                 db.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
                     .map_err(db_err)?;
                 db.flush().map_err(db_err)?;
             }
+            None => {}
         }
         let tree = |name: &str| db.open_tree(name).map_err(db_err);
         Ok(Store {
@@ -160,8 +221,9 @@ impl Store {
             last_success: tree("last_success")?,
             db,
             dir: dir.to_path_buf(),
-            _lock: lock,
-            took_over_from: (!previous.is_empty()).then_some(previous),
+            lock,
+            writer,
+            took_over_from: None,
         })
     }
 
@@ -309,6 +371,16 @@ impl Store {
         node: &str,
     ) -> Result<Option<KeyParts>, StoreError> {
         self.get(&self.last_success, &format!("{clusterfile}\0{node}"))
+    }
+}
+
+impl Drop for Store {
+    /// A clean exit empties the lock file, so a pid found there later means a writer died.
+    fn drop(&mut self) {
+        if self.writer {
+            let _ = self.db.flush();
+            let _ = self.lock.set_len(0);
+        }
     }
 }
 
