@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use ccluster_engine::exec::{Event, EventSink};
+
+use crate::runs::describe;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 pub struct LiveView {
@@ -61,22 +63,16 @@ impl LiveView {
 
 impl EventSink for LiveView {
     fn emit(&mut self, event: &Event) {
+        let line = format!("  {}", describe(event));
         match event {
-            Event::RunStarted {
-                run,
-                workflow,
-                nodes,
-                ..
-            } => {
+            Event::RunStarted { nodes, .. } => {
                 self.total = *nodes;
-                let _ = self.multi.println(format!("run {run} of `{workflow}`"));
+                let _ = self.multi.println(describe(event));
             }
-            Event::MapExpanded { task, items, .. } => {
+            Event::MapExpanded { items, .. } => {
                 // `run_started` counted no node for a map expanded at run time: its instances come now.
                 self.total += items;
-                let _ = self
-                    .multi
-                    .println(format!("  map     {task}: {items} instances"));
+                let _ = self.multi.println(line);
             }
             Event::TaskStarted { task, attempt, .. } => {
                 let bar = self
@@ -96,66 +92,26 @@ impl EventSink for LiveView {
                     old.finish_and_clear();
                 }
             }
-            Event::TaskRetrying {
-                task,
-                attempt,
-                message,
-                delay_ms,
-                ..
-            } => {
-                self.finish(
-                    task,
-                    format!(
-                        "  retry   {task}: attempt {attempt} failed ({message}); next in {:.1}s",
-                        *delay_ms as f64 / 1000.0
-                    ),
-                );
-            }
-            Event::TaskSucceeded {
-                task, duration_ms, ..
-            } => {
+            Event::TaskRetrying { task, .. } => self.finish(task, line),
+            Event::TaskSucceeded { task, .. } | Event::TaskCached { task, .. } => {
                 self.done += 1;
-                self.finish(
-                    task,
-                    format!("  done    {task} in {:.1}s", *duration_ms as f64 / 1000.0),
-                );
+                self.finish(task, line);
             }
-            Event::TaskCached { task, .. } => {
-                self.done += 1;
-                self.finish(task, format!("  cached  {task}"));
-            }
-            Event::TaskFailed { task, message, .. } => {
+            Event::TaskFailed { task, .. } => {
                 self.failed += 1;
-                self.finish(task, format!("  FAILED  {task}: {message}"));
+                self.finish(task, line);
             }
-            Event::TaskSkipped { task, reason, .. } => {
+            Event::TaskSkipped { task, .. } => {
                 self.skipped += 1;
-                self.finish(task, format!("  skip    {task}: {reason}"));
+                self.finish(task, line);
             }
-            Event::TaskCancelled { task, reason, .. } => {
+            Event::TaskCancelled { task, .. } => {
                 self.cancelled += 1;
-                self.finish(task, format!("  cancel  {task}: {reason}"));
+                self.finish(task, line);
             }
-            Event::RunFinished {
-                run,
-                state,
-                succeeded,
-                cached,
-                failed,
-                skipped,
-                cancelled,
-                duration_ms,
-                ..
-            } => {
+            Event::RunFinished { .. } => {
                 self.summary.finish_and_clear();
-                let state = serde_json::to_value(state)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default();
-                let _ = self.multi.println(format!(
-                    "run {run} {state} in {:.1}s: {succeeded} succeeded, {cached} cached, {failed} failed, {skipped} skipped, {cancelled} cancelled",
-                    *duration_ms as f64 / 1000.0
-                ));
+                let _ = self.multi.println(describe(event));
                 return;
             }
         }

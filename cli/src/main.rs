@@ -66,18 +66,11 @@ enum Command {
     Apply {
         #[command(flatten)]
         file: FileArgs,
-        /// Tasks running at once (default: the number of CPUs).
-        #[arg(long, short = 'j')]
-        jobs: Option<usize>,
         /// Ignore cached results: run every task.
         #[arg(long)]
         fresh: bool,
-        /// Time a stopping task gets between SIGTERM and SIGKILL.
-        #[arg(long, default_value = "5s", value_parser = parse_duration)]
-        grace_period: Duration,
-        /// Progress as lines for people, or one JSON event per line.
-        #[arg(long, value_enum, default_value_t = runs::OutputFormat::Human)]
-        output: runs::OutputFormat,
+        #[command(flatten)]
+        run: RunArgs,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -113,12 +106,8 @@ enum Command {
         /// Also run this task (or plan node) again even though it succeeded; repeatable.
         #[arg(long = "task", value_name = "ID")]
         tasks: Vec<String>,
-        #[arg(long, short = 'j')]
-        jobs: Option<usize>,
-        #[arg(long, default_value = "5s", value_parser = parse_duration)]
-        grace_period: Duration,
-        #[arg(long, value_enum, default_value_t = runs::OutputFormat::Human)]
-        output: runs::OutputFormat,
+        #[command(flatten)]
+        options: RunArgs,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -130,6 +119,27 @@ enum Command {
     },
     /// Print the JSON Schema of the clusterfile format.
     Schema,
+}
+
+/// How `apply` and `retry` run tasks and report progress.
+#[derive(Args)]
+struct RunArgs {
+    /// Tasks running at once (default: the number of CPUs).
+    #[arg(long, short = 'j')]
+    jobs: Option<usize>,
+    /// Time a stopping task gets between SIGTERM and SIGKILL.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    grace_period: Duration,
+    /// Progress as lines for people, or one JSON event per line.
+    #[arg(long, value_enum, default_value_t = runs::OutputFormat::Human)]
+    output: runs::OutputFormat,
+}
+
+impl RunArgs {
+    fn jobs(&self) -> usize {
+        self.jobs
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
 }
 
 #[derive(Args)]
@@ -149,10 +159,6 @@ impl StateArgs {
             clusterfile.unwrap_or(&self.clusterfile),
         )
     }
-}
-
-fn default_jobs() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -202,10 +208,8 @@ fn main() -> ExitCode {
         }
         Command::Apply {
             file,
-            jobs,
             fresh,
-            grace_period,
-            output,
+            run,
             state,
         } => match compile(&file, Stage::Plan, DiagnosticFormat::Human) {
             Ok((source, compiled)) => runs::apply(
@@ -215,10 +219,10 @@ fn main() -> ExitCode {
                     source: &source.text,
                     rerun: Vec::new(),
                     state_dir: state.dir(Some(&file.file)),
-                    jobs: jobs.unwrap_or_else(default_jobs),
+                    jobs: run.jobs(),
                     fresh,
-                    grace: grace_period,
-                    output,
+                    grace: run.grace_period,
+                    output: run.output,
                 },
             ),
             Err(code) => code,
@@ -226,18 +230,16 @@ fn main() -> ExitCode {
         Command::Retry {
             run,
             tasks,
-            jobs,
-            grace_period,
-            output,
+            options,
             state,
         } => runs::retry(
             &state.dir(None),
             runs::RetryArgs {
                 run: run.as_deref(),
                 tasks,
-                jobs: jobs.unwrap_or_else(default_jobs),
-                grace: grace_period,
-                output,
+                jobs: options.jobs(),
+                grace: options.grace_period,
+                output: options.output,
             },
         ),
         Command::Runs { state } => runs::runs(&state.dir(None)),

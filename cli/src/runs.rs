@@ -58,108 +58,53 @@ fn duration(ms: u64) -> String {
 
 struct HumanEvents;
 
+/// An event in words, as both the plain lines and the live view print it.
+pub fn describe(event: &Event) -> String {
+    let state_word = |state: &RunState| {
+        serde_json::to_value(state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    match event {
+        Event::RunStarted { run, workflow, nodes, .. } => format!("run {run} of `{workflow}`: {nodes} plan nodes"),
+        Event::TaskStarted { task, attempt, .. } if *attempt > 1 => format!("start   {task} (attempt {attempt})"),
+        Event::TaskStarted { task, .. } => format!("start   {task}"),
+        Event::TaskRetrying { task, attempt, class, delay_ms, message, .. } => {
+            format!("retry   {task}: attempt {attempt} failed ({message}, {}); next in {}", class.name(), duration(*delay_ms))
+        }
+        Event::TaskSucceeded { task, duration_ms, .. } => format!("done    {task} in {}", duration(*duration_ms)),
+        Event::TaskCached { task, from_run, .. } => format!("cached  {task} (from run {from_run})"),
+        Event::TaskFailed { task, message, .. } => format!("FAILED  {task}: {message}"),
+        Event::TaskSkipped { task, reason, .. } => format!("skip    {task}: {reason}"),
+        Event::TaskCancelled { task, reason, .. } => format!("cancel  {task}: {reason}"),
+        Event::MapExpanded { task, items, .. } => format!("map     {task}: {items} instances"),
+        Event::RunFinished { run, state, succeeded, cached, failed, skipped, cancelled, duration_ms, .. } => format!(
+            "run {run} {} in {}: {succeeded} succeeded, {cached} cached, {failed} failed, {skipped} skipped, {cancelled} cancelled",
+            state_word(state),
+            duration(*duration_ms)
+        ),
+    }
+}
+
+fn event_time(event: &Event) -> u64 {
+    match event {
+        Event::RunStarted { time_ms, .. }
+        | Event::TaskStarted { time_ms, .. }
+        | Event::TaskRetrying { time_ms, .. }
+        | Event::TaskSucceeded { time_ms, .. }
+        | Event::TaskCached { time_ms, .. }
+        | Event::TaskFailed { time_ms, .. }
+        | Event::TaskSkipped { time_ms, .. }
+        | Event::TaskCancelled { time_ms, .. }
+        | Event::MapExpanded { time_ms, .. }
+        | Event::RunFinished { time_ms, .. } => *time_ms,
+    }
+}
+
 impl EventSink for HumanEvents {
     fn emit(&mut self, event: &Event) {
-        let line = match event {
-            Event::RunStarted {
-                run,
-                workflow,
-                nodes,
-                time_ms,
-            } => format!(
-                "{} run {run} of `{workflow}`: {nodes} plan nodes",
-                clock(*time_ms)
-            ),
-            Event::TaskStarted {
-                task,
-                attempt,
-                time_ms,
-                ..
-            } if *attempt > 1 => format!("{} start   {task} (attempt {attempt})", clock(*time_ms)),
-            Event::TaskStarted { task, time_ms, .. } => {
-                format!("{} start   {task}", clock(*time_ms))
-            }
-            Event::TaskRetrying {
-                task,
-                attempt,
-                class,
-                delay_ms,
-                message,
-                time_ms,
-                ..
-            } => {
-                format!(
-                    "{} retry   {task}: attempt {attempt} failed ({message}, {}); next in {}",
-                    clock(*time_ms),
-                    class.name(),
-                    duration(*delay_ms)
-                )
-            }
-            Event::TaskSucceeded {
-                task,
-                duration_ms,
-                time_ms,
-                ..
-            } => format!(
-                "{} done    {task} in {}",
-                clock(*time_ms),
-                duration(*duration_ms)
-            ),
-            Event::TaskCached {
-                task,
-                from_run,
-                time_ms,
-                ..
-            } => format!("{} cached  {task} (from run {from_run})", clock(*time_ms)),
-            Event::TaskFailed {
-                task,
-                message,
-                time_ms,
-                ..
-            } => format!("{} FAILED  {task}: {message}", clock(*time_ms)),
-            Event::TaskSkipped {
-                task,
-                reason,
-                time_ms,
-                ..
-            } => format!("{} skip    {task}: {reason}", clock(*time_ms)),
-            Event::TaskCancelled {
-                task,
-                reason,
-                time_ms,
-                ..
-            } => format!("{} cancel  {task}: {reason}", clock(*time_ms)),
-            Event::MapExpanded {
-                task,
-                items,
-                time_ms,
-                ..
-            } => format!("{} map     {task}: {items} instances", clock(*time_ms)),
-            Event::RunFinished {
-                run,
-                state,
-                succeeded,
-                cached,
-                failed,
-                skipped,
-                cancelled,
-                duration_ms,
-                time_ms,
-            } => {
-                let state = serde_json::to_value(state)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default();
-                format!(
-                    "{} run {run} {state} in {}: {succeeded} succeeded, {cached} cached, {failed} failed, {skipped} skipped, {cancelled} cancelled",
-                    clock(*time_ms),
-                    duration(*duration_ms)
-                )
-            }
-        };
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{line}");
-        let _ = out.flush();
+        say(&format!("{} {}", clock(event_time(event)), describe(event)));
     }
 }
 

@@ -100,14 +100,7 @@ impl RunScope {
                 run, env, workdir, ..
             } => Ok(Rendered {
                 command: self.text(run, ctx).map_err(|e| format!("`run`: {e}"))?,
-                env: env
-                    .iter()
-                    .map(|(k, v)| {
-                        self.text(v, ctx)
-                            .map(|v| (k.clone(), v))
-                            .map_err(|e| format!("`env.{k}`: {e}"))
-                    })
-                    .collect::<Result<_, _>>()?,
+                env: self.env_vars(env, ctx)?,
                 workdir: workdir
                     .as_ref()
                     .map(|w| self.text(w, ctx))
@@ -118,14 +111,7 @@ impl RunScope {
                 command: self
                     .text(prompt, ctx)
                     .map_err(|e| format!("`prompt`: {e}"))?,
-                env: env
-                    .iter()
-                    .map(|(k, v)| {
-                        self.text(v, ctx)
-                            .map(|v| (k.clone(), v))
-                            .map_err(|e| format!("`env.{k}`: {e}"))
-                    })
-                    .collect::<Result<_, _>>()?,
+                env: self.env_vars(env, ctx)?,
                 workdir: None,
             }),
             PlannedAction::Merge { .. } => Ok(Rendered {
@@ -134,6 +120,20 @@ impl RunScope {
                 workdir: None,
             }),
         }
+    }
+
+    fn env_vars(
+        &self,
+        env: &indexmap::IndexMap<String, Text>,
+        ctx: Option<&JinjaValue>,
+    ) -> Result<Vec<(String, String)>, String> {
+        env.iter()
+            .map(|(k, v)| {
+                self.text(v, ctx)
+                    .map(|v| (k.clone(), v))
+                    .map_err(|e| format!("`env.{k}`: {e}"))
+            })
+            .collect()
     }
 
     /// Evaluates a `when` expression at run time.
