@@ -56,7 +56,10 @@ fn duration(ms: u64) -> String {
     }
 }
 
-struct HumanEvents;
+/// Plain lines, written once per batch of events (one write per commit, not per line).
+struct HumanEvents {
+    out: std::io::BufWriter<std::io::Stdout>,
+}
 
 /// An event in words, as both the plain lines and the live view print it.
 pub fn describe(event: &Event) -> String {
@@ -104,17 +107,26 @@ fn event_time(event: &Event) -> u64 {
 
 impl EventSink for HumanEvents {
     fn emit(&mut self, event: &Event) {
-        say(&format!("{} {}", clock(event_time(event)), describe(event)));
+        let _ = writeln!(self.out, "{} {}", clock(event_time(event)), describe(event));
+    }
+
+    fn flush(&mut self) {
+        let _ = self.out.flush();
     }
 }
 
-struct JsonEvents;
+struct JsonEvents {
+    out: std::io::BufWriter<std::io::Stdout>,
+}
 
 impl EventSink for JsonEvents {
     fn emit(&mut self, event: &Event) {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{}", serde_json::to_string(event).unwrap_or_default());
-        let _ = out.flush();
+        let _ = serde_json::to_writer(&mut self.out, event);
+        let _ = self.out.write_all(b"\n");
+    }
+
+    fn flush(&mut self) {
+        let _ = self.out.flush();
     }
 }
 
@@ -175,8 +187,8 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
             return exit::TASK_FAILED;
         }
     };
-    let mut human = HumanEvents;
-    let mut json = JsonEvents;
+    let mut human = HumanEvents { out: std::io::BufWriter::new(std::io::stdout()) };
+    let mut json = JsonEvents { out: std::io::BufWriter::new(std::io::stdout()) };
     let mut live;
     let sink: &mut dyn EventSink = match args.output {
         // On a terminal, a live view; elsewhere (CI, pipes), plain timestamped lines.

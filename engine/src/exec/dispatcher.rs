@@ -1099,6 +1099,7 @@ impl Dispatcher<'_> {
         for event in self.events.drain(..) {
             sink.emit(&event);
         }
+        sink.flush();
         Ok(())
     }
 
@@ -1202,6 +1203,7 @@ impl Dispatcher<'_> {
                     for event in &events {
                         sink.emit(event);
                     }
+                    sink.flush();
                     self.reserved = 0;
                     for (node, spec) in spawns {
                         if let Some(reason) = self.stopping.clone() {

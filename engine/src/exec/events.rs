@@ -87,6 +87,9 @@ pub enum Event {
 /// Where events go: the CLI prints them; tests collect them.
 pub trait EventSink {
     fn emit(&mut self, event: &Event);
+
+    /// Called after each batch of events (one commit's worth): a buffered sink writes them out.
+    fn flush(&mut self) {}
 }
 
 impl EventSink for Vec<Event> {
