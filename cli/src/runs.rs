@@ -187,8 +187,12 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
             return exit::TASK_FAILED;
         }
     };
-    let mut human = HumanEvents { out: std::io::BufWriter::new(std::io::stdout()) };
-    let mut json = JsonEvents { out: std::io::BufWriter::new(std::io::stdout()) };
+    let mut human = HumanEvents {
+        out: std::io::BufWriter::new(std::io::stdout()),
+    };
+    let mut json = JsonEvents {
+        out: std::io::BufWriter::new(std::io::stdout()),
+    };
     let mut live;
     let sink: &mut dyn EventSink = match args.output {
         // On a terminal, a live view; elsewhere (CI, pipes), plain timestamped lines.
