@@ -162,6 +162,12 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         Ok(s) => s,
         Err(code) => return code,
     };
+    if let Some(pid) = &store.took_over_from {
+        eprintln!(
+            "note: process {pid} ended without releasing {}; its state is taken over",
+            args.state_dir.display()
+        );
+    }
     let workdir = args
         .clusterfile
         .parent()

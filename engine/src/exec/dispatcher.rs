@@ -115,8 +115,6 @@ struct Node {
     record: TaskRecord,
     parts: Option<KeyParts>,
     attempt_started_ms: u64,
-    /// Pending in the ready queue (or parked by `max_parallel`).
-    queued: bool,
 }
 
 /// A task of the workflow: its plan nodes (one, or a fan-out's instances) and its aggregate state.
@@ -443,7 +441,6 @@ impl Dispatcher<'_> {
             record,
             parts: None,
             attempt_started_ms: 0,
-            queued: false,
         });
         let ix = self.nodes.len() - 1;
         self.groups[group].nodes.push(ix);
@@ -654,8 +651,7 @@ impl Dispatcher<'_> {
     }
 
     fn enqueue(&mut self, node: usize) {
-        let n = &mut self.nodes[node];
-        n.queued = true;
+        let n = &self.nodes[node];
         self.ready
             .push((self.groups[n.group].depth, Reverse(n.order), node));
     }
@@ -768,7 +764,6 @@ impl Dispatcher<'_> {
                     continue;
                 }
             }
-            self.nodes[node].queued = false;
             if let Some(spec) = self.prepare(node)? {
                 self.groups[group].running += 1;
                 spawns.push((node, spec));
