@@ -1,11 +1,12 @@
 //! `apply`, `runs`, `status`, `logs` and `cancel`: running workflows and looking at their state.
 
+use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ccluster_engine::exec::{self, ApplyOptions, Event, EventSink, LocalRunner};
-use ccluster_engine::store::{RunRecord, RunState, Store, StoreError, TaskRecord};
+use ccluster_engine::store::{RunRecord, RunState, Store, StoreError, TaskRecord, TaskState};
 
 use crate::exit;
 
@@ -433,28 +434,71 @@ pub fn logs(dir: &Path, run: &str, task: Option<&str>, follow: bool) -> u8 {
         );
         return exit::INVALID_INPUT;
     }
-    let logs = dir.join("runs").join(&view.run.id).join("logs");
+    let logs_of = |run: &str| dir.join("runs").join(run).join("logs");
+    let logs = logs_of(&view.run.id);
+    let mut listings: HashMap<String, HashMap<String, u32>> = HashMap::new();
     for t in &tasks {
-        for attempt in 1..=t.attempts.max(1) {
-            for (stream, ext) in [("stdout", "out"), ("stderr", "err")] {
-                let path = exec::log_path(&logs, &t.node, attempt, ext);
-                if follow && tasks.len() == 1 && attempt == t.attempts.max(1) && stream == "stdout"
-                {
-                    say!("==> {} attempt {attempt} {stream} <==", t.node);
-                    return follow_file(&path, dir);
-                }
-                // A stream that printed nothing has no file.
-                if let Ok(text) = std::fs::read_to_string(&path) {
-                    say!("==> {} attempt {attempt} {stream} <==", t.node);
-                    print!("{text}");
-                    if !text.ends_with('\n') {
-                        say!();
-                    }
+        if let (TaskState::Cached, Some(source)) = (t.state, &t.cached_from) {
+            // A cached node ran in an earlier run: its logs are that run's.
+            let listing = listings
+                .entry(source.clone())
+                .or_insert_with(|| attempts_logged(&logs_of(source)));
+            let stem = exec::log_path(Path::new(""), &t.node, 0, "x")
+                .to_string_lossy()
+                .trim_end_matches(".0.x")
+                .to_string();
+            let attempts = listing.get(&stem).copied().unwrap_or(0);
+            print_logs(
+                &logs_of(source),
+                &t.node,
+                &format!(" (cached from run {source})"),
+                attempts,
+            );
+            continue;
+        }
+        if follow && tasks.len() == 1 {
+            let attempt = t.attempts.max(1);
+            say!("==> {} attempt {attempt} stdout <==", t.node);
+            return follow_file(&exec::log_path(&logs, &t.node, attempt, "out"), dir);
+        }
+        print_logs(&logs, &t.node, "", t.attempts);
+    }
+    exit::SUCCESS
+}
+
+/// Prints the logs of attempts `1..=attempts` of a node (a stream that printed nothing has no
+/// file and is not shown).
+fn print_logs(logs: &Path, node: &str, note: &str, attempts: u32) {
+    for attempt in 1..=attempts.max(1) {
+        for (stream, ext) in [("stdout", "out"), ("stderr", "err")] {
+            if let Ok(text) = std::fs::read_to_string(exec::log_path(logs, node, attempt, ext)) {
+                say!("==> {node}{note} attempt {attempt} {stream} <==");
+                let _ = std::io::stdout().lock().write_all(text.as_bytes());
+                if !text.ends_with('\n') {
+                    say!();
                 }
             }
         }
     }
-    exit::SUCCESS
+}
+
+/// The highest attempt number of each log file in a run's log folder, by file-name stem
+/// (`build.2` for `build[2]`): how far to look for a node cached from that run.
+fn attempts_logged(logs: &Path) -> HashMap<String, u32> {
+    let mut out: HashMap<String, u32> = HashMap::new();
+    for entry in std::fs::read_dir(logs).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // `<stem>.<attempt>.<out|err>`
+        let mut parts = name.rsplitn(3, '.');
+        let (_, Some(attempt), Some(stem)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if let Ok(a) = attempt.parse::<u32>() {
+            let max = out.entry(stem.to_string()).or_insert(0);
+            *max = (*max).max(a);
+        }
+    }
+    out
 }
 
 /// Prints a log file as it grows, until the run is no longer running.

@@ -796,3 +796,18 @@ fn cancel_without_a_run_changes_nothing() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no run is in progress"));
     assert!(!s.path().join(".ccluster").exists(), "cancel created state");
 }
+
+#[test]
+fn logs_of_a_cached_task_are_those_of_the_run_it_came_from() {
+    let s = Sandbox::new("version = 1\n[tasks.hello]\nrun = \"echo hello from the first run\"\n");
+    assert_eq!(s.apply(&[]).code, 0);
+    let again = s.apply(&[]);
+    assert_eq!(again.tasks("task_cached"), ["hello"]);
+    let run = again.events[0]["run"].as_str().unwrap().to_string();
+    let out = s.command(&["logs", &run, "hello"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("(cached from run ") && text.contains("hello from the first run"),
+        "{text}"
+    );
+}

@@ -431,6 +431,7 @@ impl Dispatcher<'_> {
             finished_ms: None,
             output: None,
             message: None,
+            cached_from: None,
         };
         // Pending nodes are not written: a node's record is first written when it starts or
         // settles (so `status` lists the nodes a run reached), which halves the writes of a run.
@@ -816,6 +817,7 @@ impl Dispatcher<'_> {
                     n.record.output = Some(hit.output);
                     n.record.finished_ms = Some(now_ms());
                     n.record.message = Some(format!("cached from run {} ({})", hit.run, hit.node));
+                    n.record.cached_from = Some(hit.run.clone());
                     self.events.push(Event::TaskCached {
                         run: self.run.id.clone(),
                         task: plan.id.clone(),

@@ -89,6 +89,9 @@ pub struct TaskRecord {
     pub output: Option<serde_json::Value>,
     /// Why it was skipped, cancelled or failed, in words.
     pub message: Option<String>,
+    /// For a cached node: the run whose result it reuses (its logs are there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_from: Option<String>,
 }
 
 /// An attempt that ended (one that was running when ccluster died has no record: its task record
