@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use ccluster_engine::model::workflow::mask;
 use ccluster_engine::plan::{self, InputArgs};
 use ccluster_engine::{compile_file, render, Diagnostic, SourceFile, Stage};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -106,6 +107,9 @@ enum Command {
         /// Also run this task (or plan node) again even though it succeeded; repeatable.
         #[arg(long = "task", value_name = "ID")]
         tasks: Vec<String>,
+        /// The value of a secret input (runs do not keep them): `--var token=...`.
+        #[arg(long = "var", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
         #[command(flatten)]
         options: RunArgs,
         #[command(flatten)]
@@ -230,12 +234,14 @@ fn main() -> ExitCode {
         Command::Retry {
             run,
             tasks,
+            vars,
             options,
             state,
         } => runs::retry(
             &state.dir(None),
             runs::RetryArgs {
                 run: run.as_deref(),
+                vars,
                 tasks,
                 jobs: options.jobs(),
                 grace: options.grace_period,
@@ -352,11 +358,13 @@ fn plan_command(file: &FileArgs, format: PlanFormat, explain: Option<(PathBuf, b
     if let Some((dir, fresh)) = explain {
         return runs::explain(&c, &dir, &file.file, fresh, format == PlanFormat::Json);
     }
-    print(&match format {
+    let text = match format {
         PlanFormat::Text => plan::to_text(&c.plan),
         PlanFormat::Json => plan::to_json(&c.plan),
         PlanFormat::Dot => plan::to_dot(&c.plan),
         PlanFormat::Mermaid => plan::to_mermaid(&c.plan),
-    });
+    };
+    // Secret inputs, and whatever templates rendered from them, are shown as `***`.
+    print(&mask(text, &c.workflow.secret_texts(&c.plan.inputs)));
     exit::SUCCESS
 }

@@ -599,10 +599,11 @@ pub fn explain(
             serde_json::from_str(&ccluster_engine::plan::to_json(&compiled.plan))
                 .unwrap_or_default();
         plan["explain"] = serde_json::to_value(&explained).unwrap_or_default();
-        say!(
-            "{}",
-            serde_json::to_string_pretty(&plan).unwrap_or_default()
-        );
+        let text = serde_json::to_string_pretty(&plan).unwrap_or_default();
+        say(&ccluster_engine::model::workflow::mask(
+            text,
+            &compiled.workflow.secret_texts(&compiled.plan.inputs),
+        ));
         return exit::SUCCESS;
     }
     let count = |v: Verdict| explained.iter().filter(|e| e.verdict == v).count();
@@ -625,6 +626,8 @@ pub fn explain(
 
 pub struct RetryArgs<'a> {
     pub run: Option<&'a str>,
+    /// `--var name=value`: the values of secret inputs, which runs do not keep.
+    pub vars: Vec<String>,
     pub tasks: Vec<String>,
     pub jobs: usize,
     pub grace: Duration,
@@ -648,8 +651,35 @@ pub fn retry(dir: &Path, args: RetryArgs<'_>) -> u8 {
     }
     let clusterfile = PathBuf::from(&run.clusterfile);
     let mut inputs = ccluster_engine::plan::InputArgs::default();
+    let mut withheld: Vec<String> = Vec::new();
     if let serde_json::Value::Object(values) = &run.inputs {
-        inputs.values.extend(values.clone());
+        for (name, value) in values {
+            if value == ccluster_engine::model::workflow::SECRET_MASK {
+                withheld.push(name.clone());
+            } else {
+                inputs.values.insert(name.clone(), value.clone());
+            }
+        }
+    }
+    for pair in &args.vars {
+        if let Err(e) = inputs.push_pair(pair) {
+            eprintln!("error: {e}");
+            return exit::INVALID_INPUT;
+        }
+    }
+    if let Some(missing) = withheld
+        .iter()
+        .find(|w| !inputs.pairs.iter().any(|(n, _)| n == *w))
+    {
+        eprintln!(
+            "error: input `{missing}` is secret, so run {} did not keep it",
+            run.id
+        );
+        eprintln!(
+            "  help: give it again: ccluster retry {} --var {missing}=...",
+            run.id
+        );
+        return exit::INVALID_INPUT;
     }
     let source = ccluster_engine::SourceFile::new(run.clusterfile.clone(), run.source.clone());
     let base_dir = clusterfile

@@ -811,3 +811,61 @@ fn logs_of_a_cached_task_are_those_of_the_run_it_came_from() {
         "{text}"
     );
 }
+
+#[test]
+fn secret_inputs_never_reach_the_state_and_are_masked_in_plans() {
+    let s = Sandbox::new(
+        r#"version = 1
+[inputs.token]
+secret = true
+[tasks.use]
+run = "printf %s '{{ inputs.token }}' | wc -c"
+[tasks.fail_once]
+needs = ["use"]
+run = "test -f fixed"
+"#,
+    );
+    let plan = s
+        .command(&["plan", "--var", "token=hunter2-s3cr3t"])
+        .output()
+        .unwrap();
+    let plan = String::from_utf8_lossy(&plan.stdout);
+    assert!(
+        plan.contains("printf %s '***' | wc -c") && !plan.contains("hunter2"),
+        "{plan}"
+    );
+
+    let run = s
+        .command(&["apply", "--output", "json", "--var", "token=hunter2-s3cr3t"])
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(1));
+    // Nothing under the state directory holds the secret: database, logs, live view.
+    let found = Command::new("grep")
+        .args(["-r", "-l", "hunter2", ".ccluster"])
+        .current_dir(s.path())
+        .output()
+        .unwrap();
+    assert!(
+        found.stdout.is_empty(),
+        "the secret is in {}",
+        String::from_utf8_lossy(&found.stdout)
+    );
+    let status = s.status();
+    assert_eq!(status["run"]["inputs"]["token"], "***");
+
+    std::fs::write(s.path().join("fixed"), "").unwrap();
+    let refused = s.command(&["retry"]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("input `token` is secret"));
+    let retried = s
+        .command(&["retry", "--var", "token=hunter2-s3cr3t", "--output", "json"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        retried.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&retried.stderr)
+    );
+}

@@ -286,7 +286,9 @@ pub async fn apply(
         pid: std::process::id(),
         started_ms: now_ms(),
         finished_ms: None,
-        inputs: serde_json::to_value(&compiled.plan.inputs).unwrap_or_default(),
+        // Secret inputs never reach the state: `retry` asks for them again.
+        inputs: serde_json::to_value(compiled.workflow.redacted_inputs(&compiled.plan.inputs))
+            .unwrap_or_default(),
         source: opts.source.clone(),
     };
     let logs = store.dir().join("runs").join(&run.id).join("logs");

@@ -452,6 +452,9 @@ impl Decoder<'_> {
         if let Some(n) = t.get("required") {
             input.required = self.bool(n, "required");
         }
+        if let Some(n) = t.get("secret") {
+            input.secret = self.bool(n, "secret");
+        }
         self.finish(t);
         input.decode_errors = self.errors_so_far() > before;
         Some(input)

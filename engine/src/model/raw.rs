@@ -104,6 +104,9 @@ pub struct RawInput {
     pub default: Option<Spanned<serde_json::Value>>,
     /// Whether the parameter must be set (default: true when there is no `default`).
     pub required: Option<Spanned<bool>>,
+    /// A secret (a token, a password): its value is never written to run state and is shown as
+    /// `***` in plans (default false). `ccluster retry` asks for it again.
+    pub secret: Option<Spanned<bool>>,
     #[serde(skip)]
     #[schemars(skip)]
     pub name_span: Span,

@@ -48,8 +48,69 @@ pub struct InputDecl {
     pub default: Option<serde_json::Value>,
     pub required: bool,
     pub description: Option<String>,
+    /// Kept out of run state and masked in plans.
+    pub secret: bool,
     #[serde(skip)]
     pub span: Span,
+}
+
+impl Workflow {
+    /// The input values to record or show: secret ones replaced by `***`.
+    pub fn redacted_inputs(
+        &self,
+        values: &IndexMap<String, serde_json::Value>,
+    ) -> IndexMap<String, serde_json::Value> {
+        values
+            .iter()
+            .map(|(k, v)| {
+                let secret = self.inputs.get(k).is_some_and(|d| d.secret);
+                (
+                    k.clone(),
+                    if secret {
+                        serde_json::Value::from(SECRET_MASK)
+                    } else {
+                        v.clone()
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// The text forms of the secret input values, to mask wherever they might be shown.
+    pub fn secret_texts(&self, values: &IndexMap<String, serde_json::Value>) -> Vec<String> {
+        let mut out = Vec::new();
+        for (k, v) in values {
+            if !self.inputs.get(k).is_some_and(|d| d.secret) {
+                continue;
+            }
+            let text = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            // Very short values would mask unrelated text; they are not worth protecting this way.
+            if text.len() >= 4 {
+                let json = serde_json::to_string(&text).unwrap_or_default();
+                out.push(json.trim_matches('"').to_string());
+                out.push(text);
+            }
+        }
+        out.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        out.dedup();
+        out
+    }
+}
+
+/// What a secret input's value is shown as.
+pub const SECRET_MASK: &str = "***";
+
+/// Replaces every secret text in `text` with [`SECRET_MASK`].
+pub fn mask(mut text: String, secrets: &[String]) -> String {
+    for s in secrets {
+        if text.contains(s.as_str()) {
+            text = text.replace(s.as_str(), SECRET_MASK);
+        }
+    }
+    text
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -394,6 +455,7 @@ fn resolve_inputs(
                     .as_ref()
                     .map_or(input.default.is_none(), |r| r.value),
                 description: input.description.as_ref().map(|d| d.value.clone()),
+                secret: input.secret.as_ref().is_some_and(|s| s.value),
                 span: input.name_span,
             },
         );
