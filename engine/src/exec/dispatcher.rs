@@ -67,6 +67,9 @@ pub enum ApplyError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Unsupported(String),
+    /// A bug in ccluster, not in the workflow: a supervisor or the state writer panicked.
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("cannot create `{path}`: {source}")]
     Io {
         path: PathBuf,
@@ -1197,7 +1200,7 @@ impl Dispatcher<'_> {
             let wake = tokio::select! {
                 synced = async { flush.as_mut().expect("guarded").await }, if flush.is_some() => {
                     flush = None;
-                    synced.map_err(|e| ApplyError::Unsupported(format!("the state writer crashed: {e}")))??;
+                    synced.map_err(|e| ApplyError::Internal(format!("the state writer crashed: {e}")))??;
                     let (events, spawns) = std::mem::take(&mut committing);
                     for event in &events {
                         sink.emit(event);
@@ -1226,7 +1229,7 @@ impl Dispatcher<'_> {
                 }
                 Some(done) = procs.join_next(), if self.running > 0 => match done {
                     Ok((node, result, elapsed)) => Some(Wake::Finished { node, result, elapsed }),
-                    Err(e) => return Err(ApplyError::Unsupported(format!("a task supervisor crashed: {e}"))),
+                    Err(e) => return Err(ApplyError::Internal(format!("a task supervisor crashed: {e}"))),
                 },
                 Some(node) = retry_rx.recv(), if self.timers > 0 => Some(Wake::RetryDue(node)),
                 _ = tokio::time::sleep(SNAPSHOT_EVERY), if self.snapshot_due => { self.snapshot(); None }
