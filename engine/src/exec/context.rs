@@ -52,6 +52,17 @@ impl RunScope {
         }
     }
 
+    /// The scope of a compiled workflow: its planned input values, vars and name.
+    pub fn of(compiled: &crate::compile::Compiled) -> RunScope {
+        let wf = &compiled.workflow;
+        RunScope::new(
+            &compiled.plan.inputs,
+            &wf.vars,
+            &wf.name,
+            wf.description.as_deref(),
+        )
+    }
+
     /// What templates see as `tasks`: each upstream task's `output` (or, mapped, `outputs`). Built
     /// once per task, shared by all its instances and attempts.
     pub fn tasks_value(upstream: &BTreeMap<String, Upstream>) -> JinjaValue {

@@ -301,13 +301,7 @@ pub async fn apply(
     })?;
     store.put_run(&run)?;
 
-    let wf = &compiled.workflow;
-    let scope = RunScope::new(
-        &compiled.plan.inputs,
-        &wf.vars,
-        &wf.name,
-        wf.description.as_deref(),
-    );
+    let scope = RunScope::of(compiled);
     let mut d = Dispatcher {
         store,
         opts,

@@ -51,12 +51,7 @@ pub fn explain(
     fresh: bool,
 ) -> Result<Vec<Explanation>, StoreError> {
     let wf = &compiled.workflow;
-    let scope = RunScope::new(
-        &compiled.plan.inputs,
-        &wf.vars,
-        &wf.name,
-        wf.description.as_deref(),
-    );
+    let scope = RunScope::of(compiled);
     let index = wf.task_index();
     let ancestors = crate::model::workflow::ancestors(wf);
     let mut nodes_of: HashMap<&str, Vec<&PlannedTask>> = HashMap::new();
