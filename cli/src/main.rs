@@ -12,6 +12,7 @@ use ccluster_engine::{compile_file, render, Diagnostic, SourceFile, Stage};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod live;
+mod results;
 mod runs;
 
 /// Exit codes, as documented in the README.
@@ -121,8 +122,55 @@ enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// List what a run's tasks left (patches, changed files, kept files, test reports), or print one.
+    Artifacts {
+        run: String,
+        /// A task id (`edit`: every instance) or plan node (`edit[2]`).
+        task: Option<String>,
+        /// Print this artifact of the task's last attempt (`patch.diff`, or a kept file's path).
+        #[arg(long, value_name = "PATH", requires = "task")]
+        get: Option<String>,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Summarize a run for a pull request: tasks, attempts, time, cost, changes, tests, conflicts.
+    Report {
+        /// Default: the latest run.
+        run: Option<String>,
+        #[arg(long, value_enum, default_value_t = ReportFormat::Md)]
+        format: ReportFormat,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Export a run's result (its result task's branch) as one patch against the base, or a branch.
+    Export {
+        /// Default: the latest run.
+        run: Option<String>,
+        /// Write the patch here (`-`: stdout); apply it with `git apply`.
+        #[arg(long, value_name = "FILE", required_unless_present = "branch")]
+        patch: Option<PathBuf>,
+        /// Create a branch with this name at the result.
+        #[arg(long, value_name = "NAME")]
+        branch: Option<String>,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Remove the worktrees and branches finished runs left (result branches stay).
+    Gc {
+        /// Say what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
     /// Print the JSON Schema of the clusterfile format.
     Schema,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ReportFormat {
+    Md,
+    Json,
 }
 
 /// How `apply` and `retry` run tasks and report progress.
@@ -259,6 +307,29 @@ fn main() -> ExitCode {
             state,
         } => runs::logs(&state.dir(None), &run, task.as_deref(), follow),
         Command::Cancel { run, state } => runs::cancel(&state.dir(None), run.as_deref()),
+        Command::Artifacts {
+            run,
+            task,
+            get,
+            state,
+        } => results::artifacts(&state.dir(None), &run, task.as_deref(), get.as_deref()),
+        Command::Report { run, format, state } => results::report(
+            &state.dir(None),
+            run.as_deref(),
+            format == ReportFormat::Json,
+        ),
+        Command::Export {
+            run,
+            patch,
+            branch,
+            state,
+        } => results::export(
+            &state.dir(None),
+            run.as_deref(),
+            patch.as_deref(),
+            branch.as_deref(),
+        ),
+        Command::Gc { dry_run, state } => results::gc(&state.dir(None), dry_run),
         Command::Schema => {
             print(&ccluster_engine::schema::clusterfile_schema());
             exit::SUCCESS

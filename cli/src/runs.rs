@@ -210,7 +210,24 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         OutputFormat::Human => &mut human,
         OutputFormat::Json => &mut json,
     };
-    let result = runtime.block_on(exec::apply(compiled, &store, &LocalRunner, &opts, sink));
+    if compiled.plan.nodes.iter().any(|n| n.workspace.is_some()) {
+        if let Ok(repo) = ccluster_engine::workspace::Repo::discover(&opts.workdir) {
+            if repo.is_dirty() {
+                eprintln!(
+                    "warning: {} has uncommitted changes; workspaces start from {} and will not see them",
+                    repo.root.display(),
+                    compiled.workflow.base.as_deref().unwrap_or("HEAD")
+                );
+            }
+        }
+    }
+    let result = runtime.block_on(exec::apply(
+        compiled,
+        &store,
+        std::sync::Arc::new(LocalRunner),
+        &opts,
+        sink,
+    ));
     match result {
         Ok(summary) => {
             if args.output == OutputFormat::Human
@@ -221,11 +238,23 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
             {
                 say!("up to date: nothing to run ({} cached)", summary.cached);
             }
+            if let (OutputFormat::Human, Some(branch)) = (args.output, &summary.result) {
+                say!("result: branch {branch}");
+                say!(
+                    "  export it: ccluster export {} --patch result.diff   or   --branch NAME",
+                    summary.run
+                );
+            }
             match summary.state {
                 RunState::Succeeded => exit::SUCCESS,
                 RunState::Cancelled => exit::CANCELLED,
                 _ => exit::TASK_FAILED,
             }
+        }
+        Err(exec::ApplyError::Workspace(e)) => {
+            eprintln!("error: {e}");
+            eprintln!("  hint: run `git init && git commit --allow-empty -m init` in the clusterfile's directory, or set `[workflow] base` to an existing ref");
+            exit::INVALID_INPUT
         }
         Err(e) => {
             // A failed state write stops the run: nothing after it can be trusted to resume.
@@ -237,10 +266,10 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
 
 /// A run and its tasks, from the database, or from the live snapshot while another process holds
 /// the state.
-struct RunView {
-    run: RunRecord,
-    tasks: Vec<TaskRecord>,
-    live: bool,
+pub(crate) struct RunView {
+    pub run: RunRecord,
+    pub tasks: Vec<TaskRecord>,
+    pub live: bool,
 }
 
 /// Live views of runs in progress, from their `live.jsonl` (see the dispatcher): the run record,
@@ -281,7 +310,7 @@ fn snapshots(dir: &Path) -> Vec<RunView> {
     out
 }
 
-fn load_runs(dir: &Path) -> Result<Vec<RunView>, u8> {
+pub(crate) fn load_runs(dir: &Path) -> Result<Vec<RunView>, u8> {
     if !dir.join("db").exists() {
         return Ok(Vec::new());
     }
@@ -307,7 +336,7 @@ fn load_runs(dir: &Path) -> Result<Vec<RunView>, u8> {
     }
 }
 
-fn report(e: StoreError) -> u8 {
+pub(crate) fn report(e: StoreError) -> u8 {
     eprintln!("error: {e}");
     exit::INVALID_INPUT
 }
@@ -353,7 +382,7 @@ pub fn runs(dir: &Path) -> u8 {
     exit::SUCCESS
 }
 
-fn find_run(views: Vec<RunView>, id: Option<&str>) -> Result<RunView, u8> {
+pub(crate) fn find_run(views: Vec<RunView>, id: Option<&str>) -> Result<RunView, u8> {
     let found = match id {
         Some(id) => views
             .into_iter()
@@ -585,11 +614,28 @@ pub fn explain(
         },
         false => None,
     };
+    // Workspace tasks start from the base commit: it is part of their cache keys.
+    let run_base = compiled
+        .plan
+        .nodes
+        .iter()
+        .any(|n| n.workspace.is_some())
+        .then(|| {
+            let dir = clusterfile
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let repo = ccluster_engine::workspace::Repo::discover(dir).ok()?;
+            repo.resolve(compiled.workflow.base.as_deref().unwrap_or("HEAD"))
+                .ok()
+        })
+        .flatten();
     let explained = match explain(
         compiled,
         store.as_ref(),
         &clusterfile.display().to_string(),
         fresh,
+        run_base.as_deref(),
     ) {
         Ok(e) => e,
         Err(e) => return report(e),

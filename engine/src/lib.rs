@@ -6,6 +6,7 @@ pub mod diagnostic;
 pub mod model;
 pub mod plan;
 pub mod render;
+pub mod report;
 pub mod schema;
 pub mod syntax;
 
@@ -13,3 +14,4 @@ pub use compile::{compile, compile_file, Compiled, Stage};
 pub use diagnostic::{Diagnostic, SourceFile};
 pub mod exec;
 pub mod store;
+pub mod workspace;

@@ -193,7 +193,13 @@ fn hash(value: &impl serde::Serialize) -> String {
 /// The parts of a node's cache key, documented in `docs/state.md`. Scheduling settings (retry,
 /// timeout, max_parallel, fan-out policy) and descriptions are left out on purpose: changing them
 /// does not change a result.
-pub fn key_parts(node: &PlannedTask, rendered: &Rendered, upstream: &str) -> KeyParts {
+/// `base`: for a task with a workspace, what it starts from (see [`base_part`]).
+pub fn key_parts(
+    node: &PlannedTask,
+    rendered: &Rendered,
+    upstream: &str,
+    base: Option<&str>,
+) -> KeyParts {
     let mut parts = KeyParts::new();
     parts.insert("recipe".into(), KEY_RECIPE.into());
     // The plan node's id: two tasks that run the same command are still two tasks (their side
@@ -215,13 +221,32 @@ pub fn key_parts(node: &PlannedTask, rendered: &Rendered, upstream: &str) -> Key
         PlannedAction::Merge {
             strategy,
             on_conflict,
-        } => serde_json::json!({ "strategy": strategy, "on_conflict": on_conflict }),
+            resolve,
+        } => {
+            serde_json::json!({ "strategy": strategy, "on_conflict": on_conflict, "resolve": resolve })
+        }
     };
     parts.insert("settings".into(), hash(&settings));
+    if let Some(ws) = &node.workspace {
+        parts.insert("workspace".into(), hash(ws));
+    }
+    if let Some(base) = base {
+        parts.insert("base".into(), base.to_string());
+    }
     parts.insert("item".into(), hash(&(&node.index, &node.item)));
     parts.insert("runner".into(), hash(&node.runner));
     parts.insert("upstream".into(), upstream.to_string());
     parts
+}
+
+/// The `base` key part of a workspace task: the commits of the needed tasks it builds on (in
+/// `needs` order, instances in index order), or the run's base commit when it builds on none.
+pub fn base_part(run_base: &str, inputs: &[crate::workspace::Input]) -> String {
+    if inputs.is_empty() {
+        run_base.to_string()
+    } else {
+        hash(&inputs)
+    }
 }
 
 /// The hash of what a task's needs produced: each needed plan node's id, key and output.

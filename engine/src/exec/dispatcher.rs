@@ -20,15 +20,18 @@ use tokio::task::JoinSet;
 
 use super::context::{self, RunScope, Upstream};
 use super::events::{Event, EventSink};
-use super::runner::{ProcessEnd, ProcessResult, ProcessSpec, Runner, Stop};
+use super::job::{self, Job, JobResult};
+use super::runner::{ProcessEnd, ProcessSpec, Runner, Stop};
 use crate::compile::Compiled;
-use crate::model::raw::{FailureClass, MergeStrategy, OnItemFailure, OutputMode};
+use crate::model::raw::{FailureClass, MergeStrategy, OnConflict, OnItemFailure, OutputMode};
 use crate::model::workflow::{ancestors, RetryPolicy};
 use crate::plan::{PlannedAction, PlannedTask, WhenState};
 use crate::store::{
     now_ms, AttemptRecord, CacheEntry, KeyParts, RunRecord, RunState, Store, StoreError,
     TaskRecord, TaskState,
 };
+use crate::workspace::{self, Input, Repo, WorkspaceSpec};
+use std::sync::Arc;
 
 /// Settings of one `apply`.
 #[derive(Clone, Debug)]
@@ -59,6 +62,8 @@ pub struct RunSummary {
     pub failed: usize,
     pub skipped: usize,
     pub cancelled: usize,
+    /// The result task's branch, when it succeeded.
+    pub result: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +75,9 @@ pub enum ApplyError {
     /// A bug in ccluster, not in the workflow: a supervisor or the state writer panicked.
     #[error("internal error: {0}")]
     Internal(String),
+    /// Workspaces cannot be made (no git repository, no such base).
+    #[error("{0}")]
+    Workspace(String),
     #[error("cannot create `{path}`: {source}")]
     Io {
         path: PathBuf,
@@ -92,9 +100,12 @@ pub fn check_supported(compiled: &Compiled) -> Result<(), ApplyError> {
                     node.task
                 )))
             }
-            PlannedAction::Merge { strategy: MergeStrategy::Git, .. } => {
+            PlannedAction::Merge {
+                on_conflict: OnConflict::Agent,
+                ..
+            } => {
                 return Err(ApplyError::Unsupported(format!(
-                    "task `{}` is a git merge: this version of `apply` runs shell and collect tasks only (git merges come with workspaces)",
+                    "task `{}` hands merge conflicts to an agent: agent tasks come with the Claude Code worker; use `on_conflict = \"run\"` with a resolving command, or `\"fail\"`",
                     node.task
                 )))
             }
@@ -139,6 +150,8 @@ struct Group {
     on_item_failure: OnItemFailure,
     min_success: Option<u32>,
     is_merge: bool,
+    /// Leaves a commit per node: what dependents with a workspace build on.
+    has_workspace: bool,
     /// Length of the longest chain of tasks from here to the end: ready work on long chains first.
     depth: u32,
     /// The task's first plan node: what a dynamic map's instances are made from.
@@ -152,10 +165,12 @@ struct Group {
     upstream: Option<(JinjaValue, String)>,
 }
 
+// One per loop turn and short-lived: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum Wake {
     Finished {
         node: usize,
-        result: ProcessResult,
+        result: JobResult,
         elapsed: Duration,
     },
     RetryDue(usize),
@@ -186,6 +201,12 @@ struct Dispatcher<'a> {
     /// Nodes whose changed record is committed but not yet in the live view.
     committed_changes: Vec<usize>,
     live_started: bool,
+    /// The repository workspaces are made from, when a task has one.
+    repo: Option<Repo>,
+    /// The clusterfile's directory inside the repository.
+    subdir: PathBuf,
+    /// Branches of cached nodes, set together when the run ends.
+    cached_refs: Vec<(String, String)>,
 }
 
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(500);
@@ -222,17 +243,20 @@ fn new_run_id() -> String {
 /// Where an attempt's stdout (`out`) or stderr (`err`) goes: one flat folder per run, the file made
 /// only when the stream has bytes.
 pub fn log_path(logs: &Path, node: &str, attempt: u32, stream: &str) -> PathBuf {
-    // `build[2]` → `build.2`: task ids never contain `.`, so names cannot collide.
-    let name: String = node
-        .chars()
+    logs.join(format!("{}.{attempt}.{stream}", node_file_name(node)))
+}
+
+/// A plan node's id as a file name: `build[2]` → `build.2` (task ids never contain `.`, so names
+/// cannot collide).
+pub fn node_file_name(node: &str) -> String {
+    node.chars()
         .filter_map(|c| match c {
             '[' => Some('.'),
             ']' => None,
             c if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '*' => Some(c),
             _ => Some('_'),
         })
-        .collect();
-    logs.join(format!("{name}.{attempt}.{stream}"))
+        .collect()
 }
 
 fn backoff_delay(policy: &RetryPolicy, failed_attempt: u32) -> Duration {
@@ -245,37 +269,36 @@ fn backoff_delay(policy: &RetryPolicy, failed_attempt: u32) -> Duration {
     Duration::from_secs_f64((base * spread).max(0.0))
 }
 
-/// The output of a shell task from its stdout.
-fn shell_output(mode: OutputMode, stdout: &str) -> Result<Value, String> {
-    match mode {
-        OutputMode::Text => Ok(Value::String(stdout.trim().to_string())),
-        OutputMode::Json => {
-            if let Ok(v) = serde_json::from_str::<Value>(stdout.trim()) {
-                return Ok(v);
-            }
-            stdout
-                .lines()
-                .rev()
-                .find_map(|line| serde_json::from_str::<Value>(line.trim()).ok())
-                .ok_or_else(|| "`output = \"json\"` but stdout holds no JSON value".to_string())
-        }
-    }
-}
-
 /// Runs a compiled workflow to the end (or until cancelled), recording everything in `store`.
 pub async fn apply(
     compiled: &Compiled,
     store: &Store,
-    runner: &dyn Runner,
+    runner: Arc<dyn Runner>,
     opts: &ApplyOptions,
     sink: &mut dyn EventSink,
 ) -> Result<RunSummary, ApplyError> {
     check_supported(compiled)?;
+    // Workspaces need the repository and the commit they start from, before anything runs.
+    let (repo, base) = if compiled.plan.nodes.iter().any(|n| n.workspace.is_some()) {
+        let repo = Repo::discover(&opts.workdir).map_err(|e| {
+            ApplyError::Workspace(format!(
+                "tasks with a workspace need the clusterfile to be in a git repository: {e}"
+            ))
+        })?;
+        let rev = compiled.workflow.base.as_deref().unwrap_or("HEAD");
+        let base = repo
+            .resolve(rev)
+            .map_err(|e| ApplyError::Workspace(format!("cannot find the base of the run: {e}")))?;
+        (Some(repo), Some(base))
+    } else {
+        (None, None)
+    };
     // A run still marked running belongs to a process that died (we hold the lock). Its task
     // processes may have outlived it: stop them before their tasks run again.
     for mut old in store.runs()? {
         if old.state == RunState::Running {
             reap_orphans(&old.id);
+            clean_interrupted(store, &old);
             let _ = std::fs::remove_file(store.dir().join("runs").join(&old.id).join(LIVE_FILE));
             old.state = RunState::Interrupted;
             store.put_run(&old)?;
@@ -293,6 +316,10 @@ pub async fn apply(
         inputs: serde_json::to_value(compiled.workflow.redacted_inputs(&compiled.plan.inputs))
             .unwrap_or_default(),
         source: opts.source.clone(),
+        repo: repo.as_ref().map(|r| r.root.display().to_string()),
+        base,
+        result: compiled.workflow.result.as_ref().map(|r| r.to_string()),
+        keep_failed: compiled.workflow.keep_failed,
     };
     let logs = store.dir().join("runs").join(&run.id).join("logs");
     std::fs::create_dir_all(&logs).map_err(|source| ApplyError::Io {
@@ -324,6 +351,12 @@ pub async fn apply(
         changed: Vec::new(),
         committed_changes: Vec::new(),
         live_started: false,
+        subdir: repo
+            .as_ref()
+            .map(|r| workspace::relative_to(&opts.workdir, &r.root))
+            .unwrap_or_default(),
+        repo,
+        cached_refs: Vec::new(),
     };
     d.build(compiled)?;
     // The live view exists from the start, so `status` and `cancel` see the run at once.
@@ -374,6 +407,7 @@ impl Dispatcher<'_> {
                 on_item_failure: task.on_item_failure,
                 min_success: task.min_success,
                 is_merge: matches!(task.action, crate::model::Action::Merge { .. }),
+                has_workspace: task.has_workspace(),
                 depth: 0,
                 template,
                 settled_nodes: 0,
@@ -431,6 +465,7 @@ impl Dispatcher<'_> {
             output: None,
             message: None,
             cached_from: None,
+            commit: None,
         };
         // Pending nodes are not written: a node's record is first written when it starts or
         // settles (so `status` lists the nodes a run reached), which halves the writes of a run.
@@ -749,7 +784,7 @@ impl Dispatcher<'_> {
     }
 
     /// Takes ready nodes while there is room, and prepares their attempts.
-    fn launch(&mut self, spawns: &mut Vec<(usize, ProcessSpec)>) -> Result<(), ApplyError> {
+    fn launch(&mut self, spawns: &mut Vec<(usize, Job)>) -> Result<(), ApplyError> {
         let mut parked = Vec::new();
         while self.running + self.reserved + spawns.len() < self.opts.jobs
             && self.stopping.is_none()
@@ -764,9 +799,9 @@ impl Dispatcher<'_> {
                     continue;
                 }
             }
-            if let Some(spec) = self.prepare(node)? {
+            if let Some(job) = self.prepare(node)? {
                 self.groups[group].running += 1;
-                spawns.push((node, spec));
+                spawns.push((node, job));
             }
         }
         for node in parked {
@@ -776,8 +811,26 @@ impl Dispatcher<'_> {
         Ok(())
     }
 
-    /// Renders a node's attempt and checks the cache. Returns the process to start, if any.
-    fn prepare(&mut self, node: usize) -> Result<Option<ProcessSpec>, ApplyError> {
+    /// The results a workspace node builds on: the commits of its needs that have a workspace, in
+    /// `needs` order, instances in index order.
+    fn inputs(&self, group: usize) -> Vec<Input> {
+        self.groups[group]
+            .needs
+            .iter()
+            .filter(|&&g| self.groups[g].has_workspace)
+            .flat_map(|&g| self.groups[g].nodes.iter())
+            .filter_map(|&n| {
+                let r = &self.nodes[n].record;
+                Some(Input {
+                    node: r.node.clone(),
+                    commit: r.commit.clone()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Renders a node's attempt and checks the cache. Returns the job to start, if any.
+    fn prepare(&mut self, node: usize) -> Result<Option<Job>, ApplyError> {
         let group = self.nodes[node].group;
         let attempt = self.nodes[node].record.attempts + 1;
         let (tasks, upstream_hash) = self.upstream(group);
@@ -792,6 +845,12 @@ impl Dispatcher<'_> {
                 return Ok(None);
             }
         };
+        let inputs = if plan.workspace.is_some() {
+            self.inputs(group)
+        } else {
+            Vec::new()
+        };
+        let run_base = self.run.base.clone().unwrap_or_default();
         if attempt == 1 {
             let first = if plan_reads_attempt(&plan) {
                 self.scope
@@ -800,7 +859,11 @@ impl Dispatcher<'_> {
             } else {
                 rendered.clone()
             };
-            let parts = context::key_parts(&plan, &first, &upstream_hash);
+            let base = plan
+                .workspace
+                .is_some()
+                .then(|| context::base_part(&run_base, &inputs));
+            let parts = context::key_parts(&plan, &first, &upstream_hash, base.as_deref());
             let key = context::key_of(&parts);
             self.nodes[node].record.cache_key = Some(key.clone());
             self.nodes[node].parts = Some(parts);
@@ -811,25 +874,45 @@ impl Dispatcher<'_> {
                 .any(|r| *r == plan.id || *r == plan.task);
             if !self.opts.fresh && !forced {
                 if let Some(hit) = self.store.cached(&key)? {
-                    let n = &mut self.nodes[node];
-                    n.record.state = TaskState::Cached;
-                    n.record.output = Some(hit.output);
-                    n.record.finished_ms = Some(now_ms());
-                    n.record.message = Some(format!("cached from run {} ({})", hit.run, hit.node));
-                    n.record.cached_from = Some(hit.run.clone());
-                    self.events.push(Event::TaskCached {
-                        run: self.run.id.clone(),
-                        task: plan.id.clone(),
-                        from_run: hit.run,
-                        time_ms: now_ms(),
-                    });
-                    self.save(node)?;
-                    self.node_done(node)?;
-                    return Ok(None);
+                    // A workspace result is only reusable while its commit exists.
+                    let usable = match (&self.repo, &plan.workspace) {
+                        (Some(repo), Some(_)) => {
+                            hit.commit.as_deref().is_some_and(|c| repo.has_commit(c))
+                        }
+                        _ => true,
+                    };
+                    if usable {
+                        let branch = self.branch_of(&plan.id);
+                        let n = &mut self.nodes[node];
+                        n.record.state = TaskState::Cached;
+                        n.record.output = Some(hit.output);
+                        n.record.finished_ms = Some(now_ms());
+                        n.record.message =
+                            Some(format!("cached from run {} ({})", hit.run, hit.node));
+                        n.record.cached_from = Some(hit.run.clone());
+                        n.record.commit = hit.commit.clone();
+                        if let Some(commit) = hit.commit {
+                            self.cached_refs
+                                .push((format!("refs/heads/{branch}"), commit));
+                        }
+                        self.events.push(Event::TaskCached {
+                            run: self.run.id.clone(),
+                            task: plan.id.clone(),
+                            from_run: hit.run,
+                            time_ms: now_ms(),
+                        });
+                        self.save(node)?;
+                        self.node_done(node)?;
+                        return Ok(None);
+                    }
                 }
             }
         }
-        if let PlannedAction::Merge { .. } = plan.action {
+        if let PlannedAction::Merge {
+            strategy: MergeStrategy::Collect,
+            ..
+        } = plan.action
+        {
             // A collect merge: its output is its inputs' outputs, in `needs` order, instances in
             // index order; no process.
             let outputs: Vec<Value> = self.groups[group]
@@ -856,8 +939,6 @@ impl Dispatcher<'_> {
             self.succeeded(node)?;
             return Ok(None);
         }
-        let stdout = log_path(&self.logs, &plan.id, attempt, "out");
-        let stderr = log_path(&self.logs, &plan.id, attempt, "err");
         let mut env: Vec<(String, String)> = PASSED_ENV
             .iter()
             .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
@@ -869,10 +950,108 @@ impl Dispatcher<'_> {
         env.push(("CCLUSTER_TASK".into(), plan.id.clone()));
         env.push(("CCLUSTER_ATTEMPT".into(), attempt.to_string()));
 
-        let cwd = match &rendered.workdir {
-            Some(w) => self.opts.workdir.join(w),
+        let file_name = format!("{}.{attempt}", node_file_name(&plan.id));
+        let run_dir = self.store.dir().join("runs").join(&self.run.id);
+        let workspace = match (&self.repo, &plan.workspace) {
+            (Some(repo), Some(ws)) => {
+                let is_merge = matches!(plan.action, PlannedAction::Merge { .. });
+                // A merge starts from the run's base and merges every input; another task starts
+                // from what it builds on (the first input, the others merged into it).
+                let (start, merge) = if is_merge || inputs.is_empty() {
+                    (run_base.clone(), if is_merge { inputs } else { Vec::new() })
+                } else {
+                    (inputs[0].commit.clone(), inputs[1..].to_vec())
+                };
+                let date = format!("@{} +0000", self.run.started_ms / 1000);
+                let identity = vec![
+                    ("GIT_AUTHOR_NAME".to_string(), "ccluster".to_string()),
+                    (
+                        "GIT_AUTHOR_EMAIL".to_string(),
+                        "ccluster@localhost".to_string(),
+                    ),
+                    ("GIT_COMMITTER_NAME".to_string(), "ccluster".to_string()),
+                    (
+                        "GIT_COMMITTER_EMAIL".to_string(),
+                        "ccluster@localhost".to_string(),
+                    ),
+                    ("GIT_AUTHOR_DATE".to_string(), date.clone()),
+                    ("GIT_COMMITTER_DATE".to_string(), date),
+                ];
+                Some(WorkspaceSpec {
+                    repo: repo.root.clone(),
+                    mode: ws.mode,
+                    path: self
+                        .store
+                        .dir()
+                        .join("worktrees")
+                        .join(&self.run.id)
+                        .join(&file_name),
+                    start,
+                    merge,
+                    run_base: run_base.clone(),
+                    copy: ws.copy.clone(),
+                    branch: self.branch_of(&plan.id),
+                    keep_ref: format!(
+                        "refs/ccluster/keep/{}",
+                        self.nodes[node]
+                            .record
+                            .cache_key
+                            .as_deref()
+                            .unwrap_or("none")
+                    ),
+                    message: format!(
+                        "ccluster: {} (run {}, attempt {attempt})",
+                        plan.id, self.run.id
+                    ),
+                    identity,
+                })
+            }
+            _ => None,
+        };
+        let cwd = match &workspace {
+            Some(ws) => ws.dir_for(&self.subdir),
             None => self.opts.workdir.clone(),
         };
+        let cwd = match &rendered.workdir {
+            Some(w) => cwd.join(w),
+            None => cwd,
+        };
+        let spec = |command: String, stream: &str, cwd: PathBuf| ProcessSpec {
+            command,
+            env: env.clone(),
+            cwd,
+            stdout: log_path(&self.logs, &plan.id, attempt, &format!("{stream}out")),
+            stderr: log_path(&self.logs, &plan.id, attempt, &format!("{stream}err")),
+            timeout: plan.timeout_ms.map(Duration::from_millis),
+            grace: self.opts.grace,
+        };
+        let ws_dir = workspace
+            .as_ref()
+            .map(|w| w.dir_for(&self.subdir))
+            .unwrap_or_else(|| self.opts.workdir.clone());
+        let (process, output, resolve) = match &plan.action {
+            PlannedAction::Shell { output, .. } => {
+                (Some(spec(rendered.command.clone(), "", cwd)), *output, None)
+            }
+            PlannedAction::Merge { resolve, .. } => (
+                None,
+                OutputMode::Text,
+                resolve
+                    .as_ref()
+                    .map(|r| spec(r.clone(), "resolve.", ws_dir.clone())),
+            ),
+            PlannedAction::Agent { .. } => (
+                Some(spec(rendered.command.clone(), "", cwd)),
+                OutputMode::Text,
+                None,
+            ),
+        };
+        let setup = plan
+            .workspace
+            .as_ref()
+            .and_then(|w| w.setup.clone())
+            .map(|s| spec(s, "setup.", ws_dir.clone()));
+
         let now = now_ms();
         let n = &mut self.nodes[node];
         n.record.attempts = attempt;
@@ -888,15 +1067,28 @@ impl Dispatcher<'_> {
             time_ms: now,
         });
         self.save(node)?;
-        Ok(Some(ProcessSpec {
-            command: rendered.command,
-            env,
-            cwd,
-            stdout,
-            stderr,
-            timeout: plan.timeout_ms.map(Duration::from_millis),
-            grace: self.opts.grace,
+        Ok(Some(Job {
+            process,
+            output,
+            workspace,
+            setup,
+            resolve,
+            copy_from: self.opts.workdir.clone(),
+            root: self.opts.workdir.clone(),
+            artifacts: plan.artifacts.clone(),
+            reports: plan.reports.clone(),
+            attempt,
+            artifact_dir: run_dir.join("artifacts").join(&file_name),
         }))
+    }
+
+    /// The branch of a plan node in this run: `ccluster/<run>/edit/2`.
+    fn branch_of(&self, node: &str) -> String {
+        format!(
+            "ccluster/{}/{}",
+            self.run.id,
+            workspace::node_ref_name(node)
+        )
     }
 
     /// Records a success: the task, the cache entry and the key parts for `plan --explain`.
@@ -910,6 +1102,7 @@ impl Dispatcher<'_> {
                     node: n.plan.id.clone(),
                     output: output.clone(),
                     finished_ms: now_ms(),
+                    commit: n.record.commit.clone(),
                 },
             )?;
         }
@@ -923,11 +1116,11 @@ impl Dispatcher<'_> {
     fn finished(
         &mut self,
         node: usize,
-        result: ProcessResult,
+        result: JobResult,
         elapsed: Duration,
         retry_tx: &mpsc::UnboundedSender<usize>,
     ) -> Result<(), ApplyError> {
-        let end = result.end.clone();
+        let end = result.process.end.clone();
         let group = self.nodes[node].group;
         self.groups[group].running -= 1;
         // Instances held back by `max_parallel` go back in the queue, in their order.
@@ -936,48 +1129,52 @@ impl Dispatcher<'_> {
         }
         let plan = self.nodes[node].plan.clone();
         let attempt = self.nodes[node].record.attempts;
-        let (class, exit_code, signal, message) = match &end {
-            ProcessEnd::Exited(0) => {
-                let mode = match plan.action {
-                    PlannedAction::Shell { output, .. } => output,
-                    _ => OutputMode::Text,
-                };
-                let stdout = String::from_utf8_lossy(&result.stdout);
-                match shell_output(mode, &stdout) {
-                    Ok(output) => {
-                        self.record_attempt(node, attempt, true, None, Some(0), None, None)?;
-                        let n = &mut self.nodes[node];
-                        n.record.state = TaskState::Succeeded;
-                        n.record.exit_code = Some(0);
-                        n.record.class = None;
-                        n.record.output = Some(output);
-                        n.record.finished_ms = Some(now_ms());
-                        n.record.message = None;
-                        self.events.push(Event::TaskSucceeded {
-                            run: self.run.id.clone(),
-                            task: plan.id.clone(),
-                            attempt,
-                            duration_ms: elapsed.as_millis() as u64,
-                            time_ms: now_ms(),
-                        });
-                        return self.succeeded(node);
-                    }
-                    Err(e) => (Some(FailureClass::ExitCode), Some(0), None, e),
-                }
+        if let Some(record) = &result.artifacts {
+            self.store.put_artifacts(&self.run.id, &plan.id, record)?;
+        }
+        let (class, exit_code, signal, message) = match (&result.failure, &end) {
+            (_, ProcessEnd::Cancelled) => (None, None, None, "cancelled".to_string()),
+            (Some((class, message)), end) => (
+                Some(*class),
+                match end {
+                    ProcessEnd::Exited(c) if plan_has_process(&plan) => Some(*c),
+                    _ => None,
+                },
+                None,
+                message.clone(),
+            ),
+            (None, ProcessEnd::Exited(0)) => {
+                self.record_attempt(node, attempt, true, None, Some(0), None, None)?;
+                let n = &mut self.nodes[node];
+                n.record.state = TaskState::Succeeded;
+                n.record.exit_code = plan_has_process(&plan).then_some(0);
+                n.record.class = None;
+                n.record.output = Some(result.output.unwrap_or(Value::Null));
+                n.record.commit = result.commit;
+                n.record.finished_ms = Some(now_ms());
+                n.record.message = None;
+                self.events.push(Event::TaskSucceeded {
+                    run: self.run.id.clone(),
+                    task: plan.id.clone(),
+                    attempt,
+                    duration_ms: elapsed.as_millis() as u64,
+                    time_ms: now_ms(),
+                });
+                return self.succeeded(node);
             }
-            ProcessEnd::Exited(code) => (
+            (None, ProcessEnd::Exited(code)) => (
                 Some(FailureClass::ExitCode),
                 Some(*code),
                 None,
                 format!("exit code {code}"),
             ),
-            ProcessEnd::Signaled(sig) => (
+            (None, ProcessEnd::Signaled(sig)) => (
                 Some(FailureClass::Signal),
                 None,
                 Some(*sig),
                 format!("killed by signal {sig}"),
             ),
-            ProcessEnd::TimedOut => (
+            (None, ProcessEnd::TimedOut) => (
                 Some(FailureClass::Timeout),
                 None,
                 None,
@@ -986,8 +1183,9 @@ impl Dispatcher<'_> {
                     humantime::format_duration(Duration::from_millis(plan.timeout_ms.unwrap_or(0)))
                 ),
             ),
-            ProcessEnd::SpawnFailed(e) => (Some(FailureClass::SpawnError), None, None, e.clone()),
-            ProcessEnd::Cancelled => (None, None, None, "cancelled".to_string()),
+            (None, ProcessEnd::SpawnFailed(e)) => {
+                (Some(FailureClass::SpawnError), None, None, e.clone())
+            }
         };
         self.record_attempt(
             node,
@@ -1137,13 +1335,13 @@ impl Dispatcher<'_> {
 
     async fn drive(
         mut self,
-        runner: &dyn Runner,
+        runner: Arc<dyn Runner>,
         sink: &mut dyn EventSink,
     ) -> Result<RunSummary, ApplyError> {
         let started = Instant::now();
         let (stop_tx, stop_rx) = watch::channel(Stop::No);
         let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<usize>();
-        let mut procs: JoinSet<(usize, ProcessResult, Duration)> = JoinSet::new();
+        let mut procs: JoinSet<(usize, JobResult, Duration)> = JoinSet::new();
         let mut interrupt = tokio::signal::unix::signal(
             tokio::signal::unix::SignalKind::interrupt(),
         )
@@ -1167,8 +1365,8 @@ impl Dispatcher<'_> {
         // Group commit, pipelined: this turn's writes (attempts started, results) are synced on a
         // blocking thread while the loop goes on collecting the next turn's; a batch's events are
         // reported and its processes started only once its sync is done.
-        let mut staged: Vec<(usize, ProcessSpec)> = Vec::new();
-        let mut committing: (Vec<Event>, Vec<(usize, ProcessSpec)>) = (Vec::new(), Vec::new());
+        let mut staged: Vec<(usize, Job)> = Vec::new();
+        let mut committing: (Vec<Event>, Vec<(usize, Job)>) = (Vec::new(), Vec::new());
         let mut flush: Option<tokio::task::JoinHandle<Result<(), StoreError>>> = None;
         let mut committing_changed: Vec<usize> = Vec::new();
         loop {
@@ -1209,7 +1407,7 @@ impl Dispatcher<'_> {
                             continue;
                         }
                         self.running += 1;
-                        let fut = runner.run(spec, stop_rx.clone());
+                        let fut = job::run(spec, runner.clone(), stop_rx.clone());
                         let t0 = Instant::now();
                         procs.spawn(async move { (node, fut.await, t0.elapsed()) });
                     }
@@ -1295,7 +1493,21 @@ impl Dispatcher<'_> {
             failed: count(&[TaskState::Failed]),
             skipped: count(&[TaskState::Skipped]),
             cancelled: count(&[TaskState::Cancelled]),
+            result: self.run.result.as_ref().and_then(|r| {
+                self.nodes
+                    .iter()
+                    .find(|n| n.plan.id == *r && n.record.commit.is_some())
+                    .map(|n| self.branch_of(&n.plan.id))
+            }),
         };
+        if let Some(repo) = &self.repo {
+            // Cached nodes reuse earlier commits: give them this run's branches too.
+            if let Err(e) = repo.set_refs(&self.cached_refs) {
+                return Err(ApplyError::Workspace(format!(
+                    "cannot set the branches of cached tasks: {e}"
+                )));
+            }
+        }
         self.run.state = summary.state;
         self.run.finished_ms = Some(now_ms());
         self.store.put_run(&self.run)?;
@@ -1347,6 +1559,11 @@ fn any_text(plan: &PlannedTask, test: impl Fn(&crate::plan::Text) -> bool) -> bo
     }
 }
 
+/// Whether the node runs a command of its own (a git merge does not).
+fn plan_has_process(plan: &PlannedTask) -> bool {
+    !matches!(plan.action, PlannedAction::Merge { .. })
+}
+
 /// Whether any template of the node is left for run time.
 fn has_deferred(plan: &PlannedTask) -> bool {
     any_text(plan, |t| t.rendered.is_none())
@@ -1389,6 +1606,54 @@ fn reap_orphans(run: &str) {
             );
         }
     }
+}
+
+/// Cleans what an interrupted run left in git: the workspaces of attempts that never ended (a
+/// failed attempt's stays, for inspection), and branches of nodes that did not succeed (a branch
+/// may have been set just before the process died, before its success was recorded).
+fn clean_interrupted(store: &Store, run: &RunRecord) {
+    let Some(root) = &run.repo else {
+        return;
+    };
+    let repo = Repo {
+        root: PathBuf::from(root),
+    };
+    let tasks = store.tasks(&run.id).unwrap_or_default();
+    let dir = store.dir().join("worktrees").join(&run.id);
+    let mut keep = std::collections::HashSet::new();
+    for t in &tasks {
+        for a in store.artifacts(&run.id, &t.node).unwrap_or_default() {
+            if let Some(w) = a.worktree {
+                keep.insert(PathBuf::from(w));
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            if !keep.contains(&entry.path()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let _ = workspace::git_sync(&repo.root, &["worktree", "prune"]);
+    let succeeded: std::collections::HashSet<String> = tasks
+        .iter()
+        .filter(|t| t.state.is_success())
+        .map(|t| {
+            format!(
+                "refs/heads/ccluster/{}/{}",
+                run.id,
+                workspace::node_ref_name(&t.node)
+            )
+        })
+        .collect();
+    let stray: Vec<String> = repo
+        .refs_under(&format!("refs/heads/ccluster/{}/", run.id))
+        .into_iter()
+        .map(|(r, _)| r)
+        .filter(|r| !succeeded.contains(r))
+        .collect();
+    let _ = repo.delete_refs(&stray);
 }
 
 /// Where a clusterfile's state lives by default: `.ccluster/` beside it.

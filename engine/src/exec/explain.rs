@@ -36,9 +36,9 @@ pub struct Explanation {
 
 /// What is known of a task while walking the plan.
 enum Known {
-    /// Every node satisfied or skipped: their (node id, key, output), in instance order (a skipped
-    /// node has an empty key and a null output, as in `apply`).
-    Satisfied(Vec<(String, String, Value)>),
+    /// Every node satisfied or skipped: their (node id, key, output, commit), in instance order (a
+    /// skipped node has an empty key and a null output, as in `apply`).
+    Satisfied(Vec<(String, String, Value, Option<String>)>),
     Skipped,
     WillRun,
 }
@@ -49,6 +49,7 @@ pub fn explain(
     store: Option<&Store>,
     clusterfile: &str,
     fresh: bool,
+    run_base: Option<&str>,
 ) -> Result<Vec<Explanation>, StoreError> {
     let wf = &compiled.workflow;
     let scope = RunScope::of(compiled);
@@ -121,7 +122,7 @@ pub fn explain(
         let upstream: BTreeMap<String, Upstream> = ancestors[t]
             .iter()
             .map(|&a| {
-                let outputs: Vec<Value> = results(a).into_iter().map(|(_, _, o)| o).collect();
+                let outputs: Vec<Value> = results(a).into_iter().map(|(_, _, o, _)| o).collect();
                 let value = if wf.tasks[a].is_mapped() {
                     Upstream::Outputs(outputs)
                 } else {
@@ -131,11 +132,27 @@ pub fn explain(
             })
             .collect();
         let tasks_value = RunScope::tasks_value(&upstream);
-        let needed: Vec<(String, String, Value)> = needs.iter().flat_map(|&n| results(n)).collect();
+        let needed: Vec<(String, String, Value, Option<String>)> =
+            needs.iter().flat_map(|&n| results(n)).collect();
         let needed_refs: Vec<(&str, &str, &Value)> = needed
             .iter()
-            .map(|(a, b, c)| (a.as_str(), b.as_str(), c))
+            .map(|(a, b, c, _)| (a.as_str(), b.as_str(), c))
             .collect();
+        // As in `apply`: a workspace builds on the commits of the needs that have one.
+        let inputs: Vec<crate::workspace::Input> = needs
+            .iter()
+            .filter(|&&n| wf.tasks[n].has_workspace())
+            .flat_map(|&n| results(n))
+            .filter_map(|(node, _, _, commit)| {
+                Some(crate::workspace::Input {
+                    node,
+                    commit: commit?,
+                })
+            })
+            .collect();
+        let base = task
+            .has_workspace()
+            .then(|| context::base_part(run_base.unwrap_or_default(), &inputs));
         let upstream_hash = context::upstream_hash(&needed_refs);
 
         let mut instances: Vec<PlannedTask> = planned.iter().map(|n| (*n).clone()).collect();
@@ -196,7 +213,7 @@ pub fn explain(
                     format!("`when` is false ({expression})"),
                 ));
                 // As in `apply`, a skipped instance counts in its task's results with no key or output.
-                satisfied.push((node.id.clone(), String::new(), Value::Null));
+                satisfied.push((node.id.clone(), String::new(), Value::Null, None));
                 continue;
             }
             all_skipped = false;
@@ -212,7 +229,7 @@ pub fn explain(
                     continue;
                 }
             };
-            let parts = context::key_parts(node, &rendered, &upstream_hash);
+            let parts = context::key_parts(node, &rendered, &upstream_hash, base.as_deref());
             let key = context::key_of(&parts);
             let hit = match store {
                 Some(store) => store.cached(&key)?,
@@ -225,7 +242,7 @@ pub fn explain(
                         Verdict::Satisfied,
                         format!("cached from run {}", hit.run),
                     ));
-                    satisfied.push((node.id.clone(), key, hit.output));
+                    satisfied.push((node.id.clone(), key, hit.output, hit.commit));
                 }
                 _ => {
                     will_run = true;

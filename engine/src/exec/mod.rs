@@ -4,6 +4,7 @@ pub mod context;
 mod dispatcher;
 pub mod events;
 pub mod explain;
+pub mod job;
 pub mod runner;
 
 pub use dispatcher::{

@@ -429,6 +429,15 @@ impl Decoder<'_> {
         if let Some(n) = t.get("description") {
             w.description = self.string(n, "description");
         }
+        if let Some(n) = t.get("base") {
+            w.base = self.string(n, "base");
+        }
+        if let Some(n) = t.get("result") {
+            w.result = self.string(n, "result");
+        }
+        if let Some(n) = t.get("keep_failed") {
+            w.keep_failed = self.bool(n, "keep_failed");
+        }
         self.finish(t);
         Some(w)
     }
@@ -572,6 +581,18 @@ impl Decoder<'_> {
         if let Some(n) = t.get("artifacts") {
             d.artifacts = self.string_list(n, "artifacts");
         }
+        if let Some(n) = t.get("reports") {
+            d.reports = self.string_list(n, "reports");
+        }
+        if let Some(n) = t.get("workspace") {
+            d.workspace = self.choice(n, "workspace", WorkspaceMode::ALL);
+        }
+        if let Some(n) = t.get("setup") {
+            d.setup = self.string(n, "setup");
+        }
+        if let Some(n) = t.get("copy") {
+            d.copy = self.string_list(n, "copy");
+        }
         self.finish(t);
         Some(d)
     }
@@ -625,6 +646,9 @@ impl Decoder<'_> {
                 }
                 if let Some(n) = m.get("on_conflict") {
                     merge.on_conflict = self.choice(n, "on_conflict", OnConflict::ALL);
+                }
+                if let Some(n) = m.get("run") {
+                    merge.run = self.string(n, "run");
                 }
                 self.finish(m);
                 task.merge = Some(merge);
@@ -692,6 +716,18 @@ impl Decoder<'_> {
         }
         if let Some(n) = t.get("artifacts") {
             task.artifacts = self.string_list(n, "artifacts");
+        }
+        if let Some(n) = t.get("reports") {
+            task.reports = self.string_list(n, "reports");
+        }
+        if let Some(n) = t.get("workspace") {
+            task.workspace = self.choice(n, "workspace", WorkspaceMode::ALL);
+        }
+        if let Some(n) = t.get("setup") {
+            task.setup = self.string(n, "setup");
+        }
+        if let Some(n) = t.get("copy") {
+            task.copy = self.string_list(n, "copy");
         }
         self.finish(t);
         task.decode_errors = self.errors_so_far() > before;

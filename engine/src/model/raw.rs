@@ -48,6 +48,12 @@ pub struct RawWorkflowMeta {
     pub name: Option<Spanned<String>>,
     /// What the workflow does.
     pub description: Option<Spanned<String>>,
+    /// Git ref the workspaces of a run start from (default: `HEAD` when the run starts).
+    pub base: Option<Spanned<String>>,
+    /// The task whose branch is the run's result (default: the last git merge task).
+    pub result: Option<Spanned<String>>,
+    /// `ccluster gc` keeps the worktrees of failed attempts (default `false`).
+    pub keep_failed: Option<Spanned<bool>>,
 }
 
 /// The type of an input parameter.
@@ -249,8 +255,10 @@ pub enum FailureClass {
     Signal,
     /// The process could not be started.
     SpawnError,
-    /// The workspace `setup` commands failed.
+    /// The workspace could not be made, or its `setup` command failed.
     SetupError,
+    /// A git merge conflicted and was not resolved.
+    MergeConflict,
     /// The model API answered 429.
     RateLimit,
     /// The model API answered 529.
@@ -278,6 +286,7 @@ impl FailureClass {
         ("signal", FailureClass::Signal),
         ("spawn_error", FailureClass::SpawnError),
         ("setup_error", FailureClass::SetupError),
+        ("merge_conflict", FailureClass::MergeConflict),
         ("rate_limit", FailureClass::RateLimit),
         ("overloaded", FailureClass::Overloaded),
         ("api_error", FailureClass::ApiError),
@@ -300,7 +309,10 @@ impl FailureClass {
     pub fn retried_by_default(self) -> bool {
         !matches!(
             self,
-            FailureClass::Auth | FailureClass::Budget | FailureClass::SetupError
+            FailureClass::Auth
+                | FailureClass::Budget
+                | FailureClass::SetupError
+                | FailureClass::MergeConflict
         )
     }
 }
@@ -358,6 +370,41 @@ pub struct RawDefaults {
     pub on_item_failure: Option<Spanned<OnItemFailure>>,
     /// Globs of files kept as artifacts of every task.
     pub artifacts: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Globs of JUnit XML test reports of every task.
+    pub reports: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Default workspace of agent and shell tasks.
+    pub workspace: Option<Spanned<WorkspaceMode>>,
+    /// Command run in every fresh workspace before its task (`sh -c`).
+    pub setup: Option<Spanned<String>>,
+    /// Globs of files copied from the main checkout into every fresh workspace (`.env`).
+    pub copy: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// Where a task runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkspaceMode {
+    /// A git worktree of its own, on a branch `ccluster/<run>/<task>`.
+    Worktree,
+    /// A shared-object clone of its own, for repositories where worktrees do not suit.
+    Copy,
+    /// The clusterfile's directory, read-only by convention.
+    None,
+}
+
+impl WorkspaceMode {
+    pub const ALL: &'static [(&'static str, WorkspaceMode)] = &[
+        ("worktree", WorkspaceMode::Worktree),
+        ("copy", WorkspaceMode::Copy),
+        ("none", WorkspaceMode::None),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, m)| *m == self)
+            .map_or("none", |(n, _)| n)
+    }
 }
 
 /// Where a runner places task processes.
@@ -411,8 +458,11 @@ pub struct RawRunner {
 pub struct RawMerge {
     /// `git` merges the branches of the tasks it needs; `collect` gathers their outputs into a list.
     pub strategy: Option<Spanned<MergeStrategy>>,
-    /// What a conflicting git merge does: `fail` (default) or hand it to an `agent`.
+    /// What a conflicting git merge does: `fail` (default), hand it to an `agent`, or `run` the
+    /// command in `run`.
     pub on_conflict: Option<Spanned<OnConflict>>,
+    /// With `on_conflict = "run"`: a command (`sh -c`) run in the conflicted worktree to resolve it.
+    pub run: Option<Spanned<String>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, JsonSchema)]
@@ -434,11 +484,15 @@ impl MergeStrategy {
 pub enum OnConflict {
     Fail,
     Agent,
+    Run,
 }
 
 impl OnConflict {
-    pub const ALL: &'static [(&'static str, OnConflict)] =
-        &[("fail", OnConflict::Fail), ("agent", OnConflict::Agent)];
+    pub const ALL: &'static [(&'static str, OnConflict)] = &[
+        ("fail", OnConflict::Fail),
+        ("agent", OnConflict::Agent),
+        ("run", OnConflict::Run),
+    ];
 }
 
 /// `map`: a literal list, or a template expression that evaluates to a list.
@@ -502,6 +556,15 @@ pub struct RawTask {
     pub runner: Option<Spanned<String>>,
     /// Globs of files kept as artifacts, relative to the workspace.
     pub artifacts: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Globs of JUnit XML test reports, relative to the workspace.
+    pub reports: Option<Spanned<Vec<Spanned<String>>>>,
+    /// `worktree`, `copy` or `none` (default: `worktree` for agent tasks and for shell tasks that
+    /// need a task with a workspace, else `none`).
+    pub workspace: Option<Spanned<WorkspaceMode>>,
+    /// Command run in the fresh workspace before the task (`sh -c`).
+    pub setup: Option<Spanned<String>>,
+    /// Globs of files copied from the main checkout into the fresh workspace.
+    pub copy: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(skip)]
     #[schemars(skip)]
     pub id_span: Span,

@@ -201,6 +201,8 @@ pub enum Action {
     Merge {
         strategy: MergeStrategy,
         on_conflict: OnConflict,
+        /// With `on_conflict = "run"`: the command that resolves a conflicted worktree.
+        resolve: Option<String>,
     },
 }
 
@@ -232,11 +234,21 @@ pub struct Task {
     pub timeout: Option<Duration>,
     pub runner: String,
     pub artifacts: Vec<String>,
+    pub reports: Vec<String>,
+    /// Effective workspace: git merges always have a worktree, collect merges never.
+    pub workspace: WorkspaceMode,
+    pub setup: Option<String>,
+    pub copy: Vec<String>,
 }
 
 impl Task {
     pub fn is_mapped(&self) -> bool {
         self.map.is_some()
+    }
+
+    /// Whether the task leaves a commit (a branch) behind when it succeeds.
+    pub fn has_workspace(&self) -> bool {
+        self.workspace != WorkspaceMode::None
     }
 }
 
@@ -250,6 +262,12 @@ pub struct Workflow {
     pub runners: IndexMap<String, RunnerDecl>,
     /// In declaration order.
     pub tasks: Vec<Task>,
+    /// Git ref workspaces start from; `None`: `HEAD` when the run starts.
+    pub base: Option<String>,
+    /// The task whose branch is the run's result.
+    pub result: Option<TaskId>,
+    /// `ccluster gc` keeps worktrees of failed attempts.
+    pub keep_failed: bool,
 }
 
 impl Workflow {
@@ -402,6 +420,7 @@ pub fn resolve(
         ));
     }
 
+    let meta = raw.workflow.as_ref();
     let workflow = Workflow {
         name: raw
             .workflow
@@ -418,8 +437,16 @@ pub fn resolve(
         vars,
         runners,
         tasks,
+        base: meta.and_then(|w| w.base.as_ref()).map(|b| b.value.clone()),
+        result: None,
+        keep_failed: meta
+            .and_then(|w| w.keep_failed.as_ref())
+            .is_some_and(|k| k.value),
     };
+    let mut workflow = workflow;
     check_cycles(&workflow, diags);
+    resolve_workspaces(&mut workflow, raw, diags);
+    workflow.result = resolve_result(&workflow, meta, diags);
     check_templates(&workflow, raw, diags);
     check_fan_out_settings(&workflow, raw, diags);
     workflow
@@ -746,12 +773,40 @@ fn resolve_task(
                 .help("list the tasks to merge in `needs`"),
             );
         }
+        // A resolving command implies `on_conflict = "run"`.
+        let on_conflict = merge.on_conflict.as_ref().map_or(
+            if merge.run.is_some() {
+                OnConflict::Run
+            } else {
+                OnConflict::Fail
+            },
+            |o| o.value,
+        );
+        match (&merge.run, on_conflict) {
+            (None, OnConflict::Run) => diags.push(
+                Diagnostic::error(
+                    Category::InvalidValue,
+                    "missing-key",
+                    format!("merge task `{id}` says `on_conflict = \"run\"` but has no `run`"),
+                )
+                .at(merge.on_conflict.as_ref().map_or(rt.id_span, |o| o.span), "nothing to run")
+                .help("add the resolving command: `merge = { strategy = \"git\", on_conflict = \"run\", run = \"./resolve.sh\" }`"),
+            ),
+            (Some(run), OnConflict::Fail | OnConflict::Agent) => diags.push(
+                Diagnostic::error(
+                    Category::InvalidValue,
+                    "invalid-value",
+                    "`merge.run` is only used with `on_conflict = \"run\"`",
+                )
+                .at(run.span, "never run")
+                .help("set `on_conflict = \"run\"`, or remove `run`"),
+            ),
+            _ => {}
+        }
         Action::Merge {
             strategy,
-            on_conflict: merge
-                .on_conflict
-                .as_ref()
-                .map_or(OnConflict::Fail, |o| o.value),
+            on_conflict,
+            resolve: merge.run.as_ref().map(|r| r.value.clone()),
         }
     } else {
         let run = rt
@@ -828,13 +883,177 @@ fn resolve_task(
         retry: overlay_retry(&resolved.retry, rt.retry.as_ref(), diags),
         timeout,
         runner: runner.map_or_else(|| "local".to_string(), |r| r.value.clone()),
-        artifacts: rt
-            .artifacts
+        artifacts: strings(rt.artifacts.as_ref().or(defaults.artifacts.as_ref())),
+        reports: strings(rt.reports.as_ref().or(defaults.reports.as_ref())),
+        // Settled by `resolve_workspaces` once every task is known.
+        workspace: WorkspaceMode::None,
+        setup: rt
+            .setup
             .as_ref()
-            .or(defaults.artifacts.as_ref())
-            .map(|a| a.value.iter().map(|s| s.value.clone()).collect())
-            .unwrap_or_default(),
+            .or(defaults.setup.as_ref())
+            .map(|s| s.value.clone()),
+        copy: strings(rt.copy.as_ref().or(defaults.copy.as_ref())),
     }
+}
+
+fn strings(list: Option<&Spanned<Vec<Spanned<String>>>>) -> Vec<String> {
+    list.map(|a| a.value.iter().map(|s| s.value.clone()).collect())
+        .unwrap_or_default()
+}
+
+/// Settles each task's workspace. Git merges always have a worktree and collect merges none; an
+/// agent task defaults to a worktree; a shell task defaults to one when a task it needs has one
+/// (it builds on that work), else it runs in the clusterfile's directory. Tasks are visited in
+/// dependency order so a chain of shell tasks inherits from its start.
+fn resolve_workspaces(wf: &mut Workflow, raw: &RawClusterfile, diags: &mut Vec<Diagnostic>) {
+    let default = raw
+        .defaults
+        .as_ref()
+        .and_then(|d| d.workspace.as_ref())
+        .map(|w| w.value);
+    let index = wf.task_index();
+    let needs: Vec<Vec<usize>> = wf
+        .tasks
+        .iter()
+        .map(|t| {
+            t.needs
+                .iter()
+                .filter_map(|n| index.get(n.value.as_str()).copied())
+                .collect()
+        })
+        .collect();
+    // Kahn's order; tasks on a cycle (already reported) keep `none`.
+    let mut waiting: Vec<usize> = needs.iter().map(Vec::len).collect();
+    let mut dependents = vec![Vec::new(); wf.tasks.len()];
+    for (t, ns) in needs.iter().enumerate() {
+        for &n in ns {
+            dependents[n].push(t);
+        }
+    }
+    let mut queue: std::collections::VecDeque<usize> =
+        (0..wf.tasks.len()).filter(|&t| waiting[t] == 0).collect();
+    while let Some(t) = queue.pop_front() {
+        let rt = raw.tasks.get(wf.tasks[t].id.as_str());
+        let given = rt.and_then(|r| r.workspace.as_ref());
+        let mode = match &wf.tasks[t].action {
+            Action::Merge { strategy, .. } => {
+                if let Some(w) = given {
+                    diags.push(
+                        Diagnostic::error(
+                            Category::TaskKind,
+                            "key-not-for-kind",
+                            format!("`workspace` does not apply to merge task `{}`", wf.tasks[t].id),
+                        )
+                        .at(w.span, "set by the merge strategy")
+                        .help("remove `workspace`: a git merge always works in a worktree of its own, a collect merge in none"),
+                    );
+                }
+                match strategy {
+                    MergeStrategy::Git => WorkspaceMode::Worktree,
+                    MergeStrategy::Collect => WorkspaceMode::None,
+                }
+            }
+            Action::Agent { .. } => given
+                .map(|w| w.value)
+                .or(default)
+                .unwrap_or(WorkspaceMode::Worktree),
+            Action::Shell { .. } => given.map(|w| w.value).or(default).unwrap_or_else(|| {
+                if needs[t].iter().any(|&n| wf.tasks[n].has_workspace()) {
+                    WorkspaceMode::Worktree
+                } else {
+                    WorkspaceMode::None
+                }
+            }),
+        };
+        wf.tasks[t].workspace = mode;
+        if mode == WorkspaceMode::None {
+            if let Some(rt) = rt {
+                for (key, span) in [
+                    ("setup", rt.setup.as_ref().map(|s| s.span)),
+                    ("copy", rt.copy.as_ref().map(|s| s.span)),
+                ] {
+                    if let Some(span) = span {
+                        diags.push(
+                            Diagnostic::warning(
+                                Category::TaskKind,
+                                "unused-key",
+                                format!(
+                                    "`{key}` is unused: task `{}` has no workspace",
+                                    wf.tasks[t].id
+                                ),
+                            )
+                            .at(span, "prepares a workspace")
+                            .help("set `workspace = \"worktree\"`, or remove the key"),
+                        );
+                    }
+                }
+            }
+        }
+        for &d in &dependents[t] {
+            waiting[d] -= 1;
+            if waiting[d] == 0 {
+                queue.push_back(d);
+            }
+        }
+    }
+}
+
+/// `[workflow] result`, or the last git merge task.
+fn resolve_result(
+    wf: &Workflow,
+    meta: Option<&RawWorkflowMeta>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<TaskId> {
+    if let Some(r) = meta.and_then(|m| m.result.as_ref()) {
+        return match wf.tasks.iter().find(|t| t.id.as_str() == r.value) {
+            Some(t) if t.has_workspace() && !t.is_mapped() => Some(t.id.clone()),
+            Some(t) => {
+                diags.push(
+                    Diagnostic::error(
+                        Category::InvalidValue,
+                        "invalid-result",
+                        format!("the result task `{}` leaves no single branch", t.id),
+                    )
+                    .at(
+                        r.span,
+                        if t.is_mapped() {
+                            "a fan-out has one branch per instance"
+                        } else {
+                            "a task without a workspace"
+                        },
+                    )
+                    .help("name a git merge task, or a task with a workspace that is not mapped"),
+                );
+                None
+            }
+            None => {
+                let mut d = Diagnostic::error(
+                    Category::UnknownNeed,
+                    "unknown-task",
+                    format!("`result` names task `{}`, which does not exist", r.value),
+                )
+                .at(r.span, "unknown task");
+                if let Some(best) = did_you_mean(&r.value, wf.tasks.iter().map(|t| t.id.as_str())) {
+                    d = d.help(format!("did you mean `{best}`?"));
+                }
+                diags.push(d);
+                None
+            }
+        };
+    }
+    wf.tasks
+        .iter()
+        .rev()
+        .find(|t| {
+            matches!(
+                t.action,
+                Action::Merge {
+                    strategy: MergeStrategy::Git,
+                    ..
+                }
+            )
+        })
+        .map(|t| t.id.clone())
 }
 
 fn first_claude_span(c: &RawClaude) -> Option<Span> {

@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::diagnostic::{Category, Diagnostic};
-use crate::model::raw::{MergeStrategy, OnConflict, OnItemFailure, OutputMode};
+use crate::model::raw::{MergeStrategy, OnConflict, OnItemFailure, OutputMode, WorkspaceMode};
 use crate::model::template::{self, is_runtime_name, Template};
 use crate::model::workflow::{Action, AgentSettings, MapSpec, RetryPolicy, Task, When, Workflow};
 
@@ -47,7 +47,19 @@ pub enum PlannedAction {
     Merge {
         strategy: MergeStrategy,
         on_conflict: OnConflict,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        resolve: Option<String>,
     },
+}
+
+/// A task's own workspace: where it runs and how the workspace is prepared.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PlannedWorkspace {
+    pub mode: WorkspaceMode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub setup: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub copy: Vec<String>,
 }
 
 impl PlannedAction {
@@ -102,6 +114,11 @@ pub struct PlannedTask {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fan_out: Option<FanOut>,
     pub artifacts: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reports: Vec<String>,
+    /// `None`: the task runs in the clusterfile's directory and leaves no branch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<PlannedWorkspace>,
     pub action: PlannedAction,
 }
 
@@ -539,9 +556,11 @@ fn plan_instance<'w>(
         Action::Merge {
             strategy,
             on_conflict,
+            resolve,
         } => PlannedAction::Merge {
             strategy: *strategy,
             on_conflict: *on_conflict,
+            resolve: resolve.clone(),
         },
     };
     PlannedTask {
@@ -562,6 +581,12 @@ fn plan_instance<'w>(
             min_success: task.min_success,
         }),
         artifacts: task.artifacts.clone(),
+        reports: task.reports.clone(),
+        workspace: task.has_workspace().then(|| PlannedWorkspace {
+            mode: task.workspace,
+            setup: task.setup.clone(),
+            copy: task.copy.clone(),
+        }),
         action,
     }
 }

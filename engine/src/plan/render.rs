@@ -153,8 +153,21 @@ pub fn to_text(plan: &Plan) -> String {
                 f.min_success.map_or("all".into(), |m| m.to_string())
             );
         }
+        if let Some(ws) = &node.workspace {
+            let mut line = format!("  workspace: {}", ws.mode.name());
+            if let Some(setup) = &ws.setup {
+                line.push_str(&format!(" | setup: {setup}"));
+            }
+            if !ws.copy.is_empty() {
+                line.push_str(&format!(" | copy: {}", ws.copy.join(", ")));
+            }
+            let _ = writeln!(out, "{line}");
+        }
         if !node.artifacts.is_empty() {
             let _ = writeln!(out, "  artifacts: {}", node.artifacts.join(", "));
+        }
+        if !node.reports.is_empty() {
+            let _ = writeln!(out, "  reports: {}", node.reports.join(", "));
         }
         match &node.action {
             PlannedAction::Agent {
@@ -220,6 +233,7 @@ pub fn to_text(plan: &Plan) -> String {
             PlannedAction::Merge {
                 strategy,
                 on_conflict,
+                resolve,
             } => {
                 let _ = writeln!(
                     out,
@@ -227,6 +241,9 @@ pub fn to_text(plan: &Plan) -> String {
                     snake(strategy),
                     snake(on_conflict)
                 );
+                if let Some(r) = resolve {
+                    let _ = writeln!(out, "  resolve: {r}");
+                }
             }
         }
     }

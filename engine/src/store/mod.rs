@@ -69,6 +69,7 @@ pub struct Store {
     expansions: sled::Tree,
     cache: sled::Tree,
     last_success: sled::Tree,
+    artifacts: sled::Tree,
     /// Held for the life of the store; dropping it unlocks.
     lock: Flock<File>,
     writer: bool,
@@ -219,6 +220,7 @@ impl Store {
             expansions: tree("expansions")?,
             cache: tree("cache")?,
             last_success: tree("last_success")?,
+            artifacts: tree("artifacts")?,
             db,
             dir: dir.to_path_buf(),
             lock,
@@ -347,6 +349,29 @@ impl Store {
         self.put(&self.expansions, &format!("{run}\0{task}"), &items)
     }
 
+    pub fn put_artifacts(
+        &self,
+        run: &str,
+        node: &str,
+        record: &ArtifactRecord,
+    ) -> Result<(), StoreError> {
+        self.put(
+            &self.artifacts,
+            &format!("{run}\0{node}\0{:08}", record.attempt),
+            record,
+        )
+    }
+
+    /// Artifact records of a node's attempts, in attempt order.
+    pub fn artifacts(&self, run: &str, node: &str) -> Result<Vec<ArtifactRecord>, StoreError> {
+        self.scan(&self.artifacts, &format!("{run}\0{node}\0"))
+    }
+
+    /// Every cache entry (for `gc`).
+    pub fn cache_entries(&self) -> Result<Vec<CacheEntry>, StoreError> {
+        self.scan(&self.cache, "")
+    }
+
     pub fn put_cache(&self, key: &str, entry: &CacheEntry) -> Result<(), StoreError> {
         self.put(&self.cache, key, entry)
     }
@@ -435,6 +460,7 @@ mod tests {
             node: "build".into(),
             output: serde_json::json!("ok"),
             finished_ms: 1,
+            commit: None,
         };
         {
             let store = Store::open(dir.path()).unwrap();

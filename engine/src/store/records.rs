@@ -41,6 +41,18 @@ pub struct RunRecord {
     /// whatever the file says now.
     #[serde(default)]
     pub source: String,
+    /// The git repository of the workspaces (none when no task has one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    /// The commit workspaces start from, resolved when the run started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// The plan node whose branch is the run's result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    /// `[workflow] keep_failed`: `gc` keeps worktrees of failed attempts.
+    #[serde(default)]
+    pub keep_failed: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +104,9 @@ pub struct TaskRecord {
     /// For a cached node: the run whose result it reuses (its logs are there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cached_from: Option<String>,
+    /// For a task with a workspace that succeeded: its commit (also its branch's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
 }
 
 /// An attempt that ended (one that was running when ccluster died has no record: its task record
@@ -118,6 +133,39 @@ pub struct CacheEntry {
     pub node: String,
     pub output: serde_json::Value,
     pub finished_ms: u64,
+    /// The result's commit, for a task with a workspace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+}
+
+/// What an attempt left besides its output, kept under `runs/<run>/artifacts/<node>.<attempt>/`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    pub attempt: u32,
+    /// The directory holding the attempt's files.
+    pub dir: String,
+    /// The commit the workspace started from (after merging what it builds on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// A failed attempt's workspace, kept for inspection until `ccluster gc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worktree: Option<String>,
+    /// `patch.diff` in `dir`, when the attempt changed files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch: Option<String>,
+    #[serde(default)]
+    pub changed: Vec<crate::workspace::ChangedFile>,
+    /// Files kept by `artifacts` globs, under `dir/files/`.
+    #[serde(default)]
+    pub files: Vec<String>,
+    #[serde(default)]
+    pub reports: Vec<crate::workspace::artifacts::TestReport>,
+    #[serde(default)]
+    pub conflicts: Vec<crate::workspace::Conflict>,
 }
 
 /// The parts a cache key is made of, each hashed, so a changed key can be explained part by part.

@@ -1,0 +1,344 @@
+//! What a run produced, after the fact: `artifacts` (list or print), `report` (Markdown or JSON),
+//! `export` (the result as a patch or a branch) and `gc` (remove what finished runs left in git).
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ccluster_engine::report;
+use ccluster_engine::store::{RunRecord, RunState, Store, TaskState};
+use ccluster_engine::workspace::{self, Repo};
+
+use crate::exit;
+use crate::runs::{find_run, load_runs, report as store_error};
+
+/// The run (default: the latest) and the store, opened for reading.
+fn open_run(dir: &Path, run: Option<&str>) -> Result<(Store, RunRecord), u8> {
+    let view = load_runs(dir).and_then(|v| find_run(v, run))?;
+    if view.live {
+        eprintln!(
+            "error: run {} is still in progress; try again when it ends",
+            view.run.id
+        );
+        return Err(exit::INVALID_INPUT);
+    }
+    let store = Store::open_reader(dir).map_err(store_error)?;
+    Ok((store, view.run))
+}
+
+fn matches_task(node: &str, task: &str) -> bool {
+    node == task || node.strip_prefix(task).is_some_and(|r| r.starts_with('['))
+}
+
+pub fn artifacts(dir: &Path, run: &str, task: Option<&str>, get: Option<&str>) -> u8 {
+    let (store, run) = match open_run(dir, Some(run)) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let mut tasks = match store.tasks(&run.id) {
+        Ok(t) => t,
+        Err(e) => return store_error(e),
+    };
+    tasks.sort_by_key(|t| t.order);
+    let tasks: Vec<_> = tasks
+        .into_iter()
+        .filter(|t| task.is_none_or(|id| matches_task(&t.node, id)))
+        .collect();
+    if tasks.is_empty() {
+        if let Some(id) = task {
+            eprintln!("error: run {} has no task `{id}`", run.id);
+            return exit::INVALID_INPUT;
+        }
+    }
+    if let Some(path) = get {
+        return get_artifact(&store, &run, &tasks, task, path);
+    }
+    let mut out = std::io::stdout().lock();
+    for t in &tasks {
+        let from = t.cached_from.as_deref().unwrap_or(&run.id);
+        let records = store.artifacts(from, &t.node).unwrap_or_default();
+        if records.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "{}", t.node);
+        for a in records {
+            let mut parts = Vec::new();
+            if let Some(p) = &a.patch {
+                parts.push(format!("{p} ({} files)", a.changed.len()));
+            }
+            if let Some(b) = &a.branch {
+                parts.push(format!("branch {b}"));
+            }
+            if let Some(w) = &a.worktree {
+                parts.push(format!("worktree {w}"));
+            }
+            let _ = writeln!(
+                out,
+                "  attempt {}{}: {}",
+                a.attempt,
+                if t.cached_from.is_some() {
+                    format!(" (run {from})")
+                } else {
+                    String::new()
+                },
+                if parts.is_empty() {
+                    "no changes".into()
+                } else {
+                    parts.join(", ")
+                }
+            );
+            for f in &a.changed {
+                let n = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
+                let _ = writeln!(
+                    out,
+                    "    +{:<5} -{:<5} {}",
+                    n(f.added),
+                    n(f.removed),
+                    f.path
+                );
+            }
+            for f in &a.files {
+                let _ = writeln!(out, "    file   {f}");
+            }
+            for r in &a.reports {
+                let _ = writeln!(
+                    out,
+                    "    report {}: {} passed, {} failed, {} skipped",
+                    r.path, r.passed, r.failed, r.skipped
+                );
+            }
+        }
+    }
+    exit::SUCCESS
+}
+
+/// Prints one artifact of a task's last attempt: `patch.diff`, a kept file, or a report.
+fn get_artifact(
+    store: &Store,
+    run: &RunRecord,
+    tasks: &[ccluster_engine::store::TaskRecord],
+    task: Option<&str>,
+    path: &str,
+) -> u8 {
+    let [t] = tasks else {
+        eprintln!(
+            "error: --get needs one plan node; `{}` has {}",
+            task.unwrap_or("the run"),
+            tasks.len()
+        );
+        eprintln!("  help: name an instance, e.g. `edit[0]`");
+        return exit::INVALID_INPUT;
+    };
+    let from = t.cached_from.as_deref().unwrap_or(&run.id);
+    let Some(a) = store.artifacts(from, &t.node).unwrap_or_default().pop() else {
+        eprintln!("error: `{}` has no artifacts", t.node);
+        return exit::INVALID_INPUT;
+    };
+    let dir = PathBuf::from(&a.dir);
+    let file = if Some(path) == a.patch.as_deref() {
+        dir.join(path)
+    } else if a.files.iter().any(|f| f == path) || a.reports.iter().any(|r| r.path == path) {
+        dir.join("files").join(path)
+    } else {
+        eprintln!("error: `{}` has no artifact `{path}`", t.node);
+        eprintln!(
+            "  help: `ccluster artifacts {} {}` lists them",
+            run.id, t.node
+        );
+        return exit::INVALID_INPUT;
+    };
+    match std::fs::read(&file) {
+        Ok(bytes) => {
+            let _ = std::io::stdout().lock().write_all(&bytes);
+            exit::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", file.display());
+            exit::TASK_FAILED
+        }
+    }
+}
+
+pub fn report(dir: &Path, run: Option<&str>, json: bool) -> u8 {
+    let (store, run) = match open_run(dir, run) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let built = match report::build(&store, &run) {
+        Ok(r) => r,
+        Err(e) => return store_error(e),
+    };
+    let text = if json {
+        serde_json::to_string_pretty(&built).unwrap_or_default() + "\n"
+    } else {
+        report::to_markdown(&built)
+    };
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    exit::SUCCESS
+}
+
+pub fn export(dir: &Path, run: Option<&str>, patch: Option<&Path>, branch: Option<&str>) -> u8 {
+    let (store, run) = match open_run(dir, run) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let built = match report::build(&store, &run) {
+        Ok(r) => r,
+        Err(e) => return store_error(e),
+    };
+    let (Some(repo), Some(base)) = (&run.repo, &run.base) else {
+        eprintln!(
+            "error: run {} has no workspaces, so no result to export",
+            run.id
+        );
+        return exit::INVALID_INPUT;
+    };
+    let Some(result) = built.result else {
+        eprintln!(
+            "error: run {} has no result: {}",
+            run.id,
+            match &run.result {
+                Some(task) => format!("its result task `{task}` did not succeed"),
+                None => "it has no git merge task, and `[workflow] result` is not set".into(),
+            }
+        );
+        return exit::TASK_FAILED;
+    };
+    let repo = Path::new(repo);
+    if let Some(file) = patch {
+        let diff = match std::process::Command::new("git")
+            .arg("-C")
+            .arg(repo)
+            .args(["diff", "--binary", "--no-renames", base, &result.commit])
+            .output()
+        {
+            Ok(o) if o.status.success() => o.stdout,
+            Ok(o) => {
+                eprintln!(
+                    "error: git diff failed: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                return exit::TASK_FAILED;
+            }
+            Err(e) => {
+                eprintln!("error: cannot run git: {e}");
+                return exit::TASK_FAILED;
+            }
+        };
+        let written = if file == Path::new("-") {
+            std::io::stdout().lock().write_all(&diff)
+        } else {
+            std::fs::write(file, &diff)
+        };
+        if let Err(e) = written {
+            eprintln!("error: cannot write {}: {e}", file.display());
+            return exit::TASK_FAILED;
+        }
+        if file != Path::new("-") {
+            eprintln!(
+                "wrote {} ({} against base {}): apply it with `git apply {}`",
+                file.display(),
+                result.branch,
+                &base[..base.len().min(10)],
+                file.display()
+            );
+        }
+    }
+    if let Some(name) = branch {
+        if let Err(e) = workspace::git_sync(repo, &["branch", name, &result.commit]) {
+            eprintln!("error: {e}");
+            return exit::INVALID_INPUT;
+        }
+        eprintln!("created branch {name} at {}", &result.commit[..10]);
+    }
+    exit::SUCCESS
+}
+
+/// Removes the worktrees and branches of finished runs; keeps each run's result branch, the
+/// worktrees of failed attempts when the run says `keep_failed`, and everything of a live run.
+pub fn gc(dir: &Path, dry_run: bool) -> u8 {
+    if !dir.join("db").exists() {
+        println!("nothing to collect in {}", dir.display());
+        return exit::SUCCESS;
+    }
+    // The writer lock: no run may start while its worktrees are being removed.
+    let store = match Store::open(dir) {
+        Ok(s) => s,
+        Err(e) => return store_error(e),
+    };
+    let runs = match store.runs() {
+        Ok(r) => r,
+        Err(e) => return store_error(e),
+    };
+    let (mut worktrees, mut branches, mut kept) = (0usize, 0usize, Vec::new());
+    let mut repos: HashSet<String> = HashSet::new();
+    for run in runs.iter().filter(|r| r.state != RunState::Running) {
+        let Some(root) = &run.repo else { continue };
+        repos.insert(root.clone());
+        let repo = Repo {
+            root: PathBuf::from(root),
+        };
+        let mut failed_worktrees = HashSet::new();
+        if run.keep_failed {
+            for t in store.tasks(&run.id).unwrap_or_default() {
+                if t.state == TaskState::Failed {
+                    for a in store.artifacts(&run.id, &t.node).unwrap_or_default() {
+                        if let Some(w) = a.worktree {
+                            failed_worktrees.insert(PathBuf::from(w));
+                        }
+                    }
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(dir.join("worktrees").join(&run.id)) {
+            for entry in entries.flatten() {
+                if failed_worktrees.contains(&entry.path()) {
+                    continue;
+                }
+                worktrees += 1;
+                if !dry_run {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        let result = run.result.as_ref().map(|r| {
+            format!(
+                "refs/heads/ccluster/{}/{}",
+                run.id,
+                workspace::node_ref_name(r)
+            )
+        });
+        let doomed: Vec<String> = repo
+            .refs_under(&format!("refs/heads/ccluster/{}/", run.id))
+            .into_iter()
+            .map(|(r, _)| r)
+            .filter(|r| {
+                if Some(r) == result.as_ref() {
+                    kept.push(r.trim_start_matches("refs/heads/").to_string());
+                    false
+                } else {
+                    true
+                }
+            })
+            .collect();
+        branches += doomed.len();
+        if !dry_run {
+            if let Err(e) = repo.delete_refs(&doomed) {
+                eprintln!("warning: {e}");
+            }
+        }
+    }
+    if !dry_run {
+        for root in &repos {
+            let _ = workspace::git_sync(Path::new(root), &["worktree", "prune"]);
+        }
+    }
+    println!(
+        "{} {worktrees} worktrees and {branches} branches of finished runs",
+        if dry_run { "would remove" } else { "removed" }
+    );
+    for k in kept {
+        println!("kept result branch {k}");
+    }
+    exit::SUCCESS
+}

@@ -1,0 +1,338 @@
+//! One attempt of a task, from start to end, off the dispatcher's loop: make its workspace (merge
+//! what it builds on, resolving conflicts if told how), run `setup` and the command on the runner,
+//! then commit and publish what changed, and keep its artifacts. The dispatcher records the
+//! [`JobResult`]; nothing here writes run state.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio::sync::watch;
+
+use super::runner::{ProcessEnd, ProcessResult, ProcessSpec, Runner, Stop};
+use crate::model::raw::{FailureClass, OutputMode};
+use crate::store::ArtifactRecord;
+use crate::workspace::{self, artifacts, MergeStep, WorkspaceSpec};
+
+/// Everything an attempt needs; built by the dispatcher when the attempt starts.
+pub struct Job {
+    /// The task's command; `None` for a git merge, which runs no command of its own.
+    pub process: Option<ProcessSpec>,
+    /// How stdout becomes the output.
+    pub output: OutputMode,
+    pub workspace: Option<WorkspaceSpec>,
+    /// Run in the fresh workspace before the command.
+    pub setup: Option<ProcessSpec>,
+    /// Run in a conflicted merge to resolve it (`on_conflict = "run"`).
+    pub resolve: Option<ProcessSpec>,
+    /// The main checkout directory the clusterfile is in (where `copy` globs are read).
+    pub copy_from: PathBuf,
+    /// Where `artifacts` and `reports` globs are read when the task has no workspace.
+    pub root: PathBuf,
+    pub artifacts: Vec<String>,
+    pub reports: Vec<String>,
+    pub attempt: u32,
+    /// This attempt's artifact directory.
+    pub artifact_dir: PathBuf,
+}
+
+/// How an attempt ended.
+pub struct JobResult {
+    pub process: ProcessResult,
+    /// A failure outside the command (workspace, setup, merge, commit): it decides the attempt.
+    pub failure: Option<(FailureClass, String)>,
+    /// The output, when the attempt succeeded.
+    pub output: Option<Value>,
+    pub commit: Option<String>,
+    /// `None` when there was nothing to keep (no workspace, no globs).
+    pub artifacts: Option<ArtifactRecord>,
+}
+
+/// The output of a shell task from its stdout.
+pub fn shell_output(mode: OutputMode, stdout: &str) -> Result<Value, String> {
+    match mode {
+        OutputMode::Text => Ok(Value::String(stdout.trim().to_string())),
+        OutputMode::Json => {
+            if let Ok(v) = serde_json::from_str::<Value>(stdout.trim()) {
+                return Ok(v);
+            }
+            stdout
+                .lines()
+                .rev()
+                .find_map(|line| serde_json::from_str::<Value>(line.trim()).ok())
+                .ok_or_else(|| "`output = \"json\"` but stdout holds no JSON value".to_string())
+        }
+    }
+}
+
+fn no_process() -> ProcessResult {
+    ProcessResult {
+        end: ProcessEnd::Exited(0),
+        stdout: Vec::new(),
+    }
+}
+
+fn describe_end(end: &ProcessEnd) -> String {
+    match end {
+        ProcessEnd::Exited(c) => format!("exit code {c}"),
+        ProcessEnd::Signaled(s) => format!("killed by signal {s}"),
+        ProcessEnd::TimedOut => "timed out".into(),
+        ProcessEnd::Cancelled => "cancelled".into(),
+        ProcessEnd::SpawnFailed(e) => e.clone(),
+    }
+}
+
+pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>) -> JobResult {
+    let mut record = ArtifactRecord {
+        attempt: job.attempt,
+        dir: job.artifact_dir.display().to_string(),
+        ..ArtifactRecord::default()
+    };
+    let keep = job.workspace.is_some() || !job.artifacts.is_empty() || !job.reports.is_empty();
+    let fail = |record: ArtifactRecord, process: ProcessResult, class, message: String| JobResult {
+        process,
+        failure: Some((class, message)),
+        output: None,
+        commit: None,
+        artifacts: Some(record),
+    };
+
+    let Some(ws) = &job.workspace else {
+        let process = match job.process.clone() {
+            Some(spec) => runner.run(spec, stop).await,
+            None => no_process(),
+        };
+        let mut result = JobResult {
+            output: None,
+            failure: None,
+            commit: None,
+            artifacts: None,
+            process,
+        };
+        if result.process.end == ProcessEnd::Exited(0) {
+            match shell_output(job.output, &String::from_utf8_lossy(&result.process.stdout)) {
+                Ok(v) => result.output = Some(v),
+                Err(e) => result.failure = Some((FailureClass::ExitCode, e)),
+            }
+        }
+        if keep {
+            collect(&job, &job.root, &mut record);
+            result.artifacts = Some(record);
+        }
+        return result;
+    };
+
+    if let Err(e) = workspace::create(ws, &job.copy_from).await {
+        return fail(
+            record,
+            no_process(),
+            FailureClass::SetupError,
+            format!("cannot make the workspace: {e}"),
+        );
+    }
+    record.worktree = Some(ws.path.display().to_string());
+    for (i, input) in ws.merge.iter().enumerate() {
+        let mut conflict = match workspace::merge_one(ws, input, &ws.merge[..i]).await {
+            Ok(MergeStep::Merged) => continue,
+            Ok(MergeStep::Conflicted(c)) => c,
+            Err(e) => {
+                return fail(
+                    record,
+                    no_process(),
+                    FailureClass::SetupError,
+                    format!("cannot merge `{}`: {e}", input.node),
+                )
+            }
+        };
+        let Some(mut resolver) = job.resolve.clone() else {
+            workspace::abort_merge(ws).await;
+            let message = format!(
+                "merging `{}` conflicts:\n{}",
+                input.node,
+                conflict.listing()
+            );
+            record.conflicts.push(conflict);
+            return fail(record, no_process(), FailureClass::MergeConflict, message);
+        };
+        // The resolver sees the conflict listing in its environment and as a JSON file.
+        let report = job.artifact_dir.join(format!("conflict.{}.json", i + 1));
+        let _ = std::fs::create_dir_all(&job.artifact_dir);
+        let _ = std::fs::write(
+            &report,
+            serde_json::to_vec_pretty(&conflict).unwrap_or_default(),
+        );
+        resolver.env.push((
+            "CCLUSTER_CONFLICTS".into(),
+            conflict
+                .files
+                .iter()
+                .map(|f| f.path.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ));
+        resolver.env.push((
+            "CCLUSTER_CONFLICT_REPORT".into(),
+            report.display().to_string(),
+        ));
+        let command = resolver.command.clone();
+        let end = runner.run(resolver, stop.clone()).await.end;
+        if end != ProcessEnd::Exited(0) {
+            let message = format!(
+                "merging `{}` conflicts, and the resolver `{command}` failed ({}):\n{}",
+                input.node,
+                describe_end(&end),
+                conflict.listing()
+            );
+            record.conflicts.push(conflict);
+            let process = ProcessResult {
+                end: if end == ProcessEnd::Cancelled {
+                    end
+                } else {
+                    ProcessEnd::Exited(0)
+                },
+                stdout: Vec::new(),
+            };
+            return fail(record, process, FailureClass::MergeConflict, message);
+        }
+        if let Err(e) = workspace::conclude_merge(ws, &conflict).await {
+            let message = format!("merging `{}` conflicts: {e}", input.node);
+            record.conflicts.push(conflict);
+            return fail(record, no_process(), FailureClass::MergeConflict, message);
+        }
+        conflict.resolved_by = Some(format!("run: {command}"));
+        record.conflicts.push(conflict);
+    }
+    // A task's own changes are measured from where it starts working; a merge's from the run's
+    // base, since merging is its work.
+    let start = match job.process {
+        None => ws.start.clone(),
+        Some(_) => match workspace::head(ws).await {
+            Ok(c) => c,
+            Err(e) => return fail(record, no_process(), FailureClass::SetupError, e),
+        },
+    };
+    record.base = Some(start.clone());
+    if let Some(setup) = job.setup.clone() {
+        let command = setup.command.clone();
+        let end = runner.run(setup, stop.clone()).await.end;
+        if end != ProcessEnd::Exited(0) {
+            let process = ProcessResult {
+                end: if end == ProcessEnd::Cancelled {
+                    end.clone()
+                } else {
+                    ProcessEnd::Exited(0)
+                },
+                stdout: Vec::new(),
+            };
+            return fail(
+                record,
+                process,
+                FailureClass::SetupError,
+                format!("setup `{command}` failed: {}", describe_end(&end)),
+            );
+        }
+    }
+    let process = match job.process.clone() {
+        Some(spec) => runner.run(spec, stop).await,
+        None => no_process(),
+    };
+    let mut result = JobResult {
+        output: None,
+        failure: None,
+        commit: None,
+        artifacts: None,
+        process,
+    };
+    let mut succeeded = result.process.end == ProcessEnd::Exited(0);
+    if succeeded {
+        let output = if job.process.is_some() {
+            shell_output(job.output, &String::from_utf8_lossy(&result.process.stdout))
+        } else {
+            Ok(Value::Null)
+        };
+        match output {
+            Ok(v) => result.output = Some(v),
+            Err(e) => {
+                result.failure = Some((FailureClass::ExitCode, e));
+                succeeded = false;
+            }
+        }
+    }
+    if succeeded {
+        let published = async {
+            let commit = workspace::commit_all(ws).await?;
+            let (changed, patch) = workspace::changes(&ws.path, &start, Some(&commit)).await?;
+            workspace::publish(ws, &commit).await?;
+            Ok::<_, String>((commit, changed, patch))
+        }
+        .await;
+        match published {
+            Ok((commit, changed, patch)) => {
+                record.commit = Some(commit.clone());
+                record.branch = Some(ws.branch.clone());
+                record.changed = changed;
+                save_patch(&job, &patch, &mut record);
+                if job.process.is_none() {
+                    // A git merge's output says where its result is.
+                    result.output = Some(serde_json::json!({
+                        "branch": ws.branch,
+                        "commit": commit,
+                        "files_changed": record.changed.len(),
+                    }));
+                }
+                result.commit = Some(commit);
+            }
+            Err(e) => {
+                result.output = None;
+                result.failure = Some((
+                    FailureClass::SetupError,
+                    format!("cannot commit the result: {e}"),
+                ));
+                succeeded = false;
+            }
+        }
+    } else if let Ok((changed, patch)) = workspace::changes(&ws.path, &start, None).await {
+        record.changed = changed;
+        save_patch(&job, &patch, &mut record);
+    }
+    collect(&job, &ws.path.clone(), &mut record);
+    if succeeded {
+        // The work is in the branch: the checkout is no longer needed.
+        workspace::remove(ws).await;
+        record.worktree = None;
+    }
+    result.artifacts = Some(record);
+    result
+}
+
+fn save_patch(job: &Job, patch: &[u8], record: &mut ArtifactRecord) {
+    if patch.is_empty() {
+        return;
+    }
+    let _ = std::fs::create_dir_all(&job.artifact_dir);
+    if std::fs::write(job.artifact_dir.join("patch.diff"), patch).is_ok() {
+        record.patch = Some("patch.diff".into());
+    }
+}
+
+/// Keeps the files matching `artifacts` and counts the reports matching `reports`.
+fn collect(job: &Job, root: &std::path::Path, record: &mut ArtifactRecord) {
+    // In a workspace, globs are relative to the clusterfile's directory, as everywhere else.
+    let root = match &job.workspace {
+        Some(ws) => ws
+            .path
+            .join(workspace::relative_to(&job.copy_from, &ws.repo)),
+        None => root.to_path_buf(),
+    };
+    if !job.artifacts.is_empty() {
+        let files = artifacts::matching(&root, &job.artifacts);
+        if artifacts::copy_files(&root, &files, &job.artifact_dir.join("files")).is_ok() {
+            record.files = files;
+        }
+    }
+    if !job.reports.is_empty() {
+        let files = artifacts::matching(&root, &job.reports);
+        record.reports = artifacts::test_reports(&root, &files);
+        let _ = artifacts::copy_files(&root, &files, &job.artifact_dir.join("files"));
+    }
+}
