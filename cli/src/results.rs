@@ -290,7 +290,8 @@ pub fn gc(dir: &Path, dry_run: bool) -> u8 {
                 }
             }
         }
-        if let Ok(entries) = std::fs::read_dir(dir.join("worktrees").join(&run.id)) {
+        let state = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+        if let Ok(entries) = std::fs::read_dir(state.join("worktrees").join(&run.id)) {
             for entry in entries.flatten() {
                 if failed_worktrees.contains(&entry.path()) {
                     continue;

@@ -220,8 +220,15 @@ pub fn to_markdown(r: &RunReport) -> String {
     let t = &r.totals;
     let _ = write!(
         out,
-        "{} tasks: {} succeeded, {} cached, {} failed, {} skipped, {} cancelled; {} attempts",
-        t.tasks, t.succeeded, t.cached, t.failed, t.skipped, t.cancelled, t.attempts
+        "{} tasks: {} succeeded, {} cached, {} failed, {} skipped, {} cancelled; {} attempt{}",
+        t.tasks,
+        t.succeeded,
+        t.cached,
+        t.failed,
+        t.skipped,
+        t.cancelled,
+        t.attempts,
+        if t.attempts == 1 { "" } else { "s" }
     );
     if let Some(ms) = r.finished_ms.map(|f| f.saturating_sub(r.started_ms)) {
         let _ = write!(out, "; {}", seconds(ms));

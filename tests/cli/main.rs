@@ -7,3 +7,4 @@ mod examples;
 mod invalid;
 mod schema;
 mod support;
+mod workspaces;

@@ -951,7 +951,10 @@ impl Dispatcher<'_> {
         env.push(("CCLUSTER_ATTEMPT".into(), attempt.to_string()));
 
         let file_name = format!("{}.{attempt}", node_file_name(&plan.id));
-        let run_dir = self.store.dir().join("runs").join(&self.run.id);
+        // Absolute: workspace processes run elsewhere, and git resolves paths from the repository.
+        let state =
+            std::path::absolute(self.store.dir()).unwrap_or_else(|_| self.store.dir().into());
+        let run_dir = state.join("runs").join(&self.run.id);
         let workspace = match (&self.repo, &plan.workspace) {
             (Some(repo), Some(ws)) => {
                 let is_merge = matches!(plan.action, PlannedAction::Merge { .. });
@@ -980,12 +983,7 @@ impl Dispatcher<'_> {
                 Some(WorkspaceSpec {
                     repo: repo.root.clone(),
                     mode: ws.mode,
-                    path: self
-                        .store
-                        .dir()
-                        .join("worktrees")
-                        .join(&self.run.id)
-                        .join(&file_name),
+                    path: state.join("worktrees").join(&self.run.id).join(&file_name),
                     start,
                     merge,
                     run_base: run_base.clone(),
@@ -1619,7 +1617,8 @@ fn clean_interrupted(store: &Store, run: &RunRecord) {
         root: PathBuf::from(root),
     };
     let tasks = store.tasks(&run.id).unwrap_or_default();
-    let dir = store.dir().join("worktrees").join(&run.id);
+    let state = std::path::absolute(store.dir()).unwrap_or_else(|_| store.dir().into());
+    let dir = state.join("worktrees").join(&run.id);
     let mut keep = std::collections::HashSet::new();
     for t in &tasks {
         for a in store.artifacts(&run.id, &t.node).unwrap_or_default() {

@@ -286,6 +286,7 @@ fn remove_dir(path: &Path) {
 pub async fn create(spec: &WorkspaceSpec, copy_from: &Path) -> Result<(), String> {
     if std::fs::symlink_metadata(&spec.path).is_ok() {
         remove_dir(&spec.path);
+        let _turn = WORKTREE_REGISTRY.lock().await;
         let _ = git(&spec.repo, &["worktree", "prune"], &[]).await;
     }
     if let Some(parent) = spec.path.parent() {
@@ -310,12 +311,26 @@ pub async fn create(spec: &WorkspaceSpec, copy_from: &Path) -> Result<(), String
             .await?;
         }
         _ => {
-            git(
-                &spec.repo,
-                &["worktree", "add", "--quiet", "--detach", &path, &spec.start],
-                &[],
-            )
-            .await?;
+            // Registering a worktree reads the others' records: two registrations at once can
+            // fail, so they take turns. Checking out the files, the slow part, runs in parallel.
+            {
+                let _turn = WORKTREE_REGISTRY.lock().await;
+                git(
+                    &spec.repo,
+                    &[
+                        "worktree",
+                        "add",
+                        "--quiet",
+                        "--no-checkout",
+                        "--detach",
+                        &path,
+                        &spec.start,
+                    ],
+                    &[],
+                )
+                .await?;
+            }
+            git(&spec.path, &["reset", "--hard", "--quiet"], &[]).await?;
         }
     }
     let files = artifacts::matching(copy_from, &spec.copy);
@@ -541,20 +556,17 @@ pub async fn publish(spec: &WorkspaceSpec, commit: &str) -> Result<(), String> {
         .map_err(|e| format!("cannot set refs: {e}"))?
 }
 
-/// Removes a workspace whose work is published (the branch holds it).
+/// Worktree registrations and removals of this process take turns (see [`create`]).
+static WORKTREE_REGISTRY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Removes a workspace whose work is published (the branch holds it): the files first, in
+/// parallel with other jobs, then git's record of the worktree.
 pub async fn remove(spec: &WorkspaceSpec) {
-    match spec.mode {
-        WorkspaceMode::Copy => remove_dir(&spec.path),
-        _ => {
-            let path = spec.path.to_string_lossy().into_owned();
-            if git(&spec.repo, &["worktree", "remove", "--force", &path], &[])
-                .await
-                .is_err()
-            {
-                remove_dir(&spec.path);
-                let _ = git(&spec.repo, &["worktree", "prune"], &[]).await;
-            }
-        }
+    let path = spec.path.clone();
+    let _ = tokio::task::spawn_blocking(move || remove_dir(&path)).await;
+    if spec.mode != WorkspaceMode::Copy {
+        let _turn = WORKTREE_REGISTRY.lock().await;
+        let _ = git(&spec.repo, &["worktree", "prune"], &[]).await;
     }
 }
 
