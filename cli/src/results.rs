@@ -329,6 +329,16 @@ pub fn gc(dir: &Path, dry_run: bool) -> u8 {
             }
         }
     }
+    // Worktrees waiting for reuse go too: they only make later runs faster.
+    let state = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    if let Ok(entries) = std::fs::read_dir(state.join("worktrees").join("pool")) {
+        for entry in entries.flatten() {
+            worktrees += 1;
+            if !dry_run {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
     if !dry_run {
         for root in &repos {
             let _ = workspace::git_sync(Path::new(root), &["worktree", "prune"]);

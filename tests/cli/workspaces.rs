@@ -53,8 +53,15 @@ fn task<'a>(status: &'a Value, node: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no task {node} in {status}"))
 }
 
-/// Worktrees git knows besides the main checkout.
+/// Worktrees git knows besides the main checkout and those waiting in the pool for reuse.
 fn extra_worktrees(s: &Sandbox) -> Vec<String> {
+    worktrees(s)
+        .into_iter()
+        .filter(|w| !w.contains("/worktrees/pool/"))
+        .collect()
+}
+
+fn worktrees(s: &Sandbox) -> Vec<String> {
     git(s.path(), &["worktree", "list", "--porcelain"])
         .lines()
         .filter_map(|l| l.strip_prefix("worktree "))
@@ -355,8 +362,9 @@ fn gc_removes_finished_worktrees_and_branches_but_keeps_results_and_failed_work_
     assert_eq!(s.apply(&[]).code, 1);
     assert_eq!(extra_worktrees(&s).len(), 2);
     assert!(s.command(&["gc"]).output().unwrap().status.success());
-    // The second run did not keep failed work; the first run's policy still holds for its own.
-    assert_eq!(extra_worktrees(&s), kept);
+    // The second run did not keep failed work; the first run's policy still holds for its own;
+    // the pool of reusable worktrees is emptied.
+    assert_eq!(worktrees(&s), kept);
 }
 
 #[test]
@@ -454,9 +462,37 @@ merge = { strategy = "git", on_conflict = "run", run = "sleep 1; printf 'merged\
     let leftovers: Vec<_> = std::fs::read_dir(s.path().join(".ccluster/worktrees"))
         .unwrap()
         .flatten()
+        .filter(|r| r.file_name() != "pool")
         .flat_map(|r| std::fs::read_dir(r.path()).unwrap().flatten())
         .map(|e| e.path())
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
     assert_eq!(git(s.path(), &["status", "--porcelain"]), "");
+}
+
+#[test]
+fn a_reused_worktree_is_as_clean_as_a_fresh_one() {
+    // With one job, `second` takes the worktree `first` left in the pool.
+    let s = repo(
+        r#"version = 1
+[tasks.first]
+workspace = "worktree"
+run = "echo kept > kept.txt; echo junk > junk.log; echo dirty >> README"
+
+[tasks.second]
+needs = ["first"]
+run = "test ! -e junk.log && cat kept.txt README"
+"#,
+    );
+    std::fs::write(s.path().join(".gitignore"), ".ccluster/\n*.log\n").unwrap();
+    git(s.path(), &["commit", "-qam", "ignore logs"]);
+    let done = s.apply(&["--jobs", "1"]);
+    assert_eq!(done.code, 0, "{}{}", done.stdout, done.stderr);
+    assert_eq!(task(&s.status(), "second")["output"], "kept\nbase\ndirty");
+    assert_eq!(worktrees(&s).len(), 1, "one worktree waits in the pool");
+    // A later run reuses it from a different commit: nothing of the old one shows through.
+    s.write("version = 1\n[tasks.third]\nworkspace = \"worktree\"\nrun = \"test ! -e kept.txt && test ! -e junk.log && cat README\"\n");
+    let done = s.apply(&["--jobs", "1"]);
+    assert_eq!(done.code, 0, "{}{}", done.stdout, done.stderr);
+    assert_eq!(task(&s.status(), "third")["output"], "base");
 }

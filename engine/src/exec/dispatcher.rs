@@ -1002,6 +1002,8 @@ impl Dispatcher<'_> {
                         plan.id, self.run.id
                     ),
                     identity,
+                    // As many worktrees wait for reuse as can run at once.
+                    pool: Some((state.join("worktrees").join("pool"), self.opts.jobs)),
                 })
             }
             _ => None,

@@ -80,6 +80,8 @@ pub struct WorkspaceSpec {
     pub message: String,
     /// Author, committer and their (fixed) dates: a merge of the same inputs is the same commit.
     pub identity: Vec<(String, String)>,
+    /// Where finished worktrees wait to be reused (see [`create`]), and how many may wait.
+    pub pool: Option<(PathBuf, usize)>,
 }
 
 impl WorkspaceSpec {
@@ -310,6 +312,7 @@ pub async fn create(spec: &WorkspaceSpec, copy_from: &Path) -> Result<(), String
             )
             .await?;
         }
+        _ if reuse_pooled(spec).await => {}
         _ => {
             // Registering a worktree reads the others' records: two registrations at once can
             // fail, so they take turns. Checking out the files, the slow part, runs in parallel.
@@ -346,6 +349,59 @@ pub async fn create(spec: &WorkspaceSpec, copy_from: &Path) -> Result<(), String
         )
     })?;
     Ok(())
+}
+
+/// Takes a finished worktree from the pool, if one waits, and turns it into this attempt's: moved
+/// to its path, checked out at `start`, every file that is not in `start` removed. Checking out
+/// a commit over a worktree only rewrites the files that differ, so on a large repository this
+/// costs a small fraction of a fresh checkout.
+async fn reuse_pooled(spec: &WorkspaceSpec) -> bool {
+    let Some((pool, _)) = &spec.pool else {
+        return false;
+    };
+    let path = spec.path.to_string_lossy().into_owned();
+    let taken = {
+        let _turn = WORKTREE_REGISTRY.lock().await;
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(pool)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        entries.sort();
+        let mut taken = false;
+        for entry in entries {
+            let from = entry.to_string_lossy().into_owned();
+            if git(&spec.repo, &["worktree", "move", &from, &path], &[])
+                .await
+                .is_ok()
+            {
+                taken = true;
+                break;
+            }
+            // Not a usable worktree (half-moved by a killed run): drop it.
+            remove_dir(&entry);
+            let _ = git(&spec.repo, &["worktree", "prune"], &[]).await;
+        }
+        taken
+    };
+    if !taken {
+        return false;
+    }
+    let ready = async {
+        git(
+            &spec.path,
+            &["checkout", "--quiet", "--force", "--detach", &spec.start],
+            &[],
+        )
+        .await?;
+        git(&spec.path, &["clean", "-ffdxq"], &[]).await
+    }
+    .await;
+    if ready.is_err() {
+        remove_dir(&spec.path);
+        let _turn = WORKTREE_REGISTRY.lock().await;
+        let _ = git(&spec.repo, &["worktree", "prune"], &[]).await;
+        return false;
+    }
+    true
 }
 
 /// `dir` relative to `root` (empty when it is the root or outside it).
@@ -559,9 +615,32 @@ pub async fn publish(spec: &WorkspaceSpec, commit: &str) -> Result<(), String> {
 /// Worktree registrations and removals of this process take turns (see [`create`]).
 static WORKTREE_REGISTRY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Removes a workspace whose work is published (the branch holds it): the files first, in
-/// parallel with other jobs, then git's record of the worktree.
+/// Done with a workspace whose work is published (the branch holds it): a worktree goes to the
+/// pool while there is room; otherwise the files are removed, in parallel with other jobs, then
+/// git's record of the worktree.
 pub async fn remove(spec: &WorkspaceSpec) {
+    if let (WorkspaceMode::Worktree, Some((pool, max))) = (spec.mode, &spec.pool) {
+        let _turn = WORKTREE_REGISTRY.lock().await;
+        let waiting = std::fs::read_dir(pool).map_or(0, |d| d.count());
+        if waiting < *max && std::fs::create_dir_all(pool).is_ok() {
+            let name = spec
+                .path
+                .iter()
+                .rev()
+                .take(2)
+                .map(|c| c.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(".");
+            let to = pool.join(name).to_string_lossy().into_owned();
+            let from = spec.path.to_string_lossy().into_owned();
+            if git(&spec.repo, &["worktree", "move", &from, &to], &[])
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+    }
     let path = spec.path.clone();
     let _ = tokio::task::spawn_blocking(move || remove_dir(&path)).await;
     if spec.mode != WorkspaceMode::Copy {
