@@ -496,3 +496,34 @@ run = "test ! -e junk.log && cat kept.txt README"
     assert_eq!(done.code, 0, "{}{}", done.stdout, done.stderr);
     assert_eq!(task(&s.status(), "third")["output"], "base");
 }
+
+#[test]
+fn plan_warns_when_instances_are_told_to_touch_the_same_paths() {
+    let s = Sandbox::new(
+        r#"version = 1
+[tasks.edit]
+map = ["a", "b", "a"]
+touches = ["src/{{ item }}.rs", "docs/{{ item }}/"]
+run = "true"
+
+[tasks.apart]
+map = ["a", "b"]
+touches = ["src/{{ item }}.rs"]
+run = "true"
+"#,
+    );
+    let out = s.command(&["plan"]).env("NO_COLOR", "1").output().unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("warning[overlapping-touches]"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].contains(
+            "instances `edit[0]` and `edit[2]` of task `edit` are told to change `src/a.rs`"
+        ),
+        "{stderr}"
+    );
+}

@@ -729,6 +729,9 @@ impl Decoder<'_> {
         if let Some(n) = t.get("copy") {
             task.copy = self.string_list(n, "copy");
         }
+        if let Some(n) = t.get("touches") {
+            task.touches = self.string_list(n, "touches");
+        }
         self.finish(t);
         task.decode_errors = self.errors_so_far() > before;
         Some(task)

@@ -565,6 +565,9 @@ pub struct RawTask {
     pub setup: Option<Spanned<String>>,
     /// Globs of files copied from the main checkout into the fresh workspace.
     pub copy: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Paths or globs (templates) the task is told to change: `plan` warns when instances of a
+    /// fan-out overlap, since their merge may conflict.
+    pub touches: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(skip)]
     #[schemars(skip)]
     pub id_span: Span,

@@ -239,6 +239,9 @@ pub struct Task {
     pub workspace: WorkspaceMode,
     pub setup: Option<String>,
     pub copy: Vec<String>,
+    /// Paths the task is told to change (templates), and where they were written.
+    pub touches: Vec<Template>,
+    pub touches_span: Option<Span>,
 }
 
 impl Task {
@@ -893,6 +896,12 @@ fn resolve_task(
             .or(defaults.setup.as_ref())
             .map(|s| s.value.clone()),
         copy: strings(rt.copy.as_ref().or(defaults.copy.as_ref())),
+        touches: rt
+            .touches
+            .as_ref()
+            .map(|t| t.value.iter().map(tpl).collect())
+            .unwrap_or_default(),
+        touches_span: rt.touches.as_ref().map(|t| t.span),
     }
 }
 
@@ -1440,6 +1449,9 @@ fn check_templates(workflow: &Workflow, raw: &RawClusterfile, diags: &mut Vec<Di
                 }
             }
             Action::Merge { .. } => {}
+        }
+        for t in &task.touches {
+            check(t, "touches", false, &scope);
         }
         if let Some(When::Expression(w)) = &task.when {
             check(w, "when", true, &scope);

@@ -119,6 +119,9 @@ pub struct PlannedTask {
     /// `None`: the task runs in the clusterfile's directory and leaves no branch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workspace: Option<PlannedWorkspace>,
+    /// Paths the task is told to change.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub touches: Vec<Text>,
     pub action: PlannedAction,
 }
 
@@ -371,7 +374,9 @@ pub fn build(
             Some(MapSpec::Static(items)) => {
                 warn_if_empty(items, task, diags);
                 summary.static_instances += items.len();
+                let first = nodes.len();
                 expand(&renderer, task, items, &needs, &mut nodes, &mut instance_ids[ti], diags);
+                warn_if_overlapping(task, &nodes[first..], diags);
             }
             Some(MapSpec::Expression(m)) => match renderer.eval(m, &base_ctx, "map", task.id.as_str(), diags) {
                 None => {}
@@ -379,7 +384,9 @@ pub fn build(
                     Some(items) => {
                         warn_if_empty(&items, task, diags);
                         summary.static_instances += items.len();
+                        let first = nodes.len();
                         expand(&renderer, task, &items, &needs, &mut nodes, &mut instance_ids[ti], diags);
+                        warn_if_overlapping(task, &nodes[first..], diags);
                     }
                     None => diags.push(
                         Diagnostic::error(Category::MapNotList, "map-not-list", format!("the `map` of task `{}` is not a list: it evaluates to {}", task.id, value.kind()))
@@ -463,6 +470,69 @@ fn warn_if_empty(items: &[Value], task: &Task, diags: &mut Vec<Diagnostic>) {
             .at(task.span, "no instances")
             .help("tasks that need it run once its own dependencies are done"),
         );
+    }
+}
+
+/// Whether two `touches` entries can name the same file: equal, one a directory of the other, or
+/// one a glob that matches the other.
+fn paths_overlap(a: &str, b: &str) -> bool {
+    let a = a.trim_end_matches('/');
+    let b = b.trim_end_matches('/');
+    let inside = |x: &str, dir: &str| x.strip_prefix(dir).is_some_and(|r| r.starts_with('/'));
+    let glob = |pattern: &str, path: &str| {
+        glob::Pattern::new(pattern)
+            .is_ok_and(|p| p.matches(path) || p.matches(&format!("{path}/x")))
+    };
+    a == b || inside(a, b) || inside(b, a) || glob(a, b) || glob(b, a)
+}
+
+/// Instances of a fan-out told to change the same paths will likely conflict when merged: say so
+/// before any work starts (only what is rendered at plan time can be compared).
+fn warn_if_overlapping(task: &Task, instances: &[PlannedTask], diags: &mut Vec<Diagnostic>) {
+    let Some(span) = task.touches_span else {
+        return;
+    };
+    let rendered: Vec<(&str, Vec<&str>)> = instances
+        .iter()
+        .map(|n| {
+            (
+                n.id.as_str(),
+                n.touches
+                    .iter()
+                    .filter_map(|t| t.rendered.as_deref())
+                    .collect(),
+            )
+        })
+        .collect();
+    let mut reported = 0;
+    for (i, (a, pa)) in rendered.iter().enumerate() {
+        for (b, pb) in &rendered[i + 1..] {
+            let Some((x, y)) = pa
+                .iter()
+                .flat_map(|x| pb.iter().map(move |y| (*x, *y)))
+                .find(|(x, y)| paths_overlap(x, y))
+            else {
+                continue;
+            };
+            reported += 1;
+            if reported > 3 {
+                continue;
+            }
+            let what = if x == y {
+                format!("`{x}`")
+            } else {
+                format!("`{x}` and `{y}`")
+            };
+            diags.push(
+                Diagnostic::warning(
+                    Category::TaskKind,
+                    "overlapping-touches",
+                    format!("instances `{a}` and `{b}` of task `{}` are told to change {what}", task.id),
+                )
+                .at(span, "overlapping paths")
+                .help("their branches may conflict when merged: give each instance its own files, or set `on_conflict` on the merge"),
+            );
+        }
     }
 }
 
@@ -582,6 +652,11 @@ fn plan_instance<'w>(
         }),
         artifacts: task.artifacts.clone(),
         reports: task.reports.clone(),
+        touches: task
+            .touches
+            .iter()
+            .map(|t| renderer.render(t, ctx, "touches", name, diags))
+            .collect(),
         workspace: task.has_workspace().then(|| PlannedWorkspace {
             mode: task.workspace,
             setup: task.setup.clone(),
