@@ -97,6 +97,20 @@ pub fn artifacts(dir: &Path, run: &str, task: Option<&str>, get: Option<&str>) -
                     f.path
                 );
             }
+            let logs = dir.join("runs").join(from).join("logs");
+            for stream in [
+                "setup.out",
+                "setup.err",
+                "resolve.out",
+                "resolve.err",
+                "out",
+                "err",
+            ] {
+                let path = ccluster_engine::exec::log_path(&logs, &t.node, a.attempt, stream);
+                if path.exists() {
+                    let _ = writeln!(out, "    log    {}", path.display());
+                }
+            }
             for f in &a.files {
                 let _ = writeln!(out, "    file   {f}");
             }

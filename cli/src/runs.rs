@@ -499,7 +499,15 @@ pub fn logs(dir: &Path, run: &str, task: Option<&str>, follow: bool) -> u8 {
 /// file and is not shown).
 fn print_logs(logs: &Path, node: &str, note: &str, attempts: u32) {
     for attempt in 1..=attempts.max(1) {
-        for (stream, ext) in [("stdout", "out"), ("stderr", "err")] {
+        // A workspace's setup and a merge's resolving command log beside the task's command.
+        for (stream, ext) in [
+            ("setup stdout", "setup.out"),
+            ("setup stderr", "setup.err"),
+            ("resolve stdout", "resolve.out"),
+            ("resolve stderr", "resolve.err"),
+            ("stdout", "out"),
+            ("stderr", "err"),
+        ] {
             if let Ok(text) = std::fs::read_to_string(exec::log_path(logs, node, attempt, ext)) {
                 say!("==> {node}{note} attempt {attempt} {stream} <==");
                 let _ = std::io::stdout().lock().write_all(text.as_bytes());

@@ -332,6 +332,14 @@ artifacts = ["from-setup"]
     let fail = failed.of("task_failed");
     assert_eq!(fail[0]["class"], "setup_error");
     assert!(fail[0]["message"].as_str().unwrap().contains("exit code 3"));
+
+    s.write("version = 1\n[tasks.noisy]\nworkspace = \"worktree\"\nsetup = \"echo preparing\"\nrun = \"echo working\"\n");
+    assert_eq!(s.apply(&[]).code, 0);
+    let logs = s.command(&["logs", &run_id(&s)]).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&logs.stdout),
+        "==> noisy attempt 1 setup stdout <==\npreparing\n==> noisy attempt 1 stdout <==\nworking\n"
+    );
 }
 
 #[test]
@@ -526,4 +534,27 @@ run = "true"
         ),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_dirty_main_checkout_is_left_alone_and_not_seen_by_workspaces() {
+    let s = repo("version = 1\n[tasks.look]\nworkspace = \"worktree\"\nrun = \"cat README; echo task > README\"\n");
+    std::fs::write(s.path().join("README"), "uncommitted\n").unwrap();
+    let done = s.apply(&[]);
+    assert_eq!(done.code, 0, "{}", done.stderr);
+    assert!(
+        done.stderr.contains("uncommitted changes"),
+        "{}",
+        done.stderr
+    );
+    assert_eq!(task(&s.status(), "look")["output"], "base");
+    assert_eq!(
+        std::fs::read_to_string(s.path().join("README")).unwrap(),
+        "uncommitted\n"
+    );
+    let run = run_id(&s);
+    let listing = s.command(&["artifacts", &run]).output().unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(listing.contains("look.1.out"), "{listing}");
+    assert!(listing.contains("+1     -1     README"), "{listing}");
 }
