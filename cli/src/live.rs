@@ -92,6 +92,15 @@ impl EventSink for LiveView {
                     old.finish_and_clear();
                 }
             }
+            Event::TaskProgress {
+                task, kind, detail, ..
+            } => {
+                // The spinner line shows what the agent does now.
+                if let Some(bar) = self.running.get(task) {
+                    bar.set_message(format!("{task}: {kind} {detail}"));
+                }
+                return;
+            }
             Event::TaskRetrying { task, .. } => self.finish(task, line),
             Event::TaskSucceeded { task, .. } | Event::TaskCached { task, .. } => {
                 self.done += 1;

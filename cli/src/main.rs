@@ -71,6 +71,15 @@ enum Command {
         /// Ignore cached results: run every task.
         #[arg(long)]
         fresh: bool,
+        /// Rehearse: agents run the real `claude` CLI against ccluster's scripted model server
+        /// (no key, no tokens): each writes a note of its task and answers, with a structured
+        /// output that fits its schema. Tests a workflow end to end for free.
+        #[arg(long)]
+        rehearse: bool,
+        /// With --rehearse: what the scripted model does per task (TOML: `[tasks.<id>]` with
+        /// `output`, `files`, `turns`, `faults`).
+        #[arg(long, value_name = "FILE", requires = "rehearse")]
+        script: Option<PathBuf>,
         #[command(flatten)]
         run: RunArgs,
         #[command(flatten)]
@@ -165,6 +174,17 @@ enum Command {
     },
     /// Print the JSON Schema of the clusterfile format.
     Schema,
+    /// Serve the scripted model API on 127.0.0.1 until killed (for benchmarks and experiments):
+    /// prints its URL, logs requests as JSON lines to stdout.
+    #[command(hide = true)]
+    ModelServer {
+        /// A script (TOML); without one, every task gets the rehearsal default.
+        #[arg(long)]
+        script: Option<PathBuf>,
+        /// Wait this long before each answer.
+        #[arg(long, default_value_t = 0)]
+        turn_delay_ms: u64,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -261,22 +281,41 @@ fn main() -> ExitCode {
         Command::Apply {
             file,
             fresh,
+            rehearse,
+            script,
             run,
             state,
         } => match compile(&file, Stage::Plan, DiagnosticFormat::Human) {
-            Ok((source, compiled)) => runs::apply(
-                &compiled,
-                runs::ApplyArgs {
-                    clusterfile: &file.file,
-                    source: &source.text,
-                    rerun: Vec::new(),
-                    state_dir: state.dir(Some(&file.file)),
-                    jobs: run.jobs(),
-                    fresh,
-                    grace: run.grace_period,
-                    output: run.output,
-                },
-            ),
+            Ok((source, compiled)) => {
+                let rehearse = match (rehearse, script) {
+                    (false, _) => None,
+                    (true, None) => Some(ccluster_engine::scripted::Script::default()),
+                    (true, Some(path)) => match std::fs::read_to_string(&path)
+                        .map_err(|e| e.to_string())
+                        .and_then(|t| ccluster_engine::scripted::Script::from_toml(&t))
+                    {
+                        Ok(s) => Some(s),
+                        Err(e) => {
+                            eprintln!("error: {}: {e}", path.display());
+                            return ExitCode::from(exit::INVALID_INPUT);
+                        }
+                    },
+                };
+                runs::apply(
+                    &compiled,
+                    runs::ApplyArgs {
+                        clusterfile: &file.file,
+                        source: &source.text,
+                        rerun: Vec::new(),
+                        state_dir: state.dir(Some(&file.file)),
+                        jobs: run.jobs(),
+                        fresh,
+                        grace: run.grace_period,
+                        output: run.output,
+                        rehearse,
+                    },
+                )
+            }
             Err(code) => code,
         },
         Command::Retry {
@@ -330,12 +369,57 @@ fn main() -> ExitCode {
             branch.as_deref(),
         ),
         Command::Gc { dry_run, state } => results::gc(&state.dir(None), dry_run),
+        Command::ModelServer {
+            script,
+            turn_delay_ms,
+        } => model_server(script.as_deref(), turn_delay_ms),
         Command::Schema => {
             print(&ccluster_engine::schema::clusterfile_schema());
             exit::SUCCESS
         }
     };
     ExitCode::from(code)
+}
+
+fn model_server(script: Option<&std::path::Path>, turn_delay_ms: u64) -> u8 {
+    use ccluster_engine::scripted::{Script, Server};
+    let mut script = match script.map(std::fs::read_to_string).transpose() {
+        Ok(text) => match text.as_deref().map(Script::from_toml).transpose() {
+            Ok(s) => s.unwrap_or_default(),
+            Err(e) => {
+                eprintln!("error: invalid script: {e}");
+                return exit::INVALID_INPUT;
+            }
+        },
+        Err(e) => {
+            eprintln!("error: cannot read the script: {e}");
+            return exit::INVALID_INPUT;
+        }
+    };
+    script.turn_delay_ms = script.turn_delay_ms.max(turn_delay_ms);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return exit::TASK_FAILED;
+        }
+    };
+    runtime.block_on(async {
+        match Server::start(script, Some(PathBuf::from("/dev/stdout"))).await {
+            Ok(server) => {
+                eprintln!("{}", server.url());
+                std::future::pending::<()>().await;
+                exit::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: cannot start the server: {e}");
+                exit::TASK_FAILED
+            }
+        }
+    })
 }
 
 fn print(text: &str) {

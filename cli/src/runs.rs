@@ -83,6 +83,7 @@ pub fn describe(event: &Event) -> String {
         Event::TaskSkipped { task, reason, .. } => format!("skip    {task}: {reason}"),
         Event::TaskCancelled { task, reason, .. } => format!("cancel  {task}: {reason}"),
         Event::MapExpanded { task, items, .. } => format!("map     {task}: {items} instances"),
+        Event::TaskProgress { task, kind, detail, .. } => format!("  ·     {task}: {kind} {detail}"),
         Event::RunFinished { run, state, succeeded, cached, failed, skipped, cancelled, duration_ms, .. } => format!(
             "run {run} {} in {}: {succeeded} succeeded, {cached} cached, {failed} failed, {skipped} skipped, {cancelled} cancelled",
             state_word(state),
@@ -102,6 +103,7 @@ fn event_time(event: &Event) -> u64 {
         | Event::TaskSkipped { time_ms, .. }
         | Event::TaskCancelled { time_ms, .. }
         | Event::MapExpanded { time_ms, .. }
+        | Event::TaskProgress { time_ms, .. }
         | Event::RunFinished { time_ms, .. } => *time_ms,
     }
 }
@@ -152,6 +154,8 @@ pub struct ApplyArgs<'a> {
     pub fresh: bool,
     pub grace: Duration,
     pub output: OutputFormat,
+    /// `--rehearse`: agents answer from the scripted model server (with this script).
+    pub rehearse: Option<ccluster_engine::scripted::Script>,
 }
 
 pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
@@ -175,6 +179,7 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         .map(Path::to_path_buf)
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or_else(|| PathBuf::from("."));
+    let rehearse = args.rehearse.clone();
     let opts = ApplyOptions {
         jobs: args.jobs.max(1),
         fresh: args.fresh,
@@ -183,6 +188,7 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         clusterfile: args.clusterfile.display().to_string(),
         source: args.source.to_string(),
         rerun: args.rerun,
+        rehearse,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -210,6 +216,21 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         OutputFormat::Human => &mut human,
         OutputFormat::Json => &mut json,
     };
+    let has_agents = compiled
+        .plan
+        .nodes
+        .iter()
+        .any(|n| n.action.kind() == "agent");
+    if has_agents && args.output == OutputFormat::Human {
+        // Say which credentials workers get (never the secret itself) before anything starts.
+        let auth = match &args.rehearse {
+            Some(_) => Some(ccluster_engine::agent::Auth::Rehearsal),
+            None => ccluster_engine::agent::Auth::detect(),
+        };
+        if let Some(auth) = auth {
+            eprintln!("agents authenticate with {}", auth.describe());
+        }
+    }
     if compiled.plan.nodes.iter().any(|n| n.workspace.is_some()) {
         if let Ok(repo) = ccluster_engine::workspace::Repo::discover(&opts.workdir) {
             if repo.is_dirty() {
@@ -250,6 +271,10 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
                 RunState::Cancelled => exit::CANCELLED,
                 _ => exit::TASK_FAILED,
             }
+        }
+        Err(exec::ApplyError::Agent(e)) => {
+            eprintln!("error: {e}");
+            exit::INVALID_INPUT
         }
         Err(exec::ApplyError::Workspace(e)) => {
             eprintln!("error: {e}");
@@ -419,28 +444,43 @@ pub fn status(dir: &Path, run: Option<&str>, json: bool) -> u8 {
         if view.live { " (live)" } else { "" }
     );
     say!(
-        "{:<28} {:<10} {:>8} {:>9} {:>5}  MESSAGE",
+        "{:<28} {:<10} {:>8} {:>9} {:>5} {:>9} {:>9}  MESSAGE",
         "TASK",
         "STATE",
         "ATTEMPTS",
         "DURATION",
-        "EXIT"
+        "EXIT",
+        "COST",
+        "TOKENS"
     );
+    let (mut cost, mut tokens) = (0.0, 0);
     for t in &view.tasks {
         let took = match (t.started_ms, t.finished_ms) {
             (Some(s), Some(f)) => duration(f.saturating_sub(s)),
             _ => "-".into(),
         };
         let exit_code = t.exit_code.map_or("-".to_string(), |c| c.to_string());
+        cost += t.cost_usd.unwrap_or(0.0);
+        tokens += t.tokens.unwrap_or(0);
         say!(
-            "{:<28} {:<10} {:>8} {:>9} {:>5}  {}",
+            "{:<28} {:<10} {:>8} {:>9} {:>5} {:>9} {:>9}  {}",
             t.node,
             state_name(&t.state),
             t.attempts,
             took,
             exit_code,
-            t.message.as_deref().unwrap_or("")
+            t.cost_usd.map_or("-".into(), |c| format!("${c:.4}")),
+            t.tokens.map_or("-".into(), |n| n.to_string()),
+            t.message
+                .as_deref()
+                .unwrap_or("")
+                .lines()
+                .next()
+                .unwrap_or("")
         );
+    }
+    if tokens > 0 {
+        say!("agents: ${cost:.4}, {tokens} tokens");
     }
     exit::SUCCESS
 }
@@ -785,6 +825,7 @@ pub fn retry(dir: &Path, args: RetryArgs<'_>) -> u8 {
             fresh: false,
             grace: args.grace,
             output: args.output,
+            rehearse: None,
         },
     )
 }

@@ -1,6 +1,7 @@
 //! ccluster's engine: the clusterfile compiler (syntax → model → plan) and, in later stages, the
 //! executor, runners and agents. The `ccluster` binary is a thin shell over this crate.
 
+pub mod agent;
 pub mod compile;
 pub mod diagnostic;
 pub mod model;
@@ -8,6 +9,7 @@ pub mod plan;
 pub mod render;
 pub mod report;
 pub mod schema;
+pub mod scripted;
 pub mod syntax;
 
 pub use compile::{compile, compile_file, Compiled, Stage};

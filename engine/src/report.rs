@@ -112,6 +112,9 @@ pub fn build(store: &Store, run: &RunRecord) -> Result<RunReport, StoreError> {
             total.skipped += c.skipped;
         }
         totals.tasks += 1;
+        if let Some(c) = t.cost_usd {
+            *totals.cost_usd.get_or_insert(0.0) += c;
+        }
         totals.attempts += t.attempts;
         match t.state {
             TaskState::Succeeded => totals.succeeded += 1,
@@ -128,8 +131,8 @@ pub fn build(store: &Store, run: &RunRecord) -> Result<RunReport, StoreError> {
                 (Some(s), Some(f)) if t.cached_from.is_none() => Some(f.saturating_sub(s)),
                 _ => None,
             },
-            cost_usd: None,
-            tokens: None,
+            cost_usd: t.cost_usd,
+            tokens: t.tokens,
             branch: t.commit.as_ref().map(|_| {
                 format!(
                     "ccluster/{}/{}",
@@ -232,6 +235,9 @@ pub fn to_markdown(r: &RunReport) -> String {
     );
     if let Some(ms) = r.finished_ms.map(|f| f.saturating_sub(r.started_ms)) {
         let _ = write!(out, "; {}", seconds(ms));
+    }
+    if let Some(c) = t.cost_usd {
+        let _ = write!(out, "; agents cost ${c:.2}");
     }
     out.push_str(".\n\n");
     if let Some(res) = &r.result {

@@ -83,7 +83,7 @@ fn schema_paths(schema: &Value, node: &Value, prefix: &str, out: &mut BTreeSet<S
 fn document_paths(doc: &Value, prefix: &str, out: &mut BTreeSet<String>, free_form: &[&str]) {
     if let Value::Object(map) = doc {
         for (k, v) in map {
-            let is_map = ["inputs", "runners", "tasks", "vars", "env"]
+            let is_map = ["inputs", "runners", "tasks", "vars", "env", "files"]
                 .iter()
                 .any(|m| prefix.ends_with(&format!("{m}.")) || prefix == format!("{m}."));
             let key = if is_map { "*" } else { k.as_str() };
@@ -107,12 +107,23 @@ fn schema_keys_are_the_keys_the_compiler_accepts() {
     schema_paths(&schema, &schema, "", &mut declared);
     // Free-form values (a JSON Schema, Claude settings, an input default) have no fixed keys.
     declared.retain(|p| {
-        ![".output_schema.", ".settings.", ".default."]
-            .iter()
-            .any(|f| p.contains(f))
+        ![
+            ".output_schema.",
+            ".settings.",
+            ".default.",
+            ".rehearsal.output.",
+        ]
+        .iter()
+        .any(|f| p.contains(f))
     });
     let mut used = BTreeSet::new();
-    let free_form = ["output_schema", "settings", "default", "vars.*"];
+    let free_form = [
+        "output_schema",
+        "settings",
+        "default",
+        "vars.*",
+        "rehearsal.output",
+    ];
     document_paths(
         &toml_as_json("tests/fixtures/kitchen-sink.toml"),
         "",

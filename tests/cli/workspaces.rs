@@ -558,3 +558,18 @@ fn a_dirty_main_checkout_is_left_alone_and_not_seen_by_workspaces() {
     assert!(listing.contains("look.1.out"), "{listing}");
     assert!(listing.contains("+1     -1     README"), "{listing}");
 }
+
+#[test]
+fn copied_files_are_never_committed() {
+    let s = repo("version = 1\n[tasks.t]\nworkspace = \"worktree\"\ncopy = [\".env\"]\nrun = \"cat .env > seen.txt\"\n");
+    std::fs::write(s.path().join(".env"), "TOKEN=secret-value\n").unwrap();
+    let done = s.apply(&[]);
+    assert_eq!(done.code, 0, "{}", done.stderr);
+    let run = run_id(&s);
+    let files = git(
+        s.path(),
+        &["ls-tree", "-r", "--name-only", &format!("ccluster/{run}/t")],
+    );
+    assert!(files.contains("seen.txt"), "{files}");
+    assert!(!files.contains(".env"), "the copied .env was committed: {files}");
+}

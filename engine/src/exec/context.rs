@@ -222,8 +222,9 @@ pub fn key_parts(
             strategy,
             on_conflict,
             resolve,
+            agent,
         } => {
-            serde_json::json!({ "strategy": strategy, "on_conflict": on_conflict, "resolve": resolve })
+            serde_json::json!({ "strategy": strategy, "on_conflict": on_conflict, "resolve": resolve, "agent": agent })
         }
     };
     parts.insert("settings".into(), hash(&settings));

@@ -23,7 +23,7 @@ use super::events::{Event, EventSink};
 use super::job::{self, Job, JobResult};
 use super::runner::{ProcessEnd, ProcessSpec, Runner, Stop};
 use crate::compile::Compiled;
-use crate::model::raw::{FailureClass, MergeStrategy, OnConflict, OnItemFailure, OutputMode};
+use crate::model::raw::{FailureClass, MergeStrategy, OnItemFailure, OutputMode};
 use crate::model::workflow::{ancestors, RetryPolicy};
 use crate::plan::{PlannedAction, PlannedTask, WhenState};
 use crate::store::{
@@ -50,6 +50,9 @@ pub struct ApplyOptions {
     pub source: String,
     /// Tasks (ids) or plan nodes (`build[2]`) to run even when a cached result exists.
     pub rerun: Vec<String>,
+    /// `apply --rehearse`: agents talk to the scripted model server, driven by this script (the
+    /// clusterfile's `rehearsal` tables are added to it).
+    pub rehearse: Option<crate::scripted::Script>,
 }
 
 /// How a run ended.
@@ -78,6 +81,9 @@ pub enum ApplyError {
     /// Workspaces cannot be made (no git repository, no such base).
     #[error("{0}")]
     Workspace(String),
+    /// Agent workers cannot run (no `claude` CLI, no credentials).
+    #[error("{0}")]
+    Agent(String),
     #[error("cannot create `{path}`: {source}")]
     Io {
         path: PathBuf,
@@ -93,24 +99,6 @@ pub const PASSED_ENV: &[&str] = &[
 /// Refuses what this version cannot execute yet, before anything starts.
 pub fn check_supported(compiled: &Compiled) -> Result<(), ApplyError> {
     for node in &compiled.plan.nodes {
-        match &node.action {
-            PlannedAction::Agent { .. } => {
-                return Err(ApplyError::Unsupported(format!(
-                    "task `{}` is an agent task: this version of `apply` runs shell and collect tasks only (agent tasks come with the Claude Code worker)",
-                    node.task
-                )))
-            }
-            PlannedAction::Merge {
-                on_conflict: OnConflict::Agent,
-                ..
-            } => {
-                return Err(ApplyError::Unsupported(format!(
-                    "task `{}` hands merge conflicts to an agent: agent tasks come with the Claude Code worker; use `on_conflict = \"run\"` with a resolving command, or `\"fail\"`",
-                    node.task
-                )))
-            }
-            _ => {}
-        }
         if node.runner != "local" {
             return Err(ApplyError::Unsupported(format!(
                 "task `{}` uses runner `{}`: only `local` runs in this version",
@@ -129,6 +117,10 @@ struct Node {
     record: TaskRecord,
     parts: Option<KeyParts>,
     attempt_started_ms: u64,
+    /// The finished attempt's agent usage, until its record is written.
+    usage: Option<crate::agent::Usage>,
+    /// The last agent attempt's session and worker directory (for `retry.resume_session`).
+    session: Option<(String, PathBuf)>,
 }
 
 /// A task of the workflow: its plan nodes (one, or a fan-out's instances) and its aggregate state.
@@ -207,6 +199,22 @@ struct Dispatcher<'a> {
     subdir: PathBuf,
     /// Branches of cached nodes, set together when the run ends.
     cached_refs: Vec<(String, String)>,
+    /// How agent workers run, when the plan has agent tasks.
+    agents: Option<Agents>,
+    /// Progress of running agents, reported as it comes.
+    progress: mpsc::UnboundedSender<Event>,
+    progress_rx: Option<mpsc::UnboundedReceiver<Event>>,
+    /// What the run's agents have spent so far (US dollars).
+    spent_usd: f64,
+    max_run_usd: Option<f64>,
+}
+
+/// Settled before the run starts: the CLI, the credentials, the scripted server if rehearsing.
+struct Agents {
+    bin: PathBuf,
+    auth: crate::agent::Auth,
+    /// Kept alive for the run.
+    server: Option<crate::scripted::Server>,
 }
 
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(500);
@@ -304,6 +312,7 @@ pub async fn apply(
             store.put_run(&old)?;
         }
     }
+    let agents = agents_for(compiled, opts).await?;
     let run = RunRecord {
         id: new_run_id(),
         workflow: compiled.plan.name.clone(),
@@ -327,8 +336,19 @@ pub async fn apply(
         source,
     })?;
     store.put_run(&run)?;
+    if let Some(server) = agents.as_ref().and_then(|a| a.server.as_ref()) {
+        // What the scripted model was asked, for the curious and for tests.
+        let _ = server.log_to(
+            &store
+                .dir()
+                .join("runs")
+                .join(&run.id)
+                .join("rehearsal.jsonl"),
+        );
+    }
 
     let scope = RunScope::of(compiled);
+    let (progress_tx, progress_rx) = mpsc::unbounded_channel();
     let mut d = Dispatcher {
         store,
         opts,
@@ -357,6 +377,11 @@ pub async fn apply(
             .unwrap_or_default(),
         repo,
         cached_refs: Vec::new(),
+        agents,
+        progress: progress_tx,
+        progress_rx: Some(progress_rx),
+        spent_usd: 0.0,
+        max_run_usd: compiled.workflow.max_run_usd,
     };
     d.build(compiled)?;
     // The live view exists from the start, so `status` and `cancel` see the run at once.
@@ -466,6 +491,8 @@ impl Dispatcher<'_> {
             message: None,
             cached_from: None,
             commit: None,
+            cost_usd: None,
+            tokens: None,
         };
         // Pending nodes are not written: a node's record is first written when it starts or
         // settles (so `status` lists the nodes a run reached), which halves the writes of a run.
@@ -476,6 +503,8 @@ impl Dispatcher<'_> {
             record,
             parts: None,
             attempt_started_ms: 0,
+            usage: None,
+            session: None,
         });
         let ix = self.nodes.len() - 1;
         self.groups[group].nodes.push(ix);
@@ -863,7 +892,11 @@ impl Dispatcher<'_> {
                 .workspace
                 .is_some()
                 .then(|| context::base_part(&run_base, &inputs));
-            let parts = context::key_parts(&plan, &first, &upstream_hash, base.as_deref());
+            let mut parts = context::key_parts(&plan, &first, &upstream_hash, base.as_deref());
+            if self.opts.rehearse.is_some() && matches!(plan.action, PlannedAction::Agent { .. }) {
+                // A rehearsed result must never stand in for a real one, nor the other way round.
+                parts.insert("rehearsal".into(), "scripted".into());
+            }
             let key = context::key_of(&parts);
             self.nodes[node].record.cache_key = Some(key.clone());
             self.nodes[node].parts = Some(parts);
@@ -939,6 +972,39 @@ impl Dispatcher<'_> {
             self.succeeded(node)?;
             return Ok(None);
         }
+        let is_agent = matches!(plan.action, PlannedAction::Agent { .. });
+        if let (true, Some(max)) = (is_agent, self.max_run_usd) {
+            if self.spent_usd >= max {
+                let reason = format!(
+                    "not run: the run's agent budget is spent (${:.2} of `max_run_usd = {max}`)",
+                    self.spent_usd
+                );
+                self.stop(reason.clone())?;
+                self.settle(node, TaskState::Cancelled, reason)?;
+                return Ok(None);
+            }
+        }
+        // `retry.resume_session`: an interrupted conversation goes on, in the same workspace.
+        let resume = match (&self.nodes[node].session, self.nodes[node].record.class) {
+            (Some(session), Some(class))
+                if is_agent
+                    && attempt > 1
+                    && plan.retry.resume_session
+                    && matches!(
+                        class,
+                        FailureClass::Timeout
+                            | FailureClass::Killed
+                            | FailureClass::NoResult
+                            | FailureClass::ApiError
+                            | FailureClass::RateLimit
+                            | FailureClass::Overloaded
+                            | FailureClass::Signal
+                    ) =>
+            {
+                Some(session.clone())
+            }
+            _ => None,
+        };
         let mut env: Vec<(String, String)> = PASSED_ENV
             .iter()
             .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
@@ -1004,6 +1070,13 @@ impl Dispatcher<'_> {
                     identity,
                     // As many worktrees wait for reuse as can run at once.
                     pool: Some((state.join("worktrees").join("pool"), self.opts.jobs)),
+                    reuse: resume.as_ref().map(|_| {
+                        state.join("worktrees").join(&self.run.id).join(format!(
+                            "{}.{}",
+                            node_file_name(&plan.id),
+                            attempt - 1
+                        ))
+                    }),
                 })
             }
             _ => None,
@@ -1018,6 +1091,8 @@ impl Dispatcher<'_> {
         };
         let spec = |command: String, stream: &str, cwd: PathBuf| ProcessSpec {
             command,
+            argv: None,
+            lines: None,
             env: env.clone(),
             cwd,
             stdout: log_path(&self.logs, &plan.id, attempt, &format!("{stream}out")),
@@ -1025,6 +1100,11 @@ impl Dispatcher<'_> {
             timeout: plan.timeout_ms.map(Duration::from_millis),
             grace: self.opts.grace,
         };
+        // Resolvers work from the repository's top: conflicted paths are relative to it.
+        let ws_root = workspace
+            .as_ref()
+            .map(|w| w.path.clone())
+            .unwrap_or_else(|| self.opts.workdir.clone());
         let ws_dir = workspace
             .as_ref()
             .map(|w| w.dir_for(&self.subdir))
@@ -1033,18 +1113,112 @@ impl Dispatcher<'_> {
             PlannedAction::Shell { output, .. } => {
                 (Some(spec(rendered.command.clone(), "", cwd)), *output, None)
             }
+            PlannedAction::Merge {
+                agent: Some(settings),
+                ..
+            } => {
+                // The resolving agent works in the conflicted worktree; the job puts the conflict
+                // listing into its prompt in place of `{{conflicts}}`.
+                let Some(agents) = &self.agents else {
+                    return Err(ApplyError::Internal(
+                        "agent resolver without a worker set-up".into(),
+                    ));
+                };
+                let dir = run_dir.join("workers").join(format!("{file_name}.resolve"));
+                let url = agents.server.as_ref().map(|s| s.url());
+                let session = crate::agent::new_session_id();
+                let worker = crate::agent::Worker {
+                    bin: &agents.bin,
+                    prompt: RESOLVER_PROMPT,
+                    settings,
+                    output_schema: None,
+                    session: &session,
+                    resume: None,
+                    dir: &dir,
+                    timeout: plan.timeout_ms.map(Duration::from_millis),
+                    auth: &agents.auth,
+                    rehearsal: url.as_deref().map(|u| (u, plan.id.as_str())),
+                };
+                if let Err(e) = worker.prepare() {
+                    return Err(ApplyError::Io {
+                        path: dir.clone(),
+                        source: e,
+                    });
+                }
+                let mut s = spec(
+                    format!("claude -p <resolve the conflicts of {}>", plan.id),
+                    "resolve.",
+                    ws_root.clone(),
+                );
+                s.argv = Some(worker.argv());
+                s.env.extend(worker.env());
+                (None, OutputMode::Text, Some(s))
+            }
             PlannedAction::Merge { resolve, .. } => (
                 None,
                 OutputMode::Text,
                 resolve
                     .as_ref()
-                    .map(|r| spec(r.clone(), "resolve.", ws_dir.clone())),
+                    .map(|r| spec(r.clone(), "resolve.", ws_root.clone())),
             ),
-            PlannedAction::Agent { .. } => (
-                Some(spec(rendered.command.clone(), "", cwd)),
-                OutputMode::Text,
-                None,
-            ),
+            PlannedAction::Agent {
+                settings,
+                output_schema,
+                ..
+            } => {
+                let Some(agents) = &self.agents else {
+                    return Err(ApplyError::Internal(
+                        "agent task without a worker set-up".into(),
+                    ));
+                };
+                let (session, dir) = match &resume {
+                    Some((session, dir)) => (session.clone(), dir.clone()),
+                    None => (
+                        crate::agent::new_session_id(),
+                        run_dir.join("workers").join(&file_name),
+                    ),
+                };
+                // A settings file is named relative to the clusterfile, not the workspace.
+                let mut settings = settings.clone();
+                if let Some(crate::model::raw::StringOrObject::String(p)) = &mut settings.settings {
+                    *p = self.opts.workdir.join(&*p).display().to_string();
+                }
+                let url = agents.server.as_ref().map(|s| s.url());
+                let worker = crate::agent::Worker {
+                    bin: &agents.bin,
+                    prompt: &rendered.command,
+                    settings: &settings,
+                    output_schema: output_schema.as_ref(),
+                    session: &session,
+                    resume: resume.as_ref().map(|(s, _)| s.as_str()),
+                    dir: &dir,
+                    timeout: plan.timeout_ms.map(Duration::from_millis),
+                    auth: &agents.auth,
+                    rehearsal: url.as_deref().map(|u| (u, plan.id.as_str())),
+                };
+                if let Err(e) = worker.prepare() {
+                    return Err(ApplyError::Io {
+                        path: dir.clone(),
+                        source: e,
+                    });
+                }
+                let mut s = spec(format!("claude -p <prompt of {}>", plan.id), "", cwd);
+                s.argv = Some(worker.argv());
+                // The worker's own variables, then the task's, then ccluster's.
+                let declared = std::mem::take(&mut s.env);
+                s.env = PASSED_ENV
+                    .iter()
+                    .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+                    .collect();
+                s.env.extend(worker.env());
+                s.env.extend(
+                    declared
+                        .into_iter()
+                        .filter(|(k, _)| !PASSED_ENV.contains(&k.as_str())),
+                );
+                self.nodes[node].session = Some((session, dir));
+                (Some(s), OutputMode::Text, None)
+            }
         };
         let setup = plan
             .workspace
@@ -1079,6 +1253,15 @@ impl Dispatcher<'_> {
             reports: plan.reports.clone(),
             attempt,
             artifact_dir: run_dir.join("artifacts").join(&file_name),
+            agent: match &plan.action {
+                PlannedAction::Agent { output_schema, .. } => Some(job::AgentJob {
+                    wants_structured: output_schema.is_some(),
+                    run: self.run.id.clone(),
+                    node: plan.id.clone(),
+                    progress: self.progress.clone(),
+                }),
+                _ => None,
+            },
         }))
     }
 
@@ -1132,12 +1315,28 @@ impl Dispatcher<'_> {
         if let Some(record) = &result.artifacts {
             self.store.put_artifacts(&self.run.id, &plan.id, record)?;
         }
+        if let Some(u) = &result.usage {
+            self.spent_usd += u.cost_usd;
+            let r = &mut self.nodes[node].record;
+            r.cost_usd = Some(r.cost_usd.unwrap_or(0.0) + u.cost_usd);
+            r.tokens = Some(r.tokens.unwrap_or(0) + u.tokens());
+        }
+        self.nodes[node].usage = result.usage.clone();
         let (class, exit_code, signal, message) = match (&result.failure, &end) {
             (_, ProcessEnd::Cancelled) => (None, None, None, "cancelled".to_string()),
             (Some((class, message)), end) => (
                 Some(*class),
                 match end {
-                    ProcessEnd::Exited(c) if plan_has_process(&plan) => Some(*c),
+                    // A failure before or after the command (workspace, merge) has no exit code.
+                    ProcessEnd::Exited(c)
+                        if plan_has_process(&plan)
+                            && !matches!(
+                                class,
+                                FailureClass::SetupError | FailureClass::MergeConflict
+                            ) =>
+                    {
+                        Some(*c)
+                    }
                     _ => None,
                 },
                 None,
@@ -1260,6 +1459,7 @@ impl Dispatcher<'_> {
         signal: Option<i32>,
         message: Option<String>,
     ) -> Result<(), ApplyError> {
+        let usage = self.nodes[node].usage.take();
         let id = &self.nodes[node].plan.id;
         self.store.put_attempt(
             &self.run.id,
@@ -1279,6 +1479,7 @@ impl Dispatcher<'_> {
                 stderr: log_path(&self.logs, id, attempt, "err")
                     .display()
                     .to_string(),
+                usage,
             },
         )?;
         Ok(())
@@ -1369,6 +1570,10 @@ impl Dispatcher<'_> {
         let mut committing: (Vec<Event>, Vec<(usize, Job)>) = (Vec::new(), Vec::new());
         let mut flush: Option<tokio::task::JoinHandle<Result<(), StoreError>>> = None;
         let mut committing_changed: Vec<usize> = Vec::new();
+        let mut progress = self
+            .progress_rx
+            .take()
+            .ok_or_else(|| ApplyError::Internal("the run was driven twice".into()))?;
         loop {
             self.launch(&mut staged)?;
             if flush.is_none() && (self.dirty || !self.events.is_empty() || !staged.is_empty()) {
@@ -1424,6 +1629,15 @@ impl Dispatcher<'_> {
                     Err(e) => return Err(ApplyError::Internal(format!("a task supervisor crashed: {e}"))),
                 },
                 Some(node) = retry_rx.recv(), if self.timers > 0 => Some(Wake::RetryDue(node)),
+                Some(event) = progress.recv() => {
+                    // Progress is not state: it is reported as it comes, never checkpointed.
+                    sink.emit(&event);
+                    while let Ok(event) = progress.try_recv() {
+                        sink.emit(&event);
+                    }
+                    sink.flush();
+                    None
+                }
                 _ = tokio::time::sleep(SNAPSHOT_EVERY), if self.snapshot_due => { self.snapshot(); None }
                 _ = interrupt.recv() => { self.cancel(&stop_tx)?; None }
                 _ = terminate.recv() => { self.cancel(&stop_tx)?; None }
@@ -1606,6 +1820,59 @@ fn reap_orphans(run: &str) {
             );
         }
     }
+}
+
+/// What the agent that resolves a conflicted merge is told; `{{conflicts}}` becomes the listing.
+const RESOLVER_PROMPT: &str = "A git merge is in progress in this repository and it conflicts. \
+Conflicted files, with the tasks whose changes collide:\n{{conflicts}}\n\
+Resolve every conflict so that the intent of both sides is kept, and remove every conflict \
+marker (<<<<<<<, =======, >>>>>>>). Do not commit and do not abort the merge: ccluster checks \
+the result and commits it.";
+
+/// Finds the `claude` CLI and the credentials workers will use, or starts the scripted server
+/// when rehearsing; `None` when the plan has no agent task.
+async fn agents_for(
+    compiled: &Compiled,
+    opts: &ApplyOptions,
+) -> Result<Option<Agents>, ApplyError> {
+    let configured = compiled.plan.nodes.iter().find_map(|n| match &n.action {
+        PlannedAction::Agent { settings, .. }
+        | PlannedAction::Merge {
+            agent: Some(settings),
+            ..
+        } => Some(settings.bin.clone()),
+        _ => None,
+    });
+    let Some(configured) = configured else {
+        return Ok(None);
+    };
+    let bin = crate::agent::find_bin(configured.as_deref()).map_err(ApplyError::Agent)?;
+    let Some(script) = &opts.rehearse else {
+        let auth = crate::agent::Auth::detect()
+            .ok_or_else(|| ApplyError::Agent(crate::agent::Auth::MISSING.into()))?;
+        return Ok(Some(Agents {
+            bin,
+            auth,
+            server: None,
+        }));
+    };
+    let mut script = script.clone();
+    for task in &compiled.workflow.tasks {
+        if let Some(r) = &task.rehearsal {
+            script
+                .tasks
+                .entry(task.id.to_string())
+                .or_insert_with(|| r.clone());
+        }
+    }
+    let server = crate::scripted::Server::start(script, None)
+        .await
+        .map_err(|e| ApplyError::Agent(format!("cannot start the scripted model server: {e}")))?;
+    Ok(Some(Agents {
+        bin,
+        auth: crate::agent::Auth::Rehearsal,
+        server: Some(server),
+    }))
 }
 
 /// Cleans what an interrupted run left in git: the workspaces of attempts that never ended (a

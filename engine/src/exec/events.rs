@@ -65,6 +65,16 @@ pub enum Event {
         reason: String,
         time_ms: u64,
     },
+    /// What a running agent does: a new turn, a tool call, a denied tool, an API retry.
+    TaskProgress {
+        run: String,
+        task: String,
+        attempt: u32,
+        /// `turn`, `tool`, `denied` or `api_retry`.
+        kind: String,
+        detail: String,
+        time_ms: u64,
+    },
     MapExpanded {
         run: String,
         task: String,

@@ -34,6 +34,16 @@ pub struct Job {
     pub attempt: u32,
     /// This attempt's artifact directory.
     pub artifact_dir: PathBuf,
+    /// Set for an agent attempt: its stream-json is read as it arrives.
+    pub agent: Option<AgentJob>,
+}
+
+/// How an agent attempt reports.
+pub struct AgentJob {
+    pub wants_structured: bool,
+    pub run: String,
+    pub node: String,
+    pub progress: tokio::sync::mpsc::UnboundedSender<super::Event>,
 }
 
 /// How an attempt ended.
@@ -46,6 +56,7 @@ pub struct JobResult {
     pub commit: Option<String>,
     /// `None` when there was nothing to keep (no workspace, no globs).
     pub artifacts: Option<ArtifactRecord>,
+    pub usage: Option<crate::agent::Usage>,
 }
 
 /// The output of a shell task from its stdout.
@@ -95,26 +106,11 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
         output: None,
         commit: None,
         artifacts: Some(record),
+        usage: None,
     };
 
     let Some(ws) = &job.workspace else {
-        let process = match job.process.clone() {
-            Some(spec) => runner.run(spec, stop).await,
-            None => no_process(),
-        };
-        let mut result = JobResult {
-            output: None,
-            failure: None,
-            commit: None,
-            artifacts: None,
-            process,
-        };
-        if result.process.end == ProcessEnd::Exited(0) {
-            match shell_output(job.output, &String::from_utf8_lossy(&result.process.stdout)) {
-                Ok(v) => result.output = Some(v),
-                Err(e) => result.failure = Some((FailureClass::ExitCode, e)),
-            }
-        }
+        let mut result = run_command(&job, &runner, stop).await;
         if keep {
             collect(&job, &job.root, &mut record);
             result.artifacts = Some(record);
@@ -122,14 +118,17 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
         return result;
     };
 
-    if let Err(e) = workspace::create(ws, &job.copy_from).await {
-        return fail(
-            record,
-            no_process(),
-            FailureClass::SetupError,
-            format!("cannot make the workspace: {e}"),
-        );
-    }
+    let copied = match workspace::create(ws, &job.copy_from).await {
+        Ok(copied) => copied,
+        Err(e) => {
+            return fail(
+                record,
+                no_process(),
+                FailureClass::SetupError,
+                format!("cannot make the workspace: {e}"),
+            )
+        }
+    };
     record.worktree = Some(ws.path.display().to_string());
     for (i, input) in ws.merge.iter().enumerate() {
         let mut conflict = match workspace::merge_one(ws, input, &ws.merge[..i]).await {
@@ -174,6 +173,14 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
             "CCLUSTER_CONFLICT_REPORT".into(),
             report.display().to_string(),
         ));
+        // An agent resolver is told the listing in its prompt.
+        if let Some(argv) = resolver.argv.as_mut() {
+            for arg in argv.iter_mut() {
+                if arg.contains("{{conflicts}}") {
+                    *arg = arg.replace("{{conflicts}}", &conflict.listing());
+                }
+            }
+        }
         let command = resolver.command.clone();
         let end = runner.run(resolver, stop.clone()).await.end;
         if end != ProcessEnd::Exited(0) {
@@ -232,36 +239,13 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
             );
         }
     }
-    let process = match job.process.clone() {
-        Some(spec) => runner.run(spec, stop).await,
-        None => no_process(),
-    };
-    let mut result = JobResult {
-        output: None,
-        failure: None,
-        commit: None,
-        artifacts: None,
-        process,
-    };
-    let mut succeeded = result.process.end == ProcessEnd::Exited(0);
-    if succeeded {
-        let output = if job.process.is_some() {
-            shell_output(job.output, &String::from_utf8_lossy(&result.process.stdout))
-        } else {
-            Ok(Value::Null)
-        };
-        match output {
-            Ok(v) => result.output = Some(v),
-            Err(e) => {
-                result.failure = Some((FailureClass::ExitCode, e));
-                succeeded = false;
-            }
-        }
-    }
+    let mut result = run_command(&job, &runner, stop).await;
+    let mut succeeded = result.failure.is_none() && result.output.is_some();
     if succeeded {
         let published = async {
-            let commit = workspace::commit_all(ws).await?;
-            let (changed, patch) = workspace::changes(&ws.path, &start, Some(&commit)).await?;
+            let commit = workspace::commit_all(ws, &copied).await?;
+            let (changed, patch) =
+                workspace::changes(&ws.path, &start, Some(&commit), &copied).await?;
             workspace::publish(ws, &commit).await?;
             Ok::<_, String>((commit, changed, patch))
         }
@@ -291,7 +275,7 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
                 succeeded = false;
             }
         }
-    } else if let Ok((changed, patch)) = workspace::changes(&ws.path, &start, None).await {
+    } else if let Ok((changed, patch)) = workspace::changes(&ws.path, &start, None, &copied).await {
         record.changed = changed;
         save_patch(&job, &patch, &mut record);
     }
@@ -302,6 +286,88 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
         record.worktree = None;
     }
     result.artifacts = Some(record);
+    result
+}
+
+/// Runs the task's command (or nothing, for a merge) and reads its output: a shell task's from
+/// stdout, an agent's from its stream-json, read line by line as it arrives.
+async fn run_command(
+    job: &Job,
+    runner: &Arc<dyn Runner>,
+    stop: watch::Receiver<Stop>,
+) -> JobResult {
+    let mut result = JobResult {
+        output: None,
+        failure: None,
+        commit: None,
+        artifacts: None,
+        usage: None,
+        process: no_process(),
+    };
+    let Some(mut spec) = job.process.clone() else {
+        result.output = Some(Value::Null);
+        return result;
+    };
+    let Some(agent) = &job.agent else {
+        result.process = runner.run(spec, stop).await;
+        if result.process.end == ProcessEnd::Exited(0) {
+            match shell_output(job.output, &String::from_utf8_lossy(&result.process.stdout)) {
+                Ok(v) => result.output = Some(v),
+                Err(e) => result.failure = Some((FailureClass::ExitCode, e)),
+            }
+        }
+        return result;
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    spec.lines = Some(tx);
+    let cwd = spec
+        .cwd
+        .display()
+        .to_string()
+        .trim_end_matches('/')
+        .to_string();
+    let process = runner.run(spec, stop);
+    let read = async {
+        let mut transcript = crate::agent::Transcript::in_dir(cwd);
+        while let Some(line) = rx.recv().await {
+            for p in transcript.feed(&line) {
+                let (kind, detail) = match p {
+                    crate::agent::Progress::Turn(n) => ("turn", n.to_string()),
+                    crate::agent::Progress::Tool { name, detail } => {
+                        ("tool", format!("{name} {detail}").trim_end().to_string())
+                    }
+                    crate::agent::Progress::Denied { tool, reason } => {
+                        ("denied", format!("{tool}: {reason}"))
+                    }
+                    crate::agent::Progress::ApiRetry {
+                        attempt,
+                        status,
+                        error,
+                    } => ("api_retry", format!("#{attempt} after {status} ({error})")),
+                };
+                let _ = agent.progress.send(super::Event::TaskProgress {
+                    run: agent.run.clone(),
+                    task: agent.node.clone(),
+                    attempt: job.attempt,
+                    kind: kind.into(),
+                    detail,
+                    time_ms: crate::store::now_ms(),
+                });
+            }
+        }
+        transcript
+    };
+    let (process, transcript) = tokio::join!(process, read);
+    result.usage = transcript.usage();
+    match process.end {
+        // ccluster's own verdicts stand: its watchdog, a cancel, a failed start.
+        ProcessEnd::TimedOut | ProcessEnd::Cancelled | ProcessEnd::SpawnFailed(_) => {}
+        ref end => match transcript.outcome(end, agent.wants_structured) {
+            Ok(v) => result.output = Some(v),
+            Err(failure) => result.failure = Some(failure),
+        },
+    }
+    result.process = process;
     result
 }
 

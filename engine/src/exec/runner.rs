@@ -20,8 +20,12 @@ use tokio::time::{sleep, Instant};
 /// What to run, where, and with which limits.
 #[derive(Clone, Debug)]
 pub struct ProcessSpec {
-    /// A shell command, run by `/bin/sh -c`.
+    /// A shell command, run by `/bin/sh -c` (unless `argv` is given: then it only describes it).
     pub command: String,
+    /// A program and its arguments, run without a shell.
+    pub argv: Option<Vec<String>>,
+    /// Receives stdout line by line as it arrives (an agent's stream-json), besides the log.
+    pub lines: Option<tokio::sync::mpsc::UnboundedSender<String>>,
     /// The whole environment of the process: nothing is inherited.
     pub env: Vec<(String, String)>,
     pub cwd: PathBuf,
@@ -157,10 +161,19 @@ async fn run_local(spec: ProcessSpec, mut stop: watch::Receiver<Stop>) -> Proces
         end: ProcessEnd::SpawnFailed(e),
         stdout: Vec::new(),
     };
-    let mut command = tokio::process::Command::new("/bin/sh");
+    let mut command = match &spec.argv {
+        Some(argv) if !argv.is_empty() => {
+            let mut c = tokio::process::Command::new(&argv[0]);
+            c.args(&argv[1..]);
+            c
+        }
+        _ => {
+            let mut c = tokio::process::Command::new("/bin/sh");
+            c.arg("-c").arg(&spec.command);
+            c
+        }
+    };
     command
-        .arg("-c")
-        .arg(&spec.command)
         .current_dir(&spec.cwd)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
@@ -173,10 +186,15 @@ async fn run_local(spec: ProcessSpec, mut stop: watch::Receiver<Stop>) -> Proces
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
+            let program = spec
+                .argv
+                .as_ref()
+                .and_then(|a| a.first())
+                .map_or("/bin/sh", String::as_str);
             return failed(format!(
-                "cannot start `/bin/sh` in `{}`: {e}",
+                "cannot start `{program}` in `{}`: {e}",
                 spec.cwd.display()
-            ))
+            ));
         }
     };
     let Some(pgid) = child.id().map(|id| id as i32) else {
@@ -191,6 +209,8 @@ async fn run_local(spec: ProcessSpec, mut stop: watch::Receiver<Stop>) -> Proces
     );
     let (mut out_buf, mut err_buf) = (vec![0u8; 16 << 10], vec![0u8; 16 << 10]);
     let mut kept: Vec<u8> = Vec::new();
+    // The unfinished last line, for `spec.lines`.
+    let mut partial: Vec<u8> = Vec::new();
     let timeout_at = spec.timeout.map(|t| Instant::now() + t);
     let mut end: Option<ProcessEnd> = None;
     let mut drain_until: Option<Instant> = None;
@@ -211,6 +231,13 @@ async fn run_local(spec: ProcessSpec, mut stop: watch::Receiver<Stop>) -> Proces
                     out = None;
                 } else {
                     out_log.write(&out_buf[..n]);
+                    if let Some(tx) = &spec.lines {
+                        partial.extend_from_slice(&out_buf[..n]);
+                        while let Some(i) = partial.iter().position(|b| *b == b'\n') {
+                            let line: Vec<u8> = partial.drain(..=i).collect();
+                            let _ = tx.send(String::from_utf8_lossy(&line[..i]).into_owned());
+                        }
+                    }
                     kept.extend_from_slice(&out_buf[..n]);
                     if kept.len() > 2 * STDOUT_KEPT {
                         kept.drain(..kept.len() - STDOUT_KEPT);
@@ -245,6 +272,9 @@ async fn run_local(spec: ProcessSpec, mut stop: watch::Receiver<Stop>) -> Proces
         }
     }
     guard.armed = false;
+    if let (Some(tx), false) = (&spec.lines, partial.is_empty()) {
+        let _ = tx.send(String::from_utf8_lossy(&partial).into_owned());
+    }
     if kept.len() > STDOUT_KEPT {
         kept.drain(..kept.len() - STDOUT_KEPT);
     }

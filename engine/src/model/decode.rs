@@ -496,6 +496,9 @@ impl Decoder<'_> {
         if let Some(n) = t.get("settings") {
             c.settings = self.string_or_object(n, "settings");
         }
+        if let Some(n) = t.get("bin") {
+            c.bin = self.string(n, "bin");
+        }
         self.finish(t);
         Some(c)
     }
@@ -505,6 +508,9 @@ impl Decoder<'_> {
         let mut r = RawRetry::default();
         if let Some(n) = t.get("limit") {
             r.limit = self.count(n, "limit", 0);
+        }
+        if let Some(n) = t.get("resume_session") {
+            r.resume_session = self.bool(n, "resume_session");
         }
         if let Some(n) = t.get("backoff") {
             if let Some(mut b) = self.table(n, "backoff", format!("{what} `retry.backoff`")) {
@@ -583,6 +589,9 @@ impl Decoder<'_> {
         }
         if let Some(n) = t.get("reports") {
             d.reports = self.string_list(n, "reports");
+        }
+        if let Some(n) = t.get("max_run_usd") {
+            d.max_run_usd = self.float(n, "max_run_usd", (0.0, f64::INFINITY));
         }
         if let Some(n) = t.get("workspace") {
             d.workspace = self.choice(n, "workspace", WorkspaceMode::ALL);
@@ -731,6 +740,10 @@ impl Decoder<'_> {
         }
         if let Some(n) = t.get("touches") {
             task.touches = self.string_list(n, "touches");
+        }
+        if let Some(n) = t.get("rehearsal") {
+            let value = self.json(n, "rehearsal");
+            task.rehearsal = Some(Spanned::new(value, n.span));
         }
         self.finish(t);
         task.decode_errors = self.errors_so_far() > before;

@@ -144,6 +144,8 @@ pub struct RawClaude {
     pub append_system_prompt: Option<Spanned<String>>,
     /// Claude Code settings: a path to a settings JSON file, or the settings inline.
     pub settings: Option<Spanned<StringOrObject>>,
+    /// The `claude` executable (default: `CCLUSTER_CLAUDE_BIN`, else `claude` on `PATH`).
+    pub bin: Option<Spanned<String>>,
 }
 
 /// An environment value as it may be written; numbers and booleans are taken as their text.
@@ -210,8 +212,12 @@ pub struct RawRetry {
     pub limit: Option<Spanned<i64>>,
     /// Delay between attempts.
     pub backoff: Option<RawBackoff>,
-    /// Failure classes that are retried (default: every class but `auth`, `budget` and `setup_error`).
+    /// Failure classes that are retried (default: every class but `auth`, `budget`,
+    /// `setup_error` and `merge_conflict`).
     pub on: Option<Spanned<Vec<Spanned<FailureClass>>>>,
+    /// Agent tasks: a retry after an interrupted attempt continues its conversation, in its
+    /// workspace, instead of starting over (default `false`).
+    pub resume_session: Option<Spanned<bool>>,
 }
 
 /// Exponential backoff: the n-th retry waits `initial * factor^(n-1)`, at most `max`, randomised by
@@ -372,6 +378,10 @@ pub struct RawDefaults {
     pub artifacts: Option<Spanned<Vec<Spanned<String>>>>,
     /// Globs of JUnit XML test reports of every task.
     pub reports: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Upper bound on what the run's agents may spend, in US dollars: no agent task starts once
+    /// it is reached.
+    #[schemars(range(min = 0))]
+    pub max_run_usd: Option<Spanned<f64>>,
     /// Default workspace of agent and shell tasks.
     pub workspace: Option<Spanned<WorkspaceMode>>,
     /// Command run in every fresh workspace before its task (`sh -c`).
@@ -568,6 +578,10 @@ pub struct RawTask {
     /// Paths or globs (templates) the task is told to change: `plan` warns when instances of a
     /// fan-out overlap, since their merge may conflict.
     pub touches: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Agent tasks: what the scripted model does under `apply --rehearse` (`output`, `files`,
+    /// `turns`, `faults`).
+    #[schemars(with = "Option<crate::scripted::TaskScript>")]
+    pub rehearsal: Option<Spanned<serde_json::Value>>,
     #[serde(skip)]
     #[schemars(skip)]
     pub id_span: Span,

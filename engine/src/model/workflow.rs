@@ -132,6 +132,9 @@ pub struct AgentSettings {
     pub max_budget_usd: Option<f64>,
     pub append_system_prompt: Option<String>,
     pub settings: Option<StringOrObject>,
+    /// Where the `claude` executable is, if set in the clusterfile (not part of cache keys).
+    #[serde(skip)]
+    pub bin: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -150,6 +153,9 @@ pub struct RetryPolicy {
     pub limit: u32,
     pub backoff: Backoff,
     pub on: Vec<FailureClass>,
+    /// Agent tasks: continue the interrupted conversation instead of starting over.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub resume_session: bool,
 }
 
 impl Default for RetryPolicy {
@@ -168,6 +174,7 @@ impl Default for RetryPolicy {
                 .map(|(_, c)| *c)
                 .filter(|c| c.retried_by_default())
                 .collect(),
+            resume_session: false,
         }
     }
 }
@@ -203,6 +210,8 @@ pub enum Action {
         on_conflict: OnConflict,
         /// With `on_conflict = "run"`: the command that resolves a conflicted worktree.
         resolve: Option<String>,
+        /// With `on_conflict = "agent"`: the resolving agent's settings (from `[defaults.claude]`).
+        agent: Option<AgentSettings>,
     },
 }
 
@@ -242,6 +251,8 @@ pub struct Task {
     /// Paths the task is told to change (templates), and where they were written.
     pub touches: Vec<Template>,
     pub touches_span: Option<Span>,
+    /// What the scripted model does for this task under `apply --rehearse`.
+    pub rehearsal: Option<crate::scripted::TaskScript>,
 }
 
 impl Task {
@@ -271,6 +282,8 @@ pub struct Workflow {
     pub result: Option<TaskId>,
     /// `ccluster gc` keeps worktrees of failed attempts.
     pub keep_failed: bool,
+    /// No agent task starts once the run's agents have spent this much (US dollars).
+    pub max_run_usd: Option<f64>,
 }
 
 impl Workflow {
@@ -445,6 +458,11 @@ pub fn resolve(
         keep_failed: meta
             .and_then(|w| w.keep_failed.as_ref())
             .is_some_and(|k| k.value),
+        max_run_usd: raw
+            .defaults
+            .as_ref()
+            .and_then(|d| d.max_run_usd.as_ref())
+            .map(|m| m.value),
     };
     let mut workflow = workflow;
     check_cycles(&workflow, diags);
@@ -755,6 +773,16 @@ fn resolve_task(
             .strategy
             .as_ref()
             .map_or(MergeStrategy::Git, |s| s.value);
+        if let (MergeStrategy::Collect, Some(run)) = (strategy, &merge.run) {
+            diags.push(
+                Diagnostic::error(
+                    Category::InvalidValue,
+                    "invalid-value",
+                    "`merge.run` applies to `strategy = \"git\"` only",
+                )
+                .at(run.span, "a collect merge has no conflicts to resolve"),
+            );
+        }
         if let (MergeStrategy::Collect, Some(oc)) = (strategy, &merge.on_conflict) {
             diags.push(
                 Diagnostic::error(
@@ -810,6 +838,8 @@ fn resolve_task(
             strategy,
             on_conflict,
             resolve: merge.run.as_ref().map(|r| r.value.clone()),
+            agent: (on_conflict == OnConflict::Agent)
+                .then(|| agent_settings(defaults.claude.as_ref(), None)),
         }
     } else {
         let run = rt
@@ -902,6 +932,27 @@ fn resolve_task(
             .map(|t| t.value.iter().map(tpl).collect())
             .unwrap_or_default(),
         touches_span: rt.touches.as_ref().map(|t| t.span),
+        rehearsal: rt.rehearsal.as_ref().and_then(|r| {
+            if rt.prompt.is_none() && !rt.decode_errors {
+                not_for("rehearsal", r.span, "agent", diags);
+                return None;
+            }
+            match serde_json::from_value::<crate::scripted::TaskScript>(r.value.clone()) {
+                Ok(script) => Some(script),
+                Err(e) => {
+                    diags.push(
+                        Diagnostic::error(
+                            Category::InvalidValue,
+                            "invalid-rehearsal",
+                            format!("invalid `rehearsal` for task `{id}`: {e}"),
+                        )
+                        .at(r.span, "not a rehearsal script")
+                        .help("keys: `output` (the structured output), `files` (path = content), `turns`, `faults`, `usage`"),
+                    );
+                    None
+                }
+            }
+        }),
     }
 }
 
@@ -1107,6 +1158,7 @@ fn agent_settings(defaults: Option<&RawClaude>, task: Option<&RawClaude>) -> Age
         max_budget_usd: pick(task, defaults, |c| c.max_budget_usd.as_ref()).copied(),
         append_system_prompt: pick(task, defaults, |c| c.append_system_prompt.as_ref()).cloned(),
         settings: pick(task, defaults, |c| c.settings.as_ref()).cloned(),
+        bin: pick(task, defaults, |c| c.bin.as_ref()).cloned(),
     }
 }
 
@@ -1121,6 +1173,9 @@ fn overlay_retry(
     let Some(raw) = raw else { return policy };
     if let Some(limit) = &raw.limit {
         policy.limit = limit.value.clamp(0, u32::MAX as i64) as u32;
+    }
+    if let Some(r) = &raw.resume_session {
+        policy.resume_session = r.value;
     }
     if let Some(b) = &raw.backoff {
         if let Some(d) = b

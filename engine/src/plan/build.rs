@@ -49,6 +49,9 @@ pub enum PlannedAction {
         on_conflict: OnConflict,
         #[serde(skip_serializing_if = "Option::is_none")]
         resolve: Option<String>,
+        /// With `on_conflict = "agent"`: the resolving agent's settings.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        agent: Option<AgentSettings>,
     },
 }
 
@@ -627,10 +630,12 @@ fn plan_instance<'w>(
             strategy,
             on_conflict,
             resolve,
+            agent,
         } => PlannedAction::Merge {
             strategy: *strategy,
             on_conflict: *on_conflict,
             resolve: resolve.clone(),
+            agent: agent.clone(),
         },
     };
     PlannedTask {

@@ -234,6 +234,7 @@ pub fn to_text(plan: &Plan) -> String {
                 strategy,
                 on_conflict,
                 resolve,
+                ..
             } => {
                 let _ = writeln!(
                     out,

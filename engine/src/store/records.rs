@@ -107,6 +107,11 @@ pub struct TaskRecord {
     /// For a task with a workspace that succeeded: its commit (also its branch's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit: Option<String>,
+    /// Agent tasks: what every attempt so far cost, in US dollars, and its tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
 }
 
 /// An attempt that ended (one that was running when ccluster died has no record: its task record
@@ -124,6 +129,9 @@ pub struct AttemptRecord {
     pub message: Option<String>,
     pub stdout: String,
     pub stderr: String,
+    /// An agent attempt's tokens, cost, turns and session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::agent::Usage>,
 }
 
 /// A successful result, by cache key.

@@ -82,6 +82,8 @@ pub struct WorkspaceSpec {
     pub identity: Vec<(String, String)>,
     /// Where finished worktrees wait to be reused (see [`create`]), and how many may wait.
     pub pool: Option<(PathBuf, usize)>,
+    /// An earlier attempt's worktree to go on in, as it was (a resumed agent conversation).
+    pub reuse: Option<PathBuf>,
 }
 
 impl WorkspaceSpec {
@@ -285,7 +287,18 @@ fn remove_dir(path: &Path) {
 
 /// Makes the attempt's workspace: checks out `start` (a leftover directory of the same attempt
 /// from an interrupted run is removed first) and copies the `copy` files from the main checkout.
-pub async fn create(spec: &WorkspaceSpec, copy_from: &Path) -> Result<(), String> {
+/// Returns the copied files (relative to the repository root): they are never committed.
+pub async fn create(spec: &WorkspaceSpec, copy_from: &Path) -> Result<Vec<String>, String> {
+    if let Some(old) = spec.reuse.as_ref().filter(|p| p.is_dir()) {
+        let _turn = WORKTREE_REGISTRY.lock().await;
+        let (from, to) = (old.to_string_lossy(), spec.path.to_string_lossy());
+        if git(&spec.repo, &["worktree", "move", &from, &to], &[])
+            .await
+            .is_ok()
+        {
+            return Ok(Vec::new());
+        }
+    }
     if std::fs::symlink_metadata(&spec.path).is_ok() {
         remove_dir(&spec.path);
         let _turn = WORKTREE_REGISTRY.lock().await;
@@ -337,18 +350,28 @@ pub async fn create(spec: &WorkspaceSpec, copy_from: &Path) -> Result<(), String
         }
     }
     let files = artifacts::matching(copy_from, &spec.copy);
-    artifacts::copy_files(
-        copy_from,
-        &files,
-        &spec.path.join(relative_to(copy_from, &spec.repo)),
-    )
-    .map_err(|e| {
+    let subdir = relative_to(copy_from, &spec.repo);
+    artifacts::copy_files(copy_from, &files, &spec.path.join(&subdir)).map_err(|e| {
         format!(
             "cannot copy {} into the workspace: {e}",
             spec.copy.join(", ")
         )
     })?;
-    Ok(())
+    Ok(files
+        .iter()
+        .map(|f| subdir.join(f).to_string_lossy().into_owned())
+        .collect())
+}
+
+/// `git add --all`, leaving out `excluded` paths (files copied in: `.env` must not be committed).
+async fn add_all(dir: &Path, excluded: &[String]) -> Result<(), String> {
+    let specs: Vec<String> = excluded
+        .iter()
+        .map(|p| format!(":(exclude,literal){p}"))
+        .collect();
+    let mut args = vec!["add", "--all", "--", "."];
+    args.extend(specs.iter().map(String::as_str));
+    git(dir, &args, &[]).await.map(|_| ())
 }
 
 /// Takes a finished worktree from the pool, if one waits, and turns it into this attempt's: moved
@@ -531,9 +554,10 @@ pub async fn head(spec: &WorkspaceSpec) -> Result<String, String> {
         .to_string())
 }
 
-/// Commits every change in the workspace (none: no commit); returns the resulting commit.
-pub async fn commit_all(spec: &WorkspaceSpec) -> Result<String, String> {
-    git(&spec.path, &["add", "--all"], &[]).await?;
+/// Commits every change in the workspace but `excluded` files (none: no commit); returns the
+/// resulting commit.
+pub async fn commit_all(spec: &WorkspaceSpec, excluded: &[String]) -> Result<String, String> {
+    add_all(&spec.path, excluded).await?;
     let staged = git_output(&spec.path, &["diff", "--cached", "--quiet"], &[]).await?;
     if !staged.status.success() {
         git(
@@ -551,11 +575,12 @@ pub async fn changes(
     dir: &Path,
     from: &str,
     to: Option<&str>,
+    excluded: &[String],
 ) -> Result<(Vec<ChangedFile>, Vec<u8>), String> {
     let mut numstat = vec!["diff", "--numstat", "--no-renames"];
     let mut patch = vec!["diff", "--binary", "--no-renames"];
     if to.is_none() {
-        git(dir, &["add", "--all"], &[]).await?;
+        add_all(dir, excluded).await?;
         numstat.push("--cached");
         patch.push("--cached");
     }

@@ -1,0 +1,640 @@
+//! The Claude Code worker: the `claude` command line and clean environment of an attempt, its
+//! stream-json read line by line as it arrives (progress, then the final result), the failure
+//! classes the retry policy sees, and the usage and cost it reports. Facts about the CLI this
+//! relies on are in `../shared/claude-cli.md` (Claude Code 2.1.331) and tested end to end.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::exec::ProcessEnd;
+use crate::model::raw::FailureClass;
+use crate::model::raw::StringOrObject;
+use crate::model::workflow::AgentSettings;
+
+/// The Claude Code version ccluster is tested with (installed by the test suite when missing).
+pub const PINNED_VERSION: &str = "2.1.331";
+
+/// Finds the `claude` executable: `CCLUSTER_CLAUDE_BIN`, else the clusterfile's `bin`, else
+/// `claude` on `PATH`.
+pub fn find_bin(configured: Option<&str>) -> Result<PathBuf, String> {
+    if let Some(bin) = std::env::var_os("CCLUSTER_CLAUDE_BIN").filter(|b| !b.is_empty()) {
+        let bin = PathBuf::from(bin);
+        return if bin.is_file() {
+            Ok(bin)
+        } else {
+            Err(format!(
+                "CCLUSTER_CLAUDE_BIN is `{}`, which is not a file",
+                bin.display()
+            ))
+        };
+    }
+    if let Some(bin) = configured {
+        let bin = PathBuf::from(bin);
+        return if bin.is_file() {
+            Ok(bin)
+        } else {
+            Err(format!(
+                "`[defaults.claude] bin` is `{}`, which is not a file",
+                bin.display()
+            ))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("claude"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            format!(
+                "the `claude` CLI is not on PATH; install it with `npm install -g @anthropic-ai/claude-code@{PINNED_VERSION}`, or set CCLUSTER_CLAUDE_BIN"
+            )
+        })
+}
+
+/// How workers authenticate, as the user has it set up. Only names are ever shown, never values.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Auth {
+    ApiKey,
+    AuthToken,
+    OAuthToken,
+    Bedrock,
+    Vertex,
+    /// A `claude login` session: its credentials file is copied into each worker's config dir.
+    Subscription(PathBuf),
+    /// `apply --rehearse`: the scripted server, no credentials.
+    Rehearsal,
+}
+
+/// Variables carried into workers for each kind of auth (plus routing and cloud settings).
+const AUTH_VARS: &[&str] = &[
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_AUTH_TOKEN",
+    "CLAUDE_CODE_OAUTH_TOKEN",
+    "ANTHROPIC_BASE_URL",
+    "ANTHROPIC_CUSTOM_HEADERS",
+    "CLAUDE_CODE_USE_BEDROCK",
+    "CLAUDE_CODE_USE_VERTEX",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_BEARER_TOKEN_BEDROCK",
+    "ANTHROPIC_VERTEX_PROJECT_ID",
+    "CLOUD_ML_REGION",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "HTTPS_PROXY",
+    "HTTP_PROXY",
+    "NO_PROXY",
+];
+
+fn set(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| !v.is_empty())
+}
+
+/// The user's own Claude config dir (where `claude login` keeps its credentials).
+fn user_config_dir() -> Option<PathBuf> {
+    std::env::var_os("CLAUDE_CONFIG_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".claude")))
+}
+
+impl Auth {
+    pub fn detect() -> Option<Auth> {
+        if set("CLAUDE_CODE_USE_BEDROCK") {
+            Some(Auth::Bedrock)
+        } else if set("CLAUDE_CODE_USE_VERTEX") {
+            Some(Auth::Vertex)
+        } else if set("ANTHROPIC_API_KEY") {
+            Some(Auth::ApiKey)
+        } else if set("ANTHROPIC_AUTH_TOKEN") {
+            Some(Auth::AuthToken)
+        } else if set("CLAUDE_CODE_OAUTH_TOKEN") {
+            Some(Auth::OAuthToken)
+        } else {
+            let credentials = user_config_dir()?.join(".credentials.json");
+            credentials
+                .is_file()
+                .then_some(Auth::Subscription(credentials))
+        }
+    }
+
+    /// In words, for people: which mechanism, never the secret.
+    pub fn describe(&self) -> String {
+        match self {
+            Auth::ApiKey => "an API key (ANTHROPIC_API_KEY)".into(),
+            Auth::AuthToken => "a bearer token (ANTHROPIC_AUTH_TOKEN)".into(),
+            Auth::OAuthToken => {
+                "an OAuth token from `claude setup-token` (CLAUDE_CODE_OAUTH_TOKEN)".into()
+            }
+            Auth::Bedrock => "Amazon Bedrock (CLAUDE_CODE_USE_BEDROCK)".into(),
+            Auth::Vertex => "Google Vertex AI (CLAUDE_CODE_USE_VERTEX)".into(),
+            Auth::Subscription(p) => format!("the `claude login` session in {}", p.display()),
+            Auth::Rehearsal => "none: rehearsal against the scripted model server".into(),
+        }
+    }
+
+    /// What a failing `detect` should tell the user.
+    pub const MISSING: &'static str = "agent tasks need Claude credentials: set ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN, CLAUDE_CODE_OAUTH_TOKEN from `claude setup-token`, CLAUDE_CODE_USE_BEDROCK / CLAUDE_CODE_USE_VERTEX), or run `claude login`; or try the workflow with `apply --rehearse`";
+}
+
+/// Everything one attempt's worker needs.
+pub struct Worker<'a> {
+    pub bin: &'a Path,
+    pub prompt: &'a str,
+    pub settings: &'a AgentSettings,
+    pub output_schema: Option<&'a Value>,
+    /// A fresh UUID per attempt.
+    pub session: &'a str,
+    /// Continue this session instead of starting one (`--resume <id> -p "continue"`).
+    pub resume: Option<&'a str>,
+    /// `config/` and `tmp/` of this worker live here.
+    pub dir: &'a Path,
+    pub timeout: Option<Duration>,
+    pub auth: &'a Auth,
+    /// Under rehearsal: the scripted server's URL and the plan node it should answer as.
+    pub rehearsal: Option<(&'a str, &'a str)>,
+}
+
+/// The settings value as `--settings` takes it: inline JSON or a path.
+fn settings_arg(settings: &StringOrObject) -> String {
+    match settings {
+        StringOrObject::String(path) => path.clone(),
+        StringOrObject::Object(v) => serde_json::to_string(v).unwrap_or_default(),
+    }
+}
+
+impl Worker<'_> {
+    /// `claude -p ... --output-format stream-json --verbose ...`.
+    pub fn argv(&self) -> Vec<String> {
+        let s = self.settings;
+        let mut argv = vec![self.bin.display().to_string()];
+        match self.resume {
+            Some(id) => argv.extend(["--resume".into(), id.into(), "-p".into(), "continue".into()]),
+            None => argv.extend([
+                "-p".into(),
+                self.prompt.to_string(),
+                "--session-id".into(),
+                self.session.to_string(),
+            ]),
+        }
+        argv.extend([
+            "--output-format".into(),
+            "stream-json".into(),
+            "--verbose".into(),
+            "--permission-mode".into(),
+            s.permission_mode.to_string(),
+        ]);
+        if let Some(m) = &s.model {
+            argv.extend(["--model".into(), m.clone()]);
+        }
+        if !s.allowed_tools.is_empty() {
+            argv.push("--allowedTools".into());
+            argv.extend(s.allowed_tools.iter().cloned());
+        }
+        if !s.disallowed_tools.is_empty() {
+            argv.push("--disallowedTools".into());
+            argv.extend(s.disallowed_tools.iter().cloned());
+        }
+        if let Some(t) = s.max_turns {
+            argv.extend(["--max-turns".into(), t.to_string()]);
+        }
+        if let Some(b) = s.max_budget_usd {
+            argv.extend(["--max-budget-usd".into(), b.to_string()]);
+        }
+        if let Some(p) = &s.append_system_prompt {
+            argv.extend(["--append-system-prompt".into(), p.clone()]);
+        }
+        if let Some(settings) = &s.settings {
+            argv.extend(["--settings".into(), settings_arg(settings)]);
+        }
+        if let Some(schema) = self.output_schema {
+            argv.extend(["--json-schema".into(), schema.to_string()]);
+        }
+        argv
+    }
+
+    /// The worker's environment, besides what the task declares: its own config and temp dirs,
+    /// the credentials, and bounded waits (`API_TIMEOUT_MS`, `CLAUDE_CODE_MAX_RETRIES`,
+    /// `CLAUDE_BYTE_STREAM_IDLE_TIMEOUT_MS`) derived from the task's timeout, so the CLI gives up
+    /// before ccluster's own watchdog has to kill it.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let config = self.dir.join("config");
+        let tmp = self.dir.join("tmp");
+        let mut env = vec![
+            (
+                "CLAUDE_CONFIG_DIR".to_string(),
+                config.display().to_string(),
+            ),
+            ("CLAUDE_CODE_TMPDIR".to_string(), tmp.display().to_string()),
+            (
+                "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".into(),
+                "1".into(),
+            ),
+            ("DISABLE_TELEMETRY".into(), "1".into()),
+            ("DISABLE_AUTOUPDATER".into(), "1".into()),
+        ];
+        // One API call may take a quarter of the attempt's time, within the CLI's own bounds.
+        let quarter = self
+            .timeout
+            .map_or(Duration::from_secs(300), |t| t / 4)
+            .clamp(Duration::from_secs(10), Duration::from_secs(600));
+        env.push(("API_TIMEOUT_MS".into(), quarter.as_millis().to_string()));
+        env.push(("CLAUDE_CODE_MAX_RETRIES".into(), "3".into()));
+        env.push((
+            "CLAUDE_BYTE_STREAM_IDLE_TIMEOUT_MS".into(),
+            quarter
+                .min(Duration::from_secs(300))
+                .as_millis()
+                .to_string(),
+        ));
+        match (self.rehearsal, self.auth) {
+            (Some((url, node)), _) => {
+                env.push(("ANTHROPIC_BASE_URL".into(), url.to_string()));
+                env.push(("ANTHROPIC_API_KEY".into(), "rehearsal".into()));
+                env.push((
+                    "ANTHROPIC_CUSTOM_HEADERS".into(),
+                    format!("X-Ccluster-Task: {node}"),
+                ));
+            }
+            _ => {
+                for name in AUTH_VARS {
+                    if let Ok(v) = std::env::var(name) {
+                        env.push((name.to_string(), v));
+                    }
+                }
+            }
+        }
+        // As root, bypassPermissions needs to know it runs in a sandbox (a worktree).
+        if self.settings.permission_mode == "bypassPermissions" && nix::unistd::geteuid().is_root()
+        {
+            env.push(("IS_SANDBOX".into(), "1".into()));
+        }
+        env
+    }
+
+    /// Makes the worker's directories; a `claude login` session's credentials are copied in.
+    pub fn prepare(&self) -> std::io::Result<()> {
+        let config = self.dir.join("config");
+        std::fs::create_dir_all(&config)?;
+        std::fs::create_dir_all(self.dir.join("tmp"))?;
+        if let (Auth::Subscription(credentials), None) = (self.auth, self.rehearsal) {
+            let target = config.join(".credentials.json");
+            std::fs::copy(credentials, &target)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600))?;
+        }
+        Ok(())
+    }
+}
+
+/// What the worker reported about its work.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_input_tokens: u64,
+    pub cache_creation_input_tokens: u64,
+    /// As the CLI computes it from its price table (for a resumed session: this process only).
+    pub cost_usd: f64,
+    pub turns: u32,
+    pub session_id: String,
+    pub duration_ms: u64,
+}
+
+impl Usage {
+    pub fn tokens(&self) -> u64 {
+        self.input_tokens
+            + self.output_tokens
+            + self.cache_read_input_tokens
+            + self.cache_creation_input_tokens
+    }
+}
+
+/// A step worth reporting while the worker runs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Progress {
+    /// A new model response began (1 for the first).
+    Turn(u32),
+    Tool {
+        name: String,
+        detail: String,
+    },
+    Denied {
+        tool: String,
+        reason: String,
+    },
+    ApiRetry {
+        attempt: u64,
+        status: String,
+        error: String,
+    },
+}
+
+/// The stream-json of one worker, read as it arrives.
+#[derive(Default)]
+pub struct Transcript {
+    pub session: Option<String>,
+    messages: HashSet<String>,
+    /// The last `result` line.
+    pub result: Option<Value>,
+    /// The worker's directory: tool paths are shown relative to it.
+    pub cwd: Option<String>,
+}
+
+/// A short description of a tool call: the path or command it acts on.
+fn tool_detail(name: &str, input: &Value, cwd: Option<&str>) -> String {
+    let mut text = match name {
+        "Bash" => input["command"].as_str().unwrap_or_default().to_string(),
+        _ => input["file_path"]
+            .as_str()
+            .or_else(|| input["pattern"].as_str())
+            .or_else(|| input["path"].as_str())
+            .unwrap_or_default()
+            .to_string(),
+    };
+    if let Some(cwd) = cwd {
+        text = text.replace(&format!("{cwd}/"), "");
+    }
+    let line = text.lines().next().unwrap_or_default();
+    if line.chars().count() > 80 {
+        format!("{}…", line.chars().take(80).collect::<String>())
+    } else {
+        line.to_string()
+    }
+}
+
+impl Transcript {
+    /// A transcript of a worker running in `cwd`.
+    pub fn in_dir(cwd: String) -> Transcript {
+        Transcript {
+            cwd: Some(cwd),
+            ..Transcript::default()
+        }
+    }
+
+    pub fn feed(&mut self, line: &str) -> Vec<Progress> {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            return Vec::new();
+        };
+        if let Some(s) = v["session_id"].as_str() {
+            self.session.get_or_insert_with(|| s.to_string());
+        }
+        let mut out = Vec::new();
+        match (v["type"].as_str(), v["subtype"].as_str()) {
+            (Some("assistant"), _) => {
+                let message = &v["message"];
+                if let Some(id) = message["id"].as_str() {
+                    if message["model"] != "<synthetic>" && self.messages.insert(id.to_string()) {
+                        out.push(Progress::Turn(self.messages.len() as u32));
+                    }
+                }
+                for block in message["content"].as_array().into_iter().flatten() {
+                    if block["type"] == "tool_use" {
+                        let name = block["name"].as_str().unwrap_or_default().to_string();
+                        let detail = tool_detail(&name, &block["input"], self.cwd.as_deref());
+                        out.push(Progress::Tool { detail, name });
+                    }
+                }
+            }
+            (Some("system"), Some("permission_denied")) => out.push(Progress::Denied {
+                tool: v["tool_name"].as_str().unwrap_or_default().to_string(),
+                reason: v["decision_reason"]
+                    .as_str()
+                    .or_else(|| v["message"].as_str())
+                    .unwrap_or_default()
+                    .to_string(),
+            }),
+            (Some("system"), Some("api_retry")) => out.push(Progress::ApiRetry {
+                attempt: v["attempt"].as_u64().unwrap_or(0),
+                status: match &v["error_status"] {
+                    Value::Null => "no answer".into(),
+                    s => s.to_string(),
+                },
+                error: v["error"].as_str().unwrap_or_default().to_string(),
+            }),
+            (Some("result"), _) => self.result = Some(v),
+            _ => {}
+        }
+        out
+    }
+
+    /// Usage as the last result reports it (tokens and cost summed over models).
+    pub fn usage(&self) -> Option<Usage> {
+        let r = self.result.as_ref()?;
+        let mut u = Usage {
+            cost_usd: r["total_cost_usd"].as_f64().unwrap_or(0.0),
+            turns: r["num_turns"].as_u64().unwrap_or(0) as u32,
+            session_id: r["session_id"]
+                .as_str()
+                .map(str::to_string)
+                .or_else(|| self.session.clone())
+                .unwrap_or_default(),
+            duration_ms: r["duration_ms"].as_u64().unwrap_or(0),
+            ..Usage::default()
+        };
+        if let Some(models) = r["modelUsage"].as_object() {
+            for m in models.values() {
+                u.input_tokens += m["inputTokens"].as_u64().unwrap_or(0);
+                u.output_tokens += m["outputTokens"].as_u64().unwrap_or(0);
+                u.cache_read_input_tokens += m["cacheReadInputTokens"].as_u64().unwrap_or(0);
+                u.cache_creation_input_tokens +=
+                    m["cacheCreationInputTokens"].as_u64().unwrap_or(0);
+            }
+        } else {
+            let usage = &r["usage"];
+            u.input_tokens = usage["input_tokens"].as_u64().unwrap_or(0);
+            u.output_tokens = usage["output_tokens"].as_u64().unwrap_or(0);
+            u.cache_read_input_tokens = usage["cache_read_input_tokens"].as_u64().unwrap_or(0);
+            u.cache_creation_input_tokens =
+                usage["cache_creation_input_tokens"].as_u64().unwrap_or(0);
+        }
+        Some(u)
+    }
+
+    /// The attempt's output, or why it failed. Success needs a result with `is_error == false`
+    /// and, when a schema was asked for, a `structured_output`, which becomes the output;
+    /// otherwise the result text is the output.
+    pub fn outcome(
+        &self,
+        end: &ProcessEnd,
+        wants_structured: bool,
+    ) -> Result<Value, (FailureClass, String)> {
+        let Some(r) = &self.result else {
+            return Err(match end {
+                ProcessEnd::Exited(143) | ProcessEnd::Signaled(_) => (
+                    FailureClass::Killed,
+                    format!("the worker was killed ({})", describe(end)),
+                ),
+                _ => (
+                    FailureClass::NoResult,
+                    format!("the worker ended without a result ({})", describe(end)),
+                ),
+            });
+        };
+        let text = r["result"]
+            .as_str()
+            .map(str::to_string)
+            .or_else(|| {
+                r["errors"].as_array().map(|e| {
+                    e.iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })
+            })
+            .unwrap_or_default();
+        match r["subtype"].as_str() {
+            Some("error_max_turns") => return Err((FailureClass::MaxTurns, text)),
+            Some("error_max_budget_usd") => return Err((FailureClass::Budget, text)),
+            Some("error_max_structured_output_retries") => {
+                return Err((FailureClass::StructuredOutput, text))
+            }
+            Some("error_during_execution") => return Err((FailureClass::Killed, text)),
+            _ => {}
+        }
+        if r["is_error"].as_bool().unwrap_or(true) {
+            let status = r["api_error_status"].as_u64();
+            let class = match status {
+                Some(429) => FailureClass::RateLimit,
+                Some(529) => FailureClass::Overloaded,
+                Some(401) | Some(403) => FailureClass::Auth,
+                _ if text.contains("Not logged in") || text.contains("Failed to authenticate") => {
+                    FailureClass::Auth
+                }
+                _ if text.contains("529") || text.contains("Overloaded") => {
+                    FailureClass::Overloaded
+                }
+                _ => FailureClass::ApiError,
+            };
+            return Err((class, text));
+        }
+        if wants_structured {
+            return match r.get("structured_output") {
+                Some(v) if !v.is_null() => Ok(v.clone()),
+                _ => Err((
+                    FailureClass::StructuredOutput,
+                    "the agent finished without the structured output its `output_schema` asks for"
+                        .into(),
+                )),
+            };
+        }
+        Ok(Value::String(text))
+    }
+}
+
+fn describe(end: &ProcessEnd) -> String {
+    match end {
+        ProcessEnd::Exited(c) => format!("exit code {c}"),
+        ProcessEnd::Signaled(s) => format!("signal {s}"),
+        ProcessEnd::TimedOut => "timed out".into(),
+        ProcessEnd::Cancelled => "cancelled".into(),
+        ProcessEnd::SpawnFailed(e) => e.clone(),
+    }
+}
+
+/// A new session id (a random UUID v4, as `--session-id` requires).
+pub fn new_session_id() -> String {
+    let mut b = [0u8; 16];
+    for x in &mut b {
+        *x = fastrand::u8(..);
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transcript(lines: &[&str]) -> Transcript {
+        let mut t = Transcript::default();
+        for l in lines {
+            t.feed(l);
+        }
+        t
+    }
+
+    #[test]
+    fn results_are_classified_as_documented() {
+        let end = ProcessEnd::Exited(1);
+        let class = |line: &str| transcript(&[line]).outcome(&end, false).map_err(|(c, _)| c);
+        assert_eq!(
+            class(
+                r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":429,"result":"API Error: Request rejected (429)"}"#
+            ),
+            Err(FailureClass::RateLimit)
+        );
+        assert_eq!(
+            class(
+                r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":529,"result":"x"}"#
+            ),
+            Err(FailureClass::Overloaded)
+        );
+        assert_eq!(
+            class(
+                r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":null,"result":"Request timed out."}"#
+            ),
+            Err(FailureClass::ApiError)
+        );
+        assert_eq!(
+            class(
+                r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":401,"result":"Failed to authenticate."}"#
+            ),
+            Err(FailureClass::Auth)
+        );
+        assert_eq!(
+            class(
+                r#"{"type":"result","subtype":"error_max_turns","is_error":true,"errors":["Reached maximum number of turns (3)"]}"#
+            ),
+            Err(FailureClass::MaxTurns)
+        );
+        assert_eq!(
+            class(r#"{"type":"result","subtype":"error_max_budget_usd","is_error":true}"#),
+            Err(FailureClass::Budget)
+        );
+        assert_eq!(
+            class(r#"{"type":"result","subtype":"success","is_error":false,"result":"ok"}"#),
+            Ok(Value::String("ok".into()))
+        );
+        let t = transcript(&[
+            r#"{"type":"result","subtype":"success","is_error":false,"result":"ok"}"#,
+        ]);
+        assert_eq!(
+            t.outcome(&end, true).map_err(|(c, _)| c),
+            Err(FailureClass::StructuredOutput)
+        );
+        assert_eq!(
+            Transcript::default()
+                .outcome(&ProcessEnd::Exited(143), false)
+                .map_err(|(c, _)| c),
+            Err(FailureClass::Killed)
+        );
+        assert_eq!(
+            Transcript::default()
+                .outcome(&ProcessEnd::Exited(0), false)
+                .map_err(|(c, _)| c),
+            Err(FailureClass::NoResult)
+        );
+    }
+
+    #[test]
+    fn session_ids_are_uuid_v4() {
+        let id = new_session_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert_ne!(id, new_session_id());
+    }
+}

@@ -1,0 +1,303 @@
+//! What the scripted server answers: per task (a plan node like `build[2]`, or a task id for all
+//! its instances), a sequence of model turns and the faults to inject. Without a script for a
+//! task, the rehearsal default: write a note of the task and its prompt into the workspace, then
+//! answer (with a structured output that satisfies the schema when one is asked for).
+
+use indexmap::IndexMap;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// Loaded from TOML or JSON (`apply --rehearse --script FILE`) or from `[tasks.<id>.rehearsal]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Script {
+    /// By plan node (`build[2]`) or task id (`build`, every instance).
+    #[serde(default)]
+    pub tasks: IndexMap<String, TaskScript>,
+    /// Wait before each answer, as a slow model would.
+    #[serde(default)]
+    pub turn_delay_ms: u64,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskScript {
+    /// Files the default script writes (paths relative to the workspace).
+    #[serde(default)]
+    pub files: IndexMap<String, String>,
+    /// The structured output the default script returns.
+    pub output: Option<Value>,
+    /// Explicit turns, replacing the default ones.
+    #[serde(default)]
+    pub turns: Vec<Turn>,
+    /// Faults injected before the scripted answers.
+    #[serde(default)]
+    pub faults: Vec<Fault>,
+    /// Tokens reported per turn: `[input, output]` (default `[100, 50]`).
+    pub usage: Option<[u64; 2]>,
+}
+
+/// One model response.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Turn {
+    pub text: Option<String>,
+    #[serde(default)]
+    pub tools: Vec<ToolCall>,
+}
+
+/// A tool call; `{{cwd}}` in its input is replaced by the worker's working directory.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ToolCall {
+    pub name: String,
+    pub input: Value,
+}
+
+/// Something going wrong, `times` times, on the requests for turn `turn` (0: the first).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    /// Answer with this HTTP status and an error body.
+    pub status: Option<u16>,
+    /// Accept the request and never answer.
+    #[serde(default)]
+    pub hang: bool,
+    /// Start a stream and close it after `message_start`.
+    #[serde(default)]
+    pub truncate: bool,
+    #[serde(default = "one")]
+    pub times: u32,
+    #[serde(default)]
+    pub turn: usize,
+    /// Seconds, sent as `retry-after`.
+    pub retry_after: Option<u32>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Script {
+    pub fn from_toml(text: &str) -> Result<Script, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// The script of a plan node: its own, else its task's, else the default.
+    pub fn for_task(&self, node: &str) -> TaskScript {
+        let task = node.split('[').next().unwrap_or(node);
+        self.tasks
+            .get(node)
+            .or_else(|| self.tasks.get(task))
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+impl TaskScript {
+    /// The fault for the `attempt`-th request (from 0) of a turn, if one is due.
+    pub fn fault_for(&self, turn: usize, attempt: u32) -> Option<&Fault> {
+        let mut served = 0;
+        for f in self.faults.iter().filter(|f| f.turn == turn) {
+            if attempt < served + f.times {
+                return Some(f);
+            }
+            served += f.times;
+        }
+        None
+    }
+
+    /// The answer for turn `k`.
+    pub fn turn(&self, k: usize, node: &str, prompt: &str, request: &Value) -> Turn {
+        if !self.turns.is_empty() {
+            return self.turns.get(k).cloned().unwrap_or_else(|| Turn {
+                text: Some("Done.".into()),
+                tools: Vec::new(),
+            });
+        }
+        let schema = request["tools"].as_array().and_then(|tools| {
+            tools
+                .iter()
+                .find(|t| t["name"] == "StructuredOutput")
+                .map(|t| t["input_schema"].clone())
+        });
+        match k {
+            0 => {
+                let note = format!(
+                    "# Rehearsal of `{node}`\n\nThe prompt this task was given:\n\n{prompt}\n"
+                );
+                let file = node.replace('[', ".").replace(']', "");
+                let mut tools = vec![ToolCall {
+                    name: "Write".into(),
+                    input: json!({"file_path": format!("{{{{cwd}}}}/.ccluster-rehearsal/{file}.md"), "content": note}),
+                }];
+                for (path, content) in &self.files {
+                    tools.push(ToolCall {
+                        name: "Write".into(),
+                        input: json!({"file_path": format!("{{{{cwd}}}}/{path}"), "content": content}),
+                    });
+                }
+                Turn {
+                    text: Some(format!("Rehearsing `{node}`: writing a note.")),
+                    tools,
+                }
+            }
+            1 => match schema {
+                Some(schema) => Turn {
+                    text: None,
+                    tools: vec![ToolCall {
+                        name: "StructuredOutput".into(),
+                        input: self.output.clone().unwrap_or_else(|| example_of(&schema)),
+                    }],
+                },
+                None => Turn {
+                    text: Some(format!("Rehearsal of `{node}`: done.")),
+                    tools: Vec::new(),
+                },
+            },
+            _ => Turn {
+                text: Some("Done.".into()),
+                tools: Vec::new(),
+            },
+        }
+    }
+}
+
+impl Turn {
+    /// The Anthropic Message of this turn; `{{cwd}}` in texts and tool inputs becomes `cwd`.
+    pub fn to_message(&self, cwd: &str, k: usize) -> Value {
+        self.to_message_with_usage(cwd, k, [100, 50])
+    }
+
+    pub fn to_message_with_usage(&self, cwd: &str, k: usize, usage: [u64; 2]) -> Value {
+        let fill = |v: &Value| -> Value {
+            serde_json::from_str(&v.to_string().replace("{{cwd}}", cwd)).unwrap_or(Value::Null)
+        };
+        let mut content = Vec::new();
+        if let Some(t) = &self.text {
+            content.push(json!({"type": "text", "text": t.replace("{{cwd}}", cwd)}));
+        }
+        for (i, tool) in self.tools.iter().enumerate() {
+            content.push(json!({"type": "tool_use", "id": format!("toolu_{k}_{i}"), "name": tool.name, "input": fill(&tool.input)}));
+        }
+        if content.is_empty() {
+            content.push(json!({"type": "text", "text": "Done."}));
+        }
+        json!({
+            "id": format!("msg_scripted_{k}_{}", fastrand::u32(..)),
+            "type": "message",
+            "role": "assistant",
+            "content": content,
+            "stop_reason": if self.tools.is_empty() { "end_turn" } else { "tool_use" },
+            "stop_sequence": null,
+            "usage": {"input_tokens": usage[0], "output_tokens": usage[1],
+                      "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
+        })
+    }
+}
+
+/// A value that satisfies a JSON Schema in the common cases (types, properties, `required`,
+/// `items`, `enum`, `const`, bounds, `minItems`, `anyOf`/`oneOf`): every property filled in.
+pub fn example_of(schema: &Value) -> Value {
+    if let Some(c) = schema.get("const") {
+        return c.clone();
+    }
+    if let Some(first) = schema["enum"].as_array().and_then(|e| e.first()) {
+        return first.clone();
+    }
+    for key in ["anyOf", "oneOf", "allOf"] {
+        if let Some(first) = schema[key].as_array().and_then(|e| e.first()) {
+            return example_of(first);
+        }
+    }
+    let ty = match &schema["type"] {
+        Value::String(s) => s.as_str(),
+        Value::Array(types) => types
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|t| *t != "null")
+            .unwrap_or("null"),
+        _ if schema.get("properties").is_some() => "object",
+        _ => "null",
+    };
+    match ty {
+        "object" => {
+            let mut out = serde_json::Map::new();
+            if let Some(props) = schema["properties"].as_object() {
+                for (k, v) in props {
+                    out.insert(k.clone(), example_of(v));
+                }
+            }
+            Value::Object(out)
+        }
+        "array" => {
+            // Three items unless the schema says otherwise: a rehearsed fan-out shows its width.
+            let n = schema["minItems"].as_u64().unwrap_or(3).max(1) as usize;
+            let n = schema["maxItems"].as_u64().map_or(n, |m| n.min(m as usize));
+            let item = example_of(&schema["items"]);
+            Value::Array((0..n).map(|i| vary(&item, i)).collect())
+        }
+        "string" => {
+            let min = schema["minLength"].as_u64().unwrap_or(0) as usize;
+            let mut s = String::from("rehearsal");
+            while s.len() < min {
+                s.push('x');
+            }
+            Value::String(s)
+        }
+        "integer" => json!(schema["minimum"].as_i64().unwrap_or(1)),
+        "number" => json!(schema["minimum"].as_f64().unwrap_or(1.0)),
+        "boolean" => Value::Bool(true),
+        _ => Value::Null,
+    }
+}
+
+/// Items of an example list differ, so a map over them gets distinct instances.
+fn vary(item: &Value, i: usize) -> Value {
+    match item {
+        Value::String(s) if i > 0 => Value::String(format!("{s}-{}", i + 1)),
+        Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), vary(v, i))).collect()),
+        other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn examples_satisfy_their_schemas() {
+        let schema = json!({
+            "type": "object",
+            "properties": {
+                "parts": {"type": "array", "minItems": 3, "items": {
+                    "type": "object",
+                    "properties": {"title": {"type": "string", "minLength": 12}, "files": {"type": "array", "items": {"type": "string"}}},
+                    "required": ["title"]
+                }},
+                "kind": {"enum": ["a", "b"]},
+                "count": {"type": "integer", "minimum": 2}
+            },
+            "required": ["parts", "kind", "count"]
+        });
+        let value = example_of(&schema);
+        let validator = jsonschema::validator_for(&schema).unwrap();
+        assert!(validator.is_valid(&value), "{value}");
+        assert_eq!(value["parts"].as_array().unwrap().len(), 3);
+        assert_ne!(value["parts"][0]["title"], value["parts"][1]["title"]);
+    }
+
+    #[test]
+    fn faults_are_served_in_order_then_the_turn() {
+        let script = Script::from_toml(
+            "[tasks.build]\nfaults = [{ status = 429, times = 2 }, { hang = true, turn = 1 }]\n",
+        )
+        .unwrap();
+        let t = script.for_task("build[3]");
+        assert_eq!(t.fault_for(0, 0).and_then(|f| f.status), Some(429));
+        assert_eq!(t.fault_for(0, 1).and_then(|f| f.status), Some(429));
+        assert!(t.fault_for(0, 2).is_none());
+        assert!(t.fault_for(1, 0).is_some_and(|f| f.hang));
+    }
+}
