@@ -205,6 +205,9 @@ struct RunArgs {
     /// Progress as lines for people, or one JSON event per line.
     #[arg(long, value_enum, default_value_t = runs::OutputFormat::Human)]
     output: runs::OutputFormat,
+    /// Keep going after a task fails: everything that does not depend on it still runs.
+    #[arg(long, short = 'k')]
+    keep_going: bool,
 }
 
 impl RunArgs {
@@ -312,6 +315,7 @@ fn main() -> ExitCode {
                         fresh,
                         grace: run.grace_period,
                         output: run.output,
+                        keep_going: run.keep_going,
                         rehearse,
                     },
                 )
@@ -333,6 +337,7 @@ fn main() -> ExitCode {
                 jobs: options.jobs(),
                 grace: options.grace_period,
                 output: options.output,
+                keep_going: options.keep_going,
             },
         ),
         Command::Runs { state } => runs::runs(&state.dir(None)),

@@ -156,6 +156,7 @@ pub struct ApplyArgs<'a> {
     pub output: OutputFormat,
     /// `--rehearse`: agents answer from the scripted model server (with this script).
     pub rehearse: Option<ccluster_engine::scripted::Script>,
+    pub keep_going: bool,
 }
 
 pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
@@ -189,6 +190,7 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         source: args.source.to_string(),
         rerun: args.rerun,
         rehearse,
+        keep_going: args.keep_going,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -221,7 +223,7 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         .nodes
         .iter()
         .any(|n| n.action.kind() == "agent");
-    if has_agents && args.output == OutputFormat::Human {
+    if has_agents {
         // Say which credentials workers get (never the secret itself) before anything starts.
         let auth = match &args.rehearse {
             Some(_) => Some(ccluster_engine::agent::Auth::Rehearsal),
@@ -726,6 +728,7 @@ pub struct RetryArgs<'a> {
     pub jobs: usize,
     pub grace: Duration,
     pub output: OutputFormat,
+    pub keep_going: bool,
 }
 
 /// `retry`: runs a past run's clusterfile text again, with the same inputs. What succeeded stays
@@ -826,6 +829,7 @@ pub fn retry(dir: &Path, args: RetryArgs<'_>) -> u8 {
             grace: args.grace,
             output: args.output,
             rehearse: None,
+            keep_going: args.keep_going,
         },
     )
 }

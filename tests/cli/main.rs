@@ -1,6 +1,7 @@
 //! Integration tests: run the built `ccluster` binary the way users do and check its output and exit
 //! codes. Snapshots (insta) live in `tests/cli/snapshots/`.
 
+mod agents;
 mod apply;
 mod crash;
 mod examples;

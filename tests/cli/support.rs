@@ -50,3 +50,21 @@ pub fn files(dir: &str, extensions: &[&str]) -> Vec<String> {
     out.sort();
     out
 }
+
+/// The `claude` CLI of the pinned version, installed from npm by `scripts/ensure-claude.sh` when
+/// missing. Panics (the test fails) when it cannot be had: agent tests never skip.
+pub fn claude_bin() -> String {
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = Command::new(root().join("scripts/ensure-claude.sh"))
+            .output()
+            .expect("run scripts/ensure-claude.sh");
+        assert!(
+            out.status.success(),
+            "cannot get the claude CLI: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    })
+    .clone()
+}

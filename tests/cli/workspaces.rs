@@ -571,5 +571,8 @@ fn copied_files_are_never_committed() {
         &["ls-tree", "-r", "--name-only", &format!("ccluster/{run}/t")],
     );
     assert!(files.contains("seen.txt"), "{files}");
-    assert!(!files.contains(".env"), "the copied .env was committed: {files}");
+    assert!(
+        !files.contains(".env"),
+        "the copied .env was committed: {files}"
+    );
 }

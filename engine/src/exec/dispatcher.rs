@@ -53,6 +53,8 @@ pub struct ApplyOptions {
     /// `apply --rehearse`: agents talk to the scripted model server, driven by this script (the
     /// clusterfile's `rehearsal` tables are added to it).
     pub rehearse: Option<crate::scripted::Script>,
+    /// A failed task does not stop the run: only what depends on it is not run (`make -k`).
+    pub keep_going: bool,
 }
 
 /// How a run ended.
@@ -797,7 +799,7 @@ impl Dispatcher<'_> {
     }
 
     fn group_done(&mut self, group: usize) -> Result<(), ApplyError> {
-        if self.groups[group].outcome == Some(TaskState::Failed) {
+        if self.groups[group].outcome == Some(TaskState::Failed) && !self.opts.keep_going {
             self.stop(format!(
                 "not run: the run is stopping because `{}` failed",
                 self.groups[group].id

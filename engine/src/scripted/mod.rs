@@ -42,7 +42,7 @@ pub struct Recorded {
 
 struct State {
     script: Script,
-    /// Requests seen per (session, turn): how many faults were already served.
+    /// Requests seen per (task or session, turn): how many faults were already served.
     attempts: HashMap<(String, usize), u32>,
     log: Option<std::fs::File>,
     recorded: Vec<Recorded>,
@@ -129,9 +129,7 @@ fn working_directory(body: &Value) -> Option<String> {
     for marker in ["Primary working directory: ", "CWD: "] {
         if let Some(at) = text.find(marker) {
             let rest = &text[at + marker.len()..];
-            let end = rest
-                .find(['\\', '"', '\n'])
-                .unwrap_or(rest.len());
+            let end = rest.find(['\\', '"', '\n']).unwrap_or(rest.len());
             return Some(rest[..end].trim().to_string());
         }
     }
@@ -194,7 +192,14 @@ async fn serve(mut stream: TcpStream, state: Arc<Mutex<State>>) -> std::io::Resu
             .lock()
             .map_err(|_| std::io::Error::other("poisoned"))?;
         let task_script = st.script.for_task(&task);
-        let seen = st.attempts.entry((session.clone(), turn)).or_insert(0);
+        // Faults count per task (across its attempts, so "fail twice" means twice in all),
+        // or per session for a request that names no task.
+        let who = if task.is_empty() {
+            session.clone()
+        } else {
+            task.clone()
+        };
+        let seen = st.attempts.entry((who, turn)).or_insert(0);
         let attempt = *seen;
         *seen += 1;
         let answer = match task_script.fault_for(turn, attempt) {

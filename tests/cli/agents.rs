@@ -1,0 +1,403 @@
+//! Agent tasks end to end: the real `claude` CLI (installed by `scripts/ensure-claude.sh` when
+//! missing) against ccluster's scripted model server (`apply --rehearse`), in real git worktrees.
+//! Each failure class is provoked through the server's faults and checked against the retry policy.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::apply::{Applied, Sandbox};
+use crate::support::claude_bin;
+
+fn repo(clusterfile: &str) -> Sandbox {
+    let s = Sandbox::new(clusterfile);
+    std::fs::write(s.path().join(".gitignore"), ".ccluster/\n").unwrap();
+    for args in [
+        vec!["init", "-q", "-b", "main"],
+        vec!["add", "-A"],
+        vec!["commit", "-q", "-m", "init"],
+    ] {
+        let ok = Command::new("git")
+            .arg("-C")
+            .arg(s.path())
+            .args(&args)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@localhost")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@localhost")
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+    s
+}
+
+/// `apply --rehearse --output json` with the pinned CLI.
+fn rehearse(s: &Sandbox, extra: &[&str]) -> Applied {
+    let mut args = vec![
+        "apply",
+        "--rehearse",
+        "--output",
+        "json",
+        "--grace-period",
+        "1s",
+    ];
+    args.extend_from_slice(extra);
+    let out = s
+        .command(&args)
+        .env("CCLUSTER_CLAUDE_BIN", claude_bin())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    Applied {
+        code: out.status.code().unwrap_or(-1),
+        events: stdout
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect(),
+        stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn task<'a>(status: &'a Value, node: &str) -> &'a Value {
+    status["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["node"] == node)
+        .unwrap_or_else(|| panic!("no task {node}"))
+}
+
+const PIPELINE: &str = r#"version = 1
+[workflow]
+name = "agents"
+
+[defaults]
+timeout = "2m"
+
+[tasks.plan]
+prompt = "Split the work into parts"
+output_schema = { type = "object", required = ["parts"], properties = { parts = { type = "array", items = { type = "object", required = ["name"], properties = { name = { type = "string" } } } } } }
+rehearsal = { output = { parts = [{ name = "alpha" }, { name = "beta" }, { name = "gamma" }] } }
+
+[tasks.build]
+needs = ["plan"]
+map = "{{ tasks.plan.output.parts }}"
+prompt = "Build part {{ item.name }}"
+
+[tasks.merge]
+needs = ["build"]
+merge = { strategy = "git" }
+
+[tasks.check]
+needs = ["merge"]
+run = "cat parts/alpha.txt parts/beta.txt parts/gamma.txt"
+"#;
+
+/// Each builder writes its part, then edits it, then says it is done.
+fn build_script() -> String {
+    let mut script = String::new();
+    for (i, name) in ["alpha", "beta", "gamma"].iter().enumerate() {
+        script.push_str(&format!(
+            r#"[tasks."build[{i}]"]
+turns = [
+  {{ tools = [{{ name = "Write", input = {{ file_path = "{{{{cwd}}}}/parts/{name}.txt", content = "{name} draft\n" }} }}] }},
+  {{ tools = [{{ name = "Edit", input = {{ file_path = "{{{{cwd}}}}/parts/{name}.txt", old_string = "draft", new_string = "done" }} }}] }},
+  {{ text = "built {name}" }},
+]
+"#
+        ));
+    }
+    script
+}
+
+#[test]
+fn a_planned_fan_out_of_agents_in_worktrees_merges_and_is_checked() {
+    let s = repo(PIPELINE);
+    std::fs::write(s.path().join("script.toml"), build_script()).unwrap();
+    let done = rehearse(&s, &["--script", "script.toml", "--jobs", "3"]);
+    assert_eq!(done.code, 0, "{}\n{}", done.stdout, done.stderr);
+    assert!(
+        done.stderr.contains("authenticate with none: rehearsal"),
+        "{}",
+        done.stderr
+    );
+    assert_eq!(done.of("map_expanded")[0]["items"], 3);
+    // Progress came through as the agents worked.
+    let tools: Vec<&str> = done
+        .of("task_progress")
+        .iter()
+        .filter(|e| e["kind"] == "tool")
+        .filter_map(|e| e["detail"].as_str())
+        .collect();
+    assert!(tools.contains(&"Edit parts/beta.txt"), "{tools:?}");
+    let status = s.status();
+    assert_eq!(
+        task(&status, "check")["output"],
+        "alpha done\nbeta done\ngamma done"
+    );
+    assert_eq!(task(&status, "build[1]")["output"], "built beta");
+    assert_eq!(task(&status, "plan")["output"]["parts"][2]["name"], "gamma");
+    // Usage and cost are recorded per task and shown by `status`.
+    for node in ["plan", "build[0]", "build[1]", "build[2]"] {
+        let t = task(&status, node);
+        assert!(t["cost_usd"].as_f64().unwrap() > 0.0, "{t}");
+        assert!(t["tokens"].as_u64().unwrap() > 0, "{t}");
+    }
+    let table = s.command(&["status"]).output().unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("COST") && table.contains("agents: $"),
+        "{table}"
+    );
+
+    // Each worker had its own config dir, holding its own session's transcript and no other.
+    let run = status["run"]["id"].as_str().unwrap().to_string();
+    let run_dir = s.path().join(".ccluster/runs").join(&run);
+    let mut sessions = Vec::new();
+    for node in ["plan.1", "build.0.1", "build.1.1", "build.2.1"] {
+        let log =
+            std::fs::read_to_string(run_dir.join("logs").join(format!("{node}.out"))).unwrap();
+        let first: Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+        let session = first["session_id"].as_str().unwrap().to_string();
+        let config = run_dir.join("workers").join(node).join("config");
+        assert!(
+            first["memory_paths"]["auto"]
+                .as_str()
+                .is_some_and(|p| p.starts_with(config.to_str().unwrap())),
+            "{first}"
+        );
+        let transcripts: Vec<String> = walk(&config.join("projects"))
+            .into_iter()
+            .filter(|p| p.ends_with(".jsonl"))
+            .collect();
+        assert_eq!(transcripts.len(), 1, "{node}: {transcripts:?}");
+        assert!(transcripts[0].ends_with(&format!("{session}.jsonl")));
+        sessions.push(session);
+    }
+    sessions.sort();
+    sessions.dedup();
+    assert_eq!(sessions.len(), 4, "every attempt has its own session");
+
+    // Nothing changed since: a second rehearsal runs nothing.
+    let again = rehearse(&s, &["--script", "script.toml"]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert!(again.tasks("task_started").is_empty());
+    let branch = format!("ccluster/{run}/merge");
+    assert_eq!(
+        git(s.path(), &["show", &format!("{branch}:parts/gamma.txt")]),
+        "gamma done\n"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.path().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path().display().to_string());
+        }
+    }
+    out
+}
+
+/// One task per failure class. The CLI's own retries are off (`CLAUDE_CODE_MAX_RETRIES = 0`) so
+/// each fault reaches ccluster's retry policy.
+const FAULTS: &str = r#"version = 1
+[workflow]
+name = "faults"
+
+[defaults]
+timeout = "1m"
+env = { CLAUDE_CODE_MAX_RETRIES = "0", API_TIMEOUT_MS = "2000" }
+retry = { limit = 1, backoff = { initial = "100ms", max = "100ms", jitter = 0.0 } }
+
+[tasks.rate_limited]
+prompt = "a"
+rehearsal = { faults = [{ status = 429 }] }
+
+[tasks.overloaded]
+prompt = "b"
+rehearsal = { faults = [{ status = 529 }] }
+
+[tasks.server_error]
+prompt = "c"
+rehearsal = { faults = [{ status = 500 }] }
+
+[tasks.hanging]
+prompt = "d"
+rehearsal = { faults = [{ hang = true }] }
+
+[tasks.truncated]
+prompt = "e"
+rehearsal = { faults = [{ truncate = true, times = 2 }] }
+
+[tasks.unauthorized]
+prompt = "f"
+rehearsal = { faults = [{ status = 401, times = 5 }] }
+
+[tasks.too_many_turns]
+prompt = "g"
+claude = { max_turns = 1 }
+retry = { limit = 0 }
+rehearsal = { turns = [{ tools = [{ name = "Read", input = { file_path = "{{cwd}}/.gitignore" } }] }, { tools = [{ name = "Read", input = { file_path = "{{cwd}}/.gitignore" } }] }] }
+
+[tasks.over_budget]
+prompt = "h"
+claude = { max_budget_usd = 0.5 }
+rehearsal = { usage = [1000000, 0], turns = [{ tools = [{ name = "Read", input = { file_path = "{{cwd}}/.gitignore" } }] }, { text = "done" }] }
+
+[tasks.no_structured_output]
+prompt = "i"
+output_schema = { type = "object", required = ["n"], properties = { n = { type = "integer" } } }
+retry = { limit = 0 }
+rehearsal = { turns = [{ text = "I will not call the tool" }] }
+
+[tasks.too_slow]
+prompt = "j"
+timeout = "4s"
+env = { CLAUDE_CODE_MAX_RETRIES = "0", API_TIMEOUT_MS = "60000" }
+retry = { limit = 0 }
+rehearsal = { faults = [{ hang = true, times = 9 }] }
+"#;
+
+#[test]
+fn each_failure_class_is_classified_and_retried_as_documented() {
+    let s = repo(FAULTS);
+    let done = rehearse(&s, &["--jobs", "4", "--keep-going"]);
+    assert_eq!(done.code, 1, "{}\n{}", done.stdout, done.stderr);
+    let class_of = |event: &str, task: &str| -> Option<String> {
+        done.of(event)
+            .iter()
+            .find(|e| e["task"] == task)
+            .and_then(|e| e["class"].as_str().map(str::to_string))
+    };
+    // Retried once, then fine.
+    for (task, class) in [
+        ("rate_limited", "rate_limit"),
+        ("overloaded", "overloaded"),
+        ("server_error", "api_error"),
+        ("hanging", "api_error"),
+        ("truncated", "api_error"),
+    ] {
+        assert_eq!(
+            class_of("task_retrying", task).as_deref(),
+            Some(class),
+            "{task}: {}",
+            done.stdout
+        );
+        assert!(
+            done.tasks("task_succeeded").contains(&task.to_string()),
+            "{task}"
+        );
+    }
+    // Never retried, or not allowed to be.
+    for (task, class) in [
+        ("unauthorized", "auth"),
+        ("too_many_turns", "max_turns"),
+        ("over_budget", "budget"),
+        ("no_structured_output", "structured_output"),
+        ("too_slow", "timeout"),
+    ] {
+        assert_eq!(
+            class_of("task_failed", task).as_deref(),
+            Some(class),
+            "{task}: {}",
+            done.stdout
+        );
+        assert_eq!(class_of("task_retrying", task), None, "{task} was retried");
+    }
+}
+
+/// Finds a running process whose environment has all of `marks`.
+fn find_process(marks: &[String]) -> Option<i32> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let is_claude = String::from_utf8_lossy(&cmdline).contains("claude");
+        if is_claude && marks.iter().all(|m| vars.contains(&m.as_bytes())) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_worker_killed_mid_run_is_retried() {
+    let s = repo(
+        r#"version = 1
+[tasks.victim]
+prompt = "work slowly"
+retry = { limit = 1, backoff = { initial = "100ms", jitter = 0.0 } }
+rehearsal = { faults = [{ hang = true, turn = 1 }], turns = [{ tools = [{ name = "Write", input = { file_path = "{{cwd}}/started.txt", content = "x" } }] }, { text = "finished" }] }
+"#,
+    );
+    let child = s
+        .command(&["apply", "--rehearse", "--output", "json"])
+        .env("CCLUSTER_CLAUDE_BIN", claude_bin())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first attempt's worker to be inside its second turn (the server hangs there).
+    let marks = [
+        "CCLUSTER_TASK=victim".to_string(),
+        "CCLUSTER_ATTEMPT=1".to_string(),
+    ];
+    let start = Instant::now();
+    let worktrees = s.path().join(".ccluster/worktrees");
+    let pid = loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the worker never got going"
+        );
+        let started = walk(&worktrees).iter().any(|p| p.ends_with("started.txt"));
+        if let (true, Some(pid)) = (started, find_process(&marks)) {
+            break pid;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let events: Vec<Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let retrying = events
+        .iter()
+        .find(|e| e["event"] == "task_retrying")
+        .expect("a retry");
+    assert_eq!(retrying["class"], "killed", "{stdout}");
+    let status = s.status();
+    assert_eq!(task(&status, "victim")["attempts"], 2);
+    assert_eq!(task(&status, "victim")["output"], "finished");
+}
