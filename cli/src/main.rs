@@ -172,6 +172,9 @@ enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// Check this machine for agent work: the `claude` CLI and its version, credentials (which
+    /// kind, never the secret), git, and whether this directory is in a repository.
+    Doctor,
     /// Print the JSON Schema of the clusterfile format.
     Schema,
     /// Serve the scripted model API on 127.0.0.1 until killed (for benchmarks and experiments):
@@ -378,12 +381,75 @@ fn main() -> ExitCode {
             script,
             turn_delay_ms,
         } => model_server(script.as_deref(), turn_delay_ms),
+        Command::Doctor => doctor(),
         Command::Schema => {
             print(&ccluster_engine::schema::clusterfile_schema());
             exit::SUCCESS
         }
     };
     ExitCode::from(code)
+}
+
+fn doctor() -> u8 {
+    use ccluster_engine::agent::{self, Auth};
+    let mut missing = 0;
+    let mut line = |ok: bool, what: &str, detail: String| {
+        if !ok {
+            missing += 1;
+        }
+        println!("{} {what:<12} {detail}", if ok { "ok  " } else { "MISS" });
+    };
+    line(true, "ccluster", env!("CARGO_PKG_VERSION").to_string());
+    match agent::find_bin(None) {
+        Ok(bin) => {
+            let version = std::process::Command::new(&bin)
+                .arg("--version")
+                .stdin(std::process::Stdio::null())
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+            match version {
+                Some(v) => {
+                    let pinned = v.starts_with(agent::PINNED_VERSION);
+                    let note = if pinned {
+                        String::new()
+                    } else {
+                        format!(" (ccluster is tested with {})", agent::PINNED_VERSION)
+                    };
+                    line(true, "claude", format!("{v} at {}{note}", bin.display()));
+                }
+                None => line(false, "claude", format!("{} does not run", bin.display())),
+            }
+        }
+        Err(e) => line(false, "claude", e),
+    }
+    match Auth::detect() {
+        Some(auth) => line(true, "credentials", auth.describe()),
+        None => line(false, "credentials", Auth::MISSING.to_string()),
+    }
+    match std::process::Command::new("git").arg("--version").output() {
+        Ok(o) if o.status.success() => line(
+            true,
+            "git",
+            String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        ),
+        _ => line(false, "git", "not found: workspaces need git".into()),
+    }
+    match ccluster_engine::workspace::Repo::discover(std::path::Path::new(".")) {
+        Ok(repo) => line(true, "repository", repo.root.display().to_string()),
+        Err(_) => line(
+            false,
+            "repository",
+            "this directory is not in a git repository: tasks with workspaces need one".into(),
+        ),
+    }
+    if missing == 0 {
+        exit::SUCCESS
+    } else {
+        println!("(`ccluster apply --rehearse` needs only the claude CLI and git)");
+        exit::TASK_FAILED
+    }
 }
 
 fn model_server(script: Option<&std::path::Path>, turn_delay_ms: u64) -> u8 {

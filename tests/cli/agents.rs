@@ -261,7 +261,7 @@ rehearsal = { turns = [{ tools = [{ name = "Read", input = { file_path = "{{cwd}
 [tasks.over_budget]
 prompt = "h"
 claude = { max_budget_usd = 0.5 }
-rehearsal = { usage = [1000000, 0], turns = [{ tools = [{ name = "Read", input = { file_path = "{{cwd}}/.gitignore" } }] }, { text = "done" }] }
+rehearsal = { usage = [100, 100000], turns = [{ tools = [{ name = "Read", input = { file_path = "{{cwd}}/.gitignore" } }] }, { text = "done" }] }
 
 [tasks.no_structured_output]
 prompt = "i"
@@ -400,4 +400,154 @@ rehearsal = { faults = [{ hang = true, turn = 1 }], turns = [{ tools = [{ name =
     let status = s.status();
     assert_eq!(task(&status, "victim")["attempts"], 2);
     assert_eq!(task(&status, "victim")["output"], "finished");
+}
+
+#[test]
+fn a_missing_cli_or_missing_credentials_stop_the_run_before_it_starts() {
+    let s = repo("version = 1\n[tasks.a]\nprompt = \"hi\"\n");
+    let out = s
+        .command(&["apply"])
+        .env("CCLUSTER_CLAUDE_BIN", "/nonexistent/claude")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("CCLUSTER_CLAUDE_BIN is `/nonexistent/claude`"),
+        "{stderr}"
+    );
+
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = s.command(&["apply"]);
+    cmd.env("CCLUSTER_CLAUDE_BIN", claude_bin())
+        .env("HOME", home.path())
+        .env_remove("CLAUDE_CONFIG_DIR");
+    for var in [
+        "ANTHROPIC_API_KEY",
+        "ANTHROPIC_AUTH_TOKEN",
+        "CLAUDE_CODE_OAUTH_TOKEN",
+        "CLAUDE_CODE_USE_BEDROCK",
+        "CLAUDE_CODE_USE_VERTEX",
+    ] {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("agent tasks need Claude credentials"),
+        "{stderr}"
+    );
+    assert!(
+        !s.path().join(".ccluster/worktrees").exists(),
+        "nothing ran"
+    );
+}
+
+#[test]
+fn the_run_budget_stops_agent_work_once_spent() {
+    // Each response reports 100,000 output tokens: about $2 at the default model's price.
+    let s = repo(
+        r#"version = 1
+[defaults]
+max_run_usd = 1.0
+
+[tasks.first]
+prompt = "spend"
+rehearsal = { usage = [100, 100000] }
+
+[tasks.second]
+needs = ["first"]
+prompt = "never"
+"#,
+    );
+    let done = rehearse(&s, &[]);
+    assert_eq!(done.code, 1, "{}", done.stdout);
+    assert_eq!(done.tasks("task_succeeded"), ["first"]);
+    let cancelled = done.of("task_cancelled");
+    assert_eq!(cancelled[0]["task"], "second");
+    assert!(
+        cancelled[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("agent budget is spent"),
+        "{}",
+        done.stdout
+    );
+}
+
+#[test]
+fn resume_session_continues_the_killed_conversation_in_its_worktree() {
+    let s = repo(
+        r#"version = 1
+[tasks.victim]
+prompt = "work slowly"
+retry = { limit = 1, resume_session = true, backoff = { initial = "100ms", jitter = 0.0 } }
+rehearsal = { faults = [{ hang = true, turn = 1 }], turns = [{ tools = [{ name = "Write", input = { file_path = "{{cwd}}/started.txt", content = "x" } }] }] }
+"#,
+    );
+    let child = s
+        .command(&["apply", "--rehearse", "--output", "json"])
+        .env("CCLUSTER_CLAUDE_BIN", claude_bin())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let marks = [
+        "CCLUSTER_TASK=victim".to_string(),
+        "CCLUSTER_ATTEMPT=1".to_string(),
+    ];
+    let start = Instant::now();
+    let worktrees = s.path().join(".ccluster/worktrees");
+    let pid = loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the worker never got going"
+        );
+        let started = walk(&worktrees).iter().any(|p| p.ends_with("started.txt"));
+        if let (true, Some(pid)) = (started, find_process(&marks)) {
+            break pid;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Both attempts spoke in one session: the second resumed the first's conversation.
+    let status = s.status();
+    let run = status["run"]["id"].as_str().unwrap();
+    let requests = std::fs::read_to_string(
+        s.path()
+            .join(".ccluster/runs")
+            .join(run)
+            .join("rehearsal.jsonl"),
+    )
+    .unwrap();
+    let sessions: std::collections::BTreeSet<String> = requests
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["session"].to_string())
+        .collect();
+    assert_eq!(sessions.len(), 1, "{requests}");
+    // The work of the first attempt is in the result: it went on in the same worktree.
+    let files = git(
+        s.path(),
+        &[
+            "ls-tree",
+            "-r",
+            "--name-only",
+            &format!("ccluster/{run}/victim"),
+        ],
+    );
+    assert!(files.contains("started.txt"), "{files}");
+    assert_eq!(task(&status, "victim")["attempts"], 2);
 }
