@@ -387,6 +387,21 @@ fn main() -> ExitCode {
             exit::SUCCESS
         }
     };
+    // For benchmarks: ccluster's own CPU time and memory, without its children's.
+    if let Some(path) = std::env::var_os("CCLUSTER_SELF_USAGE") {
+        if let Ok(u) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF) {
+            let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+            let _ = std::fs::write(
+                path,
+                format!(
+                    "{:.3} {:.3} {}\n",
+                    secs(u.user_time()),
+                    secs(u.system_time()),
+                    u.max_rss()
+                ),
+            );
+        }
+    }
     ExitCode::from(code)
 }
 

@@ -551,3 +551,41 @@ rehearsal = { faults = [{ hang = true, turn = 1 }], turns = [{ tools = [{ name =
     assert!(files.contains("started.txt"), "{files}");
     assert_eq!(task(&status, "victim")["attempts"], 2);
 }
+
+#[test]
+fn api_retries_and_denied_tools_are_reported_as_progress() {
+    // The CLI retries the 429 itself (once allowed); the agent then tries to write outside its
+    // worktree, which `acceptEdits` denies.
+    let s = repo(
+        r#"version = 1
+[tasks.busy]
+prompt = "go"
+env = { CLAUDE_CODE_MAX_RETRIES = "1" }
+rehearsal = { faults = [{ status = 429, retry_after = 0 }], turns = [{ tools = [{ name = "Write", input = { file_path = "/tmp/ccluster-outside-the-tree.txt", content = "x" } }] }, { text = "gave up" }] }
+"#,
+    );
+    let done = rehearse(&s, &[]);
+    assert_eq!(done.code, 0, "{}\n{}", done.stdout, done.stderr);
+    let kinds: Vec<String> = done
+        .of("task_progress")
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["kind"].as_str().unwrap(),
+                e["detail"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert!(
+        kinds
+            .iter()
+            .any(|k| k.starts_with("api_retry #1 after 429")),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.iter().any(|k| k.starts_with("denied Write")),
+        "{kinds:?}"
+    );
+    assert!(!Path::new("/tmp/ccluster-outside-the-tree.txt").exists());
+}

@@ -136,6 +136,15 @@ fn working_directory(body: &Value) -> Option<String> {
     None
 }
 
+/// `[ccluster-task: build[2]]` in a prompt names the task.
+fn prompt_marker(prompt: &str) -> Option<String> {
+    let at = prompt.find("[ccluster-task:")?;
+    let rest = &prompt[at + "[ccluster-task:".len()..];
+    // The id may itself hold brackets (`build[2]`): it ends at the last `]` of the marker.
+    let end = rest.find("]]").map(|i| i + 1).or_else(|| rest.find(']'))?;
+    Some(rest[..end].trim().to_string())
+}
+
 /// The text of the first user message: the task's prompt.
 fn first_prompt(body: &Value) -> String {
     let Some(messages) = body["messages"].as_array() else {
@@ -178,7 +187,12 @@ async fn serve(mut stream: TcpStream, state: Arc<Mutex<State>>) -> std::io::Resu
         return Ok(());
     };
     let body: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
-    let task = request.header(TASK_HEADER).unwrap_or_default().to_string();
+    // The task: named by the header ccluster sets, or by a `[ccluster-task: <id>]` marker in the
+    // prompt (for workers started by hand).
+    let task = match request.header(TASK_HEADER) {
+        Some(t) => t.to_string(),
+        None => prompt_marker(&first_prompt(&body)).unwrap_or_default(),
+    };
     let session = request
         .header("x-claude-code-session-id")
         .unwrap_or_default()
@@ -305,5 +319,23 @@ fn error_type(status: u16) -> &'static str {
         429 => "rate_limit_error",
         529 => "overloaded_error",
         _ => "api_error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prompt_marker_names_the_task() {
+        assert_eq!(
+            prompt_marker("do it [ccluster-task: build[2]] now").as_deref(),
+            Some("build[2]")
+        );
+        assert_eq!(
+            prompt_marker("[ccluster-task: plan]").as_deref(),
+            Some("plan")
+        );
+        assert_eq!(prompt_marker("nothing here"), None);
     }
 }
