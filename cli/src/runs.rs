@@ -218,11 +218,13 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         OutputFormat::Human => &mut human,
         OutputFormat::Json => &mut json,
     };
-    let has_agents = compiled
-        .plan
-        .nodes
-        .iter()
-        .any(|n| n.action.kind() == "agent");
+    let has_agents = compiled.plan.nodes.iter().any(|n| {
+        matches!(
+            n.action,
+            ccluster_engine::plan::PlannedAction::Agent { .. }
+                | ccluster_engine::plan::PlannedAction::Merge { agent: Some(_), .. }
+        )
+    });
     if has_agents {
         // Say which credentials workers get (never the secret itself) before anything starts.
         let auth = match &args.rehearse {
@@ -828,7 +830,10 @@ pub fn retry(dir: &Path, args: RetryArgs<'_>) -> u8 {
             fresh: false,
             grace: args.grace,
             output: args.output,
-            rehearse: None,
+            // A rehearsed run is retried as a rehearsal (with the clusterfile's own scripts).
+            rehearse: run
+                .rehearsed
+                .then(ccluster_engine::scripted::Script::default),
             keep_going: args.keep_going,
         },
     )

@@ -38,7 +38,7 @@ pub fn find_bin(configured: Option<&str>) -> Result<PathBuf, String> {
             Ok(bin)
         } else {
             Err(format!(
-                "`[defaults.claude] bin` is `{}`, which is not a file",
+                "`claude.bin` is `{}`, which is not a file",
                 bin.display()
             ))
         };

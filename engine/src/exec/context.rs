@@ -240,6 +240,11 @@ pub fn key_parts(
     parts
 }
 
+/// The hash of any value, as key parts are made.
+pub fn hash_of(value: &impl serde::Serialize) -> String {
+    hash(value)
+}
+
 /// The `base` key part of a workspace task: the commits of the needed tasks it builds on (in
 /// `needs` order, instances in index order), or the run's base commit when it builds on none.
 pub fn base_part(run_base: &str, inputs: &[crate::workspace::Input]) -> String {

@@ -123,6 +123,10 @@ struct Node {
     usage: Option<crate::agent::Usage>,
     /// The last agent attempt's session and worker directory (for `retry.resume_session`).
     session: Option<(String, PathBuf)>,
+    /// The attempt running now continues an earlier one's session.
+    resumed: bool,
+    /// What the session has cost so far, as the CLI last reported it.
+    session_cost: f64,
 }
 
 /// A task of the workflow: its plan nodes (one, or a fan-out's instances) and its aggregate state.
@@ -331,6 +335,7 @@ pub async fn apply(
         base,
         result: compiled.workflow.result.as_ref().map(|r| r.to_string()),
         keep_failed: compiled.workflow.keep_failed,
+        rehearsed: opts.rehearse.is_some(),
     };
     let logs = store.dir().join("runs").join(&run.id).join("logs");
     std::fs::create_dir_all(&logs).map_err(|source| ApplyError::Io {
@@ -507,6 +512,8 @@ impl Dispatcher<'_> {
             attempt_started_ms: 0,
             usage: None,
             session: None,
+            resumed: false,
+            session_cost: 0.0,
         });
         let ix = self.nodes.len() - 1;
         self.groups[group].nodes.push(ix);
@@ -824,6 +831,12 @@ impl Dispatcher<'_> {
                 break;
             };
             let group = self.nodes[node].group;
+            if self.groups[group].outcome == Some(TaskState::Failed) {
+                // Its fan-out failed fast (the run goes on under --keep-going): not started.
+                let reason = format!("not run: `{}` failed fast", self.groups[group].id);
+                self.settle(node, TaskState::Cancelled, reason)?;
+                continue;
+            }
             if let Some(max) = self.groups[group].max_parallel {
                 if self.groups[group].running >= max {
                     parked.push(node);
@@ -896,8 +909,15 @@ impl Dispatcher<'_> {
                 .then(|| context::base_part(&run_base, &inputs));
             let mut parts = context::key_parts(&plan, &first, &upstream_hash, base.as_deref());
             if self.opts.rehearse.is_some() && matches!(plan.action, PlannedAction::Agent { .. }) {
-                // A rehearsed result must never stand in for a real one, nor the other way round.
-                parts.insert("rehearsal".into(), "scripted".into());
+                // A rehearsed result must never stand in for a real one, nor the other way round;
+                // and a changed script is a changed result.
+                let script = self
+                    .agents
+                    .as_ref()
+                    .and_then(|a| a.server.as_ref())
+                    .map(|s| s.script_for(&plan.id))
+                    .unwrap_or_default();
+                parts.insert("rehearsal".into(), context::hash_of(&script));
             }
             let key = context::key_of(&parts);
             self.nodes[node].record.cache_key = Some(key.clone());
@@ -1173,6 +1193,21 @@ impl Dispatcher<'_> {
                         "agent task without a worker set-up".into(),
                     ));
                 };
+                // A task may name its own `claude` (relative to the clusterfile).
+                let bin = match settings.bin.as_deref() {
+                    Some(b) if std::env::var_os("CCLUSTER_CLAUDE_BIN").is_none() => {
+                        let b = self.opts.workdir.join(b);
+                        if !b.is_file() {
+                            self.fail_without_attempt(
+                                node,
+                                format!("`claude.bin` is `{}`, which is not a file", b.display()),
+                            )?;
+                            return Ok(None);
+                        }
+                        b
+                    }
+                    _ => agents.bin.clone(),
+                };
                 let (session, dir) = match &resume {
                     Some((session, dir)) => (session.clone(), dir.clone()),
                     None => (
@@ -1187,7 +1222,7 @@ impl Dispatcher<'_> {
                 }
                 let url = agents.server.as_ref().map(|s| s.url());
                 let worker = crate::agent::Worker {
-                    bin: &agents.bin,
+                    bin: &bin,
                     prompt: &rendered.command,
                     settings: &settings,
                     output_schema: output_schema.as_ref(),
@@ -1219,6 +1254,7 @@ impl Dispatcher<'_> {
                         .filter(|(k, _)| !PASSED_ENV.contains(&k.as_str())),
                 );
                 self.nodes[node].session = Some((session, dir));
+                self.nodes[node].resumed = resume.is_some();
                 (Some(s), OutputMode::Text, None)
             }
         };
@@ -1317,13 +1353,21 @@ impl Dispatcher<'_> {
         if let Some(record) = &result.artifacts {
             self.store.put_artifacts(&self.run.id, &plan.id, record)?;
         }
-        if let Some(u) = &result.usage {
+        let mut usage = result.usage.clone();
+        if let Some(u) = usage.as_mut() {
+            // A resumed session reports its whole cost so far: count only this attempt's part.
+            let before = std::mem::replace(&mut self.nodes[node].session_cost, u.cost_usd);
+            if self.nodes[node].resumed {
+                u.cost_usd = (u.cost_usd - before).max(0.0);
+            }
+        }
+        if let Some(u) = &usage {
             self.spent_usd += u.cost_usd;
             let r = &mut self.nodes[node].record;
             r.cost_usd = Some(r.cost_usd.unwrap_or(0.0) + u.cost_usd);
             r.tokens = Some(r.tokens.unwrap_or(0) + u.tokens());
         }
-        self.nodes[node].usage = result.usage.clone();
+        self.nodes[node].usage = usage;
         let (class, exit_code, signal, message) = match (&result.failure, &end) {
             (_, ProcessEnd::Cancelled) => (None, None, None, "cancelled".to_string()),
             (Some((class, message)), end) => (
@@ -1848,6 +1892,8 @@ async fn agents_for(
     let Some(configured) = configured else {
         return Ok(None);
     };
+    // A configured `bin` is relative to the clusterfile.
+    let configured = configured.map(|b| opts.workdir.join(b).display().to_string());
     let bin = crate::agent::find_bin(configured.as_deref()).map_err(ApplyError::Agent)?;
     let Some(script) = &opts.rehearse else {
         let auth = crate::agent::Auth::detect()

@@ -173,11 +173,17 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
             "CCLUSTER_CONFLICT_REPORT".into(),
             report.display().to_string(),
         ));
-        // An agent resolver is told the listing in its prompt.
+        // An agent resolver is told the listing in its prompt, in a session of its own for each
+        // conflict (the CLI refuses a session id twice).
         if let Some(argv) = resolver.argv.as_mut() {
             for arg in argv.iter_mut() {
                 if arg.contains("{{conflicts}}") {
                     *arg = arg.replace("{{conflicts}}", &conflict.listing());
+                }
+            }
+            if let Some(at) = argv.iter().position(|a| a == "--session-id") {
+                if let Some(id) = argv.get_mut(at + 1) {
+                    *id = crate::agent::new_session_id();
                 }
             }
         }
@@ -358,6 +364,15 @@ async fn run_command(
         transcript
     };
     let (process, transcript) = tokio::join!(process, read);
+    // A copied `claude login` credential does not outlive the worker.
+    if let Some(config) = job.process.as_ref().and_then(|p| {
+        p.env
+            .iter()
+            .find(|(k, _)| k == "CLAUDE_CONFIG_DIR")
+            .map(|(_, v)| std::path::PathBuf::from(v))
+    }) {
+        let _ = std::fs::remove_file(config.join(".credentials.json"));
+    }
     result.usage = transcript.usage();
     match process.end {
         // ccluster's own verdicts stand: its watchdog, a cancel, a failed start.

@@ -144,7 +144,8 @@ pub struct RawClaude {
     pub append_system_prompt: Option<Spanned<String>>,
     /// Claude Code settings: a path to a settings JSON file, or the settings inline.
     pub settings: Option<Spanned<StringOrObject>>,
-    /// The `claude` executable (default: `CCLUSTER_CLAUDE_BIN`, else `claude` on `PATH`).
+    /// The `claude` executable, relative to the clusterfile (default: `claude` on `PATH`);
+    /// `CCLUSTER_CLAUDE_BIN` overrides it.
     pub bin: Option<Spanned<String>>,
 }
 
@@ -253,7 +254,8 @@ pub struct RawBackoff {
 )]
 #[serde(rename_all = "snake_case")]
 pub enum FailureClass {
-    /// A shell command exited non-zero, or an agent ended with an error result.
+    /// A shell command exited non-zero (or printed no JSON with `output = "json"`), or an agent
+    /// exited non-zero after a successful result.
     ExitCode,
     /// The task ran past its `timeout`.
     Timeout,

@@ -113,6 +113,14 @@ impl Server {
         format!("http://{}", self.addr)
     }
 
+    /// The script a plan node gets (for its cache key under rehearsal).
+    pub fn script_for(&self, node: &str) -> TaskScript {
+        self.state
+            .lock()
+            .map(|s| s.script.for_task(node))
+            .unwrap_or_default()
+    }
+
     /// Every request so far.
     pub fn recorded(&self) -> Vec<Recorded> {
         self.state

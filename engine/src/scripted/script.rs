@@ -80,7 +80,11 @@ fn one() -> u32 {
 }
 
 impl Script {
+    /// A script in TOML, or in JSON when the text starts with `{`.
     pub fn from_toml(text: &str) -> Result<Script, String> {
+        if text.trim_start().starts_with('{') {
+            return serde_json::from_str(text).map_err(|e| e.to_string());
+        }
         toml::from_str(text).map_err(|e| e.to_string())
     }
 

@@ -53,6 +53,9 @@ pub struct RunRecord {
     /// `[workflow] keep_failed`: `gc` keeps worktrees of failed attempts.
     #[serde(default)]
     pub keep_failed: bool,
+    /// `apply --rehearse`: agents talked to the scripted model server (`retry` does so again).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rehearsed: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
