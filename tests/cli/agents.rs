@@ -589,3 +589,50 @@ rehearsal = { faults = [{ status = 429, retry_after = 0 }], turns = [{ tools = [
     );
     assert!(!Path::new("/tmp/ccluster-outside-the-tree.txt").exists());
 }
+
+#[test]
+fn without_rehearsal_workers_use_the_users_credentials_which_never_reach_the_state() {
+    // A scripted server stands in for the API, reached the way a user's proxy would be:
+    // through ANTHROPIC_BASE_URL, with an API key that must not leak into run state.
+    let s = repo("version = 1\n[tasks.real]\nprompt = \"hello\"\n");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_ccluster"))
+        .arg("model-server")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let url = {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(server.stderr.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        line.trim().to_string()
+    };
+    let key = "sk-ant-test-0123456789-must-not-leak";
+    let out = s
+        .command(&["apply", "--output", "json"])
+        .env("CCLUSTER_CLAUDE_BIN", claude_bin())
+        .env("ANTHROPIC_BASE_URL", &url)
+        .env("ANTHROPIC_API_KEY", key)
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("agents authenticate with an API key (ANTHROPIC_API_KEY)"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(key) && !String::from_utf8_lossy(&out.stdout).contains(key));
+    let status = s.status();
+    assert_eq!(task(&status, "real")["output"], "Rehearsal of ``: done.");
+    for file in walk(&s.path().join(".ccluster")) {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !bytes.windows(key.len()).any(|w| w == key.as_bytes()),
+            "the API key reached {file}"
+        );
+    }
+}
