@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 mod live;
 mod results;
 mod runs;
+mod templates;
 
 /// Exit codes, as documented in the README.
 mod exit {
@@ -169,6 +170,36 @@ enum Command {
         /// Say what would be removed, remove nothing.
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// List the built-in workflow templates with their descriptions and parameters.
+    Templates,
+    /// Write a commented clusterfile.toml here (from a built-in template, or a minimal one) and add
+    /// `.ccluster/` to .gitignore.
+    Init {
+        /// A built-in template (`ccluster templates` lists them).
+        #[arg(long)]
+        template: Option<String>,
+        /// Replace an existing clusterfile.toml.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Drive a goal through the built-in `goal` workflow in this repository: plan subtasks, build
+    /// them in parallel worktrees, merge, test and fix, document. Same state, resume and report as
+    /// `apply`.
+    Run {
+        /// What to achieve.
+        #[arg(long)]
+        goal: String,
+        /// Set another input of the `goal` workflow: `--var test_command="cargo test"`.
+        #[arg(long = "var", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
+        /// Rehearse against the scripted model server (no key, no tokens).
+        #[arg(long)]
+        rehearse: bool,
+        #[command(flatten)]
+        run: RunArgs,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -382,6 +413,17 @@ fn main() -> ExitCode {
             turn_delay_ms,
         } => model_server(script.as_deref(), turn_delay_ms),
         Command::Doctor => doctor(),
+        Command::Templates => templates::list(),
+        Command::Init { template, force } => {
+            templates::init(std::path::Path::new("."), template.as_deref(), force)
+        }
+        Command::Run {
+            goal,
+            vars,
+            rehearse,
+            run,
+            state,
+        } => run_goal(goal, vars, rehearse, run, state),
         Command::Schema => {
             print(&ccluster_engine::schema::clusterfile_schema());
             exit::SUCCESS
@@ -403,6 +445,57 @@ fn main() -> ExitCode {
         }
     }
     ExitCode::from(code)
+}
+
+/// `run --goal`: the built-in `goal` workflow, compiled from the text inside the binary, applied
+/// in the current directory. Its text is kept with the run, so `retry` works as for any run.
+fn run_goal(goal: String, vars: Vec<String>, rehearse: bool, run: RunArgs, state: StateArgs) -> u8 {
+    let Some(builtin) = ccluster_engine::library::find("goal") else {
+        eprintln!("error: the built-in goal workflow is missing");
+        return exit::TASK_FAILED;
+    };
+    let mut args = InputArgs::default();
+    if let Err(e) = args.push_pair(&format!("goal={goal}")) {
+        eprintln!("error: {e}");
+        return exit::INVALID_INPUT;
+    }
+    for pair in &vars {
+        if let Err(e) = args.push_pair(pair) {
+            eprintln!("error: {e}");
+            return exit::INVALID_INPUT;
+        }
+    }
+    let name = "builtin:goal";
+    let source = SourceFile::new(name, builtin.text);
+    let compiled = match ccluster_engine::compile(
+        &source,
+        ccluster_engine::syntax::Format::Toml,
+        std::path::Path::new("."),
+        &args,
+        Stage::Plan,
+    ) {
+        Ok(c) => c,
+        Err(diagnostics) => {
+            eprint!("{}", human(&diagnostics, &source));
+            return exit::INVALID_INPUT;
+        }
+    };
+    let clusterfile = std::path::PathBuf::from(name);
+    runs::apply(
+        &compiled,
+        runs::ApplyArgs {
+            clusterfile: &clusterfile,
+            source: builtin.text,
+            rerun: Vec::new(),
+            state_dir: state.dir(Some(std::path::Path::new("clusterfile.toml"))),
+            jobs: run.jobs(),
+            fresh: false,
+            grace: run.grace_period,
+            output: run.output,
+            keep_going: run.keep_going,
+            rehearse: rehearse.then(ccluster_engine::scripted::Script::default),
+        },
+    )
 }
 
 fn doctor() -> u8 {

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod compile;
 pub mod diagnostic;
+pub mod library;
 pub mod model;
 pub mod plan;
 pub mod render;

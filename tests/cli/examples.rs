@@ -41,10 +41,25 @@ fn plans_of_shipped_workflows() {
             .trim_start_matches("workflows/")
             .trim_end_matches(".toml")
             .to_string();
-        let text = ccluster(&["plan", &file]);
+        // Templates with required parameters are planned with example values.
+        let vars: &[&str] = match name.as_str() {
+            "goal" => &["--var", "goal=Add a changelog"],
+            "map-files" => &[
+                "--var",
+                "glob=src/*.rs",
+                "--var",
+                "instruction=Add a header",
+            ],
+            "docs" => &["--var", r#"modules=["src/a.rs", "src/b.rs"]"#],
+            _ => &[],
+        };
+        let mut args = vec!["plan", file.as_str()];
+        args.extend_from_slice(vars);
+        let text = ccluster(&args);
         assert_eq!(text.code, 0, "{}", text.stderr);
         insta::assert_snapshot!(format!("plan-text-{name}"), text.stdout);
-        let json = ccluster(&["plan", "--format", "json", &file]);
+        args.extend_from_slice(&["--format", "json"]);
+        let json = ccluster(&args);
         assert_eq!(json.code, 0, "{}", json.stderr);
         insta::assert_snapshot!(format!("plan-json-{name}"), json.stdout);
     }

@@ -6,6 +6,7 @@ mod apply;
 mod crash;
 mod examples;
 mod invalid;
+mod library;
 mod schema;
 mod support;
 mod workspaces;

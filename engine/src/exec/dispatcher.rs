@@ -1255,6 +1255,10 @@ impl Dispatcher<'_> {
                 );
                 self.nodes[node].session = Some((session, dir));
                 self.nodes[node].resumed = resume.is_some();
+                if resume.is_none() {
+                    // A new session: nothing of it has been counted yet.
+                    self.nodes[node].session_cost = 0.0;
+                }
                 (Some(s), OutputMode::Text, None)
             }
         };
@@ -1352,6 +1356,19 @@ impl Dispatcher<'_> {
         let attempt = self.nodes[node].record.attempts;
         if let Some(record) = &result.artifacts {
             self.store.put_artifacts(&self.run.id, &plan.id, record)?;
+        }
+        // A copied `claude login` credential does not outlive the attempt, whether its worker (or
+        // its merge's resolver) ran or not.
+        let workers = self
+            .store
+            .dir()
+            .join("runs")
+            .join(&self.run.id)
+            .join("workers");
+        let file_name = format!("{}.{attempt}", node_file_name(&plan.id));
+        for dir in [file_name.clone(), format!("{file_name}.resolve")] {
+            let _ =
+                std::fs::remove_file(workers.join(dir).join("config").join(".credentials.json"));
         }
         let mut usage = result.usage.clone();
         if let Some(u) = usage.as_mut() {

@@ -364,15 +364,7 @@ async fn run_command(
         transcript
     };
     let (process, transcript) = tokio::join!(process, read);
-    // A copied `claude login` credential does not outlive the worker.
-    if let Some(config) = job.process.as_ref().and_then(|p| {
-        p.env
-            .iter()
-            .find(|(k, _)| k == "CLAUDE_CONFIG_DIR")
-            .map(|(_, v)| std::path::PathBuf::from(v))
-    }) {
-        let _ = std::fs::remove_file(config.join(".credentials.json"));
-    }
+
     result.usage = transcript.usage();
     match process.end {
         // ccluster's own verdicts stand: its watchdog, a cancel, a failed start.

@@ -126,8 +126,8 @@ impl TaskScript {
                 .find(|t| t["name"] == "StructuredOutput")
                 .map(|t| t["input_schema"].clone())
         });
-        match k {
-            0 => {
+        match (k, schema) {
+            (0, _) => {
                 let note = format!(
                     "# Rehearsal of `{node}`\n\nThe prompt this task was given:\n\n{prompt}\n"
                 );
@@ -147,18 +147,18 @@ impl TaskScript {
                     tools,
                 }
             }
-            1 => match schema {
-                Some(schema) => Turn {
-                    text: None,
-                    tools: vec![ToolCall {
-                        name: "StructuredOutput".into(),
-                        input: self.output.clone().unwrap_or_else(|| example_of(&schema)),
-                    }],
-                },
-                None => Turn {
-                    text: Some(format!("Rehearsal of `{node}`: done.")),
-                    tools: Vec::new(),
-                },
+            // Every later turn answers with the structured output when one is asked for (the CLI
+            // insists until it gets it).
+            (_, Some(schema)) => Turn {
+                text: None,
+                tools: vec![ToolCall {
+                    name: "StructuredOutput".into(),
+                    input: self.output.clone().unwrap_or_else(|| example_of(&schema)),
+                }],
+            },
+            (1, None) => Turn {
+                text: Some(format!("Rehearsal of `{node}`: done.")),
+                tools: Vec::new(),
             },
             _ => Turn {
                 text: Some("Done.".into()),
@@ -204,6 +204,12 @@ impl Turn {
 /// A value that satisfies a JSON Schema in the common cases (types, properties, `required`,
 /// `items`, `enum`, `const`, bounds, `minItems`, `anyOf`/`oneOf`): every property filled in.
 pub fn example_of(schema: &Value) -> Value {
+    example_at(schema, 0)
+}
+
+/// The `i`-th example: free strings get a `-<i+1>` suffix, so the items of an example list differ
+/// (values from `enum` or `const` never change).
+fn example_at(schema: &Value, i: usize) -> Value {
     if let Some(c) = schema.get("const") {
         return c.clone();
     }
@@ -212,7 +218,7 @@ pub fn example_of(schema: &Value) -> Value {
     }
     for key in ["anyOf", "oneOf", "allOf"] {
         if let Some(first) = schema[key].as_array().and_then(|e| e.first()) {
-            return example_of(first);
+            return example_at(first, i);
         }
     }
     let ty = match &schema["type"] {
@@ -230,21 +236,24 @@ pub fn example_of(schema: &Value) -> Value {
             let mut out = serde_json::Map::new();
             if let Some(props) = schema["properties"].as_object() {
                 for (k, v) in props {
-                    out.insert(k.clone(), example_of(v));
+                    out.insert(k.clone(), example_at(v, i));
                 }
             }
             Value::Object(out)
         }
         "array" => {
             // Three items unless the schema says otherwise: a rehearsed fan-out shows its width.
-            let n = schema["minItems"].as_u64().unwrap_or(3).max(1) as usize;
+            let n = schema["minItems"].as_u64().unwrap_or(0).max(3) as usize;
             let n = schema["maxItems"].as_u64().map_or(n, |m| n.min(m as usize));
-            let item = example_of(&schema["items"]);
-            Value::Array((0..n).map(|i| vary(&item, i)).collect())
+            Value::Array((0..n).map(|j| example_at(&schema["items"], j)).collect())
         }
         "string" => {
             let min = schema["minLength"].as_u64().unwrap_or(0) as usize;
-            let mut s = String::from("rehearsal");
+            let mut s = if i == 0 {
+                String::from("rehearsal")
+            } else {
+                format!("rehearsal-{}", i + 1)
+            };
             while s.len() < min {
                 s.push('x');
             }
@@ -254,15 +263,6 @@ pub fn example_of(schema: &Value) -> Value {
         "number" => json!(schema["minimum"].as_f64().unwrap_or(1.0)),
         "boolean" => Value::Bool(true),
         _ => Value::Null,
-    }
-}
-
-/// Items of an example list differ, so a map over them gets distinct instances.
-fn vary(item: &Value, i: usize) -> Value {
-    match item {
-        Value::String(s) if i > 0 => Value::String(format!("{s}-{}", i + 1)),
-        Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), vary(v, i))).collect()),
-        other => other.clone(),
     }
 }
 

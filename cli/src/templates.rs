@@ -1,0 +1,110 @@
+//! The shipped workflows from the command line: `templates` lists them, `init` starts a
+//! clusterfile from one.
+
+use std::io::Write;
+use std::path::Path;
+
+use ccluster_engine::library::{self, BUILTINS};
+
+use crate::exit;
+
+pub fn list() -> u8 {
+    let mut out = std::io::stdout().lock();
+    for b in BUILTINS {
+        let s = b.summary();
+        let _ = writeln!(out, "{:<17} {}", b.name, s.description);
+        for (name, decl) in &s.inputs {
+            let value = match (&decl.default, decl.required) {
+                (Some(d), _) => format!("default {d}"),
+                (None, true) => "required".to_string(),
+                (None, false) => "optional".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "{:<17}   --var {name}=<{}>  {value}{}",
+                "",
+                decl.ty.name(),
+                decl.description
+                    .as_deref()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nStart from one: `ccluster init --template NAME`; the goal driver: `ccluster run --goal \"...\"`."
+    );
+    exit::SUCCESS
+}
+
+/// A minimal clusterfile: one shell task, commented, to grow from.
+const MINIMAL: &str = r#"# A clusterfile: tasks (agent sessions, shell commands, merges) and what each needs.
+# Reference: docs/clusterfile.md. Editor support: `ccluster schema > clusterfile.schema.json`.
+version = 1
+
+[workflow]
+name = "my-workflow"
+
+[tasks.hello]
+run = "echo hello from ccluster"
+
+# An agent task works in a git worktree of its own and leaves a branch:
+# [tasks.readme]
+# prompt = "Improve the README's first paragraph."
+"#;
+
+pub fn init(dir: &Path, template: Option<&str>, force: bool) -> u8 {
+    let text = match template {
+        None => MINIMAL.to_string(),
+        Some(name) => match library::find(name) {
+            Some(b) => b.as_user_file(),
+            None => {
+                eprintln!("error: no built-in template `{name}`");
+                eprintln!(
+                    "  help: `ccluster templates` lists them: {}",
+                    BUILTINS
+                        .iter()
+                        .map(|b| b.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                return exit::INVALID_INPUT;
+            }
+        },
+    };
+    let path = dir.join("clusterfile.toml");
+    if path.exists() && !force {
+        eprintln!("error: {} exists already", path.display());
+        eprintln!("  help: pass --force to replace it");
+        return exit::INVALID_INPUT;
+    }
+    if let Err(e) = std::fs::write(&path, text) {
+        eprintln!("error: cannot write {}: {e}", path.display());
+        return exit::INVALID_INPUT;
+    }
+    // Run state never belongs in the repository.
+    let ignore = dir.join(".gitignore");
+    let current = std::fs::read_to_string(&ignore).unwrap_or_default();
+    if !current
+        .lines()
+        .any(|l| l.trim() == ".ccluster/" || l.trim() == ".ccluster")
+    {
+        let mut text = current.clone();
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(".ccluster/\n");
+        if let Err(e) = std::fs::write(&ignore, text) {
+            eprintln!("error: cannot write {}: {e}", ignore.display());
+            return exit::INVALID_INPUT;
+        }
+    }
+    println!("wrote {} (and .ccluster/ in .gitignore)", path.display());
+    println!("next:");
+    println!("  ccluster validate            # check it");
+    println!("  ccluster plan                # see the tasks it makes");
+    println!("  ccluster apply --rehearse    # run it against the scripted model: free, no key");
+    println!("  ccluster apply               # run it for real");
+    exit::SUCCESS
+}
