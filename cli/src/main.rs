@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use ccluster_engine::model::compose::FileLoader;
 use ccluster_engine::model::workflow::mask;
 use ccluster_engine::plan::{self, InputArgs};
-use ccluster_engine::{compile_file, render, Diagnostic, SourceFile, Stage};
+use ccluster_engine::{compile_file_with, render, Diagnostic, SourceFile, Stage};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod live;
@@ -175,6 +176,11 @@ enum Command {
     },
     /// List the built-in workflow templates with their descriptions and parameters.
     Templates,
+    /// Resolve the refs of `git+` templates again and pin the new commits in clusterfile.lock.
+    Update {
+        #[command(flatten)]
+        file: FileArgs,
+    },
     /// Write a commented clusterfile.toml here (from a built-in template, or a minimal one) and add
     /// `.ccluster/` to .gitignore.
     Init {
@@ -322,8 +328,8 @@ fn main() -> ExitCode {
             script,
             run,
             state,
-        } => match compile(&file, Stage::Plan, DiagnosticFormat::Human) {
-            Ok((source, compiled)) => {
+        } => match compile_recording(&file, Stage::Plan, DiagnosticFormat::Human, false) {
+            Ok((source, compiled, templates)) => {
                 let rehearse = match (rehearse, script) {
                     (false, _) => None,
                     (true, None) => Some(ccluster_engine::scripted::Script::default()),
@@ -351,6 +357,7 @@ fn main() -> ExitCode {
                         output: run.output,
                         keep_going: run.keep_going,
                         rehearse,
+                        templates,
                     },
                 )
             }
@@ -414,6 +421,20 @@ fn main() -> ExitCode {
         } => model_server(script.as_deref(), turn_delay_ms),
         Command::Doctor => doctor(),
         Command::Templates => templates::list(),
+        Command::Update { file } => {
+            match compile_recording(&file, Stage::Validate, DiagnosticFormat::Human, true) {
+                Ok((_, _, used)) => {
+                    let git: Vec<&String> = used.keys().filter(|k| k.starts_with("git+")).collect();
+                    println!(
+                        "{} git template{} resolved and pinned",
+                        git.len(),
+                        if git.len() == 1 { "" } else { "s" }
+                    );
+                    exit::SUCCESS
+                }
+                Err(code) => code,
+            }
+        }
         Command::Init { template, force } => {
             templates::init(std::path::Path::new("."), template.as_deref(), force)
         }
@@ -494,6 +515,7 @@ fn run_goal(goal: String, vars: Vec<String>, rehearse: bool, run: RunArgs, state
             output: run.output,
             keep_going: run.keep_going,
             rehearse: rehearse.then(ccluster_engine::scripted::Script::default),
+            templates: Default::default(),
         },
     )
 }
@@ -626,31 +648,92 @@ fn input_args(file: &FileArgs) -> Result<InputArgs, String> {
 }
 
 /// Compiles, printing diagnostics; returns the compilation when it has no errors.
+/// The template loader of a clusterfile: `git+` templates are fetched into the state directory
+/// and pinned in `clusterfile.lock` beside the clusterfile.
+fn loader_for(clusterfile: &std::path::Path, refresh: bool) -> Result<FileLoader, u8> {
+    let dir = clusterfile
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let lock = FileLoader::read_lock(&dir.join("clusterfile.lock")).map_err(|e| {
+        eprintln!("error: {e}");
+        exit::INVALID_INPUT
+    })?;
+    let state = std::env::var_os("CCLUSTER_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ccluster_engine::exec::default_state_dir(clusterfile));
+    Ok(FileLoader {
+        cache: Some(state.join("templates")),
+        lock,
+        refresh,
+        ..FileLoader::default()
+    })
+}
+
+/// Writes `clusterfile.lock` when resolving `git+` templates pinned something new.
+fn save_lock(clusterfile: &std::path::Path, loader: &FileLoader) -> Result<(), u8> {
+    if !loader.lock_changed {
+        return Ok(());
+    }
+    let dir = clusterfile
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let path = dir.join("clusterfile.lock");
+    loader.write_lock(&path).map_err(|e| {
+        eprintln!("error: cannot write {}: {e}", path.display());
+        exit::INVALID_INPUT
+    })?;
+    eprintln!("pinned git templates in {}", path.display());
+    Ok(())
+}
+
 fn compile(
     file: &FileArgs,
     stage: Stage,
     format: DiagnosticFormat,
 ) -> Result<(SourceFile, ccluster_engine::Compiled), u8> {
+    compile_recording(file, stage, format, false).map(|(s, c, _)| (s, c))
+}
+
+/// Compiles, and returns the texts of the templates it used (for the run record). `refresh`
+/// resolves `git+` refs again (`ccluster update`).
+fn compile_recording(
+    file: &FileArgs,
+    stage: Stage,
+    format: DiagnosticFormat,
+    refresh: bool,
+) -> Result<
+    (
+        SourceFile,
+        ccluster_engine::Compiled,
+        std::collections::BTreeMap<String, String>,
+    ),
+    u8,
+> {
     let args = input_args(file).map_err(|e| {
         eprintln!("error: {e}");
         exit::INVALID_INPUT
     })?;
     let name = file.file.display().to_string();
-    let (source, result) = compile_file(&file.file, &name, &args, stage).map_err(|e| {
-        eprintln!("error: cannot read `{name}`: {e}");
-        if e.kind() == std::io::ErrorKind::NotFound {
-            eprintln!(
+    let mut loader = loader_for(&file.file, refresh)?;
+    let (source, result) = compile_file_with(&file.file, &name, &args, stage, &mut loader)
+        .map_err(|e| {
+            eprintln!("error: cannot read `{name}`: {e}");
+            if e.kind() == std::io::ErrorKind::NotFound {
+                eprintln!(
                 "  help: run it in a directory with a clusterfile.toml, or pass the file's path"
             );
-        }
-        exit::INVALID_INPUT
-    })?;
+            }
+            exit::INVALID_INPUT
+        })?;
+    save_lock(&file.file, &loader)?;
     match result {
         Ok(compiled) => {
             if format == DiagnosticFormat::Human {
                 eprint!("{}", human(&compiled.warnings, &source));
             }
-            Ok((source, compiled))
+            Ok((source, compiled, loader.served))
         }
         Err(diagnostics) => {
             match format {

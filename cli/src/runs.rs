@@ -157,6 +157,8 @@ pub struct ApplyArgs<'a> {
     /// `--rehearse`: agents answer from the scripted model server (with this script).
     pub rehearse: Option<ccluster_engine::scripted::Script>,
     pub keep_going: bool,
+    /// The texts of the templates the clusterfile used, kept with the run.
+    pub templates: std::collections::BTreeMap<String, String>,
 }
 
 pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
@@ -191,6 +193,7 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         rerun: args.rerun,
         rehearse,
         keep_going: args.keep_going,
+        templates: args.templates.clone(),
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -786,12 +789,18 @@ pub fn retry(dir: &Path, args: RetryArgs<'_>) -> u8 {
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let format = ccluster_engine::syntax::Format::from_path(&clusterfile);
-    let compiled = match ccluster_engine::compile(
+    // The templates as the run had them, never newer ones.
+    let mut loader = ccluster_engine::model::compose::FileLoader {
+        replay: Some(run.templates.clone()),
+        ..Default::default()
+    };
+    let compiled = match ccluster_engine::compile_with(
         &source,
         format,
         &base_dir,
         &inputs,
         ccluster_engine::Stage::Plan,
+        &mut loader,
     ) {
         Ok(c) => c,
         Err(diagnostics) => {
@@ -835,6 +844,7 @@ pub fn retry(dir: &Path, args: RetryArgs<'_>) -> u8 {
                 .rehearsed
                 .then(ccluster_engine::scripted::Script::default),
             keep_going: args.keep_going,
+            templates: run.templates.clone(),
         },
     )
 }

@@ -35,6 +35,25 @@ pub fn compile(
     args: &InputArgs,
     stage: Stage,
 ) -> Result<Compiled, Vec<Diagnostic>> {
+    compile_with(
+        source,
+        format,
+        base_dir,
+        args,
+        stage,
+        &mut crate::model::compose::FileLoader::default(),
+    )
+}
+
+/// [`compile`], with templates (`use = ...`) found by `loader`.
+pub fn compile_with(
+    source: &SourceFile,
+    format: Format,
+    base_dir: &Path,
+    args: &InputArgs,
+    stage: Stage,
+    loader: &mut dyn crate::model::compose::Loader,
+) -> Result<Compiled, Vec<Diagnostic>> {
     let (tree, syntax_errors) = syntax::parse(&source.text, format);
     // After a syntax error, the recovered tree holds placeholders: checking it would only add
     // follow-on errors that point at the wrong places. Report the syntax errors alone.
@@ -45,7 +64,16 @@ pub fn compile(
     let has_errors = |diags: &[Diagnostic]| diags.iter().any(Diagnostic::is_error);
 
     let mut diags = Vec::new();
-    let raw = decode::decode(&tree, &mut diags);
+    let mut raw = decode::decode(&tree, &mut diags);
+    crate::model::compose::expand(
+        &mut raw,
+        None,
+        base_dir,
+        loader,
+        &mut vec![source.name.clone()],
+        None,
+        &mut diags,
+    );
     let workflow = workflow::resolve(&raw, &source.text, base_dir, &mut diags);
     if has_errors(&diags) {
         return Err(in_report_order(diags));
@@ -69,10 +97,34 @@ pub fn compile_file(
     args: &InputArgs,
     stage: Stage,
 ) -> std::io::Result<(SourceFile, Result<Compiled, Vec<Diagnostic>>)> {
+    compile_file_with(
+        path,
+        display_name,
+        args,
+        stage,
+        &mut crate::model::compose::FileLoader::default(),
+    )
+}
+
+/// [`compile_file`], with templates found by `loader`.
+pub fn compile_file_with(
+    path: &Path,
+    display_name: &str,
+    args: &InputArgs,
+    stage: Stage,
+    loader: &mut dyn crate::model::compose::Loader,
+) -> std::io::Result<(SourceFile, Result<Compiled, Vec<Diagnostic>>)> {
     let text = std::fs::read_to_string(path)?;
     let source = SourceFile::new(display_name, text);
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let result = compile(&source, Format::from_path(path), &base_dir, args, stage);
+    let result = compile_with(
+        &source,
+        Format::from_path(path),
+        &base_dir,
+        args,
+        stage,
+        loader,
+    );
     Ok((source, result))
 }
 

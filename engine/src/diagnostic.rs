@@ -72,6 +72,9 @@ pub struct Diagnostic {
     pub label: String,
     pub notes: Vec<Note>,
     pub help: Option<String>,
+    /// The file the span points into, when it is not the clusterfile being compiled (a template
+    /// it uses).
+    pub file: Option<SourceFile>,
 }
 
 impl Diagnostic {
@@ -85,6 +88,7 @@ impl Diagnostic {
             label: String::new(),
             notes: Vec::new(),
             help: None,
+            file: None,
         }
     }
 
@@ -114,13 +118,19 @@ impl Diagnostic {
         self
     }
 
+    /// Marks the diagnostic as being about `file` (a template), unless it already names one.
+    pub fn in_file(mut self, file: &SourceFile) -> Self {
+        self.file.get_or_insert_with(|| file.clone());
+        self
+    }
+
     pub fn is_error(&self) -> bool {
         self.severity == Severity::Error
     }
 }
 
 /// The text of a clusterfile and the name it is shown under.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SourceFile {
     pub name: String,
     pub text: Arc<str>,

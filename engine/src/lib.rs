@@ -13,7 +13,7 @@ pub mod schema;
 pub mod scripted;
 pub mod syntax;
 
-pub use compile::{compile, compile_file, Compiled, Stage};
+pub use compile::{compile, compile_file, compile_file_with, compile_with, Compiled, Stage};
 pub use diagnostic::{Diagnostic, SourceFile};
 pub mod exec;
 pub mod store;

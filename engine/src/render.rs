@@ -19,7 +19,7 @@ pub fn human(diagnostics: &[Diagnostic], source: &SourceFile, color: bool) -> St
         .with_links(false);
     let mut out = String::new();
     for d in diagnostics {
-        let report = Report::new(d, source);
+        let report = Report::new(d, d.file.as_ref().unwrap_or(source));
         let kind = match d.severity {
             Severity::Error => "error",
             Severity::Warning => "warning",
@@ -53,7 +53,8 @@ pub fn human(diagnostics: &[Diagnostic], source: &SourceFile, color: bool) -> St
 pub fn json(diagnostics: &[Diagnostic], source: &SourceFile) -> String {
     let items: Vec<serde_json::Value> = diagnostics
         .iter()
-        .map(|d| {
+                .map(|d| {
+            let source = d.file.as_ref().unwrap_or(source);
             let (line, column) = d.span.map(|s| source.line_col(s.start)).map_or((None, None), |(l, c)| (Some(l), Some(c)));
             serde_json::json!({
                 "severity": match d.severity { Severity::Error => "error", Severity::Warning => "warning" },

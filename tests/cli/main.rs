@@ -3,6 +3,7 @@
 
 mod agents;
 mod apply;
+mod compose;
 mod crash;
 mod examples;
 mod invalid;

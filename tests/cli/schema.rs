@@ -83,9 +83,11 @@ fn schema_paths(schema: &Value, node: &Value, prefix: &str, out: &mut BTreeSet<S
 fn document_paths(doc: &Value, prefix: &str, out: &mut BTreeSet<String>, free_form: &[&str]) {
     if let Value::Object(map) = doc {
         for (k, v) in map {
-            let is_map = ["inputs", "runners", "tasks", "vars", "env", "files"]
-                .iter()
-                .any(|m| prefix.ends_with(&format!("{m}.")) || prefix == format!("{m}."));
+            let is_map = [
+                "inputs", "runners", "tasks", "vars", "env", "files", "with", "outputs",
+            ]
+            .iter()
+            .any(|m| prefix.ends_with(&format!("{m}.")) || prefix == format!("{m}."));
             let key = if is_map { "*" } else { k.as_str() };
             let path = format!("{prefix}{key}");
             out.insert(path.clone());

@@ -81,8 +81,32 @@ impl RunScope {
         JinjaValue::from(tasks)
     }
 
-    /// The context of one node at one attempt.
+    /// The context of one node at one attempt. A template's task sees its instance's inputs and
+    /// vars, and its fellow tasks without their `<prefix>.`.
     pub fn context(&self, node: &PlannedTask, tasks: &JinjaValue, attempt: u32) -> JinjaValue {
+        if let Some(scope) = &node.scope {
+            let prefix = format!("{}.", scope.prefix);
+            let mut own: BTreeMap<String, JinjaValue> = BTreeMap::new();
+            if let Ok(keys) = tasks.try_iter() {
+                for key in keys {
+                    let Some(name) = key.as_str() else { continue };
+                    if let Some(rest) = name.strip_prefix(&prefix) {
+                        if let Ok(v) = tasks.get_item(&key) {
+                            own.insert(rest.to_string(), v);
+                        }
+                    }
+                }
+            }
+            return context! {
+                tasks => JinjaValue::from(own),
+                item => node.item.as_ref().map(JinjaValue::from_serialize),
+                index => node.index,
+                attempt => attempt,
+                inputs => JinjaValue::from_serialize(&scope.inputs),
+                vars => JinjaValue::from_serialize(&scope.vars),
+                ..self.base.clone()
+            };
+        }
         context! {
             tasks => tasks.clone(),
             item => node.item.as_ref().map(JinjaValue::from_serialize),
@@ -101,6 +125,21 @@ impl RunScope {
                 .map_err(|e| describe(&e)),
             (None, None) => Err("needs a run-time context".into()),
         }
+    }
+
+    /// A value of a template's `[outputs]`: `"{{ expr }}"` alone keeps the expression's type (an
+    /// object stays an object); any other text renders to a string.
+    pub fn value(&self, text: &Text, ctx: &JinjaValue) -> Result<Value, String> {
+        let t = text.template.trim();
+        if t.starts_with("{{") && t.ends_with("}}") && t.matches("{{").count() == 1 {
+            let expr = self
+                .env
+                .compile_expression(t[2..t.len() - 2].trim())
+                .map_err(|e| describe(&e))?;
+            let v = expr.eval(ctx).map_err(|e| describe(&e))?;
+            return serde_json::to_value(&v).map_err(|e| e.to_string());
+        }
+        self.text(text, Some(ctx)).map(Value::String)
     }
 
     /// Renders what a shell node runs at this attempt.
@@ -125,7 +164,7 @@ impl RunScope {
                 env: self.env_vars(env, ctx)?,
                 workdir: None,
             }),
-            PlannedAction::Merge { .. } => Ok(Rendered {
+            PlannedAction::Merge { .. } | PlannedAction::Outputs { .. } => Ok(Rendered {
                 command: String::new(),
                 env: Vec::new(),
                 workdir: None,
@@ -218,6 +257,9 @@ pub fn key_parts(
             output_schema,
             ..
         } => serde_json::json!({ "settings": settings, "output_schema": output_schema }),
+        PlannedAction::Outputs { values, result } => {
+            serde_json::json!({ "outputs": values, "result": result })
+        }
         PlannedAction::Merge {
             strategy,
             on_conflict,

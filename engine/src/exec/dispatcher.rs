@@ -55,6 +55,8 @@ pub struct ApplyOptions {
     pub rehearse: Option<crate::scripted::Script>,
     /// A failed task does not stop the run: only what depends on it is not run (`make -k`).
     pub keep_going: bool,
+    /// The texts of the templates the clusterfile used, kept with the run.
+    pub templates: std::collections::BTreeMap<String, String>,
 }
 
 /// How a run ended.
@@ -336,6 +338,7 @@ pub async fn apply(
         result: compiled.workflow.result.as_ref().map(|r| r.to_string()),
         keep_failed: compiled.workflow.keep_failed,
         rehearsed: opts.rehearse.is_some(),
+        templates: opts.templates.clone(),
     };
     let logs = store.dir().join("runs").join(&run.id).join("logs");
     std::fs::create_dir_all(&logs).map_err(|source| ApplyError::Io {
@@ -438,7 +441,11 @@ impl Dispatcher<'_> {
                 max_parallel: task.max_parallel,
                 on_item_failure: task.on_item_failure,
                 min_success: task.min_success,
-                is_merge: matches!(task.action, crate::model::Action::Merge { .. }),
+                // A template instance waits like a merge: it runs unless all it needs was skipped.
+                is_merge: matches!(
+                    task.action,
+                    crate::model::Action::Merge { .. } | crate::model::Action::Outputs { .. }
+                ),
                 has_workspace: task.has_workspace(),
                 depth: 0,
                 template,
@@ -994,6 +1001,53 @@ impl Dispatcher<'_> {
             self.succeeded(node)?;
             return Ok(None);
         }
+        if let PlannedAction::Outputs { values, result } = &plan.action {
+            // A template instance: its outputs from its tasks' results; its result's commit.
+            let ctx = self.scope.context(&plan, &tasks, attempt);
+            let mut out = serde_json::Map::new();
+            for (k, v) in values {
+                match self.scope.value(v, &ctx) {
+                    Ok(value) => {
+                        out.insert(k.clone(), value);
+                    }
+                    Err(e) => {
+                        self.fail_without_attempt(
+                            node,
+                            format!("cannot render output `{k}`: {e}"),
+                        )?;
+                        return Ok(None);
+                    }
+                }
+            }
+            let commit = result.as_ref().and_then(|r| {
+                self.nodes
+                    .iter()
+                    .find(|n| n.plan.id == *r)
+                    .and_then(|n| n.record.commit.clone())
+            });
+            if let Some(c) = &commit {
+                let branch = self.branch_of(&plan.id);
+                self.cached_refs
+                    .push((format!("refs/heads/{branch}"), c.clone()));
+            }
+            let now = now_ms();
+            let n = &mut self.nodes[node];
+            n.record.attempts = attempt;
+            n.record.started_ms = Some(now);
+            n.record.finished_ms = Some(now);
+            n.record.state = TaskState::Succeeded;
+            n.record.output = Some(Value::Object(out));
+            n.record.commit = commit;
+            self.events.push(Event::TaskSucceeded {
+                run: self.run.id.clone(),
+                task: plan.id.clone(),
+                attempt,
+                duration_ms: 0,
+                time_ms: now,
+            });
+            self.succeeded(node)?;
+            return Ok(None);
+        }
         let is_agent = matches!(plan.action, PlannedAction::Agent { .. });
         if let (true, Some(max)) = (is_agent, self.max_run_usd) {
             if self.spent_usd >= max {
@@ -1135,6 +1189,7 @@ impl Dispatcher<'_> {
             PlannedAction::Shell { output, .. } => {
                 (Some(spec(rendered.command.clone(), "", cwd)), *output, None)
             }
+            PlannedAction::Outputs { .. } => (None, OutputMode::Text, None),
             PlannedAction::Merge {
                 agent: Some(settings),
                 ..
@@ -1833,6 +1888,7 @@ fn any_text(plan: &PlannedTask, test: impl Fn(&crate::plan::Text) -> bool) -> bo
         } => test(run) || env.values().any(&test) || workdir.as_ref().is_some_and(&test),
         PlannedAction::Agent { prompt, env, .. } => test(prompt) || env.values().any(&test),
         PlannedAction::Merge { .. } => false,
+        PlannedAction::Outputs { values, .. } => values.values().any(&test),
     }
 }
 

@@ -97,7 +97,7 @@ pub fn explain(
             known[t] = Some(Known::WillRun);
             continue;
         }
-        let is_merge = matches!(task.action, Action::Merge { .. });
+        let is_merge = matches!(task.action, Action::Merge { .. } | Action::Outputs { .. });
         let skipped: Vec<usize> = needs
             .iter()
             .copied()

@@ -394,6 +394,9 @@ impl Decoder<'_> {
         if let Some(n) = t.get("tasks") {
             raw.tasks = self.named_tables(n, "tasks", |d, key, node| d.task(key, node));
         }
+        if let Some(n) = t.get("outputs") {
+            raw.outputs = self.string_map(n, "outputs");
+        }
         self.finish(t);
         raw
     }
@@ -740,6 +743,19 @@ impl Decoder<'_> {
         }
         if let Some(n) = t.get("touches") {
             task.touches = self.string_list(n, "touches");
+        }
+        if let Some(n) = t.get("use") {
+            task.use_ = self.string(n, "use");
+        }
+        if let Some(n) = t.get("with") {
+            task.with_span = Some(n.span);
+            if let Some(with) = self.table(n, "with", format!("{what} `with`")) {
+                for (k, v) in with.entries {
+                    task.with
+                        .entry(k.name.clone())
+                        .or_insert(Spanned::new(self.json(v, &k.name), v.span));
+                }
+            }
         }
         if let Some(n) = t.get("rehearsal") {
             let value = self.json(n, "rehearsal");

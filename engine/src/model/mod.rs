@@ -1,5 +1,6 @@
 //! The clusterfile model: raw (as written, with spans) → validated [`Workflow`].
 
+pub mod compose;
 pub mod decode;
 pub mod raw;
 pub mod spanned;

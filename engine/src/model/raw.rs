@@ -39,6 +39,10 @@ pub struct RawClusterfile {
     /// The tasks, by id. An id is letters, digits, `_` and `-`, starting with a letter or `_`.
     #[serde(default)]
     pub tasks: IndexMap<String, RawTask>,
+    /// When this workflow is used as a template: what the using task outputs, by name, as
+    /// templates over this workflow's tasks (`result = "{{ tasks.merge.output.branch }}"`).
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub outputs: IndexMap<String, Spanned<String>>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, JsonSchema)]
@@ -580,6 +584,24 @@ pub struct RawTask {
     /// Paths or globs (templates) the task is told to change: `plan` warns when instances of a
     /// fan-out overlap, since their merge may conflict.
     pub touches: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Embed a workflow template here: `./path.toml`, `builtin:<name>`, or
+    /// `git+<url>#<ref>:<path>`. Its tasks run as `<id>.<task>`; tasks that need this one wait for
+    /// all of them, and its `[outputs]` are this task's output.
+    #[serde(rename = "use")]
+    pub use_: Option<Spanned<String>>,
+    /// The template's parameters (its `[inputs]`): values, or templates over this workflow's
+    /// inputs and vars.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    #[schemars(with = "IndexMap<String, serde_json::Value>")]
+    pub with: IndexMap<String, Spanned<serde_json::Value>>,
+    /// Where an embedded task came from (set when a template is expanded).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub origin: Option<std::sync::Arc<crate::model::compose::Origin>>,
+    /// The `with` key was written.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub with_span: Option<Span>,
     /// Agent tasks: what the scripted model does under `apply --rehearse` (`output`, `files`,
     /// `turns`, `faults`).
     #[schemars(with = "Option<crate::scripted::TaskScript>")]
@@ -594,4 +616,8 @@ pub struct RawTask {
     #[serde(skip)]
     #[schemars(skip)]
     pub map_given: bool,
+    /// Set for the task that stands for a template instance: its outputs.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub outputs_of: Option<crate::model::compose::OutputsOf>,
 }

@@ -205,6 +205,11 @@ pub enum Action {
         workdir: Option<Template>,
         output: OutputMode,
     },
+    /// A template instance as a whole: its outputs, and the branch of its result.
+    Outputs {
+        values: IndexMap<String, Template>,
+        result: Option<TaskId>,
+    },
     Merge {
         strategy: MergeStrategy,
         on_conflict: OnConflict,
@@ -251,6 +256,8 @@ pub struct Task {
     /// Paths the task is told to change (templates), and where they were written.
     pub touches: Vec<Template>,
     pub touches_span: Option<Span>,
+    /// For a template's task: where it comes from and how its inputs are bound.
+    pub scope: Option<std::sync::Arc<super::compose::Origin>>,
     /// What the scripted model does for this task under `apply --rehearse`.
     pub rehearsal: Option<crate::scripted::TaskScript>,
 }
@@ -260,9 +267,17 @@ impl Task {
         self.map.is_some()
     }
 
-    /// Whether the task leaves a commit (a branch) behind when it succeeds.
+    /// Whether the task leaves a commit (a branch) behind when it succeeds: its own, or, for a
+    /// template instance, its result task's.
     pub fn has_workspace(&self) -> bool {
         self.workspace != WorkspaceMode::None
+            || matches!(
+                self.action,
+                Action::Outputs {
+                    result: Some(_),
+                    ..
+                }
+            )
     }
 }
 
@@ -419,7 +434,8 @@ pub fn resolve(
         );
     }
     for (id, task) in &raw.tasks {
-        if !TaskId::is_valid(id) {
+        // Embedded tasks are `<id>.<task>` by construction.
+        if !TaskId::is_valid(id) && task.origin.is_none() {
             diags.push(
                 Diagnostic::error(Category::InvalidValue, "invalid-id", format!("invalid task id `{id}`"))
                     .at(task.id_span, "not a valid id")
@@ -430,10 +446,32 @@ pub fn resolve(
 
     let mut tasks = Vec::new();
     for (id, rt) in &raw.tasks {
-        let needs = resolve_needs(id, rt, &ids, diags);
-        tasks.push(resolve_task(
-            id, rt, needs, &defaults, &runners, file, base_dir, diags,
-        ));
+        match &rt.origin {
+            // A template's task: its spans and templates are in the template's file.
+            Some(origin) => {
+                let mut own = Vec::new();
+                let needs = resolve_needs(id, rt, &ids, &mut own);
+                let mut task = resolve_task(
+                    id,
+                    rt,
+                    needs,
+                    &defaults,
+                    &runners,
+                    &origin.file.text,
+                    base_dir,
+                    &mut own,
+                );
+                task.scope = Some(origin.clone());
+                diags.extend(own.into_iter().map(|d| d.in_file(&origin.file)));
+                tasks.push(task);
+            }
+            None => {
+                let needs = resolve_needs(id, rt, &ids, diags);
+                tasks.push(resolve_task(
+                    id, rt, needs, &defaults, &runners, file, base_dir, diags,
+                ));
+            }
+        }
     }
 
     let meta = raw.workflow.as_ref();
@@ -702,6 +740,7 @@ fn resolve_task(
         ("prompt", rt.prompt.is_some()),
         ("run", rt.run.is_some()),
         ("merge", rt.merge.is_some()),
+        ("use", rt.outputs_of.is_some()),
     ]
     .into_iter()
     .filter_map(|(k, set)| set.then_some(k))
@@ -751,7 +790,12 @@ fn resolve_task(
         env.extend(rt.env.iter().map(|(k, v)| (k.clone(), tpl(v))));
         env
     };
-    let action = if let Some(prompt) = &rt.prompt {
+    let action = if let Some(o) = &rt.outputs_of {
+        Action::Outputs {
+            values: o.values.iter().map(|(k, v)| (k.clone(), tpl(v))).collect(),
+            result: o.result.clone().map(TaskId),
+        }
+    } else if let Some(prompt) = &rt.prompt {
         if let Some(w) = &rt.workdir {
             not_for("workdir", w.span, "shell", diags);
         }
@@ -931,7 +975,8 @@ fn resolve_task(
             .as_ref()
             .map(|t| t.value.iter().map(tpl).collect())
             .unwrap_or_default(),
-        touches_span: rt.touches.as_ref().map(|t| t.span),
+                touches_span: rt.touches.as_ref().map(|t| t.span),
+        scope: None,
         rehearsal: rt.rehearsal.as_ref().and_then(|r| {
             if rt.prompt.is_none() && !rt.decode_errors {
                 not_for("rehearsal", r.span, "agent", diags);
@@ -996,6 +1041,7 @@ fn resolve_workspaces(wf: &mut Workflow, raw: &RawClusterfile, diags: &mut Vec<D
         let rt = raw.tasks.get(wf.tasks[t].id.as_str());
         let given = rt.and_then(|r| r.workspace.as_ref());
         let mode = match &wf.tasks[t].action {
+            Action::Outputs { .. } => WorkspaceMode::None,
             Action::Merge { strategy, .. } => {
                 if let Some(w) = given {
                     diags.push(
@@ -1452,6 +1498,10 @@ fn check_templates(workflow: &Workflow, raw: &RawClusterfile, diags: &mut Vec<Di
     let vars: Vec<&str> = workflow.vars.keys().map(String::as_str).collect();
     let all: Vec<&str> = workflow.tasks.iter().map(|t| t.id.as_str()).collect();
     for (i, task) in workflow.tasks.iter().enumerate() {
+        // A template's tasks were checked against the template's own names when it was loaded.
+        if task.scope.is_some() {
+            continue;
+        }
         let upstream: Vec<(&str, bool)> = ancestors[i]
             .iter()
             .map(|&j| (workflow.tasks[j].id.as_str(), workflow.tasks[j].is_mapped()))
@@ -1503,7 +1553,7 @@ fn check_templates(workflow: &Workflow, raw: &RawClusterfile, diags: &mut Vec<Di
                     check(w, "workdir", false, &scope);
                 }
             }
-            Action::Merge { .. } => {}
+            Action::Merge { .. } | Action::Outputs { .. } => {}
         }
         for t in &task.touches {
             check(t, "touches", false, &scope);

@@ -44,6 +44,12 @@ pub enum PlannedAction {
         workdir: Option<Text>,
         output: OutputMode,
     },
+    /// A template instance as a whole: its declared outputs, and the task whose branch is its result.
+    Outputs {
+        values: IndexMap<String, Text>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        result: Option<String>,
+    },
     Merge {
         strategy: MergeStrategy,
         on_conflict: OnConflict,
@@ -53,6 +59,15 @@ pub enum PlannedAction {
         #[serde(skip_serializing_if = "Option::is_none")]
         agent: Option<AgentSettings>,
     },
+}
+
+/// The template instance a task belongs to: `tasks.x` in its templates means `<prefix>.x`, and
+/// `inputs` are the instance's.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PlannedScope {
+    pub prefix: String,
+    pub inputs: Value,
+    pub vars: Value,
 }
 
 /// A task's own workspace: where it runs and how the workspace is prepared.
@@ -71,6 +86,7 @@ impl PlannedAction {
             PlannedAction::Agent { .. } => "agent",
             PlannedAction::Shell { .. } => "shell",
             PlannedAction::Merge { .. } => "merge",
+            PlannedAction::Outputs { .. } => "outputs",
         }
     }
 }
@@ -125,6 +141,9 @@ pub struct PlannedTask {
     /// Paths the task is told to change.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub touches: Vec<Text>,
+    /// For a template's task: the instance it belongs to and its inputs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<std::sync::Arc<PlannedScope>>,
     pub action: PlannedAction,
 }
 
@@ -194,6 +213,8 @@ enum Code<'e, 'w> {
 struct Ctx {
     value: JinjaValue,
     item_known: bool,
+    /// A template's task: its `inputs` are the template instance's, all known.
+    scoped: bool,
 }
 
 impl<'e, 'w> Renderer<'e, 'w> {
@@ -235,11 +256,13 @@ impl<'e, 'w> Renderer<'e, 'w> {
         compiled
     }
 
-    fn knowable(&self, names: &BTreeSet<String>, item_known: bool) -> bool {
+    fn knowable(&self, names: &BTreeSet<String>, ctx: &Ctx) -> bool {
+        let item_known = ctx.item_known;
         names.iter().all(|n| {
             !is_runtime_name(n)
                 && (item_known || !(n == "item" || n == "index" || n.starts_with("item.")))
                 && match n.strip_prefix("inputs.") {
+                    _ if ctx.scoped => true,
                     Some(rest) => self
                         .known_inputs
                         .contains_key(rest.split('.').next().unwrap_or(rest)),
@@ -249,14 +272,86 @@ impl<'e, 'w> Renderer<'e, 'w> {
     }
 
     /// The context of one plan node; `item_known` is false for a dynamic map's placeholder.
-    fn context(&self, instance: Option<(usize, &Value)>, item_known: bool) -> Ctx {
-        let value = match instance {
-            Some((index, item)) => {
-                context! { item => JinjaValue::from_serialize(item), index => index, ..self.base.clone() }
-            }
+    fn context(
+        &self,
+        instance: Option<(usize, &Value)>,
+        item_known: bool,
+        scope: Option<&PlannedScope>,
+    ) -> Ctx {
+        let base = match scope {
+            Some(s) => context! {
+                inputs => JinjaValue::from_serialize(&s.inputs),
+                vars => JinjaValue::from_serialize(&s.vars),
+                ..self.base.clone()
+            },
             None => self.base.clone(),
         };
-        Ctx { value, item_known }
+        let value = match instance {
+            Some((index, item)) => {
+                context! { item => JinjaValue::from_serialize(item), index => index, ..base }
+            }
+            None => base,
+        };
+        Ctx {
+            value,
+            item_known,
+            scoped: scope.is_some(),
+        }
+    }
+
+    /// The values a template instance's inputs take: its `with` values (templates rendered in the
+    /// scope that uses it) over its inputs' defaults.
+    fn scope_inputs(
+        &self,
+        decl: &crate::model::compose::ScopeDecl,
+        diags: &mut Vec<Diagnostic>,
+    ) -> serde_json::Map<String, Value> {
+        let outer = decl.parent.as_ref().map(|p| {
+            let inputs = self.scope_inputs(p, diags);
+            context! {
+                inputs => JinjaValue::from_serialize(&inputs),
+                vars => JinjaValue::from_serialize(&p.vars),
+                ..self.base.clone()
+            }
+        });
+        let ctx = outer.unwrap_or_else(|| self.base.clone());
+        let mut out: serde_json::Map<String, Value> = decl
+            .defaults
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (k, v) in &decl.with {
+            let value = match v.as_str() {
+                Some(text) if text.contains("{{") => {
+                    let t = text.trim();
+                    // `"{{ inputs.files }}"` keeps its type (a list stays a list).
+                    let whole =
+                        t.starts_with("{{") && t.ends_with("}}") && t.matches("{{").count() == 1;
+                    let evaluated = if whole {
+                        self.env
+                            .compile_expression(t[2..t.len() - 2].trim())
+                            .and_then(|e| e.eval(&ctx))
+                            .map(|v| serde_json::to_value(&v).unwrap_or(Value::Null))
+                    } else {
+                        self.env.render_str(text, &ctx).map(Value::String)
+                    };
+                    match evaluated {
+                        Ok(v) => v,
+                        Err(e) => {
+                            diags.push(Diagnostic::error(
+                                Category::Template,
+                                "parameter-value",
+                                format!("cannot evaluate the `with` value `{k}` (`{text}`): {e}"),
+                            ).help("`with` values may use the using workflow's inputs and vars, not task outputs"));
+                            Value::Null
+                        }
+                    }
+                }
+                _ => v.clone(),
+            };
+            out.insert(k.clone(), value);
+        }
+        out
     }
 
     fn render(
@@ -270,7 +365,7 @@ impl<'e, 'w> Renderer<'e, 'w> {
         let compiled = self.compiled(t, false);
         let rendered = match &compiled.code {
             Code::Literal => Some(t.source.clone()),
-            Code::Template(tpl) if self.knowable(&compiled.names, ctx.item_known) => {
+            Code::Template(tpl) if self.knowable(&compiled.names, ctx) => {
                 match tpl.render(&ctx.value) {
                     Ok(s) => Some(s),
                     Err(e) => {
@@ -316,7 +411,7 @@ impl<'e, 'w> Renderer<'e, 'w> {
     ) -> Option<Option<JinjaValue>> {
         let compiled = self.compiled(t, true);
         match &compiled.code {
-            Code::Expression(e) if self.knowable(&compiled.names, ctx.item_known) => {
+            Code::Expression(e) if self.knowable(&compiled.names, ctx) => {
                 match e.eval(&ctx.value) {
                     Ok(v) => Some(Some(v)),
                     Err(err) => {
@@ -353,6 +448,8 @@ pub fn build(
     let mut nodes: Vec<PlannedTask> = Vec::new();
     // Plan node ids of each task's instances, by task position.
     let mut instance_ids: Vec<Vec<String>> = vec![Vec::new(); workflow.tasks.len()];
+    // Template instances' scopes, evaluated once each.
+    let mut scopes: HashMap<usize, std::sync::Arc<PlannedScope>> = HashMap::new();
     let index = workflow.task_index();
     let mut summary = Summary {
         tasks: workflow.tasks.len(),
@@ -367,10 +464,24 @@ pub fn build(
             .filter_map(|n| index.get(n.value.as_str()))
             .flat_map(|&j| instance_ids[j].iter().cloned())
             .collect();
-        let base_ctx = renderer.context(None, true);
+        let scope = task.scope.as_ref().map(|origin| {
+            let key = std::sync::Arc::as_ptr(origin) as usize;
+            if let Some(done) = scopes.get(&key) {
+                return std::sync::Arc::clone(done);
+            }
+            let planned = std::sync::Arc::new(PlannedScope {
+                prefix: origin.prefix.clone(),
+                inputs: Value::Object(renderer.scope_inputs(&origin.scope, diags)),
+                vars: serde_json::to_value(&origin.scope.vars).unwrap_or(Value::Null),
+            });
+            scopes.insert(key, std::sync::Arc::clone(&planned));
+            planned
+        });
+        let base_ctx = renderer.context(None, true, scope.as_deref());
         match &task.map {
             None => {
-                let node = plan_instance(&renderer, task, &base_ctx, task.id.to_string(), needs.clone(), diags);
+                                let mut node = plan_instance(&renderer, task, &base_ctx, task.id.to_string(), needs.clone(), diags);
+                node.scope = scope.clone();
                 instance_ids[ti].push(node.id.clone());
                 nodes.push(node);
             }
@@ -378,7 +489,7 @@ pub fn build(
                 warn_if_empty(items, task, diags);
                 summary.static_instances += items.len();
                 let first = nodes.len();
-                expand(&renderer, task, items, &needs, &mut nodes, &mut instance_ids[ti], diags);
+                                                expand(&renderer, task, items, &needs, &mut nodes, &mut instance_ids[ti], scope.as_ref(), diags);
                 warn_if_overlapping(task, &nodes[first..], diags);
             }
             Some(MapSpec::Expression(m)) => match renderer.eval(m, &base_ctx, "map", task.id.as_str(), diags) {
@@ -388,7 +499,7 @@ pub fn build(
                         warn_if_empty(&items, task, diags);
                         summary.static_instances += items.len();
                         let first = nodes.len();
-                        expand(&renderer, task, &items, &needs, &mut nodes, &mut instance_ids[ti], diags);
+                                                                        expand(&renderer, task, &items, &needs, &mut nodes, &mut instance_ids[ti], scope.as_ref(), diags);
                         warn_if_overlapping(task, &nodes[first..], diags);
                     }
                     None => diags.push(
@@ -404,8 +515,9 @@ pub fn build(
                         .iter()
                         .filter_map(|n| n.strip_prefix("tasks.").map(|r| r.split('.').next().unwrap_or(r).to_string()))
                         .collect();
-                    let placeholder_ctx = renderer.context(None, false);
+                                        let placeholder_ctx = renderer.context(None, false, scope.as_deref());
                     let mut node = plan_instance(&renderer, task, &placeholder_ctx, format!("{}[*]", task.id), needs.clone(), diags);
+                    node.scope = scope.clone();
                     node.dynamic_map = Some(DynamicMap {
                         expression: m.source.clone(),
                         from: from.into_iter().collect(),
@@ -439,7 +551,7 @@ pub fn build(
         match node.action {
             PlannedAction::Agent { .. } => summary.agent += 1,
             PlannedAction::Shell { .. } => summary.shell += 1,
-            PlannedAction::Merge { .. } => summary.merge += 1,
+            PlannedAction::Merge { .. } | PlannedAction::Outputs { .. } => summary.merge += 1,
         }
         if matches!(node.when, WhenState::Known { value: false, .. }) {
             summary.skipped += 1;
@@ -549,6 +661,9 @@ fn list_of(value: &JinjaValue) -> Option<Vec<Value>> {
     })
 }
 
+// The plan's growing lists and the task's settings, passed as they are: a struct would only wrap
+// them for this one call.
+#[allow(clippy::too_many_arguments)]
 fn expand<'w>(
     renderer: &Renderer<'_, 'w>,
     task: &'w Task,
@@ -556,11 +671,12 @@ fn expand<'w>(
     needs: &[String],
     nodes: &mut Vec<PlannedTask>,
     ids: &mut Vec<String>,
+    scope: Option<&std::sync::Arc<PlannedScope>>,
     diags: &mut Vec<Diagnostic>,
 ) {
     nodes.reserve(items.len());
     for (i, item) in items.iter().enumerate() {
-        let ctx = renderer.context(Some((i, item)), true);
+        let ctx = renderer.context(Some((i, item)), true, scope.map(|s| &**s));
         let mut node = plan_instance(
             renderer,
             task,
@@ -570,6 +686,7 @@ fn expand<'w>(
             diags,
         );
         node.index = Some(i);
+        node.scope = scope.cloned();
         node.item = Some(item.clone());
         ids.push(node.id.clone());
         nodes.push(node);
@@ -626,6 +743,13 @@ fn plan_instance<'w>(
                 .map(|w| renderer.render(w, ctx, "workdir", name, diags)),
             output: *output,
         },
+        Action::Outputs { values, result } => PlannedAction::Outputs {
+            values: values
+                .iter()
+                .map(|(k, v)| (k.clone(), renderer.render(v, ctx, "outputs", name, diags)))
+                .collect(),
+            result: result.as_ref().map(|r| r.to_string()),
+        },
         Action::Merge {
             strategy,
             on_conflict,
@@ -662,7 +786,8 @@ fn plan_instance<'w>(
             .iter()
             .map(|t| renderer.render(t, ctx, "touches", name, diags))
             .collect(),
-        workspace: task.has_workspace().then(|| PlannedWorkspace {
+        scope: None,
+        workspace: (task.workspace != WorkspaceMode::None).then(|| PlannedWorkspace {
             mode: task.workspace,
             setup: task.setup.clone(),
             copy: task.copy.clone(),

@@ -246,6 +246,14 @@ pub fn to_text(plan: &Plan) -> String {
                     let _ = writeln!(out, "  resolve: {r}");
                 }
             }
+            PlannedAction::Outputs { values, result } => {
+                if let Some(r) = result {
+                    let _ = writeln!(out, "  result: {r}");
+                }
+                for (k, v) in values {
+                    text_block(&mut out, &format!("output {k}"), v);
+                }
+            }
         }
     }
     out

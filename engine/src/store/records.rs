@@ -53,6 +53,10 @@ pub struct RunRecord {
     /// `[workflow] keep_failed`: `gc` keeps worktrees of failed attempts.
     #[serde(default)]
     pub keep_failed: bool,
+    /// The templates the clusterfile used, by name, as the run compiled them: `retry` uses
+    /// exactly these, whatever the files or refs say now.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub templates: std::collections::BTreeMap<String, String>,
     /// `apply --rehearse`: agents talked to the scripted model server (`retry` does so again).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rehearsed: bool,

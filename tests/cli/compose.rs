@@ -1,0 +1,262 @@
+//! Reuse: tasks that `use` a template from a path, `builtin:`, or a git repository over file://
+//! (pinned in clusterfile.lock), parameter errors that point at both files, cycles, and a retried
+//! run that keeps the template text it started with.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::apply::Sandbox;
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@localhost")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@localhost")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn output(status: &Value, node: &str) -> Value {
+    status["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["node"] == node)
+        .unwrap_or_else(|| panic!("no task {node} in {status}"))["output"]
+        .clone()
+}
+
+/// A template whose tasks change the repository: its result branch is what users of it build on.
+const WRITER: &str = r#"version = 1
+[workflow]
+name = "writer"
+[inputs.text]
+type = "string"
+[inputs.copies]
+type = "number"
+default = 1
+[tasks.write]
+workspace = "worktree"
+run = "echo '{{ inputs.text }} x{{ inputs.copies }}' > written.txt"
+[tasks.merge]
+needs = ["write"]
+merge = { strategy = "git" }
+[outputs]
+branch = "{{ tasks.merge.output.branch }}"
+said = "{{ inputs.text }}"
+"#;
+
+#[test]
+fn templates_from_a_path_and_builtin_are_embedded_with_their_inputs_bound() {
+    let s = Sandbox::new(
+        r#"version = 1
+[inputs.greeting]
+type = "string"
+default = "hello"
+
+[tasks.w]
+use = "./lib/writer.toml"
+with = { text = "{{ inputs.greeting }} world", copies = 2 }
+
+[tasks.after]
+needs = ["w"]
+run = "cat written.txt; echo '{{ tasks.w.output.said }}'"
+
+[tasks.greet]
+use = "builtin:hello"
+with = { names = ["Ada"] }
+"#,
+    );
+    std::fs::create_dir_all(s.path().join("lib")).unwrap();
+    std::fs::write(s.path().join("lib/writer.toml"), WRITER).unwrap();
+    std::fs::write(s.path().join(".gitignore"), ".ccluster/\n").unwrap();
+    git(s.path(), &["init", "-q", "-b", "main"]);
+    git(s.path(), &["add", "-A"]);
+    git(s.path(), &["commit", "-qm", "init"]);
+
+    let plan = s.command(&["plan"]).output().unwrap();
+    let plan = String::from_utf8_lossy(&plan.stdout);
+    assert!(
+        plan.contains("w.write [shell]") && plan.contains("greet.greet[0] [shell]"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("echo 'hello world x2' > written.txt"),
+        "{plan}"
+    );
+
+    let done = s.apply(&[]);
+    assert_eq!(done.code, 0, "{}\n{}", done.stdout, done.stderr);
+    let status = s.status();
+    // The downstream task builds on the template's result branch and reads its outputs.
+    assert_eq!(output(&status, "after"), "hello world x2\nhello world");
+    assert_eq!(output(&status, "w")["said"], "hello world");
+    assert!(output(&status, "w")["branch"]
+        .as_str()
+        .unwrap()
+        .ends_with("/w.merge"));
+    assert_eq!(output(&status, "greet.greet[0]"), "Hello, Ada!");
+}
+
+#[test]
+fn a_git_template_is_pinned_in_the_lock_file_until_update() {
+    let lib = tempfile::tempdir().unwrap();
+    git(lib.path(), &["init", "-q", "-b", "main"]);
+    std::fs::write(
+        lib.path().join("say.toml"),
+        "version = 1\n[inputs.who]\ntype = \"string\"\n[tasks.say]\nrun = \"echo v1 {{ inputs.who }}\"\n[outputs]\nsaid = \"{{ tasks.say.output }}\"\n",
+    )
+    .unwrap();
+    git(lib.path(), &["add", "-A"]);
+    git(lib.path(), &["commit", "-qm", "v1"]);
+    let url = format!("git+file://{}#main:say.toml", lib.path().display());
+    let s = Sandbox::new(&format!(
+        "version = 1\n[tasks.x]\nuse = \"{url}\"\nwith = {{ who = \"me\" }}\n"
+    ));
+    assert_eq!(s.apply(&[]).code, 0);
+    assert_eq!(
+        output(&s.status(), "x"),
+        serde_json::json!({ "said": "v1 me" })
+    );
+    let lock = std::fs::read_to_string(s.path().join("clusterfile.lock")).unwrap();
+    let v1 = git(lib.path(), &["rev-parse", "HEAD"]);
+    assert!(lock.contains(v1.trim()), "{lock}");
+
+    // The ref moves: runs keep using the pinned commit...
+    std::fs::write(
+        lib.path().join("say.toml"),
+        "version = 1\n[inputs.who]\ntype = \"string\"\n[tasks.say]\nrun = \"echo v2 {{ inputs.who }}\"\n[outputs]\nsaid = \"{{ tasks.say.output }}\"\n",
+    )
+    .unwrap();
+    git(lib.path(), &["commit", "-qam", "v2"]);
+    let again = s.apply(&[]);
+    assert_eq!(again.code, 0);
+    assert!(
+        again.tasks("task_started").is_empty(),
+        "the pinned template did not change"
+    );
+    // ...until `update` pins the new one.
+    let update = s.command(&["update"]).output().unwrap();
+    assert!(
+        update.status.success(),
+        "{}",
+        String::from_utf8_lossy(&update.stderr)
+    );
+    let v2 = git(lib.path(), &["rev-parse", "HEAD"]);
+    assert!(std::fs::read_to_string(s.path().join("clusterfile.lock"))
+        .unwrap()
+        .contains(v2.trim()));
+    assert_eq!(s.apply(&[]).code, 0);
+    assert_eq!(
+        output(&s.status(), "x"),
+        serde_json::json!({ "said": "v2 me" })
+    );
+}
+
+#[test]
+fn parameter_errors_point_at_both_files_and_cycles_name_the_chain() {
+    let s = Sandbox::new(
+        r#"version = 1
+[tasks.a]
+use = "./lib/writer.toml"
+with = { txet = "x" }
+
+[tasks.c]
+use = "./lib/one.toml"
+"#,
+    );
+    std::fs::create_dir_all(s.path().join("lib")).unwrap();
+    std::fs::write(s.path().join("lib/writer.toml"), WRITER).unwrap();
+    std::fs::write(
+        s.path().join("lib/one.toml"),
+        "version = 1\n[tasks.x]\nuse = \"./two.toml\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        s.path().join("lib/two.toml"),
+        "version = 1\n[tasks.y]\nuse = \"./one.toml\"\n",
+    )
+    .unwrap();
+    let out = s
+        .command(&["validate"])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The unknown parameter: where it is written, and where the template declares its inputs.
+    assert!(
+        stderr.contains("error[unknown-parameter]: clusterfile.toml:4:17: template `lib/writer.toml` has no input `txet`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("its inputs, declared at lib/writer.toml:4:9: `text`, `copies`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("error[missing-parameter]: clusterfile.toml:3:7: template `lib/writer.toml` needs its input `text`"), "{stderr}");
+    assert!(
+        stderr.contains("the input is declared at lib/writer.toml:4:9"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("error[template-cycle]: lib/two.toml:3:7: templates use each other in a cycle: clusterfile.toml -> lib/one.toml -> lib/two.toml -> lib/one.toml"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_retried_run_keeps_the_template_text_it_started_with() {
+    let s = Sandbox::new("version = 1\n[tasks.t]\nuse = \"./lib/step.toml\"\n");
+    std::fs::create_dir_all(s.path().join("lib")).unwrap();
+    std::fs::write(
+        s.path().join("lib/step.toml"),
+        "version = 1\n[tasks.step]\nrun = \"echo old; exit 1\"\n",
+    )
+    .unwrap();
+    let first = s.apply(&[]);
+    assert_eq!(first.code, 1);
+    // The template changes after the run; retrying the run still runs what it started with.
+    std::fs::write(
+        s.path().join("lib/step.toml"),
+        "version = 1\n[tasks.step]\nrun = \"echo new\"\n",
+    )
+    .unwrap();
+    let run = s.status()["run"]["id"].as_str().unwrap().to_string();
+    let retry = s
+        .command(&[
+            "retry",
+            &run,
+            "--output",
+            "json",
+            "--state-dir",
+            ".ccluster",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        retry.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&retry.stderr)
+    );
+    let status = s.status();
+    let retried = status["run"]["id"].as_str().unwrap().to_string();
+    assert_ne!(retried, run);
+    let logs = s.command(&["logs", &retried, "t.step"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&logs.stdout).contains("old"));
+    // A new `apply` reads the files as they are now.
+    assert_eq!(s.apply(&[]).code, 0);
+    assert_eq!(output(&s.status(), "t.step"), "new");
+}
