@@ -200,3 +200,50 @@ turns = [{ tools = [{ name = "Write", input = { file_path = "{{cwd}}/fixed.txt",
     let report = p.command(&["report"]).output().unwrap();
     assert!(String::from_utf8_lossy(&report.stdout).contains("**Result:** branch `ccluster/"));
 }
+
+#[test]
+fn a_builtin_template_used_in_a_clusterfile_keeps_its_defaults_and_hands_on_its_result() {
+    let s = project();
+    std::fs::write(
+        s.path().join("clusterfile.toml"),
+        r#"version = 1
+[tasks.g]
+use = "builtin:goal"
+with = { goal = "Add a changelog" }
+
+[tasks.after]
+needs = ["g"]
+run = "ls .ccluster-rehearsal | wc -l"
+"#,
+    )
+    .unwrap();
+    std::fs::write(s.path().join(".gitignore"), ".ccluster/\n").unwrap();
+    git(s.path(), &["add", "-A"]);
+    git(s.path(), &["commit", "-qm", "use goal"]);
+    // The template's own `[defaults]` (timeout, agent settings) apply to its tasks.
+    let plan = ccluster(&s, &["plan"]);
+    assert!(
+        plan.stdout.contains("1. g.plan [agent]")
+            && plan.stdout.contains("timeout: 45m")
+            && plan.stdout.contains("max_turns=60"),
+        "{}",
+        plan.stdout
+    );
+    let done = ccluster(&s, &["apply", "--rehearse", "--output", "json"]);
+    assert_eq!(done.code, 0, "{}\n{}", done.stdout, done.stderr);
+    let status = s.status();
+    let after = status["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["node"] == "after")
+        .unwrap();
+    // plan, three builders and docs each left a note on the template's result branch.
+    assert_eq!(after["output"], "5");
+    let run = status["run"]["id"].as_str().unwrap();
+    assert!(!git(
+        s.path(),
+        &["branch", "--list", &format!("ccluster/{run}/g")]
+    )
+    .is_empty());
+}

@@ -224,6 +224,53 @@ impl Loader for FileLoader {
     }
 }
 
+/// Gives a template's task the settings of its template's `[defaults]` that it does not set.
+fn fold_defaults(t: &mut RawTask, d: &super::raw::RawDefaults) {
+    fn fill<T: Clone>(slot: &mut Option<T>, from: &Option<T>) {
+        if slot.is_none() {
+            slot.clone_from(from);
+        }
+    }
+    // As `[defaults]` do, each setting goes only to the kinds of task it applies to.
+    let (agent, shell) = (t.prompt.is_some(), t.run.is_some());
+    fill(&mut t.timeout, &d.timeout);
+    fill(&mut t.runner, &d.runner);
+    if shell {
+        fill(&mut t.workdir, &d.workdir);
+    }
+    fill(&mut t.max_parallel, &d.max_parallel);
+    fill(&mut t.on_item_failure, &d.on_item_failure);
+    fill(&mut t.artifacts, &d.artifacts);
+    fill(&mut t.reports, &d.reports);
+    fill(&mut t.workspace, &d.workspace);
+    fill(&mut t.setup, &d.setup);
+    fill(&mut t.copy, &d.copy);
+    if agent || shell {
+        for (k, v) in &d.env {
+            t.env.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    if let (true, Some(dc)) = (agent, &d.claude) {
+        let c = t.claude.get_or_insert_with(Default::default);
+        fill(&mut c.model, &dc.model);
+        fill(&mut c.permission_mode, &dc.permission_mode);
+        fill(&mut c.allowed_tools, &dc.allowed_tools);
+        fill(&mut c.disallowed_tools, &dc.disallowed_tools);
+        fill(&mut c.max_turns, &dc.max_turns);
+        fill(&mut c.max_budget_usd, &dc.max_budget_usd);
+        fill(&mut c.append_system_prompt, &dc.append_system_prompt);
+        fill(&mut c.settings, &dc.settings);
+        fill(&mut c.bin, &dc.bin);
+    }
+    if let Some(dr) = &d.retry {
+        let r = t.retry.get_or_insert_with(Default::default);
+        fill(&mut r.limit, &dr.limit);
+        fill(&mut r.backoff, &dr.backoff);
+        fill(&mut r.on, &dr.on);
+        fill(&mut r.resume_session, &dr.resume_session);
+    }
+}
+
 fn error(
     code: &'static str,
     message: String,
@@ -491,6 +538,11 @@ pub fn expand(
             });
         let mut embedded = Vec::new();
         for (tid, mut tt) in std::mem::take(&mut traw.tasks) {
+            // The template's `[defaults]` are its tasks' own settings; the using file's defaults
+            // fill in only what neither says.
+            if let Some(d) = &traw.defaults {
+                fold_defaults(&mut tt, d);
+            }
             let new_id = format!("{id}.{tid}");
             let own_needs: Vec<Spanned<String>> = tt
                 .needs

@@ -1156,6 +1156,9 @@ fn resolve_result(
                 Action::Merge {
                     strategy: MergeStrategy::Git,
                     ..
+                } | Action::Outputs {
+                    result: Some(_),
+                    ..
                 }
             )
         })
