@@ -260,3 +260,27 @@ fn a_retried_run_keeps_the_template_text_it_started_with() {
     assert_eq!(s.apply(&[]).code, 0);
     assert_eq!(output(&s.status(), "t.step"), "new");
 }
+
+#[test]
+fn names_in_a_template_are_checked_against_the_template() {
+    let s =
+        Sandbox::new("version = 1\n[tasks.t]\nuse = \"./lib/typo.toml\"\nwith = { who = \"a\" }\n");
+    std::fs::create_dir_all(s.path().join("lib")).unwrap();
+    std::fs::write(
+        s.path().join("lib/typo.toml"),
+        "version = 1\n[inputs.who]\ntype = \"string\"\n[tasks.say]\nrun = \"echo {{ inputs.whom }}\"\n",
+    )
+    .unwrap();
+    let out = s
+        .command(&["validate"])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("error[undefined-name]: lib/typo.toml:5:16: undefined name `inputs.whom` in the `run` of task `t.say`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("did you mean `inputs.who`?"), "{stderr}");
+}

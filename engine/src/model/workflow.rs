@@ -1501,19 +1501,60 @@ fn check_templates(workflow: &Workflow, raw: &RawClusterfile, diags: &mut Vec<Di
     let vars: Vec<&str> = workflow.vars.keys().map(String::as_str).collect();
     let all: Vec<&str> = workflow.tasks.iter().map(|t| t.id.as_str()).collect();
     for (i, task) in workflow.tasks.iter().enumerate() {
-        // A template's tasks were checked against the template's own names when it was loaded.
-        if task.scope.is_some() {
-            continue;
-        }
-        let upstream: Vec<(&str, bool)> = ancestors[i]
+        // A template's task sees the names of its template: its inputs and vars, and its fellow
+        // tasks without their `<prefix>.`; its diagnostics point into the template's file.
+        let origin = task.scope.as_ref();
+        let strip = |id: &'_ str| -> Option<String> {
+            match origin {
+                Some(o) => id
+                    .strip_prefix(&format!("{}.", o.prefix))
+                    .map(str::to_string),
+                None => Some(id.to_string()),
+            }
+        };
+        let upstream_ids: Vec<(String, bool)> = ancestors[i]
             .iter()
-            .map(|&j| (workflow.tasks[j].id.as_str(), workflow.tasks[j].is_mapped()))
+            .filter_map(|&j| {
+                strip(workflow.tasks[j].id.as_str()).map(|id| (id, workflow.tasks[j].is_mapped()))
+            })
             .collect();
+        let upstream: Vec<(&str, bool)> = upstream_ids
+            .iter()
+            .map(|(id, m)| (id.as_str(), *m))
+            .collect();
+        let all_ids: Vec<String> = workflow
+            .tasks
+            .iter()
+            .filter_map(|t| strip(t.id.as_str()))
+            .collect();
+        let all_scoped: Vec<&str> = all_ids.iter().map(String::as_str).collect();
+        let scoped_inputs: Vec<&str> = origin
+            .map(|o| {
+                o.scope
+                    .with
+                    .keys()
+                    .chain(o.scope.defaults.keys())
+                    .map(String::as_str)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let scoped_vars: Vec<&str> = origin
+            .map(|o| o.scope.vars.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        let before = diags.len();
         let scope = Scope {
-            inputs: &inputs,
-            vars: &vars,
+            inputs: if origin.is_some() {
+                &scoped_inputs
+            } else {
+                &inputs
+            },
+            vars: if origin.is_some() {
+                &scoped_vars
+            } else {
+                &vars
+            },
             upstream: &upstream,
-            all_tasks: &all,
+            all_tasks: if origin.is_some() { &all_scoped } else { &all },
             // A `map` with a wrong value was reported already; `item` is still meant to exist.
             mapped: task.is_mapped()
                 || raw.tasks.get(task.id.as_str()).is_some_and(|t| t.map_given),
@@ -1556,7 +1597,12 @@ fn check_templates(workflow: &Workflow, raw: &RawClusterfile, diags: &mut Vec<Di
                     check(w, "workdir", false, &scope);
                 }
             }
-            Action::Merge { .. } | Action::Outputs { .. } => {}
+            Action::Outputs { values, .. } => {
+                for (k, v) in values {
+                    check(v, &format!("outputs.{k}"), false, &scope);
+                }
+            }
+            Action::Merge { .. } => {}
         }
         for t in &task.touches {
             check(t, "touches", false, &scope);
@@ -1571,6 +1617,11 @@ fn check_templates(workflow: &Workflow, raw: &RawClusterfile, diags: &mut Vec<Di
                 ..scope
             };
             check(m, "map", true, &map_scope);
+        }
+        if let Some(o) = origin {
+            for d in &mut diags[before..] {
+                d.file.get_or_insert_with(|| o.file.clone());
+            }
         }
     }
 }

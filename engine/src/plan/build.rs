@@ -458,6 +458,7 @@ pub fn build(
 
     for &ti in &order {
         let task = &workflow.tasks[ti];
+        let diags_before = diags.len();
         let needs: Vec<String> = task
             .needs
             .iter()
@@ -531,6 +532,12 @@ pub fn build(
         if instance_ids[ti].is_empty() {
             // An empty fan-out stands for its own dependencies, so its dependents still wait for them.
             instance_ids[ti] = needs;
+        }
+        // A template's task: its problems are in the template's file.
+        if let Some(origin) = &task.scope {
+            for d in &mut diags[diags_before..] {
+                d.file.get_or_insert_with(|| origin.file.clone());
+            }
         }
     }
 
