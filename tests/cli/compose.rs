@@ -284,3 +284,39 @@ fn names_in_a_template_are_checked_against_the_template() {
     );
     assert!(stderr.contains("did you mean `inputs.who`?"), "{stderr}");
 }
+
+#[test]
+fn nested_templates_resolve_relative_to_each_other_also_on_retry() {
+    let s = Sandbox::new("version = 1\n[tasks.o]\nuse = \"./lib/outer.toml\"\n");
+    std::fs::create_dir_all(s.path().join("lib/sub")).unwrap();
+    std::fs::write(
+        s.path().join("lib/outer.toml"),
+        "version = 1\n[tasks.i]\nuse = \"./sub/inner.toml\"\nwith = { n = 7 }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        s.path().join("lib/sub/inner.toml"),
+        "version = 1\n[inputs.n]\ntype = \"number\"\n[tasks.echo]\nrun = \"echo {{ inputs.n }}\"\n",
+    )
+    .unwrap();
+    assert_eq!(s.apply(&[]).code, 0);
+    assert_eq!(output(&s.status(), "o.i.echo"), "7");
+    let run = s.status()["run"]["id"].as_str().unwrap().to_string();
+    let retry = s
+        .command(&[
+            "retry",
+            &run,
+            "--task",
+            "o.i.echo",
+            "--state-dir",
+            ".ccluster",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        retry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&retry.stderr)
+    );
+    assert_eq!(output(&s.status(), "o.i.echo"), "7");
+}

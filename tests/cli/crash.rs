@@ -81,14 +81,19 @@ fn kill_9_at_random_moments_never_loses_or_repeats_finished_work() {
     assert!(kills >= 20 || completed, "only {kills} kills landed");
     eprintln!("{kills} kills landed mid-run");
     let mut finished = false;
+    let mut last_failure = String::new();
     for _ in 0..5 {
         let run = s.apply(&["--jobs", "4"]);
         if run.code == 0 {
             finished = true;
             break;
         }
+        last_failure = format!("exit {}: {}\n{}", run.code, run.stderr, run.stdout);
     }
-    assert!(finished, "apply never completed after the kills");
+    assert!(
+        finished,
+        "apply never completed after the kills; last: {last_failure}"
+    );
 
     let runs = runs(&s);
     // A kill can land before an apply records its run; most land later.

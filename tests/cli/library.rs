@@ -93,6 +93,30 @@ fn every_template_starts_a_project_and_rehearses_end_to_end() {
         ("feature-fanout", &["--var", "test_command=true"]),
         ("hello", &[]),
     ];
+    // Each can also be used from another clusterfile (`use = "builtin:<name>"`).
+    for (name, vars) in cases {
+        let mut with = String::new();
+        for pair in vars.chunks(2).map(|c| c[1]) {
+            let (k, v) = pair.split_once('=').unwrap();
+            // Lists and numbers as they are, strings quoted.
+            let v = if v.starts_with('[') || v.parse::<f64>().is_ok() {
+                v.to_string()
+            } else {
+                format!("{v:?}")
+            };
+            with.push_str(&format!("{k} = {v}, "));
+        }
+        let s = Sandbox::new(&format!(
+            "version = 1\n[tasks.t]\nuse = \"builtin:{name}\"\nwith = {{ {} }}\n",
+            with.trim_end_matches(", ")
+        ));
+        let out = s.command(&["validate"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "builtin:{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let listing = ccluster(&project(), &["templates"]);
     assert_eq!(listing.code, 0);
     for (name, vars) in cases {

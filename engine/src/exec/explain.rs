@@ -150,8 +150,8 @@ pub fn explain(
                 })
             })
             .collect();
-        let base = task
-            .has_workspace()
+        // As in `apply`: only a task with a workspace of its own has a `base` key part.
+        let base = (task.workspace != crate::model::raw::WorkspaceMode::None)
             .then(|| context::base_part(run_base.unwrap_or_default(), &inputs));
         let upstream_hash = context::upstream_hash(&needed_refs);
 

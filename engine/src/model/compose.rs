@@ -28,6 +28,8 @@ pub struct ScopeDecl {
     pub defaults: IndexMap<String, Value>,
     /// The template's `[vars]`.
     pub vars: IndexMap<String, Value>,
+    /// Every input the template declares (what its templates may read as `inputs.<name>`).
+    pub declared: Vec<String>,
     /// The scope `with` values are evaluated in: the using template's, or `None` for the
     /// clusterfile itself.
     pub parent: Option<Arc<ScopeDecl>>,
@@ -191,9 +193,18 @@ impl Loader for FileLoader {
     fn load(&mut self, spec: &str, from_dir: &Path) -> Result<(String, String, PathBuf), String> {
         let name = Self::name_of(spec, from_dir);
         if let Some(replay) = &self.replay {
+            // A path template's own relative uses start from its directory, as when it was read.
+            let dir = if spec.starts_with("builtin:") || spec.starts_with("git+") {
+                from_dir.to_path_buf()
+            } else {
+                Path::new(&name)
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default()
+            };
             return replay
                 .get(&name)
-                .map(|t| (name.clone(), t.clone(), from_dir.to_path_buf()))
+                .map(|t| (name.clone(), t.clone(), dir))
                 .ok_or_else(|| format!("the run recorded no template `{name}`"));
         }
         let (text, dir) = if let Some(b) = spec.strip_prefix("builtin:") {
@@ -242,9 +253,11 @@ fn fold_defaults(t: &mut RawTask, d: &super::raw::RawDefaults) {
     fill(&mut t.on_item_failure, &d.on_item_failure);
     fill(&mut t.artifacts, &d.artifacts);
     fill(&mut t.reports, &d.reports);
-    fill(&mut t.workspace, &d.workspace);
-    fill(&mut t.setup, &d.setup);
-    fill(&mut t.copy, &d.copy);
+    if agent || shell {
+        fill(&mut t.workspace, &d.workspace);
+        fill(&mut t.setup, &d.setup);
+        fill(&mut t.copy, &d.copy);
+    }
     if agent || shell {
         for (k, v) in &d.env {
             t.env.entry(k.clone()).or_insert_with(|| v.clone());
@@ -328,6 +341,12 @@ pub fn expand(
             ("prompt", task.prompt.as_ref().map(|s| s.span)),
             ("run", task.run.as_ref().map(|s| s.span)),
             ("map", task.map.as_ref().map(|s| s.span)),
+            ("when", task.when.as_ref().map(|s| s.span)),
+            ("timeout", task.timeout.as_ref().map(|s| s.span)),
+            ("workspace", task.workspace.as_ref().map(|s| s.span)),
+            ("runner", task.runner.as_ref().map(|s| s.span)),
+            ("output_schema", task.output_schema.as_ref().map(|s| s.span)),
+            ("env", task.env.values().map(|v| v.span).min()),
         ] {
             if let Some(span) = given {
                 diags.push(
@@ -502,6 +521,7 @@ pub fn expand(
                 .iter()
                 .map(|(k, v)| (k.clone(), v.value.clone()))
                 .collect(),
+            declared: declared.keys().cloned().collect(),
             parent: parent.clone(),
         });
         chain.push(name.clone());

@@ -1529,14 +1529,7 @@ fn check_templates(workflow: &Workflow, raw: &RawClusterfile, diags: &mut Vec<Di
             .collect();
         let all_scoped: Vec<&str> = all_ids.iter().map(String::as_str).collect();
         let scoped_inputs: Vec<&str> = origin
-            .map(|o| {
-                o.scope
-                    .with
-                    .keys()
-                    .chain(o.scope.defaults.keys())
-                    .map(String::as_str)
-                    .collect()
-            })
+            .map(|o| o.scope.declared.iter().map(String::as_str).collect())
             .unwrap_or_default();
         let scoped_vars: Vec<&str> = origin
             .map(|o| o.scope.vars.keys().map(String::as_str).collect())
