@@ -1500,6 +1500,7 @@ fn check_templates(workflow: &Workflow, raw: &RawClusterfile, diags: &mut Vec<Di
     let inputs: Vec<&str> = workflow.inputs.keys().map(String::as_str).collect();
     let vars: Vec<&str> = workflow.vars.keys().map(String::as_str).collect();
     let all: Vec<&str> = workflow.tasks.iter().map(|t| t.id.as_str()).collect();
+    let mut scoped_ids: HashMap<String, Vec<String>> = HashMap::new();
     for (i, task) in workflow.tasks.iter().enumerate() {
         // A template's task sees the names of its template: its inputs and vars, and its fellow
         // tasks without their `<prefix>.`; its diagnostics point into the template's file.
@@ -1512,22 +1513,43 @@ fn check_templates(workflow: &Workflow, raw: &RawClusterfile, diags: &mut Vec<Di
                 None => Some(id.to_string()),
             }
         };
-        let upstream_ids: Vec<(String, bool)> = ancestors[i]
-            .iter()
-            .filter_map(|&j| {
-                strip(workflow.tasks[j].id.as_str()).map(|id| (id, workflow.tasks[j].is_mapped()))
-            })
-            .collect();
-        let upstream: Vec<(&str, bool)> = upstream_ids
-            .iter()
-            .map(|(id, m)| (id.as_str(), *m))
-            .collect();
-        let all_ids: Vec<String> = workflow
-            .tasks
-            .iter()
-            .filter_map(|t| strip(t.id.as_str()))
-            .collect();
-        let all_scoped: Vec<&str> = all_ids.iter().map(String::as_str).collect();
+        // Ids are copied only for a template's tasks (without their prefix); a plain task borrows.
+        let upstream_ids: Vec<(String, bool)> = match origin {
+            Some(_) => ancestors[i]
+                .iter()
+                .filter_map(|&j| {
+                    strip(workflow.tasks[j].id.as_str())
+                        .map(|id| (id, workflow.tasks[j].is_mapped()))
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let upstream: Vec<(&str, bool)> = match origin {
+            Some(_) => upstream_ids
+                .iter()
+                .map(|(id, m)| (id.as_str(), *m))
+                .collect(),
+            None => ancestors[i]
+                .iter()
+                .map(|&j| (workflow.tasks[j].id.as_str(), workflow.tasks[j].is_mapped()))
+                .collect(),
+        };
+        // The task ids a template's task can name: those of its instance, computed once per
+        // instance (a plain task uses `all`, computed once).
+        if let Some(o) = origin {
+            if !scoped_ids.contains_key(&o.prefix) {
+                let ids = workflow
+                    .tasks
+                    .iter()
+                    .filter_map(|t| strip(t.id.as_str()))
+                    .collect::<Vec<String>>();
+                scoped_ids.insert(o.prefix.clone(), ids);
+            }
+        }
+        let all_scoped: Vec<&str> = origin
+            .and_then(|o| scoped_ids.get(&o.prefix))
+            .map(|ids| ids.iter().map(String::as_str).collect())
+            .unwrap_or_default();
         let scoped_inputs: Vec<&str> = origin
             .map(|o| o.scope.declared.iter().map(String::as_str).collect())
             .unwrap_or_default();
