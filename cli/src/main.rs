@@ -1,6 +1,15 @@
 //! `ccluster`: the command line. Thin by design: arguments, rendering and exit codes; all logic
 //! lives in `ccluster-engine`.
 
+/// Prints a line to stdout; a closed pipe (`ccluster doctor | head -1`) ends the output quietly
+/// instead of panicking like `println!`.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -425,7 +434,7 @@ fn main() -> ExitCode {
             match compile_recording(&file, Stage::Validate, DiagnosticFormat::Human, true) {
                 Ok((_, _, used)) => {
                     let git: Vec<&String> = used.keys().filter(|k| k.starts_with("git+")).collect();
-                    println!(
+                    out!(
                         "{} git template{} resolved and pinned",
                         git.len(),
                         if git.len() == 1 { "" } else { "s" }
@@ -527,7 +536,7 @@ fn doctor() -> u8 {
         if !ok {
             missing += 1;
         }
-        println!("{} {what:<12} {detail}", if ok { "ok  " } else { "MISS" });
+        out!("{} {what:<12} {detail}", if ok { "ok  " } else { "MISS" });
     };
     line(true, "ccluster", env!("CARGO_PKG_VERSION").to_string());
     match agent::find_bin(None) {
@@ -577,7 +586,7 @@ fn doctor() -> u8 {
     if missing == 0 {
         exit::SUCCESS
     } else {
-        println!("(`ccluster apply --rehearse` needs only the claude CLI and git)");
+        out!("(`ccluster apply --rehearse` needs only the claude CLI and git)");
         exit::TASK_FAILED
     }
 }

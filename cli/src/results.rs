@@ -1,6 +1,15 @@
 //! What a run produced, after the fact: `artifacts` (list or print), `report` (Markdown or JSON),
 //! `export` (the result as a patch or a branch) and `gc` (remove what finished runs left in git).
 
+/// Prints a line to stdout; a closed pipe (`ccluster doctor | head -1`) ends the output quietly
+/// instead of panicking like `println!`.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -272,7 +281,7 @@ pub fn export(dir: &Path, run: Option<&str>, patch: Option<&Path>, branch: Optio
 /// worktrees of failed attempts when the run says `keep_failed`, and everything of a live run.
 pub fn gc(dir: &Path, dry_run: bool) -> u8 {
     if !dir.join("db").exists() {
-        println!("nothing to collect in {}", dir.display());
+        out!("nothing to collect in {}", dir.display());
         return exit::SUCCESS;
     }
     // The writer lock: no run may start while its worktrees are being removed.
@@ -358,12 +367,12 @@ pub fn gc(dir: &Path, dry_run: bool) -> u8 {
             let _ = workspace::git_sync(Path::new(root), &["worktree", "prune"]);
         }
     }
-    println!(
+    out!(
         "{} {worktrees} worktrees and {branches} branches of finished runs",
         if dry_run { "would remove" } else { "removed" }
     );
     for k in kept {
-        println!("kept result branch {k}");
+        out!("kept result branch {k}");
     }
     exit::SUCCESS
 }

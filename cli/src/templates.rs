@@ -1,6 +1,15 @@
 //! The shipped workflows from the command line: `templates` lists them, `init` starts a
 //! clusterfile from one.
 
+/// Prints a line to stdout; a closed pipe (`ccluster doctor | head -1`) ends the output quietly
+/// instead of panicking like `println!`.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 use std::io::Write;
 use std::path::Path;
 
@@ -100,11 +109,11 @@ pub fn init(dir: &Path, template: Option<&str>, force: bool) -> u8 {
             return exit::INVALID_INPUT;
         }
     }
-    println!("wrote {} (and .ccluster/ in .gitignore)", path.display());
-    println!("next:");
-    println!("  ccluster validate            # check it");
-    println!("  ccluster plan                # see the tasks it makes");
-    println!("  ccluster apply --rehearse    # run it against the scripted model: free, no key");
-    println!("  ccluster apply               # run it for real");
+    out!("wrote {} (and .ccluster/ in .gitignore)", path.display());
+    out!("next:");
+    out!("  ccluster validate            # check it");
+    out!("  ccluster plan                # see the tasks it makes");
+    out!("  ccluster apply --rehearse    # run it against the scripted model: free, no key");
+    out!("  ccluster apply               # run it for real");
     exit::SUCCESS
 }

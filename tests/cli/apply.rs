@@ -869,3 +869,20 @@ run = "test -f fixed"
         String::from_utf8_lossy(&retried.stderr)
     );
 }
+
+#[test]
+fn commands_that_print_end_quietly_on_a_closed_pipe() {
+    // `ccluster doctor | head -1`: the reader goes away; ccluster must not panic.
+    for args in [&["doctor"][..], &["templates"][..]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ccluster"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
