@@ -337,7 +337,13 @@ fn main() -> ExitCode {
             script,
             run,
             state,
-        } => match compile_recording(&file, Stage::Plan, DiagnosticFormat::Human, false) {
+        } => match compile_recording(
+            &file,
+            Stage::Plan,
+            DiagnosticFormat::Human,
+            Some(&state.dir(Some(&file.file))),
+            false,
+        ) {
             Ok((source, compiled, templates)) => {
                 let rehearse = match (rehearse, script) {
                     (false, _) => None,
@@ -431,7 +437,7 @@ fn main() -> ExitCode {
         Command::Doctor => doctor(),
         Command::Templates => templates::list(),
         Command::Update { file } => {
-            match compile_recording(&file, Stage::Validate, DiagnosticFormat::Human, true) {
+            match compile_recording(&file, Stage::Validate, DiagnosticFormat::Human, None, true) {
                 Ok((_, _, used)) => {
                     let git: Vec<&String> = used.keys().filter(|k| k.starts_with("git+")).collect();
                     out!(
@@ -659,7 +665,11 @@ fn input_args(file: &FileArgs) -> Result<InputArgs, String> {
 /// Compiles, printing diagnostics; returns the compilation when it has no errors.
 /// The template loader of a clusterfile: `git+` templates are fetched into the state directory
 /// and pinned in `clusterfile.lock` beside the clusterfile.
-fn loader_for(clusterfile: &std::path::Path, refresh: bool) -> Result<FileLoader, u8> {
+fn loader_for(
+    clusterfile: &std::path::Path,
+    state_dir: Option<&std::path::Path>,
+    refresh: bool,
+) -> Result<FileLoader, u8> {
     let dir = clusterfile
         .parent()
         .map(std::path::Path::to_path_buf)
@@ -668,8 +678,9 @@ fn loader_for(clusterfile: &std::path::Path, refresh: bool) -> Result<FileLoader
         eprintln!("error: {e}");
         exit::INVALID_INPUT
     })?;
-    let state = std::env::var_os("CCLUSTER_STATE_DIR")
-        .map(PathBuf::from)
+    let state = state_dir
+        .map(std::path::Path::to_path_buf)
+        .or_else(|| std::env::var_os("CCLUSTER_STATE_DIR").map(PathBuf::from))
         .unwrap_or_else(|| ccluster_engine::exec::default_state_dir(clusterfile));
     Ok(FileLoader {
         cache: Some(state.join("templates")),
@@ -702,7 +713,7 @@ fn compile(
     stage: Stage,
     format: DiagnosticFormat,
 ) -> Result<(SourceFile, ccluster_engine::Compiled), u8> {
-    compile_recording(file, stage, format, false).map(|(s, c, _)| (s, c))
+    compile_recording(file, stage, format, None, false).map(|(s, c, _)| (s, c))
 }
 
 /// Compiles, and returns the texts of the templates it used (for the run record). `refresh`
@@ -711,6 +722,7 @@ fn compile_recording(
     file: &FileArgs,
     stage: Stage,
     format: DiagnosticFormat,
+    state_dir: Option<&std::path::Path>,
     refresh: bool,
 ) -> Result<
     (
@@ -725,7 +737,7 @@ fn compile_recording(
         exit::INVALID_INPUT
     })?;
     let name = file.file.display().to_string();
-    let mut loader = loader_for(&file.file, refresh)?;
+    let mut loader = loader_for(&file.file, state_dir, refresh)?;
     let (source, result) = compile_file_with(&file.file, &name, &args, stage, &mut loader)
         .map_err(|e| {
             eprintln!("error: cannot read `{name}`: {e}");
@@ -736,6 +748,13 @@ fn compile_recording(
             }
             exit::INVALID_INPUT
         })?;
+    if refresh {
+        // `update`: the lock holds what the clusterfile uses now, nothing else.
+        let before = loader.lock.len();
+        let used = loader.served.clone();
+        loader.lock.retain(|spec, _| used.contains_key(spec));
+        loader.lock_changed |= loader.lock.len() != before;
+    }
     save_lock(&file.file, &loader)?;
     match result {
         Ok(compiled) => {

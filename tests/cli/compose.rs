@@ -163,6 +163,11 @@ fn a_git_template_is_pinned_in_the_lock_file_until_update() {
         output(&s.status(), "x"),
         serde_json::json!({ "said": "v2 me" })
     );
+    // A template no longer used leaves the lock at the next `update`.
+    s.write("version = 1\n[tasks.y]\nrun = \"true\"\n");
+    assert!(s.command(&["update"]).output().unwrap().status.success());
+    let lock = std::fs::read_to_string(s.path().join("clusterfile.lock")).unwrap();
+    assert!(!lock.contains("say.toml"), "{lock}");
 }
 
 #[test]
