@@ -325,3 +325,19 @@ fn nested_templates_resolve_relative_to_each_other_also_on_retry() {
     );
     assert_eq!(output(&s.status(), "o.i.echo"), "7");
 }
+
+#[test]
+fn a_rendered_with_value_is_checked_against_the_input_type() {
+    let s = Sandbox::new(
+        "version = 1\n[inputs.n]\ntype = \"string\"\ndefault = \"abc\"\n[tasks.t]\nuse = \"./lib/writer.toml\"\nwith = { text = \"x\", copies = \"{{ inputs.n }}\" }\n",
+    );
+    std::fs::create_dir_all(s.path().join("lib")).unwrap();
+    std::fs::write(s.path().join("lib/writer.toml"), WRITER).unwrap();
+    let out = s.command(&["plan"]).env("NO_COLOR", "1").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("`copies` of template `lib/writer.toml` is a number, but its `with` value gives \"abc\""),
+        "{stderr}"
+    );
+}

@@ -82,7 +82,8 @@ fn kill_9_at_random_moments_never_loses_or_repeats_finished_work() {
     eprintln!("{kills} kills landed mid-run");
     let mut finished = false;
     let mut last_failure = String::new();
-    for _ in 0..5 {
+    // "Apply until done": each apply takes over the state the last one left.
+    for _ in 0..8 {
         let run = s.apply(&["--jobs", "4"]);
         if run.code == 0 {
             finished = true;

@@ -30,6 +30,10 @@ pub struct ScopeDecl {
     pub vars: IndexMap<String, Value>,
     /// Every input the template declares (what its templates may read as `inputs.<name>`).
     pub declared: Vec<String>,
+    /// Their types, to check `with` values once rendered.
+    pub types: IndexMap<String, InputType>,
+    /// The template's name, for messages.
+    pub template: String,
     /// The scope `with` values are evaluated in: the using template's, or `None` for the
     /// clusterfile itself.
     pub parent: Option<Arc<ScopeDecl>>,
@@ -522,6 +526,8 @@ pub fn expand(
                 .map(|(k, v)| (k.clone(), v.value.clone()))
                 .collect(),
             declared: declared.keys().cloned().collect(),
+            types: declared.iter().map(|(k, d)| (k.clone(), d.2)).collect(),
+            template: name.clone(),
             parent: parent.clone(),
         });
         chain.push(name.clone());

@@ -349,6 +349,23 @@ impl<'e, 'w> Renderer<'e, 'w> {
                 }
                 _ => v.clone(),
             };
+            // A rendered value must still be of the input's type.
+            if let Some(ty) = decl.types.get(k) {
+                if !value.is_null() && !ty.accepts(&value) {
+                    diags.push(
+                        Diagnostic::error(
+                            Category::Template,
+                            "parameter-type",
+                            format!(
+                                "`{k}` of template `{}` is a {}, but its `with` value gives {value}",
+                                decl.template,
+                                ty.name()
+                            ),
+                        )
+                        .help(format!("pass a {} for `{k}`", ty.name())),
+                    );
+                }
+            }
             out.insert(k.clone(), value);
         }
         out
