@@ -636,3 +636,56 @@ fn without_rehearsal_workers_use_the_users_credentials_which_never_reach_the_sta
         );
     }
 }
+
+#[test]
+fn an_agent_resolves_merge_conflicts_and_its_cost_is_the_merges() {
+    // Two agents write the same file; the merge hands the conflict to a resolving agent, scripted
+    // to write the resolution (the merge task's script is the resolver's).
+    let s = repo(
+        r#"version = 1
+[tasks.edit]
+map = ["one", "two"]
+prompt = "write {{ item }}"
+
+[tasks.join]
+needs = ["edit"]
+merge = { strategy = "git", on_conflict = "agent" }
+"#,
+    );
+    std::fs::write(
+        s.path().join("script.toml"),
+        r#"[tasks."edit[0]"]
+turns = [{ tools = [{ name = "Write", input = { file_path = "{{cwd}}/shared.txt", content = "one\n" } }] }, { text = "wrote one" }]
+[tasks."edit[1]"]
+turns = [{ tools = [{ name = "Write", input = { file_path = "{{cwd}}/shared.txt", content = "two\n" } }] }, { text = "wrote two" }]
+[tasks.join]
+turns = [{ tools = [{ name = "Write", input = { file_path = "{{cwd}}/shared.txt", content = "one\ntwo\n" } }] }, { text = "resolved" }]
+"#,
+    )
+    .unwrap();
+    let done = rehearse(&s, &["--script", "script.toml"]);
+    assert_eq!(done.code, 0, "{}\n{}", done.stdout, done.stderr);
+    let status = s.status();
+    let join = task(&status, "join");
+    assert!(join["cost_usd"].as_f64().unwrap() > 0.0, "{join}");
+    let run = status["run"]["id"].as_str().unwrap();
+    assert_eq!(
+        git(
+            s.path(),
+            &["show", &format!("ccluster/{run}/join:shared.txt")]
+        ),
+        "one\ntwo\n"
+    );
+    let report = s.command(&["report", "--format", "json"]).output().unwrap();
+    let report: Value = serde_json::from_slice(&report.stdout).unwrap();
+    let join = report["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["node"] == "join")
+        .unwrap();
+    assert!(join["conflicts"][0]["resolved_by"]
+        .as_str()
+        .unwrap()
+        .contains("claude"));
+}

@@ -306,6 +306,25 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// Both usages together (an attempt's worker and its merge's resolving agents).
+    pub fn plus(a: Option<Usage>, b: Option<&Usage>) -> Option<Usage> {
+        match (a, b) {
+            (None, None) => None,
+            (Some(a), None) => Some(a),
+            (None, Some(b)) => Some(b.clone()),
+            (Some(mut a), Some(b)) => {
+                a.input_tokens += b.input_tokens;
+                a.output_tokens += b.output_tokens;
+                a.cache_read_input_tokens += b.cache_read_input_tokens;
+                a.cache_creation_input_tokens += b.cache_creation_input_tokens;
+                a.cost_usd += b.cost_usd;
+                a.turns += b.turns;
+                a.duration_ms += b.duration_ms;
+                Some(a)
+            }
+        }
+    }
+
     pub fn tokens(&self) -> u64 {
         self.input_tokens
             + self.output_tokens

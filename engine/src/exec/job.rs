@@ -130,6 +130,12 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
         }
     };
     record.worktree = Some(ws.path.display().to_string());
+    // What resolving agents spent: it counts as the attempt's.
+    let mut resolvers: Option<crate::agent::Usage> = None;
+    let spent = |mut r: JobResult, resolvers: &Option<crate::agent::Usage>| {
+        r.usage = crate::agent::Usage::plus(r.usage.take(), resolvers.as_ref());
+        r
+    };
     for (i, input) in ws.merge.iter().enumerate() {
         let mut conflict = match workspace::merge_one(ws, input, &ws.merge[..i]).await {
             Ok(MergeStep::Merged) => continue,
@@ -188,7 +194,24 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
             }
         }
         let command = resolver.command.clone();
-        let end = runner.run(resolver, stop.clone()).await.end;
+        let end = if resolver.argv.is_some() {
+            // An agent: its stream-json gives what it spent.
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+            resolver.lines = Some(tx);
+            let process = runner.run(resolver, stop.clone());
+            let read = async {
+                let mut t = crate::agent::Transcript::default();
+                while let Some(line) = rx.recv().await {
+                    t.feed(&line);
+                }
+                t
+            };
+            let (process, transcript) = tokio::join!(process, read);
+            resolvers = crate::agent::Usage::plus(resolvers, transcript.usage().as_ref());
+            process.end
+        } else {
+            runner.run(resolver, stop.clone()).await.end
+        };
         if end != ProcessEnd::Exited(0) {
             let message = format!(
                 "merging `{}` conflicts, and the resolver `{command}` failed ({}):\n{}",
@@ -205,12 +228,18 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
                 },
                 stdout: Vec::new(),
             };
-            return fail(record, process, FailureClass::MergeConflict, message);
+            return spent(
+                fail(record, process, FailureClass::MergeConflict, message),
+                &resolvers,
+            );
         }
         if let Err(e) = workspace::conclude_merge(ws, &conflict).await {
             let message = format!("merging `{}` conflicts: {e}", input.node);
             record.conflicts.push(conflict);
-            return fail(record, no_process(), FailureClass::MergeConflict, message);
+            return spent(
+                fail(record, no_process(), FailureClass::MergeConflict, message),
+                &resolvers,
+            );
         }
         conflict.resolved_by = Some(format!("run: {command}"));
         record.conflicts.push(conflict);
@@ -221,7 +250,12 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
         None => ws.start.clone(),
         Some(_) => match workspace::head(ws).await {
             Ok(c) => c,
-            Err(e) => return fail(record, no_process(), FailureClass::SetupError, e),
+            Err(e) => {
+                return spent(
+                    fail(record, no_process(), FailureClass::SetupError, e),
+                    &resolvers,
+                )
+            }
         },
     };
     record.base = Some(start.clone());
@@ -237,11 +271,14 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
                 },
                 stdout: Vec::new(),
             };
-            return fail(
-                record,
-                process,
-                FailureClass::SetupError,
-                format!("setup `{command}` failed: {}", describe_end(&end)),
+            return spent(
+                fail(
+                    record,
+                    process,
+                    FailureClass::SetupError,
+                    format!("setup `{command}` failed: {}", describe_end(&end)),
+                ),
+                &resolvers,
             );
         }
     }
@@ -292,7 +329,7 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
         record.worktree = None;
     }
     result.artifacts = Some(record);
-    result
+    spent(result, &resolvers)
 }
 
 /// Runs the task's command (or nothing, for a merge) and reads its output: a shell task's from
