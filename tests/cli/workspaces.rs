@@ -576,3 +576,20 @@ fn copied_files_are_never_committed() {
         "the copied .env was committed: {files}"
     );
 }
+
+#[test]
+fn a_copy_workspace_publishes_its_commit_like_a_worktree() {
+    let s = repo(
+        "version = 1\n[tasks.c]\nworkspace = \"copy\"\nrun = \"echo copied > c.txt\"\n\n[tasks.after]\nneeds = [\"c\"]\nrun = \"cat c.txt\"\n",
+    );
+    let done = s.apply(&[]);
+    assert_eq!(done.code, 0, "{}\n{}", done.stdout, done.stderr);
+    assert_eq!(task(&s.status(), "after")["output"], "copied");
+    let run = run_id(&s);
+    assert_eq!(
+        git(s.path(), &["show", &format!("ccluster/{run}/c:c.txt")]),
+        "copied\n"
+    );
+    // A copy is no worktree of the main repository, and is removed once published.
+    assert!(extra_worktrees(&s).is_empty(), "{:?}", extra_worktrees(&s));
+}
