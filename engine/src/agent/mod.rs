@@ -154,6 +154,8 @@ pub struct Worker<'a> {
     /// `config/` and `tmp/` of this worker live here.
     pub dir: &'a Path,
     pub timeout: Option<Duration>,
+    /// The task's own retries of API failures: when ccluster retries them, the CLI retries less.
+    pub api_retries_by_policy: bool,
     pub auth: &'a Auth,
     /// Under rehearsal: the scripted server's URL and the plan node it should answer as.
     pub rehearsal: Option<(&'a str, &'a str)>,
@@ -243,7 +245,11 @@ impl Worker<'_> {
             .map_or(Duration::from_secs(300), |t| t / 4)
             .clamp(Duration::from_secs(10), Duration::from_secs(600));
         env.push(("API_TIMEOUT_MS".into(), quarter.as_millis().to_string()));
-        env.push(("CLAUDE_CODE_MAX_RETRIES".into(), "3".into()));
+        // The CLI's in-process retries are cheap (no restart); with the quarter-timeout above, 3
+        // retries fit the attempt. When the task's policy retries API failures itself, the CLI
+        // gives up sooner and lets a fresh attempt (with backoff) take over.
+        let retries = if self.api_retries_by_policy { "2" } else { "3" };
+        env.push(("CLAUDE_CODE_MAX_RETRIES".into(), retries.into()));
         env.push((
             "CLAUDE_BYTE_STREAM_IDLE_TIMEOUT_MS".into(),
             quarter

@@ -1213,6 +1213,15 @@ impl Dispatcher<'_> {
                     resume: None,
                     dir: &dir,
                     timeout: plan.timeout_ms.map(Duration::from_millis),
+                    api_retries_by_policy: plan.retry.limit > 0
+                        && plan.retry.on.iter().any(|c| {
+                            matches!(
+                                c,
+                                FailureClass::RateLimit
+                                    | FailureClass::Overloaded
+                                    | FailureClass::ApiError
+                            )
+                        }),
                     auth: &agents.auth,
                     rehearsal: url.as_deref().map(|u| (u, plan.id.as_str())),
                 };
@@ -1285,6 +1294,15 @@ impl Dispatcher<'_> {
                     resume: resume.as_ref().map(|(s, _)| s.as_str()),
                     dir: &dir,
                     timeout: plan.timeout_ms.map(Duration::from_millis),
+                    api_retries_by_policy: plan.retry.limit > 0
+                        && plan.retry.on.iter().any(|c| {
+                            matches!(
+                                c,
+                                FailureClass::RateLimit
+                                    | FailureClass::Overloaded
+                                    | FailureClass::ApiError
+                            )
+                        }),
                     auth: &agents.auth,
                     rehearsal: url.as_deref().map(|u| (u, plan.id.as_str())),
                 };
