@@ -689,3 +689,59 @@ turns = [{ tools = [{ name = "Write", input = { file_path = "{{cwd}}/shared.txt"
         .unwrap()
         .contains("claude"));
 }
+
+#[test]
+fn doctor_reports_the_cli_credentials_and_git_without_secrets() {
+    let s = repo("version = 1\n[tasks.a]\nrun = \"true\"\n");
+    let key = "sk-ant-doctor-secret-42";
+    let ok = s
+        .command(&["doctor"])
+        .env("CCLUSTER_CLAUDE_BIN", claude_bin())
+        .env("ANTHROPIC_API_KEY", key)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert_eq!(ok.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("ok   claude       2.1.331"), "{stdout}");
+    assert!(
+        stdout.contains("ok   credentials  an API key (ANTHROPIC_API_KEY)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("ok   git"), "{stdout}");
+    assert!(stdout.contains("ok   repository"), "{stdout}");
+    assert!(!stdout.contains(key));
+
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = s.command(&["doctor"]);
+    cmd.env("CCLUSTER_CLAUDE_BIN", "/nonexistent/claude")
+        .env("HOME", home.path())
+        .env_remove("CLAUDE_CONFIG_DIR");
+    for var in [
+        "ANTHROPIC_API_KEY",
+        "ANTHROPIC_AUTH_TOKEN",
+        "CLAUDE_CODE_OAUTH_TOKEN",
+        "CLAUDE_CODE_USE_BEDROCK",
+        "CLAUDE_CODE_USE_VERTEX",
+    ] {
+        cmd.env_remove(var);
+    }
+    let missing = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&missing.stdout);
+    assert_eq!(missing.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("MISS claude"), "{stdout}");
+    assert!(stdout.contains("MISS credentials"), "{stdout}");
+
+    // A `claude login` session is found in the user's config dir (and only named).
+    std::fs::create_dir_all(home.path().join(".claude")).unwrap();
+    std::fs::write(
+        home.path().join(".claude/.credentials.json"),
+        "{\"token\": \"x\"}",
+    )
+    .unwrap();
+    let login = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&login.stdout);
+    assert!(
+        stdout.contains("ok   credentials  the `claude login` session in"),
+        "{stdout}"
+    );
+}
