@@ -163,6 +163,8 @@ struct Group {
     /// What templates of this task see as `tasks`, and the hash of its needs' results: both fixed
     /// once the task is released, so computed once for all its instances.
     upstream: Option<(JinjaValue, String)>,
+    /// The `order` of this task's next record: its plan position, shifted, plus the instance.
+    next_order: u64,
 }
 
 // One per loop turn and short-lived: boxing the large variant would buy nothing.
@@ -411,8 +413,12 @@ impl Dispatcher<'_> {
         let index = wf.task_index();
         let all_ancestors = ancestors(wf);
         let mut first_node: HashMap<&str, &PlannedTask> = HashMap::with_capacity(wf.tasks.len());
-        for node in &compiled.plan.nodes {
+        // Each task's records sort by its place in the plan, a dynamic map's instances included
+        // (they are made later, but belong where their placeholder is).
+        let mut first_pos: HashMap<&str, u64> = HashMap::with_capacity(wf.tasks.len());
+        for (pos, node) in compiled.plan.nodes.iter().enumerate() {
             first_node.entry(node.task.as_str()).or_insert(node);
+            first_pos.entry(node.task.as_str()).or_insert(pos as u64);
         }
         for (i, task) in wf.tasks.iter().enumerate() {
             // A task mapped over an empty list has no plan node: it still takes part (it succeeds).
@@ -451,6 +457,7 @@ impl Dispatcher<'_> {
                 template,
                 settled_nodes: 0,
                 upstream: None,
+                next_order: first_pos.get(task.id.as_str()).copied().unwrap_or(0) << 32,
             });
         }
         for g in 0..self.groups.len() {
@@ -489,7 +496,8 @@ impl Dispatcher<'_> {
     }
 
     fn add_node(&mut self, group: usize, plan: PlannedTask) -> Result<usize, ApplyError> {
-        let order = self.nodes.len() as u64;
+        let order = self.groups[group].next_order;
+        self.groups[group].next_order += 1;
         let record = TaskRecord {
             node: plan.id.clone(),
             task: plan.task.clone(),
