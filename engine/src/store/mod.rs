@@ -168,6 +168,9 @@ impl Store {
             dir: dir.to_path_buf(),
             source,
         };
+        if writer {
+            discard_unfinished_snapshots(&dir.join("db"));
+        }
         let start = std::time::Instant::now();
         // Two readers may race for sled's own file lock: the loser waits its turn.
         let db = loop {
@@ -399,6 +402,24 @@ impl Store {
     }
 }
 
+/// sled 0.34 writes a snapshot to `snap.<lsn>.generating`, syncs it and renames it to
+/// `snap.<lsn>`: the rename is what makes it valid. A process killed before the rename leaves the
+/// partial file, and sled then reads it as the newest snapshot and refuses to open ("Read
+/// corrupted data", spacejam/sled#1527). Such a file is never valid, so the exclusive writer
+/// removes it before opening.
+fn discard_unfinished_snapshots(db: &Path) {
+    let Ok(entries) = std::fs::read_dir(db) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 impl Drop for Store {
     /// A clean exit empties the lock file, so a pid found there later means a writer died.
     fn drop(&mut self) {
@@ -450,6 +471,44 @@ mod tests {
             Err(StoreError::NewerFormat { found, .. }) => assert_eq!(found, FORMAT_VERSION + 1),
             other => panic!("expected NewerFormat, got {:?}", other.err()),
         }
+    }
+
+    #[test]
+    fn an_unfinished_snapshot_left_by_a_kill_does_not_stop_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .put_run(&RunRecord {
+                    id: "r1".into(),
+                    workflow: "w".into(),
+                    clusterfile: "c".into(),
+                    state: RunState::Succeeded,
+                    pid: 1,
+                    started_ms: 1,
+                    finished_ms: Some(2),
+                    inputs: serde_json::Value::Null,
+                    source: String::new(),
+                    repo: None,
+                    base: None,
+                    result: None,
+                    keep_failed: false,
+                    templates: Default::default(),
+                    rehearsed: false,
+                })
+                .unwrap();
+            store.commit().unwrap();
+        }
+        // What a kill during sled's snapshot writing leaves: a partial, newest-looking snapshot.
+        std::fs::write(
+            dir.path()
+                .join("db")
+                .join("snap.7FFFFFFFFFFFFFFF.generating"),
+            b"partial snapshot bytes",
+        )
+        .unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.runs().unwrap().len(), 1);
     }
 
     #[test]
