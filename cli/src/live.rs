@@ -101,6 +101,10 @@ impl EventSink for LiveView {
                 }
                 return;
             }
+            Event::Warning { .. } => {
+                let _ = self.multi.println(line);
+                return;
+            }
             Event::TaskRetrying { task, .. } => self.finish(task, line),
             Event::TaskSucceeded { task, .. } | Event::TaskCached { task, .. } => {
                 self.done += 1;

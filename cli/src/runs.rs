@@ -83,7 +83,8 @@ pub fn describe(event: &Event) -> String {
         Event::TaskSkipped { task, reason, .. } => format!("skip    {task}: {reason}"),
         Event::TaskCancelled { task, reason, .. } => format!("cancel  {task}: {reason}"),
         Event::MapExpanded { task, items, .. } => format!("map     {task}: {items} instances"),
-        Event::TaskProgress { task, kind, detail, .. } => format!("  ·     {task}: {kind} {detail}"),
+                Event::TaskProgress { task, kind, detail, .. } => format!("  ·     {task}: {kind} {detail}"),
+        Event::Warning { task, message, .. } => format!("warning {task}: {message}"),
         Event::RunFinished { run, state, succeeded, cached, failed, skipped, cancelled, duration_ms, .. } => format!(
             "run {run} {} in {}: {succeeded} succeeded, {cached} cached, {failed} failed, {skipped} skipped, {cancelled} cancelled",
             state_word(state),
@@ -104,6 +105,7 @@ fn event_time(event: &Event) -> u64 {
         | Event::TaskCancelled { time_ms, .. }
         | Event::MapExpanded { time_ms, .. }
         | Event::TaskProgress { time_ms, .. }
+        | Event::Warning { time_ms, .. }
         | Event::RunFinished { time_ms, .. } => *time_ms,
     }
 }

@@ -593,3 +593,33 @@ fn a_copy_workspace_publishes_its_commit_like_a_worktree() {
     // A copy is no worktree of the main repository, and is removed once published.
     assert!(extra_worktrees(&s).is_empty(), "{:?}", extra_worktrees(&s));
 }
+
+#[test]
+fn apply_warns_when_a_dynamic_fan_out_is_told_to_touch_the_same_paths() {
+    let s = repo(
+        r#"version = 1
+[tasks.parts]
+output = "json"
+run = "echo '[{\"files\": [\"src/a.rs\"]}, {\"files\": [\"src/b.rs\"]}, {\"files\": [\"src/a.rs\", \"docs/\"]}]'"
+
+[tasks.edit]
+needs = ["parts"]
+map = "{{ tasks.parts.output }}"
+touches = ["{{ item.files | tojson }}"]
+run = "true"
+"#,
+    );
+    let done = s.apply(&[]);
+    assert_eq!(done.code, 0, "{}", done.stderr);
+    let warnings = done.of("warning");
+    assert_eq!(warnings.len(), 1, "{}", done.stdout);
+    assert_eq!(warnings[0]["task"], "edit");
+    assert!(
+        warnings[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("instances `edit[0]` and `edit[2]` are told to change `src/a.rs`"),
+        "{}",
+        done.stdout
+    );
+}

@@ -116,6 +116,22 @@ impl RunScope {
         }
     }
 
+    /// The paths a node's `touches` name at run time: each entry rendered; an entry that renders to
+    /// a JSON list of strings (`"{{ item.files | tojson }}"`) names each of them.
+    pub fn touches(&self, node: &PlannedTask, ctx: &JinjaValue) -> Vec<String> {
+        let mut out = Vec::new();
+        for t in &node.touches {
+            let Ok(text) = self.text(t, Some(ctx)) else {
+                continue;
+            };
+            match serde_json::from_str::<Vec<String>>(&text) {
+                Ok(list) => out.extend(list),
+                Err(_) => out.push(text),
+            }
+        }
+        out
+    }
+
     fn text(&self, text: &Text, ctx: Option<&JinjaValue>) -> Result<String, String> {
         match (&text.rendered, ctx) {
             (Some(done), _) => Ok(done.clone()),

@@ -731,10 +731,51 @@ impl Dispatcher<'_> {
         self.dirty = true;
         self.events.push(Event::MapExpanded {
             run: self.run.id.clone(),
-            task: id,
+            task: id.clone(),
             items: items.len(),
             time_ms: now_ms(),
         });
+        // What `plan` could not know: do the instances say they will change the same paths?
+        if !template.touches.is_empty() {
+            let nodes = self.groups[group].nodes.clone();
+            let touched: Vec<(String, Vec<String>)> = nodes
+                .iter()
+                .map(|&n| {
+                    let plan = &self.nodes[n].plan;
+                    let ctx = self.scope.context(plan, &tasks, 1);
+                    (plan.id.clone(), self.scope.touches(plan, &ctx))
+                })
+                .collect();
+            let mut reported = 0;
+            for (i, (a, pa)) in touched.iter().enumerate() {
+                for (b, pb) in &touched[i + 1..] {
+                    let Some((x, y)) = pa
+                        .iter()
+                        .flat_map(|x| pb.iter().map(move |y| (x, y)))
+                        .find(|(x, y)| crate::plan::paths_overlap(x, y))
+                    else {
+                        continue;
+                    };
+                    reported += 1;
+                    if reported > 3 {
+                        continue;
+                    }
+                    let what = if x == y {
+                        format!("`{x}`")
+                    } else {
+                        format!("`{x}` and `{y}`")
+                    };
+                    self.events.push(Event::Warning {
+                        run: self.run.id.clone(),
+                        task: id.clone(),
+                        message: format!(
+                            "instances `{a}` and `{b}` are told to change {what}: their branches may conflict when merged"
+                        ),
+                        time_ms: now_ms(),
+                    });
+                }
+            }
+        }
         Ok(())
     }
 

@@ -75,6 +75,14 @@ pub enum Event {
         detail: String,
         time_ms: u64,
     },
+    /// Something worth knowing that stops nothing: instances of a fan-out told to change the same
+    /// paths (known only once a dynamic map is expanded).
+    Warning {
+        run: String,
+        task: String,
+        message: String,
+        time_ms: u64,
+    },
     MapExpanded {
         run: String,
         task: String,

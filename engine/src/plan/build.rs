@@ -614,7 +614,7 @@ fn warn_if_empty(items: &[Value], task: &Task, diags: &mut Vec<Diagnostic>) {
 
 /// Whether two `touches` entries can name the same file: equal, one a directory of the other, or
 /// one a glob that matches the other.
-fn paths_overlap(a: &str, b: &str) -> bool {
+pub fn paths_overlap(a: &str, b: &str) -> bool {
     let a = a.trim_end_matches('/');
     let b = b.trim_end_matches('/');
     let inside = |x: &str, dir: &str| x.strip_prefix(dir).is_some_and(|r| r.starts_with('/'));
