@@ -1488,9 +1488,16 @@ impl Dispatcher<'_> {
             .join(&self.run.id)
             .join("workers");
         let file_name = format!("{}.{attempt}", node_file_name(&plan.id));
-        for dir in [file_name.clone(), format!("{file_name}.resolve")] {
-            let _ =
-                std::fs::remove_file(workers.join(dir).join("config").join(".credentials.json"));
+        let mut dirs = vec![
+            workers.join(&file_name),
+            workers.join(format!("{file_name}.resolve")),
+        ];
+        // A resumed attempt works in its predecessor's directory.
+        if let Some((_, dir)) = &self.nodes[node].session {
+            dirs.push(dir.clone());
+        }
+        for dir in dirs {
+            let _ = std::fs::remove_file(dir.join("config").join(".credentials.json"));
         }
         let mut usage = result.usage.clone();
         if let Some(u) = usage.as_mut() {
