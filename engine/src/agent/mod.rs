@@ -154,8 +154,8 @@ pub struct Worker<'a> {
     /// `config/` and `tmp/` of this worker live here.
     pub dir: &'a Path,
     pub timeout: Option<Duration>,
-    /// The task's own retries of API failures: when ccluster retries them, the CLI retries less.
-    pub api_retries_by_policy: bool,
+    /// The task's retry policy: when it retries API failures itself, the CLI retries less.
+    pub retry: &'a crate::model::workflow::RetryPolicy,
     pub auth: &'a Auth,
     /// Under rehearsal: the scripted server's URL and the plan node it should answer as.
     pub rehearsal: Option<(&'a str, &'a str)>,
@@ -248,7 +248,14 @@ impl Worker<'_> {
         // The CLI's in-process retries are cheap (no restart); with the quarter-timeout above, 3
         // retries fit the attempt. When the task's policy retries API failures itself, the CLI
         // gives up sooner and lets a fresh attempt (with backoff) take over.
-        let retries = if self.api_retries_by_policy { "2" } else { "3" };
+        let policy_retries_api = self.retry.limit > 0
+            && self.retry.on.iter().any(|c| {
+                matches!(
+                    c,
+                    FailureClass::RateLimit | FailureClass::Overloaded | FailureClass::ApiError
+                )
+            });
+        let retries = if policy_retries_api { "2" } else { "3" };
         env.push(("CLAUDE_CODE_MAX_RETRIES".into(), retries.into()));
         env.push((
             "CLAUDE_BYTE_STREAM_IDLE_TIMEOUT_MS".into(),

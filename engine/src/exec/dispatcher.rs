@@ -746,34 +746,19 @@ impl Dispatcher<'_> {
                     (plan.id.clone(), self.scope.touches(plan, &ctx))
                 })
                 .collect();
-            let mut reported = 0;
-            for (i, (a, pa)) in touched.iter().enumerate() {
-                for (b, pb) in &touched[i + 1..] {
-                    let Some((x, y)) = pa
-                        .iter()
-                        .flat_map(|x| pb.iter().map(move |y| (x, y)))
-                        .find(|(x, y)| crate::plan::paths_overlap(x, y))
-                    else {
-                        continue;
-                    };
-                    reported += 1;
-                    if reported > 3 {
-                        continue;
-                    }
-                    let what = if x == y {
-                        format!("`{x}`")
-                    } else {
-                        format!("`{x}` and `{y}`")
-                    };
-                    self.events.push(Event::Warning {
-                        run: self.run.id.clone(),
-                        task: id.clone(),
-                        message: format!(
-                            "instances `{a}` and `{b}` are told to change {what}: their branches may conflict when merged"
-                        ),
-                        time_ms: now_ms(),
-                    });
-                }
+            let touched: Vec<(&str, Vec<&str>)> = touched
+                .iter()
+                .map(|(n, paths)| (n.as_str(), paths.iter().map(String::as_str).collect()))
+                .collect();
+            for (a, b, what) in crate::plan::overlaps(&touched) {
+                self.events.push(Event::Warning {
+                    run: self.run.id.clone(),
+                    task: id.clone(),
+                    message: format!(
+                        "instances `{a}` and `{b}` are told to change {what}: their branches may conflict when merged"
+                    ),
+                    time_ms: now_ms(),
+                });
             }
         }
         Ok(())
@@ -1033,21 +1018,7 @@ impl Dispatcher<'_> {
                 .filter(|&&n| self.nodes[n].record.state.is_success())
                 .map(|&n| self.nodes[n].record.output.clone().unwrap_or(Value::Null))
                 .collect();
-            let now = now_ms();
-            let n = &mut self.nodes[node];
-            n.record.attempts = attempt;
-            n.record.started_ms = Some(now);
-            n.record.finished_ms = Some(now);
-            n.record.state = TaskState::Succeeded;
-            n.record.output = Some(Value::Array(outputs));
-            self.events.push(Event::TaskSucceeded {
-                run: self.run.id.clone(),
-                task: plan.id.clone(),
-                attempt,
-                duration_ms: 0,
-                time_ms: now,
-            });
-            self.succeeded(node)?;
+            self.succeed_at_once(node, attempt, Value::Array(outputs), None)?;
             return Ok(None);
         }
         if let PlannedAction::Outputs { values, result } = &plan.action {
@@ -1079,22 +1050,7 @@ impl Dispatcher<'_> {
                 self.cached_refs
                     .push((format!("refs/heads/{branch}"), c.clone()));
             }
-            let now = now_ms();
-            let n = &mut self.nodes[node];
-            n.record.attempts = attempt;
-            n.record.started_ms = Some(now);
-            n.record.finished_ms = Some(now);
-            n.record.state = TaskState::Succeeded;
-            n.record.output = Some(Value::Object(out));
-            n.record.commit = commit;
-            self.events.push(Event::TaskSucceeded {
-                run: self.run.id.clone(),
-                task: plan.id.clone(),
-                attempt,
-                duration_ms: 0,
-                time_ms: now,
-            });
-            self.succeeded(node)?;
+            self.succeed_at_once(node, attempt, Value::Object(out), commit)?;
             return Ok(None);
         }
         let is_agent = matches!(plan.action, PlannedAction::Agent { .. });
@@ -1262,15 +1218,7 @@ impl Dispatcher<'_> {
                     resume: None,
                     dir: &dir,
                     timeout: plan.timeout_ms.map(Duration::from_millis),
-                    api_retries_by_policy: plan.retry.limit > 0
-                        && plan.retry.on.iter().any(|c| {
-                            matches!(
-                                c,
-                                FailureClass::RateLimit
-                                    | FailureClass::Overloaded
-                                    | FailureClass::ApiError
-                            )
-                        }),
+                    retry: &plan.retry,
                     auth: &agents.auth,
                     rehearsal: url.as_deref().map(|u| (u, plan.id.as_str())),
                 };
@@ -1343,15 +1291,7 @@ impl Dispatcher<'_> {
                     resume: resume.as_ref().map(|(s, _)| s.as_str()),
                     dir: &dir,
                     timeout: plan.timeout_ms.map(Duration::from_millis),
-                    api_retries_by_policy: plan.retry.limit > 0
-                        && plan.retry.on.iter().any(|c| {
-                            matches!(
-                                c,
-                                FailureClass::RateLimit
-                                    | FailureClass::Overloaded
-                                    | FailureClass::ApiError
-                            )
-                        }),
+                    retry: &plan.retry,
                     auth: &agents.auth,
                     rehearsal: url.as_deref().map(|u| (u, plan.id.as_str())),
                 };
@@ -1429,6 +1369,33 @@ impl Dispatcher<'_> {
         }))
     }
 
+    /// A node that runs no process (a collect merge, a template instance's outputs) succeeds as
+    /// soon as it is ready.
+    fn succeed_at_once(
+        &mut self,
+        node: usize,
+        attempt: u32,
+        output: Value,
+        commit: Option<String>,
+    ) -> Result<(), ApplyError> {
+        let now = now_ms();
+        let n = &mut self.nodes[node];
+        n.record.attempts = attempt;
+        n.record.started_ms = Some(now);
+        n.record.finished_ms = Some(now);
+        n.record.state = TaskState::Succeeded;
+        n.record.output = Some(output);
+        n.record.commit = commit;
+        self.events.push(Event::TaskSucceeded {
+            run: self.run.id.clone(),
+            task: n.plan.id.clone(),
+            attempt,
+            duration_ms: 0,
+            time_ms: now,
+        });
+        self.succeeded(node)
+    }
+
     /// The branch of a plan node in this run: `ccluster/<run>/edit/2`.
     fn branch_of(&self, node: &str) -> String {
         format!(
@@ -1480,24 +1447,29 @@ impl Dispatcher<'_> {
             self.store.put_artifacts(&self.run.id, &plan.id, record)?;
         }
         // A copied `claude login` credential does not outlive the attempt, whether its worker (or
-        // its merge's resolver) ran or not.
-        let workers = self
-            .store
-            .dir()
-            .join("runs")
-            .join(&self.run.id)
-            .join("workers");
-        let file_name = format!("{}.{attempt}", node_file_name(&plan.id));
-        let mut dirs = vec![
-            workers.join(&file_name),
-            workers.join(format!("{file_name}.resolve")),
-        ];
-        // A resumed attempt works in its predecessor's directory.
-        if let Some((_, dir)) = &self.nodes[node].session {
-            dirs.push(dir.clone());
-        }
-        for dir in dirs {
-            let _ = std::fs::remove_file(dir.join("config").join(".credentials.json"));
+        // its merge's resolver) ran or not. Only a login session is copied: nothing to do else.
+        if matches!(
+            self.agents.as_ref().map(|a| &a.auth),
+            Some(crate::agent::Auth::Subscription(_))
+        ) {
+            let workers = self
+                .store
+                .dir()
+                .join("runs")
+                .join(&self.run.id)
+                .join("workers");
+            let file_name = format!("{}.{attempt}", node_file_name(&plan.id));
+            let mut dirs = vec![
+                workers.join(&file_name),
+                workers.join(format!("{file_name}.resolve")),
+            ];
+            // A resumed attempt works in its predecessor's directory.
+            if let Some((_, dir)) = &self.nodes[node].session {
+                dirs.push(dir.clone());
+            }
+            for dir in dirs {
+                let _ = std::fs::remove_file(dir.join("config").join(".credentials.json"));
+            }
         }
         let mut usage = result.usage.clone();
         if let Some(u) = usage.as_mut() {

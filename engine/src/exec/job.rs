@@ -196,17 +196,7 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
         let command = resolver.command.clone();
         let end = if resolver.argv.is_some() {
             // An agent: its stream-json gives what it spent.
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-            resolver.lines = Some(tx);
-            let process = runner.run(resolver, stop.clone());
-            let read = async {
-                let mut t = crate::agent::Transcript::default();
-                while let Some(line) = rx.recv().await {
-                    t.feed(&line);
-                }
-                t
-            };
-            let (process, transcript) = tokio::join!(process, read);
+            let (process, transcript) = run_agent(resolver, &runner, stop.clone(), |_| {}).await;
             resolvers = crate::agent::Usage::plus(resolvers, transcript.usage().as_ref());
             process.end
         } else {
@@ -347,7 +337,7 @@ async fn run_command(
         usage: None,
         process: no_process(),
     };
-    let Some(mut spec) = job.process.clone() else {
+    let Some(spec) = job.process.clone() else {
         result.output = Some(Value::Null);
         return result;
     };
@@ -361,46 +351,31 @@ async fn run_command(
         }
         return result;
     };
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    spec.lines = Some(tx);
-    let cwd = spec
-        .cwd
-        .display()
-        .to_string()
-        .trim_end_matches('/')
-        .to_string();
-    let process = runner.run(spec, stop);
-    let read = async {
-        let mut transcript = crate::agent::Transcript::in_dir(cwd);
-        while let Some(line) = rx.recv().await {
-            for p in transcript.feed(&line) {
-                let (kind, detail) = match p {
-                    crate::agent::Progress::Turn(n) => ("turn", n.to_string()),
-                    crate::agent::Progress::Tool { name, detail } => {
-                        ("tool", format!("{name} {detail}").trim_end().to_string())
-                    }
-                    crate::agent::Progress::Denied { tool, reason } => {
-                        ("denied", format!("{tool}: {reason}"))
-                    }
-                    crate::agent::Progress::ApiRetry {
-                        attempt,
-                        status,
-                        error,
-                    } => ("api_retry", format!("#{attempt} after {status} ({error})")),
-                };
-                let _ = agent.progress.send(super::Event::TaskProgress {
-                    run: agent.run.clone(),
-                    task: agent.node.clone(),
-                    attempt: job.attempt,
-                    kind: kind.into(),
-                    detail,
-                    time_ms: crate::store::now_ms(),
-                });
+    let (process, transcript) = run_agent(spec, runner, stop, |p| {
+        let (kind, detail) = match p {
+            crate::agent::Progress::Turn(n) => ("turn", n.to_string()),
+            crate::agent::Progress::Tool { name, detail } => {
+                ("tool", format!("{name} {detail}").trim_end().to_string())
             }
-        }
-        transcript
-    };
-    let (process, transcript) = tokio::join!(process, read);
+            crate::agent::Progress::Denied { tool, reason } => {
+                ("denied", format!("{tool}: {reason}"))
+            }
+            crate::agent::Progress::ApiRetry {
+                attempt,
+                status,
+                error,
+            } => ("api_retry", format!("#{attempt} after {status} ({error})")),
+        };
+        let _ = agent.progress.send(super::Event::TaskProgress {
+            run: agent.run.clone(),
+            task: agent.node.clone(),
+            attempt: job.attempt,
+            kind: kind.into(),
+            detail,
+            time_ms: crate::store::now_ms(),
+        });
+    })
+    .await;
 
     result.usage = transcript.usage();
     match process.end {
@@ -413,6 +388,36 @@ async fn run_command(
     }
     result.process = process;
     result
+}
+
+/// Runs a `claude` worker, reading its stream-json line by line as it arrives: each progress step
+/// goes to `on_progress`, and the transcript (the result, the usage) comes back with the process.
+async fn run_agent(
+    mut spec: ProcessSpec,
+    runner: &Arc<dyn Runner>,
+    stop: watch::Receiver<Stop>,
+    mut on_progress: impl FnMut(crate::agent::Progress),
+) -> (ProcessResult, crate::agent::Transcript) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    spec.lines = Some(tx);
+    // Tool paths are shown relative to where the worker runs.
+    let cwd = spec
+        .cwd
+        .display()
+        .to_string()
+        .trim_end_matches('/')
+        .to_string();
+    let process = runner.run(spec, stop);
+    let read = async {
+        let mut transcript = crate::agent::Transcript::in_dir(cwd);
+        while let Some(line) = rx.recv().await {
+            for p in transcript.feed(&line) {
+                on_progress(p);
+            }
+        }
+        transcript
+    };
+    tokio::join!(process, read)
 }
 
 fn save_patch(job: &Job, patch: &[u8], record: &mut ArtifactRecord) {

@@ -614,7 +614,7 @@ fn warn_if_empty(items: &[Value], task: &Task, diags: &mut Vec<Diagnostic>) {
 
 /// Whether two `touches` entries can name the same file: equal, one a directory of the other, or
 /// one a glob that matches the other.
-pub fn paths_overlap(a: &str, b: &str) -> bool {
+fn paths_overlap(a: &str, b: &str) -> bool {
     let a = a.trim_end_matches('/');
     let b = b.trim_end_matches('/');
     let inside = |x: &str, dir: &str| x.strip_prefix(dir).is_some_and(|r| r.starts_with('/'));
@@ -623,6 +623,32 @@ pub fn paths_overlap(a: &str, b: &str) -> bool {
             .is_ok_and(|p| p.matches(path) || p.matches(&format!("{path}/x")))
     };
     a == b || inside(a, b) || inside(b, a) || glob(a, b) || glob(b, a)
+}
+
+/// The first (at most three) pairs of instances whose paths overlap, with what they share
+/// (`` `src/a.rs` ``): what `plan` and, for a dynamic map, `apply` warn about.
+pub fn overlaps(instances: &[(&str, Vec<&str>)]) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for (i, (a, pa)) in instances.iter().enumerate() {
+        for (b, pb) in &instances[i + 1..] {
+            let shared = pa
+                .iter()
+                .flat_map(|x| pb.iter().map(move |y| (*x, *y)))
+                .find(|(x, y)| paths_overlap(x, y));
+            if let Some((x, y)) = shared {
+                let what = if x == y {
+                    format!("`{x}`")
+                } else {
+                    format!("`{x}` and `{y}`")
+                };
+                out.push((a.to_string(), b.to_string(), what));
+                if out.len() == 3 {
+                    return out;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Instances of a fan-out told to change the same paths will likely conflict when merged: say so
@@ -643,35 +669,16 @@ fn warn_if_overlapping(task: &Task, instances: &[PlannedTask], diags: &mut Vec<D
             )
         })
         .collect();
-    let mut reported = 0;
-    for (i, (a, pa)) in rendered.iter().enumerate() {
-        for (b, pb) in &rendered[i + 1..] {
-            let Some((x, y)) = pa
-                .iter()
-                .flat_map(|x| pb.iter().map(move |y| (*x, *y)))
-                .find(|(x, y)| paths_overlap(x, y))
-            else {
-                continue;
-            };
-            reported += 1;
-            if reported > 3 {
-                continue;
-            }
-            let what = if x == y {
-                format!("`{x}`")
-            } else {
-                format!("`{x}` and `{y}`")
-            };
-            diags.push(
-                Diagnostic::warning(
-                    Category::TaskKind,
-                    "overlapping-touches",
-                    format!("instances `{a}` and `{b}` of task `{}` are told to change {what}", task.id),
-                )
-                .at(span, "overlapping paths")
-                .help("their branches may conflict when merged: give each instance its own files, or set `on_conflict` on the merge"),
-            );
-        }
+    for (a, b, what) in overlaps(&rendered) {
+        diags.push(
+            Diagnostic::warning(
+                Category::TaskKind,
+                "overlapping-touches",
+                format!("instances `{a}` and `{b}` of task `{}` are told to change {what}", task.id),
+            )
+            .at(span, "overlapping paths")
+            .help("their branches may conflict when merged: give each instance its own files, or set `on_conflict` on the merge"),
+        );
     }
 }
 

@@ -6,7 +6,7 @@ pub mod inputs;
 mod render;
 
 pub use build::{
-    build, paths_overlap, DynamicMap, Plan, PlannedAction, PlannedTask, Summary, Text, WhenState,
+    build, overlaps, DynamicMap, Plan, PlannedAction, PlannedTask, Summary, Text, WhenState,
 };
 pub use inputs::InputArgs;
 pub use render::{to_dot, to_json, to_mermaid, to_text};
