@@ -9,28 +9,14 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::apply::{Applied, Sandbox};
-use crate::support::claude_bin;
+use crate::support::{claude_bin, git, task};
 
 fn repo(clusterfile: &str) -> Sandbox {
     let s = Sandbox::new(clusterfile);
     std::fs::write(s.path().join(".gitignore"), ".ccluster/\n").unwrap();
-    for args in [
-        vec!["init", "-q", "-b", "main"],
-        vec!["add", "-A"],
-        vec!["commit", "-q", "-m", "init"],
-    ] {
-        let ok = Command::new("git")
-            .arg("-C")
-            .arg(s.path())
-            .args(&args)
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@localhost")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@localhost")
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
+    git(s.path(), &["init", "-q", "-b", "main"]);
+    git(s.path(), &["add", "-A"]);
+    git(s.path(), &["commit", "-q", "-m", "init"]);
     s
 }
 
@@ -45,42 +31,12 @@ fn rehearse(s: &Sandbox, extra: &[&str]) -> Applied {
         "1s",
     ];
     args.extend_from_slice(extra);
-    let out = s
-        .command(&args)
-        .env("CCLUSTER_CLAUDE_BIN", claude_bin())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    Applied {
-        code: out.status.code().unwrap_or(-1),
-        events: stdout
-            .lines()
-            .filter(|l| l.starts_with('{'))
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect(),
-        stdout,
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "git {args:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn task<'a>(status: &'a Value, node: &str) -> &'a Value {
-    status["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["node"] == node)
-        .unwrap_or_else(|| panic!("no task {node}"))
+    Applied::from_output(
+        s.command(&args)
+            .env("CCLUSTER_CLAUDE_BIN", claude_bin())
+            .output()
+            .unwrap(),
+    )
 }
 
 const PIPELINE: &str = r#"version = 1
@@ -344,16 +300,9 @@ fn find_process(marks: &[String]) -> Option<i32> {
     None
 }
 
-#[test]
-fn a_worker_killed_mid_run_is_retried() {
-    let s = repo(
-        r#"version = 1
-[tasks.victim]
-prompt = "work slowly"
-retry = { limit = 1, backoff = { initial = "100ms", jitter = 0.0 } }
-rehearsal = { faults = [{ hang = true, turn = 1 }], turns = [{ tools = [{ name = "Write", input = { file_path = "{{cwd}}/started.txt", content = "x" } }] }, { text = "finished" }] }
-"#,
-    );
+/// Starts `apply --rehearse` and SIGKILLs the `victim` task's first worker once it has written
+/// `started.txt` and waits inside its second turn (the script hangs there); returns the apply.
+fn apply_and_kill_the_first_worker(s: &Sandbox) -> std::process::Child {
     let child = s
         .command(&["apply", "--rehearse", "--output", "json"])
         .env("CCLUSTER_CLAUDE_BIN", claude_bin())
@@ -361,7 +310,6 @@ rehearsal = { faults = [{ hang = true, turn = 1 }], turns = [{ tools = [{ name =
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait for the first attempt's worker to be inside its second turn (the server hangs there).
     let marks = [
         "CCLUSTER_TASK=victim".to_string(),
         "CCLUSTER_ATTEMPT=1".to_string(),
@@ -385,6 +333,34 @@ rehearsal = { faults = [{ hang = true, turn = 1 }], turns = [{ tools = [{ name =
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
+    child
+}
+
+/// A command that finds no Claude credentials: none in the environment, none in its HOME.
+fn without_credentials(cmd: &mut Command, home: &Path) {
+    cmd.env("HOME", home).env_remove("CLAUDE_CONFIG_DIR");
+    for var in [
+        "ANTHROPIC_API_KEY",
+        "ANTHROPIC_AUTH_TOKEN",
+        "CLAUDE_CODE_OAUTH_TOKEN",
+        "CLAUDE_CODE_USE_BEDROCK",
+        "CLAUDE_CODE_USE_VERTEX",
+    ] {
+        cmd.env_remove(var);
+    }
+}
+
+#[test]
+fn a_worker_killed_mid_run_is_retried() {
+    let s = repo(
+        r#"version = 1
+[tasks.victim]
+prompt = "work slowly"
+retry = { limit = 1, backoff = { initial = "100ms", jitter = 0.0 } }
+rehearsal = { faults = [{ hang = true, turn = 1 }], turns = [{ tools = [{ name = "Write", input = { file_path = "{{cwd}}/started.txt", content = "x" } }] }, { text = "finished" }] }
+"#,
+    );
+    let child = apply_and_kill_the_first_worker(&s);
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
@@ -419,18 +395,8 @@ fn a_missing_cli_or_missing_credentials_stop_the_run_before_it_starts() {
 
     let home = tempfile::tempdir().unwrap();
     let mut cmd = s.command(&["apply"]);
-    cmd.env("CCLUSTER_CLAUDE_BIN", claude_bin())
-        .env("HOME", home.path())
-        .env_remove("CLAUDE_CONFIG_DIR");
-    for var in [
-        "ANTHROPIC_API_KEY",
-        "ANTHROPIC_AUTH_TOKEN",
-        "CLAUDE_CODE_OAUTH_TOKEN",
-        "CLAUDE_CODE_USE_BEDROCK",
-        "CLAUDE_CODE_USE_VERTEX",
-    ] {
-        cmd.env_remove(var);
-    }
+    cmd.env("CCLUSTER_CLAUDE_BIN", claude_bin());
+    without_credentials(&mut cmd, home.path());
     let out = cmd.output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -486,36 +452,7 @@ retry = { limit = 1, resume_session = true, backoff = { initial = "100ms", jitte
 rehearsal = { faults = [{ hang = true, turn = 1 }], turns = [{ tools = [{ name = "Write", input = { file_path = "{{cwd}}/started.txt", content = "x" } }] }] }
 "#,
     );
-    let child = s
-        .command(&["apply", "--rehearse", "--output", "json"])
-        .env("CCLUSTER_CLAUDE_BIN", claude_bin())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let marks = [
-        "CCLUSTER_TASK=victim".to_string(),
-        "CCLUSTER_ATTEMPT=1".to_string(),
-    ];
-    let start = Instant::now();
-    let worktrees = s.path().join(".ccluster/worktrees");
-    let pid = loop {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the worker never got going"
-        );
-        let started = walk(&worktrees).iter().any(|p| p.ends_with("started.txt"));
-        if let (true, Some(pid)) = (started, find_process(&marks)) {
-            break pid;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    std::thread::sleep(Duration::from_millis(300));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    let child = apply_and_kill_the_first_worker(&s);
     let out = child.wait_with_output().unwrap();
     assert_eq!(
         out.status.code(),
@@ -713,18 +650,8 @@ fn doctor_reports_the_cli_credentials_and_git_without_secrets() {
 
     let home = tempfile::tempdir().unwrap();
     let mut cmd = s.command(&["doctor"]);
-    cmd.env("CCLUSTER_CLAUDE_BIN", "/nonexistent/claude")
-        .env("HOME", home.path())
-        .env_remove("CLAUDE_CONFIG_DIR");
-    for var in [
-        "ANTHROPIC_API_KEY",
-        "ANTHROPIC_AUTH_TOKEN",
-        "CLAUDE_CODE_OAUTH_TOKEN",
-        "CLAUDE_CODE_USE_BEDROCK",
-        "CLAUDE_CODE_USE_VERTEX",
-    ] {
-        cmd.env_remove(var);
-    }
+    cmd.env("CCLUSTER_CLAUDE_BIN", "/nonexistent/claude");
+    without_credentials(&mut cmd, home.path());
     let missing = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&missing.stdout);
     assert_eq!(missing.status.code(), Some(1), "{stdout}");

@@ -20,6 +20,21 @@ pub struct Applied {
 }
 
 impl Applied {
+    /// The exit code, output and JSON events (`--output json`) of a finished `ccluster` command.
+    pub fn from_output(out: std::process::Output) -> Applied {
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let events = stdout
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line {l}: {e}")))
+            .collect();
+        Applied {
+            code: out.status.code().unwrap_or(-1),
+            events,
+            stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
     pub fn of(&self, event: &str) -> Vec<&Value> {
         self.events.iter().filter(|e| e["event"] == event).collect()
     }
@@ -43,6 +58,15 @@ impl Sandbox {
         self.dir.path()
     }
 
+    /// Writes a file of the sandbox (`lib/writer.toml`), making its directories.
+    pub fn file(&self, path: &str, text: &str) -> std::io::Result<()> {
+        let path = self.path().join(path);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, text)
+    }
+
     pub fn write(&self, clusterfile: &str) {
         std::fs::write(self.path().join("clusterfile.toml"), clusterfile).unwrap();
     }
@@ -59,19 +83,7 @@ impl Sandbox {
     pub fn apply(&self, extra: &[&str]) -> Applied {
         let mut args = vec!["apply", "--output", "json", "--grace-period", "1s"];
         args.extend_from_slice(extra);
-        let out = self.command(&args).output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let events = stdout
-            .lines()
-            .filter(|l| l.starts_with('{'))
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line {l}: {e}")))
-            .collect();
-        Applied {
-            code: out.status.code().unwrap_or(-1),
-            events,
-            stdout,
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        Applied::from_output(self.command(&args).output().unwrap())
     }
 
     pub fn spawn_apply(&self, extra: &[&str]) -> Child {

@@ -2,40 +2,13 @@
 //! (pinned in clusterfile.lock), parameter errors that point at both files, cycles, and a retried
 //! run that keeps the template text it started with.
 
-use std::path::Path;
-use std::process::Command;
-
 use serde_json::Value;
 
 use crate::apply::Sandbox;
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@localhost")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@localhost")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use crate::support::{git, task};
 
 fn output(status: &Value, node: &str) -> Value {
-    status["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["node"] == node)
-        .unwrap_or_else(|| panic!("no task {node} in {status}"))["output"]
-        .clone()
+    task(status, node)["output"].clone()
 }
 
 /// A template whose tasks change the repository: its result branch is what users of it build on.
@@ -79,8 +52,7 @@ use = "builtin:hello"
 with = { names = ["Ada"] }
 "#,
     );
-    std::fs::create_dir_all(s.path().join("lib")).unwrap();
-    std::fs::write(s.path().join("lib/writer.toml"), WRITER).unwrap();
+    s.file("lib/writer.toml", WRITER).unwrap();
     std::fs::write(s.path().join(".gitignore"), ".ccluster/\n").unwrap();
     git(s.path(), &["init", "-q", "-b", "main"]);
     git(s.path(), &["add", "-A"]);
@@ -182,15 +154,14 @@ with = { txet = "x" }
 use = "./lib/one.toml"
 "#,
     );
-    std::fs::create_dir_all(s.path().join("lib")).unwrap();
-    std::fs::write(s.path().join("lib/writer.toml"), WRITER).unwrap();
-    std::fs::write(
-        s.path().join("lib/one.toml"),
+    s.file("lib/writer.toml", WRITER).unwrap();
+    s.file(
+        "lib/one.toml",
         "version = 1\n[tasks.x]\nuse = \"./two.toml\"\n",
     )
     .unwrap();
-    std::fs::write(
-        s.path().join("lib/two.toml"),
+    s.file(
+        "lib/two.toml",
         "version = 1\n[tasks.y]\nuse = \"./one.toml\"\n",
     )
     .unwrap();
@@ -224,17 +195,16 @@ use = "./lib/one.toml"
 #[test]
 fn a_retried_run_keeps_the_template_text_it_started_with() {
     let s = Sandbox::new("version = 1\n[tasks.t]\nuse = \"./lib/step.toml\"\n");
-    std::fs::create_dir_all(s.path().join("lib")).unwrap();
-    std::fs::write(
-        s.path().join("lib/step.toml"),
+    s.file(
+        "lib/step.toml",
         "version = 1\n[tasks.step]\nrun = \"echo old; exit 1\"\n",
     )
     .unwrap();
     let first = s.apply(&[]);
     assert_eq!(first.code, 1);
     // The template changes after the run; retrying the run still runs what it started with.
-    std::fs::write(
-        s.path().join("lib/step.toml"),
+    s.file(
+        "lib/step.toml",
         "version = 1\n[tasks.step]\nrun = \"echo new\"\n",
     )
     .unwrap();
@@ -270,9 +240,7 @@ fn a_retried_run_keeps_the_template_text_it_started_with() {
 fn names_in_a_template_are_checked_against_the_template() {
     let s =
         Sandbox::new("version = 1\n[tasks.t]\nuse = \"./lib/typo.toml\"\nwith = { who = \"a\" }\n");
-    std::fs::create_dir_all(s.path().join("lib")).unwrap();
-    std::fs::write(
-        s.path().join("lib/typo.toml"),
+    s.file("lib/typo.toml",
         "version = 1\n[inputs.who]\ntype = \"string\"\n[tasks.say]\nrun = \"echo {{ inputs.whom }}\"\n",
     )
     .unwrap();
@@ -293,14 +261,13 @@ fn names_in_a_template_are_checked_against_the_template() {
 #[test]
 fn nested_templates_resolve_relative_to_each_other_also_on_retry() {
     let s = Sandbox::new("version = 1\n[tasks.o]\nuse = \"./lib/outer.toml\"\n");
-    std::fs::create_dir_all(s.path().join("lib/sub")).unwrap();
-    std::fs::write(
-        s.path().join("lib/outer.toml"),
+    s.file(
+        "lib/outer.toml",
         "version = 1\n[tasks.i]\nuse = \"./sub/inner.toml\"\nwith = { n = 7 }\n",
     )
     .unwrap();
-    std::fs::write(
-        s.path().join("lib/sub/inner.toml"),
+    s.file(
+        "lib/sub/inner.toml",
         "version = 1\n[inputs.n]\ntype = \"number\"\n[tasks.echo]\nrun = \"echo {{ inputs.n }}\"\n",
     )
     .unwrap();
@@ -331,8 +298,7 @@ fn a_rendered_with_value_is_checked_against_the_input_type() {
     let s = Sandbox::new(
         "version = 1\n[inputs.n]\ntype = \"string\"\ndefault = \"abc\"\n[tasks.t]\nuse = \"./lib/writer.toml\"\nwith = { text = \"x\", copies = \"{{ inputs.n }}\" }\n",
     );
-    std::fs::create_dir_all(s.path().join("lib")).unwrap();
-    std::fs::write(s.path().join("lib/writer.toml"), WRITER).unwrap();
+    s.file("lib/writer.toml", WRITER).unwrap();
     let out = s.command(&["plan"]).env("NO_COLOR", "1").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -2,32 +2,10 @@
 //! end to end under `apply --rehearse` (the real `claude` CLI against the scripted model server).
 //! `run --goal` drives the built-in `goal` workflow, including its fix-up loop.
 
-use std::path::Path;
-use std::process::Command;
-
 use serde_json::Value;
 
 use crate::apply::{Applied, Sandbox};
-use crate::support::claude_bin;
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@localhost")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@localhost")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use crate::support::{claude_bin, git};
 
 /// A small project with two commits (reviews compare with HEAD~1), and no clusterfile yet.
 fn project() -> Sandbox {
@@ -46,22 +24,12 @@ fn project() -> Sandbox {
 }
 
 fn ccluster(s: &Sandbox, args: &[&str]) -> Applied {
-    let out = s
-        .command(args)
-        .env("CCLUSTER_CLAUDE_BIN", claude_bin())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    Applied {
-        code: out.status.code().unwrap_or(-1),
-        events: stdout
-            .lines()
-            .filter(|l| l.starts_with('{'))
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect(),
-        stdout,
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Applied::from_output(
+        s.command(args)
+            .env("CCLUSTER_CLAUDE_BIN", claude_bin())
+            .output()
+            .unwrap(),
+    )
 }
 
 #[test]

@@ -3,12 +3,12 @@
 //! reports, `gc`, and `kill -9` in the middle of a fan-out and of a merge.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::apply::Sandbox;
+use crate::support::{git, task};
 
 /// A sandbox that is a git repository with one commit (`README` = "base").
 fn repo(clusterfile: &str) -> Sandbox {
@@ -21,36 +21,8 @@ fn repo(clusterfile: &str) -> Sandbox {
     s
 }
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_AUTHOR_NAME", "test")
-        .env("GIT_AUTHOR_EMAIL", "test@localhost")
-        .env("GIT_COMMITTER_NAME", "test")
-        .env("GIT_COMMITTER_EMAIL", "test@localhost")
-        .output()
-        .expect("git is installed");
-    assert!(
-        out.status.success(),
-        "git {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn run_id(s: &Sandbox) -> String {
     s.status()["run"]["id"].as_str().unwrap().to_string()
-}
-
-fn task<'a>(status: &'a Value, node: &str) -> &'a Value {
-    status["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["node"] == node)
-        .unwrap_or_else(|| panic!("no task {node} in {status}"))
 }
 
 /// Worktrees git knows besides the main checkout and those waiting in the pool for reuse.
