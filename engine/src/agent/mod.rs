@@ -499,11 +499,11 @@ impl Transcript {
             return Err(match end {
                 ProcessEnd::Exited(143) | ProcessEnd::Signaled(_) => (
                     FailureClass::Killed,
-                    format!("the worker was killed ({})", describe(end)),
+                    format!("the worker was killed ({})", end),
                 ),
                 _ => (
                     FailureClass::NoResult,
-                    format!("the worker ended without a result ({})", describe(end)),
+                    format!("the worker ended without a result ({})", end),
                 ),
             });
         };
@@ -555,16 +555,6 @@ impl Transcript {
             };
         }
         Ok(Value::String(text))
-    }
-}
-
-fn describe(end: &ProcessEnd) -> String {
-    match end {
-        ProcessEnd::Exited(c) => format!("exit code {c}"),
-        ProcessEnd::Signaled(s) => format!("signal {s}"),
-        ProcessEnd::TimedOut => "timed out".into(),
-        ProcessEnd::Cancelled => "cancelled".into(),
-        ProcessEnd::SpawnFailed(e) => e.clone(),
     }
 }
 

@@ -1529,13 +1529,13 @@ impl Dispatcher<'_> {
                 Some(FailureClass::ExitCode),
                 Some(*code),
                 None,
-                format!("exit code {code}"),
+                end.to_string(),
             ),
             (None, ProcessEnd::Signaled(sig)) => (
                 Some(FailureClass::Signal),
                 None,
                 Some(*sig),
-                format!("killed by signal {sig}"),
+                end.to_string(),
             ),
             (None, ProcessEnd::TimedOut) => (
                 Some(FailureClass::Timeout),

@@ -83,16 +83,6 @@ fn no_process() -> ProcessResult {
     }
 }
 
-fn describe_end(end: &ProcessEnd) -> String {
-    match end {
-        ProcessEnd::Exited(c) => format!("exit code {c}"),
-        ProcessEnd::Signaled(s) => format!("killed by signal {s}"),
-        ProcessEnd::TimedOut => "timed out".into(),
-        ProcessEnd::Cancelled => "cancelled".into(),
-        ProcessEnd::SpawnFailed(e) => e.clone(),
-    }
-}
-
 pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>) -> JobResult {
     let mut record = ArtifactRecord {
         attempt: job.attempt,
@@ -206,7 +196,7 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
             let message = format!(
                 "merging `{}` conflicts, and the resolver `{command}` failed ({}):\n{}",
                 input.node,
-                describe_end(&end),
+                end,
                 conflict.listing()
             );
             record.conflicts.push(conflict);
@@ -266,7 +256,7 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
                     record,
                     process,
                     FailureClass::SetupError,
-                    format!("setup `{command}` failed: {}", describe_end(&end)),
+                    format!("setup `{command}` failed: {}", end),
                 ),
                 &resolvers,
             );

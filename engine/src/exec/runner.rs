@@ -49,6 +49,19 @@ pub enum ProcessEnd {
     SpawnFailed(String),
 }
 
+impl std::fmt::Display for ProcessEnd {
+    /// In words, for messages: `exit code 3`, `killed by signal 9`, `timed out`...
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProcessEnd::Exited(c) => write!(f, "exit code {c}"),
+            ProcessEnd::Signaled(s) => write!(f, "killed by signal {s}"),
+            ProcessEnd::TimedOut => f.write_str("timed out"),
+            ProcessEnd::Cancelled => f.write_str("cancelled"),
+            ProcessEnd::SpawnFailed(e) => f.write_str(e),
+        }
+    }
+}
+
 /// How a process ended, and the end of what it printed on stdout (for the task's output).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessResult {

@@ -27,7 +27,7 @@ pub use script::{Fault, Script, TaskScript, ToolCall, Turn};
 /// The header that names the task a request belongs to (set through `ANTHROPIC_CUSTOM_HEADERS`).
 pub const TASK_HEADER: &str = "x-ccluster-task";
 
-/// One request as the server saw it, for assertions and for the run's records.
+/// One request as the server saw it: a line of its log (`runs/<run>/rehearsal.jsonl`).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Recorded {
     pub task: String,
@@ -45,7 +45,6 @@ struct State {
     /// Requests seen per (task or session, turn): how many faults were already served.
     attempts: HashMap<(String, usize), u32>,
     log: Option<std::fs::File>,
-    recorded: Vec<Recorded>,
 }
 
 /// A running server; stops when dropped.
@@ -79,7 +78,6 @@ impl Server {
             script,
             attempts: HashMap::new(),
             log,
-            recorded: Vec::new(),
         }));
         let shared = state.clone();
         let task = tokio::spawn(async move {
@@ -118,14 +116,6 @@ impl Server {
         self.state
             .lock()
             .map(|s| s.script.for_task(node))
-            .unwrap_or_default()
-    }
-
-    /// Every request so far.
-    pub fn recorded(&self) -> Vec<Recorded> {
-        self.state
-            .lock()
-            .map(|s| s.recorded.clone())
             .unwrap_or_default()
     }
 }
@@ -231,7 +221,7 @@ async fn serve(mut stream: TcpStream, state: Arc<Mutex<State>>) -> std::io::Resu
             None => {
                 let cwd = working_directory(&body).unwrap_or_default();
                 let turn_script = task_script.turn(turn, &task, &first_prompt(&body), &body);
-                Answer::Message(turn_script.to_message_with_usage(
+                Answer::Message(turn_script.to_message(
                     &cwd,
                     turn,
                     task_script.usage.unwrap_or([100, 50]),
@@ -256,7 +246,6 @@ async fn serve(mut stream: TcpStream, state: Arc<Mutex<State>>) -> std::io::Resu
             let _ = serde_json::to_writer(&mut *log, &record);
             let _ = log.write_all(b"\n");
         }
-        st.recorded.push(record);
         (answer, st.script.turn_delay_ms)
     };
     if delay > 0 {

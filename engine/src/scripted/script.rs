@@ -169,12 +169,9 @@ impl TaskScript {
 }
 
 impl Turn {
-    /// The Anthropic Message of this turn; `{{cwd}}` in texts and tool inputs becomes `cwd`.
-    pub fn to_message(&self, cwd: &str, k: usize) -> Value {
-        self.to_message_with_usage(cwd, k, [100, 50])
-    }
-
-    pub fn to_message_with_usage(&self, cwd: &str, k: usize, usage: [u64; 2]) -> Value {
+    /// The Anthropic Message of this turn, reporting `usage` (input, output tokens); `{{cwd}}` in
+    /// texts and tool inputs becomes `cwd`.
+    pub fn to_message(&self, cwd: &str, k: usize, usage: [u64; 2]) -> Value {
         let fill = |v: &Value| -> Value {
             serde_json::from_str(&v.to_string().replace("{{cwd}}", cwd)).unwrap_or(Value::Null)
         };

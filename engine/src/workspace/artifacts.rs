@@ -1,7 +1,7 @@
 //! What an attempt leaves besides its output: files matching `artifacts` globs, copied into the
 //! run's state, and JUnit XML test reports matching `reports` globs, counted.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use quick_xml::events::Event as XmlEvent;
 use serde::{Deserialize, Serialize};
@@ -129,11 +129,6 @@ pub fn test_reports(root: &Path, files: &[String]) -> Vec<TestReport> {
             })
         })
         .collect()
-}
-
-/// Where an attempt's artifacts are kept: `runs/<run>/artifacts/<node>.<attempt>/`.
-pub fn attempt_dir(run_dir: &Path, node_file_name: &str) -> PathBuf {
-    run_dir.join("artifacts").join(node_file_name)
 }
 
 #[cfg(test)]

@@ -249,12 +249,6 @@ impl Repo {
         .map(|(r, c)| (r.to_string(), c.to_string()))
         .collect()
     }
-
-    /// Removes a workspace directory and git's record of it.
-    pub fn remove_workspace(&self, path: &Path) {
-        remove_dir(path);
-        let _ = git_sync(&self.root, &["worktree", "prune"]);
-    }
 }
 
 fn run_with_stdin(dir: &Path, args: &[&str], input: &str) -> Result<(), String> {
