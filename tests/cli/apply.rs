@@ -417,6 +417,40 @@ run = "echo never"
 }
 
 #[test]
+fn starts_committed_ahead_are_given_back_when_a_fan_out_fails_fast() {
+    // Tiny tasks get their starts committed ahead of a free slot. When the fan-out fails fast,
+    // those never ran: they must end cancelled with no attempt, and nothing of theirs may run.
+    let items: Vec<String> = (0..60).map(|i| i.to_string()).collect();
+    let s = Sandbox::new(&format!(
+        r#"version = 1
+[tasks.each]
+map = [{}]
+run = "echo {{{{ item }}}} >> ran; test {{{{ item }}}} -ne 30"
+"#,
+        items.join(", ")
+    ));
+    let run = s.apply(&["--jobs", "1"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let ran: Vec<String> = s.read("ran").lines().map(String::from).collect();
+    let expected: Vec<String> = (0..=30).map(|i| i.to_string()).collect();
+    assert_eq!(ran, expected, "nothing after the failure may start");
+    let status = s.status();
+    for i in 0..60 {
+        let t = crate::support::task(&status, &format!("each[{i}]"));
+        let (state, attempts) = (
+            t["state"].as_str().unwrap(),
+            t["attempts"].as_u64().unwrap(),
+        );
+        if i <= 30 {
+            assert_eq!(attempts, 1, "each[{i}]: {t}");
+        } else {
+            assert_eq!((state, attempts), ("cancelled", 0), "each[{i}]: {t}");
+        }
+    }
+    assert_eq!(run.tasks("task_started").len(), 31);
+}
+
+#[test]
 fn a_dynamic_map_expands_from_an_upstream_output() {
     let s = Sandbox::new(
         r#"version = 1

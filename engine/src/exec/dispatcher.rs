@@ -7,7 +7,7 @@
 //! reported and its processes started.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::rc::Rc;
 
 use minijinja::value::Value as JinjaValue;
@@ -190,6 +190,11 @@ struct Dispatcher<'a> {
     running: usize,
     /// Processes whose start is being committed: they hold a `--jobs` slot already.
     reserved: usize,
+    /// Attempts whose start is durable, waiting for a `--jobs` slot: when a task ends, the next
+    /// starts at once instead of after a sync (see [`Dispatcher::start_armed`]).
+    armed: VecDeque<(usize, Job)>,
+    /// Recent attempts' mean run time (moving average): how far ahead starts are armed.
+    typical_run: Option<Duration>,
     timers: usize,
     stopping: Option<String>,
     cancelled: bool,
@@ -228,6 +233,15 @@ struct Agents {
 }
 
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(500);
+
+/// Tasks shorter than this (on average) get their starts committed ahead of a free slot: for them a
+/// sync per start would cost as much as the task. Longer tasks start only as a slot frees.
+const ARM_AHEAD_BELOW: Duration = Duration::from_millis(20);
+/// At most this many batches of `--jobs` starts are committed ahead.
+const MAX_ARM_DEPTH: usize = 8;
+/// How long a commit may wait to gather more changes while every slot is busy and enough starts
+/// are armed: it bounds how late an event is reported.
+const COMMIT_HOLD: Duration = Duration::from_millis(10);
 
 /// The live view of a running run, for `ccluster status` from another terminal.
 pub const LIVE_FILE: &str = "live.jsonl";
@@ -372,6 +386,8 @@ pub async fn apply(
         events: Vec::new(),
         running: 0,
         reserved: 0,
+        armed: VecDeque::new(),
+        typical_run: None,
         timers: 0,
         stopping: None,
         cancelled: false,
@@ -862,10 +878,32 @@ impl Dispatcher<'_> {
         Ok(())
     }
 
-    /// Takes ready nodes while there is room, and prepares their attempts.
+    /// How many batches of `--jobs` starts are committed ahead of a free slot: none for tasks
+    /// that take long (or before any ended), up to [`MAX_ARM_DEPTH`] for tiny ones.
+    fn arm_depth(&self) -> usize {
+        let Some(typical) = self.typical_run else {
+            return 0;
+        };
+        let ratio = ARM_AHEAD_BELOW.as_secs_f64() / typical.as_secs_f64().max(1e-6);
+        (ratio.round() as usize).min(MAX_ARM_DEPTH)
+    }
+
+    /// Whether this turn's writes must be committed now, rather than gathered with the next
+    /// turns': a slot is free or soon will be without an armed start, or the run is stopping.
+    fn commit_now(&self) -> bool {
+        let depth = self.arm_depth();
+        depth == 0
+            || self.running < self.opts.jobs
+            || self.armed.len() < depth * self.opts.jobs / 2
+            || self.stopping.is_some()
+    }
+
+    /// Takes ready nodes while there is room, and prepares their attempts. Room is `--jobs`
+    /// running plus [`Dispatcher::arm_depth`] batches armed: their starts are committed ahead.
     fn launch(&mut self, spawns: &mut Vec<(usize, Job)>) -> Result<(), ApplyError> {
         let mut parked = Vec::new();
-        while self.running + self.reserved + spawns.len() < self.opts.jobs
+        while self.running + self.armed.len() + self.reserved + spawns.len()
+            < (1 + self.arm_depth()) * self.opts.jobs
             && self.stopping.is_none()
         {
             let Some((_, _, node)) = self.ready.pop() else {
@@ -1054,16 +1092,10 @@ impl Dispatcher<'_> {
             return Ok(None);
         }
         let is_agent = matches!(plan.action, PlannedAction::Agent { .. });
-        if let (true, Some(max)) = (is_agent, self.max_run_usd) {
-            if self.spent_usd >= max {
-                let reason = format!(
-                    "not run: the run's agent budget is spent (${:.2} of `max_run_usd = {max}`)",
-                    self.spent_usd
-                );
-                self.stop(reason.clone())?;
-                self.settle(node, TaskState::Cancelled, reason)?;
-                return Ok(None);
-            }
+        if let Some(reason) = is_agent.then(|| self.budget_spent()).flatten() {
+            self.stop(reason.clone())?;
+            self.settle(node, TaskState::Cancelled, reason)?;
+            return Ok(None);
         }
         // `retry.resume_session`: an interrupted conversation goes on, in the same workspace.
         let resume = match (&self.nodes[node].session, self.nodes[node].record.class) {
@@ -1335,15 +1367,10 @@ impl Dispatcher<'_> {
         n.record.attempts = attempt;
         n.record.state = TaskState::Running;
         n.record.started_ms.get_or_insert(now);
-        // The task record (running, attempt n) is the durable mark that attempt n started; the
-        // attempt's own record is written when it ends.
+        // The task record (running, attempt n) is the durable mark that attempt n may have
+        // started; the attempt's own record is written when it ends. `task_started` is reported
+        // when the process really starts (`start_armed`).
         n.attempt_started_ms = now;
-        self.events.push(Event::TaskStarted {
-            run: self.run.id.clone(),
-            task: plan.id.clone(),
-            attempt,
-            time_ms: now,
-        });
         self.save(node)?;
         Ok(Some(Job {
             process,
@@ -1367,6 +1394,78 @@ impl Dispatcher<'_> {
                 _ => None,
             },
         }))
+    }
+
+    /// Why an agent may not start now: the run's `max_run_usd` is spent.
+    fn budget_spent(&self) -> Option<String> {
+        let max = self.max_run_usd?;
+        (self.spent_usd >= max).then(|| {
+            format!(
+                "not run: the run's agent budget is spent (${:.2} of `max_run_usd = {max}`)",
+                self.spent_usd
+            )
+        })
+    }
+
+    /// Starts armed attempts (their starts are durable) while `--jobs` allows. One that may no
+    /// longer start (the run is stopping, its fan-out failed fast, the agent budget is spent) is
+    /// cancelled instead, its attempt given back: it is known never to have run.
+    fn start_armed(
+        &mut self,
+        procs: &mut JoinSet<(usize, JobResult, Duration)>,
+        runner: &Arc<dyn Runner>,
+        stop: &watch::Receiver<Stop>,
+        sink: &mut dyn EventSink,
+    ) -> Result<(), ApplyError> {
+        let mut started = false;
+        while self.running < self.opts.jobs || self.stopping.is_some() {
+            let Some((node, job)) = self.armed.pop_front() else {
+                break;
+            };
+            let group = self.nodes[node].group;
+            let budget = match (&self.stopping, &job.agent) {
+                (None, Some(_)) => self.budget_spent(),
+                _ => None,
+            };
+            let refused = if let Some(reason) = self.stopping.clone() {
+                Some(reason)
+            } else if self.groups[group].outcome == Some(TaskState::Failed) {
+                Some(format!("not run: `{}` failed fast", self.groups[group].id))
+            } else {
+                budget.clone()
+            };
+            if let Some(reason) = refused {
+                self.groups[group].running -= 1;
+                let r = &mut self.nodes[node].record;
+                r.attempts -= 1;
+                if r.attempts == 0 {
+                    r.started_ms = None;
+                }
+                if budget.is_some() {
+                    self.stop(reason.clone())?;
+                }
+                self.settle(node, TaskState::Cancelled, reason)?;
+                continue;
+            }
+            let now = now_ms();
+            let n = &mut self.nodes[node];
+            n.attempt_started_ms = now;
+            sink.emit(&Event::TaskStarted {
+                run: self.run.id.clone(),
+                task: n.plan.id.clone(),
+                attempt: n.record.attempts,
+                time_ms: now,
+            });
+            started = true;
+            self.running += 1;
+            let fut = job::run(job, runner.clone(), stop.clone());
+            let t0 = Instant::now();
+            procs.spawn(async move { (node, fut.await, t0.elapsed()) });
+        }
+        if started {
+            sink.flush();
+        }
+        Ok(())
     }
 
     /// A node that runs no process (a collect merge, a template instance's outputs) succeeds as
@@ -1437,6 +1536,10 @@ impl Dispatcher<'_> {
         let end = result.process.end.clone();
         let group = self.nodes[node].group;
         self.groups[group].running -= 1;
+        self.typical_run = Some(match self.typical_run {
+            Some(typical) => typical.mul_f64(0.8) + elapsed.mul_f64(0.2),
+            None => elapsed,
+        });
         // Instances held back by `max_parallel` go back in the queue, in their order.
         for parked in std::mem::take(&mut self.groups[group].parked) {
             self.enqueue(parked);
@@ -1729,7 +1832,8 @@ impl Dispatcher<'_> {
         }
         // Group commit, pipelined: this turn's writes (attempts started, results) are synced on a
         // blocking thread while the loop goes on collecting the next turn's; a batch's events are
-        // reported and its processes started only once its sync is done.
+        // reported and its processes armed only once its sync is done. Up to `--jobs` armed
+        // attempts wait for a slot, so a slot that frees is filled without waiting for a sync.
         let mut staged: Vec<(usize, Job)> = Vec::new();
         let mut committing: (Vec<Event>, Vec<(usize, Job)>) = (Vec::new(), Vec::new());
         let mut flush: Option<tokio::task::JoinHandle<Result<(), StoreError>>> = None;
@@ -1738,9 +1842,18 @@ impl Dispatcher<'_> {
             .progress_rx
             .take()
             .ok_or_else(|| ApplyError::Internal("the run was driven twice".into()))?;
+        let mut hold_until: Option<tokio::time::Instant> = None;
         loop {
+            self.start_armed(&mut procs, &runner, &stop_rx, sink)?;
             self.launch(&mut staged)?;
-            if flush.is_none() && (self.dirty || !self.events.is_empty() || !staged.is_empty()) {
+            let pending = self.dirty || !self.events.is_empty() || !staged.is_empty();
+            let urgent =
+                self.commit_now() || hold_until.is_some_and(|t| t <= tokio::time::Instant::now());
+            if flush.is_none() && pending && !urgent && hold_until.is_none() {
+                hold_until = Some(tokio::time::Instant::now() + COMMIT_HOLD);
+            }
+            if flush.is_none() && pending && urgent {
+                hold_until = None;
                 self.dirty = false;
                 committing = (
                     std::mem::take(&mut self.events),
@@ -1753,6 +1866,7 @@ impl Dispatcher<'_> {
             }
             if flush.is_none()
                 && self.running == 0
+                && self.armed.is_empty()
                 && self.timers == 0
                 && (self.ready.is_empty() || self.stopping.is_some())
             {
@@ -1768,18 +1882,8 @@ impl Dispatcher<'_> {
                     }
                     sink.flush();
                     self.reserved = 0;
-                    for (node, spec) in spawns {
-                        if let Some(reason) = self.stopping.clone() {
-                            // The run began stopping while this start was being committed.
-                            self.groups[self.nodes[node].group].running -= 1;
-                            self.settle(node, TaskState::Cancelled, reason)?;
-                            continue;
-                        }
-                        self.running += 1;
-                        let fut = job::run(spec, runner.clone(), stop_rx.clone());
-                        let t0 = Instant::now();
-                        procs.spawn(async move { (node, fut.await, t0.elapsed()) });
-                    }
+                    // Started at the top of the loop, now or when a slot frees.
+                    self.armed.extend(spawns);
                     // Only what this sync made durable goes into the live view.
                     self.committed_changes.append(&mut committing_changed);
                     self.snapshot_due = true;
@@ -1803,6 +1907,7 @@ impl Dispatcher<'_> {
                     None
                 }
                 _ = tokio::time::sleep(SNAPSHOT_EVERY), if self.snapshot_due => { self.snapshot(); None }
+                _ = tokio::time::sleep_until(hold_until.unwrap_or_else(tokio::time::Instant::now)), if flush.is_none() && hold_until.is_some() => None,
                 _ = interrupt.recv() => { self.cancel(&stop_tx)?; None }
                 _ = terminate.recv() => { self.cancel(&stop_tx)?; None }
             };
