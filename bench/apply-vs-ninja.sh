@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # Benchmark: `ccluster apply` against ninja (Debian's ninja-build) on the same DAG, side by side:
 # N independent tasks each running `touch out/tK`, plus one task depending on all, at -j2.
-# Reports cold run wall time (and the ccluster/ninja ratio), no-op re-run wall time, peak RSS.
+#
+# For each N, REPS rounds (default 5; env REPS). A round runs, in turn and each in a fresh `out/`
+# after a 1 s pause (so that one tool's deleted files do not slow the next one's creations):
+#   ninja -j2                      cold run
+#   ccluster apply -j2             cold run: simple commands run without `sh` (the default)
+#   CCLUSTER_ALWAYS_SHELL=1 ...    cold run with every command through `sh -c`, as ninja does:
+#                                  the same processes, so the difference is ccluster's own cost
+# then each tool's no-op re-run. Reports medians of wall time, the CPU time (user+sys, children
+# included) and the peak RSS of the tool's own process.
 #   bench/apply-vs-ninja.sh [N ...]      (default: 1000 10000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,12 +17,21 @@ command -v ninja >/dev/null || { echo "ninja is required: apt-get install ninja-
 cargo build --release -p ccluster --quiet
 bin=$(pwd)/target/release/ccluster
 sizes=("$@"); [ ${#sizes[@]} -gt 0 ] || sizes=(1000 10000)
+reps=${REPS:-5}
 
-timed() { # prints "seconds peak_kb" of a command, its output discarded
-  local t; t=$(mktemp)
-  /usr/bin/time -o "$t" -f "%e %M" "$@" > /dev/null 2>&1
-  tail -n 1 "$t"; rm -f "$t"
+timed() { # appends "wall cpu peak_kb" of a command (its output discarded) to the file $1
+  local into=$1 t; shift
+  t=$(mktemp)
+  /usr/bin/time -o "$t" -f "%e %U %S %M" "$@" > /dev/null 2>&1
+  awk '{ printf "%s %.2f %s\n", $1, $2 + $3, $4 }' "$t" >> "$into"
+  rm -f "$t"
 }
+
+median() { # median of column $2 of file $1
+  sort -n -k"$2" "$1" | awk -v c="$2" '{ v[NR] = $c } END { print v[int((NR + 1) / 2)] }'
+}
+
+fresh() { rm -rf out .ninja_log .ninja_deps .ccluster; mkdir -p out; sleep 1; }
 
 for n in "${sizes[@]}"; do
   dir=bench/out/touch-$n
@@ -35,15 +52,21 @@ with open(f"{d}/build.ninja", "w") as f:
 PY
   (
     cd "$dir"
-    mkdir -p out
-    read -r nc nm <<<"$(timed ninja -j2)"
-    read -r nn nnm <<<"$(timed ninja -j2)"
-    rm -rf out .ninja_log .ninja_deps; mkdir -p out
-    read -r cc cm <<<"$(timed "$bin" apply -j2)"
-    read -r cn cnm <<<"$(timed "$bin" apply -j2)"
-    test -f out/all
-    ratio=$(echo "scale=2; $cc / $nc" | bc)
-    printf 'N=%-6s cold: ccluster %6.2fs  ninja %6.2fs  ratio %5sx | no-op: ccluster %5.2fs  ninja %5.2fs | peak RSS: ccluster %6.1f MB  ninja %5.1f MB\n' \
-      "$n" "$cc" "$nc" "$ratio" "$cn" "$nn" "$(echo "scale=1; $cm/1024" | bc)" "$(echo "scale=1; $nm/1024" | bc)"
+    for _ in $(seq "$reps"); do
+      fresh; timed ninja.cold ninja -j2; timed ninja.noop ninja -j2
+      fresh; timed cc.cold "$bin" apply -j2; timed cc.noop "$bin" apply -j2
+      test -f out/all
+      fresh; timed sh.cold env CCLUSTER_ALWAYS_SHELL=1 "$bin" apply -j2
+    done
+    nc=$(median ninja.cold 1); cc=$(median cc.cold 1); sc=$(median sh.cold 1)
+    printf 'N=%s, median of %s rounds\n' "$n" "$reps"
+    printf '  cold run   ninja %6.2fs (cpu %6.2fs) | ccluster %6.2fs (cpu %6.2fs) ratio %sx | ccluster, all through sh %6.2fs (cpu %6.2fs) ratio %sx\n' \
+      "$nc" "$(median ninja.cold 2)" "$cc" "$(median cc.cold 2)" "$(echo "scale=2; $cc / $nc" | bc)" \
+      "$sc" "$(median sh.cold 2)" "$(echo "scale=2; $sc / $nc" | bc)"
+    printf '  no-op      ninja %6.2fs | ccluster %6.2fs\n' "$(median ninja.noop 1)" "$(median cc.noop 1)"
+    printf '  peak RSS   ninja %6.1f MB | ccluster %6.1f MB\n' \
+      "$(echo "scale=1; $(median ninja.cold 3) / 1024" | bc)" "$(echo "scale=1; $(median cc.cold 3) / 1024" | bc)"
+    printf '  every round (wall cpu peak_kb): ninja [%s] ccluster [%s] through sh [%s]\n' \
+      "$(paste -sd, ninja.cold)" "$(paste -sd, cc.cold)" "$(paste -sd, sh.cold)"
   )
 done

@@ -451,6 +451,91 @@ run = "echo {{{{ item }}}} >> ran; test {{{{ item }}}} -ne 30"
 }
 
 #[test]
+fn simple_commands_run_without_a_shell_exactly_as_the_shell_runs_them() {
+    // A command of plain words runs its program directly (no `sh`); whatever it does must look the
+    // same as through `sh -c`: environment, output, exit codes, signals, scripts without `#!`.
+    let s = Sandbox::new("");
+    let bin = s.path().join("bin");
+    s.file("bin/plain", "echo \"plain script got $1 in $PWD\"\n")
+        .unwrap();
+    s.file("bin/killed", "#!/bin/sh\nkill -9 $$\n").unwrap();
+    for script in ["plain", "killed"] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(bin.join(script), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    s.write(&format!(
+        r#"version = 1
+[defaults]
+retry = {{ limit = 0 }}
+[tasks.env]
+run = "env"
+[tasks.pwd]
+run = "printenv PWD"
+[tasks.missing]
+run = "no-such-program-anywhere x"
+[tasks.plain]
+run = "{bin}/plain arg"
+[tasks.killed]
+run = "{bin}/killed"
+[tasks.status]
+run = "ls no-such-file"
+[tasks.args]
+run = "/usr/bin/printf %s:%s: a=b  c"
+"#,
+        bin = bin.display()
+    ));
+    let outcomes = |always_shell: &str| {
+        let out = s
+            .command(&["apply", "--keep-going", "--fresh", "--output", "json"])
+            .env("CCLUSTER_ALWAYS_SHELL", always_shell)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status = s.status();
+        let mut seen = Vec::new();
+        for t in status["tasks"].as_array().unwrap() {
+            let mut output = t["output"].as_str().unwrap_or("").to_string();
+            if t["node"] == "env" {
+                // The same variables, whatever their order; the run's id differs.
+                let mut lines: Vec<&str> = output
+                    .lines()
+                    .filter(|l| !l.starts_with("CCLUSTER_RUN="))
+                    .collect();
+                lines.sort();
+                output = lines.join("\n");
+            }
+            seen.push((
+                t["node"].as_str().unwrap().to_string(),
+                t["state"].clone(),
+                t["exit_code"].clone(),
+                t["class"].clone(),
+                output,
+            ));
+        }
+        seen
+    };
+    let direct = outcomes("");
+    assert_eq!(direct, outcomes("1"));
+    let of = |node: &str| direct.iter().find(|t| t.0 == node).unwrap();
+    let physical = std::fs::canonicalize(s.path()).unwrap();
+    assert_eq!(of("pwd").4, physical.display().to_string());
+    assert_eq!(of("missing").2, 127);
+    assert_eq!(
+        of("plain").4,
+        format!("plain script got arg in {}", physical.display())
+    );
+    // As `sh` reports it: 128 + SIGKILL.
+    assert_eq!(of("killed").2, 137);
+    assert_eq!(of("status").2, 2);
+    assert_eq!(of("args").4, "a=b:c:");
+}
+
+#[test]
 fn a_dynamic_map_expands_from_an_upstream_output() {
     let s = Sandbox::new(
         r#"version = 1

@@ -1,7 +1,7 @@
 //! Runners place and supervise a task's process. The executor only sees [`Runner`]; the local
-//! runner runs `sh -c` in its own process group with an explicit environment; its output is
-//! streamed to the attempt's log files (created on the first byte), and the end of stdout is kept
-//! for the task's output.
+//! runner runs `sh -c` (or, for a simple command, its program: [`super::direct`]) in its own
+//! process group with an explicit environment; its output is streamed to the attempt's log files
+//! (created on the first byte), and the end of stdout is kept for the task's output.
 
 use std::future::Future;
 use std::os::unix::process::ExitStatusExt;
@@ -16,6 +16,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Child;
 use tokio::sync::watch;
 use tokio::time::{sleep, Instant};
+
+use super::direct::Direct;
 
 /// What to run, where, and with which limits.
 #[derive(Clone, Debug)]
@@ -95,11 +97,31 @@ pub trait Runner: Send + Sync {
 }
 
 /// Runs processes on this machine.
-pub struct LocalRunner;
+#[derive(Debug, Default)]
+pub struct LocalRunner {
+    programs: super::direct::Resolver,
+    /// Every command through `sh -c`, simple ones too (`CCLUSTER_ALWAYS_SHELL=1`).
+    always_shell: bool,
+}
+
+impl LocalRunner {
+    /// A runner that passes every command to `sh -c` when `always_shell`, else simple commands
+    /// straight to their program.
+    pub fn new(always_shell: bool) -> LocalRunner {
+        LocalRunner {
+            programs: super::direct::Resolver::default(),
+            always_shell,
+        }
+    }
+}
 
 impl Runner for LocalRunner {
     fn run(&self, spec: ProcessSpec, stop: watch::Receiver<Stop>) -> ProcessFuture {
-        Box::pin(run_local(spec, stop))
+        let direct = match &spec.argv {
+            None if !self.always_shell => self.programs.direct(&spec.command, &spec.env, &spec.cwd),
+            _ => None,
+        };
+        Box::pin(run_local(spec, direct, stop))
     }
 }
 
@@ -169,15 +191,18 @@ async fn read_some<R: AsyncRead + Unpin>(reader: &mut Option<R>, buf: &mut [u8])
     }
 }
 
-async fn run_local(spec: ProcessSpec, mut stop: watch::Receiver<Stop>) -> ProcessResult {
-    let failed = |e: String| ProcessResult {
-        end: ProcessEnd::SpawnFailed(e),
-        stdout: Vec::new(),
-    };
-    let mut command = match &spec.argv {
-        Some(argv) if !argv.is_empty() => {
+/// The process of `spec`: its program (`direct`, when the command needs no shell), arguments,
+/// directory and whole environment.
+fn command_of(spec: &ProcessSpec, direct: Option<&Direct>) -> tokio::process::Command {
+    let mut command = match (&spec.argv, direct) {
+        (Some(argv), _) if !argv.is_empty() => {
             let mut c = tokio::process::Command::new(&argv[0]);
             c.args(&argv[1..]);
+            c
+        }
+        (_, Some(direct)) => {
+            let mut c = tokio::process::Command::new(&direct.program);
+            c.arg0(&direct.argv[0]).args(&direct.argv[1..]);
             c
         }
         _ => {
@@ -196,7 +221,28 @@ async fn run_local(spec: ProcessSpec, mut stop: watch::Receiver<Stop>) -> Proces
         // Its own process group: a timeout or Ctrl-C stops the whole tree, and a Ctrl-C in the
         // terminal reaches ccluster only, which then stops tasks in order.
         .process_group(0);
-    let mut child = match command.spawn() {
+    if let (None, Some(Direct { pwd: Some(pwd), .. })) = (&spec.argv, direct) {
+        command.env("PWD", pwd);
+    }
+    command
+}
+
+async fn run_local(
+    spec: ProcessSpec,
+    direct: Option<Direct>,
+    mut stop: watch::Receiver<Stop>,
+) -> ProcessResult {
+    let failed = |e: String| ProcessResult {
+        end: ProcessEnd::SpawnFailed(e),
+        stdout: Vec::new(),
+    };
+    let (spawned, ran_direct) = match command_of(&spec, direct.as_ref()).spawn() {
+        // The shell decides what a program that cannot be executed means (a script without `#!`
+        // is run as a shell script, a vanished one is exit code 127): ask it.
+        Err(_) if direct.is_some() => (command_of(&spec, None).spawn(), false),
+        spawned => (spawned, direct.is_some()),
+    };
+    let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
             let program = spec
@@ -291,10 +337,13 @@ async fn run_local(spec: ProcessSpec, mut stop: watch::Receiver<Stop>) -> Proces
     if kept.len() > STDOUT_KEPT {
         kept.drain(..kept.len() - STDOUT_KEPT);
     }
-    ProcessResult {
-        end: end.unwrap_or(ProcessEnd::Exited(-1)),
-        stdout: kept,
-    }
+    let end = match end.unwrap_or(ProcessEnd::Exited(-1)) {
+        // `sh -c` reports a program killed by a signal as exit code 128 + the signal; so does a
+        // simple command run directly, lest skipping the shell change what a task's failure is.
+        ProcessEnd::Signaled(signal) if ran_direct => ProcessEnd::Exited(128 + signal),
+        end => end,
+    };
+    ProcessResult { end, stdout: kept }
 }
 
 /// Stops the whole process group: SIGTERM, then SIGKILL after `grace` (or at once when `level` is
