@@ -134,6 +134,8 @@ struct Node {
 /// A task of the workflow: its plan nodes (one, or a fan-out's instances) and its aggregate state.
 struct Group {
     id: String,
+    /// Its recent attempts' mean run time (a moving average): how far ahead its starts are armed.
+    typical_run: Option<Duration>,
     mapped: bool,
     /// A map expression still to expand.
     dynamic: Option<String>,
@@ -193,7 +195,8 @@ struct Dispatcher<'a> {
     /// Attempts whose start is durable, waiting for a `--jobs` slot: when a task ends, the next
     /// starts at once instead of after a sync (see [`Dispatcher::start_armed`]).
     armed: VecDeque<(usize, Job)>,
-    /// Recent attempts' mean run time (moving average): how far ahead starts are armed.
+    /// All attempts' mean run time (a moving average): the estimate for a task none of whose
+    /// attempts has ended yet.
     typical_run: Option<Duration>,
     timers: usize,
     stopping: Option<String>,
@@ -446,6 +449,7 @@ impl Dispatcher<'_> {
                 .collect();
             self.groups.push(Group {
                 id: task.id.to_string(),
+                typical_run: None,
                 mapped: task.is_mapped(),
                 dynamic: template
                     .as_ref()
@@ -878,10 +882,17 @@ impl Dispatcher<'_> {
         Ok(())
     }
 
-    /// How many batches of `--jobs` starts are committed ahead of a free slot: none for tasks
-    /// that take long (or before any ended), up to [`MAX_ARM_DEPTH`] for tiny ones.
-    fn arm_depth(&self) -> usize {
-        let Some(typical) = self.typical_run else {
+    /// How many batches of `--jobs` starts may be committed ahead of a free slot, when `node` is
+    /// next: up to [`MAX_ARM_DEPTH`] for a shell task without workspace whose attempts are tiny
+    /// (its own recent ones, else the run's); none for longer ones, before any attempt ended, or
+    /// for agents and tasks with a workspace, which never take a millisecond.
+    fn arm_depth(&self, node: usize) -> usize {
+        let plan = &self.nodes[node].plan;
+        if !matches!(plan.action, PlannedAction::Shell { .. }) || plan.workspace.is_some() {
+            return 0;
+        }
+        let group = &self.groups[self.nodes[node].group];
+        let Some(typical) = group.typical_run.or(self.typical_run) else {
             return 0;
         };
         let ratio = ARM_AHEAD_BELOW.as_secs_f64() / typical.as_secs_f64().max(1e-6);
@@ -889,27 +900,30 @@ impl Dispatcher<'_> {
     }
 
     /// Whether this turn's writes must be committed now, rather than gathered with the next
-    /// turns': a slot is free or soon will be without an armed start, or the run is stopping.
+    /// turns': a slot is free, or fewer than half the deepest arming's starts are left armed, or
+    /// the run is stopping.
     fn commit_now(&self) -> bool {
-        let depth = self.arm_depth();
-        depth == 0
-            || self.running < self.opts.jobs
-            || self.armed.len() < depth * self.opts.jobs / 2
+        self.running < self.opts.jobs
+            || self.armed.len() < MAX_ARM_DEPTH / 2 * self.opts.jobs
             || self.stopping.is_some()
     }
 
     /// Takes ready nodes while there is room, and prepares their attempts. Room is `--jobs`
-    /// running plus [`Dispatcher::arm_depth`] batches armed: their starts are committed ahead.
+    /// running plus, for a node of a task with tiny attempts, [`Dispatcher::arm_depth`] batches
+    /// armed: their starts are committed ahead. Nodes are taken in order: the first that does not
+    /// fit stops the taking.
     fn launch(&mut self, spawns: &mut Vec<(usize, Job)>) -> Result<(), ApplyError> {
         let mut parked = Vec::new();
-        while self.running + self.armed.len() + self.reserved + spawns.len()
-            < (1 + self.arm_depth()) * self.opts.jobs
-            && self.stopping.is_none()
-        {
-            let Some((_, _, node)) = self.ready.pop() else {
+        while self.stopping.is_none() {
+            let Some(&(_, _, node)) = self.ready.peek() else {
                 break;
             };
             let group = self.nodes[node].group;
+            let taken = self.running + self.armed.len() + self.reserved + spawns.len();
+            if taken >= (1 + self.arm_depth(node)) * self.opts.jobs {
+                break;
+            }
+            self.ready.pop();
             if self.groups[group].outcome == Some(TaskState::Failed) {
                 // Its fan-out failed fast (the run goes on under --keep-going): not started.
                 let reason = format!("not run: `{}` failed fast", self.groups[group].id);
@@ -1536,10 +1550,11 @@ impl Dispatcher<'_> {
         let end = result.process.end.clone();
         let group = self.nodes[node].group;
         self.groups[group].running -= 1;
-        self.typical_run = Some(match self.typical_run {
-            Some(typical) => typical.mul_f64(0.8) + elapsed.mul_f64(0.2),
-            None => elapsed,
-        });
+        let average = |typical: Option<Duration>| {
+            Some(typical.map_or(elapsed, |t| t.mul_f64(0.8) + elapsed.mul_f64(0.2)))
+        };
+        self.groups[group].typical_run = average(self.groups[group].typical_run);
+        self.typical_run = average(self.typical_run);
         // Instances held back by `max_parallel` go back in the queue, in their order.
         for parked in std::mem::take(&mut self.groups[group].parked) {
             self.enqueue(parked);
