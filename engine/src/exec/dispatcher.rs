@@ -4,7 +4,7 @@
 //!
 //! One loop, one `select!`: a process finished, a retry's backoff elapsed, or a signal arrived.
 //! Writes of one loop turn are committed together (one fsync) before the turn's events are
-//! reported and its processes started.
+//! reported and its processes started; tiny tasks' starts are committed ahead of a free slot.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
@@ -1847,8 +1847,9 @@ impl Dispatcher<'_> {
         }
         // Group commit, pipelined: this turn's writes (attempts started, results) are synced on a
         // blocking thread while the loop goes on collecting the next turn's; a batch's events are
-        // reported and its processes armed only once its sync is done. Up to `--jobs` armed
-        // attempts wait for a slot, so a slot that frees is filled without waiting for a sync.
+        // reported and its processes armed only once its sync is done. Armed attempts wait for a
+        // slot; for tiny tasks several batches are armed ahead (`arm_depth`), so a slot that frees
+        // is filled without waiting for a sync.
         let mut staged: Vec<(usize, Job)> = Vec::new();
         let mut committing: (Vec<Event>, Vec<(usize, Job)>) = (Vec::new(), Vec::new());
         let mut flush: Option<tokio::task::JoinHandle<Result<(), StoreError>>> = None;

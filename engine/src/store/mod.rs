@@ -160,7 +160,26 @@ impl Store {
     /// [`StoreError::Locked`] while a run is driven.
     pub fn open_reader(dir: &Path) -> Result<Store, StoreError> {
         let lock = take_lock(dir, false)?;
-        Store::open_db(dir, lock, false)
+        match Store::open_db(dir, lock, false) {
+            Err(StoreError::Db { .. }) if has_unfinished_snapshot(&dir.join("db")) => {
+                // A kill during a snapshot left a partial one, and no writer has run since to
+                // discard it. Only with the lock to itself may a reader discard it (no other
+                // process has the database open); then it reads as usual.
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(dir.join("lock"))
+                    .map_err(io(dir))?;
+                let alone = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+                    .map_err(|(mut file, _)| locked_error(&mut file, dir))?;
+                discard_unfinished_snapshots(&dir.join("db"));
+                alone
+                    .relock(FlockArg::LockShared)
+                    .map_err(|e| io(dir)(e.into()))?;
+                Store::open_db(dir, alone, false)
+            }
+            opened => opened,
+        }
     }
 
     fn open_db(dir: &Path, lock: Flock<File>, writer: bool) -> Result<Store, StoreError> {
@@ -407,6 +426,16 @@ impl Store {
 /// partial file, and sled then reads it as the newest snapshot and refuses to open ("Read
 /// corrupted data", spacejam/sled#1527). Such a file is never valid, so the exclusive writer
 /// removes it before opening.
+fn has_unfinished_snapshot(db: &Path) -> bool {
+    std::fs::read_dir(db).is_ok_and(|entries| {
+        entries.flatten().any(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("snap.") && name.ends_with(".generating")
+        })
+    })
+}
+
 fn discard_unfinished_snapshots(db: &Path) {
     let Ok(entries) = std::fs::read_dir(db) else {
         return;
@@ -509,6 +538,32 @@ mod tests {
         .unwrap();
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.runs().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_reader_alone_discards_an_unfinished_snapshot_too() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let entry = CacheEntry {
+                run: "r1".into(),
+                node: "build".into(),
+                output: serde_json::json!("ok"),
+                finished_ms: 1,
+                commit: None,
+            };
+            store.put_cache("k", &entry).unwrap();
+            store.commit().unwrap();
+        }
+        let partial = dir
+            .path()
+            .join("db")
+            .join("snap.7FFFFFFFFFFFFFFF.generating");
+        std::fs::write(&partial, b"partial snapshot bytes").unwrap();
+        // `ccluster status` after a crash, before any `apply`.
+        let store = Store::open_reader(dir.path()).unwrap();
+        assert!(store.cached("k").unwrap().is_some());
+        assert!(!partial.exists());
     }
 
     #[test]
