@@ -5,9 +5,11 @@
 
 mod records;
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::de::DeserializeOwned;
@@ -44,17 +46,79 @@ pub enum StoreError {
 pub struct Committer {
     db: sled::Db,
     dir: PathBuf,
+    sync: Option<Arc<DiskSync>>,
 }
 
 impl Committer {
     pub fn commit(self) -> Result<(), StoreError> {
-        self.db
-            .flush()
-            .map(|_| ())
-            .map_err(|source| StoreError::Db {
-                dir: self.dir,
-                source,
-            })
+        commit(&self.db, self.sync.as_deref(), &self.dir)
+    }
+}
+
+/// What sled 0.34's `flush` leaves undone for a power loss (it survives a process crash as it
+/// is): it writes the log with `pwrite` + `sync_file_range`, which neither persists the file's
+/// size nor flushes the disk's write cache, and never syncs the files of large values
+/// (`blobs/`). After each flush, ccluster syncs the new blob files and their directory, then
+/// `fdatasync`s the log, so a commit means on the disk.
+struct DiskSync {
+    /// sled's log, `db/db`, opened again: a sync is of the file, whichever descriptor asks.
+    log: File,
+    blobs: PathBuf,
+    /// Blob files already synced.
+    synced_blobs: Mutex<HashSet<std::ffi::OsString>>,
+}
+
+impl DiskSync {
+    fn open(db: &Path) -> std::io::Result<DiskSync> {
+        let sync = DiskSync {
+            log: File::open(db.join("db"))?,
+            blobs: db.join("blobs"),
+            synced_blobs: Mutex::new(HashSet::new()),
+        };
+        // Files made before this process (or by sled's opening) are synced once, with the
+        // directories that name them.
+        sync.sync()?;
+        for dir in [db, db.parent().unwrap_or(db)] {
+            File::open(dir)?.sync_all()?;
+        }
+        if let Ok(conf) = File::open(db.join("conf")) {
+            conf.sync_all()?;
+        }
+        Ok(sync)
+    }
+
+    /// Blobs first: a log entry must never be on the disk without the value it points to.
+    fn sync(&self) -> std::io::Result<()> {
+        let mut synced = self
+            .synced_blobs
+            .lock()
+            .map_err(|_| std::io::Error::other("a blob sync panicked"))?;
+        let mut new_blob = false;
+        if let Ok(entries) = std::fs::read_dir(&self.blobs) {
+            for entry in entries.flatten() {
+                if !synced.contains(&entry.file_name()) {
+                    File::open(entry.path())?.sync_all()?;
+                    synced.insert(entry.file_name());
+                    new_blob = true;
+                }
+            }
+        }
+        if new_blob {
+            File::open(&self.blobs)?.sync_all()?;
+        }
+        self.log.sync_data()
+    }
+}
+
+/// sled's flush, then, for a writer, the syncs it leaves undone.
+fn commit(db: &sled::Db, sync: Option<&DiskSync>, dir: &Path) -> Result<(), StoreError> {
+    db.flush().map_err(|source| StoreError::Db {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    match sync {
+        Some(sync) => sync.sync().map_err(io(dir)),
+        None => Ok(()),
     }
 }
 
@@ -73,6 +137,8 @@ pub struct Store {
     /// Held for the life of the store; dropping it unlocks.
     lock: Flock<File>,
     writer: bool,
+    /// A writer's syncs to the disk after sled's flushes; a reader writes nothing.
+    sync: Option<Arc<DiskSync>>,
     /// Pid found in the lock file when this process took it over from a dead one.
     pub took_over_from: Option<String>,
 }
@@ -235,7 +301,12 @@ impl Store {
             None => {}
         }
         let tree = |name: &str| db.open_tree(name).map_err(db_err);
+        let sync = match writer {
+            true => Some(Arc::new(DiskSync::open(&dir.join("db")).map_err(io(dir))?)),
+            false => None,
+        };
         Ok(Store {
+            sync,
             runs: tree("runs")?,
             tasks: tree("tasks")?,
             attempts: tree("attempts")?,
@@ -261,15 +332,13 @@ impl Store {
         Committer {
             db: self.db.clone(),
             dir: self.dir.clone(),
+            sync: self.sync.clone(),
         }
     }
 
     /// Makes every write so far durable. Called before a recorded change is acted on or reported.
     pub fn commit(&self) -> Result<(), StoreError> {
-        self.db
-            .flush()
-            .map(|_| ())
-            .map_err(|source| self.db_error(source))
+        commit(&self.db, self.sync.as_deref(), &self.dir)
     }
 
     fn db_error(&self, source: sled::Error) -> StoreError {
@@ -453,7 +522,7 @@ impl Drop for Store {
     /// A clean exit empties the lock file, so a pid found there later means a writer died.
     fn drop(&mut self) {
         if self.writer {
-            let _ = self.db.flush();
+            let _ = self.commit();
             let _ = self.lock.set_len(0);
         }
     }
