@@ -74,16 +74,25 @@ impl Resolver {
                 }
             }
         };
+        // dash keeps an inherited `PWD` that names the directory it runs in, and exports the
+        // physical directory otherwise.
         let pwd = match var("PWD") {
-            Some(_) => None,
-            // dash exports the physical directory it runs in.
-            None => Some(std::fs::canonicalize(cwd).ok()?.to_str()?.to_string()),
+            Some(pwd) if pwd.starts_with('/') && same_file(Path::new(pwd), cwd) => None,
+            _ => Some(std::fs::canonicalize(cwd).ok()?.to_str()?.to_string()),
         };
         Some(Direct {
             program,
             argv: words.iter().map(|w| w.to_string()).collect(),
             pwd,
         })
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
     }
 }
 
@@ -177,10 +186,14 @@ mod tests {
         assert_eq!(resolver.direct("tool", &[], dir.path()), None, "no PATH");
         let relative = vec![("PATH".to_string(), ".".to_string())];
         assert_eq!(resolver.direct("tool", &relative, dir.path()), None);
-        let with_pwd = vec![env[0].clone(), ("PWD".to_string(), "/x".to_string())];
+        // An inherited PWD is kept when it names the directory, replaced when it does not.
+        let pwd = |value: &str| vec![env[0].clone(), ("PWD".to_string(), value.to_string())];
+        let kept = pwd(&dir.path().join("a").join("..").display().to_string());
         assert_eq!(
-            resolver.direct("tool", &with_pwd, dir.path()).unwrap().pwd,
+            resolver.direct("tool", &kept, dir.path()).unwrap().pwd,
             None
         );
+        let wrong = resolver.direct("tool", &pwd("/"), dir.path()).unwrap();
+        assert_eq!(wrong.pwd.as_deref(), physical.to_str());
     }
 }
