@@ -597,16 +597,26 @@ mod tests {
                 .unwrap();
             store.commit().unwrap();
         }
-        // What a kill during sled's snapshot writing leaves: a partial, newest-looking snapshot.
-        std::fs::write(
-            dir.path()
-                .join("db")
-                .join("snap.7FFFFFFFFFFFFFFF.generating"),
-            b"partial snapshot bytes",
-        )
-        .unwrap();
+        leave_partial_snapshot(dir.path());
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.runs().unwrap().len(), 1);
+    }
+
+    /// What a kill during sled's snapshot writing leaves: a partial, newest-looking snapshot.
+    fn leave_partial_snapshot(dir: &Path) -> PathBuf {
+        let partial = dir.join("db").join("snap.7FFFFFFFFFFFFFFF.generating");
+        std::fs::write(&partial, b"partial snapshot bytes").unwrap();
+        partial
+    }
+
+    fn cache_entry() -> CacheEntry {
+        CacheEntry {
+            run: "r1".into(),
+            node: "build".into(),
+            output: serde_json::json!("ok"),
+            finished_ms: 1,
+            commit: None,
+        }
     }
 
     #[test]
@@ -614,21 +624,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path()).unwrap();
-            let entry = CacheEntry {
-                run: "r1".into(),
-                node: "build".into(),
-                output: serde_json::json!("ok"),
-                finished_ms: 1,
-                commit: None,
-            };
-            store.put_cache("k", &entry).unwrap();
+            store.put_cache("k", &cache_entry()).unwrap();
             store.commit().unwrap();
         }
-        let partial = dir
-            .path()
-            .join("db")
-            .join("snap.7FFFFFFFFFFFFFFF.generating");
-        std::fs::write(&partial, b"partial snapshot bytes").unwrap();
+        let partial = leave_partial_snapshot(dir.path());
         // `ccluster status` after a crash, before any `apply`.
         let store = Store::open_reader(dir.path()).unwrap();
         assert!(store.cached("k").unwrap().is_some());
@@ -638,13 +637,7 @@ mod tests {
     #[test]
     fn records_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
-        let entry = CacheEntry {
-            run: "r1".into(),
-            node: "build".into(),
-            output: serde_json::json!("ok"),
-            finished_ms: 1,
-            commit: None,
-        };
+        let entry = cache_entry();
         {
             let store = Store::open(dir.path()).unwrap();
             store.put_cache("k", &entry).unwrap();
