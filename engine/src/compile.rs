@@ -65,6 +65,9 @@ pub fn compile_with(
 
     let mut diags = Vec::new();
     let mut raw = decode::decode(&tree, &mut diags);
+    // Each stage's input is let go as soon as the next stage has it: with 10,000 tasks each is
+    // tens of megabytes.
+    drop(tree);
     crate::model::compose::expand(
         &mut raw,
         None,
@@ -75,6 +78,7 @@ pub fn compile_with(
         &mut diags,
     );
     let workflow = workflow::resolve(&raw, &source.text, base_dir, &mut diags);
+    drop(raw);
     if has_errors(&diags) {
         return Err(in_report_order(diags));
     }
