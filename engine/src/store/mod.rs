@@ -97,7 +97,11 @@ impl DiskSync {
         if let Ok(entries) = std::fs::read_dir(&self.blobs) {
             for entry in entries.flatten() {
                 if !synced.contains(&entry.file_name()) {
-                    File::open(entry.path())?.sync_all()?;
+                    match File::open(entry.path()).and_then(|blob| blob.sync_all()) {
+                        // sled removed it meanwhile (a value rewritten): nothing to keep.
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        result => result?,
+                    }
                     synced.insert(entry.file_name());
                     new_blob = true;
                 }
@@ -632,6 +636,26 @@ mod tests {
         let store = Store::open_reader(dir.path()).unwrap();
         assert!(store.cached("k").unwrap().is_some());
         assert!(!partial.exists());
+    }
+
+    #[test]
+    fn a_large_value_kept_in_a_blob_file_commits_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut entry = cache_entry();
+        entry.output = serde_json::json!("x".repeat(200_000));
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.put_cache("k", &entry).unwrap();
+            // Syncs the new blob file (and its directory) before the log.
+            store.commit().unwrap();
+            let blobs = std::fs::read_dir(dir.path().join("db").join("blobs")).unwrap();
+            assert!(
+                blobs.count() > 0,
+                "sled keeps a value this large in a blob file"
+            );
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.cached("k").unwrap(), Some(entry));
     }
 
     #[test]
