@@ -57,6 +57,7 @@ PY
       fresh; timed cc.cold "$bin" apply -j2; timed cc.noop "$bin" apply -j2
       test -f out/all
       fresh; timed sh.cold env CCLUSTER_ALWAYS_SHELL=1 "$bin" apply -j2
+      test -f out/all
     done
     nc=$(median ninja.cold 1); cc=$(median cc.cold 1); sc=$(median sh.cold 1)
     printf 'N=%s, median of %s rounds\n' "$n" "$reps"
