@@ -1,6 +1,21 @@
 //! `ccluster`: the command line. Thin by design: arguments, rendering and exit codes; all logic
 //! lives in `ccluster-engine`.
 
+/// The single-threaded async runtime `apply` and the model server run on; `None` (said on stderr)
+/// when it cannot start.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            None
+        }
+    }
+}
+
 /// Prints a line to stdout; a closed pipe (`ccluster doctor | head -1`) ends the output quietly
 /// instead of panicking like `println!`.
 macro_rules! out {
@@ -613,15 +628,8 @@ fn model_server(script: Option<&std::path::Path>, turn_delay_ms: u64) -> u8 {
         }
     };
     script.turn_delay_ms = script.turn_delay_ms.max(turn_delay_ms);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return exit::TASK_FAILED;
-        }
+    let Some(runtime) = crate::runtime() else {
+        return exit::TASK_FAILED;
     };
     runtime.block_on(async {
         match Server::start(script, Some(PathBuf::from("/dev/stdout"))).await {

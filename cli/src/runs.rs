@@ -197,15 +197,8 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         keep_going: args.keep_going,
         templates: args.templates.clone(),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return exit::TASK_FAILED;
-        }
+    let Some(runtime) = crate::runtime() else {
+        return exit::TASK_FAILED;
     };
     let mut human = HumanEvents {
         out: std::io::BufWriter::new(std::io::stdout()),

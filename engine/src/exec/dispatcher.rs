@@ -439,14 +439,9 @@ impl Dispatcher<'_> {
             first_node.entry(node.task.as_str()).or_insert(node);
             first_pos.entry(node.task.as_str()).or_insert(pos as u64);
         }
-        for (i, task) in wf.tasks.iter().enumerate() {
+        for ((i, task), needs) in wf.tasks.iter().enumerate().zip(wf.need_indices()) {
             // A task mapped over an empty list has no plan node: it still takes part (it succeeds).
             let template = first_node.get(task.id.as_str()).map(|n| (*n).clone());
-            let needs: Vec<usize> = task
-                .needs
-                .iter()
-                .filter_map(|n| index.get(n.value.as_str()).copied())
-                .collect();
             self.groups.push(Group {
                 id: task.id.to_string(),
                 typical_run: None,

@@ -54,6 +54,7 @@ pub fn explain(
     let wf = &compiled.workflow;
     let scope = RunScope::of(compiled);
     let index = wf.task_index();
+    let need_indices = wf.need_indices();
     let ancestors = crate::model::workflow::ancestors(wf);
     let mut nodes_of: HashMap<&str, Vec<&PlannedTask>> = HashMap::new();
     for node in &compiled.plan.nodes {
@@ -78,11 +79,7 @@ pub fn explain(
     for t in order {
         let task = &wf.tasks[t];
         let planned = nodes_of.get(task.id.as_str()).cloned().unwrap_or_default();
-        let needs: Vec<usize> = task
-            .needs
-            .iter()
-            .filter_map(|n| index.get(n.value.as_str()).copied())
-            .collect();
+        let needs = &need_indices[t];
         if let Some(&n) = needs
             .iter()
             .find(|&&n| matches!(known[n], Some(Known::WillRun)))

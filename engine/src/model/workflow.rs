@@ -309,6 +309,20 @@ impl Workflow {
             .map(|(i, t)| (t.id.as_str(), i))
             .collect()
     }
+
+    /// Each task's `needs`, as indices into `tasks` (unknown names, already reported, left out).
+    pub fn need_indices(&self) -> Vec<Vec<usize>> {
+        let index = self.task_index();
+        self.tasks
+            .iter()
+            .map(|t| {
+                t.needs
+                    .iter()
+                    .filter_map(|n| index.get(n.value.as_str()).copied())
+                    .collect()
+            })
+            .collect()
+    }
 }
 
 const AGENT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60 * 60);
@@ -1016,17 +1030,7 @@ fn resolve_workspaces(wf: &mut Workflow, raw: &RawClusterfile, diags: &mut Vec<D
         .as_ref()
         .and_then(|d| d.workspace.as_ref())
         .map(|w| w.value);
-    let index = wf.task_index();
-    let needs: Vec<Vec<usize>> = wf
-        .tasks
-        .iter()
-        .map(|t| {
-            t.needs
-                .iter()
-                .filter_map(|n| index.get(n.value.as_str()).copied())
-                .collect()
-        })
-        .collect();
+    let needs = wf.need_indices();
     // Kahn's order; tasks on a cycle (already reported) keep `none`.
     let mut waiting: Vec<usize> = needs.iter().map(Vec::len).collect();
     let mut dependents = vec![Vec::new(); wf.tasks.len()];
@@ -1467,17 +1471,7 @@ fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) {
 /// Transitive `needs` of every task. Safe on cyclic graphs (each task is visited once per walk), so
 /// templates are checked even when a cycle is reported too.
 pub fn ancestors(workflow: &Workflow) -> Vec<BTreeSet<usize>> {
-    let index = workflow.task_index();
-    let direct: Vec<Vec<usize>> = workflow
-        .tasks
-        .iter()
-        .map(|t| {
-            t.needs
-                .iter()
-                .filter_map(|n| index.get(n.value.as_str()).copied())
-                .collect()
-        })
-        .collect();
+    let direct = workflow.need_indices();
     (0..workflow.tasks.len())
         .map(|start| {
             let mut seen = BTreeSet::new();
