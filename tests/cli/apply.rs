@@ -459,7 +459,10 @@ fn simple_commands_run_without_a_shell_exactly_as_the_shell_runs_them() {
     s.file("bin/plain", "echo \"plain script got $1 in $PWD\"\n")
         .unwrap();
     s.file("bin/killed", "#!/bin/sh\nkill -9 $$\n").unwrap();
-    for script in ["plain", "killed"] {
+    // Who started it: the one thing meant to differ.
+    s.file("bin/parent", "#!/bin/sh\ncat /proc/$PPID/comm\n")
+        .unwrap();
+    for script in ["plain", "killed", "parent"] {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(bin.join(script), std::fs::Permissions::from_mode(0o755)).unwrap();
     }
@@ -481,6 +484,8 @@ run = "{bin}/killed"
 run = "ls no-such-file"
 [tasks.args]
 run = "/usr/bin/printf %s:%s: a=b  c"
+[tasks.parent]
+run = "{bin}/parent"
 "#,
         bin = bin.display()
     ));
@@ -519,8 +524,14 @@ run = "/usr/bin/printf %s:%s: a=b  c"
         }
         seen
     };
-    let direct = outcomes("");
-    assert_eq!(direct, outcomes("1"));
+    let (mut direct, mut shell) = (outcomes(""), outcomes("1"));
+    let parent = |seen: &mut Vec<(String, Value, Value, Value, String)>| {
+        let i = seen.iter().position(|t| t.0 == "parent").unwrap();
+        seen.remove(i).4
+    };
+    assert_eq!(parent(&mut direct), "ccluster", "run without a shell");
+    assert_eq!(parent(&mut shell), "sh", "run through `sh -c`");
+    assert_eq!(direct, shell);
     let of = |node: &str| direct.iter().find(|t| t.0 == node).unwrap();
     let physical = std::fs::canonicalize(s.path()).unwrap();
     assert_eq!(of("pwd").4, physical.display().to_string());

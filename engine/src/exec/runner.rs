@@ -97,7 +97,7 @@ pub trait Runner: Send + Sync {
 }
 
 /// Runs processes on this machine.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LocalRunner {
     programs: super::direct::Resolver,
     /// Every command through `sh -c`, simple ones too (`CCLUSTER_ALWAYS_SHELL=1`).

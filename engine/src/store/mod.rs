@@ -231,7 +231,7 @@ impl Store {
     pub fn open_reader(dir: &Path) -> Result<Store, StoreError> {
         let lock = take_lock(dir, false)?;
         match Store::open_db(dir, lock, false) {
-            Err(StoreError::Db { .. }) if has_unfinished_snapshot(&dir.join("db")) => {
+            Err(StoreError::Db { .. }) if !unfinished_snapshots(&dir.join("db")).is_empty() => {
                 // A kill during a snapshot left a partial one, and no writer has run since to
                 // discard it. Only with the lock to itself may a reader discard it (no other
                 // process has the database open); then it reads as usual.
@@ -498,27 +498,25 @@ impl Store {
 /// `snap.<lsn>`: the rename is what makes it valid. A process killed before the rename leaves the
 /// partial file, and sled then reads it as the newest snapshot and refuses to open ("Read
 /// corrupted data", spacejam/sled#1527). Such a file is never valid, so the exclusive writer
-/// removes it before opening.
-fn has_unfinished_snapshot(db: &Path) -> bool {
-    std::fs::read_dir(db).is_ok_and(|entries| {
-        entries.flatten().any(|entry| {
+/// removes it before opening (and a reader that failed to open, once it has the lock to itself).
+fn unfinished_snapshots(db: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(db) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
             let name = entry.file_name();
             let name = name.to_string_lossy();
             name.starts_with("snap.") && name.ends_with(".generating")
         })
-    })
+        .map(|entry| entry.path())
+        .collect()
 }
 
 fn discard_unfinished_snapshots(db: &Path) {
-    let Ok(entries) = std::fs::read_dir(db) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with("snap.") && name.ends_with(".generating") {
-            let _ = std::fs::remove_file(entry.path());
-        }
+    for snapshot in unfinished_snapshots(db) {
+        let _ = std::fs::remove_file(snapshot);
     }
 }
 
