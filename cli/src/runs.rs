@@ -683,12 +683,19 @@ pub fn explain(
                 .ok()
         })
         .flatten();
+    let base_dir = clusterfile
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut fingerprints =
+        ccluster_engine::exec::fingerprint::Fingerprints::new(clusterfile, base_dir, dir);
     let explained = match explain(
         compiled,
         store.as_ref(),
         &clusterfile.display().to_string(),
         fresh,
         run_base.as_deref(),
+        &mut fingerprints,
     ) {
         Ok(e) => e,
         Err(e) => return report(e),
@@ -826,12 +833,26 @@ pub fn retry(dir: &Path, args: RetryArgs<'_>) -> u8 {
             run.clusterfile
         );
     }
+    // What failed (or never finished) in the run being retried runs again, even when an older
+    // run left a cache entry for the same key: `retry` never turns a failure into "cached".
+    let mut rerun = args.tasks;
+    rerun.extend(
+        view.tasks
+            .iter()
+            .filter(|t| match t.state {
+                TaskState::Failed | TaskState::Retrying | TaskState::Running => true,
+                // Stopped while it ran; one cancelled before its start may still be cached.
+                TaskState::Cancelled => t.attempts > 0,
+                _ => false,
+            })
+            .map(|t| t.node.clone()),
+    );
     apply(
         &compiled,
         ApplyArgs {
             clusterfile: &clusterfile,
             source: &run.source,
-            rerun: args.tasks,
+            rerun,
             state_dir: dir.to_path_buf(),
             jobs: args.jobs,
             fresh: false,

@@ -13,7 +13,7 @@ use crate::plan::{PlannedAction, PlannedTask, Text};
 use crate::store::KeyParts;
 
 /// Version of the cache key recipe: changing what goes into keys must change this.
-const KEY_RECIPE: &str = "ccluster-key-2";
+const KEY_RECIPE: &str = "ccluster-key-3";
 
 /// The values every template of a run can read.
 pub struct RunScope {
@@ -245,16 +245,19 @@ fn hash(value: &impl serde::Serialize) -> String {
     blake3::hash(&bytes).to_hex()[..16].to_string()
 }
 
+/// What a node reads besides its definition and its needs' outputs (see
+/// [`super::fingerprint::Fingerprints`]).
+pub enum Read {
+    /// A task with a workspace: the tree it starts from.
+    Base(String),
+    /// A task without one: its sources' fingerprint, if it has any.
+    Sources(Option<String>),
+}
+
 /// The parts of a node's cache key, documented in `docs/state.md`. Scheduling settings (retry,
 /// timeout, max_parallel, fan-out policy) and descriptions are left out on purpose: changing them
 /// does not change a result.
-/// `base`: for a task with a workspace, what it starts from (see [`base_part`]).
-pub fn key_parts(
-    node: &PlannedTask,
-    rendered: &Rendered,
-    upstream: &str,
-    base: Option<&str>,
-) -> KeyParts {
+pub fn key_parts(node: &PlannedTask, rendered: &Rendered, upstream: &str, read: &Read) -> KeyParts {
     let mut parts = KeyParts::new();
     parts.insert("recipe".into(), KEY_RECIPE.into());
     // The plan node's id: two tasks that run the same command are still two tasks (their side
@@ -289,8 +292,14 @@ pub fn key_parts(
     if let Some(ws) = &node.workspace {
         parts.insert("workspace".into(), hash(ws));
     }
-    if let Some(base) = base {
-        parts.insert("base".into(), base.to_string());
+    match read {
+        Read::Base(base) => {
+            parts.insert("base".into(), base.clone());
+        }
+        Read::Sources(Some(sources)) => {
+            parts.insert("sources".into(), sources.clone());
+        }
+        Read::Sources(None) => {}
     }
     parts.insert("item".into(), hash(&(&node.index, &node.item)));
     parts.insert("runner".into(), hash(&node.runner));
@@ -301,16 +310,6 @@ pub fn key_parts(
 /// The hash of any value, as key parts are made.
 pub fn hash_of(value: &impl serde::Serialize) -> String {
     hash(value)
-}
-
-/// The `base` key part of a workspace task: the commits of the needed tasks it builds on (in
-/// `needs` order, instances in index order), or the run's base commit when it builds on none.
-pub fn base_part(run_base: &str, inputs: &[crate::workspace::Input]) -> String {
-    if inputs.is_empty() {
-        run_base.to_string()
-    } else {
-        hash(&inputs)
-    }
 }
 
 /// The hash of what a task's needs produced: each needed plan node's id, key and output.

@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use super::context::{self, RunScope, Upstream};
+use super::context::{self, Read, RunScope, Upstream};
 use super::events::{Event, EventSink};
 use super::job::{self, Job, JobResult};
 use super::runner::{ProcessEnd, ProcessSpec, Runner, Stop};
@@ -217,6 +217,10 @@ struct Dispatcher<'a> {
     subdir: PathBuf,
     /// Branches of cached nodes, set together when the run ends.
     cached_refs: Vec<(String, String)>,
+    /// What tasks read (files, trees), for their cache keys.
+    fingerprints: super::fingerprint::Fingerprints,
+    /// Reused results rewritten onto this run's base: (old base, commit) → commit.
+    transplanted: HashMap<(String, String), String>,
     /// How agent workers run, when the plan has agent tasks.
     agents: Option<Agents>,
     /// Progress of running agents, reported as it comes.
@@ -408,6 +412,12 @@ pub async fn apply(
             .unwrap_or_default(),
         repo,
         cached_refs: Vec::new(),
+        fingerprints: super::fingerprint::Fingerprints::new(
+            Path::new(&opts.clusterfile),
+            &opts.workdir,
+            store.dir(),
+        ),
+        transplanted: HashMap::new(),
         agents,
         progress: progress_tx,
         progress_rx: Some(progress_rx),
@@ -943,6 +953,31 @@ impl Dispatcher<'_> {
         Ok(())
     }
 
+    /// A reused result's commit on this run's base (see [`workspace::transplant`]); `None` when it
+    /// cannot be moved, and then the node runs.
+    fn rebased(
+        &mut self,
+        from_run: &str,
+        commit: &str,
+        run_base: &str,
+    ) -> Result<Option<String>, ApplyError> {
+        let Some(repo) = &self.repo else {
+            return Ok(Some(commit.to_string()));
+        };
+        let Some(old_base) = self.store.run(from_run)?.and_then(|r| r.base) else {
+            return Ok(Some(commit.to_string()));
+        };
+        let moved = workspace::transplant::Transplant::new(
+            &repo.root,
+            self.fingerprints.excluded(),
+            &old_base,
+            run_base,
+            &mut self.transplanted,
+        )
+        .commit(commit);
+        Ok(moved.ok())
+    }
+
     /// The results a workspace node builds on: the commits of its needs that have a workspace, in
     /// `needs` order, instances in index order.
     fn inputs(&self, group: usize) -> Vec<Input> {
@@ -991,11 +1026,29 @@ impl Dispatcher<'_> {
             } else {
                 rendered.clone()
             };
-            let base = plan
-                .workspace
-                .is_some()
-                .then(|| context::base_part(&run_base, &inputs));
-            let mut parts = context::key_parts(&plan, &first, &upstream_hash, base.as_deref());
+            let read = if plan.workspace.is_some() {
+                self.fingerprints.base(&run_base, &inputs).map(Read::Base)
+            } else if matches!(
+                plan.action,
+                PlannedAction::Shell { .. } | PlannedAction::Agent { .. }
+            ) {
+                self.fingerprints
+                    .sources(plan.sources.as_deref())
+                    .map(Read::Sources)
+            } else {
+                Ok(Read::Sources(None))
+            };
+            let read = match read {
+                Ok(r) => r,
+                Err(e) => {
+                    self.fail_without_attempt(
+                        node,
+                        format!("cannot fingerprint what it reads: {e}"),
+                    )?;
+                    return Ok(None);
+                }
+            };
+            let mut parts = context::key_parts(&plan, &first, &upstream_hash, &read);
             if self.opts.rehearse.is_some() && matches!(plan.action, PlannedAction::Agent { .. }) {
                 // A rehearsed result must never stand in for a real one, nor the other way round;
                 // and a changed script is a changed result.
@@ -1016,11 +1069,21 @@ impl Dispatcher<'_> {
                 .iter()
                 .any(|r| *r == plan.id || *r == plan.task);
             if !self.opts.fresh && !forced {
-                if let Some(hit) = self.store.cached(&key)? {
-                    // A workspace result is only reusable while its commit exists.
+                if let Some(mut hit) = self.store.cached(&key)? {
+                    // A workspace result is only reusable while its commit exists, and on this
+                    // run's base: a clusterfile edit alone leaves its key, so its commit moves.
                     let usable = match (&self.repo, &plan.workspace) {
                         (Some(repo), Some(_)) => {
-                            hit.commit.as_deref().is_some_and(|c| repo.has_commit(c))
+                            match hit.commit.as_deref().filter(|c| repo.has_commit(c)) {
+                                Some(c) => match self.rebased(&hit.run, c, &run_base)? {
+                                    Some(moved) => {
+                                        hit.commit = Some(moved);
+                                        true
+                                    }
+                                    None => false,
+                                },
+                                None => false,
+                            }
                         }
                         _ => true,
                     };

@@ -50,6 +50,7 @@ pub fn explain(
     clusterfile: &str,
     fresh: bool,
     run_base: Option<&str>,
+    fingerprints: &mut super::fingerprint::Fingerprints,
 ) -> Result<Vec<Explanation>, StoreError> {
     let wf = &compiled.workflow;
     let scope = RunScope::of(compiled);
@@ -147,9 +148,34 @@ pub fn explain(
                 })
             })
             .collect();
-        // As in `apply`: only a task with a workspace of its own has a `base` key part.
-        let base = (task.workspace != crate::model::raw::WorkspaceMode::None)
-            .then(|| context::base_part(run_base.unwrap_or_default(), &inputs));
+        // As in `apply`: a task with a workspace of its own has a `base` key part; a shell or
+        // agent task without one, its `sources`.
+        let read = if task.workspace != crate::model::raw::WorkspaceMode::None {
+            fingerprints
+                .base(run_base.unwrap_or_default(), &inputs)
+                .map(context::Read::Base)
+        } else if matches!(task.action, Action::Shell { .. } | Action::Agent { .. }) {
+            let sources = planned.first().and_then(|n| n.sources.clone());
+            fingerprints
+                .sources(sources.as_deref())
+                .map(context::Read::Sources)
+        } else {
+            Ok(context::Read::Sources(None))
+        };
+        let read = match read {
+            Ok(r) => r,
+            Err(e) => {
+                for node in &planned {
+                    out.push(say(
+                        &node.id,
+                        Verdict::Run,
+                        format!("cannot fingerprint what it reads ({e})"),
+                    ));
+                }
+                known[t] = Some(Known::WillRun);
+                continue;
+            }
+        };
         let upstream_hash = context::upstream_hash(&needed_refs);
 
         let mut instances: Vec<PlannedTask> = planned.iter().map(|n| (*n).clone()).collect();
@@ -226,7 +252,7 @@ pub fn explain(
                     continue;
                 }
             };
-            let parts = context::key_parts(node, &rendered, &upstream_hash, base.as_deref());
+            let parts = context::key_parts(node, &rendered, &upstream_hash, &read);
             let key = context::key_of(&parts);
             let hit = match store {
                 Some(store) => store.cached(&key)?,

@@ -5,6 +5,7 @@ pub mod direct;
 mod dispatcher;
 pub mod events;
 pub mod explain;
+pub mod fingerprint;
 pub mod job;
 pub mod runner;
 

@@ -741,6 +741,9 @@ impl Decoder<'_> {
         if let Some(n) = t.get("copy") {
             task.copy = self.string_list(n, "copy");
         }
+        if let Some(n) = t.get("sources") {
+            task.sources = self.string_list(n, "sources");
+        }
         if let Some(n) = t.get("touches") {
             task.touches = self.string_list(n, "touches");
         }

@@ -581,6 +581,10 @@ pub struct RawTask {
     pub setup: Option<Spanned<String>>,
     /// Globs of files copied from the main checkout into the fresh workspace.
     pub copy: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Tasks without a workspace: globs of the files the task reads, relative to the
+    /// clusterfile's directory; their contents are in its cache key. Default: every file the
+    /// repository tracks, as it is on disk (none outside a repository). `[]`: none.
+    pub sources: Option<Spanned<Vec<Spanned<String>>>>,
     /// Paths or globs (templates) the task is told to change: `plan` warns when instances of a
     /// fan-out overlap, since their merge may conflict.
     pub touches: Option<Spanned<Vec<Spanned<String>>>>,

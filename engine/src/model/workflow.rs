@@ -253,6 +253,9 @@ pub struct Task {
     pub workspace: WorkspaceMode,
     pub setup: Option<String>,
     pub copy: Vec<String>,
+    /// What the task reads, for its cache key (`None`: the default, the repository's files).
+    pub sources: Option<Vec<String>>,
+    pub sources_span: Option<Span>,
     /// Paths the task is told to change (templates), and where they were written.
     pub touches: Vec<Template>,
     pub touches_span: Option<Span>,
@@ -984,6 +987,14 @@ fn resolve_task(
             .or(defaults.setup.as_ref())
             .map(|s| s.value.clone()),
         copy: strings(rt.copy.as_ref().or(defaults.copy.as_ref())),
+        sources: rt.sources.as_ref().map(|s| {
+            s.value
+                .iter()
+                .filter(|g| check_source_glob(g, diags))
+                .map(|g| g.value.clone())
+                .collect()
+        }),
+        sources_span: rt.sources.as_ref().map(|s| s.span),
         touches: rt
             .touches
             .as_ref()
@@ -1012,6 +1023,38 @@ fn resolve_task(
                 }
             }
         }),
+    }
+}
+
+/// A `sources` glob names files under the clusterfile's directory: relative, without `..`, and a
+/// valid glob.
+fn check_source_glob(glob: &Spanned<String>, diags: &mut Vec<Diagnostic>) -> bool {
+    let g = glob.value.as_str();
+    let problem = if g.is_empty() {
+        Some("an empty glob".to_string())
+    } else if g.starts_with('/') {
+        Some("an absolute path".to_string())
+    } else if g.split('/').any(|c| c == "..") {
+        Some("a path that leaves the clusterfile's directory".to_string())
+    } else {
+        glob::Pattern::new(g)
+            .err()
+            .map(|e| format!("not a glob ({e})"))
+    };
+    match problem {
+        None => true,
+        Some(p) => {
+            diags.push(
+                Diagnostic::error(
+                    Category::InvalidValue,
+                    "invalid-source",
+                    format!("`sources` entry `{g}` is {p}"),
+                )
+                .at(glob.span, "not a source glob")
+                .help("`sources` are globs relative to the clusterfile's directory, like `src/**/*.rs`"),
+            );
+            false
+        }
     }
 }
 
@@ -1098,6 +1141,19 @@ fn resolve_workspaces(wf: &mut Workflow, raw: &RawClusterfile, diags: &mut Vec<D
                     }
                 }
             }
+        } else if let Some(span) = rt.and_then(|rt| rt.sources.as_ref()).map(|s| s.span) {
+            diags.push(
+                Diagnostic::warning(
+                    Category::TaskKind,
+                    "unused-key",
+                    format!(
+                        "`sources` is unused: task `{}` has a workspace",
+                        wf.tasks[t].id
+                    ),
+                )
+                .at(span, "files read from the checkout")
+                .help("a task with a workspace works on commits, which are in its cache key already; remove the key"),
+            );
         }
         for &d in &dependents[t] {
             waiting[d] -= 1;

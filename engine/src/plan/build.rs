@@ -138,6 +138,9 @@ pub struct PlannedTask {
     /// `None`: the task runs in the clusterfile's directory and leaves no branch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workspace: Option<PlannedWorkspace>,
+    /// Tasks without a workspace: globs of the files it reads (absent: the repository's files).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sources: Option<Vec<String>>,
     /// Paths the task is told to change.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub touches: Vec<Text>,
@@ -812,6 +815,7 @@ fn plan_instance<'w>(
         }),
         artifacts: task.artifacts.clone(),
         reports: task.reports.clone(),
+        sources: task.sources.clone(),
         touches: task
             .touches
             .iter()

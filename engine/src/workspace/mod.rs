@@ -4,6 +4,7 @@
 //! CLI, so users' git behaves here as it does for them (config, attributes, LFS filters).
 
 pub mod artifacts;
+pub mod transplant;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -1,0 +1,390 @@
+//! What a task reads, as cache key parts: the files of a task without a workspace (its `sources`
+//! globs, or by default the repository's tracked files as they are on disk), and the trees a
+//! workspace task starts from. The clusterfile and its lock file are left out of both, so that
+//! editing the clusterfile re-runs only the tasks whose own definitions changed.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The fingerprints of one run (or one `plan --explain`), each computed once.
+pub struct Fingerprints {
+    /// The repository's top directory, when the clusterfile is in one.
+    root: Option<PathBuf>,
+    /// The clusterfile's directory: `sources` globs are relative to it.
+    base_dir: PathBuf,
+    /// Repository-relative paths that never count: the clusterfile and `clusterfile.lock`.
+    excluded: Vec<String>,
+    /// Never read as a source: ccluster's own state.
+    state_dir: PathBuf,
+    repository: Option<String>,
+    trees: HashMap<String, String>,
+    globs: HashMap<Vec<String>, String>,
+}
+
+/// One file as it enters a fingerprint: its path and the id of its content.
+type Entry = (String, String);
+
+impl Fingerprints {
+    /// `clusterfile`: the clusterfile's path (relative to the working directory or absolute).
+    pub fn new(clusterfile: &Path, base_dir: &Path, state_dir: &Path) -> Fingerprints {
+        let base_dir = if base_dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base_dir.to_path_buf()
+        };
+        let root = git(&base_dir, &["rev-parse", "--show-toplevel"], None)
+            .ok()
+            .map(|s| PathBuf::from(String::from_utf8_lossy(&s).trim_end_matches('\n')));
+        let mut excluded = Vec::new();
+        if let Some(root) = &root {
+            let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+            let file = clusterfile.file_name().map(PathBuf::from);
+            if let (Some(dir), Some(root), Some(file)) =
+                (canonical(&base_dir), canonical(root), file)
+            {
+                if let Ok(rel) = dir.strip_prefix(&root) {
+                    for name in [file, PathBuf::from("clusterfile.lock")] {
+                        excluded.push(rel.join(name).to_string_lossy().into_owned());
+                    }
+                }
+            }
+        }
+        Fingerprints {
+            root,
+            base_dir,
+            excluded,
+            state_dir: std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf()),
+            repository: None,
+            trees: HashMap::new(),
+            globs: HashMap::new(),
+        }
+    }
+
+    /// The repository-relative paths left out of every fingerprint.
+    pub fn excluded(&self) -> &[String] {
+        &self.excluded
+    }
+
+    /// The `sources` key part of a task without a workspace: its globs' files by content; with
+    /// none declared, the repository's tracked files as they are on disk (`None` outside a
+    /// repository: there, an undeclared task is keyed on its definition alone); `None` for
+    /// `sources = []`.
+    pub fn sources(&mut self, declared: Option<&[String]>) -> Result<Option<String>, String> {
+        match declared {
+            Some([]) => Ok(None),
+            Some(globs) => {
+                if let Some(hit) = self.globs.get(globs) {
+                    return Ok(Some(hit.clone()));
+                }
+                let entries = self.glob_entries(globs)?;
+                let id = digest(&entries);
+                self.globs.insert(globs.to_vec(), id.clone());
+                Ok(Some(id))
+            }
+            None => {
+                if self.root.is_none() {
+                    return Ok(None);
+                }
+                if self.repository.is_none() {
+                    let entries = self.repository_entries()?;
+                    self.repository = Some(digest(&entries));
+                }
+                Ok(self.repository.clone())
+            }
+        }
+    }
+
+    /// The id of a commit's tree without the clusterfile and its lock file.
+    pub fn tree(&mut self, commit: &str) -> Result<String, String> {
+        if let Some(hit) = self.trees.get(commit) {
+            return Ok(hit.clone());
+        }
+        let root = self
+            .root
+            .clone()
+            .ok_or("workspaces need a git repository")?;
+        let out = git(
+            &root,
+            &["ls-tree", "-r", "-z", "--full-tree", commit, "--"],
+            None,
+        )?;
+        let mut entries: Vec<Entry> = Vec::new();
+        for record in out.split(|&b| b == 0).filter(|r| !r.is_empty()) {
+            let record = String::from_utf8_lossy(record);
+            // `<mode> <type> <oid>\t<path>`
+            let Some((meta, path)) = record.split_once('\t') else {
+                continue;
+            };
+            if self.excluded.iter().any(|e| e == path) {
+                continue;
+            }
+            entries.push((path.to_string(), meta.to_string()));
+        }
+        let id = digest(&entries);
+        self.trees.insert(commit.to_string(), id.clone());
+        Ok(id)
+    }
+
+    /// The `base` key part of a workspace task: the tree it starts from, or, when it builds on
+    /// needed tasks' results, their node ids and trees (in `needs` order, instances in index
+    /// order). Trees, not commits: a result reused on a newer base is the same tree.
+    pub fn base(
+        &mut self,
+        run_base: &str,
+        inputs: &[crate::workspace::Input],
+    ) -> Result<String, String> {
+        if inputs.is_empty() {
+            return self.tree(run_base);
+        }
+        let mut parts = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            parts.push((input.node.clone(), self.tree(&input.commit)?));
+        }
+        Ok(super::context::hash_of(&parts))
+    }
+
+    /// The tracked files of the repository: their index entries, with the content of those that
+    /// differ on disk hashed as git would (deleted ones marked).
+    fn repository_entries(&self) -> Result<Vec<Entry>, String> {
+        let root = self.root.as_deref().ok_or("not in a git repository")?;
+        let listed = git(root, &["ls-files", "-s", "-z", "--full-name"], None)?;
+        let mut entries: Vec<Entry> = Vec::new();
+        for record in listed.split(|&b| b == 0).filter(|r| !r.is_empty()) {
+            let record = String::from_utf8_lossy(record);
+            // `<mode> <oid> <stage>\t<path>`
+            let Some((meta, path)) = record.split_once('\t') else {
+                continue;
+            };
+            if self.excluded.iter().any(|e| e == path) || self.in_state_dir(root, path) {
+                continue;
+            }
+            entries.push((path.to_string(), meta.to_string()));
+        }
+        // Files whose content on disk differs from the index (by stat; content decides below).
+        let changed = git(root, &["diff-files", "--name-only", "-z"], None)?;
+        let changed: Vec<String> = changed
+            .split(|&b| b == 0)
+            .filter(|r| !r.is_empty())
+            .map(|r| String::from_utf8_lossy(r).into_owned())
+            .collect();
+        let (present, deleted): (Vec<&String>, Vec<&String>) = changed
+            .iter()
+            .partition(|p| std::fs::symlink_metadata(root.join(p)).is_ok());
+        let mut now: HashMap<&str, String> = HashMap::new();
+        for path in deleted {
+            now.insert(path, "deleted".into());
+        }
+        if !present.is_empty() {
+            // The blob ids git would give them: a file whose stat changed but content did not
+            // keeps its id, so a touched file does not change the key.
+            let mut paths = Vec::new();
+            for p in &present {
+                paths.extend_from_slice(p.as_bytes());
+                paths.push(b'\n');
+            }
+            let out = git(root, &["hash-object", "--stdin-paths"], Some(&paths))?;
+            let ids = String::from_utf8_lossy(&out);
+            for (p, id) in present.iter().zip(ids.lines()) {
+                now.insert(p, id.to_string());
+            }
+        }
+        for (path, meta) in &mut entries {
+            if let Some(id) = now.get(path.as_str()) {
+                let mode = meta.split(' ').next().unwrap_or("");
+                *meta = format!("{mode} {id}");
+            }
+        }
+        Ok(entries)
+    }
+
+    fn in_state_dir(&self, root: &Path, path: &str) -> bool {
+        root.join(path).starts_with(&self.state_dir)
+    }
+
+    /// The regular files the globs match under the clusterfile's directory, each with the hash
+    /// of its content; the state directory and paths leaving the directory never count.
+    fn glob_entries(&self, globs: &[String]) -> Result<Vec<Entry>, String> {
+        let base = std::fs::canonicalize(&self.base_dir)
+            .map_err(|e| format!("cannot read {}: {e}", self.base_dir.display()))?;
+        let mut entries: Vec<Entry> = Vec::new();
+        for pattern in globs {
+            let full = base.join(pattern);
+            let matches = glob::glob(&full.to_string_lossy())
+                .map_err(|e| format!("`sources` glob `{pattern}`: {e}"))?;
+            for path in matches.flatten() {
+                let Ok(real) = std::fs::canonicalize(&path) else {
+                    continue;
+                };
+                if !real.starts_with(&base) || real.starts_with(&self.state_dir) || !real.is_file()
+                {
+                    continue;
+                }
+                let rel = path
+                    .strip_prefix(&base)
+                    .unwrap_or(&path)
+                    .to_string_lossy()
+                    .into_owned();
+                let bytes =
+                    std::fs::read(&real).map_err(|e| format!("cannot read source `{rel}`: {e}"))?;
+                entries.push((rel, blake3::hash(&bytes).to_hex().to_string()));
+            }
+        }
+        entries.sort();
+        entries.dedup();
+        Ok(entries)
+    }
+}
+
+fn digest(entries: &[Entry]) -> String {
+    let mut h = blake3::Hasher::new();
+    for (path, id) in entries {
+        h.update(path.as_bytes());
+        h.update(b"\0");
+        h.update(id.as_bytes());
+        h.update(b"\0");
+    }
+    h.finalize().to_hex()[..16].to_string()
+}
+
+/// Runs a read-only git command with hooks off and no optional locks; its stdout.
+fn git(dir: &Path, args: &[&str], stdin: Option<&[u8]>) -> Result<Vec<u8>, String> {
+    let mut cmd = Command::new("git");
+    cmd.arg("-C")
+        .arg(dir)
+        .args([
+            "-c",
+            "core.hooksPath=/dev/null",
+            "-c",
+            "core.fsmonitor=false",
+        ])
+        .args(args)
+        .env("GIT_OPTIONAL_LOCKS", "0")
+        .env("LC_ALL", "C")
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE")
+        .env_remove("GIT_INDEX_FILE")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| format!("cannot run git: {e}"))?;
+    if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // Paths are few and short next to a pipe's buffer only in small repositories: write from
+        // a thread so a large list cannot deadlock against git's output.
+        let bytes = bytes.to_vec();
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&bytes);
+        });
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("cannot run git: {e}"))?;
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(format!(
+            "`git {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(dir: &Path, script: &str) {
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@localhost")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@localhost")
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "{script}");
+    }
+
+    fn repository(dir: &Path) -> Option<String> {
+        Fingerprints::new(&dir.join("clusterfile.toml"), dir, &dir.join(".ccluster"))
+            .sources(None)
+            .unwrap()
+    }
+
+    #[test]
+    fn the_default_follows_tracked_files_on_disk_but_not_the_clusterfile_or_untracked_files() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        sh(
+            dir,
+            "git init -q && echo a > a.rs && echo v1 > clusterfile.toml && git add . && git commit -qm 1",
+        );
+        let first = repository(dir).expect("a repository has a default");
+        sh(dir, "echo v2 > clusterfile.toml && echo out > untracked.txt && mkdir -p .ccluster && echo x > .ccluster/x");
+        assert_eq!(
+            repository(dir).as_ref(),
+            Some(&first),
+            "clusterfile, untracked and state do not count"
+        );
+        sh(dir, "touch a.rs");
+        assert_eq!(
+            repository(dir).as_ref(),
+            Some(&first),
+            "a touched file keeps its content id"
+        );
+        sh(dir, "echo b > a.rs");
+        let edited = repository(dir).unwrap();
+        assert_ne!(edited, first, "an uncommitted edit counts");
+        sh(dir, "git rm -qf a.rs && git commit -qm gone");
+        let deleted = repository(dir).unwrap();
+        assert_ne!(deleted, first);
+        assert_ne!(deleted, edited);
+    }
+
+    #[test]
+    fn declared_sources_hash_content_and_stay_inside_the_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        std::fs::create_dir_all(dir.join("src")).unwrap();
+        std::fs::write(dir.join("src/a.rs"), "a").unwrap();
+        std::fs::write(outside.path().join("secret"), "s").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.join("src/out")).unwrap();
+        let globs = vec!["src/**/*".to_string()];
+        let key = |dir: &Path| {
+            Fingerprints::new(&dir.join("clusterfile.toml"), dir, &dir.join(".ccluster"))
+                .sources(Some(&globs))
+                .unwrap()
+                .unwrap()
+        };
+        let first = key(dir);
+        std::fs::write(outside.path().join("secret"), "changed").unwrap();
+        assert_eq!(
+            key(dir),
+            first,
+            "a symlink out of the directory is not followed"
+        );
+        std::fs::write(dir.join("src/a.rs"), "b").unwrap();
+        assert_ne!(key(dir), first);
+        let mut none = Fingerprints::new(&dir.join("c.toml"), dir, &dir.join(".ccluster"));
+        assert_eq!(
+            none.sources(Some(&[])).unwrap(),
+            None,
+            "`sources = []` opts out"
+        );
+        assert_eq!(
+            none.sources(None).unwrap(),
+            None,
+            "no repository, no default"
+        );
+    }
+}

@@ -1,0 +1,196 @@
+//! Results you can trust: a cached result stands only for the files it read, a clusterfile edit
+//! re-runs only what it changed, and `retry` never turns a failure into "cached".
+
+use serde_json::Value;
+
+use crate::apply::Sandbox;
+use crate::support::{git, task};
+
+/// A sandbox that is a git repository with its clusterfile and `src/a.rs` committed.
+fn repo(clusterfile: &str) -> Sandbox {
+    let s = Sandbox::new(clusterfile);
+    s.file("src/a.rs", "fn a() {}\n").unwrap();
+    s.file(".gitignore", ".ccluster/\n").unwrap();
+    git(s.path(), &["init", "-q", "-b", "main"]);
+    git(s.path(), &["add", "-A"]);
+    git(s.path(), &["commit", "-q", "-m", "init"]);
+    s
+}
+
+fn commit_all(s: &Sandbox, message: &str) {
+    git(s.path(), &["add", "-A"]);
+    git(s.path(), &["commit", "-q", "-m", message]);
+}
+
+fn explain(s: &Sandbox) -> Vec<Value> {
+    let out = s
+        .command(&["plan", "--explain", "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    plan["explain"].as_array().unwrap().clone()
+}
+
+fn verdict<'a>(explained: &'a [Value], node: &str) -> &'a Value {
+    explained
+        .iter()
+        .find(|e| e["task"] == node)
+        .unwrap_or_else(|| panic!("no {node} in {explained:?}"))
+}
+
+#[test]
+fn a_task_without_a_workspace_is_keyed_on_the_files_the_repository_tracks() {
+    let s = repo(
+        r#"version = 1
+[tasks.exists]
+run = "test -e src/a.rs"
+[tasks.pinned]
+run = "echo pinned >> pinned.log"
+sources = []
+[tasks.globbed]
+run = "echo globbed >> globbed.log"
+sources = ["docs/*.md"]
+"#,
+    );
+    s.file("docs/x.md", "one\n").unwrap();
+    commit_all(&s, "docs");
+    assert_eq!(s.apply(&[]).code, 0);
+    let again = s.apply(&[]);
+    assert_eq!(again.code, 0);
+    assert!(again.tasks("task_started").is_empty(), "nothing changed");
+
+    // An untracked file (an output, say) changes nothing.
+    s.file("out.txt", "made by a task\n").unwrap();
+    assert!(s.apply(&[]).tasks("task_started").is_empty());
+
+    // The file `exists` reads is deleted and the deletion committed: it runs, and fails.
+    git(s.path(), &["rm", "-q", "src/a.rs"]);
+    git(s.path(), &["commit", "-q", "-m", "delete a.rs"]);
+    let explained = explain(&s);
+    assert_eq!(
+        verdict(&explained, "exists")["changed"],
+        serde_json::json!(["sources"])
+    );
+    assert_eq!(verdict(&explained, "pinned")["verdict"], "satisfied");
+    assert_eq!(verdict(&explained, "globbed")["verdict"], "satisfied");
+    let deleted = s.apply(&[]);
+    assert_eq!(deleted.code, 1, "{}", deleted.stderr);
+    assert_eq!(deleted.tasks("task_started"), ["exists"]);
+    assert_eq!(task(&s.status(), "exists")["state"], "failed");
+
+    // Uncommitted edits count too, as they are on disk; declared sources only for their files.
+    s.file("src/a.rs", "fn a() {}\n").unwrap();
+    s.file("docs/x.md", "two\n").unwrap();
+    let edited = s.apply(&[]);
+    assert_eq!(edited.code, 0, "{}", edited.stderr);
+    let mut started = edited.tasks("task_started");
+    started.sort();
+    assert_eq!(started, ["exists", "globbed"], "`sources = []` opts out");
+    assert_eq!(s.read("pinned.log"), "pinned\n");
+}
+
+#[test]
+fn sources_outside_the_directory_are_refused_at_validate() {
+    let s = repo(
+        r#"version = 1
+[tasks.sneaky]
+run = "true"
+sources = ["../elsewhere/*", "/etc/passwd", "src/[.rs"]
+"#,
+    );
+    let out = s.command(&["validate"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for problem in [
+        "leaves the clusterfile's directory",
+        "an absolute path",
+        "not a glob",
+    ] {
+        assert!(stderr.contains(problem), "{problem}: {stderr}");
+    }
+    assert!(stderr.contains("clusterfile.toml:4:"), "{stderr}");
+}
+
+const EDITING: &str = r#"version = 1
+[tasks.edit]
+workspace = "worktree"
+run = "echo edited >> src/a.rs"
+[tasks.join]
+needs = ["edit"]
+merge = { strategy = "git" }
+"#;
+
+#[test]
+fn editing_the_clusterfile_reruns_only_the_tasks_it_changed() {
+    let s = repo(EDITING);
+    let first = s.apply(&[]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+
+    // A new, unrelated task: the workspace tasks keep their results.
+    s.write(&format!(
+        "{EDITING}[tasks.other]\nrun = \"true\"\nsources = []\n"
+    ));
+    s.file("clusterfile.lock", "# lock\n").unwrap();
+    commit_all(&s, "another task");
+    let explained = explain(&s);
+    assert_eq!(verdict(&explained, "edit")["verdict"], "satisfied");
+    let second = s.apply(&[]);
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    assert_eq!(second.tasks("task_started"), ["other"]);
+
+    // The reused result sits on this run's base: it keeps the new clusterfile, and its patch
+    // against the base is the task's change alone.
+    let status = s.status();
+    let result = status["run"]["result"].as_str().unwrap().to_string();
+    let run = status["run"]["id"].as_str().unwrap();
+    let branch = format!("ccluster/{run}/{result}");
+    let shown = git(s.path(), &["show", &format!("{branch}:clusterfile.toml")]);
+    assert!(shown.contains("[tasks.other]"), "{shown}");
+    let patch = s.command(&["export", "--patch", "-"]).output().unwrap();
+    let patch = String::from_utf8_lossy(&patch.stdout);
+    assert!(patch.contains("+edited"), "{patch}");
+    assert!(!patch.contains("clusterfile"), "{patch}");
+    assert_eq!(
+        git(s.path(), &["merge-base", "--is-ancestor", "HEAD", &branch]),
+        "",
+        "the result descends from this run's base"
+    );
+
+    // Changing the task itself runs it again.
+    s.write(&EDITING.replace("echo edited", "echo changed"));
+    commit_all(&s, "change edit");
+    let third = s.apply(&[]);
+    assert_eq!(third.code, 0, "{}", third.stderr);
+    assert_eq!(third.tasks("task_started"), ["edit", "join"]);
+}
+
+#[test]
+fn retry_runs_what_failed_even_when_an_older_run_left_a_cached_result() {
+    // Succeeds the first time, fails afterwards (a flaky test, say).
+    let s = Sandbox::new(
+        r#"version = 1
+[tasks.flaky]
+run = "echo ran >> runs.log; test ! -f failed-once && touch failed-once"
+"#,
+    );
+    assert_eq!(s.apply(&[]).code, 0);
+    let fresh = s.apply(&["--fresh"]);
+    assert_eq!(fresh.code, 1, "the second run fails");
+    let retried = s.command(&["retry", "--output", "json"]).output().unwrap();
+    assert_eq!(
+        retried.status.code(),
+        Some(1),
+        "the retried task fails again"
+    );
+    assert_eq!(
+        s.read("runs.log"),
+        "ran\nran\nran\n",
+        "it ran, not taken from the cache"
+    );
+    assert_eq!(task(&s.status(), "flaky")["state"], "failed");
+}
