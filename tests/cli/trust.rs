@@ -194,3 +194,94 @@ run = "echo ran >> runs.log; test ! -f failed-once && touch failed-once"
     );
     assert_eq!(task(&s.status(), "flaky")["state"], "failed");
 }
+
+#[test]
+fn an_undefined_attribute_fails_the_task_naming_it_through_filters_and_when() {
+    let s = Sandbox::new(
+        r#"version = 1
+[tasks.a]
+run = "echo '{\"parts\": [\"x\", \"y\"]}'"
+output = "json"
+[tasks.joined]
+needs = ["a"]
+run = "echo {{ tasks.a.output.prts | join(',') }}"
+[tasks.as_json]
+needs = ["a"]
+run = "echo {{ tasks.a.output.prts | tojson }}"
+[tasks.guarded]
+needs = ["a"]
+when = "tasks.a.output.prts"
+run = "echo deploy"
+[tasks.tested]
+needs = ["a"]
+when = "tasks.a.output.prts is none"
+run = "echo deploy"
+[tasks.fine]
+needs = ["a"]
+when = "tasks.a.output.prts is defined or tasks.a.output.parts"
+run = "echo {{ tasks.a.output.parts | join(',') }} {{ tasks.a.output.prts | default('none') }}"
+"#,
+    );
+    let run = s.apply(&["-k"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let status = s.status();
+    for node in ["joined", "as_json", "guarded", "tested"] {
+        let t = task(&status, node);
+        assert_eq!(t["state"], "failed", "{node}: {t}");
+        let message = t["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("`tasks.a.output.prts` is undefined: `tasks.a.output` has `parts`"),
+            "{node}: {message}"
+        );
+    }
+    assert_eq!(task(&status, "fine")["state"], "succeeded");
+    assert_eq!(task(&status, "fine")["output"], "x,y none");
+}
+
+#[test]
+fn a_plan_time_when_that_names_nothing_is_an_error_not_false() {
+    let s = Sandbox::new(
+        r#"version = 1
+[inputs.deploy]
+type = "object"
+default = { enabled = true }
+[tasks.deploy]
+when = "inputs.deploy.enabeld"
+run = "echo deploy"
+"#,
+    );
+    let out = s.command(&["validate"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("`inputs.deploy.enabeld` is undefined: `inputs.deploy` has `enabled`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_templates_declared_outputs_are_checked_at_validate() {
+    let s = Sandbox::new(
+        r#"version = 1
+[tasks.docs]
+use = "./lib/docs.toml"
+[tasks.publish]
+needs = ["docs"]
+run = "echo {{ tasks.docs.output.summry }}"
+"#,
+    );
+    s.file(
+        "lib/docs.toml",
+        "version = 1\n[tasks.write]\nrun = \"echo hi\"\n[outputs]\nsummary = \"{{ tasks.write.output }}\"\npages = \"3\"\n",
+    )
+    .unwrap();
+    let out = s.command(&["validate"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("declares no output `summry`"), "{stderr}");
+    assert!(
+        stderr.contains("did you mean `tasks.docs.output.summary`?"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("clusterfile.toml:6:"), "{stderr}");
+}

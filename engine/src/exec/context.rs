@@ -138,7 +138,7 @@ impl RunScope {
             (None, Some(ctx)) => self
                 .env
                 .render_str(&text.template, ctx)
-                .map_err(|e| describe(&e)),
+                .map_err(|e| self.describe(&e, &text.template, ctx)),
             (None, None) => Err("needs a run-time context".into()),
         }
     }
@@ -152,7 +152,10 @@ impl RunScope {
                 .env
                 .compile_expression(t[2..t.len() - 2].trim())
                 .map_err(|e| describe(&e))?;
-            let v = expr.eval(ctx).map_err(|e| describe(&e))?;
+            let v = expr.eval(ctx).map_err(|e| self.describe(&e, t, ctx))?;
+            if v.is_undefined() {
+                return Err(self.undefined(t, ctx));
+            }
             return serde_json::to_value(&v).map_err(|e| e.to_string());
         }
         self.text(text, Some(ctx)).map(Value::String)
@@ -205,11 +208,17 @@ impl RunScope {
     /// Evaluates a `when` expression at run time.
     pub fn condition(&self, expression: &str, ctx: &JinjaValue) -> Result<bool, String> {
         let t = template::Template::new(expression.to_string(), Default::default(), "");
-        self.env
+        let value = self
+            .env
             .compile_expression(t.as_expression())
             .and_then(|e| e.eval(ctx))
-            .map(|v| v.is_true())
-            .map_err(|e| describe(&e))
+            .map_err(|e| self.describe(&e, expression, ctx))?;
+        // An undefined guard is a typo, not "false": a misspelt deploy guard must not skip the
+        // deploy and report green.
+        if value.is_undefined() {
+            return Err(self.undefined(expression, ctx));
+        }
+        Ok(value.is_true())
     }
 
     /// Evaluates a dynamic `map` expression to its list.
@@ -219,7 +228,10 @@ impl RunScope {
             .env
             .compile_expression(t.as_expression())
             .and_then(|e| e.eval(ctx))
-            .map_err(|e| describe(&e))?;
+            .map_err(|e| self.describe(&e, expression, ctx))?;
+        if value.is_undefined() {
+            return Err(self.undefined(expression, ctx));
+        }
         if value.kind() != minijinja::value::ValueKind::Seq {
             return Err(format!(
                 "the `map` expression gave {}, not a list",
@@ -229,6 +241,25 @@ impl RunScope {
         match serde_json::to_value(&value) {
             Ok(Value::Array(items)) => Ok(items),
             _ => Err("the `map` expression gave a list that is not plain data".into()),
+        }
+    }
+}
+
+impl RunScope {
+    /// An error of a template, naming the undefined attribute when that is what went wrong.
+    fn describe(&self, e: &minijinja::Error, source: &str, ctx: &JinjaValue) -> String {
+        if e.kind() == minijinja::ErrorKind::UndefinedError {
+            if let Some(what) = template::undefined_attribute(&self.env, source, ctx) {
+                return format!("undefined value: {what}");
+            }
+        }
+        describe(e)
+    }
+
+    fn undefined(&self, source: &str, ctx: &JinjaValue) -> String {
+        match template::undefined_attribute(&self.env, source, ctx) {
+            Some(what) => format!("undefined value: {what}"),
+            None => "undefined value".to_string(),
         }
     }
 }

@@ -88,11 +88,162 @@ impl Template {
 
 /// The environment every template is rendered in: strict undefined, no auto-escaping, keep a
 /// trailing newline (commands and prompts are whitespace-sensitive).
+///
+/// minijinja's strict mode still lets an undefined value through a few built-ins (`join` gives
+/// `""`, `tojson` gives `null`, `x is none` is false...), so a misspelt attribute could render
+/// empty or skip a task silently. Those are replaced by versions that refuse undefined values;
+/// `default`, `is defined` and `is undefined` keep accepting them, as they are made for that.
 pub fn environment<'source>() -> Environment<'source> {
+    use minijinja::value::{Kwargs, Rest, StringInput};
+    use minijinja::{filters, functions, tests, State, Value};
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.set_keep_trailing_newline(true);
+    env.add_filter(
+        "join",
+        |state: &State, v: &Value, joiner: Option<StringInput<'_>>| {
+            defined(v, "join")?;
+            filters::join(state, v, joiner)
+        },
+    );
+    env.add_filter(
+        "tojson",
+        |v: &Value, indent: Option<Value>, args: Kwargs| {
+            defined(v, "tojson")?;
+            filters::tojson(v, indent, args)
+        },
+    );
+    for name in ["escape", "e"] {
+        env.add_filter(name, move |state: &State, v: &Value| {
+            defined(v, name)?;
+            filters::escape(state, v)
+        });
+    }
+    env.add_filter("pprint", |v: &Value| {
+        defined(v, "pprint")?;
+        Ok::<_, minijinja::Error>(filters::pprint(v))
+    });
+    env.add_filter(
+        "groupby",
+        |v: Value, attribute: Option<&str>, kwargs: Kwargs| {
+            defined(&v, "groupby")?;
+            filters::groupby(v, attribute, kwargs)
+        },
+    );
+    env.add_filter("format", |state: &State, v: &Value, args: Rest<Value>| {
+        defined(v, "format")?;
+        for a in args.iter() {
+            defined(a, "format")?;
+        }
+        filters::format(state, v, args)
+    });
+    env.add_function("dict", |value: Option<Value>, kwargs: Kwargs| {
+        if let Some(v) = &value {
+            defined(v, "dict")?;
+        }
+        for key in kwargs.args() {
+            let v: Value = kwargs.peek(key)?;
+            defined(&v, "dict")?;
+        }
+        functions::dict(value, kwargs)
+    });
+    macro_rules! strict_test {
+        ($($name:literal => $test:expr),* $(,)?) => {$(
+            env.add_test($name, |v: &Value| -> Result<bool, minijinja::Error> {
+                defined(v, concat!("is ", $name))?;
+                Ok($test(v))
+            });
+        )*};
+    }
+    strict_test! {
+        "none" => tests::is_none,
+        "string" => tests::is_string,
+        "number" => tests::is_number,
+        "mapping" => tests::is_mapping,
+        "sequence" => tests::is_sequence,
+        "iterable" => tests::is_iterable,
+        "true" => tests::is_true,
+        "false" => tests::is_false,
+        "boolean" => tests::is_boolean,
+        "integer" => tests::is_integer,
+        "float" => tests::is_float,
+    }
     env
+}
+
+fn defined(v: &minijinja::Value, by: &str) -> Result<(), minijinja::Error> {
+    if v.is_undefined() {
+        Err(minijinja::Error::new(
+            minijinja::ErrorKind::UndefinedError,
+            format!("`{by}` was given an undefined value"),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Names the attribute a failed render could not find: the first dotted name in `source` that is
+/// undefined while the value before its last step is defined, with the keys that value has
+/// (`tasks.a.output.prts` is undefined; `tasks.a.output` has `parts`).
+pub fn undefined_attribute(
+    env: &Environment<'_>,
+    source: &str,
+    ctx: &minijinja::Value,
+) -> Option<String> {
+    let bytes = source.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        let starts = (c.is_ascii_alphabetic() || c == b'_')
+            && (i == 0
+                || !(bytes[i - 1].is_ascii_alphanumeric()
+                    || bytes[i - 1] == b'_'
+                    || bytes[i - 1] == b'.'));
+        if !starts {
+            i += 1;
+            continue;
+        }
+        let mut j = i;
+        while j < bytes.len()
+            && (bytes[j].is_ascii_alphanumeric() || bytes[j] == b'_' || bytes[j] == b'.')
+        {
+            j += 1;
+        }
+        let path = source[i..j].trim_end_matches('.');
+        let steps: Vec<&str> = path.split('.').collect();
+        for n in 2..=steps.len() {
+            let parent = steps[..n - 1].join(".");
+            let full = steps[..n].join(".");
+            let eval = |p: &str| env.compile_expression(p).ok()?.eval(ctx).ok();
+            let Some(parent_value) = eval(&parent) else {
+                break;
+            };
+            if parent_value.is_undefined() {
+                break;
+            }
+            if eval(&full).is_some_and(|v| v.is_undefined()) {
+                let keys: Vec<String> = parent_value
+                    .try_iter()
+                    .map(|it| {
+                        it.filter_map(|k| k.as_str().map(|s| format!("`{s}`")))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let has = if parent_value.kind() == minijinja::value::ValueKind::Map {
+                    if keys.is_empty() {
+                        "no keys".to_string()
+                    } else {
+                        keys.join(", ")
+                    }
+                } else {
+                    format!("no attributes (it is {})", parent_value.kind())
+                };
+                return Some(format!("`{full}` is undefined: `{parent}` has {has}"));
+            }
+        }
+        i = j;
+    }
+    None
 }
 
 /// Names a template may start from, and what is known about them for one task.
@@ -105,6 +256,9 @@ pub struct Scope<'a> {
     pub all_tasks: &'a [&'a str],
     pub mapped: bool,
     pub task: &'a str,
+    /// The output keys of tasks that use a template (its `[outputs]`), by the id this task
+    /// names them with: `tasks.<id>.output.<key>` must name one of them.
+    pub outputs: &'a std::collections::HashMap<String, Vec<String>>,
 }
 
 /// Built-in functions of minijinja that static analysis reports as free names.
@@ -242,6 +396,31 @@ pub fn check_names(
                             continue;
                         };
                         let expected = if *mapped { "outputs" } else { "output" };
+                        if let (true, Some(key), Some(declared)) = (
+                            *field_name == expected && !*mapped,
+                            parts.get(3),
+                            scope.outputs.get(*id),
+                        ) {
+                            if !declared.iter().any(|d| d == key) {
+                                let list = declared
+                                    .iter()
+                                    .map(|d| format!("`{d}`"))
+                                    .collect::<Vec<_>>()
+                                    .join(", ");
+                                let mut d = Diagnostic::error(
+                                    Category::Template,
+                                    "undefined-name",
+                                    format!("undefined name `{path}`: the template `{id}` uses declares no output `{key}`"),
+                                )
+                                .at(template.span_of_name(path), "no such output");
+                                d = match did_you_mean(key, declared.iter().map(String::as_str)) {
+                                    Some(best) => d.help(format!("did you mean `tasks.{id}.output.{best}`? Its `[outputs]`: {list}")),
+                                    None if declared.is_empty() => d.help("the template declares no `[outputs]`"),
+                                    None => d.help(format!("its `[outputs]`: {list}")),
+                                };
+                                out.push(d);
+                            }
+                        }
                         if *field_name != expected {
                             let why = if *mapped {
                                 format!("`{id}` is mapped: its instances' outputs are the list `tasks.{id}.outputs`")

@@ -1551,6 +1551,17 @@ fn check_templates(workflow: &Workflow, raw: &RawClusterfile, diags: &mut Vec<Di
     let vars: Vec<&str> = workflow.vars.keys().map(String::as_str).collect();
     let all: Vec<&str> = workflow.tasks.iter().map(|t| t.id.as_str()).collect();
     let mut scoped_ids: HashMap<String, Vec<String>> = HashMap::new();
+    // The declared outputs of every task that uses a template, by full id.
+    let declared_outputs: HashMap<&str, Vec<String>> = workflow
+        .tasks
+        .iter()
+        .filter_map(|t| match &t.action {
+            Action::Outputs { values, .. } => {
+                Some((t.id.as_str(), values.keys().cloned().collect()))
+            }
+            _ => None,
+        })
+        .collect();
     for (i, task) in workflow.tasks.iter().enumerate() {
         // A template's task sees the names of its template: its inputs and vars, and its fellow
         // tasks without their `<prefix>.`; its diagnostics point into the template's file.
@@ -1606,8 +1617,13 @@ fn check_templates(workflow: &Workflow, raw: &RawClusterfile, diags: &mut Vec<Di
         let scoped_vars: Vec<&str> = origin
             .map(|o| o.scope.vars.keys().map(String::as_str).collect())
             .unwrap_or_default();
+        let outputs: HashMap<String, Vec<String>> = declared_outputs
+            .iter()
+            .filter_map(|(id, keys)| strip(id).map(|id| (id, keys.clone())))
+            .collect();
         let before = diags.len();
         let scope = Scope {
+            outputs: &outputs,
             inputs: if origin.is_some() {
                 &scoped_inputs
             } else {

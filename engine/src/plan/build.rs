@@ -389,6 +389,7 @@ impl<'e, 'w> Renderer<'e, 'w> {
                 match tpl.render(&ctx.value) {
                     Ok(s) => Some(s),
                     Err(e) => {
+                        let e = self.named_undefined(e, t, ctx);
                         diags.push(template::render_error(t, &e, field, task));
                         None
                     }
@@ -419,6 +420,17 @@ impl<'e, 'w> Renderer<'e, 'w> {
             .collect()
     }
 
+    /// An undefined-value error with the attribute it could not find named in its detail.
+    fn named_undefined(&self, e: minijinja::Error, t: &Template, ctx: &Ctx) -> minijinja::Error {
+        if e.kind() != minijinja::ErrorKind::UndefinedError {
+            return e;
+        }
+        match template::undefined_attribute(&self.env, &t.source, &ctx.value) {
+            Some(what) => minijinja::Error::new(minijinja::ErrorKind::UndefinedError, what),
+            None => e,
+        }
+    }
+
     /// Evaluates an expression: `Some(Some(value))` when knowable now, `Some(None)` when only at run
     /// time, `None` after reporting an error.
     fn eval(
@@ -432,9 +444,19 @@ impl<'e, 'w> Renderer<'e, 'w> {
         let compiled = self.compiled(t, true);
         match &compiled.code {
             Code::Expression(e) if self.knowable(&compiled.names, ctx) => {
-                match e.eval(&ctx.value) {
+                let evaluated = e.eval(&ctx.value).and_then(|v| {
+                    // An expression that names nothing (a misspelt attribute) is an error, not a
+                    // false `when` or an empty value.
+                    if v.is_undefined() {
+                        Err(minijinja::Error::from(minijinja::ErrorKind::UndefinedError))
+                    } else {
+                        Ok(v)
+                    }
+                });
+                match evaluated {
                     Ok(v) => Some(Some(v)),
                     Err(err) => {
+                        let err = self.named_undefined(err, t, ctx);
                         diags.push(template::render_error(t, &err, field, task));
                         None
                     }
