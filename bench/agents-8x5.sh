@@ -42,7 +42,7 @@ peaks() { awk '{ s += $2; if ($2 > m) m = $2; n++ } END { if (n) printf "%d work
 now() { date +%s.%N; }
 
 # --- plain claude processes, all at once
-"$bin" model-server --script "$work/script.toml" > "$work/requests.jsonl" 2> "$work/url" &
+CCLUSTER_MODEL_SERVER_TOKEN=bench "$bin" model-server --script "$work/script.toml" > "$work/requests.jsonl" 2> "$work/url" &
 server=$!
 while [ ! -s "$work/url" ]; do sleep 0.05; done
 url=$(cat "$work/url")

@@ -1,8 +1,8 @@
 //! `ccluster`: the command line. Thin by design: arguments, rendering and exit codes; all logic
 //! lives in `ccluster-engine`.
 
-/// The single-threaded async runtime `apply` and the model server run on; `None` (said on stderr)
-/// when it cannot start.
+/// The single-threaded async runtime `apply` runs on (the scripted model server has its own);
+/// `None` (said on stderr) when it cannot start.
 fn runtime() -> Option<tokio::runtime::Runtime> {
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -239,7 +239,8 @@ enum Command {
     /// Print the JSON Schema of the clusterfile format.
     Schema,
     /// Serve the scripted model API on 127.0.0.1 until killed (for benchmarks and experiments):
-    /// prints its URL, logs requests as JSON lines to stdout.
+    /// prints its URL (and its token, unless CCLUSTER_MODEL_SERVER_TOKEN chose it), logs requests
+    /// as JSON lines to stdout.
     #[command(hide = true)]
     ModelServer {
         /// A script (TOML); without one, every task gets the rehearsal default.
@@ -628,23 +629,36 @@ fn model_server(script: Option<&std::path::Path>, turn_delay_ms: u64) -> u8 {
         }
     };
     script.turn_delay_ms = script.turn_delay_ms.max(turn_delay_ms);
-    let Some(runtime) = crate::runtime() else {
-        return exit::TASK_FAILED;
+    // Clients must send the token as their API key: the one chosen in the environment, or a fresh
+    // one, said once on stderr after the URL.
+    let chosen = std::env::var(MODEL_SERVER_TOKEN)
+        .ok()
+        .filter(|t| !t.is_empty());
+    let say_token = chosen.is_none();
+    let started = match chosen {
+        Some(token) => Server::start_with_token(script, Some(PathBuf::from("/dev/stdout")), token),
+        None => Server::start(script, Some(PathBuf::from("/dev/stdout"))),
     };
-    runtime.block_on(async {
-        match Server::start(script, Some(PathBuf::from("/dev/stdout"))).await {
-            Ok(server) => {
-                eprintln!("{}", server.url());
-                std::future::pending::<()>().await;
-                exit::SUCCESS
+    match started {
+        Ok(server) => {
+            eprintln!("{}", server.url());
+            if say_token {
+                eprintln!("token: {}", server.token());
             }
-            Err(e) => {
-                eprintln!("error: cannot start the server: {e}");
-                exit::TASK_FAILED
+            // The server runs on its own thread until the process is killed.
+            loop {
+                std::thread::park();
             }
         }
-    })
+        Err(e) => {
+            eprintln!("error: cannot start the server: {e}");
+            exit::TASK_FAILED
+        }
+    }
 }
+
+/// The variable that chooses the token `ccluster model-server` requires.
+const MODEL_SERVER_TOKEN: &str = "CCLUSTER_MODEL_SERVER_TOKEN";
 
 fn print(text: &str) {
     let mut out = std::io::stdout().lock();

@@ -532,8 +532,10 @@ fn without_rehearsal_workers_use_the_users_credentials_which_never_reach_the_sta
     // A scripted server stands in for the API, reached the way a user's proxy would be:
     // through ANTHROPIC_BASE_URL, with an API key that must not leak into run state.
     let s = repo("version = 1\n[tasks.real]\nprompt = \"hello\"\n");
+    let key = "sk-ant-test-0123456789-must-not-leak";
     let mut server = Command::new(env!("CARGO_BIN_EXE_ccluster"))
         .arg("model-server")
+        .env("CCLUSTER_MODEL_SERVER_TOKEN", key)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -546,7 +548,6 @@ fn without_rehearsal_workers_use_the_users_credentials_which_never_reach_the_sta
             .unwrap();
         line.trim().to_string()
     };
-    let key = "sk-ant-test-0123456789-must-not-leak";
     let out = s
         .command(&["apply", "--output", "json"])
         .env("CCLUSTER_CLAUDE_BIN", claude_bin())

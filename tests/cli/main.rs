@@ -8,6 +8,7 @@ mod crash;
 mod examples;
 mod invalid;
 mod library;
+mod rehearsal_server;
 mod schema;
 mod support;
 mod trust;

@@ -157,8 +157,18 @@ pub struct Worker<'a> {
     /// The task's retry policy: when it retries API failures itself, the CLI retries less.
     pub retry: &'a crate::model::workflow::RetryPolicy,
     pub auth: &'a Auth,
-    /// Under rehearsal: the scripted server's URL and the plan node it should answer as.
-    pub rehearsal: Option<(&'a str, &'a str)>,
+    /// Under rehearsal: where the scripted server is, and as which node it should answer.
+    pub rehearsal: Option<Rehearsal<'a>>,
+}
+
+/// What a rehearsed worker needs to reach the scripted model server.
+#[derive(Clone, Copy)]
+pub struct Rehearsal<'a> {
+    pub url: &'a str,
+    /// The server's per-run secret, passed as the worker's API key.
+    pub token: &'a str,
+    /// The plan node it answers as.
+    pub node: &'a str,
 }
 
 /// The settings value as `--settings` takes it: inline JSON or a path.
@@ -265,12 +275,12 @@ impl Worker<'_> {
                 .to_string(),
         ));
         match (self.rehearsal, self.auth) {
-            (Some((url, node)), _) => {
-                env.push(("ANTHROPIC_BASE_URL".into(), url.to_string()));
-                env.push(("ANTHROPIC_API_KEY".into(), "rehearsal".into()));
+            (Some(r), _) => {
+                env.push(("ANTHROPIC_BASE_URL".into(), r.url.to_string()));
+                env.push(("ANTHROPIC_API_KEY".into(), r.token.to_string()));
                 env.push((
                     "ANTHROPIC_CUSTOM_HEADERS".into(),
-                    format!("X-Ccluster-Task: {node}"),
+                    format!("X-Ccluster-Task: {}", r.node),
                 ));
             }
             _ => {
@@ -294,7 +304,7 @@ impl Worker<'_> {
         let config = self.dir.join("config");
         std::fs::create_dir_all(&config)?;
         std::fs::create_dir_all(self.dir.join("tmp"))?;
-        if let (Auth::Subscription(credentials), None) = (self.auth, self.rehearsal) {
+        if let (Auth::Subscription(credentials), true) = (self.auth, self.rehearsal.is_none()) {
             let target = config.join(".credentials.json");
             std::fs::copy(credentials, &target)?;
             use std::os::unix::fs::PermissionsExt;
@@ -650,6 +660,60 @@ mod tests {
                 .map_err(|(c, _)| c),
             Err(FailureClass::NoResult)
         );
+    }
+
+    #[test]
+    fn a_rehearsed_worker_gets_the_servers_token_and_no_other_credentials() {
+        let settings = AgentSettings {
+            model: None,
+            permission_mode: "acceptEdits",
+            allowed_tools: Vec::new(),
+            disallowed_tools: Vec::new(),
+            max_turns: None,
+            max_budget_usd: None,
+            append_system_prompt: None,
+            settings: None,
+            bin: None,
+        };
+        let retry = crate::model::workflow::RetryPolicy::default();
+        let worker = Worker {
+            bin: Path::new("claude"),
+            prompt: "p",
+            settings: &settings,
+            output_schema: None,
+            session: "s",
+            resume: None,
+            dir: Path::new("/tmp/w"),
+            timeout: None,
+            retry: &retry,
+            auth: &Auth::Rehearsal,
+            rehearsal: Some(Rehearsal {
+                url: "http://127.0.0.1:9",
+                token: "0123abcd",
+                node: "build[2]",
+            }),
+        };
+        let env = worker.env();
+        let get = |name: &str| {
+            env.iter()
+                .filter(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(get("ANTHROPIC_API_KEY"), ["0123abcd"]);
+        assert_eq!(get("ANTHROPIC_BASE_URL"), ["http://127.0.0.1:9"]);
+        assert_eq!(
+            get("ANTHROPIC_CUSTOM_HEADERS"),
+            ["X-Ccluster-Task: build[2]"]
+        );
+        for other in AUTH_VARS.iter().filter(|v| {
+            !matches!(
+                **v,
+                "ANTHROPIC_API_KEY" | "ANTHROPIC_BASE_URL" | "ANTHROPIC_CUSTOM_HEADERS"
+            )
+        }) {
+            assert!(get(other).is_empty(), "{other}");
+        }
     }
 
     #[test]

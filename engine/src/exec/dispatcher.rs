@@ -1324,7 +1324,7 @@ impl Dispatcher<'_> {
                     timeout: plan.timeout_ms.map(Duration::from_millis),
                     retry: &plan.retry,
                     auth: &agents.auth,
-                    rehearsal: url.as_deref().map(|u| (u, plan.id.as_str())),
+                    rehearsal: rehearsal(agents, url.as_deref(), &plan.id),
                 };
                 if let Err(e) = worker.prepare() {
                     return Err(ApplyError::Io {
@@ -1397,7 +1397,7 @@ impl Dispatcher<'_> {
                     timeout: plan.timeout_ms.map(Duration::from_millis),
                     retry: &plan.retry,
                     auth: &agents.auth,
-                    rehearsal: url.as_deref().map(|u| (u, plan.id.as_str())),
+                    rehearsal: rehearsal(agents, url.as_deref(), &plan.id),
                 };
                 if let Err(e) = worker.prepare() {
                     return Err(ApplyError::Io {
@@ -2211,14 +2211,29 @@ async fn agents_for(
                 .or_insert_with(|| r.clone());
         }
     }
+    // The server runs on a thread of its own and requires a fresh token, which only the run's
+    // workers get.
     let server = crate::scripted::Server::start(script, None)
-        .await
         .map_err(|e| ApplyError::Agent(format!("cannot start the scripted model server: {e}")))?;
     Ok(Some(Agents {
         bin,
         auth: crate::agent::Auth::Rehearsal,
         server: Some(server),
     }))
+}
+
+/// What a worker needs under rehearsal: the server's URL and token, and its node.
+fn rehearsal<'a>(
+    agents: &'a Agents,
+    url: Option<&'a str>,
+    node: &'a str,
+) -> Option<crate::agent::Rehearsal<'a>> {
+    let (server, url) = (agents.server.as_ref()?, url?);
+    Some(crate::agent::Rehearsal {
+        url,
+        token: server.token(),
+        node,
+    })
 }
 
 /// Cleans what an interrupted run left in git: the workspaces of attempts that never ended (a

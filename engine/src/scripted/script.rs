@@ -112,13 +112,20 @@ impl TaskScript {
         None
     }
 
-    /// The answer for turn `k`.
-    pub fn turn(&self, k: usize, node: &str, prompt: &str, request: &Value) -> Turn {
+    /// The answer for turn `k`; an error when the request's output schema asks for a value larger
+    /// than the server makes up.
+    pub fn turn(
+        &self,
+        k: usize,
+        node: &str,
+        prompt: &str,
+        request: &Value,
+    ) -> Result<Turn, String> {
         if !self.turns.is_empty() {
-            return self.turns.get(k).cloned().unwrap_or_else(|| Turn {
+            return Ok(self.turns.get(k).cloned().unwrap_or_else(|| Turn {
                 text: Some("Done.".into()),
                 tools: Vec::new(),
-            });
+            }));
         }
         let schema = request["tools"].as_array().and_then(|tools| {
             tools
@@ -126,7 +133,7 @@ impl TaskScript {
                 .find(|t| t["name"] == "StructuredOutput")
                 .map(|t| t["input_schema"].clone())
         });
-        match (k, schema) {
+        Ok(match (k, schema) {
             (0, _) => {
                 let note = format!(
                     "# Rehearsal of `{node}`\n\nThe prompt this task was given:\n\n{prompt}\n"
@@ -153,7 +160,10 @@ impl TaskScript {
                 text: None,
                 tools: vec![ToolCall {
                     name: "StructuredOutput".into(),
-                    input: self.output.clone().unwrap_or_else(|| example_of(&schema)),
+                    input: match &self.output {
+                        Some(output) => output.clone(),
+                        None => example_of(&schema)?,
+                    },
                 }],
             },
             (1, None) => Turn {
@@ -164,28 +174,48 @@ impl TaskScript {
                 text: Some("Done.".into()),
                 tools: Vec::new(),
             },
-        }
+        })
     }
+}
+
+/// What `{{cwd}}` stands for in scripted texts and tool inputs.
+const CWD: &str = "{{cwd}}";
+
+/// The most bytes the texts and tool inputs of one answer may grow to once `{{cwd}}` is filled in:
+/// a prompt or schema of the request repeating `{{cwd}}` must not multiply into gigabytes.
+const MAX_ANSWER: usize = 64 << 20;
+
+/// `text` with `{{cwd}}` replaced, if what it becomes fits in what is `left` of the answer's bytes.
+fn fill_cwd(text: &str, cwd: &str, left: &mut usize) -> Result<String, String> {
+    let size = text
+        .matches(CWD)
+        .count()
+        .checked_mul(cwd.len())
+        .and_then(|grown| grown.checked_add(text.len()))
+        .filter(|size| size <= left)
+        .ok_or_else(|| format!("the answer would be larger than {MAX_ANSWER} bytes"))?;
+    *left -= size;
+    Ok(text.replace(CWD, cwd))
 }
 
 impl Turn {
     /// The Anthropic Message of this turn, reporting `usage` (input, output tokens); `{{cwd}}` in
-    /// texts and tool inputs becomes `cwd`.
-    pub fn to_message(&self, cwd: &str, k: usize, usage: [u64; 2]) -> Value {
-        let fill = |v: &Value| -> Value {
-            serde_json::from_str(&v.to_string().replace("{{cwd}}", cwd)).unwrap_or(Value::Null)
-        };
+    /// texts and tool inputs becomes `cwd`. An error when that makes it too large.
+    pub fn to_message(&self, cwd: &str, k: usize, usage: [u64; 2]) -> Result<Value, String> {
+        let mut left = MAX_ANSWER;
         let mut content = Vec::new();
         if let Some(t) = &self.text {
-            content.push(json!({"type": "text", "text": t.replace("{{cwd}}", cwd)}));
+            content.push(json!({"type": "text", "text": fill_cwd(t, cwd, &mut left)?}));
         }
         for (i, tool) in self.tools.iter().enumerate() {
-            content.push(json!({"type": "tool_use", "id": format!("toolu_{k}_{i}"), "name": tool.name, "input": fill(&tool.input)}));
+            let input = fill_cwd(&tool.input.to_string(), cwd, &mut left)?;
+            let input: Value = serde_json::from_str(&input).unwrap_or(Value::Null);
+            content.push(json!({"type": "tool_use", "id": format!("toolu_{k}_{i}"), "name": tool.name, "input": input}));
         }
         if content.is_empty() {
             content.push(json!({"type": "text", "text": "Done."}));
         }
-        json!({
+        Ok(json!({
             "id": format!("msg_scripted_{k}_{}", fastrand::u32(..)),
             "type": "message",
             "role": "assistant",
@@ -194,28 +224,104 @@ impl Turn {
             "stop_sequence": null,
             "usage": {"input_tokens": usage[0], "output_tokens": usage[1],
                       "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
-        })
+        }))
+    }
+}
+
+/// Bounds on a value made up from a schema. The schema comes in the request, so a `minLength` or
+/// `minItems` of four billion must be refused, not allocated; the bounds are far above what a
+/// rehearsal needs (a plan of a few parts with short strings).
+const MAX_EXAMPLE_STRING: usize = 64 << 10;
+const MAX_EXAMPLE_ITEMS: usize = 1000;
+/// All values (nested ones too, and those copied from `const` or `enum`) and all their string
+/// bytes together.
+const MAX_EXAMPLE_VALUES: usize = 100_000;
+const MAX_EXAMPLE_BYTES: usize = 4 << 20;
+const MAX_EXAMPLE_DEPTH: usize = 64;
+
+const TOO_LARGE: &str = "give the task a rehearsal `output` instead";
+
+/// What is left of the bounds while a value is made up.
+struct Budget {
+    values: usize,
+    bytes: usize,
+}
+
+impl Budget {
+    fn spend(&mut self, values: usize, bytes: usize) -> Result<(), String> {
+        match (
+            self.values.checked_sub(values),
+            self.bytes.checked_sub(bytes),
+        ) {
+            (Some(v), Some(b)) => {
+                self.values = v;
+                self.bytes = b;
+                Ok(())
+            }
+            _ => Err(format!(
+                "the output schema asks for a value larger than the scripted server makes up \
+                 ({MAX_EXAMPLE_VALUES} values, {MAX_EXAMPLE_BYTES} bytes of text): {TOO_LARGE}"
+            )),
+        }
+    }
+
+    /// Pays for a copy of `value` (a `const` or `enum` member), walking it without recursion.
+    fn spend_on_copy(&mut self, value: &Value) -> Result<(), String> {
+        let mut stack = vec![value];
+        while let Some(v) = stack.pop() {
+            let bytes = match v {
+                Value::String(s) => s.len(),
+                Value::Object(m) => {
+                    stack.extend(m.values());
+                    m.keys().map(String::len).sum()
+                }
+                Value::Array(a) => {
+                    stack.extend(a.iter());
+                    0
+                }
+                _ => 0,
+            };
+            self.spend(1, bytes)?;
+        }
+        Ok(())
     }
 }
 
 /// A value that satisfies a JSON Schema in the common cases (types, properties, `required`,
-/// `items`, `enum`, `const`, bounds, `minItems`, `anyOf`/`oneOf`): every property filled in.
-pub fn example_of(schema: &Value) -> Value {
-    example_at(schema, 0)
+/// `items`, `enum`, `const`, bounds, `minItems`, `anyOf`/`oneOf`): every property filled in. An
+/// error, before anything large is allocated, when the schema asks for more than the bounds above.
+pub fn example_of(schema: &Value) -> Result<Value, String> {
+    let mut budget = Budget {
+        values: MAX_EXAMPLE_VALUES,
+        bytes: MAX_EXAMPLE_BYTES,
+    };
+    example_at(schema, 0, 0, &mut budget)
 }
 
 /// The `i`-th example: free strings get a `-<i+1>` suffix, so the items of an example list differ
 /// (values from `enum` or `const` never change).
-fn example_at(schema: &Value, i: usize) -> Value {
+fn example_at(
+    schema: &Value,
+    i: usize,
+    depth: usize,
+    budget: &mut Budget,
+) -> Result<Value, String> {
+    if depth > MAX_EXAMPLE_DEPTH {
+        return Err(format!(
+            "the output schema nests deeper than {MAX_EXAMPLE_DEPTH} levels: {TOO_LARGE}"
+        ));
+    }
     if let Some(c) = schema.get("const") {
-        return c.clone();
+        budget.spend_on_copy(c)?;
+        return Ok(c.clone());
     }
     if let Some(first) = schema["enum"].as_array().and_then(|e| e.first()) {
-        return first.clone();
+        budget.spend_on_copy(first)?;
+        return Ok(first.clone());
     }
     for key in ["anyOf", "oneOf", "allOf"] {
         if let Some(first) = schema[key].as_array().and_then(|e| e.first()) {
-            return example_at(first, i);
+            return example_at(first, i, depth + 1, budget);
         }
     }
     let ty = match &schema["type"] {
@@ -228,31 +334,51 @@ fn example_at(schema: &Value, i: usize) -> Value {
         _ if schema.get("properties").is_some() => "object",
         _ => "null",
     };
-    match ty {
+    budget.spend(1, 0)?;
+    Ok(match ty {
         "object" => {
             let mut out = serde_json::Map::new();
             if let Some(props) = schema["properties"].as_object() {
                 for (k, v) in props {
-                    out.insert(k.clone(), example_at(v, i));
+                    budget.spend(0, k.len())?;
+                    out.insert(k.clone(), example_at(v, i, depth + 1, budget)?);
                 }
             }
             Value::Object(out)
         }
         "array" => {
             // Three items unless the schema says otherwise: a rehearsed fan-out shows its width.
-            let n = schema["minItems"].as_u64().unwrap_or(0).max(3) as usize;
-            let n = schema["maxItems"].as_u64().map_or(n, |m| n.min(m as usize));
-            Value::Array((0..n).map(|j| example_at(&schema["items"], j)).collect())
+            let n = schema["minItems"].as_u64().unwrap_or(0).max(3);
+            let n = schema["maxItems"].as_u64().map_or(n, |m| n.min(m));
+            if n > MAX_EXAMPLE_ITEMS as u64 {
+                return Err(format!(
+                    "the output schema asks for an array of {n} items, more than the \
+                     {MAX_EXAMPLE_ITEMS} the scripted server makes up: {TOO_LARGE}"
+                ));
+            }
+            let items = (0..n as usize)
+                .map(|j| example_at(&schema["items"], j, depth + 1, budget))
+                .collect::<Result<Vec<Value>, String>>()?;
+            Value::Array(items)
         }
         "string" => {
-            let min = schema["minLength"].as_u64().unwrap_or(0) as usize;
+            let min = schema["minLength"].as_u64().unwrap_or(0);
+            if min > MAX_EXAMPLE_STRING as u64 {
+                return Err(format!(
+                    "the output schema asks for a string of {min} characters, more than the \
+                     {MAX_EXAMPLE_STRING} the scripted server makes up: {TOO_LARGE}"
+                ));
+            }
             let mut s = if i == 0 {
                 String::from("rehearsal")
             } else {
                 format!("rehearsal-{}", i + 1)
             };
-            while s.len() < min {
-                s.push('x');
+            let len = s.len().max(min as usize);
+            budget.spend(0, len)?;
+            s.extend(std::iter::repeat_n('x', len - s.len()));
+            if let Some(max) = schema["maxLength"].as_u64() {
+                s.truncate(s.len().min(usize::try_from(max).unwrap_or(usize::MAX)));
             }
             Value::String(s)
         }
@@ -260,7 +386,7 @@ fn example_at(schema: &Value, i: usize) -> Value {
         "number" => json!(schema["minimum"].as_f64().unwrap_or(1.0)),
         "boolean" => Value::Bool(true),
         _ => Value::Null,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -282,7 +408,7 @@ mod tests {
             },
             "required": ["parts", "kind", "count"]
         });
-        let value = example_of(&schema);
+        let value = example_of(&schema).unwrap();
         let validator = jsonschema::validator_for(&schema).unwrap();
         assert!(validator.is_valid(&value), "{value}");
         assert_eq!(value["parts"].as_array().unwrap().len(), 3);
