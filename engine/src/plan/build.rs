@@ -425,7 +425,7 @@ impl<'e, 'w> Renderer<'e, 'w> {
         if e.kind() != minijinja::ErrorKind::UndefinedError {
             return e;
         }
-        match template::undefined_attribute(&self.env, &t.source, &ctx.value) {
+        match template::undefined_attribute(self.env, &t.source, &ctx.value) {
             Some(what) => minijinja::Error::new(minijinja::ErrorKind::UndefinedError, what),
             None => e,
         }
