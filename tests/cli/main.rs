@@ -10,4 +10,5 @@ mod invalid;
 mod library;
 mod schema;
 mod support;
+mod untrusted;
 mod workspaces;

@@ -574,7 +574,11 @@ pub fn expand(
                     "used here",
                     file,
                 )
-                .help("a template is a workflow file: `version = 1` at the top, then its tables; its text is not shown here"),
+                .help(if spec.value.starts_with("builtin:") || spec.value.starts_with("git+") {
+                    "a template is a workflow file: `version = 1` at its top, then its tables; its text is not shown here".to_string()
+                } else {
+                    format!("a template is a workflow file: `version = 1` at its top, then its tables; its text is not shown here (to see its own errors: `ccluster validate {}`)", fetch::printable(&name))
+                }),
             );
             raw.tasks.insert(id, outputs);
             continue;
