@@ -150,7 +150,8 @@ pub fn confinement_root(dir: &Path) -> PathBuf {
 fn read_confined(path: &Path, root: &Path) -> Result<String, String> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
-    let shown = path.display();
+    use std::os::unix::io::AsRawFd;
+    let shown = fetch::printable(&path.display().to_string());
     let real = std::fs::canonicalize(path).map_err(|e| format!("cannot read `{shown}`: {e}"))?;
     if !real.starts_with(root) {
         return Err(format!(
@@ -178,6 +179,16 @@ fn read_confined(path: &Path, root: &Path) -> Result<String, String> {
         .open(&real)
         .map_err(|e| format!("cannot read `{shown}`: {e}"))?;
     regular(file.metadata())?;
+    // A directory on the way swapped for a link after the check: where the open file really is
+    // (where the system says; elsewhere the checks above stand alone).
+    if let Ok(opened) = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())) {
+        if !opened.starts_with(root) {
+            return Err(format!(
+                "`{shown}` is outside the repository ({})",
+                root.display()
+            ));
+        }
+    }
     let mut bytes = Vec::new();
     file.take(MAX_TEMPLATE_BYTES + 1)
         .read_to_end(&mut bytes)
