@@ -63,17 +63,18 @@ pub fn is_commit_id(s: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// A host name, an IP address, or a bracketed IPv6 address, with an optional port: never
-/// something `ssh` could read as an option, nor anything git would decode first.
+/// A host name or an IPv4 address, with an optional numeric port: never something `ssh` could
+/// read as an option, nor anything git would decode first.
 fn valid_host(host: &str) -> bool {
-    !host.is_empty()
-        && host
+    let (name, port) = host.split_once(':').unwrap_or((host, "1"));
+    name.chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
             .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '[')
-        && host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']'))
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        && !port.is_empty()
+        && port.chars().all(|c| c.is_ascii_digit())
 }
 
 fn valid_user(user: &str) -> bool {
@@ -400,6 +401,12 @@ mod tests {
             "foo::bar",
             "https://host/a::b",
             "ssh://git@[::1]:22/flows",
+            "ssh://[-oProxyCommand=evil]/x",
+            "[-oProxyCommand=evil]:x",
+            "[host]:x",
+            "ssh://host:-oProxyCommand=evil/x",
+            "ssh://host:22x/x",
+            "https://host:/x",
             "ssh://-oProxyCommand=evil/x",
             "ssh://%2DoProxyCommand=evil/x",
             "ssh://user@-oProxyCommand=evil/x",
