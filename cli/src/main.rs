@@ -73,6 +73,10 @@ enum Command {
         /// How to print diagnostics.
         #[arg(long, value_enum, default_value_t = DiagnosticFormat::Human)]
         format: DiagnosticFormat,
+        /// Fetch `git+` templates that are not pinned and cached yet (and pin them), instead of
+        /// reporting them.
+        #[arg(long)]
+        fetch: bool,
     },
     /// Compile a clusterfile into its execution plan and print it.
     Plan {
@@ -87,6 +91,10 @@ enum Command {
         /// With --explain: as `apply --fresh` would.
         #[arg(long, requires = "explain")]
         fresh: bool,
+        /// Fetch `git+` templates that are not pinned and cached yet (and pin them), instead of
+        /// reporting them.
+        #[arg(long)]
+        fetch: bool,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -335,16 +343,21 @@ enum DiagnosticFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Validate { file, format } => validate(&file, format),
+        Command::Validate {
+            file,
+            format,
+            fetch,
+        } => validate(&file, format, fetch),
         Command::Plan {
             file,
             format,
             explain,
             fresh,
+            fetch,
             state,
         } => {
             let explain = explain.then(|| (state.dir(Some(&file.file)), fresh));
-            plan_command(&file, format, explain)
+            plan_command(&file, format, explain, fetch)
         }
         Command::Apply {
             file,
@@ -358,7 +371,7 @@ fn main() -> ExitCode {
             Stage::Plan,
             DiagnosticFormat::Human,
             Some(&state.dir(Some(&file.file))),
-            false,
+            Templates::Fetch,
         ) {
             Ok((source, compiled, templates)) => {
                 let rehearse = match (rehearse, script) {
@@ -453,7 +466,13 @@ fn main() -> ExitCode {
         Command::Doctor => doctor(),
         Command::Templates => templates::list(),
         Command::Update { file } => {
-            match compile_recording(&file, Stage::Validate, DiagnosticFormat::Human, None, true) {
+            match compile_recording(
+                &file,
+                Stage::Validate,
+                DiagnosticFormat::Human,
+                None,
+                Templates::Refresh,
+            ) {
                 Ok((_, _, used)) => {
                     let git: Vec<&String> = used.keys().filter(|k| k.starts_with("git+")).collect();
                     out!(
@@ -685,12 +704,35 @@ fn input_args(file: &FileArgs) -> Result<InputArgs, String> {
 }
 
 /// Compiles, printing diagnostics; returns the compilation when it has no errors.
-/// The template loader of a clusterfile: `git+` templates are fetched into the state directory
-/// and pinned in `clusterfile.lock` beside the clusterfile.
+/// How a command gets `git+` templates.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Templates {
+    /// Only from commits pinned in the lock file and already cached: no network (`validate` and
+    /// `plan` without `--fetch`).
+    Cached,
+    /// Fetch what is not pinned or cached yet, and pin it.
+    Fetch,
+    /// Resolve every ref again and pin the commits (`update`).
+    Refresh,
+}
+
+impl Templates {
+    fn fetch_if(fetch: bool) -> Templates {
+        if fetch {
+            Templates::Fetch
+        } else {
+            Templates::Cached
+        }
+    }
+}
+
+/// The template loader of a clusterfile: path templates are confined to its repository, `git+`
+/// templates are fetched (when `templates` allows) into the state directory and pinned in
+/// `clusterfile.lock` beside the clusterfile.
 fn loader_for(
     clusterfile: &std::path::Path,
     state_dir: Option<&std::path::Path>,
-    refresh: bool,
+    templates: Templates,
 ) -> Result<FileLoader, u8> {
     let dir = clusterfile
         .parent()
@@ -707,7 +749,9 @@ fn loader_for(
     Ok(FileLoader {
         cache: Some(state.join("templates")),
         lock,
-        refresh,
+        refresh: templates == Templates::Refresh,
+        fetch: templates != Templates::Cached,
+        root: Some(ccluster_engine::model::compose::confinement_root(&dir)),
         ..FileLoader::default()
     })
 }
@@ -734,18 +778,18 @@ fn compile(
     file: &FileArgs,
     stage: Stage,
     format: DiagnosticFormat,
+    templates: Templates,
 ) -> Result<(SourceFile, ccluster_engine::Compiled), u8> {
-    compile_recording(file, stage, format, None, false).map(|(s, c, _)| (s, c))
+    compile_recording(file, stage, format, None, templates).map(|(s, c, _)| (s, c))
 }
 
-/// Compiles, and returns the texts of the templates it used (for the run record). `refresh`
-/// resolves `git+` refs again (`ccluster update`).
+/// Compiles, and returns the texts of the templates it used (for the run record).
 fn compile_recording(
     file: &FileArgs,
     stage: Stage,
     format: DiagnosticFormat,
     state_dir: Option<&std::path::Path>,
-    refresh: bool,
+    templates: Templates,
 ) -> Result<
     (
         SourceFile,
@@ -759,7 +803,7 @@ fn compile_recording(
         exit::INVALID_INPUT
     })?;
     let name = file.file.display().to_string();
-    let mut loader = loader_for(&file.file, state_dir, refresh)?;
+    let mut loader = loader_for(&file.file, state_dir, templates)?;
     let (source, result) = compile_file_with(&file.file, &name, &args, stage, &mut loader)
         .map_err(|e| {
             eprintln!("error: cannot read `{name}`: {e}");
@@ -770,7 +814,7 @@ fn compile_recording(
             }
             exit::INVALID_INPUT
         })?;
-    if refresh {
+    if templates == Templates::Refresh {
         // `update`: the lock holds what the clusterfile uses now, nothing else.
         let before = loader.lock.len();
         let used = loader.served.clone();
@@ -797,8 +841,8 @@ fn compile_recording(
     }
 }
 
-fn validate(file: &FileArgs, format: DiagnosticFormat) -> u8 {
-    match compile(file, Stage::Validate, format) {
+fn validate(file: &FileArgs, format: DiagnosticFormat, fetch: bool) -> u8 {
+    match compile(file, Stage::Validate, format, Templates::fetch_if(fetch)) {
         Ok((source, c)) => {
             match format {
                 DiagnosticFormat::Human => print(&format!(
@@ -817,8 +861,18 @@ fn validate(file: &FileArgs, format: DiagnosticFormat) -> u8 {
     }
 }
 
-fn plan_command(file: &FileArgs, format: PlanFormat, explain: Option<(PathBuf, bool)>) -> u8 {
-    let c = match compile(file, Stage::Plan, DiagnosticFormat::Human) {
+fn plan_command(
+    file: &FileArgs,
+    format: PlanFormat,
+    explain: Option<(PathBuf, bool)>,
+    fetch: bool,
+) -> u8 {
+    let c = match compile(
+        file,
+        Stage::Plan,
+        DiagnosticFormat::Human,
+        Templates::fetch_if(fetch),
+    ) {
         Ok((_, c)) => c,
         Err(code) => return code,
     };

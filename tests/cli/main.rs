@@ -12,4 +12,5 @@ mod rehearsal_server;
 mod schema;
 mod support;
 mod trust;
+mod untrusted;
 mod workspaces;

@@ -11,10 +11,12 @@ use indexmap::IndexMap;
 use serde_json::Value;
 
 use super::decode;
+use super::fetch;
 use super::raw::{InputType, RawClusterfile, RawTask};
 use super::spanned::Spanned;
+use super::workflow::TaskId;
 use crate::diagnostic::{Category, Diagnostic, SourceFile, Span};
-use crate::syntax::{self, Format};
+use crate::syntax::{self, Format, Node, NodeValue};
 
 /// How deep templates may use templates.
 pub const MAX_DEPTH: usize = 8;
@@ -59,11 +61,29 @@ pub struct OutputsOf {
     pub result: Option<String>,
 }
 
+/// Why a template could not be had, and what to do about it.
+#[derive(Debug)]
+pub struct LoadError {
+    pub message: String,
+    /// A hint better than the generic one ("a template is `./path.toml`, ...").
+    pub help: Option<String>,
+}
+
+impl From<String> for LoadError {
+    fn from(message: String) -> Self {
+        LoadError {
+            message,
+            help: None,
+        }
+    }
+}
+
 /// Finds template texts.
 pub trait Loader {
     /// The text of `spec` used from a file in `from_dir`: a stable name to show and record (also
     /// the key of `replay`), the text, and the directory its own relative uses start from.
-    fn load(&mut self, spec: &str, from_dir: &Path) -> Result<(String, String, PathBuf), String>;
+    fn load(&mut self, spec: &str, from_dir: &Path)
+        -> Result<(String, String, PathBuf), LoadError>;
 }
 
 /// The loader of a clusterfile on disk: paths, `builtin:`, and `git+` sources (fetched into a
@@ -77,12 +97,22 @@ pub struct FileLoader {
     pub lock: BTreeMap<String, String>,
     /// Resolve refs again instead of using the lock (`ccluster update`).
     pub refresh: bool,
+    /// May fetch `git+` repositories; without it only commits already pinned and cached are read
+    /// (`validate` and `plan` reach no network unless asked to).
+    pub fetch: bool,
+    /// The directory path templates must be inside (canonical): the repository of the
+    /// clusterfile, or its directory outside a repository. `None`: found from the directory of
+    /// the first `load`, which is the clusterfile's.
+    pub root: Option<PathBuf>,
     /// The lock changed: it should be written back.
     pub lock_changed: bool,
     /// Texts served, by name.
     pub served: BTreeMap<String, String>,
     pub replay: Option<BTreeMap<String, String>>,
 }
+
+/// The largest template file read from disk; anything bigger is not a workflow someone wrote.
+const MAX_TEMPLATE_BYTES: u64 = 16 << 20;
 
 /// `a/./b/../c` → `a/c`, without touching the file system.
 fn normalize(path: &Path) -> PathBuf {
@@ -99,6 +129,79 @@ fn normalize(path: &Path) -> PathBuf {
     out
 }
 
+/// The directory path templates used from `dir` must stay inside: the top of its git
+/// repository, else `dir` itself; canonical, so symbolic links cannot lead out of it.
+pub fn confinement_root(dir: &Path) -> PathBuf {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let top = crate::workspace::Repo::discover(dir)
+        .map(|r| r.root)
+        .unwrap_or_else(|_| dir.to_path_buf());
+    std::fs::canonicalize(&top).unwrap_or(top)
+}
+
+/// Reads a path template: only a regular file inside `root` once every symbolic link is
+/// resolved. Checked before the file is opened (a FIFO would block, a device never end) and again
+/// on the open file, which is opened without following a link and without blocking, so swapping
+/// the file in between gains nothing.
+fn read_confined(path: &Path, root: &Path) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let shown = fetch::printable(&path.display().to_string());
+    let real = std::fs::canonicalize(path).map_err(|e| format!("cannot read `{shown}`: {e}"))?;
+    if !real.starts_with(root) {
+        return Err(format!(
+            "`{shown}` is outside the repository ({}); templates are read only from inside it",
+            root.display()
+        ));
+    }
+    let regular = |meta: std::io::Result<std::fs::Metadata>| {
+        let meta = meta.map_err(|e| format!("cannot read `{shown}`: {e}"))?;
+        if !meta.is_file() {
+            return Err(format!("`{shown}` is not a regular file"));
+        }
+        if meta.len() > MAX_TEMPLATE_BYTES {
+            return Err(format!(
+                "`{shown}` is larger than {} MiB",
+                MAX_TEMPLATE_BYTES >> 20
+            ));
+        }
+        Ok(())
+    };
+    regular(std::fs::metadata(&real))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(&real)
+        .map_err(|e| format!("cannot read `{shown}`: {e}"))?;
+    regular(file.metadata())?;
+    // A directory on the way swapped for a link after the check: where the open file really is
+    // (where the system says; elsewhere the checks above stand alone).
+    if let Ok(opened) = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())) {
+        if !opened.starts_with(root) {
+            return Err(format!(
+                "`{shown}` is outside the repository ({})",
+                root.display()
+            ));
+        }
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_TEMPLATE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read `{shown}`: {e}"))?;
+    if bytes.len() as u64 > MAX_TEMPLATE_BYTES {
+        return Err(format!(
+            "`{shown}` is larger than {} MiB",
+            MAX_TEMPLATE_BYTES >> 20
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| format!("`{shown}` is not UTF-8 text, so not a template"))
+}
+
 impl FileLoader {
     /// The name a spec is recorded under.
     fn name_of(spec: &str, from_dir: &Path) -> String {
@@ -109,59 +212,50 @@ impl FileLoader {
         }
     }
 
-    fn git(&mut self, spec: &str) -> Result<String, String> {
-        let rest = &spec["git+".len()..];
-        let (url, tail) = rest
-            .rsplit_once('#')
-            .ok_or_else(|| format!("`{spec}` has no `#<ref>:<path>`"))?;
-        let (reference, path) = tail
-            .split_once(':')
-            .ok_or_else(|| format!("`{spec}` has no `:<path>` after its ref"))?;
+    fn git(&mut self, spec: &str) -> Result<String, LoadError> {
+        // Checked before anything else, so `validate` refuses what `apply` would.
+        let parsed = fetch::GitSpec::parse(spec)?;
+        let not_fetching = |what: String| LoadError {
+            message: format!("{what}, and this command fetches nothing unless asked to"),
+            help: Some("run `ccluster update` to fetch and pin it, or pass `--fetch`".into()),
+        };
         let cache = self
             .cache
             .clone()
-            .ok_or("git templates need a state directory to fetch into")?;
-        let repo = cache
-            .join("git")
-            .join(&blake3::hash(url.as_bytes()).to_hex()[..16]);
-        if !repo.join("HEAD").exists() {
-            std::fs::create_dir_all(&repo).map_err(|e| e.to_string())?;
-            crate::workspace::git_sync(&repo, &["init", "--quiet", "--bare"])?;
-        }
+            .ok_or("git templates need a state directory to fetch into".to_string())?;
+        let repo = fetch::CachedRepo::new(&cache, parsed.url);
         let locked = self.lock.get(spec).cloned().filter(|_| !self.refresh);
         let commit = match locked {
             Some(commit) => {
-                let present = crate::workspace::git_sync(
-                    &repo,
-                    &["cat-file", "-e", &format!("{commit}^{{commit}}")],
-                )
-                .is_ok();
-                if !present {
+                if !repo.has(&commit) {
+                    if !self.fetch {
+                        return Err(not_fetching(format!(
+                            "its pinned commit {} is not in the cache",
+                            fetch::printable(&commit)
+                        )));
+                    }
                     // The pinned commit may no longer be at the ref: fetch everything.
-                    crate::workspace::git_sync(
-                        &repo,
-                        &["fetch", "--quiet", url, "+refs/*:refs/remotes/origin/*"],
-                    )
-                    .map_err(|e| format!("cannot fetch `{url}`: {e}"))?;
+                    repo.fetch_all(parsed.url)?;
                 }
                 commit
             }
             None => {
-                crate::workspace::git_sync(&repo, &["fetch", "--quiet", url, reference])
-                    .map_err(|e| format!("cannot fetch `{reference}` of `{url}`: {e}"))?;
-                let commit = crate::workspace::git_sync(&repo, &["rev-parse", "FETCH_HEAD"])?
-                    .trim()
-                    .to_string();
+                if !self.fetch {
+                    return Err(not_fetching(
+                        "it is not pinned in clusterfile.lock yet".to_string(),
+                    ));
+                }
+                let commit = repo.fetch_ref(parsed.url, parsed.reference)?;
                 self.lock.insert(spec.to_string(), commit.clone());
                 self.lock_changed = true;
                 commit
             }
         };
-        crate::workspace::git_sync(&repo, &["show", &format!("{commit}:{path}")])
-            .map_err(|e| format!("`{path}` is not in `{url}` at {commit}: {e}"))
+        Ok(repo.read(&commit, parsed.path)?)
     }
 
-    /// Reads a lock file (`[git]` table of spec = commit); a missing file is an empty lock.
+    /// Reads a lock file (`[git]` table of spec = commit); a missing file is an empty lock. A pin
+    /// that is not a full commit id is refused: it would reach git's command line.
     pub fn read_lock(path: &Path) -> Result<BTreeMap<String, String>, String> {
         let Ok(text) = std::fs::read_to_string(path) else {
             return Ok(BTreeMap::new());
@@ -176,6 +270,18 @@ impl FileLoader {
             commit: String,
         }
         let lock: Lock = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some((spec, entry)) = lock
+            .git
+            .iter()
+            .find(|(_, e)| !fetch::is_commit_id(&e.commit))
+        {
+            return Err(format!(
+                "{}: `{}` is pinned to `{}`, which is not a full commit id",
+                path.display(),
+                fetch::printable(spec),
+                fetch::printable(&entry.commit)
+            ));
+        }
         Ok(lock.git.into_iter().map(|(k, v)| (k, v.commit)).collect())
     }
 
@@ -194,7 +300,11 @@ impl FileLoader {
 }
 
 impl Loader for FileLoader {
-    fn load(&mut self, spec: &str, from_dir: &Path) -> Result<(String, String, PathBuf), String> {
+    fn load(
+        &mut self,
+        spec: &str,
+        from_dir: &Path,
+    ) -> Result<(String, String, PathBuf), LoadError> {
         let name = Self::name_of(spec, from_dir);
         if let Some(replay) = &self.replay {
             // A path template's own relative uses start from its directory, as when it was read.
@@ -209,12 +319,13 @@ impl Loader for FileLoader {
             return replay
                 .get(&name)
                 .map(|t| (name.clone(), t.clone(), dir))
-                .ok_or_else(|| format!("the run recorded no template `{name}`"));
+                .ok_or_else(|| format!("the run recorded no template `{name}`").into());
         }
         let (text, dir) = if let Some(b) = spec.strip_prefix("builtin:") {
             let builtin = crate::library::find(b).ok_or_else(|| {
                 format!(
-                    "no built-in template `{b}` (there are: {})",
+                    "no built-in template `{}` (there are: {})",
+                    fetch::printable(b),
                     crate::library::BUILTINS
                         .iter()
                         .map(|b| b.name)
@@ -226,9 +337,12 @@ impl Loader for FileLoader {
         } else if spec.starts_with("git+") {
             (self.git(spec)?, from_dir.to_path_buf())
         } else {
+            let root = self
+                .root
+                .get_or_insert_with(|| confinement_root(from_dir))
+                .clone();
             let path = from_dir.join(spec);
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+            let text = read_confined(&path, &root)?;
             (
                 text,
                 path.parent().map(Path::to_path_buf).unwrap_or_default(),
@@ -308,6 +422,55 @@ fn place(file: &SourceFile, span: Option<Span>) -> String {
     format!("{}:{line}:{col}", file.name)
 }
 
+/// Why a parsed file is not a template, if it is not: it must be valid TOML or KDL and say
+/// `version` at its top, as every workflow file does.
+fn not_a_template(
+    tree: Option<&Node>,
+    syntax_errors: &[Diagnostic],
+    file: &SourceFile,
+    format: Format,
+) -> Option<String> {
+    let syntax = match format {
+        Format::Toml => "TOML",
+        Format::Kdl => "KDL",
+    };
+    if let Some(first) = syntax_errors.first() {
+        return Some(format!(
+            "it is not valid {syntax} (first error at {})",
+            place(file, first.span)
+        ));
+    }
+    let declares_version = tree.is_some_and(|t| match &t.value {
+        NodeValue::Table(entries) => entries
+            .iter()
+            .any(|(k, v)| k.name == "version" && matches!(v.value, NodeValue::Integer(_))),
+        _ => false,
+    });
+    (!declares_version).then(|| format!("it has no `version` at its top (read as {syntax})"))
+}
+
+/// Task ids go into git ref names and ref-update scripts, so every id of every file obeys one
+/// rule: a template's own ids as the clusterfile's (embedded, each is one `.`-separated part of
+/// `<id>.<task>`). The clusterfile's ids are checked when the workflow is resolved, except those
+/// of tasks that use a template, which are checked here as they become embedded ids.
+fn check_ids(raw: &RawClusterfile, file: Option<&SourceFile>, diags: &mut Vec<Diagnostic>) {
+    for (id, task) in &raw.tasks {
+        if (file.is_some() || task.use_.is_some()) && !TaskId::is_valid(id) {
+            let d = Diagnostic::error(
+                Category::InvalidValue,
+                "invalid-id",
+                format!("invalid task id `{}`", fetch::printable(id)),
+            )
+            .at(task.id_span, "not a valid id")
+            .help(super::workflow::ID_RULE);
+            diags.push(match file {
+                Some(f) => d.in_file(f),
+                None => d,
+            });
+        }
+    }
+}
+
 /// Replaces every task that `use`s a template in `raw` (the file `file`, or the clusterfile when
 /// `file` is `None`) by the template's tasks and an outputs task.
 pub fn expand(
@@ -319,6 +482,7 @@ pub fn expand(
     parent: Option<Arc<ScopeDecl>>,
     diags: &mut Vec<Diagnostic>,
 ) {
+    check_ids(raw, file, diags);
     if !raw.tasks.values().any(|t| t.use_.is_some()) {
         return;
     }
@@ -380,8 +544,8 @@ pub fn expand(
             Ok(found) => found,
             Err(e) => {
                 diags.push(
-                    error("template-source", format!("cannot use `{}`: {e}", spec.value), spec.span, "this template", file)
-                        .help("a template is `./path.toml` (relative to this file), `builtin:<name>` (`ccluster templates`), or `git+<url>#<ref>:<path>`"),
+                    error("template-source", format!("cannot use `{}`: {}", fetch::printable(&spec.value), e.message), spec.span, "this template", file)
+                        .help(e.help.unwrap_or_else(|| "a template is `./path.toml` (inside this repository, relative to this file), `builtin:<name>` (`ccluster templates`), or `git+<url>#<ref>:<path>`".into())),
                 );
                 raw.tasks.insert(id, outputs);
                 continue;
@@ -409,6 +573,27 @@ pub fn expand(
         let tfile = SourceFile::new(name.clone(), text);
         let format = Format::from_path(Path::new(&name));
         let (tree, syntax_errors) = syntax::parse(&tfile.text, format);
+        // A file that is not a workflow file is never quoted: it may be anything the spec could
+        // name (an environment file, a key), and its excerpt would print it. Only its position
+        // is told.
+        if let Some(why) = not_a_template(tree.as_ref(), &syntax_errors, &tfile, format) {
+            diags.push(
+                error(
+                    "template-invalid",
+                    format!("`{}` is not a template: {why}", fetch::printable(&name)),
+                    spec.span,
+                    "used here",
+                    file,
+                )
+                .help(if spec.value.starts_with("builtin:") || spec.value.starts_with("git+") {
+                    "a template is a workflow file: `version = 1` at its top, then its tables; its text is not shown here".to_string()
+                } else {
+                    format!("a template is a workflow file: `version = 1` at its top, then its tables; its text is not shown here (to see its own errors: `ccluster validate {}`)", fetch::printable(&name))
+                }),
+            );
+            raw.tasks.insert(id, outputs);
+            continue;
+        }
         let mut tdiags = syntax_errors;
         let mut traw = match tree {
             Some(tree) if tdiags.is_empty() => decode::decode(&tree, &mut tdiags),

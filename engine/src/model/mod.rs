@@ -2,6 +2,7 @@
 
 pub mod compose;
 pub mod decode;
+pub mod fetch;
 pub mod raw;
 pub mod spanned;
 pub mod template;

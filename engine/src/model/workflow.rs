@@ -41,6 +41,10 @@ impl TaskId {
     }
 }
 
+/// The help of `invalid-id`.
+pub const ID_RULE: &str =
+    "ids are letters, digits, `_` and `-`, starting with a letter or `_` (`.` and `[` are reserved)";
+
 #[derive(Clone, Debug, Serialize)]
 pub struct InputDecl {
     #[serde(rename = "type")]
@@ -451,12 +455,18 @@ pub fn resolve(
         );
     }
     for (id, task) in &raw.tasks {
-        // Embedded tasks are `<id>.<task>` by construction.
+        // Embedded tasks are `<id>.<task>`, each part checked by the same rule as it is embedded,
+        // in the file it is written in (`compose::expand`); so are the ids of tasks that use a
+        // template, which stand for the instance.
         if !TaskId::is_valid(id) && task.origin.is_none() {
             diags.push(
-                Diagnostic::error(Category::InvalidValue, "invalid-id", format!("invalid task id `{id}`"))
-                    .at(task.id_span, "not a valid id")
-                    .help("ids are letters, digits, `_` and `-`, starting with a letter or `_` (`.` and `[` are reserved)"),
+                Diagnostic::error(
+                    Category::InvalidValue,
+                    "invalid-id",
+                    format!("invalid task id `{}`", super::fetch::printable(id)),
+                )
+                .at(task.id_span, "not a valid id")
+                .help(ID_RULE),
             );
         }
     }
