@@ -285,3 +285,59 @@ run = "echo {{ tasks.docs.output.summry }}"
     );
     assert!(stderr.contains("clusterfile.toml:6:"), "{stderr}");
 }
+
+#[test]
+fn a_dynamic_map_that_cannot_expand_fails_once_under_keep_going_with_its_reason() {
+    let s = Sandbox::new(
+        r#"version = 1
+[tasks.list]
+run = "echo '{\"a\": 1}'"
+output = "json"
+[tasks.each]
+needs = ["list"]
+map = "{{ tasks.list.output }}"
+run = "echo {{ item }}"
+[tasks.after]
+needs = ["each"]
+run = "echo after"
+[tasks.other]
+run = "true"
+"#,
+    );
+    let run = s.apply(&["-k"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let terminal = [
+        "task_succeeded",
+        "task_failed",
+        "task_cancelled",
+        "task_skipped",
+        "task_cached",
+    ];
+    let mut ends: std::collections::BTreeMap<String, usize> = Default::default();
+    for e in &run.events {
+        if terminal.contains(&e["event"].as_str().unwrap_or_default()) {
+            *ends
+                .entry(e["task"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    assert!(
+        ends.values().all(|&n| n == 1),
+        "one terminal event per node: {ends:?}"
+    );
+    let status = s.status();
+    let each = task(&status, "each[*]");
+    assert_eq!(each["state"], "failed");
+    assert!(
+        each["message"]
+            .as_str()
+            .unwrap()
+            .contains("gave map, not a list"),
+        "{each}"
+    );
+    let finished = run.of("run_finished");
+    assert_eq!(finished[0]["failed"], 1);
+    let report = s.command(&["report"]).output().unwrap();
+    let report = String::from_utf8_lossy(&report.stdout);
+    assert!(report.contains("gave map, not a list"), "{report}");
+}

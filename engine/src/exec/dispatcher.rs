@@ -689,6 +689,11 @@ impl Dispatcher<'_> {
             return self.group_done(group);
         }
         for node in nodes {
+            // A map that could not be expanded has failed its placeholder already: each node
+            // ends with exactly one terminal event.
+            if self.nodes[node].record.state.is_terminal() {
+                continue;
+            }
             if let Some((state, message)) = &verdict {
                 self.settle(node, *state, message.clone())?;
                 continue;
