@@ -70,9 +70,9 @@ enum Command {
     Validate {
         #[command(flatten)]
         file: FileArgs,
-        /// How to print diagnostics.
-        #[arg(long, value_enum, default_value_t = DiagnosticFormat::Human)]
-        format: DiagnosticFormat,
+        /// How to print diagnostics (`--format` is an old spelling).
+        #[arg(long, short = 'o', alias = "format", value_enum, default_value_t = DiagnosticFormat::Human)]
+        output: DiagnosticFormat,
         /// Fetch `git+` templates that are not pinned and cached yet (and pin them), instead of
         /// reporting them.
         #[arg(long)]
@@ -82,8 +82,9 @@ enum Command {
     Plan {
         #[command(flatten)]
         file: FileArgs,
-        #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
-        format: PlanFormat,
+        /// How to print the plan (`--format` is an old spelling).
+        #[arg(long, short = 'o', alias = "format", value_enum, default_value_t = PlanFormat::Text)]
+        output: PlanFormat,
         /// Say for each task whether `apply` would run it or it is satisfied by a cached result,
         /// and why (text: a table; json: an `explain` list beside the plan).
         #[arg(long)]
@@ -91,6 +92,9 @@ enum Command {
         /// With --explain: as `apply --fresh` would.
         #[arg(long, requires = "explain")]
         fresh: bool,
+        /// With --explain: as `apply --rehearse` would (rehearsed agents have keys of their own).
+        #[arg(long, requires = "explain")]
+        rehearse: bool,
         /// Fetch `git+` templates that are not pinned and cached yet (and pin them), instead of
         /// reporting them.
         #[arg(long)]
@@ -121,14 +125,20 @@ enum Command {
     },
     /// List the runs of a state directory.
     Runs {
+        #[arg(long, short = 'o', value_enum, default_value_t = ListFormat::Human)]
+        output: ListFormat,
         #[command(flatten)]
         state: StateArgs,
     },
     /// Show a run's tasks: state, attempts, duration, exit code (default: the latest run).
     Status {
+        /// A run id, a unique prefix of one, or `latest` (the default).
         run: Option<String>,
-        /// Print the run and its task records as JSON.
-        #[arg(long)]
+        /// `json`: the run and its task records.
+        #[arg(long, short = 'o', value_enum, default_value_t = ListFormat::Human)]
+        output: ListFormat,
+        /// The same as `--output json` (an old spelling).
+        #[arg(long, hide = true)]
         json: bool,
         #[command(flatten)]
         state: StateArgs,
@@ -167,9 +177,14 @@ enum Command {
     },
     /// List what a run's tasks left (patches, changed files, kept files, test reports), or print one.
     Artifacts {
-        run: String,
+        /// A run id, a unique prefix of one, or `latest` (the default); when it names no run
+        /// and no TASK follows, it is the task of the latest run.
+        run: Option<String>,
         /// A task id (`edit`: every instance) or plan node (`edit[2]`).
         task: Option<String>,
+        /// `json`: the listing as one JSON document.
+        #[arg(long, short = 'o', value_enum, default_value_t = ListFormat::Human)]
+        output: ListFormat,
         /// Print this artifact of the task's last attempt (`patch.diff`, or a kept file's path).
         #[arg(long, value_name = "PATH", requires = "task")]
         get: Option<String>,
@@ -180,8 +195,9 @@ enum Command {
     Report {
         /// Default: the latest run.
         run: Option<String>,
-        #[arg(long, value_enum, default_value_t = ReportFormat::Md)]
-        format: ReportFormat,
+        /// Markdown or JSON (`--format` is an old spelling).
+        #[arg(long, short = 'o', alias = "format", value_enum, default_value_t = ReportFormat::Md)]
+        output: ReportFormat,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -207,7 +223,10 @@ enum Command {
         state: StateArgs,
     },
     /// List the built-in workflow templates with their descriptions and parameters.
-    Templates,
+    Templates {
+        #[arg(long, short = 'o', value_enum, default_value_t = ListFormat::Human)]
+        output: ListFormat,
+    },
     /// Resolve the refs of `git+` templates again and pin the new commits in clusterfile.lock.
     Update {
         #[command(flatten)]
@@ -243,7 +262,10 @@ enum Command {
     },
     /// Check this machine for agent work: the `claude` CLI and its version, credentials (which
     /// kind, never the secret), git, and whether this directory is in a repository.
-    Doctor,
+    Doctor {
+        #[arg(long, short = 'o', value_enum, default_value_t = ListFormat::Human)]
+        output: ListFormat,
+    },
     /// Print the JSON Schema of the clusterfile format.
     Schema,
     /// Serve the scripted model API on 127.0.0.1 until killed (for benchmarks and experiments):
@@ -258,6 +280,13 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         turn_delay_ms: u64,
     },
+}
+
+/// How commands that print data print it: for people, or one JSON document.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ListFormat {
+    Human,
+    Json,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -276,7 +305,7 @@ struct RunArgs {
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     grace_period: Duration,
     /// Progress as lines for people, or one JSON event per line.
-    #[arg(long, value_enum, default_value_t = runs::OutputFormat::Human)]
+    #[arg(long, short = 'o', value_enum, default_value_t = runs::OutputFormat::Human)]
     output: runs::OutputFormat,
     /// Keep going after a task fails: everything that does not depend on it still runs.
     #[arg(long, short = 'k')]
@@ -315,7 +344,8 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 #[derive(Args)]
 struct FileArgs {
-    /// The clusterfile (`.toml`, or `.kdl` by extension).
+    /// The clusterfile (`.toml`, or `.kdl` by extension; without one, `clusterfile.toml`, else
+    /// `clusterfile.kdl`).
     #[arg(default_value = "clusterfile.toml")]
     file: PathBuf,
     /// Set an input: `--var name=value` (lists and objects as JSON).
@@ -340,24 +370,43 @@ enum DiagnosticFormat {
     Json,
 }
 
+impl FileArgs {
+    /// The default `clusterfile.toml` becomes `clusterfile.kdl` when only that one exists.
+    fn settle_default(&mut self) {
+        let toml = std::path::Path::new("clusterfile.toml");
+        let kdl = std::path::Path::new("clusterfile.kdl");
+        if self.file == toml && !toml.exists() && kdl.exists() {
+            self.file = kdl.to_path_buf();
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    match &mut cli.command {
+        Command::Validate { file, .. }
+        | Command::Plan { file, .. }
+        | Command::Apply { file, .. }
+        | Command::Update { file } => file.settle_default(),
+        _ => {}
+    }
     let code = match cli.command {
         Command::Validate {
             file,
-            format,
+            output,
             fetch,
-        } => validate(&file, format, fetch),
+        } => validate(&file, output, fetch),
         Command::Plan {
             file,
-            format,
+            output,
             explain,
             fresh,
+            rehearse,
             fetch,
             state,
         } => {
-            let explain = explain.then(|| (state.dir(Some(&file.file)), fresh));
-            plan_command(&file, format, explain, fetch)
+            let explain = explain.then(|| (state.dir(Some(&file.file)), fresh, rehearse));
+            plan_command(&file, output, explain, fetch)
         }
         Command::Apply {
             file,
@@ -369,7 +418,11 @@ fn main() -> ExitCode {
         } => match compile_recording(
             &file,
             Stage::Plan,
-            DiagnosticFormat::Human,
+            // Under `--output json`, a tool reads compile errors from stdout as JSON too.
+            match run.output {
+                runs::OutputFormat::Json => DiagnosticFormat::Json,
+                _ => DiagnosticFormat::Human,
+            },
             Some(&state.dir(Some(&file.file))),
             Templates::Fetch,
         ) {
@@ -425,10 +478,17 @@ fn main() -> ExitCode {
                 keep_going: options.keep_going,
             },
         ),
-        Command::Runs { state } => runs::runs(&state.dir(None)),
-        Command::Status { run, json, state } => {
-            runs::status(&state.dir(None), run.as_deref(), json)
-        }
+        Command::Runs { output, state } => runs::runs(&state.dir(None), output == ListFormat::Json),
+        Command::Status {
+            run,
+            output,
+            json,
+            state,
+        } => runs::status(
+            &state.dir(None),
+            run.as_deref(),
+            json || output == ListFormat::Json,
+        ),
         Command::Logs {
             run,
             task,
@@ -439,13 +499,20 @@ fn main() -> ExitCode {
         Command::Artifacts {
             run,
             task,
+            output,
             get,
             state,
-        } => results::artifacts(&state.dir(None), &run, task.as_deref(), get.as_deref()),
-        Command::Report { run, format, state } => results::report(
+        } => results::artifacts(
             &state.dir(None),
             run.as_deref(),
-            format == ReportFormat::Json,
+            task.as_deref(),
+            get.as_deref(),
+            output == ListFormat::Json,
+        ),
+        Command::Report { run, output, state } => results::report(
+            &state.dir(None),
+            run.as_deref(),
+            output == ReportFormat::Json,
         ),
         Command::Export {
             run,
@@ -463,8 +530,8 @@ fn main() -> ExitCode {
             script,
             turn_delay_ms,
         } => model_server(script.as_deref(), turn_delay_ms),
-        Command::Doctor => doctor(),
-        Command::Templates => templates::list(),
+        Command::Doctor { output } => doctor(output == ListFormat::Json),
+        Command::Templates { output } => templates::list(output == ListFormat::Json),
         Command::Update { file } => {
             match compile_recording(
                 &file,
@@ -570,14 +637,19 @@ fn run_goal(goal: String, vars: Vec<String>, rehearse: bool, run: RunArgs, state
     )
 }
 
-fn doctor() -> u8 {
+fn doctor(json: bool) -> u8 {
     use ccluster_engine::agent::{self, Auth};
     let mut missing = 0;
+    let mut checks: Vec<serde_json::Value> = Vec::new();
     let mut line = |ok: bool, what: &str, detail: String| {
         if !ok {
             missing += 1;
         }
-        out!("{} {what:<12} {detail}", if ok { "ok  " } else { "MISS" });
+        if json {
+            checks.push(serde_json::json!({ "check": what, "ok": ok, "detail": detail }));
+        } else {
+            out!("{} {what:<12} {detail}", if ok { "ok  " } else { "MISS" });
+        }
     };
     line(true, "ccluster", env!("CARGO_PKG_VERSION").to_string());
     match agent::find_bin(None) {
@@ -624,10 +696,15 @@ fn doctor() -> u8 {
             "this directory is not in a git repository: tasks with workspaces need one".into(),
         ),
     }
+    if json {
+        let doc = serde_json::json!({ "ok": missing == 0, "checks": checks });
+        out!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    } else if missing > 0 {
+        out!("(`ccluster apply --rehearse` needs only the claude CLI and git)");
+    }
     if missing == 0 {
         exit::SUCCESS
     } else {
-        out!("(`ccluster apply --rehearse` needs only the claude CLI and git)");
         exit::TASK_FAILED
     }
 }
@@ -678,6 +755,11 @@ fn model_server(script: Option<&std::path::Path>, turn_delay_ms: u64) -> u8 {
 
 /// The variable that chooses the token `ccluster model-server` requires.
 const MODEL_SERVER_TOKEN: &str = "CCLUSTER_MODEL_SERVER_TOKEN";
+
+/// `1 task`, `2 tasks`.
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
 
 fn print(text: &str) {
     let mut out = std::io::stdout().lock();
@@ -846,10 +928,10 @@ fn validate(file: &FileArgs, format: DiagnosticFormat, fetch: bool) -> u8 {
         Ok((source, c)) => {
             match format {
                 DiagnosticFormat::Human => print(&format!(
-                    "{}: valid ({} tasks, {} plan nodes)\n",
+                    "{}: valid ({}, {})\n",
                     file.file.display(),
-                    c.plan.summary.tasks,
-                    c.plan.summary.nodes
+                    plural(c.plan.summary.tasks, "task", "tasks"),
+                    plural(c.plan.summary.nodes, "plan node", "plan nodes")
                 )),
                 DiagnosticFormat::Json => {
                     print(&render::json(&c.warnings, &source));
@@ -864,20 +946,38 @@ fn validate(file: &FileArgs, format: DiagnosticFormat, fetch: bool) -> u8 {
 fn plan_command(
     file: &FileArgs,
     format: PlanFormat,
-    explain: Option<(PathBuf, bool)>,
+    explain: Option<(PathBuf, bool, bool)>,
     fetch: bool,
 ) -> u8 {
     let c = match compile(
         file,
         Stage::Plan,
-        DiagnosticFormat::Human,
+        match format {
+            PlanFormat::Json => DiagnosticFormat::Json,
+            _ => DiagnosticFormat::Human,
+        },
         Templates::fetch_if(fetch),
     ) {
         Ok((_, c)) => c,
         Err(code) => return code,
     };
-    if let Some((dir, fresh)) = explain {
-        return runs::explain(&c, &dir, &file.file, fresh, format == PlanFormat::Json);
+    if let Some((dir, fresh, rehearse)) = explain {
+        let script = rehearse.then(|| {
+            ccluster_engine::exec::rehearsal_script(
+                &c,
+                &ccluster_engine::scripted::Script::default(),
+            )
+        });
+        return runs::explain(
+            &c,
+            &dir,
+            &file.file,
+            runs::ExplainArgs {
+                fresh,
+                json: format == PlanFormat::Json,
+                rehearse: script.as_ref(),
+            },
+        );
     }
     let text = match format {
         PlanFormat::Text => plan::to_text(&c.plan),

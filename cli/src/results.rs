@@ -39,8 +39,28 @@ fn matches_task(node: &str, task: &str) -> bool {
     node == task || node.strip_prefix(task).is_some_and(|r| r.starts_with('['))
 }
 
-pub fn artifacts(dir: &Path, run: &str, task: Option<&str>, get: Option<&str>) -> u8 {
-    let (store, run) = match open_run(dir, Some(run)) {
+pub fn artifacts(
+    dir: &Path,
+    run: Option<&str>,
+    task: Option<&str>,
+    get: Option<&str>,
+    json: bool,
+) -> u8 {
+    // `artifacts TASK`: a first argument that names no run is a task of the latest run.
+    let (run, task) = match (run, task) {
+        (Some(first), None) if first != "latest" => {
+            let names_a_run = load_runs(dir)
+                .map(|views| views.iter().any(|v| v.run.id.starts_with(first)))
+                .unwrap_or(true);
+            if names_a_run {
+                (Some(first), None)
+            } else {
+                (None, Some(first))
+            }
+        }
+        other => other,
+    };
+    let (store, run) = match open_run(dir, run) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -61,6 +81,23 @@ pub fn artifacts(dir: &Path, run: &str, task: Option<&str>, get: Option<&str>) -
     }
     if let Some(path) = get {
         return get_artifact(&store, &run, &tasks, task, path);
+    }
+    if json {
+        let listing: Vec<serde_json::Value> = tasks
+            .iter()
+            .map(|t| {
+                let from = t.cached_from.as_deref().unwrap_or(&run.id);
+                let records = store.artifacts(from, &t.node).unwrap_or_default();
+                serde_json::json!({ "node": t.node, "run": from, "attempts": records })
+            })
+            .collect();
+        let doc = serde_json::json!({ "run": run.id, "tasks": listing });
+        let _ = writeln!(
+            std::io::stdout().lock(),
+            "{}",
+            serde_json::to_string_pretty(&doc).unwrap_or_default()
+        );
+        return exit::SUCCESS;
     }
     let mut out = std::io::stdout().lock();
     for t in &tasks {

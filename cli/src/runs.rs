@@ -340,7 +340,11 @@ fn snapshots(dir: &Path) -> Vec<RunView> {
     out
 }
 
+/// The state directory the command reads, for hints about it.
+static READ_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 pub(crate) fn load_runs(dir: &Path) -> Result<Vec<RunView>, u8> {
+    let _ = READ_DIR.set(dir.to_path_buf());
     if !dir.join("db").exists() {
         return Ok(Vec::new());
     }
@@ -378,13 +382,32 @@ fn state_name<T: serde::Serialize>(s: &T) -> String {
         .unwrap_or_default()
 }
 
-pub fn runs(dir: &Path) -> u8 {
+pub fn runs(dir: &Path, json: bool) -> u8 {
     let views = match load_runs(dir) {
         Ok(v) => v,
         Err(code) => return code,
     };
+    if json {
+        let list: Vec<serde_json::Value> = views
+            .iter()
+            .map(|v| {
+                serde_json::json!({
+                    "id": v.run.id,
+                    "state": v.run.state,
+                    "workflow": v.run.workflow,
+                    "clusterfile": v.run.clusterfile,
+                    "tasks": v.tasks.len(),
+                    "started_ms": v.run.started_ms,
+                    "finished_ms": v.run.finished_ms,
+                })
+            })
+            .collect();
+        say(&serde_json::to_string_pretty(&list).unwrap_or_default());
+        return exit::SUCCESS;
+    }
     if views.is_empty() {
         say!("no runs yet in {}", dir.display());
+        hint_nearby(dir);
         return exit::SUCCESS;
     }
     say!(
@@ -412,21 +435,100 @@ pub fn runs(dir: &Path) -> u8 {
     exit::SUCCESS
 }
 
+/// A `RUN` argument: none or `latest` is the latest run; otherwise a run id or a prefix of exactly
+/// one run's id.
 pub(crate) fn find_run(views: Vec<RunView>, id: Option<&str>) -> Result<RunView, u8> {
-    let found = match id {
-        Some(id) => views
-            .into_iter()
-            .find(|v| v.run.id == id || v.run.id.starts_with(id)),
-        None => views.into_iter().last(),
+    let Some(id) = id.filter(|id| *id != "latest") else {
+        return views.into_iter().last().ok_or_else(|| {
+            eprintln!("error: no runs yet");
+            match READ_DIR.get().filter(|d| !d.join("db").exists()) {
+                Some(dir) if !nearby_state_dirs(dir).is_empty() => hint_nearby(dir),
+                _ => eprintln!("  help: `ccluster apply` starts one"),
+            }
+            exit::INVALID_INPUT
+        });
     };
-    found.ok_or_else(|| {
+    let mut matching: Vec<RunView> = views
+        .into_iter()
+        .filter(|v| v.run.id.starts_with(id))
+        .collect();
+    if let Some(exact) = matching.iter().position(|v| v.run.id == id) {
+        return Ok(matching.swap_remove(exact));
+    }
+    match matching.len() {
+        1 => Ok(matching.remove(0)),
+        0 => {
+            eprintln!("error: no run `{id}`");
+            eprintln!("  help: `ccluster runs` lists the runs; `latest` names the latest");
+            Err(exit::INVALID_INPUT)
+        }
+        n => {
+            eprintln!("error: `{id}` is ambiguous: {n} runs start with it");
+            for v in &matching {
+                eprintln!("  {}  {}", v.run.id, state_name(&v.run.state));
+            }
+            eprintln!("  help: give more of the run id");
+            Err(exit::INVALID_INPUT)
+        }
+    }
+}
+
+/// State directories near `dir` (below the working directory, up to three levels, and in its
+/// parents), for the hint when `dir` has none.
+pub(crate) fn nearby_state_dirs(dir: &Path) -> Vec<PathBuf> {
+    fn walk(at: &Path, depth: usize, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(at) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if path.join("db").is_dir() && path.join("lock").exists() {
+                out.push(path.strip_prefix(".").unwrap_or(&path).to_path_buf());
+                continue;
+            }
+            if depth > 0 && !matches!(name.as_ref(), ".git" | "target" | "node_modules") {
+                walk(&path, depth - 1, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(Path::new("."), 3, &mut out);
+    let mut up = std::env::current_dir().ok();
+    while let Some(d) = up {
+        let candidate = d.join(".ccluster");
+        if candidate.join("db").is_dir() {
+            out.push(candidate);
+        }
+        up = d.parent().map(Path::to_path_buf);
+    }
+    let here = std::fs::canonicalize(dir).ok();
+    out.retain(|p| std::fs::canonicalize(p).ok() != here);
+    out.sort();
+    out.dedup();
+    out.truncate(5);
+    out
+}
+
+/// Says where state directories are, when `dir` has none.
+pub(crate) fn hint_nearby(dir: &Path) {
+    if dir.join("db").exists() {
+        return;
+    }
+    let found = nearby_state_dirs(dir);
+    if let Some(first) = found.first() {
+        let list: Vec<String> = found.iter().map(|p| p.display().to_string()).collect();
         eprintln!(
-            "error: {}",
-            id.map_or("no runs yet".to_string(), |id| format!("no run `{id}`"))
+            "  help: no state in {}; found some in {}: pass `--state-dir {}`",
+            dir.display(),
+            list.join(", "),
+            first.display()
         );
-        eprintln!("  help: `ccluster runs` lists the runs");
-        exit::INVALID_INPUT
-    })
+    }
 }
 
 pub fn status(dir: &Path, run: Option<&str>, json: bool) -> u8 {
@@ -651,13 +753,25 @@ pub fn cancel(dir: &Path, run: Option<&str>) -> u8 {
 }
 
 /// `plan --explain`: what `apply` would run, and why.
+pub struct ExplainArgs<'a> {
+    /// As `apply --fresh` would.
+    pub fresh: bool,
+    pub json: bool,
+    /// As `apply --rehearse` would, with this script.
+    pub rehearse: Option<&'a ccluster_engine::scripted::Script>,
+}
+
 pub fn explain(
     compiled: &ccluster_engine::Compiled,
     dir: &Path,
     clusterfile: &Path,
-    fresh: bool,
-    json: bool,
+    args: ExplainArgs<'_>,
 ) -> u8 {
+    let ExplainArgs {
+        fresh,
+        json,
+        rehearse,
+    } = args;
     use ccluster_engine::exec::explain::{explain, Verdict};
     // With no state yet, nothing is cached: explaining must not create a state directory.
     let store = match dir.join("db").exists() {
@@ -696,6 +810,7 @@ pub fn explain(
         fresh,
         run_base.as_deref(),
         &mut fingerprints,
+        rehearse,
     ) {
         Ok(e) => e,
         Err(e) => return report(e),

@@ -17,8 +17,43 @@ use ccluster_engine::library::{self, BUILTINS};
 
 use crate::exit;
 
-pub fn list() -> u8 {
+pub fn list(json: bool) -> u8 {
     let mut out = std::io::stdout().lock();
+    if json {
+        let list: Vec<serde_json::Value> = BUILTINS
+            .iter()
+            .map(|b| {
+                let s = b.summary();
+                let inputs: serde_json::Map<String, serde_json::Value> = s
+                    .inputs
+                    .iter()
+                    .map(|(name, decl)| {
+                        (
+                            name.clone(),
+                            serde_json::json!({
+                                "type": decl.ty.name(),
+                                "required": decl.required,
+                                "default": decl.default,
+                                "description": decl.description,
+                            }),
+                        )
+                    })
+                    .collect();
+                serde_json::json!({
+                    "name": b.name,
+                    "use": format!("builtin:{}", b.name),
+                    "description": s.description,
+                    "inputs": inputs,
+                })
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&list).unwrap_or_default()
+        );
+        return exit::SUCCESS;
+    }
     for b in BUILTINS {
         let s = b.summary();
         let _ = writeln!(out, "{:<17} {}", b.name, s.description);

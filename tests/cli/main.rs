@@ -4,6 +4,7 @@
 mod agents;
 mod apply;
 mod compose;
+mod consistency;
 mod crash;
 mod examples;
 mod invalid;

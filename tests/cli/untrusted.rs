@@ -129,7 +129,7 @@ fn git_specs_cannot_pass_options_or_pick_transports() {
             &["validate", "--fetch"],
             &["plan", "--fetch"],
             &["update"],
-            &["apply", "--output", "json"],
+            &["apply"],
         ] {
             let out = run(&s, args);
             let err = stderr(&out);

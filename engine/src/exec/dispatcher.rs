@@ -2207,15 +2207,7 @@ async fn agents_for(
             server: None,
         }));
     };
-    let mut script = script.clone();
-    for task in &compiled.workflow.tasks {
-        if let Some(r) = &task.rehearsal {
-            script
-                .tasks
-                .entry(task.id.to_string())
-                .or_insert_with(|| r.clone());
-        }
-    }
+    let script = rehearsal_script(compiled, script);
     // The server runs on a thread of its own and requires a fresh token, which only the run's
     // workers get.
     let server = crate::scripted::Server::start(script, None)
@@ -2225,6 +2217,24 @@ async fn agents_for(
         auth: crate::agent::Auth::Rehearsal,
         server: Some(server),
     }))
+}
+
+/// The script a rehearsal answers with: `--script`'s tables, then the clusterfile's `rehearsal`
+/// tables for the tasks it does not name.
+pub fn rehearsal_script(
+    compiled: &Compiled,
+    given: &crate::scripted::Script,
+) -> crate::scripted::Script {
+    let mut script = given.clone();
+    for task in &compiled.workflow.tasks {
+        if let Some(r) = &task.rehearsal {
+            script
+                .tasks
+                .entry(task.id.to_string())
+                .or_insert_with(|| r.clone());
+        }
+    }
+    script
 }
 
 /// What a worker needs under rehearsal: the server's URL and token, and its node.

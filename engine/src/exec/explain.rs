@@ -51,6 +51,7 @@ pub fn explain(
     fresh: bool,
     run_base: Option<&str>,
     fingerprints: &mut super::fingerprint::Fingerprints,
+    rehearse: Option<&crate::scripted::Script>,
 ) -> Result<Vec<Explanation>, StoreError> {
     let wf = &compiled.workflow;
     let scope = RunScope::of(compiled);
@@ -252,7 +253,16 @@ pub fn explain(
                     continue;
                 }
             };
-            let parts = context::key_parts(node, &rendered, &upstream_hash, &read);
+            let mut parts = context::key_parts(node, &rendered, &upstream_hash, &read);
+            if let (Some(script), crate::plan::PlannedAction::Agent { .. }) =
+                (rehearse, &node.action)
+            {
+                // As in `apply --rehearse`: a rehearsed agent's key has its script.
+                parts.insert(
+                    "rehearsal".into(),
+                    context::hash_of(&script.for_task(&node.id)),
+                );
+            }
             let key = context::key_of(&parts);
             let hit = match store {
                 Some(store) => store.cached(&key)?,

@@ -10,8 +10,8 @@ pub mod job;
 pub mod runner;
 
 pub use dispatcher::{
-    apply, check_supported, default_state_dir, log_path, ApplyError, ApplyOptions, RunSummary,
-    LIVE_FILE, PASSED_ENV,
+    apply, check_supported, default_state_dir, log_path, rehearsal_script, ApplyError,
+    ApplyOptions, RunSummary, LIVE_FILE, PASSED_ENV,
 };
 pub use events::{Event, EventSink};
 pub use runner::{LocalRunner, ProcessEnd, ProcessResult, ProcessSpec, Runner, Stop};

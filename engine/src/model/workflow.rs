@@ -695,6 +695,38 @@ fn check_runner_name(
     diags.push(d);
 }
 
+/// A task on a runner of a kind this version cannot run is refused by `validate` and `plan`, as
+/// `apply` would refuse it before anything starts.
+fn check_runner_built(
+    task: &str,
+    name: &Spanned<String>,
+    runners: &IndexMap<String, RunnerDecl>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let Some(decl) = runners.get(&name.value) else {
+        return;
+    };
+    if decl.kind == RunnerKind::Local {
+        return;
+    }
+    let kind = serde_json::to_value(decl.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    diags.push(
+        Diagnostic::error(
+            Category::InvalidValue,
+            "runner-not-built",
+            format!(
+                "task `{task}` runs on `{}`, a `{kind}` runner: this version runs tasks on the local runner only",
+                name.value
+            ),
+        )
+        .at(name.span, format!("a `{kind}` runner"))
+        .help("remove `runner` (or set `runner = \"local\"`) to run the task on this machine"),
+    );
+}
+
 fn resolve_needs(
     id: &str,
     rt: &RawTask,
@@ -948,6 +980,9 @@ fn resolve_task(
     let runner = rt.runner.as_ref().or(defaults.runner.as_ref());
     if let Some(r) = &rt.runner {
         check_runner_name(r, runners, diags);
+    }
+    if let Some(r) = runner {
+        check_runner_built(id, r, runners, diags);
     }
     let timeout = match &rt.timeout {
         Some(t) => parse_duration(t, "timeout", diags),
