@@ -76,6 +76,11 @@ sources = ["docs/*.md"]
         verdict(&explained, "exists")["changed"],
         serde_json::json!(["sources"])
     );
+    assert_eq!(
+        verdict(&explained, "exists")["files"],
+        serde_json::json!(["src/a.rs (deleted)"]),
+        "explain names the file that changed"
+    );
     assert_eq!(verdict(&explained, "pinned")["verdict"], "satisfied");
     assert_eq!(verdict(&explained, "globbed")["verdict"], "satisfied");
     let deleted = s.apply(&[]);
@@ -86,6 +91,11 @@ sources = ["docs/*.md"]
     // Uncommitted edits count too, as they are on disk; declared sources only for their files.
     s.file("src/a.rs", "fn a() {}\n").unwrap();
     s.file("docs/x.md", "two\n").unwrap();
+    let explained = explain(&s);
+    assert_eq!(
+        verdict(&explained, "globbed")["files"],
+        serde_json::json!(["docs/x.md"])
+    );
     let edited = s.apply(&[]);
     assert_eq!(edited.code, 0, "{}", edited.stderr);
     let mut started = edited.tasks("task_started");

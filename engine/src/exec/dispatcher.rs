@@ -1599,6 +1599,13 @@ impl Dispatcher<'_> {
         if let Some(parts) = &n.parts {
             self.store
                 .put_last_success(&self.opts.clusterfile, &n.plan.id, parts)?;
+            // What its sources were, so `plan --explain` can later name the files that changed.
+            if let Some(manifest) = parts
+                .get("sources")
+                .and_then(|id| Some((id, self.fingerprints.manifest(id)?)))
+            {
+                self.store.put_sources(manifest.0, &manifest.1)?;
+            }
         }
         self.save(node)?;
         self.node_done(node)

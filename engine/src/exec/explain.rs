@@ -32,6 +32,9 @@ pub struct Explanation {
     /// Cache key parts that differ from the node's last success (`command`, `env`, `upstream`...).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub changed: Vec<String>,
+    /// With `sources` among them: the files that changed (`src/a.rs`, `b.rs (deleted)`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
 }
 
 /// What is known of a task while walking the plan.
@@ -76,6 +79,7 @@ pub fn explain(
         verdict,
         reason,
         changed: Vec::new(),
+        files: Vec::new(),
     };
 
     for t in order {
@@ -291,7 +295,31 @@ pub fn explain(
                         e.reason = if e.changed.is_empty() {
                             "its last result is no longer cached".into()
                         } else {
-                            format!("changed since it last succeeded: {}", e.changed.join(", "))
+                            let mut reason = format!(
+                                "changed since it last succeeded: {}",
+                                e.changed.join(", ")
+                            );
+                            // Which of the files it reads changed, when that was recorded.
+                            if let (Some(store), Some(old), Some(new)) =
+                                (store, last.get("sources"), parts.get("sources"))
+                            {
+                                let files = store
+                                    .sources::<super::fingerprint::Manifest>(old)?
+                                    .and_then(|m| fingerprints.changed_files(&m, new));
+                                if let Some(files) = files.filter(|f| !f.is_empty()) {
+                                    let more = files.len().saturating_sub(3);
+                                    reason.push_str(&format!(
+                                        " ({}",
+                                        files[..files.len().min(3)].join(", ")
+                                    ));
+                                    if more > 0 {
+                                        reason.push_str(&format!(" and {more} more"));
+                                    }
+                                    reason.push(')');
+                                    e.files = files;
+                                }
+                            }
+                            reason
                         };
                     } else {
                         e.reason = "it never succeeded".into();

@@ -21,10 +21,28 @@ pub struct Fingerprints {
     repository: Option<String>,
     trees: HashMap<String, String>,
     globs: HashMap<Vec<String>, String>,
+    /// The files behind each `sources` fingerprint computed, to record and to compare.
+    entries: HashMap<String, Vec<Entry>>,
 }
 
-/// One file as it enters a fingerprint: its path and the id of its content.
+/// One file as it enters a fingerprint: its path and the id of its content (`<mode> <oid>` for
+/// a tracked file, the BLAKE3 hash for a declared source, `deleted`).
 type Entry = (String, String);
+
+/// What a `sources` fingerprint was made of, kept in the state so that `plan --explain` can name
+/// the files that changed since. The repository's files are kept as the commit they were at and
+/// the files that differed from it on disk, not as thousands of entries.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Manifest {
+    Files(Vec<Entry>),
+    Repository {
+        head: String,
+        /// Entries that differ from `head`'s tree; `absent` for a file `head` has and the
+        /// fingerprint did not.
+        differing: Vec<Entry>,
+    },
+}
 
 impl Fingerprints {
     /// `clusterfile`: the clusterfile's path (relative to the working directory or absolute).
@@ -59,6 +77,7 @@ impl Fingerprints {
             repository: None,
             trees: HashMap::new(),
             globs: HashMap::new(),
+            entries: HashMap::new(),
         }
     }
 
@@ -81,6 +100,7 @@ impl Fingerprints {
                 let entries = self.glob_entries(globs)?;
                 let id = digest(&entries);
                 self.globs.insert(globs.to_vec(), id.clone());
+                self.entries.insert(id.clone(), entries);
                 Ok(Some(id))
             }
             None => {
@@ -89,7 +109,9 @@ impl Fingerprints {
                 }
                 if self.repository.is_none() {
                     let entries = self.repository_entries()?;
-                    self.repository = Some(digest(&entries));
+                    let id = digest(&entries);
+                    self.entries.insert(id.clone(), entries);
+                    self.repository = Some(id);
                 }
                 Ok(self.repository.clone())
             }
@@ -160,7 +182,9 @@ impl Fingerprints {
             if self.excluded.iter().any(|e| e == path) || self.in_state_dir(root, path) {
                 continue;
             }
-            entries.push((path.to_string(), meta.to_string()));
+            let mut f = meta.split(' ');
+            let (mode, oid) = (f.next().unwrap_or(""), f.next().unwrap_or(""));
+            entries.push((path.to_string(), format!("{mode} {oid}")));
         }
         // Files whose content on disk differs from the index (by stat; content decides below).
         let changed = git(root, &["diff-files", "--name-only", "-z"], None)?;
@@ -192,9 +216,109 @@ impl Fingerprints {
         }
         for (path, meta) in &mut entries {
             if let Some(id) = now.get(path.as_str()) {
-                let mode = meta.split(' ').next().unwrap_or("");
-                *meta = format!("{mode} {id}");
+                *meta = if id == "deleted" {
+                    id.clone()
+                } else {
+                    let mode = meta.split(' ').next().unwrap_or("");
+                    format!("{mode} {id}")
+                };
             }
+        }
+        Ok(entries)
+    }
+
+    /// The manifest of a `sources` fingerprint this run computed.
+    pub fn manifest(&self, id: &str) -> Option<Manifest> {
+        let entries = self.entries.get(id)?;
+        if self.repository.as_deref() != Some(id) {
+            return Some(Manifest::Files(entries.clone()));
+        }
+        let root = self.root.as_deref()?;
+        let head = git(root, &["rev-parse", "--verify", "--quiet", "HEAD"], None).ok()?;
+        let head = String::from_utf8_lossy(&head).trim().to_string();
+        let at_head = self.head_entries(&head).ok()?;
+        let now: HashMap<&str, &str> = entries
+            .iter()
+            .map(|(p, m)| (p.as_str(), m.as_str()))
+            .collect();
+        let before: HashMap<&str, &str> = at_head
+            .iter()
+            .map(|(p, m)| (p.as_str(), m.as_str()))
+            .collect();
+        let mut differing: Vec<Entry> = entries
+            .iter()
+            .filter(|(p, m)| before.get(p.as_str()) != Some(&m.as_str()))
+            .cloned()
+            .collect();
+        differing.extend(
+            at_head
+                .iter()
+                .filter(|(p, _)| !now.contains_key(p.as_str()))
+                .map(|(p, _)| (p.clone(), "absent".to_string())),
+        );
+        Some(Manifest::Repository { head, differing })
+    }
+
+    /// The files that differ between a recorded manifest and a fingerprint of this run, as
+    /// `path` or `path (deleted)` / `path (new)`, sorted; `None` when the old one cannot be read.
+    pub fn changed_files(&self, old: &Manifest, new_id: &str) -> Option<Vec<String>> {
+        let new = self.entries.get(new_id)?;
+        let old: Vec<Entry> = match old {
+            Manifest::Files(entries) => entries.clone(),
+            Manifest::Repository { head, differing } => {
+                let mut at: HashMap<String, String> =
+                    self.head_entries(head).ok()?.into_iter().collect();
+                for (p, m) in differing {
+                    if m == "absent" {
+                        at.remove(p);
+                    } else {
+                        at.insert(p.clone(), m.clone());
+                    }
+                }
+                at.into_iter().collect()
+            }
+        };
+        let old: HashMap<&str, &str> = old.iter().map(|(p, m)| (p.as_str(), m.as_str())).collect();
+        let now: HashMap<&str, &str> = new.iter().map(|(p, m)| (p.as_str(), m.as_str())).collect();
+        let mut out: Vec<String> = Vec::new();
+        for (p, m) in &now {
+            match old.get(p) {
+                None if *m != "deleted" => out.push(format!("{p} (new)")),
+                Some(o) if o != m => out.push(if *m == "deleted" {
+                    format!("{p} (deleted)")
+                } else {
+                    p.to_string()
+                }),
+                _ => {}
+            }
+        }
+        for p in old.keys().filter(|p| !now.contains_key(*p)) {
+            out.push(format!("{p} (deleted)"));
+        }
+        out.sort();
+        Some(out)
+    }
+
+    /// A commit's files as the default fingerprint counts them: `<mode> <oid>` by path.
+    fn head_entries(&self, commit: &str) -> Result<Vec<Entry>, String> {
+        let root = self.root.as_deref().ok_or("not in a git repository")?;
+        let out = git(
+            root,
+            &["ls-tree", "-r", "-z", "--full-tree", commit, "--"],
+            None,
+        )?;
+        let mut entries = Vec::new();
+        for record in out.split(|&b| b == 0).filter(|r| !r.is_empty()) {
+            let record = String::from_utf8_lossy(record);
+            let Some((meta, path)) = record.split_once('\t') else {
+                continue;
+            };
+            if self.excluded.iter().any(|e| e == path) || self.in_state_dir(root, path) {
+                continue;
+            }
+            let mut f = meta.split(' ');
+            let (mode, oid) = (f.next().unwrap_or(""), f.nth(1).unwrap_or(""));
+            entries.push((path.to_string(), format!("{mode} {oid}")));
         }
         Ok(entries)
     }

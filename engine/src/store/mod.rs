@@ -138,6 +138,8 @@ pub struct Store {
     cache: sled::Tree,
     last_success: sled::Tree,
     artifacts: sled::Tree,
+    /// What each `sources` fingerprint was made of, for `plan --explain`.
+    sources: sled::Tree,
     /// Held for the life of the store; dropping it unlocks.
     lock: Flock<File>,
     writer: bool,
@@ -318,6 +320,7 @@ impl Store {
             cache: tree("cache")?,
             last_success: tree("last_success")?,
             artifacts: tree("artifacts")?,
+            sources: tree("sources")?,
             db,
             dir: dir.to_path_buf(),
             lock,
@@ -483,6 +486,22 @@ impl Store {
         parts: &KeyParts,
     ) -> Result<(), StoreError> {
         self.put(&self.last_success, &format!("{clusterfile}\0{node}"), parts)
+    }
+
+    /// Records what a `sources` fingerprint was made of, once.
+    pub fn put_sources<T: Serialize>(&self, id: &str, manifest: &T) -> Result<(), StoreError> {
+        if self
+            .sources
+            .contains_key(id.as_bytes())
+            .map_err(|e| self.db_error(e))?
+        {
+            return Ok(());
+        }
+        self.put(&self.sources, id, manifest)
+    }
+
+    pub fn sources<T: DeserializeOwned>(&self, id: &str) -> Result<Option<T>, StoreError> {
+        self.get(&self.sources, id)
     }
 
     pub fn last_success(
