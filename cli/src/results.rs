@@ -289,6 +289,7 @@ pub fn gc(dir: &Path, dry_run: bool) -> u8 {
         Ok(s) => s,
         Err(e) => return store_error(e),
     };
+    crate::runs::warn_if_loose(&store);
     let runs = match store.runs() {
         Ok(r) => r,
         Err(e) => return store_error(e),

@@ -136,13 +136,31 @@ impl EventSink for JsonEvents {
 }
 
 fn open_store(dir: &Path) -> Result<Store, u8> {
-    Store::open(dir).map_err(|e| {
+    let store = Store::open(dir).map_err(|e| {
         eprintln!("error: {e}");
         if let StoreError::Locked { .. } = e {
             eprintln!("  help: wait for it, or stop it with `ccluster cancel`; `ccluster status` shows its progress");
         }
         exit::INVALID_INPUT
-    })
+    })?;
+    warn_if_loose(&store);
+    Ok(store)
+}
+
+/// Says when the state directory was found open to other users.
+pub(crate) fn warn_if_loose(store: &Store) {
+    if let Some(loose) = &store.loose {
+        eprintln!(
+            "warning: the state directory {} {loose}",
+            store.dir().display()
+        );
+        if !loose.tightened {
+            eprintln!(
+                "  help: it holds files that are not ccluster's, so its mode is left alone; `chmod 700 {}` if only you should read it",
+                store.dir().display()
+            );
+        }
+    }
 }
 
 pub struct ApplyArgs<'a> {
@@ -346,6 +364,7 @@ pub(crate) fn load_runs(dir: &Path) -> Result<Vec<RunView>, u8> {
     }
     match Store::open_reader(dir) {
         Ok(store) => {
+            warn_if_loose(&store);
             let mut views = Vec::new();
             for run in store.runs().map_err(report)? {
                 let mut tasks = store.tasks(&run.id).map_err(report)?;

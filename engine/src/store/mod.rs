@@ -3,10 +3,11 @@
 //! `flock`, which the kernel releases when the holder dies, even by `kill -9`). Every write that
 //! must survive a crash is followed by [`Store::commit`] (an fsync) before the change is acted on.
 
+mod private;
 mod records;
 
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,10 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+pub use private::{
+    create_private_dir_all, is_state_dir, private_file, write_private, LooseState,
+    PRIVATE_DIR_MODE, PRIVATE_FILE_MODE,
+};
 pub use records::*;
 
 /// Version of the on-disk format. Bump it on any incompatible change; an older ccluster refuses a
@@ -145,6 +150,8 @@ pub struct Store {
     sync: Option<Arc<DiskSync>>,
     /// Pid found in the lock file when this process took it over from a dead one.
     pub took_over_from: Option<String>,
+    /// Set when the state directory was found open to other users (see [`Store::open`]).
+    pub loose: Option<LooseState>,
 }
 
 fn io(dir: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -183,7 +190,7 @@ fn take_lock(dir: &Path, writer: bool) -> Result<Flock<File>, StoreError> {
         FlockArg::LockSharedNonblock
     };
     loop {
-        let file = OpenOptions::new()
+        let file = private_file()
             .read(true)
             .write(true)
             .create(true)
@@ -209,8 +216,19 @@ fn take_lock(dir: &Path, writer: bool) -> Result<Flock<File>, StoreError> {
 
 impl Store {
     /// Opens (creating if needed) the state in `dir` for driving a run: one process at a time.
+    ///
+    /// A new state directory is made 0700. An existing one that other users may enter is
+    /// narrowed to 0700 when it holds nothing but state (it was made by an older ccluster, or by
+    /// hand), and left as it is otherwise (`--state-dir` pointed at a shared directory, whose mode
+    /// is not ccluster's to change); either way [`Store::loose`] says so, for a warning.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let loose = match dir.is_dir() {
+            true => private::check_state_dir(dir, true),
+            false => {
+                create_private_dir_all(dir).map_err(io(dir))?;
+                None
+            }
+        };
         let mut lock = take_lock(dir, true)?;
         // A pid left in the file means its writer died without letting go (a clean exit empties
         // it): the kernel dropped that lock, and this process takes over.
@@ -223,6 +241,7 @@ impl Store {
         lock.sync_all().map_err(io(dir))?;
         let mut store = Store::open_db(dir, lock, true)?;
         store.took_over_from = (!previous.is_empty()).then_some(previous);
+        store.loose = loose;
         Ok(store)
     }
 
@@ -230,7 +249,7 @@ impl Store {
     /// [`StoreError::Locked`] while a run is driven.
     pub fn open_reader(dir: &Path) -> Result<Store, StoreError> {
         let lock = take_lock(dir, false)?;
-        match Store::open_db(dir, lock, false) {
+        let opened = match Store::open_db(dir, lock, false) {
             Err(StoreError::Db { .. }) if !unfinished_snapshots(&dir.join("db")).is_empty() => {
                 // A kill during a snapshot left a partial one, and no writer has run since to
                 // discard it. Only with the lock to itself may a reader discard it (no other
@@ -249,7 +268,12 @@ impl Store {
                 Store::open_db(dir, alone, false)
             }
             opened => opened,
-        }
+        };
+        // A reader only tells: changing the directory is for the process that drives it.
+        opened.map(|mut store| {
+            store.loose = private::check_state_dir(dir, false);
+            store
+        })
     }
 
     fn open_db(dir: &Path, lock: Flock<File>, writer: bool) -> Result<Store, StoreError> {
@@ -258,6 +282,8 @@ impl Store {
             source,
         };
         if writer {
+            // sled would make its directory with the process's default mode.
+            create_private_dir_all(&dir.join("db")).map_err(io(dir))?;
             discard_unfinished_snapshots(&dir.join("db"));
         }
         let start = std::time::Instant::now();
@@ -323,6 +349,7 @@ impl Store {
             lock,
             writer,
             took_over_from: None,
+            loose: None,
         })
     }
 

@@ -53,14 +53,20 @@ pub fn matching(root: &Path, globs: &[String]) -> Vec<String> {
     out
 }
 
-/// Copies `files` (relative to `from`) under `to`, keeping their relative paths.
+/// Copies `files` (relative to `from`) under `to`, keeping their relative paths; copies are
+/// readable by their owner only.
 pub fn copy_files(from: &Path, files: &[String], to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     for f in files {
         let target = to.join(f);
         if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)?;
+            crate::store::create_private_dir_all(parent)?;
         }
         std::fs::copy(from.join(f), &target)?;
+        // The owner's bits only (an executable stays executable).
+        let mode =
+            std::fs::metadata(&target)?.permissions().mode() & crate::store::PRIVATE_DIR_MODE;
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))?;
     }
     Ok(())
 }
