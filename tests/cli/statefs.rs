@@ -1,5 +1,6 @@
 //! The state directory on disk: who may read it (modes on a real run, the warning for an old
-//! one).
+//! one), and what `artifacts` and `copy` globs may reach (never the state itself, never through a
+//! link).
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -196,4 +197,152 @@ fn a_shared_directory_given_as_state_is_warned_about_but_not_changed() {
     // What ccluster made inside is private all the same.
     assert_eq!(mode(&shared.join("runs")), 0o700);
     assert_eq!(mode(&shared.join("db")), 0o700);
+}
+
+/// Total size of the files under `dir`.
+fn size(dir: &Path) -> u64 {
+    tree(dir)
+        .iter()
+        .filter(|p| p.is_file())
+        .map(|p| std::fs::symlink_metadata(p).unwrap().len())
+        .sum()
+}
+
+#[test]
+fn an_everything_artifact_glob_never_copies_the_state_into_itself() {
+    // No workspace: globs are read in the main checkout, where the state is.
+    let s = repo(
+        "version = 1\n[tasks.keep]\nrun = \"echo kept > made.txt\"\nartifacts = [\"**/*\", \"**\", \".ccluster/**\", \"*/*/*\"]\n",
+    );
+    std::fs::write(s.path().join("big.bin"), vec![7u8; 1 << 20]).unwrap();
+    let mut sizes = Vec::new();
+    for _ in 0..4 {
+        let done = s.apply(&["--fresh"]);
+        assert_eq!(done.code, 0, "{}{}", done.stdout, done.stderr);
+        sizes.push(size(&s.path().join(".ccluster")));
+        let run = run_id(&s);
+        let kept = s
+            .path()
+            .join(".ccluster/runs")
+            .join(&run)
+            .join("artifacts/keep.1/files");
+        let mut files: Vec<String> = tree(&kept)
+            .iter()
+            .filter(|p| p.is_file())
+            .map(|p| p.strip_prefix(&kept).unwrap().display().to_string())
+            .collect();
+        files.sort();
+        assert_eq!(
+            files,
+            [
+                ".gitignore",
+                "README",
+                "big.bin",
+                "clusterfile.toml",
+                "made.txt"
+            ]
+        );
+    }
+    // Each run adds one copy of the tree (1 MiB), not a copy of everything before it.
+    for pair in sizes.windows(2) {
+        let grew = pair[1] - pair[0];
+        assert!(grew < 3 << 19, "the state grew by {grew} bytes: {sizes:?}");
+    }
+}
+
+#[test]
+fn artifact_and_copy_globs_do_not_follow_links_out_of_the_workspace() {
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::create_dir(outside.path().join("dir")).unwrap();
+    std::fs::write(outside.path().join("dir/secret.txt"), "top secret\n").unwrap();
+    std::fs::write(outside.path().join("secret.txt"), "top secret\n").unwrap();
+    let s = repo(&format!(
+        r#"version = 1
+[tasks.plain]
+run = "true"
+artifacts = ["**/*", "linked/*", "linked/secret.txt", "secret.txt"]
+
+[tasks.edit]
+workspace = "worktree"
+copy = ["**/*"]
+run = "test ! -e .ccluster && test ! -e linked && test ! -e secret.txt && ln -s {dir} made-link && echo ok"
+artifacts = ["**/*", "made-link/*"]
+"#,
+        dir = outside.path().join("dir").display()
+    ));
+    std::os::unix::fs::symlink(outside.path().join("dir"), s.path().join("linked")).unwrap();
+    std::os::unix::fs::symlink(
+        outside.path().join("secret.txt"),
+        s.path().join("secret.txt"),
+    )
+    .unwrap();
+    std::fs::write(s.path().join(".env"), "LOCAL=1\n").unwrap();
+    let done = s.apply(&[]);
+    assert_eq!(done.code, 0, "{}{}", done.stdout, done.stderr);
+    let state = s.path().join(".ccluster");
+    for path in tree(&state) {
+        if path.is_file() && !path.starts_with(state.join("db")) {
+            let text = std::fs::read(&path).unwrap();
+            assert!(
+                !String::from_utf8_lossy(&text).contains("top secret"),
+                "{} holds the secret",
+                path.display()
+            );
+        }
+    }
+    let run = run_id(&s);
+    let files = |node: &str| {
+        let dir = state
+            .join("runs")
+            .join(&run)
+            .join("artifacts")
+            .join(format!("{node}.1/files"));
+        let mut files: Vec<String> = tree(&dir)
+            .iter()
+            .filter(|p| p.is_file())
+            .map(|p| p.strip_prefix(&dir).unwrap().display().to_string())
+            .collect();
+        files.sort();
+        files
+    };
+    assert_eq!(
+        files("plain"),
+        [".env", ".gitignore", "README", "clusterfile.toml"]
+    );
+    // `copy` brought `.env` (and the committed files), nothing through a link.
+    assert_eq!(
+        files("edit"),
+        [".env", ".gitignore", "README", "clusterfile.toml"]
+    );
+}
+
+#[test]
+fn a_copy_into_a_link_committed_by_an_earlier_task_fails_instead_of_writing_outside() {
+    let outside = tempfile::tempdir().unwrap();
+    let s = repo(&format!(
+        r#"version = 1
+[tasks.plant]
+workspace = "worktree"
+run = "ln -s {dir} conf"
+
+[tasks.use]
+needs = ["plant"]
+workspace = "worktree"
+copy = ["conf/*"]
+run = "true"
+"#,
+        dir = outside.path().display()
+    ));
+    std::fs::create_dir(s.path().join("conf")).unwrap();
+    std::fs::write(s.path().join("conf/local.toml"), "x = 1\n").unwrap();
+    std::fs::write(s.path().join(".gitignore"), ".ccluster/\nconf/\n").unwrap();
+    git(s.path(), &["commit", "-qam", "ignore conf"]);
+    let failed = s.apply(&[]);
+    assert_eq!(failed.code, 1, "{}{}", failed.stdout, failed.stderr);
+    let fail = failed.of("task_failed");
+    assert_eq!(fail[0]["task"], "use");
+    assert_eq!(fail[0]["class"], "setup_error");
+    let message = fail[0]["message"].as_str().unwrap();
+    assert!(message.contains("conf/local.toml"), "{message}");
+    assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
 }
