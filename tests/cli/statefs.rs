@@ -1,6 +1,7 @@
 //! The state directory on disk: who may read it (modes on a real run, the warning for an old
-//! one), and what `artifacts` and `copy` globs may reach (never the state itself, never through a
-//! link).
+//! one), what `artifacts` and `copy` globs may reach (never the state itself, never through a
+//! link), and the Markdown report of hostile names and messages.
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -345,4 +346,47 @@ run = "true"
     let message = fail[0]["message"].as_str().unwrap();
     assert!(message.contains("conf/local.toml"), "{message}");
     assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn the_markdown_report_shows_hostile_names_and_messages_as_written() {
+    let s = repo(
+        r#"version = 1
+[workflow]
+name = "report"
+
+[tasks.edit]
+workspace = "worktree"
+run = "echo 1 > '<img src=x onerror=alert(1)>.md'; echo 2 > '*a*.txt'; echo 3 > 'a|b`c.txt'; echo 4 > '[l](javascript:x).md'"
+
+[tasks.broken]
+needs = ["edit"]
+workspace = "worktree"
+setup = "echo '<img src=x onerror=alert(1)> **bold** [x](y) ~~s~~'; exit 3"
+run = "true"
+"#,
+    );
+    let failed = s.apply(&[]);
+    assert_eq!(failed.code, 1, "{}{}", failed.stdout, failed.stderr);
+    let md = s.command(&["report"]).output().unwrap();
+    assert!(md.status.success());
+    let md = String::from_utf8_lossy(&md.stdout).into_owned();
+    assert!(
+        md.contains(r"\<img src=x onerror=alert(1)\> \*\*bold\*\* \[x\](y) \~\~s\~\~"),
+        "{md}"
+    );
+    // (A file name cannot hold `</b>`: `/` separates directories.)
+    for file in [
+        "`<img src=x onerror=alert(1)>.md`",
+        "`*a*.txt`",
+        r"``a\|b`c.txt``",
+        "`[l](javascript:x).md`",
+    ] {
+        assert!(md.contains(&format!("| {file} |")), "{file} in {md}");
+    }
+    let mut settings = insta::Settings::clone_current();
+    settings.add_filter(r"\d{8}-\d{6}\.\d{3}-[0-9a-f]{4}", "[RUN]");
+    settings.add_filter(r"\b[0-9a-f]{10}\b", "[SHA]");
+    settings.add_filter(r"\d+\.\d+s\b", "[TIME]");
+    settings.bind(|| insta::assert_snapshot!("report-hostile-names", md));
 }
