@@ -379,10 +379,35 @@ pub(crate) fn load_runs(dir: &Path) -> Result<Vec<RunView>, u8> {
         }
         Err(StoreError::Locked { pid, .. }) => {
             eprintln!("(a run is in progress in process {pid}: showing its latest snapshot)");
-            Ok(snapshots(dir))
+            Ok(history_while_driven(dir))
         }
         Err(e) => Err(report(e)),
     }
+}
+
+/// While another process drives the state: the finished runs from their archives, and the runs
+/// in progress from their live snapshots.
+fn history_while_driven(dir: &Path) -> Vec<RunView> {
+    let mut views: Vec<RunView> = ccluster_engine::store::Archive::new(dir)
+        .runs()
+        .iter()
+        .map(|archive| {
+            let mut tasks = archive.tasks.clone();
+            tasks.sort_by_key(|t| t.order);
+            RunView {
+                run: archive.run.clone(),
+                tasks,
+                live: false,
+            }
+        })
+        .collect();
+    for live in snapshots(dir) {
+        if !views.iter().any(|v| v.run.id == live.run.id) {
+            views.push(live);
+        }
+    }
+    views.sort_by(|a, b| a.run.id.cmp(&b.run.id));
+    views
 }
 
 pub(crate) fn report(e: StoreError) -> u8 {

@@ -6,7 +6,9 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use crate::store::{ArtifactRecord, RunRecord, RunState, Store, StoreError, TaskRecord, TaskState};
+use crate::store::{
+    ArtifactRecord, RunRecord, RunRecords, RunState, StoreError, TaskRecord, TaskState,
+};
 use crate::workspace::{ChangedFile, Conflict};
 
 #[derive(Clone, Debug, Serialize)]
@@ -78,7 +80,7 @@ pub struct Totals {
 
 /// The artifact record of a node's last attempt in `run` (for a cached node, in the run it reuses).
 fn last_artifacts(
-    store: &Store,
+    store: &dyn RunRecords,
     run: &str,
     task: &TaskRecord,
 ) -> Result<Option<ArtifactRecord>, StoreError> {
@@ -86,7 +88,8 @@ fn last_artifacts(
     Ok(store.artifacts(from, &task.node)?.pop())
 }
 
-pub fn build(store: &Store, run: &RunRecord) -> Result<RunReport, StoreError> {
+/// The report of `run`, from the database or, while another process holds it, from the archives.
+pub fn build(store: &dyn RunRecords, run: &RunRecord) -> Result<RunReport, StoreError> {
     let mut records = store.tasks(&run.id)?;
     records.sort_by_key(|t| t.order);
     let mut tasks = Vec::new();

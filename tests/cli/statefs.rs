@@ -1,6 +1,7 @@
 //! The state directory on disk: who may read it (modes on a real run, the warning for an old
 //! one), what `artifacts` and `copy` globs may reach (never the state itself, never through a
-//! link), and the Markdown report of hostile names and messages.
+//! link), the Markdown report of hostile names and messages, and finished runs read while another
+//! run holds the database.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -389,4 +390,104 @@ run = "true"
     settings.add_filter(r"\b[0-9a-f]{10}\b", "[SHA]");
     settings.add_filter(r"\d+\.\d+s\b", "[TIME]");
     settings.bind(|| insta::assert_snapshot!("report-hostile-names", md));
+}
+
+/// A run in progress whose task waits for the file `go`: let go and waited for if the test ends
+/// before it does, so that no task outlives the test.
+struct Running {
+    child: std::process::Child,
+    go: PathBuf,
+}
+
+impl Running {
+    fn finish(&mut self) -> std::process::ExitStatus {
+        std::fs::write(&self.go, "").unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = std::fs::write(&self.go, "");
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn wait_until(what: &str, test: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !test() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "{what} did not happen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn finished_runs_stay_readable_while_another_run_is_in_progress() {
+    let s = repo(NOISY);
+    let done = s.apply(&[]);
+    assert_eq!(done.code, 0, "{}{}", done.stdout, done.stderr);
+    let old = run_id(&s);
+    let archive = s
+        .path()
+        .join(".ccluster/runs")
+        .join(&old)
+        .join("record.json");
+    assert!(archive.exists(), "a finished run is archived");
+    let read = |args: &[&str]| {
+        let out = s.command(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let report = read(&["report", &old]);
+    let json = read(&["report", &old, "--format", "json"]);
+    let artifacts = read(&["artifacts", &old]);
+    let logs = read(&["logs", &old]);
+    let kept = read(&["artifacts", &old, "edit", "--get", "out/kept.txt"]);
+    assert_eq!(kept, "kept\n");
+    // As if an older ccluster had recorded it: the next writer archives it.
+    std::fs::remove_file(&archive).unwrap();
+
+    s.write("version = 1\n[tasks.wait]\nrun = \"touch started; while [ ! -e go ]; do sleep 0.05; done\"\n");
+    let mut child = Running {
+        child: s.spawn_apply(&[]),
+        go: s.path().join("go"),
+    };
+    wait_until("the second run starts", || {
+        s.path().join("started").exists()
+    });
+    assert!(archive.exists(), "the writer archived the older run");
+
+    let runs = read(&["runs"]);
+    assert!(runs.contains(&old), "{runs}");
+    assert_eq!(
+        runs.lines().filter(|l| l.contains("running")).count(),
+        1,
+        "{runs}"
+    );
+    assert_eq!(read(&["report", &old]), report);
+    assert_eq!(read(&["report", &old, "--format", "json"]), json);
+    assert_eq!(read(&["artifacts", &old]), artifacts);
+    assert_eq!(read(&["logs", &old]), logs);
+    assert_eq!(
+        read(&["artifacts", &old, "edit", "--get", "out/kept.txt"]),
+        "kept\n"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&read(&["status", &old, "--json"])).unwrap();
+    assert_eq!(status["run"]["state"], "succeeded");
+    // The run in progress is still refused.
+    let live = s.command(&["report"]).output().unwrap();
+    assert_eq!(live.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&live.stderr).contains("still in progress"));
+
+    assert!(child.finish().success());
 }

@@ -3,6 +3,7 @@
 //! `flock`, which the kernel releases when the holder dies, even by `kill -9`). Every write that
 //! must survive a crash is followed by [`Store::commit`] (an fsync) before the change is acted on.
 
+mod archive;
 mod private;
 mod records;
 
@@ -16,6 +17,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+pub use archive::{Archive, RunArchive, RunRecords, ARCHIVE_FILE};
 pub use private::{
     create_private_dir_all, is_state_dir, private_file, write_private, LooseState,
     PRIVATE_DIR_MODE, PRIVATE_FILE_MODE,
@@ -52,11 +54,17 @@ pub struct Committer {
     db: sled::Db,
     dir: PathBuf,
     sync: Option<Arc<DiskSync>>,
+    archiver: Option<Arc<archive::Archiver>>,
 }
 
 impl Committer {
     pub fn commit(self) -> Result<(), StoreError> {
-        commit(&self.db, self.sync.as_deref(), &self.dir)
+        commit(
+            &self.db,
+            self.sync.as_deref(),
+            self.archiver.as_deref(),
+            &self.dir,
+        )
     }
 }
 
@@ -119,16 +127,25 @@ impl DiskSync {
     }
 }
 
-/// sled's flush, then, for a writer, the syncs it leaves undone.
-fn commit(db: &sled::Db, sync: Option<&DiskSync>, dir: &Path) -> Result<(), StoreError> {
+/// sled's flush, then, for a writer, the syncs it leaves undone, then the archives of runs that
+/// finished (never ahead of what is durable).
+fn commit(
+    db: &sled::Db,
+    sync: Option<&DiskSync>,
+    archiver: Option<&archive::Archiver>,
+    dir: &Path,
+) -> Result<(), StoreError> {
     db.flush().map_err(|source| StoreError::Db {
         dir: dir.to_path_buf(),
         source,
     })?;
-    match sync {
-        Some(sync) => sync.sync().map_err(io(dir)),
-        None => Ok(()),
+    if let Some(sync) = sync {
+        sync.sync().map_err(io(dir))?;
     }
+    if let Some(archiver) = archiver {
+        archiver.archive_pending();
+    }
+    Ok(())
 }
 
 /// The state of one directory, locked for this process (exclusively for a writer, shared for
@@ -148,6 +165,8 @@ pub struct Store {
     writer: bool,
     /// A writer's syncs to the disk after sled's flushes; a reader writes nothing.
     sync: Option<Arc<DiskSync>>,
+    /// A writer's archives of finished runs, for readers while it holds the database.
+    archiver: Option<Arc<archive::Archiver>>,
     /// Pid found in the lock file when this process took it over from a dead one.
     pub took_over_from: Option<String>,
     /// Set when the state directory was found open to other users (see [`Store::open`]).
@@ -335,15 +354,33 @@ impl Store {
             true => Some(Arc::new(DiskSync::open(&dir.join("db")).map_err(io(dir))?)),
             false => None,
         };
+        let (runs, tasks, attempts, artifacts) = (
+            tree("runs")?,
+            tree("tasks")?,
+            tree("attempts")?,
+            tree("artifacts")?,
+        );
+        let archiver = writer.then(|| {
+            let archiver = archive::Archiver::new(
+                dir,
+                runs.clone(),
+                tasks.clone(),
+                attempts.clone(),
+                artifacts.clone(),
+            );
+            archiver.find_unarchived();
+            Arc::new(archiver)
+        });
         Ok(Store {
             sync,
-            runs: tree("runs")?,
-            tasks: tree("tasks")?,
-            attempts: tree("attempts")?,
+            archiver,
+            runs,
+            tasks,
+            attempts,
             expansions: tree("expansions")?,
             cache: tree("cache")?,
             last_success: tree("last_success")?,
-            artifacts: tree("artifacts")?,
+            artifacts,
             db,
             dir: dir.to_path_buf(),
             lock,
@@ -364,12 +401,25 @@ impl Store {
             db: self.db.clone(),
             dir: self.dir.clone(),
             sync: self.sync.clone(),
+            archiver: self.archiver.clone(),
         }
     }
 
     /// Makes every write so far durable. Called before a recorded change is acted on or reported.
     pub fn commit(&self) -> Result<(), StoreError> {
-        commit(&self.db, self.sync.as_deref(), &self.dir)
+        commit(
+            &self.db,
+            self.sync.as_deref(),
+            self.archiver.as_deref(),
+            &self.dir,
+        )
+    }
+
+    /// Notes a write of a record of `run`, whose archive is then redone if the run is finished.
+    fn written(&self, run: &str) {
+        if let Some(archiver) = &self.archiver {
+            archiver.record_written(run);
+        }
     }
 
     fn db_error(&self, source: sled::Error) -> StoreError {
@@ -424,7 +474,11 @@ impl Store {
     }
 
     pub fn put_run(&self, run: &RunRecord) -> Result<(), StoreError> {
-        self.put(&self.runs, &run.id, run)
+        self.put(&self.runs, &run.id, run)?;
+        if let Some(archiver) = &self.archiver {
+            archiver.run_written(run);
+        }
+        Ok(())
     }
 
     pub fn run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
@@ -437,6 +491,7 @@ impl Store {
     }
 
     pub fn put_task(&self, run: &str, task: &TaskRecord) -> Result<(), StoreError> {
+        self.written(run);
         self.put(&self.tasks, &format!("{run}\0{}", task.node), task)
     }
 
@@ -451,6 +506,7 @@ impl Store {
         node: &str,
         attempt: &AttemptRecord,
     ) -> Result<(), StoreError> {
+        self.written(run);
         self.put(
             &self.attempts,
             &format!("{run}\0{node}\0{:08}", attempt.attempt),
@@ -477,6 +533,7 @@ impl Store {
         node: &str,
         record: &ArtifactRecord,
     ) -> Result<(), StoreError> {
+        self.written(run);
         self.put(
             &self.artifacts,
             &format!("{run}\0{node}\0{:08}", record.attempt),
@@ -518,6 +575,16 @@ impl Store {
         node: &str,
     ) -> Result<Option<KeyParts>, StoreError> {
         self.get(&self.last_success, &format!("{clusterfile}\0{node}"))
+    }
+}
+
+impl RunRecords for Store {
+    fn tasks(&self, run: &str) -> Result<Vec<TaskRecord>, StoreError> {
+        Store::tasks(self, run)
+    }
+
+    fn artifacts(&self, run: &str, node: &str) -> Result<Vec<ArtifactRecord>, StoreError> {
+        Store::artifacts(self, run, node)
     }
 }
 
