@@ -1,6 +1,7 @@
 //! What an attempt leaves besides its output: files matching `artifacts` globs, copied into the
 //! run's state, and JUnit XML test reports matching `reports` globs, counted.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -126,13 +127,20 @@ pub fn copy_files(from: &Path, files: &[String], to: &Path) -> std::io::Result<(
                 return Err(refused(f, "is reached through a symbolic link"));
             }
         }
+        // Non-blocking: a file swapped for a FIFO must not hang the run on its open.
         let mut input = std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
             .open(&source)?;
         let meta = input.metadata()?;
         if !meta.is_file() {
             return Err(refused(f, "is not a regular file"));
+        }
+        // A directory on the way swapped for a link between the check above and the open: where
+        // the open file really is, as the system says (where it does not, the check stands alone).
+        let opened = std::fs::read_link(format!("/proc/self/fd/{}", input.as_raw_fd()));
+        if opened.is_ok_and(|real| real != from_real.join(rel)) {
+            return Err(refused(f, "is reached through a symbolic link"));
         }
         let dir = private_dirs(to, rel.parent().unwrap_or(Path::new("")))
             .map_err(|e| std::io::Error::new(e.kind(), format!("`{f}`: {e}")))?;
