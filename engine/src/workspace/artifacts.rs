@@ -402,6 +402,12 @@ mod tests {
         // Links inside the tree too: one in circles, one to a sibling.
         link(dir.path(), "out/loop");
         link(&dir.path().join("out"), "again");
+        // Not a regular file either: a FIFO would block whoever reads it.
+        nix::unistd::mkfifo(
+            &dir.path().join("out/fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
         let kept: &[&str] = &["out/a.txt"];
         for (pattern, expected) in [
             ("**/*", kept),
@@ -413,6 +419,7 @@ mod tests {
             ("*/secret.txt", &[]),
             ("again/a.txt", &[]),
             ("out/loop/out/a.txt", &[]),
+            ("out/fifo", &[]),
         ] {
             assert_eq!(
                 matching(dir.path(), &[pattern.to_string()]),
