@@ -15,14 +15,17 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ccluster_engine::report;
-use ccluster_engine::store::{RunRecord, RunState, Store, TaskState};
+use ccluster_engine::store::{
+    Archive, RunRecord, RunRecords, RunState, Store, StoreError, TaskState,
+};
 use ccluster_engine::workspace::{self, Repo};
 
 use crate::exit;
 use crate::runs::{find_run, load_runs, report as store_error};
 
-/// The run (default: the latest) and the store, opened for reading.
-fn open_run(dir: &Path, run: Option<&str>) -> Result<(Store, RunRecord), u8> {
+/// The run (default: the latest) and its records: the store, opened for reading, or, while another
+/// process drives it, the finished runs' archives.
+fn open_run(dir: &Path, run: Option<&str>) -> Result<(Box<dyn RunRecords>, RunRecord), u8> {
     let view = load_runs(dir).and_then(|v| find_run(v, run))?;
     if view.live {
         eprintln!(
@@ -31,8 +34,12 @@ fn open_run(dir: &Path, run: Option<&str>) -> Result<(Store, RunRecord), u8> {
         );
         return Err(exit::INVALID_INPUT);
     }
-    let store = Store::open_reader(dir).map_err(store_error)?;
-    Ok((store, view.run))
+    let records: Box<dyn RunRecords> = match Store::open_reader(dir) {
+        Ok(store) => Box::new(store),
+        Err(StoreError::Locked { .. }) => Box::new(Archive::new(dir)),
+        Err(e) => return Err(store_error(e)),
+    };
+    Ok((records, view.run))
 }
 
 fn matches_task(node: &str, task: &str) -> bool {
@@ -80,7 +87,7 @@ pub fn artifacts(
         }
     }
     if let Some(path) = get {
-        return get_artifact(&store, &run, &tasks, task, path);
+        return get_artifact(store.as_ref(), &run, &tasks, task, path);
     }
     if json {
         let listing: Vec<serde_json::Value> = tasks
@@ -174,7 +181,7 @@ pub fn artifacts(
 
 /// Prints one artifact of a task's last attempt: `patch.diff`, a kept file, or a report.
 fn get_artifact(
-    store: &Store,
+    store: &dyn RunRecords,
     run: &RunRecord,
     tasks: &[ccluster_engine::store::TaskRecord],
     task: Option<&str>,
@@ -224,7 +231,7 @@ pub fn report(dir: &Path, run: Option<&str>, json: bool) -> u8 {
         Ok(x) => x,
         Err(code) => return code,
     };
-    let built = match report::build(&store, &run) {
+    let built = match report::build(store.as_ref(), &run) {
         Ok(r) => r,
         Err(e) => return store_error(e),
     };
@@ -242,7 +249,7 @@ pub fn export(dir: &Path, run: Option<&str>, patch: Option<&Path>, branch: Optio
         Ok(x) => x,
         Err(code) => return code,
     };
-    let built = match report::build(&store, &run) {
+    let built = match report::build(store.as_ref(), &run) {
         Ok(r) => r,
         Err(e) => return store_error(e),
     };
@@ -326,6 +333,7 @@ pub fn gc(dir: &Path, dry_run: bool) -> u8 {
         Ok(s) => s,
         Err(e) => return store_error(e),
     };
+    crate::runs::warn_if_loose(&store);
     let runs = match store.runs() {
         Ok(r) => r,
         Err(e) => return store_error(e),

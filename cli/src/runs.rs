@@ -136,13 +136,31 @@ impl EventSink for JsonEvents {
 }
 
 fn open_store(dir: &Path) -> Result<Store, u8> {
-    Store::open(dir).map_err(|e| {
+    let store = Store::open(dir).map_err(|e| {
         eprintln!("error: {e}");
         if let StoreError::Locked { .. } = e {
             eprintln!("  help: wait for it, or stop it with `ccluster cancel`; `ccluster status` shows its progress");
         }
         exit::INVALID_INPUT
-    })
+    })?;
+    warn_if_loose(&store);
+    Ok(store)
+}
+
+/// Says when the state directory was found open to other users.
+pub(crate) fn warn_if_loose(store: &Store) {
+    if let Some(loose) = &store.loose {
+        eprintln!(
+            "warning: the state directory {} {loose}",
+            store.dir().display()
+        );
+        if !loose.tightened {
+            eprintln!(
+                "  help: it holds files that are not ccluster's, so its mode is left alone; `chmod 700 {}` if only you should read it",
+                store.dir().display()
+            );
+        }
+    }
 }
 
 pub struct ApplyArgs<'a> {
@@ -350,6 +368,7 @@ pub(crate) fn load_runs(dir: &Path) -> Result<Vec<RunView>, u8> {
     }
     match Store::open_reader(dir) {
         Ok(store) => {
+            warn_if_loose(&store);
             let mut views = Vec::new();
             for run in store.runs().map_err(report)? {
                 let mut tasks = store.tasks(&run.id).map_err(report)?;
@@ -364,10 +383,35 @@ pub(crate) fn load_runs(dir: &Path) -> Result<Vec<RunView>, u8> {
         }
         Err(StoreError::Locked { pid, .. }) => {
             eprintln!("(a run is in progress in process {pid}: showing its latest snapshot)");
-            Ok(snapshots(dir))
+            Ok(history_while_driven(dir))
         }
         Err(e) => Err(report(e)),
     }
+}
+
+/// While another process drives the state: the finished runs from their archives, and the runs
+/// in progress from their live snapshots.
+fn history_while_driven(dir: &Path) -> Vec<RunView> {
+    let mut views: Vec<RunView> = ccluster_engine::store::Archive::new(dir)
+        .runs()
+        .iter()
+        .map(|archive| {
+            let mut tasks = archive.tasks.clone();
+            tasks.sort_by_key(|t| t.order);
+            RunView {
+                run: archive.run.clone(),
+                tasks,
+                live: false,
+            }
+        })
+        .collect();
+    for live in snapshots(dir) {
+        if !views.iter().any(|v| v.run.id == live.run.id) {
+            views.push(live);
+        }
+    }
+    views.sort_by(|a, b| a.run.id.cmp(&b.run.id));
+    views
 }
 
 pub(crate) fn report(e: StoreError) -> u8 {

@@ -6,7 +6,9 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use crate::store::{ArtifactRecord, RunRecord, RunState, Store, StoreError, TaskRecord, TaskState};
+use crate::store::{
+    ArtifactRecord, RunRecord, RunRecords, RunState, StoreError, TaskRecord, TaskState,
+};
 use crate::workspace::{ChangedFile, Conflict};
 
 #[derive(Clone, Debug, Serialize)]
@@ -78,7 +80,7 @@ pub struct Totals {
 
 /// The artifact record of a node's last attempt in `run` (for a cached node, in the run it reuses).
 fn last_artifacts(
-    store: &Store,
+    store: &dyn RunRecords,
     run: &str,
     task: &TaskRecord,
 ) -> Result<Option<ArtifactRecord>, StoreError> {
@@ -86,7 +88,8 @@ fn last_artifacts(
     Ok(store.artifacts(from, &task.node)?.pop())
 }
 
-pub fn build(store: &Store, run: &RunRecord) -> Result<RunReport, StoreError> {
+/// The report of `run`, from the database or, while another process holds it, from the archives.
+pub fn build(store: &dyn RunRecords, run: &RunRecord) -> Result<RunReport, StoreError> {
     let mut records = store.tasks(&run.id)?;
     records.sort_by_key(|t| t.order);
     let mut tasks = Vec::new();
@@ -206,18 +209,82 @@ fn seconds(ms: u64) -> String {
     }
 }
 
-/// Markdown cells must not break the table.
-fn cell(text: &str) -> String {
-    text.replace('|', "\\|").replace('\n', " ")
+/// One line of text: line breaks, other control characters and the characters that reorder
+/// text (bidirectional overrides) would change what the line shows.
+fn one_line(text: &str) -> impl Iterator<Item = char> + '_ {
+    text.chars().map(|c| match c {
+        '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' => '\u{FFFD}',
+        c if c.is_control() => ' ',
+        c => c,
+    })
+}
+
+/// Text that renders as written: every character that could open Markdown or HTML (emphasis,
+/// links and images, code, raw HTML and entities, tables, strike-through, math) is escaped with a
+/// backslash, which CommonMark allows before any ASCII punctuation. Safe in table cells too.
+fn text(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for c in one_line(raw) {
+        if matches!(
+            c,
+            '\\' | '`' | '*' | '_' | '[' | ']' | '<' | '>' | '&' | '!' | '|' | '~' | '$'
+        ) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A code span showing `raw` literally (nothing is markup inside one, HTML included): fenced with
+/// one backtick more than the longest run of backticks inside, padded with a space when the
+/// content would otherwise touch the fence or lose its own edge spaces.
+fn code(raw: &str) -> String {
+    let content: String = one_line(raw).collect();
+    let mut longest = 0;
+    let mut run = 0;
+    for c in content.chars() {
+        run = if c == '`' { run + 1 } else { 0 };
+        longest = longest.max(run);
+    }
+    let fence = "`".repeat(longest + 1);
+    let pad = content.is_empty()
+        || content.starts_with('`')
+        || content.ends_with('`')
+        || (content.starts_with(' ') && content.ends_with(' ') && content.trim() != "");
+    let pad = if pad { " " } else { "" };
+    format!("{fence}{pad}{content}{pad}{fence}")
+}
+
+/// A code span in a table cell: GitHub splits the row at every `|` not escaped, even inside code,
+/// and takes `\|` there as a `|`.
+fn code_cell(raw: &str) -> String {
+    code(raw).replace('|', "\\|")
+}
+
+/// Text inside raw HTML (the `<summary>` of a task's changes), where Markdown is not read.
+fn html(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for c in one_line(raw) {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 pub fn to_markdown(r: &RunReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "## ccluster run `{}` of `{}`: {}\n",
-        r.run,
-        r.workflow,
+        "## ccluster run {} of {}: {}\n",
+        code(&r.run),
+        code(&r.workflow),
         snake(&r.state)
     );
     let t = &r.totals;
@@ -243,10 +310,10 @@ pub fn to_markdown(r: &RunReport) -> String {
     if let Some(res) = &r.result {
         let _ = writeln!(
             out,
-            "**Result:** branch `{}` (commit `{}`, from `{}`): {}.\n",
-            res.branch,
-            short(&res.commit),
-            res.task,
+            "**Result:** branch {} (commit {}, from {}): {}.\n",
+            code(&res.branch),
+            code(short(&res.commit)),
+            code(&res.task),
             diffstat(&res.changed)
         );
     }
@@ -262,8 +329,8 @@ pub fn to_markdown(r: &RunReport) -> String {
     for task in &r.tasks {
         let _ = writeln!(
             out,
-            "| `{}` | {} | {} | {} | {} | {} | {} | {} |",
-            task.node,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            code_cell(&task.node),
             snake(&task.state),
             task.attempts,
             task.duration_ms.map_or("—".into(), seconds),
@@ -290,9 +357,9 @@ pub fn to_markdown(r: &RunReport) -> String {
         for t in problems {
             let _ = writeln!(
                 out,
-                "- `{}`: {}",
-                t.node,
-                cell(t.message.as_deref().unwrap_or_default())
+                "- {}: {}",
+                code(&t.node),
+                text(t.message.as_deref().unwrap_or_default())
             );
         }
     }
@@ -307,17 +374,21 @@ pub fn to_markdown(r: &RunReport) -> String {
             let files = c
                 .files
                 .iter()
-                .map(|f| format!("`{}` (changed by {})", f.path, f.tasks.join(", ")))
+                .map(|f| {
+                    let tasks: Vec<String> = f.tasks.iter().map(|t| code(t)).collect();
+                    format!("{} (changed by {})", code(&f.path), tasks.join(", "))
+                })
                 .collect::<Vec<_>>()
                 .join(", ");
             let outcome = match &c.resolved_by {
-                Some(by) => format!("resolved by `{}`", cell(by)),
+                Some(by) => format!("resolved by {}", code(by)),
                 None => "not resolved".into(),
             };
             let _ = writeln!(
                 out,
-                "- `{}` merging `{}`: {files}; {outcome}",
-                t.node, c.input
+                "- {} merging {}: {files}; {outcome}",
+                code(&t.node),
+                code(&c.input)
             );
         }
     }
@@ -328,7 +399,7 @@ pub fn to_markdown(r: &RunReport) -> String {
             let _ = writeln!(
                 out,
                 "\n<details><summary><code>{}</code>: {}</summary>\n",
-                t.node,
+                html(&t.node),
                 diffstat(&t.changed)
             );
             out.push_str("| file | + | − |\n|---|---:|---:|\n");
@@ -336,8 +407,8 @@ pub fn to_markdown(r: &RunReport) -> String {
                 let n = |v: Option<u64>| v.map_or("bin".into(), |v| v.to_string());
                 let _ = writeln!(
                     out,
-                    "| `{}` | {} | {} |",
-                    cell(&f.path),
+                    "| {} | {} | {} |",
+                    code_cell(&f.path),
                     n(f.added),
                     n(f.removed)
                 );
@@ -346,4 +417,157 @@ pub fn to_markdown(r: &RunReport) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workspace::ConflictedFile;
+
+    const IMG: &str = "<img src=x onerror=alert(1)>";
+
+    fn changed(path: &str) -> ChangedFile {
+        ChangedFile {
+            path: path.into(),
+            added: Some(1),
+            removed: Some(0),
+        }
+    }
+
+    /// A run whose every name and message is chosen by someone hostile.
+    fn hostile() -> RunReport {
+        let task = |node: &str, state, message: Option<&str>| TaskReport {
+            node: node.into(),
+            state,
+            attempts: 1,
+            duration_ms: Some(1500),
+            cost_usd: None,
+            tokens: None,
+            branch: None,
+            commit: None,
+            changed: Vec::new(),
+            tests: None,
+            conflicts: Vec::new(),
+            message: message.map(str::to_string),
+            cached_from: None,
+        };
+        let mut edit = task("edit[`x` | <b>y</b>]", TaskState::Succeeded, None);
+        edit.branch = Some("ccluster/r/edit/**x**".into());
+        edit.commit = Some("0123456789abcdef".into());
+        edit.changed = vec![
+            changed("<b>x</b>.md"),
+            changed("*a*.txt"),
+            changed("a|b`c``d.txt"),
+            changed("`edge`"),
+            changed("[link](javascript:alert(1)).md"),
+        ];
+        let mut join = task(
+            "join",
+            TaskState::Failed,
+            Some(&format!(
+                "{IMG} and **bold**\n# heading\n| a | b |\n[x](http://e) ![i](http://e/i.png) ~~s~~ $x$ `c` \\* &lt;\u{202E}txt.exe"
+            )),
+        );
+        join.conflicts = vec![Conflict {
+            input: "<i>in</i>".into(),
+            files: vec![ConflictedFile {
+                path: "_under_ `tick`".into(),
+                tasks: vec!["a*b".into(), IMG.into()],
+            }],
+            resolved_by: Some("fix ``it`` <script>".into()),
+        }];
+        RunReport {
+            run: "20261125-084844.031-1213".into(),
+            workflow: "w <script>alert(1)</script>".into(),
+            state: RunState::Failed,
+            started_ms: 0,
+            finished_ms: Some(2000),
+            base: None,
+            result: Some(ResultBranch {
+                task: "**t**".into(),
+                branch: "ccluster/r/<b>t</b>".into(),
+                commit: "0123456789abcdef".into(),
+                changed: vec![changed("<b>x</b>.md")],
+            }),
+            totals: Totals {
+                tasks: 2,
+                succeeded: 1,
+                failed: 1,
+                attempts: 2,
+                ..Totals::default()
+            },
+            tasks: vec![edit, join],
+        }
+    }
+
+    #[test]
+    fn every_name_and_message_renders_as_written() {
+        let md = to_markdown(&hostile());
+        insta::assert_snapshot!(md);
+        // Outside code spans, no `<` opens HTML (but ccluster's own `<details>` blocks) and no
+        // `*`, `_`, `[`, `~` or `$` opens emphasis, a link, strike-through or math.
+        for line in md
+            .lines()
+            .filter(|l| !l.starts_with("<details>") && *l != "</details>")
+        {
+            let outside = outside_code(line);
+            for (i, c) in outside.char_indices() {
+                if matches!(c, '<' | '*' | '_' | '[' | '~' | '$') && !line.starts_with("**") {
+                    assert!(outside[..i].ends_with('\\'), "`{c}` unescaped in {line}");
+                }
+            }
+        }
+        assert!(md.contains(r"\<img src=x onerror=alert(1)\> and \*\*bold\*\* # heading"));
+        // The message stays on its own list item: its line breaks are gone.
+        assert_eq!(md.lines().filter(|l| l.contains("onerror")).count(), 2);
+    }
+
+    /// The text of a line outside its code spans, as CommonMark finds them: a run of backticks
+    /// not escaped opens one, closed by the next run of the same length.
+    fn outside_code(line: &str) -> String {
+        let chars: Vec<char> = line.chars().collect();
+        let run_at = |i: usize| chars[i..].iter().take_while(|c| **c == '`').count();
+        let mut out = String::new();
+        let mut i = 0;
+        while i < chars.len() {
+            let escaped = out.ends_with('\\');
+            if chars[i] != '`' || escaped {
+                out.push(chars[i]);
+                i += 1;
+                continue;
+            }
+            let open = run_at(i);
+            let mut j = i + open;
+            let close = loop {
+                if j >= chars.len() {
+                    break None;
+                }
+                let run = run_at(j);
+                match run {
+                    0 => j += 1,
+                    n if n == open => break Some(j + n),
+                    n => j += n,
+                }
+            };
+            match close {
+                Some(end) => i = end,
+                None => {
+                    out.extend(&chars[i..i + open]);
+                    i += open;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn code_spans_hold_any_backticks() {
+        assert_eq!(code("plain"), "`plain`");
+        assert_eq!(code("a`b"), "``a`b``");
+        assert_eq!(code("`x`"), "`` `x` ``");
+        assert_eq!(code("a``b`"), "``` a``b` ```");
+        assert_eq!(code(" a "), "`  a  `");
+        assert_eq!(code_cell("a|b"), r"`a\|b`");
+        assert_eq!(text("a\nb\tc"), "a b c");
+    }
 }

@@ -11,6 +11,7 @@ mod invalid;
 mod library;
 mod rehearsal_server;
 mod schema;
+mod statefs;
 mod support;
 mod trust;
 mod untrusted;

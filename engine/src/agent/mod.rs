@@ -302,8 +302,8 @@ impl Worker<'_> {
     /// Makes the worker's directories; a `claude login` session's credentials are copied in.
     pub fn prepare(&self) -> std::io::Result<()> {
         let config = self.dir.join("config");
-        std::fs::create_dir_all(&config)?;
-        std::fs::create_dir_all(self.dir.join("tmp"))?;
+        crate::store::create_private_dir_all(&config)?;
+        crate::store::create_private_dir_all(&self.dir.join("tmp"))?;
         if let (Auth::Subscription(credentials), true) = (self.auth, self.rehearsal.is_none()) {
             let target = config.join(".credentials.json");
             std::fs::copy(credentials, &target)?;

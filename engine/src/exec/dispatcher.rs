@@ -364,7 +364,7 @@ pub async fn apply(
         templates: opts.templates.clone(),
     };
     let logs = store.dir().join("runs").join(&run.id).join("logs");
-    std::fs::create_dir_all(&logs).map_err(|source| ApplyError::Io {
+    crate::store::create_private_dir_all(&logs).map_err(|source| ApplyError::Io {
         path: logs.clone(),
         source,
     })?;
@@ -1877,7 +1877,7 @@ impl Dispatcher<'_> {
             let _ = serde_json::to_writer(&mut out, &self.nodes[node].record);
             out.push(b'\n');
         }
-        let file = std::fs::OpenOptions::new()
+        let file = crate::store::private_file()
             .create(true)
             .append(true)
             .open(&path);

@@ -151,8 +151,8 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
         };
         // The resolver sees the conflict listing in its environment and as a JSON file.
         let report = job.artifact_dir.join(format!("conflict.{}.json", i + 1));
-        let _ = std::fs::create_dir_all(&job.artifact_dir);
-        let _ = std::fs::write(
+        let _ = crate::store::create_private_dir_all(&job.artifact_dir);
+        let _ = crate::store::write_private(
             &report,
             serde_json::to_vec_pretty(&conflict).unwrap_or_default(),
         );
@@ -414,8 +414,8 @@ fn save_patch(job: &Job, patch: &[u8], record: &mut ArtifactRecord) {
     if patch.is_empty() {
         return;
     }
-    let _ = std::fs::create_dir_all(&job.artifact_dir);
-    if std::fs::write(job.artifact_dir.join("patch.diff"), patch).is_ok() {
+    let _ = crate::store::create_private_dir_all(&job.artifact_dir);
+    if crate::store::write_private(&job.artifact_dir.join("patch.diff"), patch).is_ok() {
         record.patch = Some("patch.diff".into());
     }
 }

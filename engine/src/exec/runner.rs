@@ -168,7 +168,13 @@ impl LazyLog {
             return;
         }
         if self.file.is_none() {
-            match std::fs::File::create(&self.path) {
+            // Logs hold whatever the task printed: the owner's only.
+            let created = crate::store::private_file()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&self.path);
+            match created {
                 Ok(f) => self.file = Some(f),
                 Err(_) => {
                     self.failed = true;

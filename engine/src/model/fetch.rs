@@ -305,7 +305,7 @@ impl CachedRepo {
         if self.dir.join("HEAD").exists() {
             return Ok(());
         }
-        std::fs::create_dir_all(&self.dir)
+        crate::store::create_private_dir_all(&self.dir)
             .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
         let dir = self.dir.to_string_lossy().into_owned();
         run(&self.dir, &["init", "--quiet", "--bare", "--", &dir]).map(drop)

@@ -158,7 +158,7 @@ impl Server {
         let addr = listener.local_addr()?;
         let log = match log {
             Some(p) => Some(
-                std::fs::OpenOptions::new()
+                crate::store::private_file()
                     .create(true)
                     .append(true)
                     .open(p)?,
@@ -202,7 +202,7 @@ impl Server {
 
     /// Appends every request from now on to `path` (JSON lines).
     pub fn log_to(&self, path: &std::path::Path) -> std::io::Result<()> {
-        let file = std::fs::OpenOptions::new()
+        let file = crate::store::private_file()
             .create(true)
             .append(true)
             .open(path)?;

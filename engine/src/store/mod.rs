@@ -3,10 +3,12 @@
 //! `flock`, which the kernel releases when the holder dies, even by `kill -9`). Every write that
 //! must survive a crash is followed by [`Store::commit`] (an fsync) before the change is acted on.
 
+mod archive;
+mod private;
 mod records;
 
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -15,6 +17,11 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+pub use archive::{Archive, RunArchive, RunRecords, ARCHIVE_FILE};
+pub use private::{
+    create_private_dir_all, is_state_dir, private_file, write_private, LooseState,
+    PRIVATE_DIR_MODE, PRIVATE_FILE_MODE,
+};
 pub use records::*;
 
 /// Version of the on-disk format. Bump it on any incompatible change; an older ccluster refuses a
@@ -47,11 +54,17 @@ pub struct Committer {
     db: sled::Db,
     dir: PathBuf,
     sync: Option<Arc<DiskSync>>,
+    archiver: Option<Arc<archive::Archiver>>,
 }
 
 impl Committer {
     pub fn commit(self) -> Result<(), StoreError> {
-        commit(&self.db, self.sync.as_deref(), &self.dir)
+        commit(
+            &self.db,
+            self.sync.as_deref(),
+            self.archiver.as_deref(),
+            &self.dir,
+        )
     }
 }
 
@@ -114,16 +127,25 @@ impl DiskSync {
     }
 }
 
-/// sled's flush, then, for a writer, the syncs it leaves undone.
-fn commit(db: &sled::Db, sync: Option<&DiskSync>, dir: &Path) -> Result<(), StoreError> {
+/// sled's flush, then, for a writer, the syncs it leaves undone, then the archives of runs that
+/// finished (never ahead of what is durable).
+fn commit(
+    db: &sled::Db,
+    sync: Option<&DiskSync>,
+    archiver: Option<&archive::Archiver>,
+    dir: &Path,
+) -> Result<(), StoreError> {
     db.flush().map_err(|source| StoreError::Db {
         dir: dir.to_path_buf(),
         source,
     })?;
-    match sync {
-        Some(sync) => sync.sync().map_err(io(dir)),
-        None => Ok(()),
+    if let Some(sync) = sync {
+        sync.sync().map_err(io(dir))?;
     }
+    if let Some(archiver) = archiver {
+        archiver.archive_pending();
+    }
+    Ok(())
 }
 
 /// The state of one directory, locked for this process (exclusively for a writer, shared for
@@ -145,8 +167,12 @@ pub struct Store {
     writer: bool,
     /// A writer's syncs to the disk after sled's flushes; a reader writes nothing.
     sync: Option<Arc<DiskSync>>,
+    /// A writer's archives of finished runs, for readers while it holds the database.
+    archiver: Option<Arc<archive::Archiver>>,
     /// Pid found in the lock file when this process took it over from a dead one.
     pub took_over_from: Option<String>,
+    /// Set when the state directory was found open to other users (see [`Store::open`]).
+    pub loose: Option<LooseState>,
 }
 
 fn io(dir: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -185,7 +211,7 @@ fn take_lock(dir: &Path, writer: bool) -> Result<Flock<File>, StoreError> {
         FlockArg::LockSharedNonblock
     };
     loop {
-        let file = OpenOptions::new()
+        let file = private_file()
             .read(true)
             .write(true)
             .create(true)
@@ -211,8 +237,19 @@ fn take_lock(dir: &Path, writer: bool) -> Result<Flock<File>, StoreError> {
 
 impl Store {
     /// Opens (creating if needed) the state in `dir` for driving a run: one process at a time.
+    ///
+    /// A new state directory is made 0700. An existing one that other users may enter is
+    /// narrowed to 0700 when it holds nothing but state (it was made by an older ccluster, or by
+    /// hand), and left as it is otherwise (`--state-dir` pointed at a shared directory, whose mode
+    /// is not ccluster's to change); either way [`Store::loose`] says so, for a warning.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let loose = match dir.is_dir() {
+            true => private::check_state_dir(dir, true),
+            false => {
+                create_private_dir_all(dir).map_err(io(dir))?;
+                None
+            }
+        };
         let mut lock = take_lock(dir, true)?;
         // A pid left in the file means its writer died without letting go (a clean exit empties
         // it): the kernel dropped that lock, and this process takes over.
@@ -225,6 +262,7 @@ impl Store {
         lock.sync_all().map_err(io(dir))?;
         let mut store = Store::open_db(dir, lock, true)?;
         store.took_over_from = (!previous.is_empty()).then_some(previous);
+        store.loose = loose;
         Ok(store)
     }
 
@@ -232,7 +270,7 @@ impl Store {
     /// [`StoreError::Locked`] while a run is driven.
     pub fn open_reader(dir: &Path) -> Result<Store, StoreError> {
         let lock = take_lock(dir, false)?;
-        match Store::open_db(dir, lock, false) {
+        let opened = match Store::open_db(dir, lock, false) {
             Err(StoreError::Db { .. }) if !unfinished_snapshots(&dir.join("db")).is_empty() => {
                 // A kill during a snapshot left a partial one, and no writer has run since to
                 // discard it. Only with the lock to itself may a reader discard it (no other
@@ -251,7 +289,12 @@ impl Store {
                 Store::open_db(dir, alone, false)
             }
             opened => opened,
-        }
+        };
+        // A reader only tells: changing the directory is for the process that drives it.
+        opened.map(|mut store| {
+            store.loose = private::check_state_dir(dir, false);
+            store
+        })
     }
 
     fn open_db(dir: &Path, lock: Flock<File>, writer: bool) -> Result<Store, StoreError> {
@@ -260,6 +303,8 @@ impl Store {
             source,
         };
         if writer {
+            // sled would make its directory with the process's default mode.
+            create_private_dir_all(&dir.join("db")).map_err(io(dir))?;
             discard_unfinished_snapshots(&dir.join("db"));
         }
         let start = std::time::Instant::now();
@@ -311,21 +356,40 @@ impl Store {
             true => Some(Arc::new(DiskSync::open(&dir.join("db")).map_err(io(dir))?)),
             false => None,
         };
+        let (runs, tasks, attempts, artifacts) = (
+            tree("runs")?,
+            tree("tasks")?,
+            tree("attempts")?,
+            tree("artifacts")?,
+        );
+        let archiver = writer.then(|| {
+            let archiver = archive::Archiver::new(
+                dir,
+                runs.clone(),
+                tasks.clone(),
+                attempts.clone(),
+                artifacts.clone(),
+            );
+            archiver.find_unarchived();
+            Arc::new(archiver)
+        });
         Ok(Store {
             sync,
-            runs: tree("runs")?,
-            tasks: tree("tasks")?,
-            attempts: tree("attempts")?,
+            archiver,
+            runs,
+            tasks,
+            attempts,
             expansions: tree("expansions")?,
             cache: tree("cache")?,
             last_success: tree("last_success")?,
-            artifacts: tree("artifacts")?,
+            artifacts,
             sources: tree("sources")?,
             db,
             dir: dir.to_path_buf(),
             lock,
             writer,
             took_over_from: None,
+            loose: None,
         })
     }
 
@@ -340,12 +404,25 @@ impl Store {
             db: self.db.clone(),
             dir: self.dir.clone(),
             sync: self.sync.clone(),
+            archiver: self.archiver.clone(),
         }
     }
 
     /// Makes every write so far durable. Called before a recorded change is acted on or reported.
     pub fn commit(&self) -> Result<(), StoreError> {
-        commit(&self.db, self.sync.as_deref(), &self.dir)
+        commit(
+            &self.db,
+            self.sync.as_deref(),
+            self.archiver.as_deref(),
+            &self.dir,
+        )
+    }
+
+    /// Notes a write of a record of `run`, whose archive is then redone if the run is finished.
+    fn written(&self, run: &str) {
+        if let Some(archiver) = &self.archiver {
+            archiver.record_written(run);
+        }
     }
 
     fn db_error(&self, source: sled::Error) -> StoreError {
@@ -400,7 +477,11 @@ impl Store {
     }
 
     pub fn put_run(&self, run: &RunRecord) -> Result<(), StoreError> {
-        self.put(&self.runs, &run.id, run)
+        self.put(&self.runs, &run.id, run)?;
+        if let Some(archiver) = &self.archiver {
+            archiver.run_written(run);
+        }
+        Ok(())
     }
 
     pub fn run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
@@ -413,6 +494,7 @@ impl Store {
     }
 
     pub fn put_task(&self, run: &str, task: &TaskRecord) -> Result<(), StoreError> {
+        self.written(run);
         self.put(&self.tasks, &format!("{run}\0{}", task.node), task)
     }
 
@@ -427,6 +509,7 @@ impl Store {
         node: &str,
         attempt: &AttemptRecord,
     ) -> Result<(), StoreError> {
+        self.written(run);
         self.put(
             &self.attempts,
             &format!("{run}\0{node}\0{:08}", attempt.attempt),
@@ -453,6 +536,7 @@ impl Store {
         node: &str,
         record: &ArtifactRecord,
     ) -> Result<(), StoreError> {
+        self.written(run);
         self.put(
             &self.artifacts,
             &format!("{run}\0{node}\0{:08}", record.attempt),
@@ -510,6 +594,16 @@ impl Store {
         node: &str,
     ) -> Result<Option<KeyParts>, StoreError> {
         self.get(&self.last_success, &format!("{clusterfile}\0{node}"))
+    }
+}
+
+impl RunRecords for Store {
+    fn tasks(&self, run: &str) -> Result<Vec<TaskRecord>, StoreError> {
+        Store::tasks(self, run)
+    }
+
+    fn artifacts(&self, run: &str, node: &str) -> Result<Vec<ArtifactRecord>, StoreError> {
+        Store::artifacts(self, run, node)
     }
 }
 

@@ -300,7 +300,7 @@ pub async fn create(spec: &WorkspaceSpec, copy_from: &Path) -> Result<Vec<String
         let _ = git(&spec.repo, &["worktree", "prune"], &[]).await;
     }
     if let Some(parent) = spec.path.parent() {
-        std::fs::create_dir_all(parent)
+        crate::store::create_private_dir_all(parent)
             .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
     }
     let path = spec.path.to_string_lossy().into_owned();
@@ -642,7 +642,7 @@ pub async fn remove(spec: &WorkspaceSpec) {
     if let (WorkspaceMode::Worktree, Some((pool, max))) = (spec.mode, &spec.pool) {
         let _turn = WORKTREE_REGISTRY.lock().await;
         let waiting = std::fs::read_dir(pool).map_or(0, |d| d.count());
-        if waiting < *max && std::fs::create_dir_all(pool).is_ok() {
+        if waiting < *max && crate::store::create_private_dir_all(pool).is_ok() {
             let name = spec
                 .path
                 .iter()
