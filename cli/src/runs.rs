@@ -604,7 +604,7 @@ pub fn status(dir: &Path, run: Option<&str>, json: bool) -> u8 {
         "COST",
         "TOKENS"
     );
-    let (mut cost, mut tokens) = (0.0, 0);
+    let (mut cost, mut tokens, mut denials) = (0.0, 0, 0);
     for t in &view.tasks {
         let took = match (t.started_ms, t.finished_ms) {
             (Some(s), Some(f)) => duration(f.saturating_sub(s)),
@@ -613,6 +613,7 @@ pub fn status(dir: &Path, run: Option<&str>, json: bool) -> u8 {
         let exit_code = t.exit_code.map_or("-".to_string(), |c| c.to_string());
         cost += t.cost_usd.unwrap_or(0.0);
         tokens += t.tokens.unwrap_or(0);
+        denials += t.denials.unwrap_or(0);
         say!(
             "{:<28} {:<10} {:>8} {:>9} {:>5} {:>9} {:>9}  {}",
             t.node,
@@ -620,7 +621,7 @@ pub fn status(dir: &Path, run: Option<&str>, json: bool) -> u8 {
             t.attempts,
             took,
             exit_code,
-            t.cost_usd.map_or("-".into(), |c| format!("${c:.4}")),
+            t.cost_usd.map_or("-".into(), ccluster_engine::report::usd),
             t.tokens.map_or("-".into(), |n| n.to_string()),
             t.message
                 .as_deref()
@@ -631,7 +632,15 @@ pub fn status(dir: &Path, run: Option<&str>, json: bool) -> u8 {
         );
     }
     if tokens > 0 {
-        say!("agents: ${cost:.4}, {tokens} tokens");
+        let denied = match denials {
+            0 => String::new(),
+            1 => ", 1 tool call denied".to_string(),
+            n => format!(", {n} tool calls denied"),
+        };
+        say!(
+            "agents: {}, {tokens} tokens{denied}",
+            ccluster_engine::report::usd(cost)
+        );
     }
     exit::SUCCESS
 }

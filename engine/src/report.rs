@@ -51,6 +51,9 @@ pub struct TaskReport {
     /// Known for agent tasks only.
     pub cost_usd: Option<f64>,
     pub tokens: Option<u64>,
+    /// Agent tasks: tool calls the CLI denied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub denials: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub branch: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -75,7 +78,15 @@ pub struct Totals {
     pub cancelled: usize,
     pub attempts: u32,
     pub cost_usd: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub denials: Option<u32>,
     pub tests: Option<TestCounts>,
+}
+
+/// A cost as `status` and the report both show it: four decimals, since one agent turn can cost
+/// less than a cent.
+pub fn usd(cost: f64) -> String {
+    format!("${cost:.4}")
 }
 
 /// The artifact record of a node's last attempt in `run` (for a cached node, in the run it reuses).
@@ -118,6 +129,9 @@ pub fn build(store: &dyn RunRecords, run: &RunRecord) -> Result<RunReport, Store
         if let Some(c) = t.cost_usd {
             *totals.cost_usd.get_or_insert(0.0) += c;
         }
+        if let Some(d) = t.denials {
+            *totals.denials.get_or_insert(0) += d;
+        }
         totals.attempts += t.attempts;
         match t.state {
             TaskState::Succeeded => totals.succeeded += 1,
@@ -136,6 +150,7 @@ pub fn build(store: &dyn RunRecords, run: &RunRecord) -> Result<RunReport, Store
             },
             cost_usd: t.cost_usd,
             tokens: t.tokens,
+            denials: t.denials,
             branch: t.commit.as_ref().map(|_| {
                 format!(
                     "ccluster/{}/{}",
@@ -304,7 +319,14 @@ pub fn to_markdown(r: &RunReport) -> String {
         let _ = write!(out, "; {}", seconds(ms));
     }
     if let Some(c) = t.cost_usd {
-        let _ = write!(out, "; agents cost ${c:.2}");
+        let _ = write!(out, "; agents cost {}", usd(c));
+    }
+    if let Some(d) = t.denials {
+        let _ = write!(
+            out,
+            "; {d} tool call{} denied",
+            if d == 1 { "" } else { "s" }
+        );
     }
     out.push_str(".\n\n");
     if let Some(res) = &r.result {
@@ -334,7 +356,7 @@ pub fn to_markdown(r: &RunReport) -> String {
             snake(&task.state),
             task.attempts,
             task.duration_ms.map_or("—".into(), seconds),
-            task.cost_usd.map_or("—".into(), |c| format!("${c:.2}")),
+            task.cost_usd.map_or("—".into(), usd),
             task.tokens.map_or("—".into(), |n| n.to_string()),
             if task.commit.is_some() || !task.changed.is_empty() {
                 diffstat(&task.changed)
@@ -443,6 +465,7 @@ mod tests {
             duration_ms: Some(1500),
             cost_usd: None,
             tokens: None,
+            denials: None,
             branch: None,
             commit: None,
             changed: Vec::new(),

@@ -351,3 +351,55 @@ run = "true"
     let report = String::from_utf8_lossy(&report.stdout);
     assert!(report.contains("gave map, not a list"), "{report}");
 }
+
+/// `apply --rehearse` with the pinned `claude` CLI.
+fn rehearse(s: &Sandbox) -> crate::apply::Applied {
+    crate::apply::Applied::from_output(
+        s.command(&["apply", "--rehearse", "-o", "json", "--grace-period", "5s"])
+            .env("CCLUSTER_CLAUDE_BIN", crate::support::claude_bin())
+            .output()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn denials_and_the_cost_of_a_timed_out_attempt_are_counted_and_shown_alike() {
+    let s = repo(
+        r#"version = 1
+[tasks.careful]
+prompt = "clean up"
+claude = { allowed_tools = ["Bash"], disallowed_tools = ["Bash(rm *)"] }
+rehearsal = { turns = [{ tools = [{ name = "Bash", input = { command = "rm -rf build" } }] }, { text = "done" }] }
+[tasks.slow]
+prompt = "work"
+timeout = "8s"
+claude = { allowed_tools = ["Bash"] }
+rehearsal = { usage = [100000, 50000], turns = [{ tools = [{ name = "Bash", input = { command = "echo one" } }] }, { text = "done" }], faults = [{ hang = true, turn = 1, times = 5 }] }
+"#,
+    );
+    let run = rehearse(&s);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let status = s.status();
+    let careful = task(&status, "careful");
+    assert_eq!(careful["state"], "succeeded", "{careful}");
+    assert_eq!(careful["denials"], 1, "{careful}");
+    // The timed-out attempt had spent one turn: the CLI's own figure for it is kept.
+    let slow = task(&status, "slow");
+    assert_eq!(slow["class"], "timeout", "{slow}");
+    let cost = slow["cost_usd"].as_f64().unwrap_or(0.0);
+    assert!(cost > 1.0, "the first turn's cost counts: {slow}");
+    assert!(slow["tokens"].as_u64().unwrap_or(0) >= 150_000, "{slow}");
+
+    let human = s.command(&["status"]).output().unwrap();
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(human.contains("1 tool call denied"), "{human}");
+    let report = s.command(&["report"]).output().unwrap();
+    let report = String::from_utf8_lossy(&report.stdout);
+    assert!(report.contains("1 tool call denied"), "{report}");
+    // The same precision in both.
+    let shown = format!("${cost:.4}");
+    assert!(
+        human.contains(&shown) && report.contains(&shown),
+        "{shown}: {human}{report}"
+    );
+}

@@ -326,6 +326,17 @@ pub struct Usage {
     pub turns: u32,
     pub session_id: String,
     pub duration_ms: u64,
+    /// Tool calls the CLI denied (its permission rules).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub denials: u32,
+    /// The attempt ended without its result (timed out, cancelled, killed): the figures are what
+    /// the CLI had spent by then (its session's `cost-state`), else the tokens streamed so far.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Usage {
@@ -342,6 +353,8 @@ impl Usage {
                 a.cache_creation_input_tokens += b.cache_creation_input_tokens;
                 a.cost_usd += b.cost_usd;
                 a.turns += b.turns;
+                a.denials += b.denials;
+                a.partial |= b.partial;
                 a.duration_ms += b.duration_ms;
                 Some(a)
             }
@@ -385,6 +398,46 @@ pub struct Transcript {
     pub result: Option<Value>,
     /// The worker's directory: tool paths are shown relative to it.
     pub cwd: Option<String>,
+    /// Tool calls denied so far (`system/permission_denied` events).
+    pub denials: u32,
+    /// Tokens each model response reported as it streamed, by message id: `[input, output,
+    /// cache read, cache creation]`. What an attempt cut short had used.
+    streamed: std::collections::HashMap<String, [u64; 4]>,
+}
+
+/// The last `cost-state` entry of a session's transcript (`<config>/projects/*/<session>.jsonl`):
+/// what the CLI had spent, by its own price table.
+fn cost_state(config_dir: &std::path::Path, session: &str) -> Option<Usage> {
+    use std::io::BufRead;
+    let file = format!("{session}.jsonl");
+    let projects = std::fs::read_dir(config_dir.join("projects")).ok()?;
+    let path = projects
+        .flatten()
+        .map(|p| p.path().join(&file))
+        .find(|p| p.is_file())?;
+    let reader = std::io::BufReader::new(std::fs::File::open(path).ok()?);
+    let mut last: Option<Value> = None;
+    for line in reader.lines().map_while(Result::ok) {
+        if line.contains("\"cost-state\"") {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                if v["type"] == "cost-state" {
+                    last = Some(v);
+                }
+            }
+        }
+    }
+    let v = last?;
+    let mut u = Usage {
+        cost_usd: v["totalCostUSD"].as_f64().unwrap_or(0.0),
+        ..Usage::default()
+    };
+    for m in v["modelUsage"].as_object()?.values() {
+        u.input_tokens += m["inputTokens"].as_u64().unwrap_or(0);
+        u.output_tokens += m["outputTokens"].as_u64().unwrap_or(0);
+        u.cache_read_input_tokens += m["cacheReadInputTokens"].as_u64().unwrap_or(0);
+        u.cache_creation_input_tokens += m["cacheCreationInputTokens"].as_u64().unwrap_or(0);
+    }
+    Some(u)
 }
 
 /// A short description of a tool call: the path or command it acts on.
@@ -433,6 +486,20 @@ impl Transcript {
                     if message["model"] != "<synthetic>" && self.messages.insert(id.to_string()) {
                         out.push(Progress::Turn(self.messages.len() as u32));
                     }
+                    let u = &message["usage"];
+                    if u.is_object() {
+                        let n = |k: &str| u[k].as_u64().unwrap_or(0);
+                        // Every block of one response repeats its usage: keep the largest.
+                        let e = self.streamed.entry(id.to_string()).or_default();
+                        for (slot, key) in e.iter_mut().zip([
+                            "input_tokens",
+                            "output_tokens",
+                            "cache_read_input_tokens",
+                            "cache_creation_input_tokens",
+                        ]) {
+                            *slot = (*slot).max(n(key));
+                        }
+                    }
                 }
                 for block in message["content"].as_array().into_iter().flatten() {
                     if block["type"] == "tool_use" {
@@ -442,14 +509,17 @@ impl Transcript {
                     }
                 }
             }
-            (Some("system"), Some("permission_denied")) => out.push(Progress::Denied {
-                tool: v["tool_name"].as_str().unwrap_or_default().to_string(),
-                reason: v["decision_reason"]
-                    .as_str()
-                    .or_else(|| v["message"].as_str())
-                    .unwrap_or_default()
-                    .to_string(),
-            }),
+            (Some("system"), Some("permission_denied")) => {
+                self.denials += 1;
+                out.push(Progress::Denied {
+                    tool: v["tool_name"].as_str().unwrap_or_default().to_string(),
+                    reason: v["decision_reason"]
+                        .as_str()
+                        .or_else(|| v["message"].as_str())
+                        .unwrap_or_default()
+                        .to_string(),
+                })
+            }
             (Some("system"), Some("api_retry")) => out.push(Progress::ApiRetry {
                 attempt: v["attempt"].as_u64().unwrap_or(0),
                 status: match &v["error_status"] {
@@ -464,10 +534,39 @@ impl Transcript {
         out
     }
 
+    /// What the attempt used: its result's figures when it reported one; else, for an attempt cut
+    /// short, the CLI's last `cost-state` in its session transcript under `config_dir` (written as
+    /// it exits on SIGTERM), else the tokens streamed so far at no known cost.
+    pub fn usage_so_far(&self, config_dir: Option<&std::path::Path>) -> Option<Usage> {
+        if self.result.is_some() {
+            return self.usage();
+        }
+        let session = self.session.clone()?;
+        let mut u = config_dir
+            .and_then(|dir| cost_state(dir, &session))
+            .unwrap_or_else(|| {
+                let sum = |i: usize| self.streamed.values().map(|v| v[i]).sum::<u64>();
+                Usage {
+                    input_tokens: sum(0),
+                    output_tokens: sum(1),
+                    cache_read_input_tokens: sum(2),
+                    cache_creation_input_tokens: sum(3),
+                    ..Usage::default()
+                }
+            });
+        u.session_id = session;
+        u.turns = self.messages.len() as u32;
+        u.denials = self.denials;
+        u.partial = true;
+        Some(u)
+    }
+
     /// Usage as the last result reports it (tokens and cost summed over models).
     pub fn usage(&self) -> Option<Usage> {
         let r = self.result.as_ref()?;
+        let listed = r["permission_denials"].as_array().map_or(0, Vec::len) as u32;
         let mut u = Usage {
+            denials: self.denials.max(listed),
             cost_usd: r["total_cost_usd"].as_f64().unwrap_or(0.0),
             turns: r["num_turns"].as_u64().unwrap_or(0) as u32,
             session_id: r["session_id"]

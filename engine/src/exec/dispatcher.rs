@@ -540,6 +540,7 @@ impl Dispatcher<'_> {
             commit: None,
             cost_usd: None,
             tokens: None,
+            denials: None,
         };
         // Pending nodes are not written: a node's record is first written when it starts or
         // settles (so `status` lists the nodes a run reached), which halves the writes of a run.
@@ -1672,6 +1673,9 @@ impl Dispatcher<'_> {
             let r = &mut self.nodes[node].record;
             r.cost_usd = Some(r.cost_usd.unwrap_or(0.0) + u.cost_usd);
             r.tokens = Some(r.tokens.unwrap_or(0) + u.tokens());
+            if u.denials > 0 {
+                r.denials = Some(r.denials.unwrap_or(0) + u.denials);
+            }
         }
         self.nodes[node].usage = usage;
         let (class, exit_code, signal, message) = match (&result.failure, &end) {

@@ -367,7 +367,13 @@ async fn run_command(
     })
     .await;
 
-    result.usage = transcript.usage();
+    // An attempt cut short still cost something: what the CLI had spent by then.
+    let config_dir = job
+        .process
+        .as_ref()
+        .and_then(|p| p.env.iter().find(|(k, _)| k == "CLAUDE_CONFIG_DIR"))
+        .map(|(_, v)| std::path::PathBuf::from(v));
+    result.usage = transcript.usage_so_far(config_dir.as_deref());
     match process.end {
         // ccluster's own verdicts stand: its watchdog, a cancel, a failed start.
         ProcessEnd::TimedOut | ProcessEnd::Cancelled | ProcessEnd::SpawnFailed(_) => {}

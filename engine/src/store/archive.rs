@@ -327,6 +327,7 @@ mod tests {
             commit: None,
             cost_usd: None,
             tokens: None,
+            denials: None,
         }
     }
 

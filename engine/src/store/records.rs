@@ -119,6 +119,9 @@ pub struct TaskRecord {
     pub cost_usd: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<u64>,
+    /// Agent tasks: tool calls the CLI denied, over every attempt so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denials: Option<u32>,
 }
 
 /// An attempt that ended (one that was running when ccluster died has no record: its task record
