@@ -328,32 +328,20 @@ impl Fingerprints {
     }
 
     /// The regular files the globs match under the clusterfile's directory, each with the hash
-    /// of its content; the state directory and paths leaving the directory never count.
+    /// of its content. The walk is the artifacts' (`workspace::artifacts::matching`): it never
+    /// follows a symbolic link nor enters `.git` or a state directory.
     fn glob_entries(&self, globs: &[String]) -> Result<Vec<Entry>, String> {
         let base = std::fs::canonicalize(&self.base_dir)
             .map_err(|e| format!("cannot read {}: {e}", self.base_dir.display()))?;
         let mut entries: Vec<Entry> = Vec::new();
-        for pattern in globs {
-            let full = base.join(pattern);
-            let matches = glob::glob(&full.to_string_lossy())
-                .map_err(|e| format!("`sources` glob `{pattern}`: {e}"))?;
-            for path in matches.flatten() {
-                let Ok(real) = std::fs::canonicalize(&path) else {
-                    continue;
-                };
-                if !real.starts_with(&base) || real.starts_with(&self.state_dir) || !real.is_file()
-                {
-                    continue;
-                }
-                let rel = path
-                    .strip_prefix(&base)
-                    .unwrap_or(&path)
-                    .to_string_lossy()
-                    .into_owned();
-                let bytes =
-                    std::fs::read(&real).map_err(|e| format!("cannot read source `{rel}`: {e}"))?;
-                entries.push((rel, blake3::hash(&bytes).to_hex().to_string()));
+        for rel in crate::workspace::artifacts::matching(&base, globs) {
+            let path = base.join(&rel);
+            if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+                continue;
             }
+            let bytes =
+                std::fs::read(&path).map_err(|e| format!("cannot read source `{rel}`: {e}"))?;
+            entries.push((rel, blake3::hash(&bytes).to_hex().to_string()));
         }
         entries.sort();
         entries.dedup();
