@@ -128,11 +128,15 @@ sources = ["../elsewhere/*", "/etc/passwd", "src/[.rs"]
 
 const EDITING: &str = r#"version = 1
 [tasks.edit]
+map = ["a", "b"]
 workspace = "worktree"
-run = "echo edited >> src/a.rs"
+run = "echo edited >> src/{{ item }}.rs"
 [tasks.join]
 needs = ["edit"]
 merge = { strategy = "git" }
+[tasks.check]
+needs = ["join"]
+run = "cat src/a.rs src/b.rs"
 "#;
 
 #[test]
@@ -148,7 +152,8 @@ fn editing_the_clusterfile_reruns_only_the_tasks_it_changed() {
     s.file("clusterfile.lock", "# lock\n").unwrap();
     commit_all(&s, "another task");
     let explained = explain(&s);
-    assert_eq!(verdict(&explained, "edit")["verdict"], "satisfied");
+    assert_eq!(verdict(&explained, "edit[0]")["verdict"], "satisfied");
+    assert_eq!(verdict(&explained, "check")["verdict"], "satisfied");
     let second = s.apply(&[]);
     assert_eq!(second.code, 0, "{}", second.stderr);
     assert_eq!(second.tasks("task_started"), ["other"]);
@@ -176,7 +181,9 @@ fn editing_the_clusterfile_reruns_only_the_tasks_it_changed() {
     commit_all(&s, "change edit");
     let third = s.apply(&[]);
     assert_eq!(third.code, 0, "{}", third.stderr);
-    assert_eq!(third.tasks("task_started"), ["edit", "join"]);
+    let mut started = third.tasks("task_started");
+    started.sort();
+    assert_eq!(started, ["check", "edit[0]", "edit[1]", "join"]);
 }
 
 #[test]
