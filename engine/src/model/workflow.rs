@@ -1421,7 +1421,8 @@ fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) {
             }
         }
     }
-    let mut sccs: Vec<Vec<usize>> = petgraph::algo::tarjan_scc(&graph)
+    // Kosaraju's walk is iterative: a chain of many thousand tasks cannot overflow the stack.
+    let mut sccs: Vec<Vec<usize>> = petgraph::algo::kosaraju_scc(&graph)
         .into_iter()
         .filter(|c| c.len() > 1)
         .map(|c| {
@@ -1431,45 +1432,40 @@ fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) {
         })
         .collect();
     sccs.sort();
+    let direct = workflow.need_indices();
+    let mut in_component = vec![false; workflow.tasks.len()];
     for members in sccs {
-        // Walk from the first-declared member along `needs` edges inside the component until back.
+        for &m in &members {
+            in_component[m] = true;
+        }
+        // Walk from the first-declared member along `needs` edges inside the component until back
+        // (a depth-first walk with its own stack, each member entered once).
         let start = members[0];
         let mut path = vec![start];
-        let mut seen = vec![start];
+        let mut next_edge = vec![0usize];
+        let mut seen: std::collections::HashSet<usize> = std::collections::HashSet::from([start]);
         let mut found = false;
-        fn walk(
-            workflow: &Workflow,
-            index: &HashMap<&str, usize>,
-            members: &[usize],
-            start: usize,
-            path: &mut Vec<usize>,
-            seen: &mut Vec<usize>,
-        ) -> bool {
-            let current = *path.last().unwrap_or(&start);
-            for need in &workflow.tasks[current].needs {
-                let Some(&next) = index.get(need.value.as_str()) else {
-                    continue;
-                };
-                if !members.contains(&next) {
-                    continue;
-                }
-                if next == start {
-                    return true;
-                }
-                if seen.contains(&next) {
-                    continue;
-                }
-                seen.push(next);
-                path.push(next);
-                if walk(workflow, index, members, start, path, seen) {
-                    return true;
-                }
+        while let (Some(&current), Some(edge)) = (path.last(), next_edge.last_mut()) {
+            let Some(&next) = direct[current].get(*edge) else {
                 path.pop();
+                next_edge.pop();
+                continue;
+            };
+            *edge += 1;
+            if !in_component[next] {
+                continue;
             }
-            false
+            if next == start {
+                found = true;
+                break;
+            }
+            if seen.insert(next) {
+                path.push(next);
+                next_edge.push(0);
+            }
         }
-        if walk(workflow, &index, &members, start, &mut path, &mut seen) {
-            found = true;
+        for &m in &members {
+            in_component[m] = false;
         }
         let chain: Vec<&str> = if found {
             path.iter()
@@ -1505,14 +1501,9 @@ fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) {
             ),
         )
         .help("each task needs the next; remove one of these `needs` to break the cycle");
-        for &i in path.iter().skip(1) {
+        for (at, &i) in path.iter().enumerate().skip(1) {
             let t = &workflow.tasks[i];
-            let next = path
-                .iter()
-                .skip_while(|&&p| p != i)
-                .nth(1)
-                .copied()
-                .unwrap_or(start);
+            let next = path.get(at + 1).copied().unwrap_or(start);
             if let Some(n) = t.needs.iter().find(|n| n.value == workflow.tasks[next].id) {
                 d = d.note(
                     n.span,
@@ -1524,106 +1515,296 @@ fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) {
     }
 }
 
-/// Transitive `needs` of every task. Safe on cyclic graphs (each task is visited once per walk), so
-/// templates are checked even when a cycle is reported too.
-pub fn ancestors(workflow: &Workflow) -> Vec<BTreeSet<usize>> {
-    let direct = workflow.need_indices();
-    (0..workflow.tasks.len())
-        .map(|start| {
-            let mut seen = BTreeSet::new();
-            let mut stack = direct[start].clone();
-            while let Some(i) = stack.pop() {
-                if seen.insert(i) {
-                    stack.extend(&direct[i]);
+/// Answers "which of these tasks does this task transitively need" by walking `needs` edges
+/// backwards from the task, instead of storing every task's full ancestor set (n²/2 entries for a
+/// chain of n tasks: a gigabyte at 10,000). A walk stops as soon as everything asked for is found,
+/// and its visited marks are generation stamps, so starting one costs nothing however large the
+/// graph is. Safe on cyclic graphs (each task is visited once per walk), so templates are checked
+/// even when a cycle is reported too.
+pub struct Ancestry {
+    direct: Vec<Vec<usize>>,
+    /// `visited[i] == generation`: task `i` was reached by the current walk.
+    visited: Vec<u32>,
+    generation: u32,
+    stack: Vec<usize>,
+}
+
+impl Ancestry {
+    pub fn new(workflow: &Workflow) -> Ancestry {
+        Ancestry {
+            direct: workflow.need_indices(),
+            visited: vec![0; workflow.tasks.len()],
+            generation: 0,
+            stack: Vec::new(),
+        }
+    }
+
+    /// Walks the transitive needs of `task` (not `task` itself), each once, until `visit` says stop.
+    fn walk(&mut self, task: usize, mut visit: impl FnMut(usize) -> bool) {
+        if self.generation == u32::MAX {
+            self.visited.fill(0);
+            self.generation = 0;
+        }
+        self.generation += 1;
+        let generation = self.generation;
+        self.visited[task] = generation;
+        self.stack.clear();
+        self.stack.extend(&self.direct[task]);
+        while let Some(i) = self.stack.pop() {
+            if self.visited[i] == generation {
+                continue;
+            }
+            self.visited[i] = generation;
+            if visit(i) {
+                return;
+            }
+            self.stack.extend(&self.direct[i]);
+        }
+    }
+
+    /// Every transitive need of `task`, in index order.
+    pub fn all(&mut self, task: usize) -> Vec<usize> {
+        let mut found = Vec::new();
+        self.walk(task, |i| {
+            found.push(i);
+            false
+        });
+        found.sort_unstable();
+        found
+    }
+
+    /// Those of `wanted` that `task` transitively needs, in index order.
+    pub fn among(&mut self, task: usize, wanted: &[usize]) -> Vec<usize> {
+        let mut missing: BTreeSet<usize> = wanted.iter().copied().filter(|&w| w != task).collect();
+        let mut found = Vec::new();
+        if missing.is_empty() {
+            return found;
+        }
+        self.walk(task, |i| {
+            if missing.remove(&i) {
+                found.push(i);
+            }
+            missing.is_empty()
+        });
+        found.sort_unstable();
+        found
+    }
+}
+
+/// The templates of a task: each with the field it is written in and whether it is an expression
+/// (`when`, `map`) rather than text.
+fn task_templates(task: &Task) -> Vec<(&Template, String, bool)> {
+    let mut out: Vec<(&Template, String, bool)> = Vec::new();
+    match &task.action {
+        Action::Agent { prompt, env, .. } => {
+            out.push((prompt, "prompt".into(), false));
+            out.extend(env.iter().map(|(k, v)| (v, format!("env.{k}"), false)));
+        }
+        Action::Shell {
+            run, env, workdir, ..
+        } => {
+            out.push((run, "run".into(), false));
+            out.extend(env.iter().map(|(k, v)| (v, format!("env.{k}"), false)));
+            if let Some(w) = workdir {
+                out.push((w, "workdir".into(), false));
+            }
+        }
+        Action::Outputs { values, .. } => {
+            out.extend(
+                values
+                    .iter()
+                    .map(|(k, v)| (v, format!("outputs.{k}"), false)),
+            );
+        }
+        Action::Merge { .. } => {}
+    }
+    out.extend(task.touches.iter().map(|t| (t, "touches".into(), false)));
+    if let Some(When::Expression(w)) = &task.when {
+        out.push((w, "when".into(), true));
+    }
+    if let Some(MapSpec::Expression(m)) = &task.map {
+        out.push((m, "map".into(), true));
+    }
+    out
+}
+
+/// The free names of a template (`tasks.plan.output`, `inputs.x`), or its syntax error.
+fn template_names(
+    env: &minijinja::Environment<'_>,
+    t: &Template,
+    expression: bool,
+) -> Result<BTreeSet<String>, minijinja::Error> {
+    if expression {
+        env.compile_expression(t.as_expression())
+            .map(|e| e.undeclared_variables(true).into_iter().collect())
+    } else {
+        env.template_from_str(&t.source)
+            .map(|tpl| tpl.undeclared_variables(true).into_iter().collect())
+    }
+}
+
+/// What a task's templates read of `tasks`: the ids they name (`tasks.<id>...`, as written), and
+/// whether one reads `tasks` as a whole (`tasks[name]`, `tasks | tojson`).
+fn named_tasks<'n>(names: impl IntoIterator<Item = &'n String>) -> (BTreeSet<&'n str>, bool) {
+    let mut named = BTreeSet::new();
+    let mut whole = false;
+    for name in names {
+        match name.strip_prefix("tasks") {
+            Some("") => whole = true,
+            Some(rest) => {
+                if let Some(id) = rest.strip_prefix('.') {
+                    named.insert(id.split('.').next().unwrap_or(id));
                 }
             }
-            seen.remove(&start);
-            seen
+            None => {}
+        }
+    }
+    (named, whole)
+}
+
+/// The full id a task's template means by `tasks.<id>`: a template's task names its fellow tasks
+/// without their `<prefix>.`.
+fn full_task_id(task: &Task, id: &str) -> String {
+    match &task.scope {
+        Some(o) => format!("{}.{id}", o.prefix),
+        None => id.to_string(),
+    }
+}
+
+/// For each task, the upstream tasks (transitive `needs`) whose outputs its templates can read at
+/// run time: the ones they name, or all of them when a template reads `tasks` as a whole. Only
+/// these go into the `tasks` value a task's templates render with, so a long chain whose
+/// templates read nothing upstream costs nothing (not n²/2 entries).
+pub fn upstream_reads(workflow: &Workflow) -> Vec<Vec<usize>> {
+    let env = template::environment();
+    let index = workflow.task_index();
+    let mut ancestry = Ancestry::new(workflow);
+    workflow
+        .tasks
+        .iter()
+        .enumerate()
+        .map(|(i, task)| {
+            let names: Vec<BTreeSet<String>> = task_templates(task)
+                .into_iter()
+                .filter(|(t, _, expression)| *expression || !t.is_literal())
+                .filter_map(|(t, _, expression)| template_names(&env, t, expression).ok())
+                .collect();
+            let (named, whole) = named_tasks(names.iter().flatten());
+            if whole {
+                return ancestry.all(i);
+            }
+            let wanted: Vec<usize> = named
+                .iter()
+                .filter_map(|id| index.get(full_task_id(task, id).as_str()).copied())
+                .collect();
+            ancestry.among(i, &wanted)
         })
         .collect()
+}
+
+/// The task ids and declared outputs a template's tasks see, for one template instance: its
+/// fellow tasks without their `<prefix>.`, in declaration order.
+struct InstanceNames {
+    ids: Vec<String>,
+    outputs: HashMap<String, Vec<String>>,
 }
 
 /// Parses every template and checks the names it reads against what the task can see.
 fn check_templates(workflow: &Workflow, raw: &RawClusterfile, diags: &mut Vec<Diagnostic>) {
     let env = template::environment();
-    let ancestors = ancestors(workflow);
+    let index = workflow.task_index();
+    let mut ancestry = Ancestry::new(workflow);
     let inputs: Vec<&str> = workflow.inputs.keys().map(String::as_str).collect();
     let vars: Vec<&str> = workflow.vars.keys().map(String::as_str).collect();
     let all: Vec<&str> = workflow.tasks.iter().map(|t| t.id.as_str()).collect();
-    let mut scoped_ids: HashMap<String, Vec<String>> = HashMap::new();
     // The declared outputs of every task that uses a template, by full id.
-    let declared_outputs: HashMap<&str, Vec<String>> = workflow
+    let declared_outputs: HashMap<String, Vec<String>> = workflow
         .tasks
         .iter()
         .filter_map(|t| match &t.action {
             Action::Outputs { values, .. } => {
-                Some((t.id.as_str(), values.keys().cloned().collect()))
+                Some((t.id.to_string(), values.keys().cloned().collect()))
             }
             _ => None,
         })
+        .collect();
+    // What each template instance's tasks see, computed once per instance: the ids under its
+    // prefix are a contiguous run of the sorted ids, so this stays near-linear with many
+    // instances (a scan of every task per instance, or per task, is quadratic).
+    let mut by_id: Vec<(&str, usize)> = all.iter().copied().zip(0..).collect();
+    by_id.sort_unstable();
+    let mut instances: HashMap<&str, InstanceNames> = HashMap::new();
+    for task in &workflow.tasks {
+        let Some(o) = &task.scope else { continue };
+        if instances.contains_key(o.prefix.as_str()) {
+            continue;
+        }
+        let dotted = format!("{}.", o.prefix);
+        let first = by_id.partition_point(|(id, _)| *id < dotted.as_str());
+        let mut under: Vec<(usize, &str)> = by_id[first..]
+            .iter()
+            .take_while(|(id, _)| id.starts_with(&dotted))
+            .map(|&(id, i)| (i, &id[dotted.len()..]))
+            .collect();
+        under.sort_unstable();
+        let outputs = under
+            .iter()
+            .filter_map(|(i, rest)| {
+                declared_outputs
+                    .get(all[*i])
+                    .map(|keys| (rest.to_string(), keys.clone()))
+            })
+            .collect();
+        let ids = under
+            .into_iter()
+            .map(|(_, rest)| rest.to_string())
+            .collect();
+        instances.insert(o.prefix.as_str(), InstanceNames { ids, outputs });
+    }
+    let instance_ids: HashMap<&str, Vec<&str>> = instances
+        .iter()
+        .map(|(prefix, names)| (*prefix, names.ids.iter().map(String::as_str).collect()))
         .collect();
     for (i, task) in workflow.tasks.iter().enumerate() {
         // A template's task sees the names of its template: its inputs and vars, and its fellow
         // tasks without their `<prefix>.`; its diagnostics point into the template's file.
         let origin = task.scope.as_ref();
-        let strip = |id: &'_ str| -> Option<String> {
-            match origin {
-                Some(o) => id
-                    .strip_prefix(&format!("{}.", o.prefix))
-                    .map(str::to_string),
-                None => Some(id.to_string()),
-            }
-        };
-        // Ids are copied only for a template's tasks (without their prefix); a plain task borrows.
-        let upstream_ids: Vec<(String, bool)> = match origin {
-            Some(_) => ancestors[i]
+        let checks: Vec<_> = task_templates(task)
+            .into_iter()
+            .filter(|(t, _, expression)| *expression || !t.is_literal())
+            .map(|(t, field, expression)| {
+                let names = template_names(&env, t, expression);
+                (t, field, names)
+            })
+            .collect();
+        // Only the upstream tasks the templates name are looked for among the transitive needs.
+        let (named, _) = named_tasks(
+            checks
                 .iter()
-                .filter_map(|&j| {
-                    strip(workflow.tasks[j].id.as_str())
-                        .map(|id| (id, workflow.tasks[j].is_mapped()))
-                })
-                .collect(),
-            None => Vec::new(),
-        };
-        let upstream: Vec<(&str, bool)> = match origin {
-            Some(_) => upstream_ids
-                .iter()
-                .map(|(id, m)| (id.as_str(), *m))
-                .collect(),
-            None => ancestors[i]
-                .iter()
-                .map(|&j| (workflow.tasks[j].id.as_str(), workflow.tasks[j].is_mapped()))
-                .collect(),
-        };
-        // The task ids a template's task can name: those of its instance, computed once per
-        // instance (a plain task uses `all`, computed once).
-        if let Some(o) = origin {
-            if !scoped_ids.contains_key(&o.prefix) {
-                let ids = workflow
-                    .tasks
-                    .iter()
-                    .filter_map(|t| strip(t.id.as_str()))
-                    .collect::<Vec<String>>();
-                scoped_ids.insert(o.prefix.clone(), ids);
-            }
-        }
-        let all_scoped: Vec<&str> = origin
-            .and_then(|o| scoped_ids.get(&o.prefix))
-            .map(|ids| ids.iter().map(String::as_str).collect())
-            .unwrap_or_default();
+                .filter_map(|(_, _, names)| names.as_ref().ok())
+                .flatten(),
+        );
+        let named: Vec<(&str, usize)> = named
+            .into_iter()
+            .filter_map(|id| index.get(full_task_id(task, id).as_str()).map(|&j| (id, j)))
+            .collect();
+        let wanted: Vec<usize> = named.iter().map(|&(_, j)| j).collect();
+        let reachable = ancestry.among(i, &wanted);
+        let upstream: Vec<(&str, bool)> = named
+            .iter()
+            .filter(|(_, j)| reachable.binary_search(j).is_ok())
+            .map(|&(id, j)| (id, workflow.tasks[j].is_mapped()))
+            .collect();
+        let instance = origin.and_then(|o| instances.get(o.prefix.as_str()));
         let scoped_inputs: Vec<&str> = origin
             .map(|o| o.scope.declared.iter().map(String::as_str).collect())
             .unwrap_or_default();
         let scoped_vars: Vec<&str> = origin
             .map(|o| o.scope.vars.keys().map(String::as_str).collect())
             .unwrap_or_default();
-        let outputs: HashMap<String, Vec<String>> = declared_outputs
-            .iter()
-            .filter_map(|(id, keys)| strip(id).map(|id| (id, keys.clone())))
-            .collect();
         let before = diags.len();
         let scope = Scope {
-            outputs: &outputs,
+            outputs: instance.map_or(&declared_outputs, |n| &n.outputs),
             inputs: if origin.is_some() {
                 &scoped_inputs
             } else {
@@ -1635,69 +1816,33 @@ fn check_templates(workflow: &Workflow, raw: &RawClusterfile, diags: &mut Vec<Di
                 &vars
             },
             upstream: &upstream,
-            all_tasks: if origin.is_some() { &all_scoped } else { &all },
+            all_tasks: match origin {
+                Some(o) => instance_ids
+                    .get(o.prefix.as_str())
+                    .map_or(&[][..], Vec::as_slice),
+                None => &all,
+            },
             // A `map` with a wrong value was reported already; `item` is still meant to exist.
             mapped: task.is_mapped()
                 || raw.tasks.get(task.id.as_str()).is_some_and(|t| t.map_given),
             task: task.id.as_str(),
         };
-        let mut check = |t: &Template, field: &str, expression: bool, scope: &Scope<'_>| {
-            if !expression && t.is_literal() {
-                return;
-            }
-            let names = if expression {
-                env.compile_expression(t.as_expression())
-                    .map(|e| e.undeclared_variables(true))
+        for (t, field, names) in &checks {
+            // `item`/`index` do not exist yet while the list itself is computed.
+            let map_scope;
+            let scope = if field == "map" {
+                map_scope = Scope {
+                    mapped: false,
+                    ..scope
+                };
+                &map_scope
             } else {
-                env.template_from_str(&t.source)
-                    .map(|tpl| tpl.undeclared_variables(true))
+                &scope
             };
             match names {
-                Ok(names) => {
-                    let names: BTreeSet<String> = names.into_iter().collect();
-                    diags.extend(template::check_names(t, &names, scope, field));
-                }
-                Err(e) => diags.push(template::syntax_error(t, &e, field, scope.task)),
+                Ok(names) => diags.extend(template::check_names(t, names, scope, field)),
+                Err(e) => diags.push(template::syntax_error(t, e, field, scope.task)),
             }
-        };
-        match &task.action {
-            Action::Agent { prompt, env, .. } => {
-                check(prompt, "prompt", false, &scope);
-                for (k, v) in env {
-                    check(v, &format!("env.{k}"), false, &scope);
-                }
-            }
-            Action::Shell {
-                run, env, workdir, ..
-            } => {
-                check(run, "run", false, &scope);
-                for (k, v) in env {
-                    check(v, &format!("env.{k}"), false, &scope);
-                }
-                if let Some(w) = workdir {
-                    check(w, "workdir", false, &scope);
-                }
-            }
-            Action::Outputs { values, .. } => {
-                for (k, v) in values {
-                    check(v, &format!("outputs.{k}"), false, &scope);
-                }
-            }
-            Action::Merge { .. } => {}
-        }
-        for t in &task.touches {
-            check(t, "touches", false, &scope);
-        }
-        if let Some(When::Expression(w)) = &task.when {
-            check(w, "when", true, &scope);
-        }
-        if let Some(MapSpec::Expression(m)) = &task.map {
-            // `item`/`index` do not exist yet while the list itself is computed.
-            let map_scope = Scope {
-                mapped: false,
-                ..scope
-            };
-            check(m, "map", true, &map_scope);
         }
         if let Some(o) = origin {
             for d in &mut diags[before..] {
