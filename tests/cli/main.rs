@@ -9,6 +9,7 @@ mod examples;
 mod invalid;
 mod library;
 mod rehearsal_server;
+mod scale;
 mod schema;
 mod support;
 mod trust;

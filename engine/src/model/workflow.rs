@@ -1406,7 +1406,10 @@ fn load_output_schema(
     }
 }
 
-/// Reports every dependency cycle, naming the whole chain.
+/// How many tasks of a dependency cycle its diagnostic names.
+const CYCLE_SHOWN: usize = 16;
+
+/// Reports every dependency cycle, naming the whole chain (or its ends, when it is long).
 fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) {
     use petgraph::graph::DiGraph;
     let index = workflow.task_index();
@@ -1477,7 +1480,20 @@ fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) {
                 .map(|&i| workflow.tasks[i].id.as_str())
                 .collect()
         };
-        let text = format!("{} -> {}", chain.join(" -> "), chain[0]);
+        // A cycle through thousands of tasks is named by its ends and its length: every task in
+        // the message, and a pointer for every edge, would make a report nobody can read (and
+        // one slow to draw).
+        let text = if chain.len() > CYCLE_SHOWN {
+            format!(
+                "{} -> ... -> {} -> {} ({} tasks)",
+                chain[..CYCLE_SHOWN / 2].join(" -> "),
+                chain[chain.len() - CYCLE_SHOWN / 2..].join(" -> "),
+                chain[0],
+                chain.len()
+            )
+        } else {
+            format!("{} -> {}", chain.join(" -> "), chain[0])
+        };
         let first = &workflow.tasks[start];
         let edge_span = first
             .needs
@@ -1501,7 +1517,7 @@ fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) {
             ),
         )
         .help("each task needs the next; remove one of these `needs` to break the cycle");
-        for (at, &i) in path.iter().enumerate().skip(1) {
+        for (at, &i) in path.iter().enumerate().skip(1).take(CYCLE_SHOWN - 1) {
             let t = &workflow.tasks[i];
             let next = path.get(at + 1).copied().unwrap_or(start);
             if let Some(n) = t.needs.iter().find(|n| n.value == workflow.tasks[next].id) {
