@@ -1531,12 +1531,20 @@ fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) {
     }
 }
 
-/// Answers "which of these tasks does this task transitively need" by walking `needs` edges
-/// backwards from the task, instead of storing every task's full ancestor set (n²/2 entries for a
-/// chain of n tasks: a gigabyte at 10,000). A walk stops as soon as everything asked for is found,
-/// and its visited marks are generation stamps, so starting one costs nothing however large the
-/// graph is. Safe on cyclic graphs (each task is visited once per walk), so templates are checked
-/// even when a cycle is reported too.
+/// How many tasks a walk back from a task may visit before its question is left to the batched
+/// pass of [`Ancestry::answer`]: a template usually names a task a few `needs` up.
+const WALK_BUDGET: usize = 256;
+
+/// Answers "which of these tasks does this task transitively need" without storing every task's
+/// full ancestor set (n²/2 entries for a chain of n tasks: a gigabyte at 10,000).
+///
+/// A question is first tried by a short walk back along `needs` that stops as soon as everything
+/// asked for is found; its visited marks are generation stamps, so starting one costs nothing
+/// however large the graph is. The questions a short walk cannot settle (a task far up a long
+/// chain) are answered together: one pass over the tasks in dependency order per 64 distinct
+/// tasks asked about, with one machine word per task. Memory stays linear in tasks and edges.
+/// Safe on cyclic graphs (the walks visit each task once; with a cycle, which is reported
+/// anyway, the batched pass falls back to full walks), so templates are checked even then.
 pub struct Ancestry {
     direct: Vec<Vec<usize>>,
     /// `visited[i] == generation`: task `i` was reached by the current walk.
@@ -1547,16 +1555,22 @@ pub struct Ancestry {
 
 impl Ancestry {
     pub fn new(workflow: &Workflow) -> Ancestry {
+        Ancestry::of_needs(workflow.need_indices())
+    }
+
+    /// From each task's direct `needs`, as indices.
+    fn of_needs(direct: Vec<Vec<usize>>) -> Ancestry {
         Ancestry {
-            direct: workflow.need_indices(),
-            visited: vec![0; workflow.tasks.len()],
+            visited: vec![0; direct.len()],
+            direct,
             generation: 0,
             stack: Vec::new(),
         }
     }
 
-    /// Walks the transitive needs of `task` (not `task` itself), each once, until `visit` says stop.
-    fn walk(&mut self, task: usize, mut visit: impl FnMut(usize) -> bool) {
+    /// Walks the transitive needs of `task` (not `task` itself), each once, until `visit` says
+    /// stop or `budget` tasks were visited. Returns whether the walk was cut short by the budget.
+    fn walk(&mut self, task: usize, budget: usize, mut visit: impl FnMut(usize) -> bool) -> bool {
         if self.generation == u32::MAX {
             self.visited.fill(0);
             self.generation = 0;
@@ -1566,22 +1580,28 @@ impl Ancestry {
         self.visited[task] = generation;
         self.stack.clear();
         self.stack.extend(&self.direct[task]);
+        let mut visits = 0;
         while let Some(i) = self.stack.pop() {
             if self.visited[i] == generation {
                 continue;
             }
+            if visits == budget {
+                return true;
+            }
+            visits += 1;
             self.visited[i] = generation;
             if visit(i) {
-                return;
+                return false;
             }
             self.stack.extend(&self.direct[i]);
         }
+        false
     }
 
     /// Every transitive need of `task`, in index order.
     pub fn all(&mut self, task: usize) -> Vec<usize> {
         let mut found = Vec::new();
-        self.walk(task, |i| {
+        self.walk(task, usize::MAX, |i| {
             found.push(i);
             false
         });
@@ -1589,20 +1609,117 @@ impl Ancestry {
         found
     }
 
-    /// Those of `wanted` that `task` transitively needs, in index order.
-    pub fn among(&mut self, task: usize, wanted: &[usize]) -> Vec<usize> {
+    /// Those of `wanted` that `task` transitively needs, in index order, or `None` when a walk of
+    /// `budget` tasks could not tell.
+    fn among_within(&mut self, task: usize, wanted: &[usize], budget: usize) -> Option<Vec<usize>> {
         let mut missing: BTreeSet<usize> = wanted.iter().copied().filter(|&w| w != task).collect();
         let mut found = Vec::new();
-        if missing.is_empty() {
+        if !missing.is_empty() {
+            let cut = self.walk(task, budget, |i| {
+                if missing.remove(&i) {
+                    found.push(i);
+                }
+                missing.is_empty()
+            });
+            if cut {
+                return None;
+            }
+        }
+        found.sort_unstable();
+        Some(found)
+    }
+
+    /// Tasks in an order where each comes after its needs; `None` when there is a cycle.
+    fn dependency_order(&self) -> Option<Vec<usize>> {
+        let n = self.direct.len();
+        let mut waiting: Vec<usize> = self.direct.iter().map(Vec::len).collect();
+        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for (t, needs) in self.direct.iter().enumerate() {
+            for &d in needs {
+                dependents[d].push(t);
+            }
+        }
+        let mut order: Vec<usize> = (0..n).filter(|&t| waiting[t] == 0).collect();
+        let mut next = 0;
+        while let Some(&t) = order.get(next) {
+            next += 1;
+            for &u in &dependents[t] {
+                waiting[u] -= 1;
+                if waiting[u] == 0 {
+                    order.push(u);
+                }
+            }
+        }
+        (order.len() == n).then_some(order)
+    }
+
+    /// For each question `(task, wanted)`, those of `wanted` that `task` transitively needs, in
+    /// index order.
+    pub fn answer(&mut self, questions: &[(usize, Vec<usize>)]) -> Vec<Vec<usize>> {
+        let mut found: Vec<Vec<usize>> = Vec::with_capacity(questions.len());
+        let mut open: Vec<usize> = Vec::new();
+        for (q, (task, wanted)) in questions.iter().enumerate() {
+            found.push(match self.among_within(*task, wanted, WALK_BUDGET) {
+                Some(f) => f,
+                None => {
+                    open.push(q);
+                    Vec::new()
+                }
+            });
+        }
+        if open.is_empty() {
             return found;
         }
-        self.walk(task, |i| {
-            if missing.remove(&i) {
-                found.push(i);
+        let Some(order) = self.dependency_order() else {
+            for q in open {
+                let (task, wanted) = &questions[q];
+                found[q] = self
+                    .among_within(*task, wanted, usize::MAX)
+                    .unwrap_or_default();
             }
-            missing.is_empty()
-        });
-        found.sort_unstable();
+            return found;
+        };
+        // The distinct tasks asked about, 64 to a pass: `reach[t]` has bit `b` set when `t`
+        // transitively needs the pass's `b`-th task.
+        let mut targets: Vec<usize> = open
+            .iter()
+            .flat_map(|&q| questions[q].1.iter().copied())
+            .collect();
+        targets.sort_unstable();
+        targets.dedup();
+        let mut asked: Vec<Vec<(usize, usize)>> = vec![Vec::new(); targets.len().div_ceil(64)];
+        for &q in &open {
+            for &w in &questions[q].1 {
+                if let Ok(at) = targets.binary_search(&w) {
+                    asked[at / 64].push((q, w));
+                }
+            }
+        }
+        let n = self.direct.len();
+        let mut reach = vec![0u64; n];
+        let mut bit = vec![0u64; n];
+        for (pass, chunk) in targets.chunks(64).enumerate() {
+            for (b, &t) in chunk.iter().enumerate() {
+                bit[t] = 1 << b;
+            }
+            for &t in &order {
+                reach[t] = self.direct[t]
+                    .iter()
+                    .fold(0, |bits, &d| bits | reach[d] | bit[d]);
+            }
+            for &(q, w) in &asked[pass] {
+                if reach[questions[q].0] & bit[w] != 0 {
+                    found[q].push(w);
+                }
+            }
+            for &t in chunk {
+                bit[t] = 0;
+            }
+        }
+        for q in open {
+            found[q].sort_unstable();
+            found[q].dedup();
+        }
         found
     }
 }
@@ -1695,25 +1812,37 @@ pub fn upstream_reads(workflow: &Workflow) -> Vec<Vec<usize>> {
     let env = template::environment();
     let index = workflow.task_index();
     let mut ancestry = Ancestry::new(workflow);
-    workflow
+    // `None`: the task reads `tasks` as a whole.
+    let wanted: Vec<Option<Vec<usize>>> = workflow
         .tasks
         .iter()
-        .enumerate()
-        .map(|(i, task)| {
+        .map(|task| {
             let names: Vec<BTreeSet<String>> = task_templates(task)
                 .into_iter()
                 .filter(|(t, _, expression)| *expression || !t.is_literal())
                 .filter_map(|(t, _, expression)| template_names(&env, t, expression).ok())
                 .collect();
             let (named, whole) = named_tasks(names.iter().flatten());
-            if whole {
-                return ancestry.all(i);
-            }
-            let wanted: Vec<usize> = named
-                .iter()
-                .filter_map(|id| index.get(full_task_id(task, id).as_str()).copied())
-                .collect();
-            ancestry.among(i, &wanted)
+            (!whole).then(|| {
+                named
+                    .iter()
+                    .filter_map(|id| index.get(full_task_id(task, id).as_str()).copied())
+                    .collect()
+            })
+        })
+        .collect();
+    let questions: Vec<(usize, Vec<usize>)> = wanted
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| w.as_ref().map(|w| (i, w.clone())))
+        .collect();
+    let mut answers = ancestry.answer(&questions).into_iter();
+    wanted
+        .iter()
+        .enumerate()
+        .map(|(i, w)| match w {
+            Some(_) => answers.next().unwrap_or_default(),
+            None => ancestry.all(i),
         })
         .collect()
 }
@@ -1781,34 +1910,53 @@ fn check_templates(workflow: &Workflow, raw: &RawClusterfile, diags: &mut Vec<Di
         .iter()
         .map(|(prefix, names)| (*prefix, names.ids.iter().map(String::as_str).collect()))
         .collect();
+    // Every task's templates, parsed, with their free names.
+    let checks: Vec<Vec<_>> = workflow
+        .tasks
+        .iter()
+        .map(|task| {
+            task_templates(task)
+                .into_iter()
+                .filter(|(t, _, expression)| *expression || !t.is_literal())
+                .map(|(t, field, expression)| {
+                    let names = template_names(&env, t, expression);
+                    (t, field, names)
+                })
+                .collect()
+        })
+        .collect();
+    // Only the upstream tasks the templates name are looked for among the transitive needs, all
+    // tasks' questions answered together.
+    let named: Vec<Vec<(&str, usize)>> = workflow
+        .tasks
+        .iter()
+        .zip(&checks)
+        .map(|(task, checks)| {
+            let (named, _) = named_tasks(
+                checks
+                    .iter()
+                    .filter_map(|(_, _, names)| names.as_ref().ok())
+                    .flatten(),
+            );
+            named
+                .into_iter()
+                .filter_map(|id| index.get(full_task_id(task, id).as_str()).map(|&j| (id, j)))
+                .collect()
+        })
+        .collect();
+    let questions: Vec<(usize, Vec<usize>)> = named
+        .iter()
+        .enumerate()
+        .map(|(i, named)| (i, named.iter().map(|&(_, j)| j).collect()))
+        .collect();
+    let reachable = ancestry.answer(&questions);
     for (i, task) in workflow.tasks.iter().enumerate() {
         // A template's task sees the names of its template: its inputs and vars, and its fellow
         // tasks without their `<prefix>.`; its diagnostics point into the template's file.
         let origin = task.scope.as_ref();
-        let checks: Vec<_> = task_templates(task)
-            .into_iter()
-            .filter(|(t, _, expression)| *expression || !t.is_literal())
-            .map(|(t, field, expression)| {
-                let names = template_names(&env, t, expression);
-                (t, field, names)
-            })
-            .collect();
-        // Only the upstream tasks the templates name are looked for among the transitive needs.
-        let (named, _) = named_tasks(
-            checks
-                .iter()
-                .filter_map(|(_, _, names)| names.as_ref().ok())
-                .flatten(),
-        );
-        let named: Vec<(&str, usize)> = named
-            .into_iter()
-            .filter_map(|id| index.get(full_task_id(task, id).as_str()).map(|&j| (id, j)))
-            .collect();
-        let wanted: Vec<usize> = named.iter().map(|&(_, j)| j).collect();
-        let reachable = ancestry.among(i, &wanted);
-        let upstream: Vec<(&str, bool)> = named
+        let upstream: Vec<(&str, bool)> = named[i]
             .iter()
-            .filter(|(_, j)| reachable.binary_search(j).is_ok())
+            .filter(|(_, j)| reachable[i].binary_search(j).is_ok())
             .map(|&(id, j)| (id, workflow.tasks[j].is_mapped()))
             .collect();
         let instance = origin.and_then(|o| instances.get(o.prefix.as_str()));
@@ -1843,7 +1991,7 @@ fn check_templates(workflow: &Workflow, raw: &RawClusterfile, diags: &mut Vec<Di
                 || raw.tasks.get(task.id.as_str()).is_some_and(|t| t.map_given),
             task: task.id.as_str(),
         };
-        for (t, field, names) in &checks {
+        for (t, field, names) in &checks[i] {
             // `item`/`index` do not exist yet while the list itself is computed.
             let map_scope;
             let scope = if field == "map" {
@@ -1923,6 +2071,86 @@ fn check_fan_out_settings(workflow: &Workflow, raw: &RawClusterfile, diags: &mut
                     );
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ancestry;
+
+    /// Every task's ancestors by brute force, to check the answers against.
+    fn brute(direct: &[Vec<usize>], task: usize, wanted: &[usize]) -> Vec<usize> {
+        let mut seen = vec![false; direct.len()];
+        let mut stack = direct[task].clone();
+        while let Some(i) = stack.pop() {
+            if !std::mem::replace(&mut seen[i], true) {
+                stack.extend(&direct[i]);
+            }
+        }
+        let mut out: Vec<usize> = wanted
+            .iter()
+            .copied()
+            .filter(|&w| w != task && seen[w])
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// A chain of `n` tasks with a side branch every 7 tasks, joined again 3 tasks later.
+    fn graph(n: usize) -> Vec<Vec<usize>> {
+        (0..n)
+            .map(|i| {
+                let mut needs = Vec::new();
+                if i > 0 {
+                    needs.push(i - 1);
+                }
+                if i >= 10 && i % 7 == 0 {
+                    needs.push(i - 10);
+                }
+                needs
+            })
+            .collect()
+    }
+
+    #[test]
+    fn near_and_far_questions_match_a_full_walk() {
+        let n = 3_000;
+        let direct = graph(n);
+        // Near (settled by a short walk), far (past the walk's budget, over 64 distinct tasks so
+        // several batched passes run), downstream (never an ancestor) and the task itself.
+        let questions: Vec<(usize, Vec<usize>)> = (0..n)
+            .map(|i| {
+                (
+                    i,
+                    vec![i.saturating_sub(1), i / 3, (i * 7) % n, i, (i + 5) % n],
+                )
+            })
+            .collect();
+        let answers = Ancestry::of_needs(direct.clone()).answer(&questions);
+        for ((task, wanted), got) in questions.iter().zip(&answers) {
+            assert_eq!(got, &brute(&direct, *task, wanted), "task {task}");
+        }
+    }
+
+    #[test]
+    fn a_cycle_is_answered_by_full_walks() {
+        // 0 <- 1 <- ... <- 599 <- 0: every task needs every other.
+        let n = 600;
+        let direct: Vec<Vec<usize>> = (0..n).map(|i| vec![(i + n - 1) % n]).collect();
+        let questions = vec![(0, vec![1, 300, 0]), (10, vec![11, 599])];
+        let answers = Ancestry::of_needs(direct).answer(&questions);
+        assert_eq!(answers, vec![vec![1, 300], vec![11, 599]]);
+    }
+
+    #[test]
+    fn all_lists_every_transitive_need() {
+        let direct = graph(100);
+        let mut ancestry = Ancestry::of_needs(direct.clone());
+        let everyone: Vec<usize> = (0..100).collect();
+        for task in [0, 1, 50, 99] {
+            assert_eq!(ancestry.all(task), brute(&direct, task, &everyone));
         }
     }
 }
