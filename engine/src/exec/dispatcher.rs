@@ -464,7 +464,7 @@ impl Dispatcher<'_> {
                 nodes: Vec::new(),
                 unsettled_needs: needs.len(),
                 needs,
-                ancestors: all_ancestors[i].iter().copied().collect(),
+                ancestors: all_ancestors[i].to_vec(),
                 dependents: Vec::new(),
                 released: false,
                 outcome: None,
