@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark: `ccluster plan --format json` on generated workflows with 10,000 statically mapped
-# task instances. Prints the median wall time and peak RSS of several runs.
+# task instances, and on a chain of 10,000 tasks. Prints the median wall time and peak RSS of
+# several runs.
 #   bench/plan-10k.sh [RUNS]     (builds the release binary first)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,20 @@ with open(sys.argv[1], "w") as f:
         f.write(f"\n[tasks.g{i}]\nneeds = [\"t{i}\"]\nmerge = {{ strategy = \"collect\" }}\n\n")
 PY
 
+# 3. A chain of 10,000 tasks, each needing the one before: the graph at its deepest. Every tenth
+#    task reads the output of the task ten needs up.
+python3 - "$out/chain-10k.toml" <<'PY'
+import sys
+with open(sys.argv[1], "w") as f:
+    f.write("version = 1\n[workflow]\nname = \"chain\"\n\n")
+    for i in range(10_000):
+        run = f"echo {{{{ tasks.t{i - 10}.output }}}}" if i >= 10 and i % 10 == 0 else f"echo {i}"
+        f.write(f"[tasks.t{i}]\nrun = \"{run}\"\n")
+        if i > 0:
+            f.write(f"needs = [\"t{i - 1}\"]\n")
+        f.write("\n")
+PY
+
 measure() {
   local file=$1 times=() rss=()
   "$bin" plan --format json "$file" > "$out/plan.json"   # warm the page cache
@@ -55,3 +70,4 @@ measure() {
 
 measure "$out/map-10k.toml"
 measure "$out/grid-100x100.toml"
+measure "$out/chain-10k.toml"

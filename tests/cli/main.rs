@@ -10,6 +10,7 @@ mod examples;
 mod invalid;
 mod library;
 mod rehearsal_server;
+mod scale;
 mod schema;
 mod statefs;
 mod support;

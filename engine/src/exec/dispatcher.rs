@@ -24,7 +24,7 @@ use super::job::{self, Job, JobResult};
 use super::runner::{ProcessEnd, ProcessSpec, Runner, Stop};
 use crate::compile::Compiled;
 use crate::model::raw::{FailureClass, MergeStrategy, OnItemFailure, OutputMode};
-use crate::model::workflow::{ancestors, RetryPolicy};
+use crate::model::workflow::{upstream_reads, RetryPolicy};
 use crate::plan::{PlannedAction, PlannedTask, WhenState};
 use crate::store::{
     now_ms, AttemptRecord, CacheEntry, KeyParts, RunRecord, RunState, Store, StoreError,
@@ -440,7 +440,8 @@ impl Dispatcher<'_> {
     fn build(&mut self, compiled: &Compiled) -> Result<(), ApplyError> {
         let wf = &compiled.workflow;
         let index = wf.task_index();
-        let all_ancestors = ancestors(wf);
+        // Only the upstream tasks a task's templates read go into its `tasks` value.
+        let all_ancestors = upstream_reads(wf);
         let mut first_node: HashMap<&str, &PlannedTask> = HashMap::with_capacity(wf.tasks.len());
         // Each task's records sort by its place in the plan, a dynamic map's instances included
         // (they are made later, but belong where their placeholder is).
@@ -463,7 +464,7 @@ impl Dispatcher<'_> {
                 nodes: Vec::new(),
                 unsettled_needs: needs.len(),
                 needs,
-                ancestors: all_ancestors[i].iter().copied().collect(),
+                ancestors: all_ancestors[i].to_vec(),
                 dependents: Vec::new(),
                 released: false,
                 outcome: None,

@@ -60,7 +60,7 @@ pub fn explain(
     let scope = RunScope::of(compiled);
     let index = wf.task_index();
     let need_indices = wf.need_indices();
-    let ancestors = crate::model::workflow::ancestors(wf);
+    let ancestors = crate::model::workflow::upstream_reads(wf);
     let mut nodes_of: HashMap<&str, Vec<&PlannedTask>> = HashMap::new();
     for node in &compiled.plan.nodes {
         nodes_of.entry(node.task.as_str()).or_default().push(node);

@@ -1451,7 +1451,10 @@ fn load_output_schema(
     }
 }
 
-/// Reports every dependency cycle, naming the whole chain.
+/// How many tasks of a dependency cycle its diagnostic names.
+const CYCLE_SHOWN: usize = 16;
+
+/// Reports every dependency cycle, naming the whole chain (or its ends, when it is long).
 fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) {
     use petgraph::graph::DiGraph;
     let index = workflow.task_index();
@@ -1466,7 +1469,8 @@ fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) {
             }
         }
     }
-    let mut sccs: Vec<Vec<usize>> = petgraph::algo::tarjan_scc(&graph)
+    // Kosaraju's walk is iterative: a chain of many thousand tasks cannot overflow the stack.
+    let mut sccs: Vec<Vec<usize>> = petgraph::algo::kosaraju_scc(&graph)
         .into_iter()
         .filter(|c| c.len() > 1)
         .map(|c| {
@@ -1476,45 +1480,40 @@ fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) {
         })
         .collect();
     sccs.sort();
+    let direct = workflow.need_indices();
+    let mut in_component = vec![false; workflow.tasks.len()];
     for members in sccs {
-        // Walk from the first-declared member along `needs` edges inside the component until back.
+        for &m in &members {
+            in_component[m] = true;
+        }
+        // Walk from the first-declared member along `needs` edges inside the component until back
+        // (a depth-first walk with its own stack, each member entered once).
         let start = members[0];
         let mut path = vec![start];
-        let mut seen = vec![start];
+        let mut next_edge = vec![0usize];
+        let mut seen: std::collections::HashSet<usize> = std::collections::HashSet::from([start]);
         let mut found = false;
-        fn walk(
-            workflow: &Workflow,
-            index: &HashMap<&str, usize>,
-            members: &[usize],
-            start: usize,
-            path: &mut Vec<usize>,
-            seen: &mut Vec<usize>,
-        ) -> bool {
-            let current = *path.last().unwrap_or(&start);
-            for need in &workflow.tasks[current].needs {
-                let Some(&next) = index.get(need.value.as_str()) else {
-                    continue;
-                };
-                if !members.contains(&next) {
-                    continue;
-                }
-                if next == start {
-                    return true;
-                }
-                if seen.contains(&next) {
-                    continue;
-                }
-                seen.push(next);
-                path.push(next);
-                if walk(workflow, index, members, start, path, seen) {
-                    return true;
-                }
+        while let (Some(&current), Some(edge)) = (path.last(), next_edge.last_mut()) {
+            let Some(&next) = direct[current].get(*edge) else {
                 path.pop();
+                next_edge.pop();
+                continue;
+            };
+            *edge += 1;
+            if !in_component[next] {
+                continue;
             }
-            false
+            if next == start {
+                found = true;
+                break;
+            }
+            if seen.insert(next) {
+                path.push(next);
+                next_edge.push(0);
+            }
         }
-        if walk(workflow, &index, &members, start, &mut path, &mut seen) {
-            found = true;
+        for &m in &members {
+            in_component[m] = false;
         }
         let chain: Vec<&str> = if found {
             path.iter()
@@ -1526,7 +1525,20 @@ fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) {
                 .map(|&i| workflow.tasks[i].id.as_str())
                 .collect()
         };
-        let text = format!("{} -> {}", chain.join(" -> "), chain[0]);
+        // A cycle through thousands of tasks is named by its ends and its length: every task in
+        // the message, and a pointer for every edge, would make a report nobody can read (and
+        // one slow to draw).
+        let text = if chain.len() > CYCLE_SHOWN {
+            format!(
+                "{} -> ... -> {} -> {} ({} tasks)",
+                chain[..CYCLE_SHOWN / 2].join(" -> "),
+                chain[chain.len() - CYCLE_SHOWN / 2..].join(" -> "),
+                chain[0],
+                chain.len()
+            )
+        } else {
+            format!("{} -> {}", chain.join(" -> "), chain[0])
+        };
         let first = &workflow.tasks[start];
         let edge_span = first
             .needs
@@ -1550,14 +1562,9 @@ fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) {
             ),
         )
         .help("each task needs the next; remove one of these `needs` to break the cycle");
-        for &i in path.iter().skip(1) {
+        for (at, &i) in path.iter().enumerate().skip(1).take(CYCLE_SHOWN - 1) {
             let t = &workflow.tasks[i];
-            let next = path
-                .iter()
-                .skip_while(|&&p| p != i)
-                .nth(1)
-                .copied()
-                .unwrap_or(start);
+            let next = path.get(at + 1).copied().unwrap_or(start);
             if let Some(n) = t.needs.iter().find(|n| n.value == workflow.tasks[next].id) {
                 d = d.note(
                     n.span,
@@ -1569,106 +1576,444 @@ fn check_cycles(workflow: &Workflow, diags: &mut Vec<Diagnostic>) {
     }
 }
 
-/// Transitive `needs` of every task. Safe on cyclic graphs (each task is visited once per walk), so
-/// templates are checked even when a cycle is reported too.
-pub fn ancestors(workflow: &Workflow) -> Vec<BTreeSet<usize>> {
-    let direct = workflow.need_indices();
-    (0..workflow.tasks.len())
-        .map(|start| {
-            let mut seen = BTreeSet::new();
-            let mut stack = direct[start].clone();
-            while let Some(i) = stack.pop() {
-                if seen.insert(i) {
-                    stack.extend(&direct[i]);
+/// How many tasks a walk back from a task may visit before its question is left to the batched
+/// pass of [`Ancestry::answer`]: a template usually names a task a few `needs` up.
+const WALK_BUDGET: usize = 256;
+
+/// Answers "which of these tasks does this task transitively need" without storing every task's
+/// full ancestor set (n²/2 entries for a chain of n tasks: a gigabyte at 10,000).
+///
+/// A question is first tried by a short walk back along `needs` that stops as soon as everything
+/// asked for is found; its visited marks are generation stamps, so starting one costs nothing
+/// however large the graph is. The questions a short walk cannot settle (a task far up a long
+/// chain) are answered together: one pass over the tasks in dependency order per 64 distinct
+/// tasks asked about, with one machine word per task. Memory stays linear in tasks and edges.
+/// Safe on cyclic graphs (the walks visit each task once; with a cycle, which is reported
+/// anyway, the batched pass falls back to full walks), so templates are checked even then.
+pub struct Ancestry {
+    direct: Vec<Vec<usize>>,
+    /// `visited[i] == generation`: task `i` was reached by the current walk.
+    visited: Vec<u32>,
+    generation: u32,
+    stack: Vec<usize>,
+}
+
+impl Ancestry {
+    pub fn new(workflow: &Workflow) -> Ancestry {
+        Ancestry::of_needs(workflow.need_indices())
+    }
+
+    /// From each task's direct `needs`, as indices.
+    fn of_needs(direct: Vec<Vec<usize>>) -> Ancestry {
+        Ancestry {
+            visited: vec![0; direct.len()],
+            direct,
+            generation: 0,
+            stack: Vec::new(),
+        }
+    }
+
+    /// Walks the transitive needs of `task` (not `task` itself), each once, until `visit` says
+    /// stop or `budget` tasks were visited. Returns whether the walk was cut short by the budget.
+    fn walk(&mut self, task: usize, budget: usize, mut visit: impl FnMut(usize) -> bool) -> bool {
+        if self.generation == u32::MAX {
+            self.visited.fill(0);
+            self.generation = 0;
+        }
+        self.generation += 1;
+        let generation = self.generation;
+        self.visited[task] = generation;
+        self.stack.clear();
+        self.stack.extend(&self.direct[task]);
+        let mut visits = 0;
+        while let Some(i) = self.stack.pop() {
+            if self.visited[i] == generation {
+                continue;
+            }
+            if visits == budget {
+                return true;
+            }
+            visits += 1;
+            self.visited[i] = generation;
+            if visit(i) {
+                return false;
+            }
+            self.stack.extend(&self.direct[i]);
+        }
+        false
+    }
+
+    /// Every transitive need of `task`, in index order.
+    pub fn all(&mut self, task: usize) -> Vec<usize> {
+        let mut found = Vec::new();
+        self.walk(task, usize::MAX, |i| {
+            found.push(i);
+            false
+        });
+        found.sort_unstable();
+        found
+    }
+
+    /// Those of `wanted` that `task` transitively needs, in index order, or `None` when a walk of
+    /// `budget` tasks could not tell.
+    fn among_within(&mut self, task: usize, wanted: &[usize], budget: usize) -> Option<Vec<usize>> {
+        let mut missing: BTreeSet<usize> = wanted.iter().copied().filter(|&w| w != task).collect();
+        let mut found = Vec::new();
+        if !missing.is_empty() {
+            let cut = self.walk(task, budget, |i| {
+                if missing.remove(&i) {
+                    found.push(i);
+                }
+                missing.is_empty()
+            });
+            if cut {
+                return None;
+            }
+        }
+        found.sort_unstable();
+        Some(found)
+    }
+
+    /// Tasks in an order where each comes after its needs; `None` when there is a cycle.
+    fn dependency_order(&self) -> Option<Vec<usize>> {
+        let n = self.direct.len();
+        let mut waiting: Vec<usize> = self.direct.iter().map(Vec::len).collect();
+        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for (t, needs) in self.direct.iter().enumerate() {
+            for &d in needs {
+                dependents[d].push(t);
+            }
+        }
+        let mut order: Vec<usize> = (0..n).filter(|&t| waiting[t] == 0).collect();
+        let mut next = 0;
+        while let Some(&t) = order.get(next) {
+            next += 1;
+            for &u in &dependents[t] {
+                waiting[u] -= 1;
+                if waiting[u] == 0 {
+                    order.push(u);
                 }
             }
-            seen.remove(&start);
-            seen
+        }
+        (order.len() == n).then_some(order)
+    }
+
+    /// For each question `(task, wanted)`, those of `wanted` that `task` transitively needs, in
+    /// index order.
+    pub fn answer(&mut self, questions: &[(usize, Vec<usize>)]) -> Vec<Vec<usize>> {
+        let mut found: Vec<Vec<usize>> = Vec::with_capacity(questions.len());
+        let mut open: Vec<usize> = Vec::new();
+        for (q, (task, wanted)) in questions.iter().enumerate() {
+            found.push(match self.among_within(*task, wanted, WALK_BUDGET) {
+                Some(f) => f,
+                None => {
+                    open.push(q);
+                    Vec::new()
+                }
+            });
+        }
+        if open.is_empty() {
+            return found;
+        }
+        let Some(order) = self.dependency_order() else {
+            for q in open {
+                let (task, wanted) = &questions[q];
+                found[q] = self
+                    .among_within(*task, wanted, usize::MAX)
+                    .unwrap_or_default();
+            }
+            return found;
+        };
+        // The distinct tasks asked about, 64 to a pass: `reach[t]` has bit `b` set when `t`
+        // transitively needs the pass's `b`-th task.
+        let mut targets: Vec<usize> = open
+            .iter()
+            .flat_map(|&q| questions[q].1.iter().copied())
+            .collect();
+        targets.sort_unstable();
+        targets.dedup();
+        let mut asked: Vec<Vec<(usize, usize)>> = vec![Vec::new(); targets.len().div_ceil(64)];
+        for &q in &open {
+            for &w in &questions[q].1 {
+                if let Ok(at) = targets.binary_search(&w) {
+                    asked[at / 64].push((q, w));
+                }
+            }
+        }
+        let n = self.direct.len();
+        let mut reach = vec![0u64; n];
+        let mut bit = vec![0u64; n];
+        for (pass, chunk) in targets.chunks(64).enumerate() {
+            for (b, &t) in chunk.iter().enumerate() {
+                bit[t] = 1 << b;
+            }
+            for &t in &order {
+                reach[t] = self.direct[t]
+                    .iter()
+                    .fold(0, |bits, &d| bits | reach[d] | bit[d]);
+            }
+            for &(q, w) in &asked[pass] {
+                if reach[questions[q].0] & bit[w] != 0 {
+                    found[q].push(w);
+                }
+            }
+            for &t in chunk {
+                bit[t] = 0;
+            }
+        }
+        for q in open {
+            found[q].sort_unstable();
+            found[q].dedup();
+        }
+        found
+    }
+}
+
+/// The templates of a task: each with the field it is written in and whether it is an expression
+/// (`when`, `map`) rather than text.
+fn task_templates(task: &Task) -> Vec<(&Template, String, bool)> {
+    let mut out: Vec<(&Template, String, bool)> = Vec::new();
+    match &task.action {
+        Action::Agent { prompt, env, .. } => {
+            out.push((prompt, "prompt".into(), false));
+            out.extend(env.iter().map(|(k, v)| (v, format!("env.{k}"), false)));
+        }
+        Action::Shell {
+            run, env, workdir, ..
+        } => {
+            out.push((run, "run".into(), false));
+            out.extend(env.iter().map(|(k, v)| (v, format!("env.{k}"), false)));
+            if let Some(w) = workdir {
+                out.push((w, "workdir".into(), false));
+            }
+        }
+        Action::Outputs { values, .. } => {
+            out.extend(
+                values
+                    .iter()
+                    .map(|(k, v)| (v, format!("outputs.{k}"), false)),
+            );
+        }
+        Action::Merge { .. } => {}
+    }
+    out.extend(task.touches.iter().map(|t| (t, "touches".into(), false)));
+    if let Some(When::Expression(w)) = &task.when {
+        out.push((w, "when".into(), true));
+    }
+    if let Some(MapSpec::Expression(m)) = &task.map {
+        out.push((m, "map".into(), true));
+    }
+    out
+}
+
+/// The free names of a template (`tasks.plan.output`, `inputs.x`), or its syntax error.
+fn template_names(
+    env: &minijinja::Environment<'_>,
+    t: &Template,
+    expression: bool,
+) -> Result<BTreeSet<String>, minijinja::Error> {
+    if expression {
+        env.compile_expression(t.as_expression())
+            .map(|e| e.undeclared_variables(true).into_iter().collect())
+    } else {
+        env.template_from_str(&t.source)
+            .map(|tpl| tpl.undeclared_variables(true).into_iter().collect())
+    }
+}
+
+/// What a task's templates read of `tasks`: the ids they name (`tasks.<id>...`, as written), and
+/// whether one reads `tasks` as a whole (`tasks[name]`, `tasks | tojson`).
+fn named_tasks<'n>(names: impl IntoIterator<Item = &'n String>) -> (BTreeSet<&'n str>, bool) {
+    let mut named = BTreeSet::new();
+    let mut whole = false;
+    for name in names {
+        match name.strip_prefix("tasks") {
+            Some("") => whole = true,
+            Some(rest) => {
+                if let Some(id) = rest.strip_prefix('.') {
+                    named.insert(id.split('.').next().unwrap_or(id));
+                }
+            }
+            None => {}
+        }
+    }
+    (named, whole)
+}
+
+/// The full id a task's template means by `tasks.<id>`: a template's task names its fellow tasks
+/// without their `<prefix>.`.
+fn full_task_id(task: &Task, id: &str) -> String {
+    match &task.scope {
+        Some(o) => format!("{}.{id}", o.prefix),
+        None => id.to_string(),
+    }
+}
+
+/// For each task, the upstream tasks (transitive `needs`) whose outputs its templates can read at
+/// run time: the ones they name, or all of them when a template reads `tasks` as a whole. Only
+/// these go into the `tasks` value a task's templates render with, so a long chain whose
+/// templates read nothing upstream costs nothing (not n²/2 entries).
+pub fn upstream_reads(workflow: &Workflow) -> Vec<Vec<usize>> {
+    let env = template::environment();
+    let index = workflow.task_index();
+    let mut ancestry = Ancestry::new(workflow);
+    // `None`: the task reads `tasks` as a whole.
+    let wanted: Vec<Option<Vec<usize>>> = workflow
+        .tasks
+        .iter()
+        .map(|task| {
+            let names: Vec<BTreeSet<String>> = task_templates(task)
+                .into_iter()
+                .filter(|(t, _, expression)| *expression || !t.is_literal())
+                .filter_map(|(t, _, expression)| template_names(&env, t, expression).ok())
+                .collect();
+            let (named, whole) = named_tasks(names.iter().flatten());
+            (!whole).then(|| {
+                named
+                    .iter()
+                    .filter_map(|id| index.get(full_task_id(task, id).as_str()).copied())
+                    .collect()
+            })
+        })
+        .collect();
+    let questions: Vec<(usize, Vec<usize>)> = wanted
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| w.as_ref().map(|w| (i, w.clone())))
+        .collect();
+    let mut answers = ancestry.answer(&questions).into_iter();
+    wanted
+        .iter()
+        .enumerate()
+        .map(|(i, w)| match w {
+            Some(_) => answers.next().unwrap_or_default(),
+            None => ancestry.all(i),
         })
         .collect()
+}
+
+/// The task ids and declared outputs a template's tasks see, for one template instance: its
+/// fellow tasks without their `<prefix>.`, in declaration order.
+struct InstanceNames {
+    ids: Vec<String>,
+    outputs: HashMap<String, Vec<String>>,
 }
 
 /// Parses every template and checks the names it reads against what the task can see.
 fn check_templates(workflow: &Workflow, raw: &RawClusterfile, diags: &mut Vec<Diagnostic>) {
     let env = template::environment();
-    let ancestors = ancestors(workflow);
+    let index = workflow.task_index();
+    let mut ancestry = Ancestry::new(workflow);
     let inputs: Vec<&str> = workflow.inputs.keys().map(String::as_str).collect();
     let vars: Vec<&str> = workflow.vars.keys().map(String::as_str).collect();
     let all: Vec<&str> = workflow.tasks.iter().map(|t| t.id.as_str()).collect();
-    let mut scoped_ids: HashMap<String, Vec<String>> = HashMap::new();
     // The declared outputs of every task that uses a template, by full id.
-    let declared_outputs: HashMap<&str, Vec<String>> = workflow
+    let declared_outputs: HashMap<String, Vec<String>> = workflow
         .tasks
         .iter()
         .filter_map(|t| match &t.action {
             Action::Outputs { values, .. } => {
-                Some((t.id.as_str(), values.keys().cloned().collect()))
+                Some((t.id.to_string(), values.keys().cloned().collect()))
             }
             _ => None,
         })
         .collect();
+    // What each template instance's tasks see, computed once per instance: the ids under its
+    // prefix are a contiguous run of the sorted ids, so this stays near-linear with many
+    // instances (a scan of every task per instance, or per task, is quadratic).
+    let mut by_id: Vec<(&str, usize)> = all.iter().copied().zip(0..).collect();
+    by_id.sort_unstable();
+    let mut instances: HashMap<&str, InstanceNames> = HashMap::new();
+    for task in &workflow.tasks {
+        let Some(o) = &task.scope else { continue };
+        if instances.contains_key(o.prefix.as_str()) {
+            continue;
+        }
+        let dotted = format!("{}.", o.prefix);
+        let first = by_id.partition_point(|(id, _)| *id < dotted.as_str());
+        let mut under: Vec<(usize, &str)> = by_id[first..]
+            .iter()
+            .take_while(|(id, _)| id.starts_with(&dotted))
+            .map(|&(id, i)| (i, &id[dotted.len()..]))
+            .collect();
+        under.sort_unstable();
+        let outputs = under
+            .iter()
+            .filter_map(|(i, rest)| {
+                declared_outputs
+                    .get(all[*i])
+                    .map(|keys| (rest.to_string(), keys.clone()))
+            })
+            .collect();
+        let ids = under
+            .into_iter()
+            .map(|(_, rest)| rest.to_string())
+            .collect();
+        instances.insert(o.prefix.as_str(), InstanceNames { ids, outputs });
+    }
+    let instance_ids: HashMap<&str, Vec<&str>> = instances
+        .iter()
+        .map(|(prefix, names)| (*prefix, names.ids.iter().map(String::as_str).collect()))
+        .collect();
+    // Every task's templates, parsed, with their free names.
+    let checks: Vec<Vec<_>> = workflow
+        .tasks
+        .iter()
+        .map(|task| {
+            task_templates(task)
+                .into_iter()
+                .filter(|(t, _, expression)| *expression || !t.is_literal())
+                .map(|(t, field, expression)| {
+                    let names = template_names(&env, t, expression);
+                    (t, field, names)
+                })
+                .collect()
+        })
+        .collect();
+    // Only the upstream tasks the templates name are looked for among the transitive needs, all
+    // tasks' questions answered together.
+    let named: Vec<Vec<(&str, usize)>> = workflow
+        .tasks
+        .iter()
+        .zip(&checks)
+        .map(|(task, checks)| {
+            let (named, _) = named_tasks(
+                checks
+                    .iter()
+                    .filter_map(|(_, _, names)| names.as_ref().ok())
+                    .flatten(),
+            );
+            named
+                .into_iter()
+                .filter_map(|id| index.get(full_task_id(task, id).as_str()).map(|&j| (id, j)))
+                .collect()
+        })
+        .collect();
+    let questions: Vec<(usize, Vec<usize>)> = named
+        .iter()
+        .enumerate()
+        .map(|(i, named)| (i, named.iter().map(|&(_, j)| j).collect()))
+        .collect();
+    let reachable = ancestry.answer(&questions);
     for (i, task) in workflow.tasks.iter().enumerate() {
         // A template's task sees the names of its template: its inputs and vars, and its fellow
         // tasks without their `<prefix>.`; its diagnostics point into the template's file.
         let origin = task.scope.as_ref();
-        let strip = |id: &'_ str| -> Option<String> {
-            match origin {
-                Some(o) => id
-                    .strip_prefix(&format!("{}.", o.prefix))
-                    .map(str::to_string),
-                None => Some(id.to_string()),
-            }
-        };
-        // Ids are copied only for a template's tasks (without their prefix); a plain task borrows.
-        let upstream_ids: Vec<(String, bool)> = match origin {
-            Some(_) => ancestors[i]
-                .iter()
-                .filter_map(|&j| {
-                    strip(workflow.tasks[j].id.as_str())
-                        .map(|id| (id, workflow.tasks[j].is_mapped()))
-                })
-                .collect(),
-            None => Vec::new(),
-        };
-        let upstream: Vec<(&str, bool)> = match origin {
-            Some(_) => upstream_ids
-                .iter()
-                .map(|(id, m)| (id.as_str(), *m))
-                .collect(),
-            None => ancestors[i]
-                .iter()
-                .map(|&j| (workflow.tasks[j].id.as_str(), workflow.tasks[j].is_mapped()))
-                .collect(),
-        };
-        // The task ids a template's task can name: those of its instance, computed once per
-        // instance (a plain task uses `all`, computed once).
-        if let Some(o) = origin {
-            if !scoped_ids.contains_key(&o.prefix) {
-                let ids = workflow
-                    .tasks
-                    .iter()
-                    .filter_map(|t| strip(t.id.as_str()))
-                    .collect::<Vec<String>>();
-                scoped_ids.insert(o.prefix.clone(), ids);
-            }
-        }
-        let all_scoped: Vec<&str> = origin
-            .and_then(|o| scoped_ids.get(&o.prefix))
-            .map(|ids| ids.iter().map(String::as_str).collect())
-            .unwrap_or_default();
+        let upstream: Vec<(&str, bool)> = named[i]
+            .iter()
+            .filter(|(_, j)| reachable[i].binary_search(j).is_ok())
+            .map(|&(id, j)| (id, workflow.tasks[j].is_mapped()))
+            .collect();
+        let instance = origin.and_then(|o| instances.get(o.prefix.as_str()));
         let scoped_inputs: Vec<&str> = origin
             .map(|o| o.scope.declared.iter().map(String::as_str).collect())
             .unwrap_or_default();
         let scoped_vars: Vec<&str> = origin
             .map(|o| o.scope.vars.keys().map(String::as_str).collect())
             .unwrap_or_default();
-        let outputs: HashMap<String, Vec<String>> = declared_outputs
-            .iter()
-            .filter_map(|(id, keys)| strip(id).map(|id| (id, keys.clone())))
-            .collect();
         let before = diags.len();
         let scope = Scope {
-            outputs: &outputs,
+            outputs: instance.map_or(&declared_outputs, |n| &n.outputs),
             inputs: if origin.is_some() {
                 &scoped_inputs
             } else {
@@ -1680,69 +2025,33 @@ fn check_templates(workflow: &Workflow, raw: &RawClusterfile, diags: &mut Vec<Di
                 &vars
             },
             upstream: &upstream,
-            all_tasks: if origin.is_some() { &all_scoped } else { &all },
+            all_tasks: match origin {
+                Some(o) => instance_ids
+                    .get(o.prefix.as_str())
+                    .map_or(&[][..], Vec::as_slice),
+                None => &all,
+            },
             // A `map` with a wrong value was reported already; `item` is still meant to exist.
             mapped: task.is_mapped()
                 || raw.tasks.get(task.id.as_str()).is_some_and(|t| t.map_given),
             task: task.id.as_str(),
         };
-        let mut check = |t: &Template, field: &str, expression: bool, scope: &Scope<'_>| {
-            if !expression && t.is_literal() {
-                return;
-            }
-            let names = if expression {
-                env.compile_expression(t.as_expression())
-                    .map(|e| e.undeclared_variables(true))
+        for (t, field, names) in &checks[i] {
+            // `item`/`index` do not exist yet while the list itself is computed.
+            let map_scope;
+            let scope = if field == "map" {
+                map_scope = Scope {
+                    mapped: false,
+                    ..scope
+                };
+                &map_scope
             } else {
-                env.template_from_str(&t.source)
-                    .map(|tpl| tpl.undeclared_variables(true))
+                &scope
             };
             match names {
-                Ok(names) => {
-                    let names: BTreeSet<String> = names.into_iter().collect();
-                    diags.extend(template::check_names(t, &names, scope, field));
-                }
-                Err(e) => diags.push(template::syntax_error(t, &e, field, scope.task)),
+                Ok(names) => diags.extend(template::check_names(t, names, scope, field)),
+                Err(e) => diags.push(template::syntax_error(t, e, field, scope.task)),
             }
-        };
-        match &task.action {
-            Action::Agent { prompt, env, .. } => {
-                check(prompt, "prompt", false, &scope);
-                for (k, v) in env {
-                    check(v, &format!("env.{k}"), false, &scope);
-                }
-            }
-            Action::Shell {
-                run, env, workdir, ..
-            } => {
-                check(run, "run", false, &scope);
-                for (k, v) in env {
-                    check(v, &format!("env.{k}"), false, &scope);
-                }
-                if let Some(w) = workdir {
-                    check(w, "workdir", false, &scope);
-                }
-            }
-            Action::Outputs { values, .. } => {
-                for (k, v) in values {
-                    check(v, &format!("outputs.{k}"), false, &scope);
-                }
-            }
-            Action::Merge { .. } => {}
-        }
-        for t in &task.touches {
-            check(t, "touches", false, &scope);
-        }
-        if let Some(When::Expression(w)) = &task.when {
-            check(w, "when", true, &scope);
-        }
-        if let Some(MapSpec::Expression(m)) = &task.map {
-            // `item`/`index` do not exist yet while the list itself is computed.
-            let map_scope = Scope {
-                mapped: false,
-                ..scope
-            };
-            check(m, "map", true, &map_scope);
         }
         if let Some(o) = origin {
             for d in &mut diags[before..] {
@@ -1807,6 +2116,86 @@ fn check_fan_out_settings(workflow: &Workflow, raw: &RawClusterfile, diags: &mut
                     );
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ancestry;
+
+    /// Every task's ancestors by brute force, to check the answers against.
+    fn brute(direct: &[Vec<usize>], task: usize, wanted: &[usize]) -> Vec<usize> {
+        let mut seen = vec![false; direct.len()];
+        let mut stack = direct[task].clone();
+        while let Some(i) = stack.pop() {
+            if !std::mem::replace(&mut seen[i], true) {
+                stack.extend(&direct[i]);
+            }
+        }
+        let mut out: Vec<usize> = wanted
+            .iter()
+            .copied()
+            .filter(|&w| w != task && seen[w])
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// A chain of `n` tasks with a side branch every 7 tasks, joined again 3 tasks later.
+    fn graph(n: usize) -> Vec<Vec<usize>> {
+        (0..n)
+            .map(|i| {
+                let mut needs = Vec::new();
+                if i > 0 {
+                    needs.push(i - 1);
+                }
+                if i >= 10 && i % 7 == 0 {
+                    needs.push(i - 10);
+                }
+                needs
+            })
+            .collect()
+    }
+
+    #[test]
+    fn near_and_far_questions_match_a_full_walk() {
+        let n = 3_000;
+        let direct = graph(n);
+        // Near (settled by a short walk), far (past the walk's budget, over 64 distinct tasks so
+        // several batched passes run), downstream (never an ancestor) and the task itself.
+        let questions: Vec<(usize, Vec<usize>)> = (0..n)
+            .map(|i| {
+                (
+                    i,
+                    vec![i.saturating_sub(1), i / 3, (i * 7) % n, i, (i + 5) % n],
+                )
+            })
+            .collect();
+        let answers = Ancestry::of_needs(direct.clone()).answer(&questions);
+        for ((task, wanted), got) in questions.iter().zip(&answers) {
+            assert_eq!(got, &brute(&direct, *task, wanted), "task {task}");
+        }
+    }
+
+    #[test]
+    fn a_cycle_is_answered_by_full_walks() {
+        // 0 <- 1 <- ... <- 599 <- 0: every task needs every other.
+        let n = 600;
+        let direct: Vec<Vec<usize>> = (0..n).map(|i| vec![(i + n - 1) % n]).collect();
+        let questions = vec![(0, vec![1, 300, 0]), (10, vec![11, 599])];
+        let answers = Ancestry::of_needs(direct).answer(&questions);
+        assert_eq!(answers, vec![vec![1, 300], vec![11, 599]]);
+    }
+
+    #[test]
+    fn all_lists_every_transitive_need() {
+        let direct = graph(100);
+        let mut ancestry = Ancestry::of_needs(direct.clone());
+        let everyone: Vec<usize> = (0..100).collect();
+        for task in [0, 1, 50, 99] {
+            assert_eq!(ancestry.all(task), brute(&direct, task, &everyone));
         }
     }
 }

@@ -5,16 +5,27 @@
 
 use kdl::{KdlDocument, KdlNode, KdlValue};
 
+use super::depth;
 use super::node::{Key, Node, NodeValue};
 use crate::diagnostic::{Category, Diagnostic, Span};
 
 pub fn parse(text: &str) -> (Option<Node>, Vec<Diagnostic>) {
+    // The KDL parser recurses once per block and would overflow the stack on a deep enough file
+    // before it could report anything: the depth is measured on the text first.
+    if let Some(at) = too_deep_brace(text, depth::MAX_NESTING) {
+        return (None, vec![depth::too_deep(Span::new(at, at + 1))]);
+    }
     match text.parse::<KdlDocument>() {
         Ok(doc) => {
             let mut diagnostics = Vec::new();
             let value = lower_document(&doc, text, &mut diagnostics);
             let span = Span::new(0, text.len());
-            (Some(Node::new(value, span)), diagnostics)
+            let root = Node::new(value, span);
+            // A node with several arguments is a list one level below its block.
+            if let Some(d) = depth::check(&root) {
+                return (None, vec![d]);
+            }
+            (Some(root), diagnostics)
         }
         Err(err) => {
             let mut diagnostics: Vec<Diagnostic> = err
@@ -47,6 +58,85 @@ pub fn parse(text: &str) -> (Option<Node>, Vec<Diagnostic>) {
             (None, diagnostics)
         }
     }
+}
+
+/// The offset of the first `{` that opens a block nested deeper than `limit`, found by scanning
+/// the text without parsing it. Braces inside strings (quoted, multi-line and raw) and comments
+/// (line, nested block) do not count; those inside a `/-` commented-out node do, as the parser
+/// still reads them. Bytes are enough: every delimiter is ASCII, which UTF-8 never reuses inside a
+/// multi-byte character.
+fn too_deep_brace(text: &str, limit: usize) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let starts = |at: usize, s: &[u8]| bytes.get(at..at + s.len()) == Some(s);
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return Some(i);
+                }
+                i += 1;
+            }
+            b'}' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
+            b'/' if starts(i, b"//") => {
+                i = bytes[i..]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(bytes.len(), |n| i + n + 1);
+            }
+            b'/' if starts(i, b"/*") => {
+                let mut open = 0usize;
+                while i < bytes.len() {
+                    if starts(i, b"/*") {
+                        open += 1;
+                        i += 2;
+                    } else if starts(i, b"*/") {
+                        open -= 1;
+                        i += 2;
+                        if open == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            b'"' => {
+                // A quoted string, or a multi-line one (`"""`); `\` escapes the next character.
+                let quote: &[u8] = if starts(i, b"\"\"\"") {
+                    b"\"\"\""
+                } else {
+                    b"\""
+                };
+                i += quote.len();
+                while i < bytes.len() && !starts(i, quote) {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                i += quote.len();
+            }
+            b'#' => {
+                // A raw string `#"..."#` (any number of `#`, no escapes), or a keyword (`#true`).
+                let hashes = bytes[i..].iter().take_while(|&&b| b == b'#').count();
+                i += hashes;
+                if bytes.get(i) == Some(&b'"') {
+                    let mut end = vec![b'"'];
+                    end.extend(std::iter::repeat_n(b'#', hashes));
+                    i += 1;
+                    while i < bytes.len() && !starts(i, &end) {
+                        i += 1;
+                    }
+                    i += end.len();
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    None
 }
 
 /// The span of a property entry covers `key=value`; diagnostics about the value should point at

@@ -1,10 +1,12 @@
 //! The syntax layer: TOML or KDL text → one spanned document tree ([`Node`]), so both formats feed the
 //! same decoder and compile to the same model.
 
+mod depth;
 mod kdl;
 mod node;
 mod toml;
 
+pub use depth::MAX_NESTING;
 pub use node::{Key, Node, NodeValue};
 
 use crate::diagnostic::Diagnostic;

@@ -3,13 +3,20 @@
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
+use super::depth;
 use super::node::{Key, Node, NodeValue};
 use crate::diagnostic::{Category, Diagnostic, Span};
 
 pub fn parse(text: &str) -> (Option<Node>, Vec<Diagnostic>) {
     let (table, errors) = DeTable::parse_recoverable(text);
-    let diagnostics: Vec<Diagnostic> = errors
-        .iter()
+    // The parser stops arrays, inline tables and dotted keys at its own depth (80); what it built
+    // up to there is measured against the clusterfile's limit below instead, with one diagnostic.
+    let (too_deep, errors): (Vec<_>, Vec<_>) = errors.iter().partition(|e| {
+        let m = e.message();
+        m.contains("recurse further") || m.contains("recursion limit")
+    });
+    let mut diagnostics: Vec<Diagnostic> = errors
+        .into_iter()
         .map(|e| {
             let span = e.span().map(Span::from).unwrap_or_default();
             let message = e.message().trim().to_string();
@@ -25,6 +32,14 @@ pub fn parse(text: &str) -> (Option<Node>, Vec<Diagnostic>) {
         .collect();
     let span = Span::from(table.span());
     let root = Node::new(lower_table(table.get_ref()), span);
+    match depth::check(&root) {
+        Some(d) => diagnostics.push(d),
+        None => diagnostics.extend(
+            too_deep
+                .first()
+                .map(|e| depth::too_deep(e.span().map(Span::from).unwrap_or_default())),
+        ),
+    }
     (Some(root), diagnostics)
 }
 
