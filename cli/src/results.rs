@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use ccluster_engine::report;
 use ccluster_engine::store::{RunRecord, RunState, Store, TaskState};
-use ccluster_engine::workspace::{self, Repo};
+use ccluster_engine::workspace::{self, RefName, Repo};
 
 use crate::exit;
 use crate::runs::{find_run, load_runs, report as store_error};
@@ -201,6 +201,15 @@ pub fn report(dir: &Path, run: Option<&str>, json: bool) -> u8 {
 }
 
 pub fn export(dir: &Path, run: Option<&str>, patch: Option<&Path>, branch: Option<&str>) -> u8 {
+    // A name that git would read as an option (`-M` renames the checked-out branch) or that is
+    // not a valid branch name is refused before anything runs.
+    let branch = match branch.map(RefName::branch).transpose() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: --branch: {e}");
+            return exit::INVALID_INPUT;
+        }
+    };
     let (store, run) = match open_run(dir, run) {
         Ok(x) => x,
         Err(code) => return code,
@@ -229,22 +238,21 @@ pub fn export(dir: &Path, run: Option<&str>, patch: Option<&Path>, branch: Optio
     };
     let repo = Path::new(repo);
     if let Some(file) = patch {
-        let diff = match std::process::Command::new("git")
-            .arg("-C")
-            .arg(repo)
-            .args(["diff", "--binary", "--no-renames", base, &result.commit])
-            .output()
-        {
-            Ok(o) if o.status.success() => o.stdout,
-            Ok(o) => {
-                eprintln!(
-                    "error: git diff failed: {}",
-                    String::from_utf8_lossy(&o.stderr)
-                );
-                return exit::TASK_FAILED;
-            }
+        let diff = match workspace::git_sync_bytes(
+            repo,
+            &[
+                "diff",
+                "--binary",
+                "--no-renames",
+                "--end-of-options",
+                base,
+                &result.commit,
+                "--",
+            ],
+        ) {
+            Ok(diff) => diff,
             Err(e) => {
-                eprintln!("error: cannot run git: {e}");
+                eprintln!("error: {e}");
                 return exit::TASK_FAILED;
             }
         };
@@ -267,12 +275,19 @@ pub fn export(dir: &Path, run: Option<&str>, patch: Option<&Path>, branch: Optio
             );
         }
     }
-    if let Some(name) = branch {
-        if let Err(e) = workspace::git_sync(repo, &["branch", name, &result.commit]) {
+    if let Some(branch) = branch {
+        let repo = Repo {
+            root: repo.to_path_buf(),
+        };
+        if let Err(e) = repo.create_branch(&branch, &result.commit) {
             eprintln!("error: {e}");
             return exit::INVALID_INPUT;
         }
-        eprintln!("created branch {name} at {}", &result.commit[..10]);
+        eprintln!(
+            "created branch {} at {}",
+            branch.short_branch().unwrap_or_default(),
+            &result.commit[..result.commit.len().min(10)]
+        );
     }
     exit::SUCCESS
 }
