@@ -6,6 +6,7 @@ mod apply;
 mod compose;
 mod crash;
 mod examples;
+mod gitsafe;
 mod invalid;
 mod library;
 mod schema;

@@ -317,10 +317,9 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
                 result.commit = Some(commit);
             }
             Err(e) => {
-                let (process, class, message) =
-                    git_failure(e, FailureClass::SetupError, |e| {
-                        format!("cannot commit the result: {e}")
-                    });
+                let (process, class, message) = git_failure(e, FailureClass::SetupError, |e| {
+                    format!("cannot commit the result: {e}")
+                });
                 result.output = None;
                 result.failure = Some((class, message));
                 if process.end != ProcessEnd::Exited(0) {

@@ -525,7 +525,14 @@ pub async fn create(
     if let Some(old) = spec.reuse.as_ref().filter(|p| p.is_dir()) {
         let _turn = WORKTREE_REGISTRY.lock().await;
         let (from, to) = (old.to_string_lossy(), spec.path.to_string_lossy());
-        match git(&spec.repo, &["worktree", "move", "--", &from, &to], &[], limits).await {
+        match git(
+            &spec.repo,
+            &["worktree", "move", "--", &from, &to],
+            &[],
+            limits,
+        )
+        .await
+        {
             Ok(_) => return Ok(Vec::new()),
             Err(GitError::Failed(_)) => {}
             Err(stopped) => return Err(stopped),
@@ -636,7 +643,14 @@ async fn reuse_pooled(spec: &WorkspaceSpec, limits: &GitLimits) -> Result<bool, 
         let mut taken = false;
         for entry in entries {
             let from = entry.to_string_lossy().into_owned();
-            match git(&spec.repo, &["worktree", "move", "--", &from, &path], &[], limits).await {
+            match git(
+                &spec.repo,
+                &["worktree", "move", "--", &from, &path],
+                &[],
+                limits,
+            )
+            .await
+            {
                 Ok(_) => {
                     taken = true;
                     break;
@@ -969,16 +983,20 @@ pub async fn publish(
         )));
     }
     if spec.mode == WorkspaceMode::Copy {
-        let main = spec.repo.to_string_lossy().into_owned();
+        // The main repository fetches the clone's HEAD (the commit) rather than the clone pushing
+        // it: a push runs the receiving repository's hooks in a `receive-pack` that does not get
+        // our `-c` options, while a fetch runs none there. The refs are set below, with the branch.
+        let clone = spec.path.to_string_lossy().into_owned();
         git(
-            &spec.path,
+            &spec.repo,
             &[
-                "push",
+                "fetch",
                 "--quiet",
-                "--no-verify",
+                "--no-tags",
+                "--no-write-fetch-head",
                 "--",
-                &main,
-                &format!("{commit}:{keep}"),
+                &clone,
+                "HEAD",
             ],
             &[],
             limits,
@@ -1017,9 +1035,14 @@ pub async fn remove(spec: &WorkspaceSpec) {
                 .join(".");
             let to = pool.join(name).to_string_lossy().into_owned();
             let from = spec.path.to_string_lossy().into_owned();
-            if git(&spec.repo, &["worktree", "move", "--", &from, &to], &[], &limits)
-                .await
-                .is_ok()
+            if git(
+                &spec.repo,
+                &["worktree", "move", "--", &from, &to],
+                &[],
+                &limits,
+            )
+            .await
+            .is_ok()
             {
                 return;
             }
@@ -1030,5 +1053,126 @@ pub async fn remove(spec: &WorkspaceSpec) {
     if spec.mode != WorkspaceMode::Copy {
         let _turn = WORKTREE_REGISTRY.lock().await;
         let _ = git(&spec.repo, &["worktree", "prune"], &[], &limits).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A repository on `main` with two commits; returns it and both commits (old, new).
+    fn repo() -> (tempfile::TempDir, Repo, String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("git")
+                .arg("-C")
+                .arg(dir.path())
+                .args(args)
+                .env("GIT_AUTHOR_NAME", "t")
+                .env("GIT_AUTHOR_EMAIL", "t@localhost")
+                .env("GIT_COMMITTER_NAME", "t")
+                .env("GIT_COMMITTER_EMAIL", "t@localhost")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{args:?}");
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        run(&["init", "-q", "-b", "main"]);
+        run(&["commit", "-q", "--allow-empty", "-m", "one"]);
+        let old = run(&["rev-parse", "HEAD"]);
+        run(&["commit", "-q", "--allow-empty", "-m", "two"]);
+        let new = run(&["rev-parse", "HEAD"]);
+        run(&["reset", "-q", "--hard", &old]);
+        let repo = Repo {
+            root: dir.path().to_path_buf(),
+        };
+        (dir, repo, old, new)
+    }
+
+    fn refs(repo: &Repo) -> Vec<(String, String)> {
+        repo.refs_under("refs/")
+    }
+
+    #[test]
+    fn ref_scripts_cannot_be_injected_through_names_or_commits() {
+        let (_dir, repo, old, new) = repo();
+        let before = refs(&repo);
+        let zero = "0".repeat(40);
+        let hostile: Vec<(String, String)> = vec![
+            (
+                format!("refs/heads/x {zero}\nupdate refs/heads/main"),
+                new.clone(),
+            ),
+            (
+                format!("refs/heads/x\nupdate refs/heads/main {new}"),
+                new.clone(),
+            ),
+            ("refs/heads/x\ndelete refs/heads/main".into(), new.clone()),
+            (
+                format!("refs/heads/x\0update refs/heads/main\0{new}"),
+                new.clone(),
+            ),
+            (
+                "refs/heads/x".into(),
+                format!("{new}\nupdate refs/heads/main {new}"),
+            ),
+            (
+                "refs/heads/x".into(),
+                format!("{new}\0\0update refs/heads/main\0{new}"),
+            ),
+            ("refs/heads/../main".into(), new.clone()),
+            ("refs/heads/main.lock".into(), new.clone()),
+            ("HEAD".into(), new.clone()),
+            ("-M".into(), new.clone()),
+            ("refs/heads/x".into(), "HEAD".into()),
+        ];
+        for (name, commit) in &hostile {
+            let pair = [(name.clone(), commit.clone())];
+            assert!(
+                repo.set_refs(&pair).is_err(),
+                "{name:?} {commit:?} accepted"
+            );
+            if name != "refs/heads/x" {
+                assert!(
+                    repo.delete_refs(&[name.clone()]).is_err(),
+                    "{name:?} accepted"
+                );
+            }
+            assert_eq!(refs(&repo), before, "{name:?} {commit:?} changed the refs");
+        }
+        // One bad name in a batch: nothing of the batch is set.
+        let batch = [
+            ("refs/heads/ccluster/r/a".to_string(), new.clone()),
+            (
+                "refs/heads/ccluster/r/b\nupdate refs/heads/main".to_string(),
+                new.clone(),
+            ),
+        ];
+        assert!(repo.set_refs(&batch).is_err());
+        assert_eq!(refs(&repo), before);
+        // Good names still work.
+        let good = [("refs/heads/ccluster/r/a.b/2".to_string(), new.clone())];
+        repo.set_refs(&good).unwrap();
+        assert_eq!(repo.resolve("main").unwrap(), old);
+        assert_eq!(repo.resolve("ccluster/r/a.b/2").unwrap(), new);
+        repo.delete_refs(&[good[0].0.clone()]).unwrap();
+        assert_eq!(refs(&repo), before);
+    }
+
+    #[test]
+    fn user_branches_that_look_like_options_are_refused() {
+        let (_dir, repo, _old, new) = repo();
+        let before = refs(&repo);
+        for name in ["-M", "--force", "-D", "-", "-m main"] {
+            assert!(RefName::branch(name).is_err(), "{name:?}");
+        }
+        let ok = RefName::branch("feature/x").unwrap();
+        repo.create_branch(&ok, &new).unwrap();
+        // An existing branch is not moved.
+        assert!(repo
+            .create_branch(&RefName::branch("main").unwrap(), &new)
+            .is_err());
+        assert_eq!(refs(&repo).len(), before.len() + 1);
+        assert!(repo.create_branch(&ok, "-M").is_err());
     }
 }

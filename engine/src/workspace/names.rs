@@ -17,7 +17,10 @@ impl RefName {
     pub fn new(name: impl Into<String>) -> Result<RefName, String> {
         let name = name.into();
         if !name.starts_with("refs/") {
-            return Err(format!("`{}` is not a ref name under `refs/`", name.escape_debug()));
+            return Err(format!(
+                "`{}` is not a ref name under `refs/`",
+                name.escape_debug()
+            ));
         }
         check_ref_format(&name)
             .map_err(|why| format!("`{}` is not a valid ref name: {why}", name.escape_debug()))?;
@@ -237,7 +240,11 @@ mod tests {
         ] {
             assert!(RefName::new(bad).is_err(), "{bad:?} accepted");
         }
-        for good in ["refs/heads/main", "refs/ccluster/keep/ab12", "refs/heads/a.b/c-d_e%2E"] {
+        for good in [
+            "refs/heads/main",
+            "refs/ccluster/keep/ab12",
+            "refs/heads/a.b/c-d_e%2E",
+        ] {
             assert!(RefName::new(good).is_ok(), "{good:?} refused");
         }
     }
@@ -269,7 +276,17 @@ mod tests {
 
     #[test]
     fn user_branches_may_not_be_options() {
-        for bad in ["-M", "--foo", "-", "--", "-d", "HEAD", "refs/heads/x", "a\nb", "a..b"] {
+        for bad in [
+            "-M",
+            "--foo",
+            "-",
+            "--",
+            "-d",
+            "HEAD",
+            "refs/heads/x",
+            "a\nb",
+            "a..b",
+        ] {
             assert!(RefName::branch(bad).is_err(), "{bad:?} accepted");
         }
         assert_eq!(
@@ -344,7 +361,10 @@ mod tests {
         let mut seen = std::collections::HashMap::new();
         for id in ids {
             let name = node_file_name(id);
-            assert!(!name.contains('/') && !name.starts_with('.'), "{id:?} → {name:?}");
+            assert!(
+                !name.contains('/') && !name.starts_with('.'),
+                "{id:?} → {name:?}"
+            );
             if let Some(other) = seen.insert(name.clone(), id) {
                 panic!("{id:?} and {other:?} share {name:?}");
             }
