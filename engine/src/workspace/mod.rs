@@ -1134,7 +1134,7 @@ mod tests {
             );
             if name != "refs/heads/x" {
                 assert!(
-                    repo.delete_refs(&[name.clone()]).is_err(),
+                    repo.delete_refs(std::slice::from_ref(name)).is_err(),
                     "{name:?} accepted"
                 );
             }
