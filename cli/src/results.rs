@@ -309,6 +309,8 @@ pub fn gc(dir: &Path, dry_run: bool) -> u8 {
         Err(e) => return store_error(e),
     };
     let (mut worktrees, mut branches, mut kept) = (0usize, 0usize, Vec::new());
+    // What `--dry-run` would remove, by name.
+    let mut listing: Vec<String> = Vec::new();
     let mut repos: HashSet<String> = HashSet::new();
     for run in runs.iter().filter(|r| r.state != RunState::Running) {
         let Some(root) = &run.repo else { continue };
@@ -335,7 +337,9 @@ pub fn gc(dir: &Path, dry_run: bool) -> u8 {
                     continue;
                 }
                 worktrees += 1;
-                if !dry_run {
+                if dry_run {
+                    listing.push(format!("worktree {}", entry.path().display()));
+                } else {
                     let _ = std::fs::remove_dir_all(entry.path());
                 }
             }
@@ -361,7 +365,13 @@ pub fn gc(dir: &Path, dry_run: bool) -> u8 {
             })
             .collect();
         branches += doomed.len();
-        if !dry_run {
+        if dry_run {
+            listing.extend(
+                doomed
+                    .iter()
+                    .map(|r| format!("branch {}", r.trim_start_matches("refs/heads/"))),
+            );
+        } else {
             if let Err(e) = repo.delete_refs(&doomed) {
                 eprintln!("warning: {e}");
             }
@@ -372,7 +382,9 @@ pub fn gc(dir: &Path, dry_run: bool) -> u8 {
     if let Ok(entries) = std::fs::read_dir(state.join("worktrees").join("pool")) {
         for entry in entries.flatten() {
             worktrees += 1;
-            if !dry_run {
+            if dry_run {
+                listing.push(format!("worktree {}", entry.path().display()));
+            } else {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
@@ -388,6 +400,9 @@ pub fn gc(dir: &Path, dry_run: bool) -> u8 {
     );
     for k in kept {
         out!("kept result branch {k}");
+    }
+    for item in listing {
+        out!("  would remove {item}");
     }
     exit::SUCCESS
 }

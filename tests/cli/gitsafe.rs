@@ -532,3 +532,39 @@ fn a_binary_conflict_the_resolver_left_alone_fails_and_one_it_staged_succeeds() 
         "both"
     );
 }
+
+#[test]
+fn gc_dry_run_names_what_it_would_remove_and_removes_nothing() {
+    let s = repo(
+        r#"version = 1
+[tasks.edit]
+map = ["a", "b"]
+workspace = "worktree"
+run = "echo {{ item }} > {{ item }}.txt"
+[tasks.join]
+needs = ["edit"]
+merge = { strategy = "git" }
+"#,
+    );
+    assert_eq!(s.apply(&[]).code, 0);
+    let run = run_id(&s);
+    let before = all_refs(&s);
+    let out = s.command(&["gc", "--dry-run"]).output().unwrap();
+    assert!(out.status.success());
+    let said = String::from_utf8_lossy(&out.stdout);
+    for branch in ["edit/0", "edit/1"] {
+        assert!(
+            said.contains(&format!("would remove branch ccluster/{run}/{branch}\n")),
+            "{said}"
+        );
+    }
+    assert!(
+        said.contains(&format!("kept result branch ccluster/{run}/join")),
+        "{said}"
+    );
+    assert!(
+        !said.contains("would remove branch ccluster/{run}/join"),
+        "{said}"
+    );
+    assert_eq!(all_refs(&s), before);
+}
