@@ -563,7 +563,7 @@ merge = { strategy = "git" }
         "{said}"
     );
     assert!(
-        !said.contains("would remove branch ccluster/{run}/join"),
+        !said.contains(&format!("would remove branch ccluster/{run}/join")),
         "{said}"
     );
     assert_eq!(all_refs(&s), before);
