@@ -18,7 +18,7 @@ use ccluster_engine::report;
 use ccluster_engine::store::{
     Archive, RunRecord, RunRecords, RunState, Store, StoreError, TaskState,
 };
-use ccluster_engine::workspace::{self, Repo};
+use ccluster_engine::workspace::{self, RefName, Repo};
 
 use crate::exit;
 use crate::runs::{find_run, load_runs, report as store_error};
@@ -245,6 +245,15 @@ pub fn report(dir: &Path, run: Option<&str>, json: bool) -> u8 {
 }
 
 pub fn export(dir: &Path, run: Option<&str>, patch: Option<&Path>, branch: Option<&str>) -> u8 {
+    // A name that git would read as an option (`-M` renames the checked-out branch) or that is
+    // not a valid branch name is refused before anything runs.
+    let branch = match branch.map(RefName::branch).transpose() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: --branch: {e}");
+            return exit::INVALID_INPUT;
+        }
+    };
     let (store, run) = match open_run(dir, run) {
         Ok(x) => x,
         Err(code) => return code,
@@ -273,22 +282,21 @@ pub fn export(dir: &Path, run: Option<&str>, patch: Option<&Path>, branch: Optio
     };
     let repo = Path::new(repo);
     if let Some(file) = patch {
-        let diff = match std::process::Command::new("git")
-            .arg("-C")
-            .arg(repo)
-            .args(["diff", "--binary", "--no-renames", base, &result.commit])
-            .output()
-        {
-            Ok(o) if o.status.success() => o.stdout,
-            Ok(o) => {
-                eprintln!(
-                    "error: git diff failed: {}",
-                    String::from_utf8_lossy(&o.stderr)
-                );
-                return exit::TASK_FAILED;
-            }
+        let diff = match workspace::git_sync_bytes(
+            repo,
+            &[
+                "diff",
+                "--binary",
+                "--no-renames",
+                "--end-of-options",
+                base,
+                &result.commit,
+                "--",
+            ],
+        ) {
+            Ok(diff) => diff,
             Err(e) => {
-                eprintln!("error: cannot run git: {e}");
+                eprintln!("error: {e}");
                 return exit::TASK_FAILED;
             }
         };
@@ -311,12 +319,19 @@ pub fn export(dir: &Path, run: Option<&str>, patch: Option<&Path>, branch: Optio
             );
         }
     }
-    if let Some(name) = branch {
-        if let Err(e) = workspace::git_sync(repo, &["branch", name, &result.commit]) {
+    if let Some(branch) = branch {
+        let repo = Repo {
+            root: repo.to_path_buf(),
+        };
+        if let Err(e) = repo.create_branch(&branch, &result.commit) {
             eprintln!("error: {e}");
             return exit::INVALID_INPUT;
         }
-        eprintln!("created branch {name} at {}", &result.commit[..10]);
+        eprintln!(
+            "created branch {} at {}",
+            branch.short_branch().unwrap_or_default(),
+            &result.commit[..result.commit.len().min(10)]
+        );
     }
     exit::SUCCESS
 }
@@ -339,6 +354,8 @@ pub fn gc(dir: &Path, dry_run: bool) -> u8 {
         Err(e) => return store_error(e),
     };
     let (mut worktrees, mut branches, mut kept) = (0usize, 0usize, Vec::new());
+    // What `--dry-run` would remove, by name.
+    let mut listing: Vec<String> = Vec::new();
     let mut repos: HashSet<String> = HashSet::new();
     for run in runs.iter().filter(|r| r.state != RunState::Running) {
         let Some(root) = &run.repo else { continue };
@@ -365,7 +382,9 @@ pub fn gc(dir: &Path, dry_run: bool) -> u8 {
                     continue;
                 }
                 worktrees += 1;
-                if !dry_run {
+                if dry_run {
+                    listing.push(format!("worktree {}", entry.path().display()));
+                } else {
                     let _ = std::fs::remove_dir_all(entry.path());
                 }
             }
@@ -391,7 +410,13 @@ pub fn gc(dir: &Path, dry_run: bool) -> u8 {
             })
             .collect();
         branches += doomed.len();
-        if !dry_run {
+        if dry_run {
+            listing.extend(
+                doomed
+                    .iter()
+                    .map(|r| format!("branch {}", r.trim_start_matches("refs/heads/"))),
+            );
+        } else {
             if let Err(e) = repo.delete_refs(&doomed) {
                 eprintln!("warning: {e}");
             }
@@ -402,7 +427,9 @@ pub fn gc(dir: &Path, dry_run: bool) -> u8 {
     if let Ok(entries) = std::fs::read_dir(state.join("worktrees").join("pool")) {
         for entry in entries.flatten() {
             worktrees += 1;
-            if !dry_run {
+            if dry_run {
+                listing.push(format!("worktree {}", entry.path().display()));
+            } else {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
@@ -418,6 +445,9 @@ pub fn gc(dir: &Path, dry_run: bool) -> u8 {
     );
     for k in kept {
         out!("kept result branch {k}");
+    }
+    for item in listing {
+        out!("  would remove {item}");
     }
     exit::SUCCESS
 }

@@ -7,6 +7,7 @@ mod compose;
 mod consistency;
 mod crash;
 mod examples;
+mod gitsafe;
 mod invalid;
 mod library;
 mod rehearsal_server;

@@ -285,17 +285,11 @@ pub fn log_path(logs: &Path, node: &str, attempt: u32, stream: &str) -> PathBuf 
     logs.join(format!("{}.{attempt}.{stream}", node_file_name(node)))
 }
 
-/// A plan node's id as a file name: `build[2]` → `build.2` (task ids never contain `.`, so names
-/// cannot collide).
+/// A plan node's id as a file name (`build[2]` → `build.2`, `review.fix` → `review.fix`): one
+/// name per node, so two nodes never share logs, a worktree or a worker directory (see
+/// [`workspace::node_file_name`]).
 pub fn node_file_name(node: &str) -> String {
-    node.chars()
-        .filter_map(|c| match c {
-            '[' => Some('.'),
-            ']' => None,
-            c if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '*' => Some(c),
-            _ => Some('_'),
-        })
-        .collect()
+    workspace::node_file_name(node)
 }
 
 fn backoff_delay(policy: &RetryPolicy, failed_attempt: u32) -> Duration {
@@ -1462,6 +1456,7 @@ impl Dispatcher<'_> {
             artifacts: plan.artifacts.clone(),
             reports: plan.reports.clone(),
             attempt,
+            timeout: plan.timeout_ms.map(Duration::from_millis),
             artifact_dir: run_dir.join("artifacts").join(&file_name),
             agent: match &plan.action {
                 PlannedAction::Agent { output_schema, .. } => Some(job::AgentJob {

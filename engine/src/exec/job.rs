@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::watch;
@@ -12,7 +13,7 @@ use tokio::sync::watch;
 use super::runner::{ProcessEnd, ProcessResult, ProcessSpec, Runner, Stop};
 use crate::model::raw::{FailureClass, OutputMode};
 use crate::store::ArtifactRecord;
-use crate::workspace::{self, artifacts, MergeStep, WorkspaceSpec};
+use crate::workspace::{self, artifacts, GitError, GitLimits, MergeStep, WorkspaceSpec};
 
 /// Everything an attempt needs; built by the dispatcher when the attempt starts.
 pub struct Job {
@@ -32,6 +33,9 @@ pub struct Job {
     pub artifacts: Vec<String>,
     pub reports: Vec<String>,
     pub attempt: u32,
+    /// The task's `timeout`: ccluster's own git steps of the attempt share it (its processes have
+    /// it in their [`ProcessSpec`]).
+    pub timeout: Option<Duration>,
     /// This attempt's artifact directory.
     pub artifact_dir: PathBuf,
     /// Set for an agent attempt: its stream-json is read as it arrives.
@@ -83,6 +87,29 @@ fn no_process() -> ProcessResult {
     }
 }
 
+/// How a failed git step ends the attempt: a git failure is `class` with `context`; a step stopped
+/// by the attempt's timeout is a timeout, and one stopped by a cancel a cancel, as they would be
+/// for the task's command.
+fn git_failure(
+    error: GitError,
+    class: FailureClass,
+    context: impl FnOnce(String) -> String,
+) -> (ProcessResult, FailureClass, String) {
+    let ended = |end| ProcessResult {
+        end,
+        stdout: Vec::new(),
+    };
+    match error {
+        GitError::Failed(e) => (no_process(), class, context(e)),
+        GitError::TimedOut { step } => (
+            ended(ProcessEnd::TimedOut),
+            FailureClass::Timeout,
+            format!("timed out in ccluster's `{step}` step"),
+        ),
+        GitError::Cancelled => (ended(ProcessEnd::Cancelled), class, "cancelled".into()),
+    }
+}
+
 pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>) -> JobResult {
     let mut record = ArtifactRecord {
         attempt: job.attempt,
@@ -108,15 +135,17 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
         return result;
     };
 
-    let copied = match workspace::create(ws, &job.copy_from).await {
+    let limits = GitLimits::new(job.timeout, stop.clone());
+    let git_fail = |record, error, class, context: &dyn Fn(String) -> String| {
+        let (process, class, message) = git_failure(error, class, context);
+        fail(record, process, class, message)
+    };
+    let copied = match workspace::create(ws, &job.copy_from, &limits).await {
         Ok(copied) => copied,
         Err(e) => {
-            return fail(
-                record,
-                no_process(),
-                FailureClass::SetupError,
-                format!("cannot make the workspace: {e}"),
-            )
+            return git_fail(record, e, FailureClass::SetupError, &|e| {
+                format!("cannot make the workspace: {e}")
+            })
         }
     };
     record.worktree = Some(ws.path.display().to_string());
@@ -127,16 +156,13 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
         r
     };
     for (i, input) in ws.merge.iter().enumerate() {
-        let mut conflict = match workspace::merge_one(ws, input, &ws.merge[..i]).await {
+        let mut conflict = match workspace::merge_one(ws, input, &ws.merge[..i], &limits).await {
             Ok(MergeStep::Merged) => continue,
             Ok(MergeStep::Conflicted(c)) => c,
             Err(e) => {
-                return fail(
-                    record,
-                    no_process(),
-                    FailureClass::SetupError,
-                    format!("cannot merge `{}`: {e}", input.node),
-                )
+                return git_fail(record, e, FailureClass::SetupError, &|e| {
+                    format!("cannot merge `{}`: {e}", input.node)
+                })
             }
         };
         let Some(mut resolver) = job.resolve.clone() else {
@@ -184,6 +210,7 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
             }
         }
         let command = resolver.command.clone();
+        let left_by_merge = workspace::left_by_merge(ws, &conflict);
         let end = if resolver.argv.is_some() {
             // An agent: its stream-json gives what it spent.
             let (process, transcript) = run_agent(resolver, &runner, stop.clone(), |_| {}).await;
@@ -213,11 +240,11 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
                 &resolvers,
             );
         }
-        if let Err(e) = workspace::conclude_merge(ws, &conflict).await {
-            let message = format!("merging `{}` conflicts: {e}", input.node);
+        if let Err(e) = workspace::conclude_merge(ws, &conflict, &left_by_merge, &limits).await {
+            let context = |e| format!("merging `{}` conflicts: {e}", input.node);
             record.conflicts.push(conflict);
             return spent(
-                fail(record, no_process(), FailureClass::MergeConflict, message),
+                git_fail(record, e, FailureClass::MergeConflict, &context),
                 &resolvers,
             );
         }
@@ -228,11 +255,11 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
     // base, since merging is its work.
     let start = match job.process {
         None => ws.start.clone(),
-        Some(_) => match workspace::head(ws).await {
+        Some(_) => match workspace::head(ws, &limits).await {
             Ok(c) => c,
             Err(e) => {
                 return spent(
-                    fail(record, no_process(), FailureClass::SetupError, e),
+                    git_fail(record, e, FailureClass::SetupError, &|e| e),
                     &resolvers,
                 )
             }
@@ -266,11 +293,11 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
     let mut succeeded = result.failure.is_none() && result.output.is_some();
     if succeeded {
         let published = async {
-            let commit = workspace::commit_all(ws, &copied).await?;
+            let commit = workspace::commit_all(ws, &copied, &limits).await?;
             let (changed, patch) =
-                workspace::changes(&ws.path, &start, Some(&commit), &copied).await?;
-            workspace::publish(ws, &commit).await?;
-            Ok::<_, String>((commit, changed, patch))
+                workspace::changes(&ws.path, &start, Some(&commit), &copied, &limits).await?;
+            workspace::publish(ws, &commit, &limits).await?;
+            Ok::<_, GitError>((commit, changed, patch))
         }
         .await;
         match published {
@@ -290,17 +317,27 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
                 result.commit = Some(commit);
             }
             Err(e) => {
+                let (process, class, message) = git_failure(e, FailureClass::SetupError, |e| {
+                    format!("cannot commit the result: {e}")
+                });
                 result.output = None;
-                result.failure = Some((
-                    FailureClass::SetupError,
-                    format!("cannot commit the result: {e}"),
-                ));
+                result.failure = Some((class, message));
+                if process.end != ProcessEnd::Exited(0) {
+                    result.process.end = process.end;
+                }
                 succeeded = false;
             }
         }
-    } else if let Ok((changed, patch)) = workspace::changes(&ws.path, &start, None, &copied).await {
-        record.changed = changed;
-        save_patch(&job, &patch, &mut record);
+    }
+    if !succeeded {
+        // What the failed attempt changed, for `ccluster artifacts`: a clean-up step, not bounded
+        // by the attempt's limits (it runs no hooks).
+        if let Ok((changed, patch)) =
+            workspace::changes(&ws.path, &start, None, &copied, &GitLimits::none()).await
+        {
+            record.changed = changed;
+            save_patch(&job, &patch, &mut record);
+        }
     }
     collect(&job, &ws.path.clone(), &mut record);
     if succeeded {

@@ -4,14 +4,22 @@
 //! CLI, so users' git behaves here as it does for them (config, attributes, LFS filters).
 
 pub mod artifacts;
+pub mod names;
 pub mod transplant;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
 
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
+use crate::exec::runner::Stop;
 use crate::model::raw::WorkspaceMode;
+pub use names::{is_object_id, node_file_name, node_ref_name, RefName};
 
 /// A needed task's result that a workspace builds on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,11 +102,23 @@ impl WorkspaceSpec {
     }
 }
 
+/// Whether repository hooks run inside ccluster's own git steps: only when the user opts in with
+/// `CCLUSTER_GIT_HOOKS=1`. A hook is the repository's code, not the task's: it would run outside
+/// the task's timeout, environment and logs (a `post-commit` that sleeps would hold a finished
+/// task), and a `reference-transaction` hook could veto or rewrite ccluster's bookkeeping.
+pub fn hooks_enabled() -> bool {
+    std::env::var_os("CCLUSTER_GIT_HOOKS").is_some_and(|v| v == "1")
+}
+
 /// The environment every git command gets: nothing of the caller's git variables (a hook's
-/// `GIT_DIR` must not redirect us), no prompts, stable messages.
+/// `GIT_DIR` must not redirect us), no prompts, stable messages, and no hooks unless the user
+/// opted in ([`hooks_enabled`]).
 fn git_command_std(dir: &Path) -> std::process::Command {
     let mut cmd = std::process::Command::new("git");
     cmd.arg("-C").arg(dir).env_clear();
+    if !hooks_enabled() {
+        cmd.args(["-c", "core.hooksPath=/dev/null"]);
+    }
     for key in ["PATH", "HOME", "USER", "TMPDIR"] {
         if let Ok(v) = std::env::var(key) {
             cmd.env(key, v);
@@ -119,44 +139,239 @@ fn describe_failure(args: &[&str], out: &std::process::Output) -> String {
     } else {
         stderr.trim()
     };
-    format!("`git {}` failed: {}", args.join(" "), detail)
+    format!("`git {}` failed: {}", args.join(" "), detail.escape_debug())
 }
 
 /// Runs git synchronously (CLI commands, run start); stdout on success.
 pub fn git_sync(dir: &Path, args: &[&str]) -> Result<String, String> {
+    git_sync_bytes(dir, args).map(|out| String::from_utf8_lossy(&out).into_owned())
+}
+
+/// [`git_sync`], stdout as bytes (a binary patch).
+pub fn git_sync_bytes(dir: &Path, args: &[&str]) -> Result<Vec<u8>, String> {
     let out = git_command_std(dir)
         .args(args)
         .output()
         .map_err(|e| format!("cannot run git: {e}"))?;
     if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok(out.stdout)
     } else {
         Err(describe_failure(args, &out))
     }
 }
 
-/// Runs git from a job; the process dies with the job if the run aborts.
+/// Why one of an attempt's git steps did not give a result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GitError {
+    /// Git ran and failed (or could not be started), or what it left is unusable.
+    Failed(String),
+    /// The attempt's time for git steps ran out during `step` (`git commit`), which was stopped.
+    TimedOut { step: String },
+    /// The run is being cancelled: the step was stopped, or not started.
+    Cancelled,
+}
+
+impl std::fmt::Display for GitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GitError::Failed(e) => f.write_str(e),
+            GitError::TimedOut { step } => write!(f, "timed out in `{step}`"),
+            GitError::Cancelled => f.write_str("cancelled"),
+        }
+    }
+}
+
+impl From<String> for GitError {
+    fn from(e: String) -> GitError {
+        GitError::Failed(e)
+    }
+}
+
+/// How long a git step may take to stop after SIGTERM (git removes its lock files on it) before
+/// its process group is killed.
+const GIT_GRACE: Duration = Duration::from_secs(2);
+
+/// The bounds of an attempt's git steps: the run's stop signal (Ctrl-C), and the task's
+/// `timeout`, which all of the attempt's git steps share (each process the attempt runs, setup,
+/// resolver or command, has its own `timeout` besides).
+pub struct GitLimits {
+    stop: Option<watch::Receiver<Stop>>,
+    /// The time git steps may still take (`None`: no limit).
+    left: Mutex<Option<Duration>>,
+}
+
+impl GitLimits {
+    pub fn new(timeout: Option<Duration>, stop: watch::Receiver<Stop>) -> GitLimits {
+        GitLimits {
+            stop: Some(stop),
+            left: Mutex::new(timeout),
+        }
+    }
+
+    /// No bounds: for clean-up after the attempt (recording what a failed attempt changed,
+    /// removing a published worktree), which runs no hooks and must not be cut short.
+    pub fn none() -> GitLimits {
+        GitLimits {
+            stop: None,
+            left: Mutex::new(None),
+        }
+    }
+
+    fn stop_now(&self) -> Option<Stop> {
+        self.stop
+            .as_ref()
+            .map(|s| *s.borrow())
+            .filter(|s| *s != Stop::No)
+    }
+
+    fn time_left(&self) -> Option<Duration> {
+        *self.left.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn spend(&self, spent: Duration) {
+        let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = left.as_mut() {
+            *l = l.saturating_sub(spent);
+        }
+    }
+}
+
+/// Kills a git step's process group (hooks and all) if its future is dropped before it ended.
+struct GroupGuard(Option<i32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            // ESRCH (the group is gone) is the expected race here.
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Runs one git step of an attempt in its own process group, stopped (SIGTERM, then SIGKILL after
+/// [`GIT_GRACE`]; at once for a second Ctrl-C) when the attempt's time for git runs out or the run
+/// is cancelled. `input` is written to its stdin.
 async fn git_output(
     dir: &Path,
     args: &[&str],
     env: &[(String, String)],
-) -> Result<std::process::Output, String> {
+    input: Option<&[u8]>,
+    limits: &GitLimits,
+) -> Result<std::process::Output, GitError> {
+    use tokio::io::AsyncWriteExt;
+    if limits.stop_now().is_some() {
+        return Err(GitError::Cancelled);
+    }
+    let step = || format!("git {}", args.first().copied().unwrap_or_default());
+    let left = limits.time_left();
+    if left.is_some_and(|l| l.is_zero()) {
+        return Err(GitError::TimedOut { step: step() });
+    }
     let mut cmd = tokio::process::Command::from(git_command_std(dir));
     cmd.args(args)
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true);
-    cmd.output()
-        .await
-        .map_err(|e| format!("cannot run git: {e}"))
+    let started = tokio::time::Instant::now();
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| GitError::Failed(format!("cannot run git: {e}")))?;
+    let mut guard = GroupGuard(child.id().and_then(|id| i32::try_from(id).ok()));
+    let stdin = child.stdin.take();
+    let finished = async move {
+        if let (Some(mut stdin), Some(input)) = (stdin, input) {
+            // A git that exits early closes its stdin: its exit status tells what went wrong.
+            let _ = stdin.write_all(input).await;
+        }
+        child.wait_with_output().await
+    };
+    tokio::pin!(finished);
+    let deadline = async {
+        match left {
+            Some(l) => tokio::time::sleep(l).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut stop = limits.stop.clone();
+    let stopped = async {
+        match stop.as_mut() {
+            Some(stop) => {
+                while stop.changed().await.is_ok() {
+                    let now = *stop.borrow();
+                    if now != Stop::No {
+                        return now;
+                    }
+                }
+                std::future::pending().await
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let (why, urgency) = tokio::select! {
+        out = &mut finished => {
+            guard.0 = None;
+            limits.spend(started.elapsed());
+            return out.map_err(|e| GitError::Failed(format!("cannot run git: {e}")));
+        }
+        () = deadline => (GitError::TimedOut { step: step() }, Stop::Graceful),
+        how = stopped => (GitError::Cancelled, how),
+    };
+    limits.spend(started.elapsed());
+    if let Some(pgid) = guard.0 {
+        if urgency == Stop::Graceful {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGTERM);
+            // Whether it ended in time or not, the guard kills what is left of the group.
+            let _ = tokio::time::timeout(GIT_GRACE, &mut finished).await;
+        }
+    }
+    drop(guard);
+    Err(why)
 }
 
-async fn git(dir: &Path, args: &[&str], env: &[(String, String)]) -> Result<String, String> {
-    let out = git_output(dir, args, env).await?;
+async fn git(
+    dir: &Path,
+    args: &[&str],
+    env: &[(String, String)],
+    limits: &GitLimits,
+) -> Result<String, GitError> {
+    let out = git_output(dir, args, env, None, limits).await?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Err(describe_failure(args, &out))
+        Err(GitError::Failed(describe_failure(args, &out)))
     }
+}
+
+/// The `update-ref --stdin -z` script that sets `refs` to their commits, in one transaction. Every
+/// name is a checked [`RefName`] and every commit a full object id, and NUL-separated fields
+/// leave nothing for a stray character to inject.
+fn update_script(refs: &[(RefName, String)]) -> Result<Vec<u8>, String> {
+    let mut script = b"start\0".to_vec();
+    for (name, commit) in refs {
+        if !is_object_id(commit) {
+            return Err(format!(
+                "`{}` is not a commit id (for {name})",
+                commit.escape_debug()
+            ));
+        }
+        script.extend_from_slice(format!("update {name}\0{commit}\0\0").as_bytes());
+    }
+    script.extend_from_slice(b"commit\0");
+    Ok(script)
+}
+
+/// Checks names given as strings (records, `for-each-ref` output) before they reach git.
+fn checked(refs: &[(String, String)]) -> Result<Vec<(RefName, String)>, String> {
+    refs.iter()
+        .map(|(name, commit)| Ok((RefName::new(name.as_str())?, commit.clone())))
+        .collect()
 }
 
 /// The main checkout a clusterfile lives in.
@@ -187,6 +402,7 @@ impl Repo {
                 "rev-parse",
                 "--verify",
                 "--quiet",
+                "--end-of-options",
                 &format!("{rev}^{{commit}}"),
             ],
         )
@@ -207,42 +423,61 @@ impl Repo {
     pub fn has_commit(&self, commit: &str) -> bool {
         git_sync(
             &self.root,
-            &["cat-file", "-e", &format!("{commit}^{{commit}}")],
+            &[
+                "cat-file",
+                "-e",
+                "--end-of-options",
+                &format!("{commit}^{{commit}}"),
+            ],
         )
         .is_ok()
     }
 
-    /// Sets refs in one transaction (`update-ref --stdin`): all or none.
+    /// Sets refs in one transaction (`update-ref --stdin -z`): all or none. Names that are not
+    /// valid ref names, and commits that are not object ids, are refused before git runs.
     pub fn set_refs(&self, refs: &[(String, String)]) -> Result<(), String> {
         if refs.is_empty() {
             return Ok(());
         }
-        let mut script = String::from("start\n");
-        for (name, commit) in refs {
-            script.push_str(&format!("update {name} {commit}\n"));
-        }
-        script.push_str("commit\n");
-        run_with_stdin(&self.root, &["update-ref", "--stdin"], &script)
+        let script = update_script(&checked(refs)?)?;
+        run_with_stdin(&self.root, &["update-ref", "--stdin", "-z"], &script)
     }
 
-    /// Deletes refs in one transaction.
+    /// Deletes refs in one transaction (checked like [`Repo::set_refs`]).
     pub fn delete_refs(&self, refs: &[String]) -> Result<(), String> {
         if refs.is_empty() {
             return Ok(());
         }
-        let mut script = String::from("start\n");
+        let mut script = b"start\0".to_vec();
         for name in refs {
-            script.push_str(&format!("delete {name}\n"));
+            let name = RefName::new(name.as_str())?;
+            script.extend_from_slice(format!("delete {name}\0\0").as_bytes());
         }
-        script.push_str("commit\n");
-        run_with_stdin(&self.root, &["update-ref", "--stdin"], &script)
+        script.extend_from_slice(b"commit\0");
+        run_with_stdin(&self.root, &["update-ref", "--stdin", "-z"], &script)
+    }
+
+    /// Creates a branch at a commit, refusing to move an existing one (`export --branch`).
+    pub fn create_branch(&self, branch: &RefName, commit: &str) -> Result<(), String> {
+        let Some(name) = branch.short_branch() else {
+            return Err(format!("{branch} is not a branch"));
+        };
+        if !is_object_id(commit) {
+            return Err(format!("`{}` is not a commit id", commit.escape_debug()));
+        }
+        git_sync(&self.root, &["branch", "--no-track", "--", name, commit]).map(|_| ())
     }
 
     /// Refs under a prefix (`refs/heads/ccluster/<run>/`), with their commits.
     pub fn refs_under(&self, prefix: &str) -> Vec<(String, String)> {
         git_sync(
             &self.root,
-            &["for-each-ref", "--format=%(refname) %(objectname)", prefix],
+            &[
+                "for-each-ref",
+                "--format=%(refname) %(objectname)",
+                "--",
+                prefix,
+            ],
         )
         .unwrap_or_default()
         .lines()
@@ -252,7 +487,7 @@ impl Repo {
     }
 }
 
-fn run_with_stdin(dir: &Path, args: &[&str], input: &str) -> Result<(), String> {
+fn run_with_stdin(dir: &Path, args: &[&str], input: &[u8]) -> Result<(), String> {
     use std::io::Write;
     let mut child = git_command_std(dir)
         .args(args)
@@ -262,7 +497,7 @@ fn run_with_stdin(dir: &Path, args: &[&str], input: &str) -> Result<(), String> 
         .spawn()
         .map_err(|e| format!("cannot run git: {e}"))?;
     if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(input.as_bytes());
+        let _ = stdin.write_all(input);
     }
     let out = child
         .wait_with_output()
@@ -283,21 +518,31 @@ fn remove_dir(path: &Path) {
 /// Makes the attempt's workspace: checks out `start` (a leftover directory of the same attempt
 /// from an interrupted run is removed first) and copies the `copy` files from the main checkout.
 /// Returns the copied files (relative to the repository root): they are never committed.
-pub async fn create(spec: &WorkspaceSpec, copy_from: &Path) -> Result<Vec<String>, String> {
+pub async fn create(
+    spec: &WorkspaceSpec,
+    copy_from: &Path,
+    limits: &GitLimits,
+) -> Result<Vec<String>, GitError> {
     if let Some(old) = spec.reuse.as_ref().filter(|p| p.is_dir()) {
         let _turn = WORKTREE_REGISTRY.lock().await;
         let (from, to) = (old.to_string_lossy(), spec.path.to_string_lossy());
-        if git(&spec.repo, &["worktree", "move", &from, &to], &[])
-            .await
-            .is_ok()
+        match git(
+            &spec.repo,
+            &["worktree", "move", "--", &from, &to],
+            &[],
+            limits,
+        )
+        .await
         {
-            return Ok(Vec::new());
+            Ok(_) => return Ok(Vec::new()),
+            Err(GitError::Failed(_)) => {}
+            Err(stopped) => return Err(stopped),
         }
     }
     if std::fs::symlink_metadata(&spec.path).is_ok() {
         remove_dir(&spec.path);
         let _turn = WORKTREE_REGISTRY.lock().await;
-        let _ = git(&spec.repo, &["worktree", "prune"], &[]).await;
+        let _ = git(&spec.repo, &["worktree", "prune"], &[], limits).await;
     }
     if let Some(parent) = spec.path.parent() {
         crate::store::create_private_dir_all(parent)
@@ -309,18 +554,28 @@ pub async fn create(spec: &WorkspaceSpec, copy_from: &Path) -> Result<Vec<String
             // A clone that borrows the main repository's objects: nothing is copied but the files.
             git(
                 &spec.repo,
-                &["clone", "--quiet", "--shared", "--no-checkout", ".", &path],
+                &[
+                    "clone",
+                    "--quiet",
+                    "--shared",
+                    "--no-checkout",
+                    "--",
+                    ".",
+                    &path,
+                ],
                 &[],
+                limits,
             )
             .await?;
             git(
                 &spec.path,
-                &["checkout", "--quiet", "--detach", &spec.start],
+                &["checkout", "--quiet", "--detach", &spec.start, "--"],
                 &[],
+                limits,
             )
             .await?;
         }
-        _ if reuse_pooled(spec).await => {}
+        _ if reuse_pooled(spec, limits).await? => {}
         _ => {
             // Registering a worktree reads the others' records: two registrations at once can
             // fail, so they take turns. Checking out the files, the slow part, runs in parallel.
@@ -334,14 +589,16 @@ pub async fn create(spec: &WorkspaceSpec, copy_from: &Path) -> Result<Vec<String
                         "--quiet",
                         "--no-checkout",
                         "--detach",
+                        "--",
                         &path,
                         &spec.start,
                     ],
                     &[],
+                    limits,
                 )
                 .await?;
             }
-            git(&spec.path, &["reset", "--hard", "--quiet"], &[]).await?;
+            git(&spec.path, &["reset", "--hard", "--quiet"], &[], limits).await?;
         }
     }
     let files = artifacts::matching(copy_from, &spec.copy);
@@ -359,23 +616,23 @@ pub async fn create(spec: &WorkspaceSpec, copy_from: &Path) -> Result<Vec<String
 }
 
 /// `git add --all`, leaving out `excluded` paths (files copied in: `.env` must not be committed).
-async fn add_all(dir: &Path, excluded: &[String]) -> Result<(), String> {
+async fn add_all(dir: &Path, excluded: &[String], limits: &GitLimits) -> Result<(), GitError> {
     let specs: Vec<String> = excluded
         .iter()
         .map(|p| format!(":(exclude,literal){p}"))
         .collect();
     let mut args = vec!["add", "--all", "--", "."];
     args.extend(specs.iter().map(String::as_str));
-    git(dir, &args, &[]).await.map(|_| ())
+    git(dir, &args, &[], limits).await.map(|_| ())
 }
 
 /// Takes a finished worktree from the pool, if one waits, and turns it into this attempt's: moved
 /// to its path, checked out at `start`, every file that is not in `start` removed. Checking out
 /// a commit over a worktree only rewrites the files that differ, so on a large repository this
-/// costs a small fraction of a fresh checkout.
-async fn reuse_pooled(spec: &WorkspaceSpec) -> bool {
+/// costs a small fraction of a fresh checkout. `Ok(false)`: none could be used.
+async fn reuse_pooled(spec: &WorkspaceSpec, limits: &GitLimits) -> Result<bool, GitError> {
     let Some((pool, _)) = &spec.pool else {
-        return false;
+        return Ok(false);
     };
     let path = spec.path.to_string_lossy().into_owned();
     let taken = {
@@ -387,39 +644,60 @@ async fn reuse_pooled(spec: &WorkspaceSpec) -> bool {
         let mut taken = false;
         for entry in entries {
             let from = entry.to_string_lossy().into_owned();
-            if git(&spec.repo, &["worktree", "move", &from, &path], &[])
-                .await
-                .is_ok()
+            match git(
+                &spec.repo,
+                &["worktree", "move", "--", &from, &path],
+                &[],
+                limits,
+            )
+            .await
             {
-                taken = true;
-                break;
+                Ok(_) => {
+                    taken = true;
+                    break;
+                }
+                Err(GitError::Failed(_)) => {}
+                Err(stopped) => return Err(stopped),
             }
             // Not a usable worktree (half-moved by a killed run): drop it.
             remove_dir(&entry);
-            let _ = git(&spec.repo, &["worktree", "prune"], &[]).await;
+            let _ = git(&spec.repo, &["worktree", "prune"], &[], limits).await;
         }
         taken
     };
     if !taken {
-        return false;
+        return Ok(false);
     }
     let ready = async {
         git(
             &spec.path,
-            &["checkout", "--quiet", "--force", "--detach", &spec.start],
+            &[
+                "checkout",
+                "--quiet",
+                "--force",
+                "--detach",
+                &spec.start,
+                "--",
+            ],
             &[],
+            limits,
         )
         .await?;
-        git(&spec.path, &["clean", "-ffdxq"], &[]).await
+        git(&spec.path, &["clean", "-ffdxq"], &[], limits).await
     }
     .await;
-    if ready.is_err() {
-        remove_dir(&spec.path);
-        let _turn = WORKTREE_REGISTRY.lock().await;
-        let _ = git(&spec.repo, &["worktree", "prune"], &[]).await;
-        return false;
+    match ready {
+        Ok(_) => Ok(true),
+        Err(e) => {
+            remove_dir(&spec.path);
+            let _turn = WORKTREE_REGISTRY.lock().await;
+            let _ = git(&spec.repo, &["worktree", "prune"], &[], &GitLimits::none()).await;
+            match e {
+                GitError::Failed(_) => Ok(false),
+                stopped => Err(stopped),
+            }
+        }
     }
-    true
 }
 
 /// `dir` relative to `root` (empty when it is the root or outside it).
@@ -438,12 +716,29 @@ pub enum MergeStep {
     Conflicted(Conflict),
 }
 
+/// The paths git left unmerged in a workspace's index.
+async fn unmerged(dir: &Path, limits: &GitLimits) -> Result<Vec<String>, GitError> {
+    let listed = git(
+        dir,
+        &["diff", "--name-only", "-z", "--diff-filter=U"],
+        &[],
+        limits,
+    )
+    .await?;
+    Ok(listed
+        .split('\0')
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
 /// Merges one input into the workspace (`--no-ff`, so every input shows in the history).
 pub async fn merge_one(
     spec: &WorkspaceSpec,
     input: &Input,
     merged_so_far: &[Input],
-) -> Result<MergeStep, String> {
+    limits: &GitLimits,
+) -> Result<MergeStep, GitError> {
     let message = format!("Merge {} into {}", input.node, spec.branch);
     let args = [
         "merge",
@@ -453,16 +748,16 @@ pub async fn merge_one(
         "--quiet",
         "-m",
         &message,
+        "--end-of-options",
         &input.commit,
     ];
-    let out = git_output(&spec.path, &args, &spec.identity).await?;
+    let out = git_output(&spec.path, &args, &spec.identity, None, limits).await?;
     if out.status.success() {
         return Ok(MergeStep::Merged);
     }
-    let conflicted = git(&spec.path, &["diff", "--name-only", "--diff-filter=U"], &[]).await?;
-    let conflicted: Vec<String> = conflicted.lines().map(str::to_string).collect();
+    let conflicted = unmerged(&spec.path, limits).await?;
     if conflicted.is_empty() {
-        return Err(describe_failure(&args, &out));
+        return Err(GitError::Failed(describe_failure(&args, &out)));
     }
     // Name the colliders: each input (merged so far, and this one) that changed the file.
     let mut changes: Vec<(String, Vec<String>)> = Vec::new();
@@ -472,15 +767,25 @@ pub async fn merge_one(
             &[
                 "diff",
                 "--name-only",
+                "-z",
                 "--no-renames",
+                "--end-of-options",
                 &spec.run_base,
                 &i.commit,
+                "--",
             ],
             &[],
+            limits,
         )
-        .await
-        .unwrap_or_default();
-        changes.push((i.node.clone(), files.lines().map(str::to_string).collect()));
+        .await?;
+        changes.push((
+            i.node.clone(),
+            files
+                .split('\0')
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+                .collect(),
+        ));
     }
     let files = conflicted
         .into_iter()
@@ -502,12 +807,56 @@ pub async fn merge_one(
 
 /// Gives up a conflicted merge, leaving the worktree as it was before it.
 pub async fn abort_merge(spec: &WorkspaceSpec) {
-    let _ = git(&spec.path, &["merge", "--abort"], &[]).await;
+    let _ = git(&spec.path, &["merge", "--abort"], &[], &GitLimits::none()).await;
 }
 
-/// After a resolver ran: no conflict markers may remain in the conflicted files; then the merge
-/// is committed.
-pub async fn conclude_merge(spec: &WorkspaceSpec, conflict: &Conflict) -> Result<(), String> {
+/// What a conflicted merge left in the worktree at each conflicted path (a hash of the file, or
+/// `None` when there is none), taken before the resolver runs: a path it neither staged nor
+/// changed is not resolved.
+pub struct LeftByMerge(Vec<(String, Option<blake3::Hash>)>);
+
+fn file_hash(path: &Path) -> Option<blake3::Hash> {
+    std::fs::read(path).ok().map(|bytes| blake3::hash(&bytes))
+}
+
+/// What the conflicted merge left at each conflicted path, before the resolver runs.
+pub fn left_by_merge(spec: &WorkspaceSpec, conflict: &Conflict) -> LeftByMerge {
+    LeftByMerge(
+        conflict
+            .files
+            .iter()
+            .map(|f| (f.path.clone(), file_hash(&spec.path.join(&f.path))))
+            .collect(),
+    )
+}
+
+/// After a resolver ran: every conflicted path must be resolved, that is staged by the resolver
+/// (`git add`, `git rm`, `git checkout --theirs` + `git add`), or changed from what the merge left
+/// there, and no conflict markers may remain; then the merge is committed. A binary file keeps
+/// one side's content with no markers, so a resolver that does nothing must not count as having
+/// chosen it.
+pub async fn conclude_merge(
+    spec: &WorkspaceSpec,
+    conflict: &Conflict,
+    before: &LeftByMerge,
+    limits: &GitLimits,
+) -> Result<(), GitError> {
+    let still_unmerged = unmerged(&spec.path, limits).await?;
+    let untouched: Vec<&str> = before
+        .0
+        .iter()
+        .filter(|(path, hash)| {
+            still_unmerged.contains(path) && file_hash(&spec.path.join(path)) == *hash
+        })
+        .map(|(path, _)| path.as_str())
+        .collect();
+    if !untouched.is_empty() {
+        return Err(GitError::Failed(format!(
+            "the resolver left conflicted files as the merge left them (neither staged nor \
+             changed): {}",
+            untouched.join(", ")
+        )));
+    }
     let mut marked = Vec::new();
     for f in &conflict.files {
         let text = std::fs::read(spec.path.join(&f.path)).unwrap_or_default();
@@ -519,31 +868,32 @@ pub async fn conclude_merge(spec: &WorkspaceSpec, conflict: &Conflict) -> Result
         }
     }
     if !marked.is_empty() {
-        return Err(format!(
+        return Err(GitError::Failed(format!(
             "conflict markers remain after resolving: {}",
             marked.join(", ")
-        ));
+        )));
     }
-    git(&spec.path, &["add", "--all"], &[]).await?;
-    let left = git(&spec.path, &["diff", "--name-only", "--diff-filter=U"], &[]).await?;
-    if !left.trim().is_empty() {
-        return Err(format!(
+    git(&spec.path, &["add", "--all"], &[], limits).await?;
+    let left = unmerged(&spec.path, limits).await?;
+    if !left.is_empty() {
+        return Err(GitError::Failed(format!(
             "files still unmerged after resolving: {}",
-            left.lines().collect::<Vec<_>>().join(", ")
-        ));
+            left.join(", ")
+        )));
     }
     git(
         &spec.path,
         &["commit", "--quiet", "--no-verify", "--no-edit"],
         &spec.identity,
+        limits,
     )
     .await?;
     Ok(())
 }
 
 /// The commit the workspace is at now.
-pub async fn head(spec: &WorkspaceSpec) -> Result<String, String> {
-    Ok(git(&spec.path, &["rev-parse", "HEAD"], &[])
+pub async fn head(spec: &WorkspaceSpec, limits: &GitLimits) -> Result<String, GitError> {
+    Ok(git(&spec.path, &["rev-parse", "HEAD"], &[], limits)
         .await?
         .trim()
         .to_string())
@@ -551,18 +901,30 @@ pub async fn head(spec: &WorkspaceSpec) -> Result<String, String> {
 
 /// Commits every change in the workspace but `excluded` files (none: no commit); returns the
 /// resulting commit.
-pub async fn commit_all(spec: &WorkspaceSpec, excluded: &[String]) -> Result<String, String> {
-    add_all(&spec.path, excluded).await?;
-    let staged = git_output(&spec.path, &["diff", "--cached", "--quiet"], &[]).await?;
+pub async fn commit_all(
+    spec: &WorkspaceSpec,
+    excluded: &[String],
+    limits: &GitLimits,
+) -> Result<String, GitError> {
+    add_all(&spec.path, excluded, limits).await?;
+    let staged = git_output(
+        &spec.path,
+        &["diff", "--cached", "--quiet"],
+        &[],
+        None,
+        limits,
+    )
+    .await?;
     if !staged.status.success() {
         git(
             &spec.path,
             &["commit", "--quiet", "--no-verify", "-m", &spec.message],
             &spec.identity,
+            limits,
         )
         .await?;
     }
-    head(spec).await
+    head(spec, limits).await
 }
 
 /// Files changed between two commits (`to = None`: the staged workspace), and the binary patch.
@@ -571,23 +933,27 @@ pub async fn changes(
     from: &str,
     to: Option<&str>,
     excluded: &[String],
-) -> Result<(Vec<ChangedFile>, Vec<u8>), String> {
-    let mut numstat = vec!["diff", "--numstat", "--no-renames"];
+    limits: &GitLimits,
+) -> Result<(Vec<ChangedFile>, Vec<u8>), GitError> {
+    let mut numstat = vec!["diff", "--numstat", "-z", "--no-renames"];
     let mut patch = vec!["diff", "--binary", "--no-renames"];
     if to.is_none() {
-        add_all(dir, excluded).await?;
+        add_all(dir, excluded, limits).await?;
         numstat.push("--cached");
         patch.push("--cached");
     }
-    numstat.push(from);
-    patch.push(from);
+    numstat.extend(["--end-of-options", from]);
+    patch.extend(["--end-of-options", from]);
     if let Some(to) = to {
         numstat.push(to);
         patch.push(to);
     }
-    let stat = git(dir, &numstat, &[]).await?;
+    numstat.push("--");
+    patch.push("--");
+    let stat = git(dir, &numstat, &[], limits).await?;
+    // `-z`: `added TAB removed TAB path NUL`, the path as it is (no quoting of odd names).
     let files = stat
-        .lines()
+        .split('\0')
         .filter_map(|l| {
             let mut it = l.splitn(3, '\t');
             let (a, r, p) = (it.next()?, it.next()?, it.next()?);
@@ -598,38 +964,54 @@ pub async fn changes(
             })
         })
         .collect();
-    let out = git_output(dir, &patch, &[]).await?;
+    let out = git_output(dir, &patch, &[], None, limits).await?;
     Ok((files, out.stdout))
 }
 
 /// Publishes a result: the run's branch for the node and the ref that keeps it for the cache,
 /// set together. A copy workspace first sends its commit to the main repository.
-pub async fn publish(spec: &WorkspaceSpec, commit: &str) -> Result<(), String> {
+pub async fn publish(
+    spec: &WorkspaceSpec,
+    commit: &str,
+    limits: &GitLimits,
+) -> Result<(), GitError> {
+    let branch = RefName::new(format!("refs/heads/{}", spec.branch))?;
+    let keep = RefName::new(spec.keep_ref.as_str())?;
+    if !is_object_id(commit) {
+        return Err(GitError::Failed(format!(
+            "`{}` is not a commit id",
+            commit.escape_debug()
+        )));
+    }
     if spec.mode == WorkspaceMode::Copy {
-        let main = spec.repo.to_string_lossy().into_owned();
+        // The main repository fetches the clone's HEAD (the commit) rather than the clone pushing
+        // it: a push runs the receiving repository's hooks in a `receive-pack` that does not get
+        // our `-c` options, while a fetch runs none there. The refs are set below, with the branch.
+        let clone = spec.path.to_string_lossy().into_owned();
         git(
-            &spec.path,
+            &spec.repo,
             &[
-                "push",
+                "fetch",
                 "--quiet",
-                "--no-verify",
-                &main,
-                &format!("{commit}:{}", spec.keep_ref),
+                "--no-tags",
+                "--no-write-fetch-head",
+                "--",
+                &clone,
+                "HEAD",
             ],
             &[],
+            limits,
         )
         .await?;
     }
-    let repo = Repo {
-        root: spec.repo.clone(),
-    };
-    let refs = vec![
-        (format!("refs/heads/{}", spec.branch), commit.to_string()),
-        (spec.keep_ref.clone(), commit.to_string()),
-    ];
-    tokio::task::spawn_blocking(move || repo.set_refs(&refs))
-        .await
-        .map_err(|e| format!("cannot set refs: {e}"))?
+    let script = update_script(&[(branch, commit.to_string()), (keep, commit.to_string())])?;
+    let args = ["update-ref", "--stdin", "-z"];
+    let out = git_output(&spec.repo, &args, &[], Some(&script), limits).await?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(GitError::Failed(describe_failure(&args, &out)))
+    }
 }
 
 /// Worktree registrations and removals of this process take turns (see [`create`]).
@@ -639,6 +1021,7 @@ static WORKTREE_REGISTRY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new
 /// pool while there is room; otherwise the files are removed, in parallel with other jobs, then
 /// git's record of the worktree.
 pub async fn remove(spec: &WorkspaceSpec) {
+    let limits = GitLimits::none();
     if let (WorkspaceMode::Worktree, Some((pool, max))) = (spec.mode, &spec.pool) {
         let _turn = WORKTREE_REGISTRY.lock().await;
         let waiting = std::fs::read_dir(pool).map_or(0, |d| d.count());
@@ -653,9 +1036,14 @@ pub async fn remove(spec: &WorkspaceSpec) {
                 .join(".");
             let to = pool.join(name).to_string_lossy().into_owned();
             let from = spec.path.to_string_lossy().into_owned();
-            if git(&spec.repo, &["worktree", "move", &from, &to], &[])
-                .await
-                .is_ok()
+            if git(
+                &spec.repo,
+                &["worktree", "move", "--", &from, &to],
+                &[],
+                &limits,
+            )
+            .await
+            .is_ok()
             {
                 return;
             }
@@ -665,12 +1053,127 @@ pub async fn remove(spec: &WorkspaceSpec) {
     let _ = tokio::task::spawn_blocking(move || remove_dir(&path)).await;
     if spec.mode != WorkspaceMode::Copy {
         let _turn = WORKTREE_REGISTRY.lock().await;
-        let _ = git(&spec.repo, &["worktree", "prune"], &[]).await;
+        let _ = git(&spec.repo, &["worktree", "prune"], &[], &limits).await;
     }
 }
 
-/// A branch or path name for a plan node: `edit[2]` → `edit/2` (task ids never contain `/`, and
-/// a mapped task has no branch of its own, so names cannot collide).
-pub fn node_ref_name(node: &str) -> String {
-    node.replace('[', "/").replace(']', "")
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A repository on `main` with two commits; returns it and both commits (old, new).
+    fn repo() -> (tempfile::TempDir, Repo, String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("git")
+                .arg("-C")
+                .arg(dir.path())
+                .args(args)
+                .env("GIT_AUTHOR_NAME", "t")
+                .env("GIT_AUTHOR_EMAIL", "t@localhost")
+                .env("GIT_COMMITTER_NAME", "t")
+                .env("GIT_COMMITTER_EMAIL", "t@localhost")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{args:?}");
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        run(&["init", "-q", "-b", "main"]);
+        run(&["commit", "-q", "--allow-empty", "-m", "one"]);
+        let old = run(&["rev-parse", "HEAD"]);
+        run(&["commit", "-q", "--allow-empty", "-m", "two"]);
+        let new = run(&["rev-parse", "HEAD"]);
+        run(&["reset", "-q", "--hard", &old]);
+        let repo = Repo {
+            root: dir.path().to_path_buf(),
+        };
+        (dir, repo, old, new)
+    }
+
+    fn refs(repo: &Repo) -> Vec<(String, String)> {
+        repo.refs_under("refs/")
+    }
+
+    #[test]
+    fn ref_scripts_cannot_be_injected_through_names_or_commits() {
+        let (_dir, repo, old, new) = repo();
+        let before = refs(&repo);
+        let zero = "0".repeat(40);
+        let hostile: Vec<(String, String)> = vec![
+            (
+                format!("refs/heads/x {zero}\nupdate refs/heads/main"),
+                new.clone(),
+            ),
+            (
+                format!("refs/heads/x\nupdate refs/heads/main {new}"),
+                new.clone(),
+            ),
+            ("refs/heads/x\ndelete refs/heads/main".into(), new.clone()),
+            (
+                format!("refs/heads/x\0update refs/heads/main\0{new}"),
+                new.clone(),
+            ),
+            (
+                "refs/heads/x".into(),
+                format!("{new}\nupdate refs/heads/main {new}"),
+            ),
+            (
+                "refs/heads/x".into(),
+                format!("{new}\0\0update refs/heads/main\0{new}"),
+            ),
+            ("refs/heads/../main".into(), new.clone()),
+            ("refs/heads/main.lock".into(), new.clone()),
+            ("HEAD".into(), new.clone()),
+            ("-M".into(), new.clone()),
+            ("refs/heads/x".into(), "HEAD".into()),
+        ];
+        for (name, commit) in &hostile {
+            let pair = [(name.clone(), commit.clone())];
+            assert!(
+                repo.set_refs(&pair).is_err(),
+                "{name:?} {commit:?} accepted"
+            );
+            if name != "refs/heads/x" {
+                assert!(
+                    repo.delete_refs(std::slice::from_ref(name)).is_err(),
+                    "{name:?} accepted"
+                );
+            }
+            assert_eq!(refs(&repo), before, "{name:?} {commit:?} changed the refs");
+        }
+        // One bad name in a batch: nothing of the batch is set.
+        let batch = [
+            ("refs/heads/ccluster/r/a".to_string(), new.clone()),
+            (
+                "refs/heads/ccluster/r/b\nupdate refs/heads/main".to_string(),
+                new.clone(),
+            ),
+        ];
+        assert!(repo.set_refs(&batch).is_err());
+        assert_eq!(refs(&repo), before);
+        // Good names still work.
+        let good = [("refs/heads/ccluster/r/a.b/2".to_string(), new.clone())];
+        repo.set_refs(&good).unwrap();
+        assert_eq!(repo.resolve("main").unwrap(), old);
+        assert_eq!(repo.resolve("ccluster/r/a.b/2").unwrap(), new);
+        repo.delete_refs(&[good[0].0.clone()]).unwrap();
+        assert_eq!(refs(&repo), before);
+    }
+
+    #[test]
+    fn user_branches_that_look_like_options_are_refused() {
+        let (_dir, repo, _old, new) = repo();
+        let before = refs(&repo);
+        for name in ["-M", "--force", "-D", "-", "-m main"] {
+            assert!(RefName::branch(name).is_err(), "{name:?}");
+        }
+        let ok = RefName::branch("feature/x").unwrap();
+        repo.create_branch(&ok, &new).unwrap();
+        // An existing branch is not moved.
+        assert!(repo
+            .create_branch(&RefName::branch("main").unwrap(), &new)
+            .is_err());
+        assert_eq!(refs(&repo).len(), before.len() + 1);
+        assert!(repo.create_branch(&ok, "-M").is_err());
+    }
 }
