@@ -9,6 +9,7 @@ mod crash;
 mod examples;
 mod invalid;
 mod library;
+mod logs;
 mod rehearsal_server;
 mod schema;
 mod statefs;
