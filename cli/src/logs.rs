@@ -70,7 +70,8 @@ pub fn logs(dir: &Path, args: LogsArgs<'_>) -> u8 {
     let mut known = HashSet::new();
     let files = select(dir, &view.run.id, &view.tasks, task, args.raw, &mut known);
     if task.is_some_and(|id| files.is_empty() && !view.tasks.iter().any(|t| matches(t, id))) {
-        return no_task(&view.run.id, &view.tasks, task.unwrap_or_default());
+        let running = view.live && view.run.state == RunState::Running;
+        return no_task(&view.run.id, running, &view.tasks, task.unwrap_or_default());
     }
     let mut printer = Printer::new();
     for (i, mut file) in files.into_iter().enumerate() {
@@ -93,8 +94,11 @@ fn matches(t: &TaskRecord, id: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('.'))
 }
 
-fn no_task(run: &str, tasks: &[TaskRecord], id: &str) -> u8 {
+fn no_task(run: &str, running: bool, tasks: &[TaskRecord], id: &str) -> u8 {
     eprintln!("error: run {run} has no task `{id}`");
+    if running {
+        eprintln!("  note: the run is in progress, and a task is listed once it starts: `-f` waits for it");
+    }
     let mut ids: Vec<&str> = tasks.iter().map(|t| t.task.as_str()).collect();
     ids.dedup();
     if !ids.is_empty() {
@@ -161,13 +165,17 @@ fn select(
     };
     let logs_of = |run: &str| dir.join("runs").join(run).join("logs");
     let mut found: Vec<((u64, String, u32, usize), LogFile)> = Vec::new();
-    let mut look = |logs: &Path, note: &str, only: Option<&str>| {
+    let mut look = |logs: &Path, note: &str, only: Option<&HashSet<String>>| {
         for entry in std::fs::read_dir(logs).into_iter().flatten().flatten() {
             let name = entry.file_name();
             let Some((stem, attempt, stream)) = name.to_str().and_then(parse_name) else {
                 continue;
             };
-            if only.is_some_and(|o| o != stem) || (only.is_none() && !wanted(stem)) {
+            let selected = match only {
+                Some(stems) => stems.contains(stem),
+                None => wanted(stem),
+            };
+            if !selected {
                 continue;
             }
             let path = entry.path();
@@ -200,14 +208,21 @@ fn select(
         }
     };
     look(&logs_of(run), "", None);
+    // A cached node ran in an earlier run: its logs are that run's (each run's folder read once).
+    let mut cached: HashMap<&str, HashSet<String>> = HashMap::new();
     for t in records {
         if let (TaskState::Cached, Some(source)) = (t.state, &t.cached_from) {
             if task.is_none_or(|id| matches(t, id)) {
-                // A cached node ran in an earlier run: its logs are that run's.
-                let note = format!(" (cached from run {source})");
-                look(&logs_of(source), &note, Some(&stem_of(&t.node)));
+                cached.entry(source).or_default().insert(stem_of(&t.node));
             }
         }
+    }
+    for (source, stems) in &cached {
+        look(
+            &logs_of(source),
+            &format!(" (cached from run {source})"),
+            Some(stems),
+        );
     }
     found.sort_by(|a, b| a.0.cmp(&b.0));
     found.into_iter().map(|(_, f)| f).collect()
@@ -306,12 +321,14 @@ impl LogFile {
         printer: &mut Printer,
         interrupt: Option<&Interrupt>,
     ) -> std::io::Result<()> {
+        // A stat first: most files have not grown since the last poll.
+        if std::fs::metadata(&self.path).map_or(true, |m| m.len() <= self.offset) {
+            return Ok(());
+        }
         let Ok(mut file) = std::fs::File::open(&self.path) else {
             return Ok(());
         };
-        if file.metadata().is_ok_and(|m| m.len() <= self.offset)
-            || file.seek(SeekFrom::Start(self.offset)).is_err()
-        {
+        if file.seek(SeekFrom::Start(self.offset)).is_err() {
             return Ok(());
         }
         let mut buf = vec![0u8; CHUNK];
@@ -598,6 +615,7 @@ fn follow(dir: &Path, run: Option<&str>, task: Option<&str>, raw: bool) -> u8 {
     let mut files: Vec<LogFile> = Vec::new();
     let mut known = HashSet::new();
     let mut matched = task.is_none();
+    let mut waiting_said = false;
     loop {
         // Decided before reading: whatever the run wrote before it ended is read below.
         let has_view = live.refresh();
@@ -630,14 +648,15 @@ fn follow(dir: &Path, run: Option<&str>, task: Option<&str>, raw: bool) -> u8 {
         }
         if let (false, Some(id)) = (matched, task) {
             if !running {
-                return no_task(&run_id, records, id);
+                return no_task(&run_id, false, records, id);
             }
-            if started.elapsed() >= APPEAR_WITHIN {
+            // A task is listed once it starts, which may be long after the run did: keep
+            // waiting while the run runs, but say so.
+            if !waiting_said && started.elapsed() >= APPEAR_WITHIN {
+                waiting_said = true;
                 eprintln!(
-                    "error: no task `{id}` appeared in run {run_id} within {}s",
-                    APPEAR_WITHIN.as_secs()
+                    "(run {run_id} has not started a task `{id}` yet; waiting until it does or the run ends)"
                 );
-                return exit::INVALID_INPUT;
             }
         }
         if !running {
