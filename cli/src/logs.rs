@@ -256,7 +256,10 @@ impl LogFile {
     fn take(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
         if let Decoder::Sniffing(held) = &mut self.decoder {
             held.extend_from_slice(bytes);
+            // Only a stream starting with `{` can be stream-json: any other is shown at once,
+            // even a partial line (a shell task's `Working...`).
             let decided = match held.iter().position(|b| *b == b'\n') {
+                _ if held.first().is_some_and(|b| *b != b'{') => Some(false),
                 Some(end) => Some(is_transcript(&held[..end])),
                 None => (held.len() > MAX_LINE).then_some(false),
             };

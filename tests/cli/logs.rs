@@ -326,3 +326,33 @@ rehearsal = {{ turns = [{{ text = "Let me look.", tools = [{{ name = "Bash", inp
     assert!(lines.iter().any(|l| l["type"] == "result"));
     assert!(contains(&raw.stdout, b"\"permission_denied\""));
 }
+
+#[test]
+fn follow_shows_a_partial_line_while_the_task_still_runs() {
+    let s = Sandbox::new(
+        "version = 1\n[tasks.work]\nrun = \"printf 'Working...'; sleep 1; echo done\"\n",
+    );
+    let apply = s.spawn_apply(&[]);
+    let mut follower = spawn_logs(&s, &["-f", "work"]);
+    let mut stdout = follower.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !contains(&seen, b"Working...") {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "ended early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // Shown before the line was complete, not held back for it.
+    assert!(
+        !contains(&seen, b"done"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    stdout.read_to_end(&mut seen).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&seen),
+        "==> work attempt 1 stdout <==\nWorking...done\n"
+    );
+    assert_eq!(follower.wait().unwrap().code(), Some(0));
+    assert_eq!(apply.wait_with_output().unwrap().status.code(), Some(0));
+}
