@@ -32,6 +32,21 @@ pub fn is_transcript(first_line: &[u8]) -> bool {
         .is_ok_and(|v| v.is_object() && v["type"].is_string() && v["session_id"].is_string())
 }
 
+/// Text with the characters that steer a terminal written as escapes (`\u{1b}`): control
+/// characters other than newline and tab, and the bidirectional overrides and isolates.
+fn defanged(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\n' | '\t' => c.to_string(),
+            '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => {
+                c.escape_unicode().to_string()
+            }
+            c if c.is_control() => c.escape_unicode().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
 /// At most `lines` lines of `text`, each cut at `chars` characters; says how many lines were left
 /// out.
 fn shorten(text: &str, lines: usize, chars: usize) -> Vec<String> {
@@ -74,13 +89,25 @@ impl TranscriptView {
     /// Writes one line of the transcript (without its newline) for people. A line that is not a
     /// JSON object is written as it is; events of no interest to a reader write nothing.
     pub fn render(&mut self, line: &[u8], out: &mut dyn Write) -> std::io::Result<()> {
+        let mut told = Vec::new();
+        if !self.tell(line, &mut told)? {
+            out.write_all(line)?;
+            return out.write_all(b"\n");
+        }
+        // JSON strings can hold any character: what the model or a tool wrote must not drive the
+        // reader's terminal (escape sequences, carriage returns, bidi overrides), which the raw
+        // JSON never could.
+        out.write_all(defanged(&String::from_utf8_lossy(&told)).as_bytes())
+    }
+
+    /// Tells a JSON line; false (nothing written) when it is not a JSON object.
+    fn tell(&mut self, line: &[u8], out: &mut dyn Write) -> std::io::Result<bool> {
         let parsed = std::str::from_utf8(line)
             .ok()
             .and_then(|text| serde_json::from_str::<Value>(text).ok().map(|v| (text, v)))
             .filter(|(_, v)| v.is_object());
         let Some((text, v)) = parsed else {
-            out.write_all(line)?;
-            return out.write_all(b"\n");
+            return Ok(false);
         };
         if v["type"] == "system" && v["subtype"] == "init" {
             if let Some(cwd) = v["cwd"].as_str() {
@@ -220,7 +247,7 @@ impl TranscriptView {
             ("stream_event", _) => {}
             (other, _) => writeln!(out, "· {other}")?,
         }
-        Ok(())
+        Ok(true)
     }
 
     fn render_result(&mut self, v: &Value, out: &mut dyn Write) -> std::io::Result<()> {
@@ -340,6 +367,31 @@ mod tests {
         assert_eq!(
             out,
             b"\xff\xfe raw\n=== result: FAILED (max_turns)\nReached maximum number of turns (3)\n"
+        );
+    }
+
+    #[test]
+    fn text_from_the_model_or_tools_cannot_steer_the_terminal() {
+        let text = render(&[
+            r#"{"type":"assistant","message":{"id":"a","content":[{"type":"text","text":"hi\u001b[2J\r\u009b31m\u202eevil\tok"}]}}"#,
+            r#"{"type":"user","message":{"content":[{"type":"tool_result","tool_use_id":"t","content":"\u001b]0;title\u0007x"}]}}"#,
+            r#"{"type":"system","subtype":"permission_denied","tool_name":"W\u001b[1mrite","decision_reason":"\u001b[8m"}"#,
+        ]);
+        assert!(
+            !text
+                .chars()
+                .any(|c| c.is_control() && c != '\n' && c != '\t'),
+            "{text:?}"
+        );
+        assert!(!text.contains('\u{202e}'), "{text:?}");
+        assert!(
+            text.contains("hi\\u{1b}[2J\\u{d}\\u{9b}31m\\u{202e}evil\tok"),
+            "{text}"
+        );
+        assert!(text.contains("  | \\u{1b}]0;title\\u{7}x"), "{text}");
+        assert!(
+            text.contains("! DENIED W\\u{1b}[1mrite: \\u{1b}[8m"),
+            "{text}"
         );
     }
 
