@@ -562,14 +562,15 @@ fn pick_run(dir: &Path, run: Option<&str>) -> Pick {
     }
 }
 
-/// The records of a run that is no longer driven, from the database (none while another run
-/// holds it: the files are shown all the same, named by their file names).
+/// The records of a run that is no longer driven: from its archive, written when it finished,
+/// else from the database (none while another run holds it: the files are shown all the same,
+/// named by their file names).
 fn stored_tasks(dir: &Path, run: &str) -> Option<Vec<TaskRecord>> {
-    if !dir.join("db").exists() {
-        return None;
-    }
-    let store = Store::open_reader(dir).ok()?;
-    let mut tasks = store.tasks(run).ok()?;
+    let mut tasks = match ccluster_engine::store::Archive::new(dir).run(run) {
+        Some(archive) => archive.tasks.clone(),
+        None if dir.join("db").exists() => Store::open_reader(dir).ok()?.tasks(run).ok()?,
+        None => return None,
+    };
     tasks.sort_by_key(|t| t.order);
     Some(tasks)
 }
