@@ -356,3 +356,20 @@ fn follow_shows_a_partial_line_while_the_task_still_runs() {
     assert_eq!(follower.wait().unwrap().code(), Some(0));
     assert_eq!(apply.wait_with_output().unwrap().status.code(), Some(0));
 }
+
+#[test]
+fn a_template_instance_id_selects_its_embedded_tasks() {
+    let s = Sandbox::new("version = 1\n[tasks.t]\nuse = \"./lib/step.toml\"\n[tasks.u]\nrun = \"echo not this one\"\n");
+    s.file(
+        "lib/step.toml",
+        "version = 1\n[tasks.step]\nrun = \"echo stepping\"\n[tasks.more]\nneeds = [\"step\"]\nrun = \"echo more\"\n",
+    )
+    .unwrap();
+    assert_eq!(s.apply(&[]).code, 0);
+    let run = s.status()["run"]["id"].as_str().unwrap().to_string();
+    let out = s.command(&["logs", &run, "t"]).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "==> t.step attempt 1 stdout <==\nstepping\n==> t.more attempt 1 stdout <==\nmore\n"
+    );
+}
