@@ -695,6 +695,48 @@ mod tests {
         assert_eq!(stem_of("build[2]"), "build.2");
     }
 
+    fn sniffing() -> LogFile {
+        LogFile {
+            path: PathBuf::new(),
+            header: String::new(),
+            offset: 0,
+            decoder: Decoder::Sniffing(Vec::new()),
+        }
+    }
+
+    #[test]
+    fn a_transcript_split_across_reads_renders_whole_lines_and_an_overlong_line_passes_through() {
+        let mut file = sniffing();
+        let mut out = Vec::new();
+        let init = br#"{"type":"system","subtype":"init","session_id":"s","cwd":"/w"}"#;
+        // Cut mid-line: nothing is shown until the line is whole.
+        file.take(&init[..10], &mut out);
+        assert!(out.is_empty());
+        file.take(&init[10..], &mut out);
+        file.take(b"\n", &mut out);
+        assert!(String::from_utf8_lossy(&out).starts_with("session s"));
+        out.clear();
+        let long = vec![b'x'; MAX_LINE + 10];
+        file.take(&long, &mut out);
+        file.take(b"tail\n", &mut out);
+        assert_eq!(out.len(), long.len() + "tail\n".len());
+        out.clear();
+        file.take(b"plain\n", &mut out);
+        assert_eq!(out, b"plain\n");
+    }
+
+    #[test]
+    fn a_stream_that_is_not_json_is_shown_at_once() {
+        let mut file = sniffing();
+        let mut out = Vec::new();
+        file.take(b"Working...", &mut out);
+        assert_eq!(out, b"Working...");
+        let mut json = sniffing();
+        out.clear();
+        json.take(b"{\"a\":1}\nrest", &mut out);
+        assert_eq!(out, b"{\"a\":1}\nrest");
+    }
+
     #[test]
     fn a_lone_positional_is_a_run_only_when_it_can_be_a_run_id() {
         assert!(names_a_run("20261125-081038.412-3fa2"));
