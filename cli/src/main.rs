@@ -37,6 +37,7 @@ use ccluster_engine::{compile_file_with, render, Diagnostic, SourceFile, Stage};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod live;
+mod logs;
 mod results;
 mod runs;
 mod templates;
@@ -143,14 +144,21 @@ enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
-    /// Print a run's task logs: every attempt of each task, stdout then stderr.
+    /// Print a run's task logs (default: the latest run): every attempt of each matching plan
+    /// node, both streams, under `==> node attempt N stream <==` headers; agent transcripts are
+    /// rendered for people. A lone argument that is not a run id is a task of the latest run.
     Logs {
-        run: String,
-        /// A task id (`build`) or plan node (`build[2]`).
+        /// A run id or prefix, or `latest`.
+        run: Option<String>,
+        /// A task id (`build`, all its instances) or plan node (`build[2]`).
         task: Option<String>,
-        /// Keep printing as the log grows, until the run ends (one task).
+        /// Follow: wait for the run and task to appear, print every attempt and instance as it
+        /// logs, until the run ends.
         #[arg(long, short = 'f')]
         follow: bool,
+        /// Print agent transcripts as the CLI's stream-json lines, unchanged.
+        #[arg(long)]
+        raw: bool,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -493,8 +501,17 @@ fn main() -> ExitCode {
             run,
             task,
             follow,
+            raw,
             state,
-        } => runs::logs(&state.dir(None), &run, task.as_deref(), follow),
+        } => logs::logs(
+            &state.dir(None),
+            logs::LogsArgs {
+                run: run.as_deref(),
+                task: task.as_deref(),
+                follow,
+                raw,
+            },
+        ),
         Command::Cancel { run, state } => runs::cancel(&state.dir(None), run.as_deref()),
         Command::Artifacts {
             run,

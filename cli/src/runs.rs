@@ -1,6 +1,6 @@
-//! `apply`, `runs`, `status`, `logs` and `cancel`: running workflows and looking at their state.
+//! `apply`, `runs`, `status`, `retry` and `cancel`: running workflows and looking at their state
+//! (`logs` is in `logs.rs`).
 
-use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -643,123 +643,6 @@ pub fn status(dir: &Path, run: Option<&str>, json: bool) -> u8 {
         );
     }
     exit::SUCCESS
-}
-
-pub fn logs(dir: &Path, run: &str, task: Option<&str>, follow: bool) -> u8 {
-    let view = match load_runs(dir).and_then(|v| find_run(v, Some(run))) {
-        Ok(v) => v,
-        Err(code) => return code,
-    };
-    let tasks: Vec<&TaskRecord> = view
-        .tasks
-        .iter()
-        .filter(|t| task.is_none_or(|id| t.node == id || t.task == id))
-        .collect();
-    if tasks.is_empty() {
-        eprintln!(
-            "error: run {} has no task `{}`",
-            view.run.id,
-            task.unwrap_or("")
-        );
-        return exit::INVALID_INPUT;
-    }
-    let logs_of = |run: &str| dir.join("runs").join(run).join("logs");
-    let logs = logs_of(&view.run.id);
-    let mut listings: HashMap<String, HashMap<String, u32>> = HashMap::new();
-    for t in &tasks {
-        if let (TaskState::Cached, Some(source)) = (t.state, &t.cached_from) {
-            // A cached node ran in an earlier run: its logs are that run's.
-            let listing = listings
-                .entry(source.clone())
-                .or_insert_with(|| attempts_logged(&logs_of(source)));
-            let stem = exec::log_path(Path::new(""), &t.node, 0, "x")
-                .to_string_lossy()
-                .trim_end_matches(".0.x")
-                .to_string();
-            let attempts = listing.get(&stem).copied().unwrap_or(0);
-            print_logs(
-                &logs_of(source),
-                &t.node,
-                &format!(" (cached from run {source})"),
-                attempts,
-            );
-            continue;
-        }
-        if follow && tasks.len() == 1 {
-            let attempt = t.attempts.max(1);
-            say!("==> {} attempt {attempt} stdout <==", t.node);
-            return follow_file(&exec::log_path(&logs, &t.node, attempt, "out"), dir);
-        }
-        print_logs(&logs, &t.node, "", t.attempts);
-    }
-    exit::SUCCESS
-}
-
-/// Prints the logs of attempts `1..=attempts` of a node (a stream that printed nothing has no
-/// file and is not shown).
-fn print_logs(logs: &Path, node: &str, note: &str, attempts: u32) {
-    for attempt in 1..=attempts.max(1) {
-        // A workspace's setup and a merge's resolving command log beside the task's command.
-        for (stream, ext) in [
-            ("setup stdout", "setup.out"),
-            ("setup stderr", "setup.err"),
-            ("resolve stdout", "resolve.out"),
-            ("resolve stderr", "resolve.err"),
-            ("stdout", "out"),
-            ("stderr", "err"),
-        ] {
-            if let Ok(text) = std::fs::read_to_string(exec::log_path(logs, node, attempt, ext)) {
-                say!("==> {node}{note} attempt {attempt} {stream} <==");
-                let _ = std::io::stdout().lock().write_all(text.as_bytes());
-                if !text.ends_with('\n') {
-                    say!();
-                }
-            }
-        }
-    }
-}
-
-/// The highest attempt number of each log file in a run's log folder, by file-name stem
-/// (`build.2` for `build[2]`): how far to look for a node cached from that run.
-fn attempts_logged(logs: &Path) -> HashMap<String, u32> {
-    let mut out: HashMap<String, u32> = HashMap::new();
-    for entry in std::fs::read_dir(logs).into_iter().flatten().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        // `<stem>.<attempt>.<out|err>`
-        let mut parts = name.rsplitn(3, '.');
-        let (_, Some(attempt), Some(stem)) = (parts.next(), parts.next(), parts.next()) else {
-            continue;
-        };
-        if let Ok(a) = attempt.parse::<u32>() {
-            let max = out.entry(stem.to_string()).or_insert(0);
-            *max = (*max).max(a);
-        }
-    }
-    out
-}
-
-/// Prints a log file as it grows, until the run is no longer running.
-fn follow_file(path: &Path, dir: &Path) -> u8 {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut offset = 0u64;
-    loop {
-        if let Ok(mut file) = std::fs::File::open(path) {
-            if file.seek(SeekFrom::Start(offset)).is_ok() {
-                let mut buf = Vec::new();
-                if let Ok(n) = file.read_to_end(&mut buf) {
-                    offset += n as u64;
-                    let mut out = std::io::stdout().lock();
-                    let _ = out.write_all(&buf);
-                    let _ = out.flush();
-                }
-            }
-        }
-        // The run is over when no process drives the state any more.
-        if !matches!(Store::open_reader(dir), Err(StoreError::Locked { .. })) {
-            return exit::SUCCESS;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Whether `pid` is a live ccluster process (a pid recorded by a run that died may have been

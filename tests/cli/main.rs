@@ -10,6 +10,7 @@ mod examples;
 mod gitsafe;
 mod invalid;
 mod library;
+mod logs;
 mod rehearsal_server;
 mod scale;
 mod schema;

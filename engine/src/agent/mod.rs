@@ -15,6 +15,8 @@ use crate::model::raw::FailureClass;
 use crate::model::raw::StringOrObject;
 use crate::model::workflow::AgentSettings;
 
+pub mod transcript_view;
+
 /// The Claude Code version ccluster is tested with (installed by the test suite when missing).
 pub const PINNED_VERSION: &str = "2.1.331";
 
