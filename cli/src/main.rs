@@ -39,6 +39,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 mod live;
 mod results;
 mod runs;
+mod supervisor;
 mod templates;
 
 /// Exit codes, as documented in the README.
@@ -333,6 +334,13 @@ enum DiagnosticFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Apply { .. } | Command::Retry { .. } | Command::Run { .. }
+    ) {
+        // Commands that run tasks work under a supervisor process: no task outlives ccluster.
+        supervisor::split();
+    }
     let code = match cli.command {
         Command::Validate { file, format } => validate(&file, format),
         Command::Plan {

@@ -6,6 +6,7 @@ mod dispatcher;
 pub mod events;
 pub mod explain;
 pub mod job;
+pub mod reaper;
 pub mod runner;
 
 pub use dispatcher::{
