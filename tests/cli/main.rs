@@ -8,6 +8,7 @@ mod crash;
 mod examples;
 mod invalid;
 mod library;
+mod procs;
 mod schema;
 mod support;
 mod workspaces;
