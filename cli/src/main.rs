@@ -49,7 +49,7 @@ mod exit {
     pub const TASK_FAILED: u8 = 1;
     /// The clusterfile, the command line or the state directory cannot be used.
     pub const INVALID_INPUT: u8 = 2;
-    /// The run was cancelled (Ctrl-C, SIGTERM, `ccluster cancel`).
+    /// The run was cancelled (Ctrl-C, SIGTERM, SIGHUP, SIGQUIT, `ccluster cancel`).
     pub const CANCELLED: u8 = 130;
 }
 

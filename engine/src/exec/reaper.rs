@@ -19,6 +19,11 @@ static SUBREAPER: AtomicBool = AtomicBool::new(false);
 /// children, reaped by their supervisors, never by the sweep.
 static LIVE: Mutex<Vec<i32>> = Mutex::new(Vec::new());
 
+/// The adopted orphans no attempt's end will claim (a kept daemon, a process with no attempt's
+/// variables): they are not looked for again at every attempt's end. A new escapee is a new
+/// orphan, or is found through its group.
+static SETTLED: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
 /// The variable a task sets to keep the background processes it starts after it exits (a
 /// deliberate daemon).
 pub const KEEP_BACKGROUND: &str = "CCLUSTER_KEEP_BACKGROUND";
@@ -149,13 +154,38 @@ pub(crate) fn stop_leftovers(pgid: i32, attempt: &Attempt) {
     }
     // Something was still in the group: what it started may have left the group since.
     let group_had_members = killpg(Pid::from_raw(pgid), Signal::SIGKILL).is_ok();
-    let escaped = SUBREAPER.load(Ordering::Relaxed) && adopted_orphans();
+    let orphans = if SUBREAPER.load(Ordering::Relaxed) {
+        new_orphans()
+    } else {
+        Vec::new()
+    };
     let Some(markers) = &attempt.markers else {
         return;
     };
-    if !(group_had_members || escaped) {
-        return;
+    if group_had_members || !orphans.is_empty() {
+        kill_marked(markers);
     }
+    let settled = orphans.into_iter().filter(|pid| settled(*pid, markers));
+    if let Ok(mut list) = SETTLED.lock() {
+        list.extend(settled);
+    }
+}
+
+/// Whether no other attempt's end will claim `pid`: it is gone, carries no attempt's variables,
+/// is kept, or is this attempt's (then it was just killed).
+fn settled(pid: i32, markers: &[Vec<u8>]) -> bool {
+    let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+        return true;
+    };
+    let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+    let keep = format!("{KEEP_BACKGROUND}=1");
+    !vars.iter().any(|v| v.starts_with(b"CCLUSTER_ATTEMPT="))
+        || vars.contains(&keep.as_bytes())
+        || markers.iter().all(|m| vars.contains(&m.as_slice()))
+}
+
+/// Kills every process carrying all of `markers`, with everything it started.
+fn kill_marked(markers: &[Vec<u8>]) {
     let parents = processes();
     let me = std::process::id() as i32;
     let marked: Vec<i32> = parents
@@ -168,20 +198,20 @@ pub(crate) fn stop_leftovers(pgid: i32, attempt: &Attempt) {
     }
 }
 
-/// Whether we have adopted a live orphan (a process we did not start, outside our own group);
-/// orphans that already ended are reaped on the way. Only the main thread's children are listed,
-/// which is where the kernel puts adopted ones, and where the dispatcher starts tasks.
-fn adopted_orphans() -> bool {
+/// The live orphans we have adopted (processes we did not start, outside our own group) that are
+/// not settled; orphans that already ended are reaped on the way. Only the main thread's children
+/// are listed, which is where the kernel puts adopted ones, and where the dispatcher starts tasks.
+fn new_orphans() -> Vec<i32> {
     let me = std::process::id();
     let Ok(list) = std::fs::read_to_string(format!("/proc/{me}/task/{me}/children")) else {
-        return false;
+        return Vec::new();
     };
     if list.trim().is_empty() {
-        return false;
+        return Vec::new();
     }
     let live = LIVE.lock().map(|l| l.clone()).unwrap_or_default();
     let own_group = nix::unistd::getpgrp().as_raw();
-    let mut any = false;
+    let mut orphans = Vec::new();
     for pid in list
         .split_whitespace()
         .filter_map(|p| p.parse::<i32>().ok())
@@ -197,10 +227,15 @@ fn adopted_orphans() -> bool {
         if s.state == b'Z' {
             let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
         } else {
-            any = true;
+            orphans.push(pid);
         }
     }
-    any
+    let Ok(mut settled) = SETTLED.lock() else {
+        return orphans;
+    };
+    settled.retain(|pid| orphans.contains(pid));
+    orphans.retain(|pid| !settled.contains(pid));
+    orphans
 }
 
 /// Kills every process below `root` (by parentage), until none is left or `rounds` scans found
