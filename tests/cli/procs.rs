@@ -196,7 +196,7 @@ fn no_task_process_outlives_a_killed_ccluster() {
 
 #[test]
 fn background_processes_are_stopped_when_their_attempt_ends_unless_kept() {
-    let gone: Vec<String> = (0..3).map(|i| marker(987_650 + i)).collect();
+    let gone: Vec<String> = (0..4).map(|i| marker(987_650 + i)).collect();
     let kept = marker(987_659);
     let s = Sandbox::new(&format!(
         r#"version = 1
@@ -210,12 +210,19 @@ env = {{ CCLUSTER_KEEP_BACKGROUND = "1" }}
 [tasks.after]
 needs = ["leave", "daemon"]
 run = "sleep 0.5"
+
+# Other attempts end while `slow`'s escaped process runs: it is still found when `slow` ends.
+[tasks.slow]
+run = "(setsid sleep {3} &) ; sleep 1"
+
+[tasks.tick]
+run = "sleep 0.3"
 "#,
-        gone[0], gone[1], gone[2]
+        gone[0], gone[1], gone[2], gone[3]
     ));
-    let done = s.apply(&[]);
+    let done = s.apply(&["--jobs", "5"]);
     assert_eq!(done.code, 0, "{}{}", done.stdout, done.stderr);
-    // `after` ran for 0.5 s after `leave` ended: its leftovers had all that time to be stopped.
+    // Every attempt had ended when `apply` returned; stopping is done by then.
     let kept_pids = sleeping(&kept);
     assert_all_gone(&gone, Duration::from_millis(100), "after the attempt ended");
     assert_eq!(kept_pids.len(), 1, "the kept daemon is not running");
