@@ -181,7 +181,7 @@ fn no_task_process_outlives_a_killed_ccluster() {
             !alive(worker)
         });
         // The next apply finds the run interrupted, as after any kill -9.
-        s.write("version = 1\n[tasks.next]\nrun = \"true\"\n");
+        s.write(NEXT);
         let again = s.apply(&[]);
         assert_eq!(again.code, 0, "{}", again.stderr);
         let runs = s.command(&["runs"]).output().unwrap();
@@ -192,6 +192,50 @@ fn no_task_process_outlives_a_killed_ccluster() {
         );
         assert_all_gone(&markers, Duration::from_secs(5), "after the next apply");
     }
+}
+
+const NEXT: &str = "version = 1\n[tasks.next]\nrun = \"true\"\n";
+
+/// The parent of `pid`.
+fn parent_of(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat.rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn an_apply_started_right_after_a_kill_9_waits_for_the_state_instead_of_being_refused() {
+    let markers: Vec<String> = (0..6).map(|i| marker(987_630 + i)).collect();
+    let s = Sandbox::new(&hiding_task(&markers));
+    let child = s.spawn_apply(&[]);
+    wait_for("the task's start", Duration::from_secs(20), || {
+        !s.read("started").is_empty()
+            && markers.iter().all(|m| !sleeping(m).is_empty())
+            && !s.read(".ccluster/lock").trim().is_empty()
+    });
+    let worker = worker_pid(&s);
+    // The keeper, held still, cannot kill the worker yet: the worker keeps the state locked for
+    // as long as an apply may start.
+    let keeper = Pid::from_raw(parent_of(worker));
+    kill(keeper, Signal::SIGSTOP).unwrap();
+    let mut child = child;
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
+    // Not its output: the stopped keeper holds the pipes.
+    child.wait().unwrap();
+    s.write(NEXT);
+    let next = s.spawn_apply(&[]);
+    std::thread::sleep(Duration::from_millis(500));
+    kill(keeper, Signal::SIGCONT).unwrap();
+    let next = finish(next, Duration::from_secs(20));
+    assert_eq!(next.code, 0, "{}", next.stderr);
+    assert!(!alive(worker));
+    assert_all_gone(&markers, Duration::from_secs(5), "after the keeper went on");
 }
 
 #[test]

@@ -308,12 +308,24 @@ impl Worker<'_> {
         let config = self.dir.join("config");
         std::fs::create_dir_all(&config)?;
         std::fs::create_dir_all(self.dir.join("tmp"))?;
-        // What `argv` names instead of passing it inline.
+        // What `argv` names instead of passing it inline; settings may hold secrets (`env`), so
+        // the files are the owner's only.
+        let private = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(self.dir.join(name))?
+                .write_all(bytes)
+        };
         if let Some(StringOrObject::Object(v)) = &self.settings.settings {
-            std::fs::write(self.dir.join(SETTINGS_FILE), serde_json::to_vec(v)?)?;
+            private(SETTINGS_FILE, &serde_json::to_vec(v)?)?;
         }
         if let Some(p) = &self.settings.append_system_prompt {
-            std::fs::write(self.dir.join(SYSTEM_PROMPT_FILE), p)?;
+            private(SYSTEM_PROMPT_FILE, p.as_bytes())?;
         }
         if let (Auth::Subscription(credentials), None) = (self.auth, self.rehearsal) {
             let target = config.join(".credentials.json");

@@ -82,7 +82,12 @@ struct Stat {
     state: u8,
     ppid: i32,
     pgid: i32,
+    /// The kernel's `PF_*` flags of the (main) thread.
+    flags: u64,
 }
+
+/// `PF_EXITING`: the process is ending.
+const PF_EXITING: u64 = 0x4;
 
 fn stat(pid: i32) -> Option<Stat> {
     let text = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
@@ -92,12 +97,39 @@ fn stat(pid: i32) -> Option<Stat> {
         .split(|b| *b == b' ')
         .filter(|f| !f.is_empty());
     let state = *fields.next()?.first()?;
-    let mut number = || -> Option<i32> { std::str::from_utf8(fields.next()?).ok()?.parse().ok() };
+    let mut number = || -> Option<i64> { std::str::from_utf8(fields.next()?).ok()?.parse().ok() };
+    let ppid = number()? as i32;
+    let pgid = number()? as i32;
+    // Then session, tty_nr and tpgid, then flags.
+    for _ in 0..3 {
+        number()?;
+    }
+    let flags = number()? as u64;
     Some(Stat {
         state,
-        ppid: number()?,
-        pgid: number()?,
+        ppid,
+        pgid,
+        flags,
     })
+}
+
+/// Whether the ccluster process `pid` (one holding a state) is going away: gone, ending, or a
+/// worker whose keeper has lost the process the shell started (`cli/src/supervisor.rs`: the keeper
+/// is about to kill it). Lets a new `apply` wait for the state instead of being refused.
+pub fn going_away(pid: i32) -> bool {
+    let Some(holder) = stat(pid) else {
+        return true;
+    };
+    if holder.flags & PF_EXITING != 0 {
+        return true;
+    }
+    let exe = |pid: i32| std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let Some(keeper) = stat(holder.ppid) else {
+        return false;
+    };
+    let own = exe(pid);
+    // Under a keeper (the same program), whose own parent is no longer a ccluster.
+    own.is_some() && exe(holder.ppid) == own && exe(keeper.ppid) != own
 }
 
 /// Every process on the machine with its parent (zombies left out: they are already dead).
@@ -275,6 +307,14 @@ mod tests {
         let me = stat(std::process::id() as i32).expect("own stat");
         assert_eq!(me.ppid, nix::unistd::getppid().as_raw());
         assert_eq!(me.pgid, nix::unistd::getpgrp().as_raw());
+        assert_eq!(me.flags & PF_EXITING, 0);
+    }
+
+    #[test]
+    fn a_live_process_without_a_keeper_is_not_going_away_and_a_gone_one_is() {
+        assert!(!going_away(std::process::id() as i32));
+        // Beyond the largest pid Linux hands out (2^22).
+        assert!(going_away(1 << 23));
     }
 
     #[test]
