@@ -39,6 +39,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 mod live;
 mod results;
 mod runs;
+#[cfg(target_os = "linux")]
 mod supervisor;
 mod templates;
 
@@ -338,7 +339,8 @@ fn main() -> ExitCode {
         cli.command,
         Command::Apply { .. } | Command::Retry { .. } | Command::Run { .. }
     ) {
-        // Commands that run tasks work under a supervisor process: no task outlives ccluster.
+        // Commands that run tasks work under supervising processes: no task outlives ccluster.
+        #[cfg(target_os = "linux")]
         supervisor::split();
     }
     let code = match cli.command {
