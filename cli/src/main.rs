@@ -40,6 +40,8 @@ mod live;
 mod logs;
 mod results;
 mod runs;
+#[cfg(target_os = "linux")]
+mod supervisor;
 mod templates;
 
 /// Exit codes, as documented in the README.
@@ -49,7 +51,7 @@ mod exit {
     pub const TASK_FAILED: u8 = 1;
     /// The clusterfile, the command line or the state directory cannot be used.
     pub const INVALID_INPUT: u8 = 2;
-    /// The run was cancelled (Ctrl-C, SIGTERM, `ccluster cancel`).
+    /// The run was cancelled (Ctrl-C, SIGTERM, SIGHUP, SIGQUIT, `ccluster cancel`).
     pub const CANCELLED: u8 = 130;
 }
 
@@ -397,6 +399,14 @@ fn main() -> ExitCode {
         | Command::Apply { file, .. }
         | Command::Update { file } => file.settle_default(),
         _ => {}
+    }
+    if matches!(
+        cli.command,
+        Command::Apply { .. } | Command::Retry { .. } | Command::Run { .. }
+    ) {
+        // Commands that run tasks work under supervising processes: no task outlives ccluster.
+        #[cfg(target_os = "linux")]
+        supervisor::split();
     }
     let code = match cli.command {
         Command::Validate {

@@ -11,6 +11,7 @@ mod gitsafe;
 mod invalid;
 mod library;
 mod logs;
+mod procs;
 mod rehearsal_server;
 mod scale;
 mod schema;

@@ -173,27 +173,24 @@ pub struct Rehearsal<'a> {
     pub node: &'a str,
 }
 
-/// The settings value as `--settings` takes it: inline JSON or a path.
-fn settings_arg(settings: &StringOrObject) -> String {
-    match settings {
-        StringOrObject::String(path) => path.clone(),
-        StringOrObject::Object(v) => serde_json::to_string(v).unwrap_or_default(),
-    }
-}
+/// Files in the worker's directory that carry what could be too large for the command line (one
+/// argument is limited to 128 KiB) or should not show in `ps`: the inline settings and the
+/// appended system prompt. Written by [`Worker::prepare`]. (`--json-schema` takes only inline
+/// JSON: the output schema stays on the command line.)
+const SETTINGS_FILE: &str = "settings.json";
+const SYSTEM_PROMPT_FILE: &str = "append-system-prompt.md";
 
 impl Worker<'_> {
-    /// `claude -p ... --output-format stream-json --verbose ...`.
+    /// `claude -p --session-id ... --output-format stream-json --verbose ...`. The prompt is not
+    /// on the command line: it goes to the CLI's stdin ([`Worker::stdin`]), which `-p` reads when
+    /// no prompt argument is given.
     pub fn argv(&self) -> Vec<String> {
         let s = self.settings;
+        let file = |name: &str| self.dir.join(name).display().to_string();
         let mut argv = vec![self.bin.display().to_string()];
         match self.resume {
             Some(id) => argv.extend(["--resume".into(), id.into(), "-p".into(), "continue".into()]),
-            None => argv.extend([
-                "-p".into(),
-                self.prompt.to_string(),
-                "--session-id".into(),
-                self.session.to_string(),
-            ]),
+            None => argv.extend(["-p".into(), "--session-id".into(), self.session.to_string()]),
         }
         argv.extend([
             "--output-format".into(),
@@ -219,16 +216,33 @@ impl Worker<'_> {
         if let Some(b) = s.max_budget_usd {
             argv.extend(["--max-budget-usd".into(), b.to_string()]);
         }
-        if let Some(p) = &s.append_system_prompt {
-            argv.extend(["--append-system-prompt".into(), p.clone()]);
+        if s.append_system_prompt.is_some() {
+            argv.extend([
+                "--append-system-prompt-file".into(),
+                file(SYSTEM_PROMPT_FILE),
+            ]);
         }
-        if let Some(settings) = &s.settings {
-            argv.extend(["--settings".into(), settings_arg(settings)]);
+        match &s.settings {
+            Some(StringOrObject::String(path)) => {
+                argv.extend(["--settings".into(), path.clone()]);
+            }
+            Some(StringOrObject::Object(_)) => {
+                argv.extend(["--settings".into(), file(SETTINGS_FILE)]);
+            }
+            None => {}
         }
         if let Some(schema) = self.output_schema {
             argv.extend(["--json-schema".into(), schema.to_string()]);
         }
         argv
+    }
+
+    /// What the CLI reads on stdin: the prompt of a new session (a resumed one is told
+    /// `continue` on the command line).
+    pub fn stdin(&self) -> Option<Vec<u8>> {
+        self.resume
+            .is_none()
+            .then(|| self.prompt.as_bytes().to_vec())
     }
 
     /// The worker's environment, besides what the task declares: its own config and temp dirs,
@@ -306,6 +320,16 @@ impl Worker<'_> {
         let config = self.dir.join("config");
         crate::store::create_private_dir_all(&config)?;
         crate::store::create_private_dir_all(&self.dir.join("tmp"))?;
+        // What `argv` names instead of passing it inline; settings may hold secrets (`env`), so
+        // the files are the owner's only.
+        let private =
+            |name: &str, bytes: &[u8]| crate::store::write_private(&self.dir.join(name), bytes);
+        if let Some(StringOrObject::Object(v)) = &self.settings.settings {
+            private(SETTINGS_FILE, &serde_json::to_vec(v)?)?;
+        }
+        if let Some(p) = &self.settings.append_system_prompt {
+            private(SYSTEM_PROMPT_FILE, p.as_bytes())?;
+        }
         if let (Auth::Subscription(credentials), true) = (self.auth, self.rehearsal.is_none()) {
             let target = config.join(".credentials.json");
             std::fs::copy(credentials, &target)?;

@@ -253,6 +253,9 @@ const COMMIT_HOLD: Duration = Duration::from_millis(10);
 /// The live view of a running run, for `ccluster status` from another terminal.
 pub const LIVE_FILE: &str = "live.jsonl";
 
+/// How soon a repeated stop signal counts as the same one (see `drive`).
+const SIGNAL_ECHO: Duration = Duration::from_millis(100);
+
 fn new_run_id() -> String {
     let now = now_ms();
     let secs = now / 1000;
@@ -1280,6 +1283,7 @@ impl Dispatcher<'_> {
             argv: None,
             lines: None,
             env: env.clone(),
+            stdin: None,
             cwd,
             stdout: log_path(&self.logs, &plan.id, attempt, &format!("{stream}out")),
             stderr: log_path(&self.logs, &plan.id, attempt, &format!("{stream}err")),
@@ -1339,6 +1343,7 @@ impl Dispatcher<'_> {
                     ws_root.clone(),
                 );
                 s.argv = Some(worker.argv());
+                s.stdin = worker.stdin();
                 s.env.extend(worker.env());
                 (None, OutputMode::Text, Some(s))
             }
@@ -1408,6 +1413,7 @@ impl Dispatcher<'_> {
                 }
                 let mut s = spec(format!("claude -p <prompt of {}>", plan.id), "", cwd);
                 s.argv = Some(worker.argv());
+                s.stdin = worker.stdin();
                 // The worker's own variables, then the task's, then ccluster's.
                 let declared = std::mem::take(&mut s.env);
                 s.env = PASSED_ENV
@@ -1734,7 +1740,7 @@ impl Dispatcher<'_> {
                     humantime::format_duration(Duration::from_millis(plan.timeout_ms.unwrap_or(0)))
                 ),
             ),
-            (None, ProcessEnd::SpawnFailed(e)) => {
+            (None, ProcessEnd::SpawnFailed(e) | ProcessEnd::Unstartable(e)) => {
                 (Some(FailureClass::SpawnError), None, None, e.clone())
             }
         };
@@ -1764,7 +1770,13 @@ impl Dispatcher<'_> {
             return self.node_done(node);
         };
         let retry = &plan.retry;
-        if attempt <= retry.limit && retry.on.contains(&class) && self.stopping.is_none() {
+        // A command too large for the system is refused the same way every time.
+        let retryable = !matches!(end, ProcessEnd::Unstartable(_));
+        if attempt <= retry.limit
+            && retry.on.contains(&class)
+            && retryable
+            && self.stopping.is_none()
+        {
             let delay = backoff_delay(retry, attempt);
             n.record.state = TaskState::Retrying;
             self.events.push(Event::TaskRetrying {
@@ -1895,20 +1907,30 @@ impl Dispatcher<'_> {
         let (stop_tx, stop_rx) = watch::channel(Stop::No);
         let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<usize>();
         let mut procs: JoinSet<(usize, JobResult, Duration)> = JoinSet::new();
-        let mut interrupt = tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::interrupt(),
-        )
-        .map_err(|source| ApplyError::Io {
-            path: PathBuf::from("SIGINT"),
-            source,
-        })?;
-        let mut terminate = tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        )
-        .map_err(|source| ApplyError::Io {
-            path: PathBuf::from("SIGTERM"),
-            source,
-        })?;
+        // SIGHUP (the terminal closed) and SIGQUIT stop the run as SIGINT and SIGTERM do, rather
+        // than killing ccluster with its tasks left running.
+        let listen = |kind: tokio::signal::unix::SignalKind, name: &str| {
+            tokio::signal::unix::signal(kind).map_err(|source| ApplyError::Io {
+                path: PathBuf::from(name),
+                source,
+            })
+        };
+        use tokio::signal::unix::SignalKind;
+        let mut interrupt = listen(SignalKind::interrupt(), "SIGINT")?;
+        let mut terminate = listen(SignalKind::terminate(), "SIGTERM")?;
+        let mut hangup = listen(SignalKind::hangup(), "SIGHUP")?;
+        let mut quit = listen(SignalKind::quit(), "SIGQUIT")?;
+        // A signal sent to ccluster's whole process group reaches it twice: directly, and
+        // forwarded by its supervisor (the process the shell started). The copy that follows
+        // within `SIGNAL_ECHO` is the same request, not a second Ctrl-C.
+        let mut last_signal: Option<Instant> = None;
+        let mut signalled = |this: &mut Self| -> Result<(), ApplyError> {
+            if last_signal.is_some_and(|t| t.elapsed() < SIGNAL_ECHO) {
+                return Ok(());
+            }
+            last_signal = Some(Instant::now());
+            this.cancel(&stop_tx)
+        };
 
         for g in 0..self.groups.len() {
             if self.groups[g].needs.is_empty() {
@@ -1994,8 +2016,10 @@ impl Dispatcher<'_> {
                 }
                 _ = tokio::time::sleep(SNAPSHOT_EVERY), if self.snapshot_due => { self.snapshot(); None }
                 _ = tokio::time::sleep_until(hold_until.unwrap_or_else(tokio::time::Instant::now)), if flush.is_none() && hold_until.is_some() => None,
-                _ = interrupt.recv() => { self.cancel(&stop_tx)?; None }
-                _ = terminate.recv() => { self.cancel(&stop_tx)?; None }
+                _ = interrupt.recv() => { signalled(&mut self)?; None }
+                _ = terminate.recv() => { signalled(&mut self)?; None }
+                _ = hangup.recv() => { signalled(&mut self)?; None }
+                _ = quit.recv() => { signalled(&mut self)?; None }
             };
             let mut wakes: Vec<Wake> = wake.into_iter().collect();
             // Take whatever else finished meanwhile, so one commit covers it all.

@@ -198,9 +198,12 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
         // An agent resolver is told the listing in its prompt, in a session of its own for each
         // conflict (the CLI refuses a session id twice).
         if let Some(argv) = resolver.argv.as_mut() {
-            for arg in argv.iter_mut() {
-                if arg.contains("{{conflicts}}") {
-                    *arg = arg.replace("{{conflicts}}", &conflict.listing());
+            if let Some(prompt) = resolver.stdin.as_mut() {
+                let text = String::from_utf8_lossy(prompt);
+                if text.contains("{{conflicts}}") {
+                    *prompt = text
+                        .replace("{{conflicts}}", &conflict.listing())
+                        .into_bytes();
                 }
             }
             if let Some(at) = argv.iter().position(|a| a == "--session-id") {
@@ -413,7 +416,10 @@ async fn run_command(
     result.usage = transcript.usage_so_far(config_dir.as_deref());
     match process.end {
         // ccluster's own verdicts stand: its watchdog, a cancel, a failed start.
-        ProcessEnd::TimedOut | ProcessEnd::Cancelled | ProcessEnd::SpawnFailed(_) => {}
+        ProcessEnd::TimedOut
+        | ProcessEnd::Cancelled
+        | ProcessEnd::SpawnFailed(_)
+        | ProcessEnd::Unstartable(_) => {}
         ref end => match transcript.outcome(end, agent.wants_structured) {
             Ok(v) => result.output = Some(v),
             Err(failure) => result.failure = Some(failure),

@@ -30,6 +30,9 @@ pub struct ProcessSpec {
     pub lines: Option<tokio::sync::mpsc::UnboundedSender<String>>,
     /// The whole environment of the process: nothing is inherited.
     pub env: Vec<(String, String)>,
+    /// Written to the process's stdin, which is then closed (an agent's prompt: on the command
+    /// line it would be limited to 128 KiB and shown by `ps`). `None`: stdin is `/dev/null`.
+    pub stdin: Option<Vec<u8>>,
     pub cwd: PathBuf,
     pub stdout: PathBuf,
     pub stderr: PathBuf,
@@ -49,6 +52,9 @@ pub enum ProcessEnd {
     /// Stopped because the run is being cancelled.
     Cancelled,
     SpawnFailed(String),
+    /// Could not be started, and never will be as it stands: its arguments or environment are
+    /// too large for the system (`E2BIG`), or a path is too long (`ENAMETOOLONG`). Not retried.
+    Unstartable(String),
 }
 
 impl std::fmt::Display for ProcessEnd {
@@ -59,7 +65,7 @@ impl std::fmt::Display for ProcessEnd {
             ProcessEnd::Signaled(s) => write!(f, "killed by signal {s}"),
             ProcessEnd::TimedOut => f.write_str("timed out"),
             ProcessEnd::Cancelled => f.write_str("cancelled"),
-            ProcessEnd::SpawnFailed(e) => f.write_str(e),
+            ProcessEnd::SpawnFailed(e) | ProcessEnd::Unstartable(e) => f.write_str(e),
         }
     }
 }
@@ -78,6 +84,17 @@ pub const STDOUT_KEPT: usize = 4 << 20;
 /// After the main process exits, how long its output pipes are still read: a background child
 /// that keeps them open must not hold the task forever.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(250);
+
+/// The kernel's limit on one argument or environment string (`MAX_ARG_STRLEN`, 32 pages).
+const MAX_ARG_STRLEN: usize = 128 << 10;
+
+/// The kernel's limit on all arguments and environment together: a quarter of the stack limit,
+/// at most 6 MiB, at least 128 KiB.
+fn max_args_total() -> usize {
+    let stack = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_STACK)
+        .map_or(8 << 20, |(soft, _)| soft);
+    ((stack / 4).min(6 << 20) as usize).max(MAX_ARG_STRLEN)
+}
 
 /// How urgently running processes must stop (the run is being cancelled).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -221,7 +238,10 @@ fn command_of(spec: &ProcessSpec, direct: Option<&Direct>) -> tokio::process::Co
         .current_dir(&spec.cwd)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
+        .stdin(match spec.stdin {
+            Some(_) => Stdio::piped(),
+            None => Stdio::null(),
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // Its own process group: a timeout or Ctrl-C stops the whole tree, and a Ctrl-C in the
@@ -256,16 +276,38 @@ async fn run_local(
                 .as_ref()
                 .and_then(|a| a.first())
                 .map_or("/bin/sh", String::as_str);
-            return failed(format!(
-                "cannot start `{program}` in `{}`: {e}",
-                spec.cwd.display()
-            ));
+            let message = format!("cannot start `{program}` in `{}`: {e}", spec.cwd.display());
+            return match e.raw_os_error() {
+                // Starting it again cannot help: say what is too large.
+                Some(code) if code == nix::libc::E2BIG || code == nix::libc::ENAMETOOLONG => {
+                    ProcessResult {
+                        end: ProcessEnd::Unstartable(format!(
+                            "{message}; the command line and environment are limited to \
+                             {} KiB for one value and about {} KiB in all",
+                            MAX_ARG_STRLEN >> 10,
+                            max_args_total() >> 10
+                        )),
+                        stdout: Vec::new(),
+                    }
+                }
+                _ => failed(message),
+            };
         }
     };
     let Some(pgid) = child.id().map(|id| id as i32) else {
         return failed("the process vanished at start".into());
     };
+    super::reaper::started(pgid);
+    let attempt = super::reaper::Attempt::of(&spec.env);
     let mut guard = GroupGuard { pgid, armed: true };
+    if let (Some(bytes), Some(mut stdin)) = (spec.stdin.clone(), child.stdin.take()) {
+        // Written off the loop: a process that reads its input slowly must not hold anything up.
+        // A process that exits without reading it all ends the write (EPIPE), which is no error.
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = stdin.write_all(&bytes).await;
+        });
+    }
     let mut out = child.stdout.take();
     let mut err = child.stderr.take();
     let (mut out_log, mut err_log) = (
@@ -337,6 +379,9 @@ async fn run_local(
         }
     }
     guard.armed = false;
+    super::reaper::ended(pgid);
+    // The attempt is over: what it started in the background goes with it.
+    super::reaper::stop_leftovers(pgid, &attempt);
     if let (Some(tx), false) = (&spec.lines, partial.is_empty()) {
         let _ = tx.send(String::from_utf8_lossy(&partial).into_owned());
     }

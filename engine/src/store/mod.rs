@@ -202,7 +202,9 @@ fn locked_error(file: &mut File, dir: &Path) -> StoreError {
 }
 
 /// Takes a lock on the lock file. A writer (`apply`) waits up to [`LOCK_PATIENCE`] for readers to
-/// let go; a reader gives up at once if a writer holds it (the run's live view is read instead).
+/// let go, and for a writer that is going away (after a `kill -9` of the `apply` the shell started,
+/// its worker lives on for the moment it takes to kill it: `exec::reaper::going_away`); a reader
+/// gives up at once if a writer holds it (the run's live view is read instead).
 fn take_lock(dir: &Path, writer: bool) -> Result<Flock<File>, StoreError> {
     let start = std::time::Instant::now();
     let arg = if writer {
@@ -226,7 +228,15 @@ fn take_lock(dir: &Path, writer: bool) -> Result<Flock<File>, StoreError> {
                     FlockArg::LockSharedNonblock,
                 )
                 .is_err();
-                if !writer || held_by_writer || start.elapsed() >= LOCK_PATIENCE {
+                let mut leaving = || {
+                    let mut pid = String::new();
+                    let _ = file.rewind();
+                    let _ = file.read_to_string(&mut pid);
+                    pid.trim()
+                        .parse()
+                        .is_ok_and(crate::exec::reaper::going_away)
+                };
+                if !writer || (held_by_writer && !leaving()) || start.elapsed() >= LOCK_PATIENCE {
                     return Err(locked_error(&mut file, dir));
                 }
                 std::thread::sleep(std::time::Duration::from_millis(20));
