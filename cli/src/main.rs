@@ -378,6 +378,9 @@ enum PlanFormat {
 enum DiagnosticFormat {
     Human,
     Json,
+    /// For `apply -o json`: the JSON document on one line, as the event stream it stands in for.
+    #[value(skip)]
+    JsonLine,
 }
 
 impl FileArgs {
@@ -438,7 +441,7 @@ fn main() -> ExitCode {
             Stage::Plan,
             // Under `--output json`, a tool reads compile errors from stdout as JSON too.
             match run.output {
-                runs::OutputFormat::Json => DiagnosticFormat::Json,
+                runs::OutputFormat::Json => DiagnosticFormat::JsonLine,
                 _ => DiagnosticFormat::Human,
             },
             Some(&state.dir(Some(&file.file))),
@@ -944,6 +947,9 @@ fn compile_recording(
                     eprint!("{}", human(&diagnostics, &source))
                 }
                 DiagnosticFormat::Json => print(&render::json(&diagnostics, &source)),
+                DiagnosticFormat::JsonLine => {
+                    print(&format!("{}\n", render::json_value(&diagnostics, &source)))
+                }
             }
             Err(exit::INVALID_INPUT)
         }
@@ -960,7 +966,7 @@ fn validate(file: &FileArgs, format: DiagnosticFormat, fetch: bool) -> u8 {
                     plural(c.plan.summary.tasks, "task", "tasks"),
                     plural(c.plan.summary.nodes, "plan node", "plan nodes")
                 )),
-                DiagnosticFormat::Json => {
+                DiagnosticFormat::Json | DiagnosticFormat::JsonLine => {
                     print(&render::json(&c.warnings, &source));
                 }
             }

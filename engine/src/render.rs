@@ -49,8 +49,17 @@ pub fn human(diagnostics: &[Diagnostic], source: &SourceFile, color: bool) -> St
     out
 }
 
-/// One JSON document: `{"diagnostics": [{severity, code, message, file, line, column, ...}]}`.
+/// One JSON document: `{"diagnostics": [{severity, code, message, file, line, column, ...}]}`,
+/// pretty-printed.
 pub fn json(diagnostics: &[Diagnostic], source: &SourceFile) -> String {
+    let mut text =
+        serde_json::to_string_pretty(&json_value(diagnostics, source)).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+/// The document [`json`] prints.
+pub fn json_value(diagnostics: &[Diagnostic], source: &SourceFile) -> serde_json::Value {
     let items: Vec<serde_json::Value> = diagnostics
         .iter()
                 .map(|d| {
@@ -68,8 +77,5 @@ pub fn json(diagnostics: &[Diagnostic], source: &SourceFile) -> String {
             })
         })
         .collect();
-    let mut text = serde_json::to_string_pretty(&serde_json::json!({ "diagnostics": items }))
-        .unwrap_or_default();
-    text.push('\n');
-    text
+    serde_json::json!({ "diagnostics": items })
 }

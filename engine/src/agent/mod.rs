@@ -429,6 +429,8 @@ pub struct Transcript {
     /// Tokens each model response reported as it streamed, by message id: `[input, output,
     /// cache read, cache creation]`. What an attempt cut short had used.
     streamed: std::collections::HashMap<String, [u64; 4]>,
+    /// Lines too long to be read (`exec::lines::MAX_LINE`), each replaced by a notice.
+    overlong: u32,
 }
 
 /// The last `cost-state` entry of a session's transcript (`<config>/projects/*/<session>.jsonl`):
@@ -506,6 +508,7 @@ impl Transcript {
         }
         let mut out = Vec::new();
         match (v["type"].as_str(), v["subtype"].as_str()) {
+            (Some("ccluster_overlong_line"), _) => self.overlong += 1,
             (Some("assistant"), _) => {
                 let message = &v["message"];
                 if let Some(id) = message["id"].as_str() {
@@ -636,6 +639,15 @@ impl Transcript {
                     FailureClass::Killed,
                     format!("the worker was killed ({})", end),
                 ),
+                _ if self.overlong > 0 => (
+                    FailureClass::NoResult,
+                    format!(
+                        "the worker ended without a result that could be read ({end}): {} \
+                         stream-json line(s) longer than {} MiB were not read (the log has them)",
+                        self.overlong,
+                        crate::exec::lines::MAX_LINE >> 20
+                    ),
+                ),
                 _ => (
                     FailureClass::NoResult,
                     format!("the worker ended without a result ({})", end),
@@ -722,6 +734,16 @@ mod tests {
             t.feed(l);
         }
         t
+    }
+
+    #[test]
+    fn a_result_line_too_long_to_read_is_named_as_the_reason() {
+        let notice = crate::exec::lines::overlong_notice(20 << 20);
+        let (class, message) = transcript(&[&notice])
+            .outcome(&ProcessEnd::Exited(0), false)
+            .unwrap_err();
+        assert_eq!(class, FailureClass::NoResult);
+        assert!(message.contains("1 stream-json line(s) longer than 16 MiB"), "{message}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod events;
 pub mod explain;
 pub mod fingerprint;
 pub mod job;
+pub mod lines;
 pub mod reaper;
 pub mod runner;
 

@@ -56,6 +56,25 @@ pub(crate) fn ended(pid: i32) {
     }
 }
 
+/// A child ccluster started in a process group of its own for a step of its own (git under a
+/// time limit): known as [`started`] until dropped, so that it is never taken for an adopted
+/// orphan, killed or reaped (which would leave its waiter with `ECHILD`). Register it right after
+/// `spawn`, before any `.await`.
+pub(crate) struct OwnChild(i32);
+
+impl OwnChild {
+    pub(crate) fn new(pid: i32) -> OwnChild {
+        started(pid);
+        OwnChild(pid)
+    }
+}
+
+impl Drop for OwnChild {
+    fn drop(&mut self) {
+        ended(self.0);
+    }
+}
+
 /// What identifies an attempt's processes: its `CCLUSTER_*` variables (`NAME=value`), if the spec
 /// has all of them; and whether the task asked to keep its background processes.
 pub(crate) struct Attempt {

@@ -316,8 +316,7 @@ async fn run_local(
     );
     let (mut out_buf, mut err_buf) = (vec![0u8; 16 << 10], vec![0u8; 16 << 10]);
     let mut kept: Vec<u8> = Vec::new();
-    // The unfinished last line, for `spec.lines`.
-    let mut partial: Vec<u8> = Vec::new();
+    let mut lines = super::lines::LineSplitter::default();
     let timeout_at = spec.timeout.map(|t| Instant::now() + t);
     let mut end: Option<ProcessEnd> = None;
     let mut drain_until: Option<Instant> = None;
@@ -339,11 +338,9 @@ async fn run_local(
                 } else {
                     out_log.write(&out_buf[..n]);
                     if let Some(tx) = &spec.lines {
-                        partial.extend_from_slice(&out_buf[..n]);
-                        while let Some(i) = partial.iter().position(|b| *b == b'\n') {
-                            let line: Vec<u8> = partial.drain(..=i).collect();
-                            let _ = tx.send(String::from_utf8_lossy(&line[..i]).into_owned());
-                        }
+                        lines.push(&out_buf[..n], |line| {
+                            let _ = tx.send(line);
+                        });
                     }
                     kept.extend_from_slice(&out_buf[..n]);
                     if kept.len() > 2 * STDOUT_KEPT {
@@ -382,8 +379,10 @@ async fn run_local(
     super::reaper::ended(pgid);
     // The attempt is over: what it started in the background goes with it.
     super::reaper::stop_leftovers(pgid, &attempt);
-    if let (Some(tx), false) = (&spec.lines, partial.is_empty()) {
-        let _ = tx.send(String::from_utf8_lossy(&partial).into_owned());
+    if let Some(tx) = &spec.lines {
+        lines.finish(|line| {
+            let _ = tx.send(line);
+        });
     }
     if kept.len() > STDOUT_KEPT {
         kept.drain(..kept.len() - STDOUT_KEPT);

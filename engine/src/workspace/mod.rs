@@ -284,6 +284,8 @@ async fn git_output(
         .spawn()
         .map_err(|e| GitError::Failed(format!("cannot run git: {e}")))?;
     let mut guard = GroupGuard(child.id().and_then(|id| i32::try_from(id).ok()));
+    // Its own group makes it look like a task's orphan to the process sweep: it is not one.
+    let _own = guard.0.map(crate::exec::reaper::OwnChild::new);
     let stdin = child.stdin.take();
     let finished = async move {
         if let (Some(mut stdin), Some(input)) = (stdin, input) {
