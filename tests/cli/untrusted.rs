@@ -493,3 +493,59 @@ fn template_task_ids_obey_the_id_rule() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("t.ok-1 [shell]"));
 }
+
+#[test]
+fn output_schema_files_stay_inside_the_repository() {
+    // A JSON file outside the repository that is a valid schema: only the confinement can refuse
+    // it, and `plan` would otherwise print it.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(
+        outside.path().join("creds.json"),
+        format!("{{\"type\": \"object\", \"description\": \"{SECRET}\"}}"),
+    )
+    .unwrap();
+    let s = repo_sandbox("version = 1\n[tasks.ok]\nrun = \"true\"\n");
+    s.file("schemas/ok.json", "{\"type\": \"object\"}").unwrap();
+    std::os::unix::fs::symlink(
+        outside.path().join("creds.json"),
+        s.path().join("schemas/escape.json"),
+    )
+    .unwrap();
+    let fifo = s.path().join("schemas/fifo.json");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let absolute = format!("{}/creds.json", outside.path().display());
+    let refused = [
+        ("/proc/self/environ", "is outside the repository"),
+        ("/dev/zero", "is outside the repository"),
+        (absolute.as_str(), "is outside the repository"),
+        ("schemas/escape.json", "is outside the repository"),
+        ("schemas/fifo.json", "is not a regular file"),
+    ];
+    for (path, why) in refused {
+        s.write(&format!(
+            "version = 1\n[tasks.t]\nprompt = \"p\"\noutput_schema = {}\n",
+            toml_string(path)
+        ));
+        for args in [&["validate"][..], &["plan"]] {
+            let out = run(&s, args);
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "{path} {args:?}: {err}");
+            assert!(
+                err.contains("error[invalid-output-schema]: clusterfile.toml:4:17")
+                    && err.contains(why),
+                "{path} {args:?}: {err}"
+            );
+        }
+        // Where a tool reads the plan, the refusal is there too (and the secret is not: `run`).
+        let out = run(&s, &["plan", "-o", "json"]);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stdout).contains(why));
+    }
+    s.write("version = 1\n[tasks.t]\nprompt = \"p\"\noutput_schema = \"schemas/ok.json\"\n");
+    let out = run(&s, &["validate"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}

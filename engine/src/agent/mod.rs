@@ -743,7 +743,10 @@ mod tests {
             .outcome(&ProcessEnd::Exited(0), false)
             .unwrap_err();
         assert_eq!(class, FailureClass::NoResult);
-        assert!(message.contains("1 stream-json line(s) longer than 16 MiB"), "{message}");
+        assert!(
+            message.contains("1 stream-json line(s) longer than 16 MiB"),
+            "{message}"
+        );
     }
 
     #[test]

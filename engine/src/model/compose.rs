@@ -148,6 +148,13 @@ pub fn confinement_root(dir: &Path) -> PathBuf {
 /// on the open file, which is opened without following a link and without blocking, so swapping
 /// the file in between gains nothing.
 fn read_confined(path: &Path, root: &Path) -> Result<String, String> {
+    read_inside(path, root, "templates")
+        .map_err(|e| e.replace("is not UTF-8 text", "is not UTF-8 text, so not a template"))
+}
+
+/// Reads a file a clusterfile names (`what`: "templates", "`output_schema` files") as
+/// [`read_confined`] reads a template: a regular file of at most 16 MiB inside `root`.
+pub(crate) fn read_inside(path: &Path, root: &Path, what: &str) -> Result<String, String> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
@@ -155,7 +162,7 @@ fn read_confined(path: &Path, root: &Path) -> Result<String, String> {
     let real = std::fs::canonicalize(path).map_err(|e| format!("cannot read `{shown}`: {e}"))?;
     if !real.starts_with(root) {
         return Err(format!(
-            "`{shown}` is outside the repository ({}); templates are read only from inside it",
+            "`{shown}` is outside the repository ({}); {what} are read only from inside it",
             root.display()
         ));
     }
@@ -199,7 +206,7 @@ fn read_confined(path: &Path, root: &Path) -> Result<String, String> {
             MAX_TEMPLATE_BYTES >> 20
         ));
     }
-    String::from_utf8(bytes).map_err(|_| format!("`{shown}` is not UTF-8 text, so not a template"))
+    String::from_utf8(bytes).map_err(|_| format!("`{shown}` is not UTF-8 text"))
 }
 
 impl FileLoader {

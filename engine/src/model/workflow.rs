@@ -1386,14 +1386,17 @@ fn load_output_schema(
             }
         }
         StringOrObject::String(path) => {
+            // Confined as path templates are: a clusterfile from a pull request must not get a
+            // file from elsewhere (a JSON credentials file) into the plan, nor hang on a FIFO.
             let full = base_dir.join(path);
-            let text = match std::fs::read_to_string(&full) {
+            let root = super::compose::confinement_root(base_dir);
+            let text = match super::compose::read_inside(&full, &root, "`output_schema` files") {
                 Ok(t) => t,
                 Err(e) => {
                     diags.push(schema_error(
-                        format!("cannot read `output_schema` file `{path}`: {e}"),
+                        format!("`output_schema`: {e}"),
                         "unreadable file",
-                        "paths are relative to the clusterfile's directory",
+                        "paths are relative to the clusterfile's directory, inside its repository",
                     ));
                     return None;
                 }
