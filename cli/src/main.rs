@@ -458,6 +458,7 @@ fn main() -> ExitCode {
                         Ok(s) => Some(s),
                         Err(e) => {
                             eprintln!("error: {}: {e}", path.display());
+                            eprintln!("  help: the rehearsal script's format is in docs/agents.md (\"The rehearsal script\")");
                             return ExitCode::from(exit::INVALID_INPUT);
                         }
                     },
@@ -746,6 +747,7 @@ fn model_server(script: Option<&std::path::Path>, turn_delay_ms: u64) -> u8 {
             Ok(s) => s.unwrap_or_default(),
             Err(e) => {
                 eprintln!("error: invalid script: {e}");
+                eprintln!("  help: the rehearsal script's format is in docs/agents.md (\"The rehearsal script\")");
                 return exit::INVALID_INPUT;
             }
         },

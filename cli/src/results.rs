@@ -83,6 +83,7 @@ pub fn artifacts(
     if tasks.is_empty() {
         if let Some(id) = task {
             eprintln!("error: run {} has no task `{id}`", run.id);
+            eprintln!("  help: `ccluster status {}` lists its tasks", run.id);
             return exit::INVALID_INPUT;
         }
     }
@@ -199,6 +200,10 @@ fn get_artifact(
     let from = t.cached_from.as_deref().unwrap_or(&run.id);
     let Some(a) = store.artifacts(from, &t.node).unwrap_or_default().pop() else {
         eprintln!("error: `{}` has no artifacts", t.node);
+        eprintln!(
+            "  help: `ccluster artifacts {} {}` lists what each attempt left",
+            run.id, t.node
+        );
         return exit::INVALID_INPUT;
     };
     let dir = PathBuf::from(&a.dir);

@@ -663,11 +663,13 @@ pub fn cancel(dir: &Path, run: Option<&str>) -> u8 {
         .find(|v| v.run.state == RunState::Running && is_ccluster(v.run.pid as i32));
     let Some(live) = live else {
         eprintln!("error: no run is in progress in {}", dir.display());
+        eprintln!("  help: `cancel` stops a run in progress; `ccluster runs` lists the runs of this state");
         return exit::INVALID_INPUT;
     };
     if let Some(id) = run {
         if !live.run.id.starts_with(id) {
             eprintln!("error: the run in progress is {}, not `{id}`", live.run.id);
+            eprintln!("  help: `ccluster cancel` without a run cancels the run in progress");
             return exit::INVALID_INPUT;
         }
     }
@@ -875,6 +877,10 @@ pub fn retry(dir: &Path, args: RetryArgs<'_>) -> u8 {
         .collect();
     if let Some(unknown) = args.tasks.iter().find(|t| !known.contains(&t.as_str())) {
         eprintln!("error: run {} has no task `{unknown}`", run.id);
+        eprintln!(
+            "  help: `--task` takes a task id or a plan node (`build[2]`); `ccluster status {}` lists them",
+            run.id
+        );
         return exit::INVALID_INPUT;
     }
     if args.output == OutputFormat::Human {

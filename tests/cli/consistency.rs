@@ -75,9 +75,30 @@ fn compile_errors_under_apply_output_json_are_json_on_stdout() {
     let s = Sandbox::new("version = 1\n[tasks.a]\nrun = 3\n");
     let out = s.command(&["apply", "--output", "json"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // One line, as the event stream it stands in for.
+    assert_eq!(out.stdout.iter().filter(|b| **b == b'\n').count(), 1);
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["diagnostics"][0]["code"], "wrong-type");
     assert_eq!(doc["diagnostics"][0]["line"], 3);
+}
+
+#[test]
+fn errors_about_runs_and_tasks_say_what_to_do() {
+    let s = Sandbox::new(TWO_TASKS);
+    assert_eq!(s.apply(&[]).code, 0);
+    for args in [
+        &["artifacts", "latest", "nosuch"][..],
+        &["logs", "latest", "nosuch"],
+        &["retry", "--task", "nosuch"],
+        &["cancel"],
+        &["status", "nosuch"],
+    ] {
+        let out = s.command(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+        assert!(stderr.contains("\n  help: "), "{args:?}: {stderr}");
+    }
 }
 
 #[test]
