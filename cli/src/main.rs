@@ -961,6 +961,13 @@ fn compile_recording(
 fn validate(file: &FileArgs, format: DiagnosticFormat, fetch: bool) -> u8 {
     match compile(file, Stage::Validate, format, Templates::fetch_if(fetch)) {
         Ok((source, c)) => {
+            if let Some(refusal) = what_apply_refuses_here(&file.file, &c) {
+                match format {
+                    DiagnosticFormat::Human => eprint!("{}", human(&[refusal], &source)),
+                    _ => print(&render::json(&[refusal], &source)),
+                }
+                return exit::INVALID_INPUT;
+            }
             match format {
                 DiagnosticFormat::Human => print(&format!(
                     "{}: valid ({}, {})\n",
@@ -975,6 +982,52 @@ fn validate(file: &FileArgs, format: DiagnosticFormat, fetch: bool) -> u8 {
             exit::SUCCESS
         }
         Err(code) => code,
+    }
+}
+
+/// What `apply` would refuse about where the clusterfile is, before running anything, which the
+/// compiler cannot see: tasks with a workspace outside a git repository, or a base that does not
+/// resolve there.
+fn what_apply_refuses_here(
+    clusterfile: &std::path::Path,
+    compiled: &ccluster_engine::Compiled,
+) -> Option<Diagnostic> {
+    use ccluster_engine::diagnostic::Category;
+    if !compiled.plan.nodes.iter().any(|n| n.workspace.is_some()) {
+        return None;
+    }
+    let dir = match clusterfile.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let repo = match ccluster_engine::workspace::Repo::discover(dir) {
+        Ok(repo) => repo,
+        Err(e) => {
+            return Some(
+                Diagnostic::error(
+                    Category::InvalidValue,
+                    "no-repository",
+                    format!("tasks with a workspace need the clusterfile to be in a git repository: {e}"),
+                )
+                .help("run `git init` and commit, or remove `workspace` from the tasks (`apply` refuses to start here)"),
+            );
+        }
+    };
+    let rev = compiled.workflow.base.as_deref().unwrap_or("HEAD");
+    match repo.resolve(rev) {
+        Ok(_) => None,
+        Err(e) => Some(
+            Diagnostic::error(
+                Category::InvalidValue,
+                "no-base",
+                format!("cannot find the base of the run, `{rev}`: {e}"),
+            )
+            .help(if rev == "HEAD" {
+                "commit something first: workspaces start from a commit".to_string()
+            } else {
+                format!("`[workflow] base` must name a commit of this repository; `git rev-parse {rev}` shows what git makes of it")
+            }),
+        ),
     }
 }
 

@@ -214,3 +214,49 @@ sources = []
         "a real run never takes a rehearsed result"
     );
 }
+
+#[test]
+fn validate_refuses_what_apply_would_refuse_before_it_starts() {
+    let workspace = "version = 1\n[tasks.edit]\nworkspace = \"worktree\"\nrun = \"true\"\n";
+    // Outside a git repository.
+    let s = Sandbox::new(workspace);
+    for args in [&["validate"][..], &["apply"]] {
+        let out = s.command(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("git repository"), "{args:?}: {stderr}");
+    }
+    let out = s.command(&["validate"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("error[no-repository]") && stderr.contains("help: "),
+        "{stderr}"
+    );
+    // In a repository without a commit, and with a base that does not exist.
+    git(s.path(), &["init", "-q", "-b", "main"]);
+    let out = s.command(&["validate"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("error[no-base]"), "{stderr}");
+    git(s.path(), &["add", "-A"]);
+    git(s.path(), &["commit", "-q", "-m", "init"]);
+    assert_eq!(
+        s.command(&["validate"]).output().unwrap().status.code(),
+        Some(0)
+    );
+    s.write(&format!(
+        "{workspace}[workflow]\nbase = \"no-such-branch\"\n"
+    ));
+    for args in [&["validate"][..], &["apply"]] {
+        let out = s.command(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("no-such-branch"), "{args:?}: {stderr}");
+    }
+    // A workflow without workspaces needs no repository.
+    let plain = Sandbox::new("version = 1\n[tasks.a]\nrun = \"true\"\n");
+    assert_eq!(
+        plain.command(&["validate"]).output().unwrap().status.code(),
+        Some(0)
+    );
+}

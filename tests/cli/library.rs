@@ -74,7 +74,9 @@ fn every_template_starts_a_project_and_rehearses_end_to_end() {
             };
             with.push_str(&format!("{k} = {v}, "));
         }
-        let s = Sandbox::new(&format!(
+        // In a project: the workflows with workspaces need its repository.
+        let s = project();
+        s.write(&format!(
             "version = 1\n[tasks.t]\nuse = \"builtin:{name}\"\nwith = {{ {} }}\n",
             with.trim_end_matches(", ")
         ));
