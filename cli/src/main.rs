@@ -224,7 +224,7 @@ enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
-    /// Remove the worktrees and branches finished runs left (result branches stay).
+    /// Remove the worktrees and refs finished runs left (result branches stay).
     Gc {
         /// Say what would be removed, remove nothing.
         #[arg(long)]

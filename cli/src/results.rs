@@ -121,7 +121,12 @@ pub fn artifacts(
                 parts.push(format!("{p} ({} files)", a.changed.len()));
             }
             if let Some(b) = &a.branch {
-                parts.push(format!("branch {b}"));
+                // Runs made before the hidden refs recorded a branch's short name.
+                if b.starts_with("refs/") {
+                    parts.push(format!("ref {b}"));
+                } else {
+                    parts.push(format!("branch {b}"));
+                }
             }
             if let Some(w) = &a.worktree {
                 parts.push(format!("worktree {w}"));
@@ -341,7 +346,7 @@ pub fn export(dir: &Path, run: Option<&str>, patch: Option<&Path>, branch: Optio
     exit::SUCCESS
 }
 
-/// Removes the worktrees and branches of finished runs; keeps each run's result branch, the
+/// Removes the worktrees and refs of finished runs; keeps each run's result branch, the
 /// worktrees of failed attempts when the run says `keep_failed`, and everything of a live run.
 pub fn gc(dir: &Path, dry_run: bool) -> u8 {
     if !dir.join("db").exists() {
@@ -358,7 +363,7 @@ pub fn gc(dir: &Path, dry_run: bool) -> u8 {
         Ok(r) => r,
         Err(e) => return store_error(e),
     };
-    let (mut worktrees, mut branches, mut kept) = (0usize, 0usize, Vec::new());
+    let (mut worktrees, mut refs, mut kept) = (0usize, 0usize, Vec::new());
     // What `--dry-run` would remove, by name.
     let mut listing: Vec<String> = Vec::new();
     let mut repos: HashSet<String> = HashSet::new();
@@ -394,37 +399,33 @@ pub fn gc(dir: &Path, dry_run: bool) -> u8 {
                 }
             }
         }
-        let result = run.result.as_ref().map(|r| {
-            format!(
-                "refs/heads/ccluster/{}/{}",
-                run.id,
-                workspace::node_ref_name(r)
-            )
-        });
-        let doomed: Vec<String> = repo
-            .refs_under(&format!("refs/heads/ccluster/{}/", run.id))
-            .into_iter()
-            .map(|(r, _)| r)
-            .filter(|r| {
-                if Some(r) == result.as_ref() {
-                    kept.push(r.trim_start_matches("refs/heads/").to_string());
-                    false
-                } else {
-                    true
-                }
-            })
-            .collect();
-        branches += doomed.len();
-        if dry_run {
-            listing.extend(
-                doomed
-                    .iter()
-                    .map(|r| format!("branch {}", r.trim_start_matches("refs/heads/"))),
-            );
-        } else {
-            if let Err(e) = repo.delete_refs(&doomed) {
-                eprintln!("warning: {e}");
+        // The run's refs under `refs/ccluster/runs/<run>/`, and its branches: the result branch
+        // stays; the others are those of runs made before the hidden refs (one per node).
+        let result = run.result_branch();
+        let doomed: Vec<String> = [
+            workspace::names::task_refs_prefix(&run.id),
+            workspace::names::legacy_task_refs_prefix(&run.id),
+        ]
+        .iter()
+        .flat_map(|prefix| repo.refs_under(prefix))
+        .map(|(r, _)| r)
+        .filter(|r| {
+            if Some(r) == result.as_ref() {
+                kept.push(r.trim_start_matches("refs/heads/").to_string());
+                false
+            } else {
+                true
             }
+        })
+        .collect();
+        refs += doomed.len();
+        if dry_run {
+            listing.extend(doomed.iter().map(|r| match r.strip_prefix("refs/heads/") {
+                Some(branch) => format!("branch {branch}"),
+                None => format!("ref {r}"),
+            }));
+        } else if let Err(e) = repo.delete_refs(&doomed) {
+            eprintln!("warning: {e}");
         }
     }
     // Worktrees waiting for reuse go too: they only make later runs faster.
@@ -445,7 +446,7 @@ pub fn gc(dir: &Path, dry_run: bool) -> u8 {
         }
     }
     out!(
-        "{} {worktrees} worktrees and {branches} branches of finished runs",
+        "{} {worktrees} worktrees and {refs} refs of finished runs",
         if dry_run { "would remove" } else { "removed" }
     );
     for k in kept {

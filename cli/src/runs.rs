@@ -288,6 +288,10 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
                     "  export it: ccluster export {} --patch result.diff   or   --branch NAME",
                     summary.run
                 );
+                say!(
+                    "  each task's commit: git for-each-ref refs/ccluster/runs/{}/",
+                    summary.run
+                );
             }
             match summary.state {
                 RunState::Succeeded => exit::SUCCESS,

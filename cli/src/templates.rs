@@ -93,7 +93,8 @@ name = "my-workflow"
 [tasks.hello]
 run = "echo hello from ccluster"
 
-# An agent task works in a git worktree of its own and leaves a branch:
+# An agent task works in a git worktree of its own and leaves a commit
+# (`git for-each-ref refs/ccluster/runs/` lists them):
 # [tasks.readme]
 # prompt = "Improve the README's first paragraph."
 "#;

@@ -54,8 +54,10 @@ pub struct TaskReport {
     /// Agent tasks: tool calls the CLI denied.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub denials: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub branch: Option<String>,
+    /// The full ref holding the node's commit: `refs/ccluster/runs/<run>/<node>` (a branch under
+    /// `refs/heads/ccluster/<run>/` in runs made before those refs existed).
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub commit: Option<String>,
     pub changed: Vec<ChangedFile>,
@@ -151,13 +153,7 @@ pub fn build(store: &dyn RunRecords, run: &RunRecord) -> Result<RunReport, Store
             cost_usd: t.cost_usd,
             tokens: t.tokens,
             denials: t.denials,
-            branch: t.commit.as_ref().map(|_| {
-                format!(
-                    "ccluster/{}/{}",
-                    run.id,
-                    crate::workspace::node_ref_name(&t.node)
-                )
-            }),
+            git_ref: t.commit.as_ref().map(|_| run.task_ref(&t.node)),
             commit: t.commit.clone(),
             changed: artifacts
                 .as_ref()
@@ -173,7 +169,10 @@ pub fn build(store: &dyn RunRecords, run: &RunRecord) -> Result<RunReport, Store
         let task = tasks.iter().find(|t| t.node == *r)?;
         Some(ResultBranch {
             task: r.clone(),
-            branch: task.branch.clone()?,
+            branch: run
+                .result_branch()?
+                .trim_start_matches("refs/heads/")
+                .to_string(),
             commit: task.commit.clone()?,
             changed: task.changed.clone(),
         })
@@ -466,7 +465,7 @@ mod tests {
             cost_usd: None,
             tokens: None,
             denials: None,
-            branch: None,
+            git_ref: None,
             commit: None,
             changed: Vec::new(),
             tests: None,
@@ -475,7 +474,7 @@ mod tests {
             cached_from: None,
         };
         let mut edit = task("edit[`x` | <b>y</b>]", TaskState::Succeeded, None);
-        edit.branch = Some("ccluster/r/edit/**x**".into());
+        edit.git_ref = Some("refs/ccluster/runs/r/edit/**x**".into());
         edit.commit = Some("0123456789abcdef".into());
         edit.changed = vec![
             changed("<b>x</b>.md"),

@@ -482,7 +482,7 @@ rehearsal = { faults = [{ hang = true, turn = 1 }], turns = [{ tools = [{ name =
             "ls-tree",
             "-r",
             "--name-only",
-            &format!("ccluster/{run}/victim"),
+            &format!("refs/ccluster/runs/{run}/victim"),
         ],
     );
     assert!(files.contains("started.txt"), "{files}");

@@ -102,9 +102,9 @@ run = "echo seven > seven.txt"
         let branches: Vec<String> = all_refs(&s)
             .into_iter()
             .map(|(r, _)| r)
-            .filter(|r| r.starts_with(&format!("refs/heads/ccluster/{run}/")))
+            .filter(|r| r.starts_with(&format!("refs/ccluster/runs/{run}/")))
             .collect();
-        // One branch per task, each holding its own file.
+        // One ref per task, each holding its own file.
         assert_eq!(branches.len(), 6, "{branches:?}");
         for branch in &branches {
             let changed = git(s.path(), &["diff", "--name-only", "main", branch, "--"]);
@@ -306,13 +306,13 @@ run = "echo x > x.txt"
         "{edit}"
     );
     assert!(elapsed < Duration::from_secs(15), "took {elapsed:?}");
-    // Nothing was published.
+    // Nothing was published: no ref of the run, hidden or branch.
     let run = run_id(&s);
-    assert!(git(
-        s.path(),
-        &["branch", "--list", &format!("ccluster/{run}/*")]
-    )
-    .is_empty());
+    let published: Vec<(String, String)> = all_refs(&s)
+        .into_iter()
+        .filter(|(r, _)| r.contains(&run))
+        .collect();
+    assert!(published.is_empty(), "{published:?}");
 }
 
 fn alive(pid: i32) -> bool {
@@ -456,7 +456,7 @@ run = "sleep 0.3; echo tpl > tpl.txt; ls; echo from-template"
                 "diff",
                 "--name-only",
                 "main",
-                &format!("ccluster/{run}/{branch}"),
+                &format!("refs/ccluster/runs/{run}/{branch}"),
                 "--",
             ],
         );
@@ -552,9 +552,11 @@ merge = { strategy = "git" }
     let out = s.command(&["gc", "--dry-run"]).output().unwrap();
     assert!(out.status.success());
     let said = String::from_utf8_lossy(&out.stdout);
-    for branch in ["edit/0", "edit/1"] {
+    for node in ["edit/0", "edit/1", "join"] {
         assert!(
-            said.contains(&format!("would remove branch ccluster/{run}/{branch}\n")),
+            said.contains(&format!(
+                "would remove ref refs/ccluster/runs/{run}/{node}\n"
+            )),
             "{said}"
         );
     }

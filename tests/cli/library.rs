@@ -166,7 +166,7 @@ turns = [{ tools = [{ name = "Write", input = { file_path = "{{cwd}}/fixed.txt",
     assert_eq!(
         git(
             s.path(),
-            &["show", &format!("ccluster/{run}/docs:fixed.txt")]
+            &["show", &format!("refs/ccluster/runs/{run}/docs:fixed.txt")]
         ),
         "ok\n"
     );
@@ -232,12 +232,12 @@ run = "ls .ccluster-rehearsal | wc -l"
         .iter()
         .find(|t| t["node"] == "after")
         .unwrap();
-    // plan, three builders and docs each left a note on the template's result branch.
+    // plan, three builders and docs each left a note on the template's result.
     assert_eq!(after["output"], "5");
     let run = status["run"]["id"].as_str().unwrap();
     assert!(!git(
         s.path(),
-        &["branch", "--list", &format!("ccluster/{run}/g")]
+        &["for-each-ref", &format!("refs/ccluster/runs/{run}/g")]
     )
     .is_empty());
 }

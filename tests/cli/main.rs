@@ -12,6 +12,7 @@ mod invalid;
 mod library;
 mod logs;
 mod procs;
+mod refs;
 mod rehearsal_server;
 mod scale;
 mod schema;

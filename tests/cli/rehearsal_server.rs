@@ -50,7 +50,10 @@ fn rehearsed_key(s: &Sandbox) -> (String, Applied) {
     assert_eq!(done.code, 0, "{}\n{}", done.stdout, done.stderr);
     let status = s.status();
     let run = status["run"]["id"].as_str().unwrap().to_string();
-    let key = git(s.path(), &["show", &format!("ccluster/{run}/spy:key.txt")]);
+    let key = git(
+        s.path(),
+        &["show", &format!("refs/ccluster/runs/{run}/spy:key.txt")],
+    );
     (key.trim().chars().rev().collect(), done)
 }
 

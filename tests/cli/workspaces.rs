@@ -83,10 +83,10 @@ fn parallel_edits_of_different_files_merge_cleanly_in_index_order() {
         assert_eq!(
             merges,
             [
-                format!("Merge edit[3] into {branch}"),
-                format!("Merge edit[2] into {branch}"),
-                format!("Merge edit[1] into {branch}"),
-                format!("Merge edit[0] into {branch}"),
+                format!("Merge edit[3] into refs/ccluster/runs/{run}/join"),
+                format!("Merge edit[2] into refs/ccluster/runs/{run}/join"),
+                format!("Merge edit[1] into refs/ccluster/runs/{run}/join"),
+                format!("Merge edit[0] into refs/ccluster/runs/{run}/join"),
             ]
         );
         // The downstream task ran on the merged work.
@@ -99,14 +99,14 @@ fn parallel_edits_of_different_files_merge_cleanly_in_index_order() {
         );
         assert!(extra_worktrees(&s).is_empty(), "{:?}", extra_worktrees(&s));
         trees.push(git(s.path(), &["rev-parse", &format!("{branch}:src")]));
-        // Each instance has its own branch holding only its file.
+        // Each instance has its own ref holding only its file.
         let files = git(
             s.path(),
             &[
                 "diff",
                 "--name-only",
                 "main",
-                &format!("ccluster/{run}/edit/2"),
+                &format!("refs/ccluster/runs/{run}/edit/2"),
             ],
         );
         assert_eq!(files.trim(), "src/c.txt");
@@ -162,6 +162,14 @@ fn conflicting_edits_are_reported_then_resolved_by_the_hand_off() {
         )
         .is_empty(),
         "a failed merge publishes no branch"
+    );
+    assert!(
+        git(
+            s.path(),
+            &["for-each-ref", &format!("refs/ccluster/runs/{run}/join")]
+        )
+        .is_empty(),
+        "a failed merge publishes no ref"
     );
 
     // Hand the conflict to a resolving command: it sees the listing and fixes the file.
@@ -333,6 +341,11 @@ fn gc_removes_finished_worktrees_and_branches_but_keeps_results_and_failed_work_
     assert_eq!(extra_worktrees(&s).len(), 1, "keep_failed keeps it");
     let branches = git(s.path(), &["branch", "--list", "ccluster/*"]);
     assert_eq!(branches.trim(), format!("ccluster/{run}/join"));
+    assert_eq!(
+        git(s.path(), &["for-each-ref", "refs/ccluster/runs/"]),
+        "",
+        "gc removes the run's refs"
+    );
 
     s.write(
         &std::fs::read_to_string(s.path().join("clusterfile.toml"))
@@ -429,7 +442,8 @@ merge = { strategy = "git", on_conflict = "run", run = "sleep 1; printf 'merged\
             format!("{f}\n")
         );
     }
-    // Nothing stray: no worktree, no half-merged branch of the killed run, no leftover directory.
+    // Nothing stray: no worktree, no half-merged ref or branch of the killed run, no leftover
+    // directory.
     assert!(extra_worktrees(&s).is_empty(), "{:?}", extra_worktrees(&s));
     assert!(
         git(
@@ -438,6 +452,17 @@ merge = { strategy = "git", on_conflict = "run", run = "sleep 1; printf 'merged\
         )
         .is_empty(),
         "the killed merge left a branch"
+    );
+    assert!(
+        git(
+            s.path(),
+            &[
+                "for-each-ref",
+                &format!("refs/ccluster/runs/{killed_run}/join")
+            ]
+        )
+        .is_empty(),
+        "the killed merge left a ref"
     );
     let leftovers: Vec<_> = std::fs::read_dir(s.path().join(".ccluster/worktrees"))
         .unwrap()
@@ -540,7 +565,12 @@ fn copied_files_are_never_committed() {
     let run = run_id(&s);
     let files = git(
         s.path(),
-        &["ls-tree", "-r", "--name-only", &format!("ccluster/{run}/t")],
+        &[
+            "ls-tree",
+            "-r",
+            "--name-only",
+            &format!("refs/ccluster/runs/{run}/t"),
+        ],
     );
     assert!(files.contains("seen.txt"), "{files}");
     assert!(
@@ -559,7 +589,10 @@ fn a_copy_workspace_publishes_its_commit_like_a_worktree() {
     assert_eq!(task(&s.status(), "after")["output"], "copied");
     let run = run_id(&s);
     assert_eq!(
-        git(s.path(), &["show", &format!("ccluster/{run}/c:c.txt")]),
+        git(
+            s.path(),
+            &["show", &format!("refs/ccluster/runs/{run}/c:c.txt")]
+        ),
         "copied\n"
     );
     // A copy is no worktree of the main repository, and is removed once published.

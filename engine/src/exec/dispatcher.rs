@@ -341,8 +341,10 @@ pub async fn apply(
         }
     }
     let agents = agents_for(compiled, opts).await?;
+    let id = new_run_id();
     let run = RunRecord {
-        id: new_run_id(),
+        task_refs: Some(workspace::names::task_refs_prefix(&id)),
+        id,
         workflow: compiled.plan.name.clone(),
         clusterfile: opts.clusterfile.clone(),
         state: RunState::Running,
@@ -1092,7 +1094,7 @@ impl Dispatcher<'_> {
                         _ => true,
                     };
                     if usable {
-                        let branch = self.branch_of(&plan.id);
+                        let refs = self.refs_of(&plan.id);
                         let n = &mut self.nodes[node];
                         n.record.state = TaskState::Cached;
                         n.record.output = Some(hit.output);
@@ -1103,7 +1105,7 @@ impl Dispatcher<'_> {
                         n.record.commit = hit.commit.clone();
                         if let Some(commit) = hit.commit {
                             self.cached_refs
-                                .push((format!("refs/heads/{branch}"), commit));
+                                .extend(refs.into_iter().map(|r| (r, commit.clone())));
                         }
                         self.events.push(Event::TaskCached {
                             run: self.run.id.clone(),
@@ -1160,9 +1162,9 @@ impl Dispatcher<'_> {
                     .and_then(|n| n.record.commit.clone())
             });
             if let Some(c) = &commit {
-                let branch = self.branch_of(&plan.id);
+                let refs = self.refs_of(&plan.id);
                 self.cached_refs
-                    .push((format!("refs/heads/{branch}"), c.clone()));
+                    .extend(refs.into_iter().map(|r| (r, c.clone())));
             }
             self.succeed_at_once(node, attempt, Value::Object(out), commit)?;
             return Ok(None);
@@ -1243,7 +1245,8 @@ impl Dispatcher<'_> {
                     merge,
                     run_base: run_base.clone(),
                     copy: ws.copy.clone(),
-                    branch: self.branch_of(&plan.id),
+                    task_ref: self.run.task_ref(&plan.id),
+                    result_branch: self.result_branch_of(&plan.id),
                     keep_ref: format!(
                         "refs/ccluster/keep/{}",
                         self.nodes[node]
@@ -1575,13 +1578,19 @@ impl Dispatcher<'_> {
         self.succeeded(node)
     }
 
-    /// The branch of a plan node in this run: `ccluster/<run>/edit/2`.
-    fn branch_of(&self, node: &str) -> String {
-        format!(
-            "ccluster/{}/{}",
-            self.run.id,
-            workspace::node_ref_name(node)
-        )
+    /// The result branch (`refs/heads/ccluster/<run>/<node>`) when `node` is the run's result.
+    fn result_branch_of(&self, node: &str) -> Option<String> {
+        self.run
+            .result_branch()
+            .filter(|_| self.run.result.as_deref() == Some(node))
+    }
+
+    /// The refs a plan node's commit is published as: its ref of the run
+    /// (`refs/ccluster/runs/<run>/edit/2`), and the result branch for the run's result.
+    fn refs_of(&self, node: &str) -> Vec<String> {
+        let mut refs = vec![self.run.task_ref(node)];
+        refs.extend(self.result_branch_of(node));
+        refs
     }
 
     /// Records a success: the task, the cache entry and the key parts for `plan --explain`.
@@ -2090,14 +2099,15 @@ impl Dispatcher<'_> {
                 self.nodes
                     .iter()
                     .find(|n| n.plan.id == *r && n.record.commit.is_some())
-                    .map(|n| self.branch_of(&n.plan.id))
+                    .and_then(|_| self.run.result_branch())
+                    .map(|b| b.trim_start_matches("refs/heads/").to_string())
             }),
         };
         if let Some(repo) = &self.repo {
-            // Cached nodes reuse earlier commits: give them this run's branches too.
+            // Cached nodes reuse earlier commits: give them this run's refs too.
             if let Err(e) = repo.set_refs(&self.cached_refs) {
                 return Err(ApplyError::Workspace(format!(
-                    "cannot set the branches of cached tasks: {e}"
+                    "cannot set the refs of cached tasks: {e}"
                 )));
             }
         }
@@ -2283,8 +2293,10 @@ fn rehearsal<'a>(
 }
 
 /// Cleans what an interrupted run left in git: the workspaces of attempts that never ended (a
-/// failed attempt's stays, for inspection), and branches of nodes that did not succeed (a branch
-/// may have been set just before the process died, before its success was recorded).
+/// failed attempt's stays, for inspection), and refs of nodes that did not succeed (a ref may have
+/// been set just before the process died, before its success was recorded): under the run's
+/// `refs/ccluster/runs/<run>/`, and its branches under `refs/heads/ccluster/<run>/` (the result
+/// branch, or every node's in a run made before the hidden refs).
 fn clean_interrupted(store: &Store, run: &RunRecord) {
     let Some(root) = &run.repo else {
         return;
@@ -2311,20 +2323,22 @@ fn clean_interrupted(store: &Store, run: &RunRecord) {
         }
     }
     let _ = workspace::git_sync(&repo.root, &["worktree", "prune"]);
+    let prefixes = [
+        workspace::names::task_refs_prefix(&run.id),
+        workspace::names::legacy_task_refs_prefix(&run.id),
+    ];
     let succeeded: std::collections::HashSet<String> = tasks
         .iter()
         .filter(|t| t.state.is_success())
-        .map(|t| {
-            format!(
-                "refs/heads/ccluster/{}/{}",
-                run.id,
-                workspace::node_ref_name(&t.node)
-            )
+        .flat_map(|t| {
+            prefixes
+                .iter()
+                .map(|p| workspace::names::node_ref(p, &t.node))
         })
         .collect();
-    let stray: Vec<String> = repo
-        .refs_under(&format!("refs/heads/ccluster/{}/", run.id))
-        .into_iter()
+    let stray: Vec<String> = prefixes
+        .iter()
+        .flat_map(|p| repo.refs_under(p))
         .map(|(r, _)| r)
         .filter(|r| !succeeded.contains(r))
         .collect();

@@ -306,13 +306,15 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
         match published {
             Ok((commit, changed, patch)) => {
                 record.commit = Some(commit.clone());
-                record.branch = Some(ws.branch.clone());
+                record.branch = Some(ws.task_ref.clone());
                 record.changed = changed;
                 save_patch(&job, &patch, &mut record);
                 if job.process.is_none() {
-                    // A git merge's output says where its result is.
+                    // A git merge's output says where its result is. `branch` is the same ref,
+                    // under the name clusterfiles used when every node had a branch.
                     result.output = Some(serde_json::json!({
-                        "branch": ws.branch,
+                        "ref": ws.task_ref,
+                        "branch": ws.task_ref,
                         "commit": commit,
                         "files_changed": record.changed.len(),
                     }));
@@ -344,7 +346,7 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
     }
     collect(&job, &ws.path.clone(), &mut record);
     if succeeded {
-        // The work is in the branch: the checkout is no longer needed.
+        // The work is in the run's ref: the checkout is no longer needed.
         workspace::remove(ws).await;
         record.worktree = None;
     }

@@ -400,7 +400,7 @@ pub struct RawDefaults {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WorkspaceMode {
-    /// A git worktree of its own, on a branch `ccluster/<run>/<task>`.
+    /// A git worktree of its own (detached); its commit is kept as `refs/ccluster/runs/<run>/<task>`.
     Worktree,
     /// A shared-object clone of its own, for repositories where worktrees do not suit.
     Copy,

@@ -304,6 +304,7 @@ mod tests {
             base: None,
             result: None,
             keep_failed: false,
+            task_refs: None,
             templates: Default::default(),
             rehearsed: false,
         }

@@ -53,6 +53,11 @@ pub struct RunRecord {
     /// `[workflow] keep_failed`: `gc` keeps worktrees of failed attempts.
     #[serde(default)]
     pub keep_failed: bool,
+    /// Where the run keeps its plan nodes' commits, one ref each: `refs/ccluster/runs/<run>/`.
+    /// Absent in runs made before those refs existed: they kept them as branches
+    /// (`refs/heads/ccluster/<run>/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_refs: Option<String>,
     /// The templates the clusterfile used, by name, as the run compiled them: `retry` uses
     /// exactly these, whatever the files or refs say now.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
@@ -60,6 +65,28 @@ pub struct RunRecord {
     /// `apply --rehearse`: agents talked to the scripted model server (`retry` does so again).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rehearsed: bool,
+}
+
+impl RunRecord {
+    /// The prefix of the run's per-node refs, whichever layout the run was made with.
+    pub fn task_refs_prefix(&self) -> String {
+        self.task_refs
+            .clone()
+            .unwrap_or_else(|| crate::workspace::names::legacy_task_refs_prefix(&self.id))
+    }
+
+    /// The ref holding a plan node's commit in this run (`refs/ccluster/runs/<run>/edit/2`).
+    pub fn task_ref(&self, node: &str) -> String {
+        crate::workspace::names::node_ref(&self.task_refs_prefix(), node)
+    }
+
+    /// The run's result branch, `refs/heads/ccluster/<run>/<result node>`, when it has a result
+    /// task.
+    pub fn result_branch(&self) -> Option<String> {
+        self.result
+            .as_ref()
+            .map(|r| crate::workspace::names::result_branch(&self.id, r))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +194,8 @@ pub struct ArtifactRecord {
     pub base: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit: Option<String>,
+    /// The ref holding the commit: `refs/ccluster/runs/<run>/<node>`; runs made before those refs
+    /// existed recorded the branch's short name, `ccluster/<run>/<node>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub branch: Option<String>,
     /// A failed attempt's workspace, kept for inspection until `ccluster gc`.

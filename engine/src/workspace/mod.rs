@@ -1,6 +1,6 @@
 //! Workspaces: a git worktree (or a shared clone) per task attempt, started from the commits the
-//! task builds on; the commit of what an attempt changed, published as a branch; git merges of
-//! branches in a fixed order, with a report of what collided. Everything goes through the `git`
+//! task builds on; the commit of what an attempt changed, published as a ref of the run
+//! (`refs/ccluster/runs/<run>/<node>`); git merges of those commits in a fixed order, with a report of what collided. Everything goes through the `git`
 //! CLI, so users' git behaves here as it does for them (config, attributes, LFS filters).
 
 pub mod artifacts;
@@ -81,8 +81,11 @@ pub struct WorkspaceSpec {
     pub run_base: String,
     /// Globs of files copied from the main checkout.
     pub copy: Vec<String>,
-    /// `ccluster/<run>/<node>`.
-    pub branch: String,
+    /// The full ref the result is published as: `refs/ccluster/runs/<run>/<node>`.
+    pub task_ref: String,
+    /// For the run's result task: its branch, `refs/heads/ccluster/<run>/<node>`, set with the
+    /// other refs.
+    pub result_branch: Option<String>,
     /// A ref that keeps the commit reachable while the cache may reuse it.
     pub keep_ref: String,
     /// Commit message.
@@ -741,7 +744,7 @@ pub async fn merge_one(
     merged_so_far: &[Input],
     limits: &GitLimits,
 ) -> Result<MergeStep, GitError> {
-    let message = format!("Merge {} into {}", input.node, spec.branch);
+    let message = format!("Merge {} into {}", input.node, spec.task_ref);
     let args = [
         "merge",
         "--no-ff",
@@ -970,15 +973,19 @@ pub async fn changes(
     Ok((files, out.stdout))
 }
 
-/// Publishes a result: the run's branch for the node and the ref that keeps it for the cache,
-/// set together. A copy workspace first sends its commit to the main repository.
+/// Publishes a result: the run's ref for the node (and the result branch, for the run's result
+/// task) and the ref that keeps it for the cache, set together. A copy workspace first sends its
+/// commit to the main repository.
 pub async fn publish(
     spec: &WorkspaceSpec,
     commit: &str,
     limits: &GitLimits,
 ) -> Result<(), GitError> {
-    let branch = RefName::new(format!("refs/heads/{}", spec.branch))?;
-    let keep = RefName::new(spec.keep_ref.as_str())?;
+    let mut refs = vec![RefName::new(spec.task_ref.as_str())?];
+    if let Some(branch) = &spec.result_branch {
+        refs.push(RefName::new(branch.as_str())?);
+    }
+    refs.push(RefName::new(spec.keep_ref.as_str())?);
     if !is_object_id(commit) {
         return Err(GitError::Failed(format!(
             "`{}` is not a commit id",
@@ -988,7 +995,7 @@ pub async fn publish(
     if spec.mode == WorkspaceMode::Copy {
         // The main repository fetches the clone's HEAD (the commit) rather than the clone pushing
         // it: a push runs the receiving repository's hooks in a `receive-pack` that does not get
-        // our `-c` options, while a fetch runs none there. The refs are set below, with the branch.
+        // our `-c` options, while a fetch runs none there. The refs are set below.
         let clone = spec.path.to_string_lossy().into_owned();
         git(
             &spec.repo,
@@ -1006,7 +1013,8 @@ pub async fn publish(
         )
         .await?;
     }
-    let script = update_script(&[(branch, commit.to_string()), (keep, commit.to_string())])?;
+    let refs: Vec<(RefName, String)> = refs.into_iter().map(|r| (r, commit.to_string())).collect();
+    let script = update_script(&refs)?;
     let args = ["update-ref", "--stdin", "-z"];
     let out = git_output(&spec.repo, &args, &[], Some(&script), limits).await?;
     if out.status.success() {
@@ -1019,7 +1027,7 @@ pub async fn publish(
 /// Worktree registrations and removals of this process take turns (see [`create`]).
 static WORKTREE_REGISTRY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Done with a workspace whose work is published (the branch holds it): a worktree goes to the
+/// Done with a workspace whose work is published (its ref holds it): a worktree goes to the
 /// pool while there is room; otherwise the files are removed, in parallel with other jobs, then
 /// git's record of the worktree.
 pub async fn remove(spec: &WorkspaceSpec) {

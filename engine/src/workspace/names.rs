@@ -1,7 +1,7 @@
 //! Names ccluster derives from plan node ids and users' arguments: [`RefName`], a full ref name
 //! checked against git's own rules (`git check-ref-format`) before any git command sees it, and
 //! the injective encodings of plan node ids into ref paths ([`node_ref_name`]) and file names
-//! ([`node_file_name`]).
+//! ([`node_file_name`]), and where a run's refs live ([`task_refs_prefix`], [`result_branch`]).
 
 use std::fmt;
 
@@ -66,6 +66,30 @@ impl AsRef<str> for RefName {
     fn as_ref(&self) -> &str {
         &self.0
     }
+}
+
+/// Where a run keeps the commit of each of its plan nodes: `refs/ccluster/runs/<run>/`, outside
+/// `refs/heads/`, so that `git branch` lists only results. `git for-each-ref refs/ccluster/runs/`
+/// lists them; `git log refs/ccluster/runs/<run>/edit/2` shows one.
+pub fn task_refs_prefix(run: &str) -> String {
+    format!("refs/ccluster/runs/{run}/")
+}
+
+/// Where runs made before the hidden refs kept their nodes' commits, as branches:
+/// `refs/heads/ccluster/<run>/`. The result branch of every run lives there too.
+pub fn legacy_task_refs_prefix(run: &str) -> String {
+    format!("refs/heads/ccluster/{run}/")
+}
+
+/// A plan node's ref under a prefix: `refs/ccluster/runs/<run>/edit/2`.
+pub fn node_ref(prefix: &str, node: &str) -> String {
+    format!("{prefix}{}", node_ref_name(node))
+}
+
+/// The branch of a run's result: `refs/heads/ccluster/<run>/<result node>`, the one branch a run
+/// adds.
+pub fn result_branch(run: &str, node: &str) -> String {
+    node_ref(&legacy_task_refs_prefix(run), node)
 }
 
 /// The rules of `git check-ref-format` (without `--allow-onelevel` or `--refspec-pattern`), for a
@@ -344,6 +368,24 @@ mod tests {
             if let Some(other) = seen.insert(name.clone(), id) {
                 panic!("{id:?} and {other:?} share {name:?}");
             }
+        }
+    }
+
+    #[test]
+    fn a_runs_refs_are_hidden_and_only_its_result_is_a_branch() {
+        let run = "20261125-094110.512-3fa2";
+        assert_eq!(
+            node_ref(&task_refs_prefix(run), "edit[2]"),
+            format!("refs/ccluster/runs/{run}/edit/2")
+        );
+        assert_eq!(
+            result_branch(run, "join"),
+            format!("refs/heads/ccluster/{run}/join")
+        );
+        for id in ["a\nb", "-M", "a..b", "é", "a.lock"] {
+            let name = node_ref(&task_refs_prefix(run), id);
+            assert!(RefName::new(name.as_str()).is_ok(), "{name:?}");
+            assert!(!name.starts_with("refs/heads/"), "{name:?}");
         }
     }
 
