@@ -229,6 +229,9 @@ enum Command {
         /// Say what would be removed, remove nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Leave the N most recent finished runs alone (their worktrees and refs).
+        #[arg(long, value_name = "N")]
+        keep: Option<usize>,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -556,7 +559,11 @@ fn main() -> ExitCode {
             patch.as_deref(),
             branch.as_deref(),
         ),
-        Command::Gc { dry_run, state } => results::gc(&state.dir(None), dry_run),
+        Command::Gc {
+            dry_run,
+            keep,
+            state,
+        } => results::gc(&state.dir(None), dry_run, keep),
         Command::ModelServer {
             script,
             turn_delay_ms,

@@ -347,8 +347,9 @@ pub fn export(dir: &Path, run: Option<&str>, patch: Option<&Path>, branch: Optio
 }
 
 /// Removes the worktrees and refs of finished runs; keeps each run's result branch, the
-/// worktrees of failed attempts when the run says `keep_failed`, and everything of a live run.
-pub fn gc(dir: &Path, dry_run: bool) -> u8 {
+/// worktrees of failed attempts when the run says `keep_failed`, everything of a live run, and,
+/// with `keep`, everything of the `keep` most recent finished runs.
+pub fn gc(dir: &Path, dry_run: bool, keep: Option<usize>) -> u8 {
     if !dir.join("db").exists() {
         out!("nothing to collect in {}", dir.display());
         return exit::SUCCESS;
@@ -363,11 +364,20 @@ pub fn gc(dir: &Path, dry_run: bool) -> u8 {
         Ok(r) => r,
         Err(e) => return store_error(e),
     };
+    // A run still marked `running` (its process died; the next `apply` marks it interrupted) is
+    // never collected, so it does not count among the kept ones either. Run ids sort by start.
+    let mut finished: Vec<&RunRecord> = runs
+        .iter()
+        .filter(|r| r.state != RunState::Running)
+        .collect();
+    finished.sort_by(|a, b| b.id.cmp(&a.id));
+    let spared = keep.unwrap_or(0).min(finished.len());
+    let kept_runs: Vec<&RunRecord> = finished[..spared].to_vec();
     let (mut worktrees, mut refs, mut kept) = (0usize, 0usize, Vec::new());
     // What `--dry-run` would remove, by name.
     let mut listing: Vec<String> = Vec::new();
     let mut repos: HashSet<String> = HashSet::new();
-    for run in runs.iter().filter(|r| r.state != RunState::Running) {
+    for run in &finished[spared..] {
         let Some(root) = &run.repo else { continue };
         repos.insert(root.clone());
         let repo = Repo {
@@ -449,6 +459,13 @@ pub fn gc(dir: &Path, dry_run: bool) -> u8 {
         "{} {worktrees} worktrees and {refs} refs of finished runs",
         if dry_run { "would remove" } else { "removed" }
     );
+    for run in kept_runs {
+        out!(
+            "kept run {} (one of the {} most recent)",
+            run.id,
+            keep.unwrap_or(0)
+        );
+    }
     for k in kept {
         out!("kept result branch {k}");
     }

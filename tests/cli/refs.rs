@@ -1,6 +1,6 @@
 //! Where runs leave their commits in git: one hidden ref per plan node under
 //! `refs/ccluster/runs/<run>/`, one branch per run (its result) under `refs/heads/ccluster/`, and
-//! `gc` collecting them, including the per-node branches that
+//! `gc` (with `--keep N` and `--dry-run`) collecting them, including the per-node branches that
 //! runs made before the hidden refs left behind.
 
 use ccluster_engine::store::Store;
@@ -230,6 +230,131 @@ fn worktrees_of(s: &Sandbox, run: &str) -> Vec<String> {
         .unwrap_or_default();
     names.sort();
     names
+}
+
+#[test]
+fn gc_keep_collects_all_but_the_newest_runs_and_dry_run_names_the_same() {
+    let s = repo(WITH_FAILURE);
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        assert_eq!(s.apply(&["--fresh"]).code, 1);
+        runs.push(run_id(&s));
+    }
+    for run in &runs {
+        assert_eq!(worktrees_of(&s, run), ["broken.1"], "{run}");
+        assert_eq!(
+            refs_under(&s, &format!("refs/ccluster/runs/{run}/")).len(),
+            3
+        );
+    }
+    let all = |s: &Sandbox| refs_under(s, "refs/");
+    let before = all(&s);
+
+    let dry = s
+        .command(&["gc", "--keep", "1", "--dry-run"])
+        .output()
+        .unwrap();
+    assert!(dry.status.success());
+    let said = String::from_utf8_lossy(&dry.stdout).into_owned();
+    assert_eq!(all(&s), before, "--dry-run removes nothing");
+    for run in &runs {
+        assert_eq!(worktrees_of(&s, run), ["broken.1"]);
+    }
+    // The two older runs' failed worktrees (and the pool's), and their three refs each.
+    assert!(
+        said.lines()
+            .next()
+            .unwrap()
+            .ends_with(" worktrees and 6 refs of finished runs"),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("kept run {} (one of the 1 most recent)", runs[2])),
+        "{said}"
+    );
+    let listed: Vec<String> = said
+        .lines()
+        .filter_map(|l| l.strip_prefix("  would remove ref "))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        !said.contains(&format!("would remove ref refs/ccluster/runs/{}/", runs[2]))
+            && !said.contains(&format!("worktrees/{}/", runs[2])),
+        "{said}"
+    );
+    for old in &runs[..2] {
+        let path = s
+            .path()
+            .join(".ccluster/worktrees")
+            .join(old)
+            .join("broken.1");
+        let shown = std::path::absolute(&path).unwrap();
+        assert!(
+            said.contains(&format!("  would remove worktree {}\n", shown.display())),
+            "{said}"
+        );
+    }
+
+    let done = s.command(&["gc", "--keep", "1"]).output().unwrap();
+    assert!(done.status.success());
+    let after = all(&s);
+    // Exactly what the dry run listed is gone.
+    let mut gone: Vec<String> = before
+        .iter()
+        .filter(|r| !after.contains(r))
+        .cloned()
+        .collect();
+    gone.sort();
+    let mut listed = listed;
+    listed.sort();
+    assert_eq!(gone, listed);
+    for old in &runs[..2] {
+        assert_eq!(
+            refs_under(&s, &format!("refs/ccluster/runs/{old}/")),
+            Vec::<String>::new()
+        );
+        assert_eq!(worktrees_of(&s, old), Vec::<String>::new());
+    }
+    // The newest run is untouched; every run keeps its result branch.
+    assert_eq!(
+        refs_under(&s, &format!("refs/ccluster/runs/{}/", runs[2])).len(),
+        3
+    );
+    assert_eq!(worktrees_of(&s, &runs[2]), ["broken.1"]);
+    assert_eq!(
+        branches(&s),
+        runs.iter()
+            .map(|r| format!("ccluster/{r}/join"))
+            .chain(["main".to_string()])
+            .collect::<Vec<_>>()
+    );
+    // Its records are kept too: the artifacts of a collected run still list.
+    let listing = s.command(&["artifacts", &runs[0]]).output().unwrap();
+    assert!(listing.status.success());
+
+    // `--keep` larger than the number of runs keeps everything; plain `gc` collects the last one.
+    let none = s.command(&["gc", "--keep", "5"]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&none.stdout).starts_with("removed 0 worktrees and 0 refs"),
+        "{}",
+        String::from_utf8_lossy(&none.stdout)
+    );
+    assert_eq!(
+        refs_under(&s, &format!("refs/ccluster/runs/{}/", runs[2])).len(),
+        3
+    );
+    assert!(s.command(&["gc"]).output().unwrap().status.success());
+    assert_eq!(refs_under(&s, "refs/ccluster/runs/"), Vec::<String>::new());
+    assert_eq!(worktrees_of(&s, &runs[2]), Vec::<String>::new());
+}
+
+#[test]
+fn gc_keep_must_be_a_number() {
+    let s = repo(WITH_FAILURE);
+    for bad in ["-1", "x", ""] {
+        let out = s.command(&["gc", "--keep", bad]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+    }
 }
 
 /// Turns the last run into one made before the hidden refs: its nodes' refs become branches under
