@@ -515,3 +515,32 @@ fn dead_pid() -> u32 {
     child.wait().unwrap();
     pid
 }
+
+/// A git step runs in a process group of its own; once it exits, the sweep for a task's leftover
+/// processes must not reap it before its waiter does (the step would fail with `No child
+/// processes`, and the attempt with `setup_error`). Many short workspace tasks in parallel make
+/// the two meet often.
+#[test]
+fn git_steps_are_never_reaped_by_the_sweep_for_leftover_processes() {
+    let s = repo(
+        r#"version = 1
+[tasks.edit]
+map = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"]
+workspace = "worktree"
+run = "echo {{ item }} > {{ item }}.txt"
+[tasks.join]
+needs = ["edit"]
+merge = { strategy = "git" }
+"#,
+    );
+    for _ in 0..4 {
+        let done = s.apply(&["--fresh", "--jobs", "4"]);
+        let failed: Vec<String> = done
+            .of("task_failed")
+            .iter()
+            .map(|f| format!("{}: {}", f["task"], f["message"]))
+            .collect();
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(done.code, 0, "{}", done.stderr);
+    }
+}
