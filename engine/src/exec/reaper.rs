@@ -271,7 +271,8 @@ fn new_orphans() -> Vec<i32> {
             continue;
         }
         let Some(s) = stat(pid) else { continue };
-        // ccluster's own helpers (git) stay in its group; whoever started them reaps them.
+        // ccluster's own helpers stay in its group, or are known as `OwnChild` (git steps, in a
+        // group of their own to be stopped with the attempt): whoever started them reaps them.
         if s.pgid == own_group {
             continue;
         }
