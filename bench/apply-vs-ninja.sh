@@ -3,7 +3,8 @@
 # N independent tasks each running `touch out/tK`, plus one task depending on all, at -j2.
 #
 # For each N, REPS rounds (default 5; env REPS). A round runs, in turn and each in a fresh `out/`
-# after a 1 s pause (so that one tool's deleted files do not slow the next one's creations):
+# after a 1 s pause (so that one tool's deleted files do not slow the next one's creations), each
+# round starting one column later than the one before:
 #   ninja -j2                      cold run
 #   ccluster apply -j2             cold run: simple commands run without `sh` (the default)
 #   CCLUSTER_ALWAYS_SHELL=1 ...    cold run with every command through `sh -c`, as ninja does:
@@ -11,6 +12,8 @@
 # then each tool's no-op re-run. Reports medians of wall time, the CPU time (user+sys, children
 # included) and the peak RSS of the tool's own process.
 #   bench/apply-vs-ninja.sh [N ...]      (default: 1000 10000)
+# With BASELINE=/path/to/an/older/ccluster, each round also runs that build (both ways) right
+# after this one, for a regression check side by side on the same machine and minute.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v ninja >/dev/null || { echo "ninja is required: apt-get install ninja-build" >&2; exit 1; }
@@ -52,12 +55,19 @@ with open(f"{d}/build.ninja", "w") as f:
 PY
   (
     cd "$dir"
-    for _ in $(seq "$reps"); do
-      fresh; timed ninja.cold ninja -j2; timed ninja.noop ninja -j2
-      fresh; timed cc.cold "$bin" apply -j2; timed cc.noop "$bin" apply -j2
-      test -f out/all
-      fresh; timed sh.cold env CCLUSTER_ALWAYS_SHELL=1 "$bin" apply -j2
-      test -f out/all
+    # One function per column; each round starts at the next one, so that no column always
+    # follows the same other one (a cold run is slowed by the files the previous one deleted).
+    run_ninja() { fresh; timed ninja.cold ninja -j2; timed ninja.noop ninja -j2; }
+    run_cc() { fresh; timed cc.cold "$bin" apply -j2; timed cc.noop "$bin" apply -j2; test -f out/all; }
+    run_sh() { fresh; timed sh.cold env CCLUSTER_ALWAYS_SHELL=1 "$bin" apply -j2; test -f out/all; }
+    run_base() { fresh; timed base.cold "$BASELINE" apply -j2; test -f out/all; }
+    run_basesh() { fresh; timed basesh.cold env CCLUSTER_ALWAYS_SHELL=1 "$BASELINE" apply -j2; test -f out/all; }
+    columns=(run_ninja run_cc run_sh)
+    [ -z "${BASELINE:-}" ] || columns+=(run_base run_basesh)
+    for round in $(seq "$reps"); do
+      for k in $(seq 0 $((${#columns[@]} - 1))); do
+        "${columns[$(((round + k) % ${#columns[@]}))]}"
+      done
     done
     nc=$(median ninja.cold 1); cc=$(median cc.cold 1); sc=$(median sh.cold 1)
     printf 'N=%s, median of %s rounds\n' "$n" "$reps"
@@ -69,5 +79,12 @@ PY
       "$(echo "scale=1; $(median ninja.cold 3) / 1024" | bc)" "$(echo "scale=1; $(median cc.cold 3) / 1024" | bc)"
     printf '  every round (wall cpu peak_kb): ninja [%s] ccluster [%s] through sh [%s]\n' \
       "$(paste -sd, ninja.cold)" "$(paste -sd, cc.cold)" "$(paste -sd, sh.cold)"
+    if [ -n "${BASELINE:-}" ]; then
+      bc_=$(median base.cold 1); bs=$(median basesh.cold 1)
+      printf '  baseline   %6.2fs ratio %sx | all through sh %6.2fs ratio %sx   (%s)\n' \
+        "$bc_" "$(echo "scale=2; $bc_ / $nc" | bc)" "$bs" "$(echo "scale=2; $bs / $nc" | bc)" "$BASELINE"
+      printf '  every round (wall cpu peak_kb): baseline [%s] through sh [%s]\n' \
+        "$(paste -sd, base.cold)" "$(paste -sd, basesh.cold)"
+    fi
   )
 done

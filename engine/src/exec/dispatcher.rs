@@ -1614,7 +1614,7 @@ impl Dispatcher<'_> {
             // What its sources were, so `plan --explain` can later name the files that changed.
             if let Some(manifest) = parts
                 .get("sources")
-                .and_then(|id| Some((id, self.fingerprints.manifest(id)?)))
+                .and_then(|id| Some((id, self.fingerprints.manifest_to_record(id)?)))
             {
                 self.store.put_sources(manifest.0, &manifest.1)?;
             }

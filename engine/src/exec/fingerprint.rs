@@ -23,6 +23,9 @@ pub struct Fingerprints {
     globs: HashMap<Vec<String>, String>,
     /// The files behind each `sources` fingerprint computed, to record and to compare.
     entries: HashMap<String, Vec<Entry>>,
+    /// The fingerprints whose manifest was handed out to be recorded: once per run is enough
+    /// (making one reads the repository's tree, which 1,000 tiny tasks must not do each).
+    recorded: std::collections::HashSet<String>,
 }
 
 /// One file as it enters a fingerprint: its path and the id of its content (`<mode> <oid>` for
@@ -78,6 +81,7 @@ impl Fingerprints {
             trees: HashMap::new(),
             globs: HashMap::new(),
             entries: HashMap::new(),
+            recorded: Default::default(),
         }
     }
 
@@ -225,6 +229,15 @@ impl Fingerprints {
             }
         }
         Ok(entries)
+    }
+
+    /// The manifest of a `sources` fingerprint this run computed, the first time it is asked for
+    /// in this run; `None` afterwards.
+    pub fn manifest_to_record(&mut self, id: &str) -> Option<Manifest> {
+        if !self.recorded.insert(id.to_string()) {
+            return None;
+        }
+        self.manifest(id)
     }
 
     /// The manifest of a `sources` fingerprint this run computed.
@@ -460,6 +473,26 @@ mod tests {
         let deleted = repository(dir).unwrap();
         assert_ne!(deleted, first);
         assert_ne!(deleted, edited);
+    }
+
+    #[test]
+    fn a_manifest_is_handed_out_to_be_recorded_once_per_run() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        sh(
+            dir,
+            "git init -q && echo a > a.rs && git add . && git commit -qm 1",
+        );
+        let mut prints =
+            Fingerprints::new(&dir.join("clusterfile.toml"), dir, &dir.join(".ccluster"));
+        let id = prints.sources(None).unwrap().unwrap();
+        assert!(matches!(
+            prints.manifest_to_record(&id),
+            Some(Manifest::Repository { .. })
+        ));
+        // Every later success of the run shares it: reading the tree again would cost each one.
+        assert!(prints.manifest_to_record(&id).is_none());
+        assert!(prints.manifest(&id).is_some());
     }
 
     #[test]
