@@ -11,13 +11,9 @@ use serde_json::Value;
 use crate::apply::{Applied, Sandbox};
 use crate::support::{claude_bin, git, task};
 
+/// A sandbox that is a git repository on `main` with its clusterfile committed.
 fn repo(clusterfile: &str) -> Sandbox {
-    let s = Sandbox::new(clusterfile);
-    std::fs::write(s.path().join(".gitignore"), ".ccluster/\n").unwrap();
-    git(s.path(), &["init", "-q", "-b", "main"]);
-    git(s.path(), &["add", "-A"]);
-    git(s.path(), &["commit", "-q", "-m", "init"]);
-    s
+    Sandbox::in_repo(clusterfile, &[])
 }
 
 /// `apply --rehearse --output json` with the pinned CLI.

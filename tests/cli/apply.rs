@@ -58,6 +58,30 @@ impl Sandbox {
         self.dir.path()
     }
 
+    /// A sandbox that is a git repository on `main` whose first commit holds the clusterfile,
+    /// `files` (path, content) and a `.gitignore` of the state directory.
+    pub fn in_repo(clusterfile: &str, files: &[(&str, &str)]) -> Sandbox {
+        let s = Sandbox::new(clusterfile);
+        for (path, content) in files {
+            s.file(path, content).unwrap();
+        }
+        s.file(".gitignore", ".ccluster/\n").unwrap();
+        crate::support::git(s.path(), &["init", "-q", "-b", "main"]);
+        s.commit_all("init");
+        s
+    }
+
+    /// Commits everything in the sandbox's repository.
+    pub fn commit_all(&self, message: &str) {
+        crate::support::git(self.path(), &["add", "-A"]);
+        crate::support::git(self.path(), &["commit", "-q", "-m", message]);
+    }
+
+    /// The id of the latest run, from `status`.
+    pub fn run_id(&self) -> String {
+        self.status()["run"]["id"].as_str().unwrap().to_string()
+    }
+
     /// Writes a file of the sandbox (`lib/writer.toml`), making its directories.
     pub fn file(&self, path: &str, text: &str) -> std::io::Result<()> {
         let path = self.path().join(path);

@@ -11,19 +11,9 @@ use serde_json::Value;
 use crate::apply::Sandbox;
 use crate::support::{git, task};
 
-/// A sandbox that is a git repository on `main` with one commit.
+/// A sandbox that is a git repository on `main` with one commit (`README` = "base").
 fn repo(clusterfile: &str) -> Sandbox {
-    let s = Sandbox::new(clusterfile);
-    std::fs::write(s.path().join("README"), "base\n").unwrap();
-    std::fs::write(s.path().join(".gitignore"), ".ccluster/\n").unwrap();
-    git(s.path(), &["init", "-q", "-b", "main"]);
-    git(s.path(), &["add", "-A"]);
-    git(s.path(), &["commit", "-q", "-m", "init"]);
-    s
-}
-
-fn run_id(s: &Sandbox) -> String {
-    s.status()["run"]["id"].as_str().unwrap().to_string()
+    Sandbox::in_repo(clusterfile, &[("README", "base\n")])
 }
 
 /// Every ref of the repository, with its commit.
@@ -98,7 +88,7 @@ run = "echo seven > seven.txt"
     assert_eq!(users_side(&s), before);
     assert_eq!(git(s.path(), &["status", "--porcelain"]), "");
     if done.code == 0 {
-        let run = run_id(&s);
+        let run = s.run_id();
         let branches: Vec<String> = all_refs(&s)
             .into_iter()
             .map(|(r, _)| r)
@@ -244,7 +234,7 @@ run = "echo c > c.txt"
         "took {:?}",
         started.elapsed()
     );
-    let run = run_id(&s);
+    let run = s.run_id();
     let joined = git(
         s.path(),
         &["ls-tree", "--name-only", &format!("ccluster/{run}/join")],
@@ -307,7 +297,7 @@ run = "echo x > x.txt"
     );
     assert!(elapsed < Duration::from_secs(15), "took {elapsed:?}");
     // Nothing was published: no ref of the run, hidden or branch.
-    let run = run_id(&s);
+    let run = s.run_id();
     let published: Vec<(String, String)> = all_refs(&s)
         .into_iter()
         .filter(|(r, _)| r.contains(&run))
@@ -429,7 +419,7 @@ run = "sleep 0.3; echo tpl > tpl.txt; ls; echo from-template"
     git(s.path(), &["commit", "-q", "-m", "template"]);
     let done = s.apply(&["--jobs", "2"]);
     assert_eq!(done.code, 0, "{}{}", done.stdout, done.stderr);
-    let run = run_id(&s);
+    let run = s.run_id();
     let logs = s.path().join(".ccluster/runs").join(&run).join("logs");
     let top = std::fs::read_to_string(logs.join("a_b.1.out")).unwrap();
     let tpl = std::fs::read_to_string(logs.join("a.b.1.out")).unwrap();
@@ -496,7 +486,7 @@ fn a_binary_conflict_the_resolver_left_alone_fails_and_one_it_staged_succeeds() 
         "{}",
         fail[0]["message"]
     );
-    let run = run_id(&s);
+    let run = s.run_id();
     assert!(git(
         s.path(),
         &["branch", "--list", &format!("ccluster/{run}/join")]
@@ -509,7 +499,7 @@ fn a_binary_conflict_the_resolver_left_alone_fails_and_one_it_staged_succeeds() 
     ));
     let resolved = s.apply(&[]);
     assert_eq!(resolved.code, 0, "{}{}", resolved.stdout, resolved.stderr);
-    let run = run_id(&s);
+    let run = s.run_id();
     let merged = std::process::Command::new("git")
         .arg("-C")
         .arg(s.path())
@@ -523,7 +513,7 @@ fn a_binary_conflict_the_resolver_left_alone_fails_and_one_it_staged_succeeds() 
     s.write(&binary_conflict("printf both > blob.bin"));
     let changed = s.apply(&[]);
     assert_eq!(changed.code, 0, "{}{}", changed.stdout, changed.stderr);
-    let run = run_id(&s);
+    let run = s.run_id();
     assert_eq!(
         git(
             s.path(),
@@ -547,7 +537,7 @@ merge = { strategy = "git" }
 "#,
     );
     assert_eq!(s.apply(&[]).code, 0);
-    let run = run_id(&s);
+    let run = s.run_id();
     let before = all_refs(&s);
     let out = s.command(&["gc", "--dry-run"]).output().unwrap();
     assert!(out.status.success());

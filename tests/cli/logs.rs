@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::apply::Sandbox;
-use crate::support::{claude_bin, git};
+use crate::support::claude_bin;
 
 /// Waits for a child to exit, killing it (and failing) after `limit`.
 fn wait_output(mut child: Child, limit: Duration) -> (i32, Vec<u8>, String) {
@@ -257,13 +257,9 @@ fn a_50_mb_log_is_streamed_in_flat_memory() {
     let _ = apply.wait_with_output();
 }
 
+/// A sandbox that is a git repository on `main` with its clusterfile committed.
 fn repo(clusterfile: &str) -> Sandbox {
-    let s = Sandbox::new(clusterfile);
-    std::fs::write(s.path().join(".gitignore"), ".ccluster/\n").unwrap();
-    git(s.path(), &["init", "-q", "-b", "main"]);
-    git(s.path(), &["add", "-A"]);
-    git(s.path(), &["commit", "-q", "-m", "init"]);
-    s
+    Sandbox::in_repo(clusterfile, &[])
 }
 
 #[test]

@@ -10,7 +10,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::apply::{Applied, Sandbox};
-use crate::support::{claude_bin, git, task};
+use crate::support::{claude_bin, task};
 
 /// A number no other test's `sleep` uses: this test binary's pid, after a per-test prefix.
 fn marker(prefix: u32) -> String {
@@ -300,13 +300,9 @@ retry = {{ limit = 3, on = ["spawn_error"], backoff = {{ initial = "10ms" }} }}
     );
 }
 
+/// A sandbox that is a git repository on `main` with its clusterfile committed.
 fn repo(clusterfile: &str) -> Sandbox {
-    let s = Sandbox::new(clusterfile);
-    std::fs::write(s.path().join(".gitignore"), ".ccluster/\n").unwrap();
-    git(s.path(), &["init", "-q", "-b", "main"]);
-    git(s.path(), &["add", "-A"]);
-    git(s.path(), &["commit", "-q", "-m", "init"]);
-    s
+    Sandbox::in_repo(clusterfile, &[])
 }
 
 /// The first user message of the session transcripts the CLI wrote under `dir`.

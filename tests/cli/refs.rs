@@ -9,23 +9,9 @@ use serde_json::Value;
 use crate::apply::Sandbox;
 use crate::support::{git, task};
 
-/// A sandbox that is a git repository on `main` with its clusterfile committed.
+/// A sandbox that is a git repository on `main` with one commit (`README` = "base").
 fn repo(clusterfile: &str) -> Sandbox {
-    let s = Sandbox::new(clusterfile);
-    std::fs::write(s.path().join("README"), "base\n").unwrap();
-    std::fs::write(s.path().join(".gitignore"), ".ccluster/\n").unwrap();
-    git(s.path(), &["init", "-q", "-b", "main"]);
-    commit_all(&s, "init");
-    s
-}
-
-fn commit_all(s: &Sandbox, message: &str) {
-    git(s.path(), &["add", "-A"]);
-    git(s.path(), &["commit", "-q", "-m", message]);
-}
-
-fn run_id(s: &Sandbox) -> String {
-    s.status()["run"]["id"].as_str().unwrap().to_string()
+    Sandbox::in_repo(clusterfile, &[("README", "base\n")])
 }
 
 /// Ref names under a prefix, sorted.
@@ -79,7 +65,7 @@ fn per_task_commits_are_hidden_refs_and_only_the_result_is_a_branch() {
     let said =
         String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{said}");
-    let run = run_id(&s);
+    let run = s.run_id();
     // The apply tells where the task commits are.
     assert!(
         said.contains(&format!(
@@ -163,16 +149,16 @@ fn per_task_commits_are_hidden_refs_and_only_the_result_is_a_branch() {
 fn a_cached_rerun_after_a_clusterfile_edit_gets_refs_of_its_own() {
     let s = repo(FAN_IN);
     assert_eq!(s.apply(&[]).code, 0);
-    let first = run_id(&s);
+    let first = s.run_id();
     // An unrelated task: the workspace tasks are reused, moved onto the new base.
     s.write(&format!(
         "{FAN_IN}[tasks.other]\nrun = \"true\"\nsources = []\n"
     ));
-    commit_all(&s, "another task");
+    s.commit_all("another task");
     let again = s.apply(&[]);
     assert_eq!(again.code, 0, "{}", again.stderr);
     assert_eq!(again.tasks("task_started"), ["other"]);
-    let second = run_id(&s);
+    let second = s.run_id();
     let prefix = format!("refs/ccluster/runs/{second}/");
     assert_eq!(
         refs_under(&s, &prefix),
@@ -238,7 +224,7 @@ fn gc_keep_collects_all_but_the_newest_runs_and_dry_run_names_the_same() {
     let mut runs = Vec::new();
     for _ in 0..3 {
         assert_eq!(s.apply(&["--fresh"]).code, 1);
-        runs.push(run_id(&s));
+        runs.push(s.run_id());
     }
     for run in &runs {
         assert_eq!(worktrees_of(&s, run), ["broken.1"], "{run}");
@@ -417,7 +403,7 @@ fn make_legacy(s: &Sandbox, run: &str) {
 fn the_branches_of_runs_made_before_the_hidden_refs_are_read_and_collected() {
     let s = repo(WITH_FAILURE);
     assert_eq!(s.apply(&[]).code, 1);
-    let run = run_id(&s);
+    let run = s.run_id();
     make_legacy(&s, &run);
     assert_eq!(refs_under(&s, "refs/ccluster/runs/"), Vec::<String>::new());
     assert_eq!(
@@ -474,7 +460,7 @@ fn the_branches_of_runs_made_before_the_hidden_refs_are_read_and_collected() {
 fn an_interrupted_run_from_before_the_hidden_refs_loses_only_its_stray_branches() {
     let s = repo(WITH_FAILURE);
     assert_eq!(s.apply(&[]).code, 1);
-    let run = run_id(&s);
+    let run = s.run_id();
     make_legacy(&s, &run);
     // As if its process had died mid-run: still `running`, and a branch set for a node whose
     // success was never recorded.

@@ -9,15 +9,9 @@ use std::path::{Path, PathBuf};
 use crate::apply::Sandbox;
 use crate::support::git;
 
-/// A sandbox that is a git repository with one commit, its state in `.ccluster/` inside it.
+/// A sandbox that is a git repository on `main` with one commit (`README` = "base").
 fn repo(clusterfile: &str) -> Sandbox {
-    let s = Sandbox::new(clusterfile);
-    std::fs::write(s.path().join("README"), "base\n").unwrap();
-    std::fs::write(s.path().join(".gitignore"), ".ccluster/\n").unwrap();
-    git(s.path(), &["init", "-q", "-b", "main"]);
-    git(s.path(), &["add", "-A"]);
-    git(s.path(), &["commit", "-q", "-m", "init"]);
-    s
+    Sandbox::in_repo(clusterfile, &[("README", "base\n")])
 }
 
 fn mode(path: &Path) -> u32 {
@@ -46,10 +40,6 @@ fn tree(dir: &Path) -> Vec<PathBuf> {
     }
     out.sort();
     out
-}
-
-fn run_id(s: &Sandbox) -> String {
-    s.status()["run"]["id"].as_str().unwrap().to_string()
 }
 
 const NOISY: &str = r#"version = 1
@@ -85,7 +75,7 @@ fn a_real_run_leaves_nothing_other_users_can_read() {
     let state = s.path().join(".ccluster");
     assert_eq!(mode(&state), 0o700, "the state directory");
     assert_eq!(mode(&state.join("db")), 0o700, "sled's directory");
-    let run = run_id(&s);
+    let run = s.run_id();
     let logs = state.join("runs").join(&run).join("logs");
     for log in [
         "edit.1.out",
@@ -232,7 +222,7 @@ fn an_everything_artifact_glob_never_copies_the_state_into_itself() {
         let done = s.apply(&["--fresh"]);
         assert_eq!(done.code, 0, "{}{}", done.stdout, done.stderr);
         sizes.push(size(&s.path().join(".ccluster")));
-        let run = run_id(&s);
+        let run = s.run_id();
         let kept = s
             .path()
             .join(".ccluster/runs")
@@ -302,7 +292,7 @@ artifacts = ["**/*", "made-link/*"]
             );
         }
     }
-    let run = run_id(&s);
+    let run = s.run_id();
     let files = |node: &str| {
         let dir = state
             .join("runs")
@@ -441,7 +431,7 @@ fn finished_runs_stay_readable_while_another_run_is_in_progress() {
     let s = repo(NOISY);
     let done = s.apply(&[]);
     assert_eq!(done.code, 0, "{}{}", done.stdout, done.stderr);
-    let old = run_id(&s);
+    let old = s.run_id();
     let archive = s
         .path()
         .join(".ccluster/runs")

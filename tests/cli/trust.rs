@@ -8,18 +8,7 @@ use crate::support::{git, task};
 
 /// A sandbox that is a git repository with its clusterfile and `src/a.rs` committed.
 fn repo(clusterfile: &str) -> Sandbox {
-    let s = Sandbox::new(clusterfile);
-    s.file("src/a.rs", "fn a() {}\n").unwrap();
-    s.file(".gitignore", ".ccluster/\n").unwrap();
-    git(s.path(), &["init", "-q", "-b", "main"]);
-    git(s.path(), &["add", "-A"]);
-    git(s.path(), &["commit", "-q", "-m", "init"]);
-    s
-}
-
-fn commit_all(s: &Sandbox, message: &str) {
-    git(s.path(), &["add", "-A"]);
-    git(s.path(), &["commit", "-q", "-m", message]);
+    Sandbox::in_repo(clusterfile, &[("src/a.rs", "fn a() {}\n")])
 }
 
 fn explain(s: &Sandbox) -> Vec<Value> {
@@ -58,7 +47,7 @@ sources = ["docs/*.md"]
 "#,
     );
     s.file("docs/x.md", "one\n").unwrap();
-    commit_all(&s, "docs");
+    s.commit_all("docs");
     assert_eq!(s.apply(&[]).code, 0);
     let again = s.apply(&[]);
     assert_eq!(again.code, 0);
@@ -150,7 +139,7 @@ fn editing_the_clusterfile_reruns_only_the_tasks_it_changed() {
         "{EDITING}[tasks.other]\nrun = \"true\"\nsources = []\n"
     ));
     s.file("clusterfile.lock", "# lock\n").unwrap();
-    commit_all(&s, "another task");
+    s.commit_all("another task");
     let explained = explain(&s);
     assert_eq!(verdict(&explained, "edit[0]")["verdict"], "satisfied");
     assert_eq!(verdict(&explained, "check")["verdict"], "satisfied");
@@ -178,7 +167,7 @@ fn editing_the_clusterfile_reruns_only_the_tasks_it_changed() {
 
     // Changing the task itself runs it again.
     s.write(&EDITING.replace("echo edited", "echo changed"));
-    commit_all(&s, "change edit");
+    s.commit_all("change edit");
     let third = s.apply(&[]);
     assert_eq!(third.code, 0, "{}", third.stderr);
     let mut started = third.tasks("task_started");

@@ -65,12 +65,7 @@ fn template_repo() -> tempfile::TempDir {
 
 /// A sandbox that is a git repository with a commit, whose clusterfile is `clusterfile`.
 fn repo_sandbox(clusterfile: &str) -> Sandbox {
-    let s = Sandbox::new(clusterfile);
-    std::fs::write(s.path().join(".gitignore"), ".ccluster/\n").unwrap();
-    git(s.path(), &["init", "-q", "-b", "main"]);
-    git(s.path(), &["add", "-A"]);
-    git(s.path(), &["commit", "-qm", "init"]);
-    s
+    Sandbox::in_repo(clusterfile, &[])
 }
 
 /// A TOML basic string holding `s`.

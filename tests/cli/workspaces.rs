@@ -10,19 +10,9 @@ use serde_json::Value;
 use crate::apply::Sandbox;
 use crate::support::{git, task};
 
-/// A sandbox that is a git repository with one commit (`README` = "base").
+/// A sandbox that is a git repository on `main` with one commit (`README` = "base").
 fn repo(clusterfile: &str) -> Sandbox {
-    let s = Sandbox::new(clusterfile);
-    std::fs::write(s.path().join("README"), "base\n").unwrap();
-    std::fs::write(s.path().join(".gitignore"), ".ccluster/\n").unwrap();
-    git(s.path(), &["init", "-q", "-b", "main"]);
-    git(s.path(), &["add", "-A"]);
-    git(s.path(), &["commit", "-q", "-m", "init"]);
-    s
-}
-
-fn run_id(s: &Sandbox) -> String {
-    s.status()["run"]["id"].as_str().unwrap().to_string()
+    Sandbox::in_repo(clusterfile, &[("README", "base\n")])
 }
 
 /// Worktrees git knows besides the main checkout and those waiting in the pool for reuse.
@@ -73,7 +63,7 @@ fn parallel_edits_of_different_files_merge_cleanly_in_index_order() {
         let s = repo(&fan_out(sleeps));
         let done = s.apply(&["--jobs", "4"]);
         assert_eq!(done.code, 0, "{}{}", done.stdout, done.stderr);
-        let run = run_id(&s);
+        let run = s.run_id();
         let branch = format!("ccluster/{run}/join");
         let first_parents = git(s.path(), &["log", "--first-parent", "--format=%s", &branch]);
         let merges: Vec<&str> = first_parents
@@ -154,7 +144,7 @@ fn conflicting_edits_are_reported_then_resolved_by_the_hand_off() {
         .unwrap();
     assert_eq!(join["conflicts"][0]["files"][0]["path"], "README");
     assert_eq!(join["conflicts"][0]["resolved_by"], Value::Null);
-    let run = run_id(&s);
+    let run = s.run_id();
     assert!(
         git(
             s.path(),
@@ -180,7 +170,7 @@ fn conflicting_edits_are_reported_then_resolved_by_the_hand_off() {
     let resolved = s.apply(&[]);
     assert_eq!(resolved.code, 0, "{}{}", resolved.stdout, resolved.stderr);
     assert_eq!(resolved.tasks("task_cached"), ["edit[0]", "edit[1]"]);
-    let run = run_id(&s);
+    let run = s.run_id();
     let readme = git(s.path(), &["show", &format!("ccluster/{run}/join:README")]);
     assert_eq!(readme, "one\ntwo\n");
 
@@ -215,7 +205,7 @@ fn exported_patch_applies_on_the_base_and_export_makes_a_branch() {
         &["clone", "-q", s.path().to_str().unwrap(), "."],
     );
     git(clone.path(), &["apply", "--index", patch.to_str().unwrap()]);
-    let run = run_id(&s);
+    let run = s.run_id();
     let applied = git(clone.path(), &["write-tree"]);
     let result = git(
         s.path(),
@@ -246,7 +236,7 @@ fn the_base_commit_is_part_of_the_cache_key() {
     assert_eq!(again.code, 0, "{}{}", again.stdout, again.stderr);
     assert!(again.tasks("task_started").is_empty());
     // The cached run still gets its result branch.
-    let run = run_id(&s);
+    let run = s.run_id();
     assert!(!git(
         s.path(),
         &["branch", "--list", &format!("ccluster/{run}/join")]
@@ -272,7 +262,7 @@ fn the_base_commit_is_part_of_the_cache_key() {
     let rerun = s.apply(&[]);
     assert_eq!(rerun.code, 0, "{}{}", rerun.stdout, rerun.stderr);
     assert_eq!(rerun.tasks("task_started").len(), 6);
-    let run = run_id(&s);
+    let run = s.run_id();
     assert_eq!(
         git(s.path(), &["show", &format!("ccluster/{run}/join:NEW")]),
         "x\n"
@@ -299,7 +289,7 @@ artifacts = ["from-setup"]
         task(&s.status(), "use_env")["output"],
         "TOKEN=local\nTOKEN=local"
     );
-    let run = run_id(&s);
+    let run = s.run_id();
     let got = s
         .command(&["artifacts", &run, "use_env", "--get", "from-setup"])
         .output()
@@ -315,7 +305,7 @@ artifacts = ["from-setup"]
 
     s.write("version = 1\n[tasks.noisy]\nworkspace = \"worktree\"\nsetup = \"echo preparing\"\nrun = \"echo working\"\n");
     assert_eq!(s.apply(&[]).code, 0);
-    let logs = s.command(&["logs", &run_id(&s)]).output().unwrap();
+    let logs = s.command(&["logs", &s.run_id()]).output().unwrap();
     assert_eq!(
         String::from_utf8_lossy(&logs.stdout),
         "==> noisy attempt 1 setup stdout <==\npreparing\n==> noisy attempt 1 stdout <==\nworking\n"
@@ -331,7 +321,7 @@ fn gc_removes_finished_worktrees_and_branches_but_keeps_results_and_failed_work_
     ));
     let done = s.apply(&[]);
     assert_eq!(done.code, 1);
-    let run = run_id(&s);
+    let run = s.run_id();
     // The failed attempt's worktree is kept, with its half-made work.
     let kept = extra_worktrees(&s);
     assert_eq!(kept.len(), 1, "{kept:?}");
@@ -431,7 +421,7 @@ merge = { strategy = "git", on_conflict = "run", run = "sleep 1; printf 'merged\
     assert_eq!(done.code, 0, "{}{}", done.stdout, done.stderr);
     // No instance that succeeded before a kill ran again in the last run, and the merge ran.
     assert!(done.tasks("task_succeeded").contains(&"join".to_string()));
-    let run = run_id(&s);
+    let run = s.run_id();
     assert_eq!(
         git(s.path(), &["show", &format!("ccluster/{run}/join:README")]),
         "merged\n"
@@ -549,7 +539,7 @@ fn a_dirty_main_checkout_is_left_alone_and_not_seen_by_workspaces() {
         std::fs::read_to_string(s.path().join("README")).unwrap(),
         "uncommitted\n"
     );
-    let run = run_id(&s);
+    let run = s.run_id();
     let listing = s.command(&["artifacts", &run]).output().unwrap();
     let listing = String::from_utf8_lossy(&listing.stdout);
     assert!(listing.contains("look.1.out"), "{listing}");
@@ -562,7 +552,7 @@ fn copied_files_are_never_committed() {
     std::fs::write(s.path().join(".env"), "TOKEN=secret-value\n").unwrap();
     let done = s.apply(&[]);
     assert_eq!(done.code, 0, "{}", done.stderr);
-    let run = run_id(&s);
+    let run = s.run_id();
     let files = git(
         s.path(),
         &[
@@ -587,7 +577,7 @@ fn a_copy_workspace_publishes_its_commit_like_a_worktree() {
     let done = s.apply(&[]);
     assert_eq!(done.code, 0, "{}\n{}", done.stdout, done.stderr);
     assert_eq!(task(&s.status(), "after")["output"], "copied");
-    let run = run_id(&s);
+    let run = s.run_id();
     assert_eq!(
         git(
             s.path(),

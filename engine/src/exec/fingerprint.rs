@@ -4,9 +4,7 @@
 //! editing the clusterfile re-runs only the tasks whose own definitions changed.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 /// The fingerprints of one run (or one `plan --explain`), each computed once.
 pub struct Fingerprints {
@@ -373,56 +371,20 @@ fn digest(entries: &[Entry]) -> String {
     h.finalize().to_hex()[..16].to_string()
 }
 
-/// Runs a read-only git command with hooks off and no optional locks; its stdout.
+/// Runs a read-only git command (in git's clean environment, hooks off, no optional locks, no
+/// file system monitor); its stdout.
 fn git(dir: &Path, args: &[&str], stdin: Option<&[u8]>) -> Result<Vec<u8>, String> {
-    let mut cmd = Command::new("git");
-    cmd.arg("-C")
-        .arg(dir)
-        .args([
-            "-c",
-            "core.hooksPath=/dev/null",
-            "-c",
-            "core.fsmonitor=false",
-        ])
-        .args(args)
-        .env("GIT_OPTIONAL_LOCKS", "0")
-        .env("LC_ALL", "C")
-        .env_remove("GIT_DIR")
-        .env_remove("GIT_WORK_TREE")
-        .env_remove("GIT_INDEX_FILE")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| format!("cannot run git: {e}"))?;
-    if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        // Paths are few and short next to a pipe's buffer only in small repositories: write from
-        // a thread so a large list cannot deadlock against git's output.
-        let bytes = bytes.to_vec();
-        std::thread::spawn(move || {
-            let _ = pipe.write_all(&bytes);
-        });
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("cannot run git: {e}"))?;
-    if out.status.success() {
-        Ok(out.stdout)
-    } else {
-        Err(format!(
-            "`git {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    let args: Vec<&str> = ["-c", "core.fsmonitor=false"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    crate::workspace::git_sync_with(dir, &args, &[], stdin)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
 
     fn sh(dir: &Path, script: &str) {
         let ok = Command::new("sh")

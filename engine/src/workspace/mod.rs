@@ -152,10 +152,44 @@ pub fn git_sync(dir: &Path, args: &[&str]) -> Result<String, String> {
 
 /// [`git_sync`], stdout as bytes (a binary patch).
 pub fn git_sync_bytes(dir: &Path, args: &[&str]) -> Result<Vec<u8>, String> {
-    let out = git_command_std(dir)
-        .args(args)
-        .output()
+    git_sync_with(dir, args, &[], None)
+}
+
+/// [`git_sync_bytes`] with more variables in git's clean environment (`GIT_INDEX_FILE`, an
+/// identity) and, optionally, bytes for its stdin, written from a thread so that a large input
+/// cannot deadlock against git's output.
+pub fn git_sync_with(
+    dir: &Path,
+    args: &[&str],
+    env: &[(&str, &std::ffi::OsStr)],
+    stdin: Option<&[u8]>,
+) -> Result<Vec<u8>, String> {
+    use std::io::Write;
+    let mut cmd = git_command_std(dir);
+    cmd.args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if stdin.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("cannot run git: {e}"))?;
+    let writer = match (stdin, child.stdin.take()) {
+        (Some(bytes), Some(mut pipe)) => {
+            let bytes = bytes.to_vec();
+            // A git that exits early closes its stdin: its exit status tells what went wrong.
+            Some(std::thread::spawn(move || {
+                let _ = pipe.write_all(&bytes);
+            }))
+        }
+        _ => None,
+    };
+    let out = child
+        .wait_with_output()
         .map_err(|e| format!("cannot run git: {e}"))?;
+    if let Some(writer) = writer {
+        let _ = writer.join();
+    }
     if out.status.success() {
         Ok(out.stdout)
     } else {

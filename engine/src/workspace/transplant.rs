@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 /// Rewrites commits made on `from` onto `to`, remembering what it rewrote.
 pub struct Transplant<'a> {
@@ -201,47 +200,13 @@ fn git(root: &Path, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Result<S
     git_env(root, args, env, None)
 }
 
-/// Plumbing only (no hooks run for these), in a clean git environment.
+/// Plumbing only (no hooks run for these), in git's clean environment plus `env`.
 fn git_env(
     root: &Path,
     args: &[&str],
     env: &[(&str, &std::ffi::OsStr)],
     stdin: Option<&[u8]>,
 ) -> Result<String, String> {
-    use std::io::Write;
-    let mut cmd = Command::new("git");
-    cmd.arg("-C")
-        .arg(root)
-        .args(["-c", "core.hooksPath=/dev/null"])
-        .args(args)
-        .env_remove("GIT_DIR")
-        .env_remove("GIT_WORK_TREE")
-        .env_remove("GIT_INDEX_FILE")
-        .env("LC_ALL", "C")
-        .env("GIT_OPTIONAL_LOCKS", "0")
-        .envs(env.iter().copied())
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| format!("cannot run git: {e}"))?;
-    if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(bytes)
-            .map_err(|e| format!("cannot write to git: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("cannot run git: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "`git {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    super::git_sync_with(root, args, env, stdin)
+        .map(|out| String::from_utf8_lossy(&out).into_owned())
 }
