@@ -872,7 +872,7 @@ fn loader_for(
         lock,
         refresh: templates == Templates::Refresh,
         fetch: templates != Templates::Cached,
-        root: Some(ccluster_engine::model::compose::confinement_root(&dir)),
+        root: Some(ccluster_engine::model::confine::confinement_root(&dir)),
         ..FileLoader::default()
     })
 }

@@ -23,7 +23,7 @@ pub fn list(json: bool) -> u8 {
         let list: Vec<serde_json::Value> = BUILTINS
             .iter()
             .map(|b| {
-                let s = b.summary();
+                let s = ccluster_engine::compile::summary(b);
                 let inputs: serde_json::Map<String, serde_json::Value> = s
                     .inputs
                     .iter()
@@ -55,7 +55,7 @@ pub fn list(json: bool) -> u8 {
         return exit::SUCCESS;
     }
     for b in BUILTINS {
-        let s = b.summary();
+        let s = ccluster_engine::compile::summary(b);
         let _ = writeln!(out, "{:<17} {}", b.name, s.description);
         for (name, decl) in &s.inputs {
             let value = match (&decl.default, decl.required) {

@@ -4,6 +4,8 @@
 use std::path::Path;
 
 use crate::diagnostic::{in_report_order, Diagnostic, SourceFile};
+use crate::library::Builtin;
+use crate::model::workflow::InputDecl;
 use crate::model::{decode, workflow, Workflow};
 use crate::plan::{self, InputArgs, Plan};
 use crate::syntax::{self, Format};
@@ -132,6 +134,34 @@ pub fn compile_file_with(
     Ok((source, result))
 }
 
+/// What a template is for and the parameters it takes (its `[inputs]`).
+pub struct Summary {
+    pub description: String,
+    pub inputs: Vec<(String, InputDecl)>,
+}
+
+/// What a built-in workflow says of itself, from compiling it (empty if it does not compile,
+/// which a test rules out).
+pub fn summary(builtin: &Builtin) -> Summary {
+    let source = SourceFile::new(format!("builtin:{}", builtin.name), builtin.text);
+    match compile(
+        &source,
+        Format::Toml,
+        Path::new("."),
+        &InputArgs::default(),
+        Stage::Validate,
+    ) {
+        Ok(c) => Summary {
+            description: c.workflow.description.clone().unwrap_or_default(),
+            inputs: c.workflow.inputs.into_iter().collect(),
+        },
+        Err(_) => Summary {
+            description: String::new(),
+            inputs: Vec::new(),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! Property tests: whatever the bytes, the compiler returns diagnostics and never panics. The
@@ -139,6 +169,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::library::{find, BUILTINS};
 
     const SEEDS: &[&str] = &[
         include_str!("../../workflows/feature-fanout.toml"),
@@ -188,5 +219,17 @@ mod tests {
             }
             compile_both(&text);
         }
+    }
+
+    #[test]
+    fn every_builtin_compiles_and_describes_itself() {
+        for b in BUILTINS {
+            let s = summary(b);
+            assert!(!s.description.is_empty(), "{} has no description", b.name);
+        }
+        assert!(summary(find("goal").unwrap())
+            .inputs
+            .iter()
+            .any(|(n, d)| n == "goal" && d.required));
     }
 }

@@ -1,14 +1,6 @@
 //! The workflows shipped inside the binary (the `.toml` files of `workflows/`): what `ccluster
 //! templates` lists, `ccluster init --template` writes, and `ccluster run --goal` applies.
 
-use std::path::Path;
-
-use crate::compile::{compile, Stage};
-use crate::diagnostic::SourceFile;
-use crate::model::workflow::InputDecl;
-use crate::plan::InputArgs;
-use crate::syntax::Format;
-
 pub struct Builtin {
     pub name: &'static str,
     pub text: &'static str,
@@ -50,12 +42,6 @@ pub fn find(name: &str) -> Option<&'static Builtin> {
     BUILTINS.iter().find(|b| b.name == name)
 }
 
-/// What a template is for and the parameters it takes (its `[inputs]`).
-pub struct Summary {
-    pub description: String,
-    pub inputs: Vec<(String, InputDecl)>,
-}
-
 impl Builtin {
     /// The source as a user's own file: the `#:schema` line of the repository is replaced by a
     /// pointer that works anywhere.
@@ -70,44 +56,5 @@ impl Builtin {
             "# From `ccluster init --template {}`. Editor support: `ccluster schema > clusterfile.schema.json`\n# and a first line `#:schema ./clusterfile.schema.json`. Reference: docs/clusterfile.md.\n{body}\n",
             self.name
         )
-    }
-
-    pub fn summary(&self) -> Summary {
-        let source = SourceFile::new(format!("builtin:{}", self.name), self.text);
-        match compile(
-            &source,
-            Format::Toml,
-            Path::new("."),
-            &InputArgs::default(),
-            Stage::Validate,
-        ) {
-            Ok(c) => Summary {
-                description: c.workflow.description.clone().unwrap_or_default(),
-                inputs: c.workflow.inputs.into_iter().collect(),
-            },
-            Err(_) => Summary {
-                description: String::new(),
-                inputs: Vec::new(),
-            },
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_builtin_compiles_and_describes_itself() {
-        for b in BUILTINS {
-            let s = b.summary();
-            assert!(!s.description.is_empty(), "{} has no description", b.name);
-        }
-        assert!(find("goal")
-            .unwrap()
-            .summary()
-            .inputs
-            .iter()
-            .any(|(n, d)| n == "goal" && d.required));
     }
 }

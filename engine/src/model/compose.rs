@@ -10,9 +10,11 @@ use std::sync::Arc;
 use indexmap::IndexMap;
 use serde_json::Value;
 
+use super::confine;
 use super::decode;
 use super::fetch;
 use super::raw::{InputType, RawClusterfile, RawTask};
+pub use super::raw::{Origin, OutputsOf, ScopeDecl};
 use super::spanned::Spanned;
 use super::workflow::TaskId;
 use crate::diagnostic::{Category, Diagnostic, SourceFile, Span};
@@ -20,46 +22,6 @@ use crate::syntax::{self, Format, Node, NodeValue};
 
 /// How deep templates may use templates.
 pub const MAX_DEPTH: usize = 8;
-
-/// The binding of a template's inputs where it is used.
-#[derive(Debug)]
-pub struct ScopeDecl {
-    /// `with` values: JSON, or strings with templates over the using workflow's inputs and vars.
-    pub with: IndexMap<String, Value>,
-    /// The template's declared defaults, for inputs `with` leaves out.
-    pub defaults: IndexMap<String, Value>,
-    /// The template's `[vars]`.
-    pub vars: IndexMap<String, Value>,
-    /// Every input the template declares (what its templates may read as `inputs.<name>`).
-    pub declared: Vec<String>,
-    /// Their types, to check `with` values once rendered.
-    pub types: IndexMap<String, InputType>,
-    /// The template's name, for messages.
-    pub template: String,
-    /// The scope `with` values are evaluated in: the using template's, or `None` for the
-    /// clusterfile itself.
-    pub parent: Option<Arc<ScopeDecl>>,
-}
-
-/// Where an embedded task comes from.
-#[derive(Debug)]
-pub struct Origin {
-    /// The template file (its spans point into it).
-    pub file: SourceFile,
-    /// The task-id prefix of its template instance (`api`, `api.inner`): `tasks.x` in its
-    /// templates means `<prefix>.x`.
-    pub prefix: String,
-    pub scope: Arc<ScopeDecl>,
-}
-
-/// The outputs task that stands for a template instance.
-#[derive(Clone, Debug)]
-pub struct OutputsOf {
-    pub values: IndexMap<String, Spanned<String>>,
-    /// The embedded task whose branch is the instance's result (the template's `result`, or its
-    /// last git merge).
-    pub result: Option<String>,
-}
 
 /// Why a template could not be had, and what to do about it.
 #[derive(Debug)]
@@ -111,9 +73,6 @@ pub struct FileLoader {
     pub replay: Option<BTreeMap<String, String>>,
 }
 
-/// The largest template file read from disk; anything bigger is not a workflow someone wrote.
-const MAX_TEMPLATE_BYTES: u64 = 16 << 20;
-
 /// `a/./b/../c` → `a/c`, without touching the file system.
 fn normalize(path: &Path) -> PathBuf {
     let mut out = PathBuf::new();
@@ -129,84 +88,13 @@ fn normalize(path: &Path) -> PathBuf {
     out
 }
 
-/// The directory path templates used from `dir` must stay inside: the top of its git
-/// repository, else `dir` itself; canonical, so symbolic links cannot lead out of it.
-pub fn confinement_root(dir: &Path) -> PathBuf {
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    let top = crate::workspace::Repo::discover(dir)
-        .map(|r| r.root)
-        .unwrap_or_else(|_| dir.to_path_buf());
-    std::fs::canonicalize(&top).unwrap_or(top)
-}
-
 /// Reads a path template: only a regular file inside `root` once every symbolic link is
 /// resolved. Checked before the file is opened (a FIFO would block, a device never end) and again
 /// on the open file, which is opened without following a link and without blocking, so swapping
 /// the file in between gains nothing.
 fn read_confined(path: &Path, root: &Path) -> Result<String, String> {
-    read_inside(path, root, "templates")
+    confine::read_inside(path, root, "templates")
         .map_err(|e| e.replace("is not UTF-8 text", "is not UTF-8 text, so not a template"))
-}
-
-/// Reads a file a clusterfile names (`what`: "templates", "`output_schema` files") as
-/// [`read_confined`] reads a template: a regular file of at most 16 MiB inside `root`.
-pub(crate) fn read_inside(path: &Path, root: &Path, what: &str) -> Result<String, String> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    use std::os::unix::io::AsRawFd;
-    let shown = fetch::printable(&path.display().to_string());
-    let real = std::fs::canonicalize(path).map_err(|e| format!("cannot read `{shown}`: {e}"))?;
-    if !real.starts_with(root) {
-        return Err(format!(
-            "`{shown}` is outside the repository ({}); {what} are read only from inside it",
-            root.display()
-        ));
-    }
-    let regular = |meta: std::io::Result<std::fs::Metadata>| {
-        let meta = meta.map_err(|e| format!("cannot read `{shown}`: {e}"))?;
-        if !meta.is_file() {
-            return Err(format!("`{shown}` is not a regular file"));
-        }
-        if meta.len() > MAX_TEMPLATE_BYTES {
-            return Err(format!(
-                "`{shown}` is larger than {} MiB",
-                MAX_TEMPLATE_BYTES >> 20
-            ));
-        }
-        Ok(())
-    };
-    regular(std::fs::metadata(&real))?;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-        .open(&real)
-        .map_err(|e| format!("cannot read `{shown}`: {e}"))?;
-    regular(file.metadata())?;
-    // A directory on the way swapped for a link after the check: where the open file really is
-    // (where the system says; elsewhere the checks above stand alone).
-    if let Ok(opened) = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())) {
-        if !opened.starts_with(root) {
-            return Err(format!(
-                "`{shown}` is outside the repository ({})",
-                root.display()
-            ));
-        }
-    }
-    let mut bytes = Vec::new();
-    file.take(MAX_TEMPLATE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read `{shown}`: {e}"))?;
-    if bytes.len() as u64 > MAX_TEMPLATE_BYTES {
-        return Err(format!(
-            "`{shown}` is larger than {} MiB",
-            MAX_TEMPLATE_BYTES >> 20
-        ));
-    }
-    String::from_utf8(bytes).map_err(|_| format!("`{shown}` is not UTF-8 text"))
 }
 
 impl FileLoader {
@@ -346,7 +234,7 @@ impl Loader for FileLoader {
         } else {
             let root = self
                 .root
-                .get_or_insert_with(|| confinement_root(from_dir))
+                .get_or_insert_with(|| confine::confinement_root(from_dir))
                 .clone();
             let path = from_dir.join(spec);
             let text = read_confined(&path, &root)?;

@@ -1,6 +1,7 @@
 //! The clusterfile model: raw (as written, with spans) → validated [`Workflow`].
 
 pub mod compose;
+pub mod confine;
 pub mod decode;
 pub mod fetch;
 pub mod raw;

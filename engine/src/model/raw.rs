@@ -8,7 +8,7 @@ use schemars::JsonSchema;
 use serde::Serialize;
 
 use super::spanned::Spanned;
-use crate::diagnostic::Span;
+use crate::diagnostic::{SourceFile, Span};
 
 /// A ccluster workflow: tasks (agent sessions, shell commands, merges) and the dependencies between
 /// them. Reference: docs/clusterfile.md.
@@ -601,7 +601,7 @@ pub struct RawTask {
     /// Where an embedded task came from (set when a template is expanded).
     #[serde(skip)]
     #[schemars(skip)]
-    pub origin: Option<std::sync::Arc<crate::model::compose::Origin>>,
+    pub origin: Option<std::sync::Arc<Origin>>,
     /// The `with` key was written.
     #[serde(skip)]
     #[schemars(skip)]
@@ -623,5 +623,45 @@ pub struct RawTask {
     /// Set for the task that stands for a template instance: its outputs.
     #[serde(skip)]
     #[schemars(skip)]
-    pub outputs_of: Option<crate::model::compose::OutputsOf>,
+    pub outputs_of: Option<OutputsOf>,
+}
+
+/// The binding of a template's inputs where it is used.
+#[derive(Debug)]
+pub struct ScopeDecl {
+    /// `with` values: JSON, or strings with templates over the using workflow's inputs and vars.
+    pub with: IndexMap<String, serde_json::Value>,
+    /// The template's declared defaults, for inputs `with` leaves out.
+    pub defaults: IndexMap<String, serde_json::Value>,
+    /// The template's `[vars]`.
+    pub vars: IndexMap<String, serde_json::Value>,
+    /// Every input the template declares (what its templates may read as `inputs.<name>`).
+    pub declared: Vec<String>,
+    /// Their types, to check `with` values once rendered.
+    pub types: IndexMap<String, InputType>,
+    /// The template's name, for messages.
+    pub template: String,
+    /// The scope `with` values are evaluated in: the using template's, or `None` for the
+    /// clusterfile itself.
+    pub parent: Option<std::sync::Arc<ScopeDecl>>,
+}
+
+/// Where an embedded task comes from.
+#[derive(Debug)]
+pub struct Origin {
+    /// The template file (its spans point into it).
+    pub file: SourceFile,
+    /// The task-id prefix of its template instance (`api`, `api.inner`): `tasks.x` in its
+    /// templates means `<prefix>.x`.
+    pub prefix: String,
+    pub scope: std::sync::Arc<ScopeDecl>,
+}
+
+/// The outputs task that stands for a template instance.
+#[derive(Clone, Debug)]
+pub struct OutputsOf {
+    pub values: IndexMap<String, Spanned<String>>,
+    /// The embedded task whose branch is the instance's result (the template's `result`, or its
+    /// last git merge).
+    pub result: Option<String>,
 }

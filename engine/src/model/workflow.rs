@@ -264,7 +264,7 @@ pub struct Task {
     pub touches: Vec<Template>,
     pub touches_span: Option<Span>,
     /// For a template's task: where it comes from and how its inputs are bound.
-    pub scope: Option<std::sync::Arc<super::compose::Origin>>,
+    pub scope: Option<std::sync::Arc<super::raw::Origin>>,
     /// What the scripted model does for this task under `apply --rehearse`.
     pub rehearsal: Option<crate::scripted::TaskScript>,
 }
@@ -1389,8 +1389,8 @@ fn load_output_schema(
             // Confined as path templates are: a clusterfile from a pull request must not get a
             // file from elsewhere (a JSON credentials file) into the plan, nor hang on a FIFO.
             let full = base_dir.join(path);
-            let root = super::compose::confinement_root(base_dir);
-            let text = match super::compose::read_inside(&full, &root, "`output_schema` files") {
+            let root = super::confine::confinement_root(base_dir);
+            let text = match super::confine::read_inside(&full, &root, "`output_schema` files") {
                 Ok(t) => t,
                 Err(e) => {
                     diags.push(schema_error(

@@ -306,7 +306,7 @@ impl<'e, 'w> Renderer<'e, 'w> {
     /// scope that uses it) over its inputs' defaults.
     fn scope_inputs(
         &self,
-        decl: &crate::model::compose::ScopeDecl,
+        decl: &crate::model::raw::ScopeDecl,
         diags: &mut Vec<Diagnostic>,
     ) -> serde_json::Map<String, Value> {
         let outer = decl.parent.as_ref().map(|p| {
