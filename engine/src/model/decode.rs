@@ -628,6 +628,37 @@ impl Decoder<'_> {
         if let Some(n) = t.get("max_parallel") {
             r.max_parallel = self.count(n, "max_parallel", 1);
         }
+        if let Some(n) = t.get("pull") {
+            r.pull = self.choice(n, "pull", PullPolicy::ALL);
+        }
+        if let Some(n) = t.get("user") {
+            r.user = self.string(n, "user");
+        }
+        if let Some(n) = t.get("cpus") {
+            r.cpus = self.float(n, "cpus", (0.01, 1024.0));
+        }
+        if let Some(n) = t.get("memory") {
+            r.memory = match n.value {
+                // A bare number is bytes.
+                NodeValue::Integer(i) => Some(Spanned::new(i.to_string(), n.span)),
+                _ => self.string(n, "memory"),
+            };
+        }
+        if let Some(n) = t.get("pids") {
+            r.pids = self.count(n, "pids", 1);
+        }
+        if let Some(n) = t.get("network") {
+            r.network = self.choice(n, "network", NetworkMode::ALL);
+        }
+        if let Some(n) = t.get("mounts") {
+            r.mounts = self.string_list(n, "mounts");
+        }
+        if let Some(n) = t.get("env") {
+            r.env = self.string_map(n, "env");
+        }
+        if let Some(n) = t.get("allow_hosts") {
+            r.allow_hosts = self.string_list(n, "allow_hosts");
+        }
         self.finish(t);
         r.decode_errors = self.errors_so_far() > before;
         Some(r)

@@ -447,6 +447,53 @@ impl RunnerKind {
     }
 }
 
+/// When a `docker` runner pulls its image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PullPolicy {
+    /// Never: the image must be on the machine.
+    Never,
+    /// When the machine does not have it (the default).
+    Missing,
+    /// Before every run.
+    Always,
+}
+
+impl PullPolicy {
+    pub const ALL: &'static [(&'static str, PullPolicy)] = &[
+        ("never", PullPolicy::Never),
+        ("missing", PullPolicy::Missing),
+        ("always", PullPolicy::Always),
+    ];
+}
+
+/// What a container may reach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetworkMode {
+    /// Nothing: no network at all.
+    None,
+    /// Only the model API's host and the runner's `allow_hosts`, through ccluster's egress proxy.
+    ApiOnly,
+    /// Docker's default bridge network.
+    Bridge,
+}
+
+impl NetworkMode {
+    pub const ALL: &'static [(&'static str, NetworkMode)] = &[
+        ("none", NetworkMode::None),
+        ("api-only", NetworkMode::ApiOnly),
+        ("bridge", NetworkMode::Bridge),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, k)| *k == self)
+            .map_or("none", |(n, _)| n)
+    }
+}
+
 /// A named runner.
 #[derive(Clone, Debug, Default, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -460,6 +507,30 @@ pub struct RawRunner {
     /// Upper bound on tasks running at once on this runner.
     #[schemars(range(min = 1))]
     pub max_parallel: Option<Spanned<i64>>,
+    /// `docker`: when to pull the image: `never`, `missing` (default), `always`.
+    pub pull: Option<Spanned<PullPolicy>>,
+    /// `docker`: the user the task runs as, `uid[:gid]` or a name in the image (default: the
+    /// invoking user's uid:gid, so files written in the worktree stay theirs).
+    pub user: Option<Spanned<String>>,
+    /// `docker`: CPUs the container may use (`1.5`).
+    pub cpus: Option<Spanned<f64>>,
+    /// `docker`: memory limit, bytes or with a unit: `512m`, `2g` (powers of 1024).
+    pub memory: Option<Spanned<String>>,
+    /// `docker`: the most processes the container may have.
+    #[schemars(range(min = 1))]
+    pub pids: Option<Spanned<i64>>,
+    /// `docker`: `none`, `api-only` (the default for agent tasks) or `bridge` (the default for
+    /// shell tasks).
+    pub network: Option<Spanned<NetworkMode>>,
+    /// `docker`: more host paths mounted read-only, `"<host path>:<container path>"`.
+    pub mounts: Option<Spanned<Vec<Spanned<String>>>>,
+    /// `docker`: environment variables set in every container of this runner.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    #[schemars(with = "IndexMap<String, EnvValue>")]
+    pub env: IndexMap<String, Spanned<String>>,
+    /// `docker`, under `network = "api-only"`: hosts besides the model API's that tasks may reach
+    /// (`crates.io`, `registry.npmjs.org:443`).
+    pub allow_hosts: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(skip)]
     #[schemars(skip)]
     pub name_span: Span,
