@@ -1752,6 +1752,9 @@ impl Dispatcher<'_> {
             (None, ProcessEnd::SpawnFailed(e) | ProcessEnd::Unstartable(e)) => {
                 (Some(FailureClass::SpawnError), None, None, e.clone())
             }
+            (None, ProcessEnd::OutOfMemory) => {
+                (Some(FailureClass::Oom), None, None, end.to_string())
+            }
         };
         self.record_attempt(
             node,

@@ -3,6 +3,7 @@
 pub mod context;
 pub mod direct;
 mod dispatcher;
+pub mod docker;
 pub mod events;
 pub mod explain;
 pub mod fingerprint;

@@ -55,6 +55,8 @@ pub enum ProcessEnd {
     /// Could not be started, and never will be as it stands: its arguments or environment are
     /// too large for the system (`E2BIG`), or a path is too long (`ENAMETOOLONG`). Not retried.
     Unstartable(String),
+    /// Killed for using more memory than its limit (a container's `memory`).
+    OutOfMemory,
 }
 
 impl std::fmt::Display for ProcessEnd {
@@ -65,6 +67,7 @@ impl std::fmt::Display for ProcessEnd {
             ProcessEnd::Signaled(s) => write!(f, "killed by signal {s}"),
             ProcessEnd::TimedOut => f.write_str("timed out"),
             ProcessEnd::Cancelled => f.write_str("cancelled"),
+            ProcessEnd::OutOfMemory => f.write_str("killed for using more memory than its limit"),
             ProcessEnd::SpawnFailed(e) | ProcessEnd::Unstartable(e) => f.write_str(e),
         }
     }
@@ -164,14 +167,14 @@ fn signal_group(pgid: i32, signal: Signal) {
 
 /// A log file created on the first byte written: most tasks print nothing, and creating two empty
 /// files per attempt costs more than running a small command.
-struct LazyLog {
+pub(crate) struct LazyLog {
     path: PathBuf,
     file: Option<std::fs::File>,
     failed: bool,
 }
 
 impl LazyLog {
-    fn new(path: PathBuf) -> LazyLog {
+    pub(crate) fn new(path: PathBuf) -> LazyLog {
         LazyLog {
             path,
             file: None,
@@ -179,7 +182,7 @@ impl LazyLog {
         }
     }
 
-    fn write(&mut self, bytes: &[u8]) {
+    pub(crate) fn write(&mut self, bytes: &[u8]) {
         use std::io::Write;
         if self.failed {
             return;

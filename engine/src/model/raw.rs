@@ -289,6 +289,8 @@ pub enum FailureClass {
     Killed,
     /// The agent ended without a result.
     NoResult,
+    /// The container was killed for using more memory than its runner's `memory`.
+    Oom,
 }
 
 impl FailureClass {
@@ -308,6 +310,7 @@ impl FailureClass {
         ("structured_output", FailureClass::StructuredOutput),
         ("killed", FailureClass::Killed),
         ("no_result", FailureClass::NoResult),
+        ("oom", FailureClass::Oom),
     ];
 
     pub fn name(self) -> &'static str {
@@ -325,6 +328,7 @@ impl FailureClass {
                 | FailureClass::Budget
                 | FailureClass::SetupError
                 | FailureClass::MergeConflict
+                | FailureClass::Oom
         )
     }
 }
