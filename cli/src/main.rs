@@ -36,6 +36,7 @@ use ccluster_engine::plan::{self, InputArgs};
 use ccluster_engine::{compile_file_with, render, Diagnostic, SourceFile, Stage};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod attach;
 mod live;
 mod logs;
 mod results;
@@ -143,6 +144,20 @@ enum Command {
         /// The same as `--output json` (an old spelling).
         #[arg(long, hide = true)]
         json: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// A shell where a running task works (its worktree; the clusterfile's directory for a task
+    /// without one), or one command after `--`. The task keeps running. A lone argument that is
+    /// not a run id is a task of the latest run.
+    Attach {
+        /// A run id or prefix, or `latest`.
+        run: Option<String>,
+        /// The task id or plan node (`build[2]`) that is running.
+        task: Option<String>,
+        /// Run this instead of a shell (after `--`).
+        #[arg(last = true)]
+        command: Vec<String>,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -513,6 +528,19 @@ fn main() -> ExitCode {
             &state.dir(None),
             run.as_deref(),
             json || output == ListFormat::Json,
+        ),
+        Command::Attach {
+            run,
+            task,
+            command,
+            state,
+        } => attach::attach(
+            &state.dir(None),
+            attach::AttachArgs {
+                run: run.as_deref(),
+                task: task.as_deref(),
+                command: &command,
+            },
         ),
         Command::Logs {
             run,

@@ -3,6 +3,7 @@
 
 mod agents;
 mod apply;
+mod attach;
 mod compose;
 mod consistency;
 mod crash;
