@@ -116,16 +116,29 @@ fn tasks_run_in_containers_of_their_own_with_their_limits_and_stop_as_local_ones
     };
     let (_keep, idle) = watch::channel(Stop::No);
 
-    // A missing image is said before anything runs.
+    // A missing image is said before anything runs: not pulled under `never`, and under
+    // `missing` the pull fails (no registry can be reached from the daemon's namespace).
     let missing = rt.block_on(DockerRunner::connect("no-such/image:1", settings(), &base));
+    let said = missing.err().unwrap_or_default();
+    assert!(said.contains("not on this machine"), "{said}");
+    let pulling = DockerSettings {
+        pull: PullPolicy::Missing,
+        ..settings()
+    };
+    let unpullable = rt.block_on(DockerRunner::connect(
+        "no-such/image:1",
+        pulling.clone(),
+        &base,
+    ));
+    let said = unpullable.err().unwrap_or_default();
     assert!(
-        missing
-            .as_ref()
-            .err()
-            .is_some_and(|e| e.contains("not on this machine")),
-        "{:?}",
-        missing.err()
+        said.contains("cannot pull image `no-such/image:1`"),
+        "{said}"
     );
+    // An image that is here is not pulled under `missing`.
+    assert!(rt
+        .block_on(DockerRunner::connect(IMAGE, pulling, &base))
+        .is_ok());
     let runner = rt
         .block_on(DockerRunner::connect(IMAGE, settings(), &base))
         .unwrap();

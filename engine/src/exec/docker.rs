@@ -13,8 +13,9 @@ use std::time::Duration;
 use bollard::container::LogOutput;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
-    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, InspectContainerOptions,
-    KillContainerOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
+    InspectContainerOptions, KillContainerOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -24,7 +25,7 @@ use tokio::time::Instant;
 
 use super::lines::LineSplitter;
 use super::runner::{LazyLog, ProcessEnd, ProcessFuture, ProcessResult, ProcessSpec, Runner, Stop};
-use crate::model::raw::NetworkMode;
+use crate::model::raw::{NetworkMode, PullPolicy};
 use crate::model::workflow::DockerSettings;
 
 /// The labels every container of ccluster carries: how a later `apply` or `gc` finds them.
@@ -61,10 +62,17 @@ impl DockerRunner {
                 std::env::var("DOCKER_HOST").unwrap_or_else(|_| "/var/run/docker.sock".into())
             )
         })?;
-        docker
-            .inspect_image(image)
-            .await
-            .map_err(|e| format!("image `{image}` is not on this machine: {e}"))?;
+        let present = docker.inspect_image(image).await.is_ok();
+        match settings.pull {
+            PullPolicy::Never if !present => {
+                return Err(format!(
+                    "image `{image}` is not on this machine, and the runner's `pull` is `never`"
+                ))
+            }
+            PullPolicy::Missing if !present => pull(&docker, image).await?,
+            PullPolicy::Always => pull(&docker, image).await?,
+            _ => {}
+        }
         Ok(DockerRunner {
             docker,
             image: image.to_string(),
@@ -72,6 +80,24 @@ impl DockerRunner {
             base_dir: base_dir.to_path_buf(),
         })
     }
+}
+
+/// Pulls `image` (`name[:tag]`, the tag `latest` when none is given), waiting for the end.
+async fn pull(docker: &Docker, image: &str) -> Result<(), String> {
+    // A colon after the last slash separates the tag (a colon before it is a registry's port).
+    let (name, tag) = match image.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => (name, tag),
+        _ => (image, "latest"),
+    };
+    let options = CreateImageOptionsBuilder::default()
+        .from_image(name)
+        .tag(tag)
+        .build();
+    let mut progress = docker.create_image(Some(options), None, None);
+    while let Some(step) = progress.next().await {
+        step.map_err(|e| format!("cannot pull image `{image}`: {e}"))?;
+    }
+    Ok(())
 }
 
 /// The container's name: the same for the same attempt, so a leftover one is found (and
