@@ -4,6 +4,7 @@ pub mod context;
 pub mod direct;
 mod dispatcher;
 pub mod docker;
+pub mod egress;
 pub mod events;
 pub mod explain;
 pub mod fingerprint;
