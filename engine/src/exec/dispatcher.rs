@@ -1,6 +1,8 @@
 //! The dispatcher: owns the run's state, decides what runs next (critical path first, under the
 //! `--jobs` limit and each fan-out's `max_parallel`), and records every state change durably before
-//! acting on it. Processes run on a [`Runner`]; the dispatcher never knows which.
+//! acting on it. Processes run on a [`Runner`]; the dispatcher never knows which. How an attempt
+//! of each kind of task is made (its paths, workspace, command line, credentials) is the business
+//! of [`super::tasks`], which is handed a [`TaskContext`].
 //!
 //! One loop, one `select!`: a process finished, a retry's backoff elapsed, or a signal arrived.
 //! Writes of one loop turn are committed together (one fsync) before the turn's events are
@@ -21,16 +23,18 @@ use tokio::task::JoinSet;
 use super::context::{self, Read, RunScope, Upstream};
 use super::events::{Event, EventSink};
 use super::job::{self, Job, JobResult};
-use super::runner::{ProcessEnd, ProcessSpec, Runner, Stop};
+use super::runner::{ProcessEnd, Runner, Stop};
+use super::tasks::agent::{agents_for, Agents};
+use super::tasks::{self, log_path, Prepared, RunPaths, TaskContext, WorkspaceInputs};
 use crate::compile::Compiled;
-use crate::model::raw::{FailureClass, MergeStrategy, OnItemFailure, OutputMode};
+use crate::model::raw::{FailureClass, MergeStrategy, OnItemFailure};
 use crate::model::workflow::{upstream_reads, RetryPolicy};
 use crate::plan::{PlannedAction, PlannedTask, WhenState};
 use crate::store::{
     now_ms, AttemptRecord, CacheEntry, KeyParts, RunRecord, RunState, Store, StoreError,
     TaskRecord, TaskState,
 };
-use crate::workspace::{self, Input, Repo, WorkspaceSpec};
+use crate::workspace::{self, Input, Repo};
 use std::sync::Arc;
 
 /// Settings of one `apply`.
@@ -94,11 +98,6 @@ pub enum ApplyError {
         source: std::io::Error,
     },
 }
-
-/// Environment variables passed through to every process; everything else must be declared.
-pub const PASSED_ENV: &[&str] = &[
-    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR", "TERM",
-];
 
 /// Refuses what this version cannot execute yet, before anything starts.
 pub fn check_supported(compiled: &Compiled) -> Result<(), ApplyError> {
@@ -201,7 +200,8 @@ struct Dispatcher<'a> {
     timers: usize,
     stopping: Option<String>,
     cancelled: bool,
-    logs: PathBuf,
+    /// Where the run keeps its logs, workers, worktrees and artifacts.
+    paths: RunPaths,
     dirty: bool,
     last_snapshot: Option<Instant>,
     /// A commit happened since the last snapshot (which is throttled to [`SNAPSHOT_EVERY`]).
@@ -229,14 +229,6 @@ struct Dispatcher<'a> {
     /// What the run's agents have spent so far (US dollars).
     spent_usd: f64,
     max_run_usd: Option<f64>,
-}
-
-/// Settled before the run starts: the CLI, the credentials, the scripted server if rehearsing.
-struct Agents {
-    bin: PathBuf,
-    auth: crate::agent::Auth,
-    /// Kept alive for the run.
-    server: Option<crate::scripted::Server>,
 }
 
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(500);
@@ -280,19 +272,6 @@ fn new_run_id() -> String {
         now % 1000,
         fastrand::u16(..)
     )
-}
-
-/// Where an attempt's stdout (`out`) or stderr (`err`) goes: one flat folder per run, the file made
-/// only when the stream has bytes.
-pub fn log_path(logs: &Path, node: &str, attempt: u32, stream: &str) -> PathBuf {
-    logs.join(format!("{}.{attempt}.{stream}", node_file_name(node)))
-}
-
-/// A plan node's id as a file name (`build[2]` → `build.2`, `review.fix` → `review.fix`): one
-/// name per node, so two nodes never share logs, a worktree or a worker directory (see
-/// [`workspace::node_file_name`]).
-pub fn node_file_name(node: &str) -> String {
-    workspace::node_file_name(node)
 }
 
 fn backoff_delay(policy: &RetryPolicy, failed_attempt: u32) -> Duration {
@@ -362,9 +341,9 @@ pub async fn apply(
         rehearsed: opts.rehearse.is_some(),
         templates: opts.templates.clone(),
     };
-    let logs = store.dir().join("runs").join(&run.id).join("logs");
-    crate::store::create_private_dir_all(&logs).map_err(|source| ApplyError::Io {
-        path: logs.clone(),
+    let paths = RunPaths::new(store.dir(), &run.id);
+    crate::store::create_private_dir_all(&paths.logs).map_err(|source| ApplyError::Io {
+        path: paths.logs.clone(),
         source,
     })?;
     store.put_run(&run)?;
@@ -397,7 +376,7 @@ pub async fn apply(
         timers: 0,
         stopping: None,
         cancelled: false,
-        logs,
+        paths,
         dirty: true,
         // The first snapshot comes after SNAPSHOT_EVERY: short runs never need one.
         last_snapshot: Some(Instant::now()),
@@ -1002,15 +981,17 @@ impl Dispatcher<'_> {
             .collect()
     }
 
-    /// Renders a node's attempt and checks the cache. Returns the job to start, if any.
+    /// Renders a node's attempt and checks the cache; completes a node that runs no process.
+    /// Returns the job to start, if any: preparing it is the task kind's (see [`tasks`]).
     fn prepare(&mut self, node: usize) -> Result<Option<Job>, ApplyError> {
         let group = self.nodes[node].group;
         let attempt = self.nodes[node].record.attempts + 1;
-        let (tasks, upstream_hash) = self.upstream(group);
+        // What its templates see as `tasks`, and the hash of its needs' results.
+        let (seen, upstream_hash) = self.upstream(group);
         let plan = self.nodes[node].plan.clone();
         // Most plans are rendered at plan time: a context is only built for what is not.
         let deferred = has_deferred(&plan);
-        let ctx = deferred.then(|| self.scope.context(&plan, &tasks, attempt));
+        let ctx = deferred.then(|| self.scope.context(&plan, &seen, attempt));
         let rendered = match self.scope.render(&plan, ctx.as_ref()) {
             Ok(r) => r,
             Err(e) => {
@@ -1024,137 +1005,46 @@ impl Dispatcher<'_> {
             Vec::new()
         };
         let run_base = self.run.base.clone().unwrap_or_default();
-        if attempt == 1 {
-            let first = if plan_reads_attempt(&plan) {
-                self.scope
-                    .render(&plan, Some(&self.scope.context(&plan, &tasks, 1)))
-                    .unwrap_or_else(|_| rendered.clone())
-            } else {
-                rendered.clone()
-            };
-            let read = if plan.workspace.is_some() {
-                self.fingerprints.base(&run_base, &inputs).map(Read::Base)
-            } else if matches!(
-                plan.action,
-                PlannedAction::Shell { .. } | PlannedAction::Agent { .. }
-            ) {
-                self.fingerprints
-                    .sources(plan.sources.as_deref())
-                    .map(Read::Sources)
-            } else {
-                Ok(Read::Sources(None))
-            };
-            let read = match read {
-                Ok(r) => r,
-                Err(e) => {
-                    self.fail_without_attempt(
-                        node,
-                        format!("cannot fingerprint what it reads: {e}"),
-                    )?;
-                    return Ok(None);
-                }
-            };
-            let mut parts = context::key_parts(&plan, &first, &upstream_hash, &read);
-            if self.opts.rehearse.is_some() && matches!(plan.action, PlannedAction::Agent { .. }) {
-                // A rehearsed result must never stand in for a real one, nor the other way round;
-                // and a changed script is a changed result.
-                let script = self
-                    .agents
-                    .as_ref()
-                    .and_then(|a| a.server.as_ref())
-                    .map(|s| s.script_for(&plan.id))
-                    .unwrap_or_default();
-                parts.insert("rehearsal".into(), context::hash_of(&script));
-            }
-            let key = context::key_of(&parts);
-            self.nodes[node].record.cache_key = Some(key.clone());
-            self.nodes[node].parts = Some(parts);
-            let forced = self
-                .opts
-                .rerun
-                .iter()
-                .any(|r| *r == plan.id || *r == plan.task);
-            if !self.opts.fresh && !forced {
-                if let Some(mut hit) = self.store.cached(&key)? {
-                    // A workspace result is only reusable while its commit exists, and on this
-                    // run's base: a clusterfile edit alone leaves its key, so its commit moves.
-                    let usable = match (&self.repo, &plan.workspace) {
-                        (Some(repo), Some(_)) => {
-                            match hit.commit.as_deref().filter(|c| repo.has_commit(c)) {
-                                Some(c) => match self.rebased(&hit.run, c, &run_base)? {
-                                    Some(moved) => {
-                                        hit.commit = Some(moved);
-                                        true
-                                    }
-                                    None => false,
-                                },
-                                None => false,
-                            }
-                        }
-                        _ => true,
-                    };
-                    if usable {
-                        let refs = self.refs_of(&plan.id);
-                        let n = &mut self.nodes[node];
-                        n.record.state = TaskState::Cached;
-                        n.record.output = Some(hit.output);
-                        n.record.finished_ms = Some(now_ms());
-                        n.record.message =
-                            Some(format!("cached from run {} ({})", hit.run, hit.node));
-                        n.record.cached_from = Some(hit.run.clone());
-                        n.record.commit = hit.commit.clone();
-                        if let Some(commit) = hit.commit {
-                            self.cached_refs
-                                .extend(refs.into_iter().map(|r| (r, commit.clone())));
-                        }
-                        self.events.push(Event::TaskCached {
-                            run: self.run.id.clone(),
-                            task: plan.id.clone(),
-                            from_run: hit.run,
-                            time_ms: now_ms(),
-                        });
-                        self.save(node)?;
-                        self.node_done(node)?;
-                        return Ok(None);
-                    }
-                }
-            }
+        if attempt == 1
+            && self.settle_from_cache(
+                node,
+                &plan,
+                &seen,
+                &upstream_hash,
+                &rendered,
+                &inputs,
+                &run_base,
+            )?
+        {
+            return Ok(None);
         }
         if let PlannedAction::Merge {
             strategy: MergeStrategy::Collect,
             ..
         } = plan.action
         {
-            // A collect merge: its output is its inputs' outputs, in `needs` order, instances in
-            // index order; no process.
-            let outputs: Vec<Value> = self.groups[group]
-                .needs
-                .iter()
-                .flat_map(|&g| self.groups[g].nodes.iter())
-                .filter(|&&n| self.nodes[n].record.state.is_success())
-                .map(|&n| self.nodes[n].record.output.clone().unwrap_or(Value::Null))
-                .collect();
-            self.succeed_at_once(node, attempt, Value::Array(outputs), None)?;
+            // A collect merge runs no process: it succeeds at once, with what its needs gave.
+            let output = tasks::collect::output(
+                self.groups[group]
+                    .needs
+                    .iter()
+                    .flat_map(|&g| self.groups[g].nodes.iter())
+                    .map(|&n| &self.nodes[n].record),
+            );
+            self.succeed_at_once(node, attempt, output, None)?;
             return Ok(None);
         }
         if let PlannedAction::Outputs { values, result } = &plan.action {
             // A template instance: its outputs from its tasks' results; its result's commit.
-            let ctx = self.scope.context(&plan, &tasks, attempt);
-            let mut out = serde_json::Map::new();
-            for (k, v) in values {
-                match self.scope.value(v, &ctx) {
-                    Ok(value) => {
-                        out.insert(k.clone(), value);
-                    }
-                    Err(e) => {
-                        self.fail_without_attempt(
-                            node,
-                            format!("cannot render output `{k}`: {e}"),
-                        )?;
-                        return Ok(None);
-                    }
+            let cx = self.task_context(node, &plan, &rendered, &seen, attempt, &inputs, &run_base);
+            let values = tasks::outputs::values(&cx, values);
+            let output = match values {
+                Ok(output) => output,
+                Err(message) => {
+                    self.fail_without_attempt(node, message)?;
+                    return Ok(None);
                 }
-            }
+            };
             let commit = result.as_ref().and_then(|r| {
                 self.nodes
                     .iter()
@@ -1166,7 +1056,7 @@ impl Dispatcher<'_> {
                 self.cached_refs
                     .extend(refs.into_iter().map(|r| (r, c.clone())));
             }
-            self.succeed_at_once(node, attempt, Value::Object(out), commit)?;
+            self.succeed_at_once(node, attempt, output, commit)?;
             return Ok(None);
         }
         let is_agent = matches!(plan.action, PlannedAction::Agent { .. });
@@ -1175,274 +1065,25 @@ impl Dispatcher<'_> {
             self.settle(node, TaskState::Cancelled, reason)?;
             return Ok(None);
         }
-        // `retry.resume_session`: an interrupted conversation goes on, in the same workspace.
-        let resume = match (&self.nodes[node].session, self.nodes[node].record.class) {
-            (Some(session), Some(class))
-                if is_agent
-                    && attempt > 1
-                    && plan.retry.resume_session
-                    && matches!(
-                        class,
-                        FailureClass::Timeout
-                            | FailureClass::Killed
-                            | FailureClass::NoResult
-                            | FailureClass::ApiError
-                            | FailureClass::RateLimit
-                            | FailureClass::Overloaded
-                            | FailureClass::Signal
-                    ) =>
-            {
-                Some(session.clone())
-            }
-            _ => None,
-        };
-        let mut env: Vec<(String, String)> = PASSED_ENV
-            .iter()
-            .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
-            .collect();
-        // Declared variables first, ccluster's own last: a task cannot hide from orphan reaping
-        // (which looks for CCLUSTER_RUN) by overriding it.
-        env.extend(rendered.env.iter().cloned());
-        env.push(("CCLUSTER_RUN".into(), self.run.id.clone()));
-        env.push(("CCLUSTER_TASK".into(), plan.id.clone()));
-        env.push(("CCLUSTER_ATTEMPT".into(), attempt.to_string()));
-
-        let file_name = format!("{}.{attempt}", node_file_name(&plan.id));
-        // Absolute: workspace processes run elsewhere, and git resolves paths from the repository.
-        let state =
-            std::path::absolute(self.store.dir()).unwrap_or_else(|_| self.store.dir().into());
-        let run_dir = state.join("runs").join(&self.run.id);
-        let workspace = match (&self.repo, &plan.workspace) {
-            (Some(repo), Some(ws)) => {
-                let is_merge = matches!(plan.action, PlannedAction::Merge { .. });
-                // A merge starts from the run's base and merges every input; another task starts
-                // from what it builds on (the first input, the others merged into it).
-                let (start, merge) = if is_merge || inputs.is_empty() {
-                    (run_base.clone(), if is_merge { inputs } else { Vec::new() })
-                } else {
-                    (inputs[0].commit.clone(), inputs[1..].to_vec())
-                };
-                let date = format!("@{} +0000", self.run.started_ms / 1000);
-                let identity = vec![
-                    ("GIT_AUTHOR_NAME".to_string(), "ccluster".to_string()),
-                    (
-                        "GIT_AUTHOR_EMAIL".to_string(),
-                        "ccluster@localhost".to_string(),
-                    ),
-                    ("GIT_COMMITTER_NAME".to_string(), "ccluster".to_string()),
-                    (
-                        "GIT_COMMITTER_EMAIL".to_string(),
-                        "ccluster@localhost".to_string(),
-                    ),
-                    ("GIT_AUTHOR_DATE".to_string(), date.clone()),
-                    ("GIT_COMMITTER_DATE".to_string(), date),
-                ];
-                Some(WorkspaceSpec {
-                    repo: repo.root.clone(),
-                    mode: ws.mode,
-                    path: state.join("worktrees").join(&self.run.id).join(&file_name),
-                    start,
-                    merge,
-                    run_base: run_base.clone(),
-                    copy: ws.copy.clone(),
-                    task_ref: self.run.task_ref(&plan.id),
-                    result_branch: self.result_branch_of(&plan.id),
-                    keep_ref: format!(
-                        "refs/ccluster/keep/{}",
-                        self.nodes[node]
-                            .record
-                            .cache_key
-                            .as_deref()
-                            .unwrap_or("none")
-                    ),
-                    message: format!(
-                        "ccluster: {} (run {}, attempt {attempt})",
-                        plan.id, self.run.id
-                    ),
-                    identity,
-                    // As many worktrees wait for reuse as can run at once.
-                    pool: Some((state.join("worktrees").join("pool"), self.opts.jobs)),
-                    reuse: resume.as_ref().map(|_| {
-                        state.join("worktrees").join(&self.run.id).join(format!(
-                            "{}.{}",
-                            node_file_name(&plan.id),
-                            attempt - 1
-                        ))
-                    }),
-                })
-            }
-            _ => None,
-        };
-        let cwd = match &workspace {
-            Some(ws) => ws.dir_for(&self.subdir),
-            None => self.opts.workdir.clone(),
-        };
-        let cwd = match &rendered.workdir {
-            Some(w) => cwd.join(w),
-            None => cwd,
-        };
-        let spec = |command: String, stream: &str, cwd: PathBuf| ProcessSpec {
-            command,
-            argv: None,
-            lines: None,
-            env: env.clone(),
-            stdin: None,
-            cwd,
-            stdout: log_path(&self.logs, &plan.id, attempt, &format!("{stream}out")),
-            stderr: log_path(&self.logs, &plan.id, attempt, &format!("{stream}err")),
-            timeout: plan.timeout_ms.map(Duration::from_millis),
-            grace: self.opts.grace,
-        };
-        // Resolvers work from the repository's top: conflicted paths are relative to it.
-        let ws_root = workspace
-            .as_ref()
-            .map(|w| w.path.clone())
-            .unwrap_or_else(|| self.opts.workdir.clone());
-        let ws_dir = workspace
-            .as_ref()
-            .map(|w| w.dir_for(&self.subdir))
-            .unwrap_or_else(|| self.opts.workdir.clone());
-        let (process, output, resolve) = match &plan.action {
-            PlannedAction::Shell { output, .. } => {
-                (Some(spec(rendered.command.clone(), "", cwd)), *output, None)
-            }
-            PlannedAction::Outputs { .. } => (None, OutputMode::Text, None),
-            PlannedAction::Merge {
-                agent: Some(settings),
-                ..
-            } => {
-                // The resolving agent works in the conflicted worktree; the job puts the conflict
-                // listing into its prompt in place of `{{conflicts}}`.
-                let Some(agents) = &self.agents else {
-                    return Err(ApplyError::Internal(
-                        "agent resolver without a worker set-up".into(),
-                    ));
-                };
-                let dir = run_dir.join("workers").join(format!("{file_name}.resolve"));
-                let url = agents.server.as_ref().map(|s| s.url());
-                let session = crate::agent::new_session_id();
-                let worker = crate::agent::Worker {
-                    bin: &agents.bin,
-                    prompt: RESOLVER_PROMPT,
-                    settings,
-                    output_schema: None,
-                    session: &session,
-                    resume: None,
-                    dir: &dir,
-                    timeout: plan.timeout_ms.map(Duration::from_millis),
-                    retry: &plan.retry,
-                    auth: &agents.auth,
-                    rehearsal: rehearsal(agents, url.as_deref(), &plan.id),
-                };
-                if let Err(e) = worker.prepare() {
-                    return Err(ApplyError::Io {
-                        path: dir.clone(),
-                        source: e,
-                    });
-                }
-                let mut s = spec(
-                    format!("claude -p <resolve the conflicts of {}>", plan.id),
-                    "resolve.",
-                    ws_root.clone(),
-                );
-                s.argv = Some(worker.argv());
-                s.stdin = worker.stdin();
-                s.env.extend(worker.env());
-                (None, OutputMode::Text, Some(s))
-            }
-            PlannedAction::Merge { resolve, .. } => (
-                None,
-                OutputMode::Text,
-                resolve
-                    .as_ref()
-                    .map(|r| spec(r.clone(), "resolve.", ws_root.clone())),
-            ),
-            PlannedAction::Agent {
-                settings,
-                output_schema,
-                ..
-            } => {
-                let Some(agents) = &self.agents else {
-                    return Err(ApplyError::Internal(
-                        "agent task without a worker set-up".into(),
-                    ));
-                };
-                // A task may name its own `claude` (relative to the clusterfile).
-                let bin = match settings.bin.as_deref() {
-                    Some(b) if std::env::var_os("CCLUSTER_CLAUDE_BIN").is_none() => {
-                        let b = self.opts.workdir.join(b);
-                        if !b.is_file() {
-                            self.fail_without_attempt(
-                                node,
-                                format!("`claude.bin` is `{}`, which is not a file", b.display()),
-                            )?;
-                            return Ok(None);
-                        }
-                        b
-                    }
-                    _ => agents.bin.clone(),
-                };
-                let (session, dir) = match &resume {
-                    Some((session, dir)) => (session.clone(), dir.clone()),
-                    None => (
-                        crate::agent::new_session_id(),
-                        run_dir.join("workers").join(&file_name),
-                    ),
-                };
-                // A settings file is named relative to the clusterfile, not the workspace.
-                let mut settings = settings.clone();
-                if let Some(crate::model::raw::StringOrObject::String(p)) = &mut settings.settings {
-                    *p = self.opts.workdir.join(&*p).display().to_string();
-                }
-                let url = agents.server.as_ref().map(|s| s.url());
-                let worker = crate::agent::Worker {
-                    bin: &bin,
-                    prompt: &rendered.command,
-                    settings: &settings,
-                    output_schema: output_schema.as_ref(),
-                    session: &session,
-                    resume: resume.as_ref().map(|(s, _)| s.as_str()),
-                    dir: &dir,
-                    timeout: plan.timeout_ms.map(Duration::from_millis),
-                    retry: &plan.retry,
-                    auth: &agents.auth,
-                    rehearsal: rehearsal(agents, url.as_deref(), &plan.id),
-                };
-                if let Err(e) = worker.prepare() {
-                    return Err(ApplyError::Io {
-                        path: dir.clone(),
-                        source: e,
-                    });
-                }
-                let mut s = spec(format!("claude -p <prompt of {}>", plan.id), "", cwd);
-                s.argv = Some(worker.argv());
-                s.stdin = worker.stdin();
-                // The worker's own variables, then the task's, then ccluster's.
-                let declared = std::mem::take(&mut s.env);
-                s.env = PASSED_ENV
-                    .iter()
-                    .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
-                    .collect();
-                s.env.extend(worker.env());
-                s.env.extend(
-                    declared
-                        .into_iter()
-                        .filter(|(k, _)| !PASSED_ENV.contains(&k.as_str())),
-                );
-                self.nodes[node].session = Some((session, dir));
-                self.nodes[node].resumed = resume.is_some();
-                if resume.is_none() {
-                    // A new session: nothing of it has been counted yet.
-                    self.nodes[node].session_cost = 0.0;
-                }
-                (Some(s), OutputMode::Text, None)
+        let cx = self.task_context(node, &plan, &rendered, &seen, attempt, &inputs, &run_base);
+        let resumed = cx.resume.is_some();
+        let prepared = tasks::prepare(&cx)?;
+        let (job, session) = match prepared {
+            Prepared::Job { job, session } => (job, session),
+            Prepared::Refused(reason) => {
+                self.fail_without_attempt(node, reason)?;
+                return Ok(None);
             }
         };
-        let setup = plan
-            .workspace
-            .as_ref()
-            .and_then(|w| w.setup.clone())
-            .map(|s| spec(s, "setup.", ws_dir.clone()));
+        if let Some(session) = session {
+            let n = &mut self.nodes[node];
+            n.session = Some(session);
+            n.resumed = resumed;
+            if !resumed {
+                // A new session: nothing of it has been counted yet.
+                n.session_cost = 0.0;
+            }
+        }
 
         let now = now_ms();
         let n = &mut self.nodes[node];
@@ -1454,29 +1095,149 @@ impl Dispatcher<'_> {
         // when the process really starts (`start_armed`).
         n.attempt_started_ms = now;
         self.save(node)?;
-        Ok(Some(Job {
-            process,
-            output,
-            workspace,
-            setup,
-            resolve,
-            copy_from: self.opts.workdir.clone(),
-            root: self.opts.workdir.clone(),
-            artifacts: plan.artifacts.clone(),
-            reports: plan.reports.clone(),
+        Ok(Some(job))
+    }
+
+    /// What a task kind is given to prepare the node's attempt: the dispatcher's state, read.
+    #[allow(clippy::too_many_arguments)]
+    fn task_context<'s>(
+        &'s self,
+        node: usize,
+        plan: &'s PlannedTask,
+        rendered: &'s context::Rendered,
+        seen: &'s JinjaValue,
+        attempt: u32,
+        inputs: &'s [Input],
+        run_base: &'s str,
+    ) -> TaskContext<'s> {
+        let n = &self.nodes[node];
+        TaskContext {
+            plan,
+            rendered,
             attempt,
-            timeout: plan.timeout_ms.map(Duration::from_millis),
-            artifact_dir: run_dir.join("artifacts").join(&file_name),
-            agent: match &plan.action {
-                PlannedAction::Agent { output_schema, .. } => Some(job::AgentJob {
-                    wants_structured: output_schema.is_some(),
-                    run: self.run.id.clone(),
-                    node: plan.id.clone(),
-                    progress: self.progress.clone(),
+            scope: &self.scope,
+            tasks: seen,
+            run: &self.run,
+            paths: &self.paths,
+            workdir: &self.opts.workdir,
+            cache_key: n.record.cache_key.as_deref(),
+            grace: self.opts.grace,
+            workspace: match (&self.repo, &plan.workspace) {
+                (Some(repo), Some(_)) => Some(WorkspaceInputs {
+                    repo,
+                    subdir: &self.subdir,
+                    inputs,
+                    run_base,
+                    result_branch: self.result_branch_of(&plan.id),
+                    pool_size: self.opts.jobs,
                 }),
                 _ => None,
             },
-        }))
+            agents: self.agents.as_ref(),
+            resume: tasks::agent::resume(plan, attempt, n.session.as_ref(), n.record.class),
+            progress: &self.progress,
+        }
+    }
+
+    /// Computes a first attempt's cache key and settles the node from the cache when it can.
+    /// Returns whether the node is settled (cached, or failed: what it reads cannot be read).
+    #[allow(clippy::too_many_arguments)]
+    fn settle_from_cache(
+        &mut self,
+        node: usize,
+        plan: &PlannedTask,
+        seen: &JinjaValue,
+        upstream_hash: &str,
+        rendered: &context::Rendered,
+        inputs: &[Input],
+        run_base: &str,
+    ) -> Result<bool, ApplyError> {
+        let first = if plan_reads_attempt(plan) {
+            self.scope
+                .render(plan, Some(&self.scope.context(plan, seen, 1)))
+                .unwrap_or_else(|_| rendered.clone())
+        } else {
+            rendered.clone()
+        };
+        let read = if plan.workspace.is_some() {
+            self.fingerprints.base(run_base, inputs).map(Read::Base)
+        } else if matches!(
+            plan.action,
+            PlannedAction::Shell { .. } | PlannedAction::Agent { .. }
+        ) {
+            self.fingerprints
+                .sources(plan.sources.as_deref())
+                .map(Read::Sources)
+        } else {
+            Ok(Read::Sources(None))
+        };
+        let read = match read {
+            Ok(r) => r,
+            Err(e) => {
+                self.fail_without_attempt(node, format!("cannot fingerprint what it reads: {e}"))?;
+                return Ok(true);
+            }
+        };
+        let mut parts = context::key_parts(plan, &first, upstream_hash, &read);
+        if self.opts.rehearse.is_some() && matches!(plan.action, PlannedAction::Agent { .. }) {
+            parts.insert(
+                "rehearsal".into(),
+                tasks::agent::rehearsal_part(self.agents.as_ref(), &plan.id),
+            );
+        }
+        let key = context::key_of(&parts);
+        self.nodes[node].record.cache_key = Some(key.clone());
+        self.nodes[node].parts = Some(parts);
+        let forced = self
+            .opts
+            .rerun
+            .iter()
+            .any(|r| *r == plan.id || *r == plan.task);
+        if self.opts.fresh || forced {
+            return Ok(false);
+        }
+        let Some(mut hit) = self.store.cached(&key)? else {
+            return Ok(false);
+        };
+        // A workspace result is only reusable while its commit exists, and on this
+        // run's base: a clusterfile edit alone leaves its key, so its commit moves.
+        let usable = match (&self.repo, &plan.workspace) {
+            (Some(repo), Some(_)) => match hit.commit.as_deref().filter(|c| repo.has_commit(c)) {
+                Some(c) => match self.rebased(&hit.run, c, run_base)? {
+                    Some(moved) => {
+                        hit.commit = Some(moved);
+                        true
+                    }
+                    None => false,
+                },
+                None => false,
+            },
+            _ => true,
+        };
+        if !usable {
+            return Ok(false);
+        }
+        let refs = self.refs_of(&plan.id);
+        let n = &mut self.nodes[node];
+        n.record.state = TaskState::Cached;
+        n.record.output = Some(hit.output);
+        n.record.finished_ms = Some(now_ms());
+        n.record.message = Some(format!("cached from run {} ({})", hit.run, hit.node));
+        n.record.cached_from = Some(hit.run.clone());
+        n.record.commit = hit.commit.clone();
+        if let Some(commit) = hit.commit {
+            self.cached_refs
+                .extend(refs.into_iter().map(|r| (r, commit.clone())));
+        }
+        self.events.push(Event::TaskCached {
+            run: self.run.id.clone(),
+            task: plan.id.clone(),
+            from_run: hit.run,
+            time_ms: now_ms(),
+        });
+        self.save(node)?;
+        self.node_done(node)?;
+        Ok(true)
     }
 
     /// Why an agent may not start now: the run's `max_run_usd` is spent.
@@ -1646,31 +1407,16 @@ impl Dispatcher<'_> {
         if let Some(record) = &result.artifacts {
             self.store.put_artifacts(&self.run.id, &plan.id, record)?;
         }
-        // A copied `claude login` credential does not outlive the attempt, whether its worker (or
-        // its merge's resolver) ran or not. Only a login session is copied: nothing to do else.
-        if matches!(
-            self.agents.as_ref().map(|a| &a.auth),
-            Some(crate::agent::Auth::Subscription(_))
-        ) {
-            let workers = self
-                .store
-                .dir()
-                .join("runs")
-                .join(&self.run.id)
-                .join("workers");
-            let file_name = format!("{}.{attempt}", node_file_name(&plan.id));
-            let mut dirs = vec![
-                workers.join(&file_name),
-                workers.join(format!("{file_name}.resolve")),
-            ];
-            // A resumed attempt works in its predecessor's directory.
-            if let Some((_, dir)) = &self.nodes[node].session {
-                dirs.push(dir.clone());
-            }
-            for dir in dirs {
-                let _ = std::fs::remove_file(dir.join("config").join(".credentials.json"));
-            }
-        }
+        tasks::agent::forget_credentials(
+            self.agents.as_ref(),
+            &self.paths,
+            &plan.id,
+            attempt,
+            self.nodes[node]
+                .session
+                .as_ref()
+                .map(|(_, dir)| dir.as_path()),
+        );
         let mut usage = result.usage.clone();
         if let Some(u) = usage.as_mut() {
             // A resumed session reports its whole cost so far: count only this attempt's part.
@@ -1849,10 +1595,10 @@ impl Dispatcher<'_> {
                 exit_code,
                 signal,
                 message,
-                stdout: log_path(&self.logs, id, attempt, "out")
+                stdout: log_path(&self.paths.logs, id, attempt, "out")
                     .display()
                     .to_string(),
-                stderr: log_path(&self.logs, id, attempt, "err")
+                stderr: log_path(&self.paths.logs, id, attempt, "err")
                     .display()
                     .to_string(),
                 usage,
@@ -2213,86 +1959,6 @@ fn reap_orphans(run: &str) {
             );
         }
     }
-}
-
-/// What the agent that resolves a conflicted merge is told; `{{conflicts}}` becomes the listing.
-const RESOLVER_PROMPT: &str = "A git merge is in progress in this repository and it conflicts. \
-Conflicted files, with the tasks whose changes collide:\n{{conflicts}}\n\
-Resolve every conflict so that the intent of both sides is kept, and remove every conflict \
-marker (<<<<<<<, =======, >>>>>>>). Do not commit and do not abort the merge: ccluster checks \
-the result and commits it.";
-
-/// Finds the `claude` CLI and the credentials workers will use, or starts the scripted server
-/// when rehearsing; `None` when the plan has no agent task.
-async fn agents_for(
-    compiled: &Compiled,
-    opts: &ApplyOptions,
-) -> Result<Option<Agents>, ApplyError> {
-    let configured = compiled.plan.nodes.iter().find_map(|n| match &n.action {
-        PlannedAction::Agent { settings, .. }
-        | PlannedAction::Merge {
-            agent: Some(settings),
-            ..
-        } => Some(settings.bin.clone()),
-        _ => None,
-    });
-    let Some(configured) = configured else {
-        return Ok(None);
-    };
-    // A configured `bin` is relative to the clusterfile.
-    let configured = configured.map(|b| opts.workdir.join(b).display().to_string());
-    let bin = crate::agent::find_bin(configured.as_deref()).map_err(ApplyError::Agent)?;
-    let Some(script) = &opts.rehearse else {
-        let auth = crate::agent::Auth::detect()
-            .ok_or_else(|| ApplyError::Agent(crate::agent::Auth::MISSING.into()))?;
-        return Ok(Some(Agents {
-            bin,
-            auth,
-            server: None,
-        }));
-    };
-    let script = rehearsal_script(compiled, script);
-    // The server runs on a thread of its own and requires a fresh token, which only the run's
-    // workers get.
-    let server = crate::scripted::Server::start(script, None)
-        .map_err(|e| ApplyError::Agent(format!("cannot start the scripted model server: {e}")))?;
-    Ok(Some(Agents {
-        bin,
-        auth: crate::agent::Auth::Rehearsal,
-        server: Some(server),
-    }))
-}
-
-/// The script a rehearsal answers with: `--script`'s tables, then the clusterfile's `rehearsal`
-/// tables for the tasks it does not name.
-pub fn rehearsal_script(
-    compiled: &Compiled,
-    given: &crate::scripted::Script,
-) -> crate::scripted::Script {
-    let mut script = given.clone();
-    for task in &compiled.workflow.tasks {
-        if let Some(r) = &task.rehearsal {
-            script
-                .tasks
-                .entry(task.id.to_string())
-                .or_insert_with(|| r.clone());
-        }
-    }
-    script
-}
-
-/// What a worker needs under rehearsal: the server's URL and token, and its node.
-fn rehearsal<'a>(
-    agents: &'a Agents,
-    url: Option<&'a str>,
-    node: &'a str,
-) -> Option<crate::agent::Rehearsal<'a>> {
-    let (server, url) = (agents.server.as_ref()?, url?);
-    Some(crate::agent::Rehearsal {
-        url,
-        token: server.token(),
-        node,
-    })
 }
 
 /// Cleans what an interrupted run left in git: the workspaces of attempts that never ended (a

@@ -12,10 +12,12 @@ pub mod job;
 pub mod lines;
 pub mod reaper;
 pub mod runner;
+mod tasks;
 
 pub use dispatcher::{
-    apply, check_supported, default_state_dir, log_path, rehearsal_script, ApplyError,
-    ApplyOptions, RunSummary, LIVE_FILE, PASSED_ENV,
+    apply, check_supported, default_state_dir, ApplyError, ApplyOptions, RunSummary, LIVE_FILE,
 };
 pub use events::{Event, EventSink};
 pub use runner::{LocalRunner, ProcessEnd, ProcessResult, ProcessSpec, Runner, Stop};
+pub use tasks::agent::rehearsal_script;
+pub use tasks::{log_path, PASSED_ENV};

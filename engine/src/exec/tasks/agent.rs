@@ -1,0 +1,263 @@
+//! An agent task: a `claude` worker (`crate::agent::Worker`) with its own directory, session and
+//! credentials, or the scripted model server under `--rehearse`; how the run's workers are set
+//! up, when an attempt resumes its predecessor's session, and the credentials an attempt leaves.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{node_file_name, Attempt, Commands, RunPaths, PASSED_ENV};
+use crate::compile::Compiled;
+use crate::exec::context;
+use crate::exec::dispatcher::{ApplyError, ApplyOptions};
+use crate::exec::job::AgentJob;
+use crate::model::raw::{FailureClass, OutputMode};
+use crate::model::workflow::AgentSettings;
+use crate::plan::{PlannedAction, PlannedTask};
+
+/// Settled before the run starts: the CLI, the credentials, the scripted server if rehearsing.
+pub(crate) struct Agents {
+    pub bin: PathBuf,
+    pub auth: crate::agent::Auth,
+    /// Kept alive for the run.
+    pub server: Option<crate::scripted::Server>,
+}
+
+/// Finds the `claude` CLI and the credentials workers will use, or starts the scripted server
+/// when rehearsing; `None` when the plan has no agent task.
+pub(crate) async fn agents_for(
+    compiled: &Compiled,
+    opts: &ApplyOptions,
+) -> Result<Option<Agents>, ApplyError> {
+    let configured = compiled.plan.nodes.iter().find_map(|n| match &n.action {
+        PlannedAction::Agent { settings, .. }
+        | PlannedAction::Merge {
+            agent: Some(settings),
+            ..
+        } => Some(settings.bin.clone()),
+        _ => None,
+    });
+    let Some(configured) = configured else {
+        return Ok(None);
+    };
+    // A configured `bin` is relative to the clusterfile.
+    let configured = configured.map(|b| opts.workdir.join(b).display().to_string());
+    let bin = crate::agent::find_bin(configured.as_deref()).map_err(ApplyError::Agent)?;
+    let Some(script) = &opts.rehearse else {
+        let auth = crate::agent::Auth::detect()
+            .ok_or_else(|| ApplyError::Agent(crate::agent::Auth::MISSING.into()))?;
+        return Ok(Some(Agents {
+            bin,
+            auth,
+            server: None,
+        }));
+    };
+    let script = rehearsal_script(compiled, script);
+    // The server runs on a thread of its own and requires a fresh token, which only the run's
+    // workers get.
+    let server = crate::scripted::Server::start(script, None)
+        .map_err(|e| ApplyError::Agent(format!("cannot start the scripted model server: {e}")))?;
+    Ok(Some(Agents {
+        bin,
+        auth: crate::agent::Auth::Rehearsal,
+        server: Some(server),
+    }))
+}
+
+/// The script a rehearsal answers with: `--script`'s tables, then the clusterfile's `rehearsal`
+/// tables for the tasks it does not name.
+pub fn rehearsal_script(
+    compiled: &Compiled,
+    given: &crate::scripted::Script,
+) -> crate::scripted::Script {
+    let mut script = given.clone();
+    for task in &compiled.workflow.tasks {
+        if let Some(r) = &task.rehearsal {
+            script
+                .tasks
+                .entry(task.id.to_string())
+                .or_insert_with(|| r.clone());
+        }
+    }
+    script
+}
+
+/// What a worker needs under rehearsal: the server's URL and token, and its node.
+pub(crate) fn rehearsal<'a>(
+    agents: &'a Agents,
+    url: Option<&'a str>,
+    node: &'a str,
+) -> Option<crate::agent::Rehearsal<'a>> {
+    let (server, url) = (agents.server.as_ref()?, url?);
+    Some(crate::agent::Rehearsal {
+        url,
+        token: server.token(),
+        node,
+    })
+}
+
+/// The `rehearsal` part of a rehearsed agent node's cache key: the hash of the script the server
+/// answers it with. A rehearsed result must never stand in for a real one, nor the other way
+/// round; and a changed script is a changed result.
+pub(crate) fn rehearsal_part(agents: Option<&Agents>, node: &str) -> String {
+    let script = agents
+        .and_then(|a| a.server.as_ref())
+        .map(|s| s.script_for(node))
+        .unwrap_or_default();
+    context::hash_of(&script)
+}
+
+/// `retry.resume_session`: the session an attempt continues, when its predecessor was
+/// interrupted (an interrupted conversation goes on, in the same workspace).
+pub(crate) fn resume(
+    plan: &PlannedTask,
+    attempt: u32,
+    previous: Option<&(String, PathBuf)>,
+    class: Option<FailureClass>,
+) -> Option<(String, PathBuf)> {
+    let is_agent = matches!(plan.action, PlannedAction::Agent { .. });
+    match (previous, class) {
+        (Some(session), Some(class))
+            if is_agent
+                && attempt > 1
+                && plan.retry.resume_session
+                && matches!(
+                    class,
+                    FailureClass::Timeout
+                        | FailureClass::Killed
+                        | FailureClass::NoResult
+                        | FailureClass::ApiError
+                        | FailureClass::RateLimit
+                        | FailureClass::Overloaded
+                        | FailureClass::Signal
+                ) =>
+        {
+            Some(session.clone())
+        }
+        _ => None,
+    }
+}
+
+/// The agent's worker process: its `claude` command line, prompt on stdin, environment, and a
+/// prepared worker directory (a new one, or the resumed session's). The inner `Err` fails the
+/// node without an attempt.
+pub(crate) fn commands(
+    a: &Attempt,
+    settings: &AgentSettings,
+    output_schema: Option<&Value>,
+) -> Result<Result<Commands, String>, ApplyError> {
+    let (cx, plan) = (a.cx, a.cx.plan);
+    let Some(agents) = cx.agents else {
+        return Err(ApplyError::Internal(
+            "agent task without a worker set-up".into(),
+        ));
+    };
+    // A task may name its own `claude` (relative to the clusterfile).
+    let bin = match settings.bin.as_deref() {
+        Some(b) if std::env::var_os("CCLUSTER_CLAUDE_BIN").is_none() => {
+            let b = cx.workdir.join(b);
+            if !b.is_file() {
+                return Ok(Err(format!(
+                    "`claude.bin` is `{}`, which is not a file",
+                    b.display()
+                )));
+            }
+            b
+        }
+        _ => agents.bin.clone(),
+    };
+    let (session, dir) = match &cx.resume {
+        Some((session, dir)) => (session.clone(), dir.clone()),
+        None => (
+            crate::agent::new_session_id(),
+            cx.paths.workers().join(&a.file_name),
+        ),
+    };
+    // A settings file is named relative to the clusterfile, not the workspace.
+    let mut settings = settings.clone();
+    if let Some(crate::model::raw::StringOrObject::String(p)) = &mut settings.settings {
+        *p = cx.workdir.join(&*p).display().to_string();
+    }
+    let url = agents.server.as_ref().map(|s| s.url());
+    let worker = crate::agent::Worker {
+        bin: &bin,
+        prompt: &cx.rendered.command,
+        settings: &settings,
+        output_schema,
+        session: &session,
+        resume: cx.resume.as_ref().map(|(s, _)| s.as_str()),
+        dir: &dir,
+        timeout: plan.timeout_ms.map(Duration::from_millis),
+        retry: &plan.retry,
+        auth: &agents.auth,
+        rehearsal: rehearsal(agents, url.as_deref(), &plan.id),
+    };
+    if let Err(e) = worker.prepare() {
+        return Err(ApplyError::Io {
+            path: dir.clone(),
+            source: e,
+        });
+    }
+    let mut s = a.spec(
+        format!("claude -p <prompt of {}>", plan.id),
+        "",
+        a.cwd.clone(),
+    );
+    s.argv = Some(worker.argv());
+    s.stdin = worker.stdin();
+    // The worker's own variables, then the task's, then ccluster's.
+    let declared = std::mem::take(&mut s.env);
+    s.env = PASSED_ENV
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+        .collect();
+    s.env.extend(worker.env());
+    s.env.extend(
+        declared
+            .into_iter()
+            .filter(|(k, _)| !PASSED_ENV.contains(&k.as_str())),
+    );
+    Ok(Ok(Commands {
+        process: Some(s),
+        output: OutputMode::Text,
+        resolve: None,
+        session: Some((session, dir)),
+        agent: Some(AgentJob {
+            wants_structured: output_schema.is_some(),
+            run: cx.run.id.clone(),
+            node: plan.id.clone(),
+            progress: cx.progress.clone(),
+        }),
+    }))
+}
+
+/// A copied `claude login` credential does not outlive the attempt, whether its worker (or its
+/// merge's resolver) ran or not. Only a login session is copied: nothing to do else.
+pub(crate) fn forget_credentials(
+    agents: Option<&Agents>,
+    paths: &RunPaths,
+    node: &str,
+    attempt: u32,
+    session_dir: Option<&Path>,
+) {
+    if !matches!(
+        agents.map(|a| &a.auth),
+        Some(crate::agent::Auth::Subscription(_))
+    ) {
+        return;
+    }
+    let workers = paths.workers();
+    let file_name = format!("{}.{attempt}", node_file_name(node));
+    let mut dirs = vec![
+        workers.join(&file_name),
+        workers.join(format!("{file_name}.resolve")),
+    ];
+    // A resumed attempt works in its predecessor's directory.
+    if let Some(dir) = session_dir {
+        dirs.push(dir.to_path_buf());
+    }
+    for dir in dirs {
+        let _ = std::fs::remove_file(dir.join("config").join(".credentials.json"));
+    }
+}
