@@ -181,8 +181,71 @@ pub struct ApplyArgs<'a> {
     pub templates: std::collections::BTreeMap<String, String>,
 }
 
+/// The runners the plan's tasks name, made (and a Docker daemon reached, its images checked)
+/// before anything starts.
+fn runners_for(
+    compiled: &ccluster_engine::Compiled,
+    base_dir: &Path,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<exec::runner::Runners, String> {
+    use ccluster_engine::model::raw::RunnerKind;
+    let mut runners = exec::runner::Runners::local(std::sync::Arc::new(LocalRunner::new(
+        // An escape hatch: every command through `sh -c`, simple ones too.
+        std::env::var_os("CCLUSTER_ALWAYS_SHELL").is_some_and(|v| !v.is_empty() && v != "0"),
+    )));
+    let mut named: Vec<&str> = compiled
+        .plan
+        .nodes
+        .iter()
+        .map(|n| n.runner.as_str())
+        .collect();
+    named.sort_unstable();
+    named.dedup();
+    for name in named.into_iter().filter(|n| *n != "local") {
+        let Some(decl) = compiled.workflow.runners.get(name) else {
+            continue;
+        };
+        match (decl.kind, &decl.image, &decl.docker) {
+            (RunnerKind::Local, ..) => {
+                let local = runners.get("local").clone();
+                runners = runners.with(name, local);
+            }
+            (RunnerKind::Docker, Some(image), Some(settings)) => {
+                let runner = runtime
+                    .block_on(exec::docker::DockerRunner::connect(
+                        image,
+                        settings.clone(),
+                        base_dir,
+                    ))
+                    .map_err(|e| format!("runner `{name}`: {e}"))?;
+                runners = runners.with(name, std::sync::Arc::new(runner));
+            }
+            // Not built: `check_supported` says so.
+            _ => {}
+        }
+    }
+    Ok(runners)
+}
+
 pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
-    if let Err(e) = exec::check_supported(compiled) {
+    let Some(runtime) = crate::runtime() else {
+        return exit::TASK_FAILED;
+    };
+    let base_dir = args
+        .clusterfile
+        .parent()
+        .map(Path::to_path_buf)
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("."));
+    let runners = match runners_for(compiled, &base_dir, &runtime) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            eprintln!("  help: start the Docker daemon, or point DOCKER_HOST at one; the image must be on it (or `pull` allowed)");
+            return exit::INVALID_INPUT;
+        }
+    };
+    if let Err(e) = exec::check_supported(compiled, &runners) {
         eprintln!("error: {e}");
         return exit::INVALID_INPUT;
     }
@@ -214,9 +277,6 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         rehearse,
         keep_going: args.keep_going,
         templates: args.templates.clone(),
-    };
-    let Some(runtime) = crate::runtime() else {
-        return exit::TASK_FAILED;
     };
     let mut human = HumanEvents {
         out: std::io::BufWriter::new(std::io::stdout()),
@@ -262,16 +322,7 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
             }
         }
     }
-    let result = runtime.block_on(exec::apply(
-        compiled,
-        &store,
-        std::sync::Arc::new(LocalRunner::new(
-            // An escape hatch: every command through `sh -c`, simple ones too.
-            std::env::var_os("CCLUSTER_ALWAYS_SHELL").is_some_and(|v| !v.is_empty() && v != "0"),
-        )),
-        &opts,
-        sink,
-    ));
+    let result = runtime.block_on(exec::apply(compiled, &store, runners, &opts, sink));
     match result {
         Ok(summary) => {
             if args.output == OutputFormat::Human

@@ -92,6 +92,7 @@ fn spec(dir: &Path, node: &str, command: &str) -> ProcessSpec {
         ],
         stdin: None,
         cwd: dir.to_path_buf(),
+        workspace: None,
         stdout: dir.join(format!("{node}.out")),
         stderr: dir.join(format!("{node}.err")),
         timeout: None,

@@ -7,6 +7,7 @@ mod attach;
 mod compose;
 mod consistency;
 mod crash;
+mod docker;
 mod examples;
 mod gitsafe;
 mod invalid;

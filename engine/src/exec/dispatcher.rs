@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use super::context::{self, Read, RunScope, Upstream};
 use super::events::{Event, EventSink};
 use super::job::{self, Job, JobResult};
-use super::runner::{ProcessEnd, Runner, Stop};
+use super::runner::{ProcessEnd, Runners, Stop};
 use super::tasks::agent::{agents_for, Agents};
 use super::tasks::{self, log_path, Prepared, RunPaths, TaskContext, WorkspaceInputs};
 use crate::compile::Compiled;
@@ -35,7 +35,6 @@ use crate::store::{
     TaskRecord, TaskState,
 };
 use crate::workspace::{self, Input, Repo};
-use std::sync::Arc;
 
 /// Settings of one `apply`.
 #[derive(Clone, Debug)]
@@ -99,12 +98,29 @@ pub enum ApplyError {
     },
 }
 
-/// Refuses what this version cannot execute yet, before anything starts.
-pub fn check_supported(compiled: &Compiled) -> Result<(), ApplyError> {
+/// Refuses what this version cannot execute yet, before anything starts: a task on a runner
+/// that was not made for the run, or an agent task on a container runner.
+pub fn check_supported(compiled: &Compiled, runners: &Runners) -> Result<(), ApplyError> {
     for node in &compiled.plan.nodes {
-        if node.runner != "local" {
+        if !runners.has(&node.runner) {
             return Err(ApplyError::Unsupported(format!(
-                "task `{}` uses runner `{}`: only `local` runs in this version",
+                "task `{}` uses runner `{}`, which this version cannot run",
+                node.task, node.runner
+            )));
+        }
+        let local = compiled
+            .workflow
+            .runners
+            .get(&node.runner)
+            .is_none_or(|r| r.kind == crate::model::raw::RunnerKind::Local);
+        if !local
+            && matches!(
+                node.action,
+                PlannedAction::Agent { .. } | PlannedAction::Merge { agent: Some(_), .. }
+            )
+        {
+            return Err(ApplyError::Unsupported(format!(
+                "task `{}` is an agent task on runner `{}`: agents run on the local runner only in this version",
                 node.task, node.runner
             )));
         }
@@ -288,11 +304,11 @@ fn backoff_delay(policy: &RetryPolicy, failed_attempt: u32) -> Duration {
 pub async fn apply(
     compiled: &Compiled,
     store: &Store,
-    runner: Arc<dyn Runner>,
+    runners: Runners,
     opts: &ApplyOptions,
     sink: &mut dyn EventSink,
 ) -> Result<RunSummary, ApplyError> {
-    check_supported(compiled)?;
+    check_supported(compiled, &runners)?;
     // Workspaces need the repository and the commit they start from, before anything runs.
     let (repo, base) = if compiled.plan.nodes.iter().any(|n| n.workspace.is_some()) {
         let repo = Repo::discover(&opts.workdir).map_err(|e| {
@@ -411,7 +427,7 @@ pub async fn apply(
         nodes: d.nodes.len(),
         time_ms: now_ms(),
     });
-    d.drive(runner, sink).await
+    d.drive(runners, sink).await
 }
 
 impl Dispatcher<'_> {
@@ -1257,7 +1273,7 @@ impl Dispatcher<'_> {
     fn start_armed(
         &mut self,
         procs: &mut JoinSet<(usize, JobResult, Duration)>,
-        runner: &Arc<dyn Runner>,
+        runners: &Runners,
         stop: &watch::Receiver<Stop>,
         sink: &mut dyn EventSink,
     ) -> Result<(), ApplyError> {
@@ -1302,7 +1318,8 @@ impl Dispatcher<'_> {
             });
             started = true;
             self.running += 1;
-            let fut = job::run(job, runner.clone(), stop.clone());
+            let runner = runners.get(&self.nodes[node].plan.runner).clone();
+            let fut = job::run(job, runner, stop.clone());
             let t0 = Instant::now();
             procs.spawn(async move { (node, fut.await, t0.elapsed()) });
         }
@@ -1658,7 +1675,7 @@ impl Dispatcher<'_> {
 
     async fn drive(
         mut self,
-        runner: Arc<dyn Runner>,
+        runners: Runners,
         sink: &mut dyn EventSink,
     ) -> Result<RunSummary, ApplyError> {
         let started = Instant::now();
@@ -1710,7 +1727,7 @@ impl Dispatcher<'_> {
             .ok_or_else(|| ApplyError::Internal("the run was driven twice".into()))?;
         let mut hold_until: Option<tokio::time::Instant> = None;
         loop {
-            self.start_armed(&mut procs, &runner, &stop_rx, sink)?;
+            self.start_armed(&mut procs, &runners, &stop_rx, sink)?;
             self.launch(&mut staged)?;
             let pending = self.dirty || !self.events.is_empty() || !staged.is_empty();
             let urgent =

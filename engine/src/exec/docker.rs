@@ -147,7 +147,19 @@ impl DockerRunner {
             .collect();
         env.extend(spec.env.iter().map(|(k, v)| format!("{k}={v}")));
         let cwd = spec.cwd.display().to_string();
-        let mut binds = vec![format!("{cwd}:{cwd}:rw")];
+        // The workspace at its own path, writable, and the working directory if it lies outside.
+        let mut binds = Vec::new();
+        if let Some(ws) = &spec.workspace {
+            let ws = ws.display().to_string();
+            binds.push(format!("{ws}:{ws}:rw"));
+        }
+        if !spec
+            .workspace
+            .as_ref()
+            .is_some_and(|ws| spec.cwd.starts_with(ws))
+        {
+            binds.push(format!("{cwd}:{cwd}:rw"));
+        }
         for m in &self.settings.mounts {
             let host = self.base_dir.join(&m.host);
             binds.push(format!("{}:{}:ro", host.display(), m.container));

@@ -34,6 +34,10 @@ pub struct ProcessSpec {
     /// line it would be limited to 128 KiB and shown by `ps`). `None`: stdin is `/dev/null`.
     pub stdin: Option<Vec<u8>>,
     pub cwd: PathBuf,
+    /// The attempt's workspace (or, for a task without one, the clusterfile's directory): what
+    /// the process may change besides `cwd`. A runner that isolates the process makes it visible
+    /// at the same path.
+    pub workspace: Option<PathBuf>,
     pub stdout: PathBuf,
     pub stderr: PathBuf,
     pub timeout: Option<Duration>,
@@ -114,6 +118,39 @@ pub type ProcessFuture = Pin<Box<dyn Future<Output = ProcessResult> + Send>>;
 /// Places and supervises processes.
 pub trait Runner: Send + Sync {
     fn run(&self, spec: ProcessSpec, stop: watch::Receiver<Stop>) -> ProcessFuture;
+}
+
+/// The runners of a run, by the names tasks give in `runner`; `local` is always there.
+#[derive(Clone)]
+pub struct Runners {
+    local: std::sync::Arc<dyn Runner>,
+    named: std::collections::HashMap<String, std::sync::Arc<dyn Runner>>,
+}
+
+impl Runners {
+    /// Every task on `local`.
+    pub fn local(local: std::sync::Arc<dyn Runner>) -> Runners {
+        Runners {
+            local,
+            named: Default::default(),
+        }
+    }
+
+    /// Adds a declared runner.
+    pub fn with(mut self, name: &str, runner: std::sync::Arc<dyn Runner>) -> Runners {
+        self.named.insert(name.to_string(), runner);
+        self
+    }
+
+    /// The runner a task names (the local one for `local`).
+    pub fn get(&self, name: &str) -> &std::sync::Arc<dyn Runner> {
+        self.named.get(name).unwrap_or(&self.local)
+    }
+
+    /// Whether `name` has a runner here (`local` always has).
+    pub fn has(&self, name: &str) -> bool {
+        name == "local" || self.named.contains_key(name)
+    }
 }
 
 /// Runs processes on this machine.

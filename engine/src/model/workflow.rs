@@ -940,18 +940,35 @@ fn check_runner_name(
     diags.push(d);
 }
 
-/// A task on a runner of a kind this version cannot run is refused by `validate` and `plan`, as
-/// `apply` would refuse it before anything starts.
+/// A task on a runner this version cannot run it on (an agent on a `docker` runner, anything on
+/// a `kubernetes` one) is refused by `validate` and `plan`, as `apply` would refuse it before
+/// anything starts.
 fn check_runner_built(
     task: &str,
     name: &Spanned<String>,
+    agent: bool,
     runners: &IndexMap<String, RunnerDecl>,
     diags: &mut Vec<Diagnostic>,
 ) {
     let Some(decl) = runners.get(&name.value) else {
         return;
     };
-    if decl.kind == RunnerKind::Local {
+    if decl.kind == RunnerKind::Local || (decl.kind == RunnerKind::Docker && !agent) {
+        return;
+    }
+    if decl.kind == RunnerKind::Docker {
+        diags.push(
+            Diagnostic::error(
+                Category::InvalidValue,
+                "runner-not-built",
+                format!(
+                    "task `{task}` runs an agent on `{}`, a `docker` runner: this version runs agents on the local runner only",
+                    name.value
+                ),
+            )
+            .at(name.span, "a `docker` runner")
+            .help("run the agent on the local runner (`runner = \"local\"`); shell tasks can stay on the docker runner"),
+        );
         return;
     }
     let kind = serde_json::to_value(decl.kind)
@@ -1227,7 +1244,13 @@ fn resolve_task(
         check_runner_name(r, runners, diags);
     }
     if let Some(r) = runner {
-        check_runner_built(id, r, runners, diags);
+        let agent = rt.prompt.is_some()
+            || rt
+                .merge
+                .as_ref()
+                .and_then(|m| m.on_conflict.as_ref())
+                .is_some_and(|c| c.value == OnConflict::Agent);
+        check_runner_built(id, r, agent, runners, diags);
     }
     let timeout = match &rt.timeout {
         Some(t) => parse_duration(t, "timeout", diags),

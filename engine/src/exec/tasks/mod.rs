@@ -176,6 +176,7 @@ impl Attempt<'_> {
             env: self.env.clone(),
             stdin: None,
             cwd,
+            workspace: Some(self.ws_root.clone()),
             stdout: log_path(
                 &cx.paths.logs,
                 &plan.id,

@@ -1,0 +1,146 @@
+//! Tasks on a `docker` runner through the real binary and a real daemon (started by
+//! `scripts/docker-for-tests.sh` in a network namespace of its own, stopped by its pid).
+
+use std::process::Command;
+
+use crate::apply::{Applied, Sandbox};
+use crate::support::{git, root};
+
+const IMAGE: &str = "ccluster-test/busybox:1";
+
+struct Daemon {
+    dir: tempfile::TempDir,
+    host: String,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(root().join("scripts/docker-for-tests.sh"))
+            .arg("start")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "the test Docker daemon did not start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let host = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("DOCKER_HOST=").map(str::to_string))
+            .unwrap();
+        Daemon { dir, host }
+    }
+
+    fn containers(&self) -> String {
+        let out = Command::new("docker")
+            .args(["ps", "-aq"])
+            .env("DOCKER_HOST", &self.host)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new(root().join("scripts/docker-for-tests.sh"))
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn clusterfile(image: &str, pull: &str) -> String {
+    format!(
+        r#"version = 1
+[workflow]
+result = "edit"
+[runners.box]
+kind = "docker"
+image = "{image}"
+pull = "{pull}"
+network = "none"
+memory = "64m"
+[defaults]
+runner = "box"
+[tasks.hello]
+run = "echo hello from the box; ls /sys/class/net"
+sources = []
+[tasks.edit]
+workspace = "worktree"
+run = "echo built > built.txt; id -u > uid.txt"
+[tasks.slow]
+run = "sleep 30"
+timeout = "1s"
+sources = []
+"#
+    )
+}
+
+fn apply_with(s: &Sandbox, host: &str) -> Applied {
+    let out = s
+        .command(&["apply", "--output", "json", "--grace-period", "1s", "-k"])
+        .env("DOCKER_HOST", host)
+        .output()
+        .unwrap();
+    Applied::from_output(out)
+}
+
+#[test]
+fn shell_tasks_run_in_containers_on_a_docker_runner() {
+    let daemon = Daemon::start();
+    let s = Sandbox::in_repo(&clusterfile(IMAGE, "never"), &[("README", "base\n")]);
+    let run = apply_with(&s, &daemon.host);
+    // `slow` times out; the others succeed.
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert_eq!(run.of("task_succeeded").len(), 2, "{}", run.stdout);
+    let failed = run.of("task_failed");
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["task"], "slow");
+    assert_eq!(failed[0]["class"], "timeout");
+
+    // Output streamed to the logs; no network but loopback.
+    let logs = s.command(&["logs", "latest", "hello"]).output().unwrap();
+    let logs = String::from_utf8_lossy(&logs.stdout);
+    assert!(logs.contains("hello from the box\nlo\n"), "{logs}");
+    // The worktree task's file is in its result, written as the invoking user.
+    let run_id = s.run_id();
+    let ref_name = format!("refs/ccluster/runs/{run_id}/edit");
+    assert_eq!(
+        git(s.path(), &["show", &format!("{ref_name}:built.txt")]),
+        "built\n"
+    );
+    assert_eq!(
+        git(s.path(), &["show", &format!("{ref_name}:uid.txt")]).trim(),
+        nix::unistd::getuid().to_string()
+    );
+    // Every container is gone, the timed-out one too.
+    assert_eq!(daemon.containers(), "");
+
+    // No daemon: said before anything starts, and no run is recorded.
+    let fresh = Sandbox::in_repo(&clusterfile(IMAGE, "never"), &[]);
+    let missing = format!("unix://{}/nothing.sock", fresh.path().display());
+    let run = apply_with(&fresh, &missing);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("runner `box`: cannot reach the Docker daemon")
+            && run.stderr.contains("help: "),
+        "{}",
+        run.stderr
+    );
+    assert!(run.events.is_empty());
+    // An image the daemon does not have, under `pull = "never"`: the same.
+    fresh.write(&clusterfile("no-such/image:1", "never"));
+    let run = apply_with(&fresh, &daemon.host);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("`no-such/image:1` is not on this machine"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.events.is_empty());
+}
