@@ -119,6 +119,54 @@ fn shell_tasks_run_in_containers_on_a_docker_runner() {
     // Every container is gone, the timed-out one too.
     assert_eq!(daemon.containers(), "");
 
+    // kill -9 of ccluster leaves its container running; the next apply removes it before the
+    // task runs again, and nothing is left behind.
+    let killed = Sandbox::in_repo(
+        r#"version = 1
+[runners.box]
+kind = "docker"
+image = "ccluster-test/busybox:1"
+pull = "never"
+network = "none"
+[tasks.long]
+runner = "box"
+run = "if [ -f second ]; then echo second run; exit 0; fi; touch second; sleep 120"
+sources = []
+"#,
+        &[],
+    );
+    let mut child = killed
+        .command(&["apply", "--output", "json"])
+        .env("DOCKER_HOST", &daemon.host)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !killed.path().join("second").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the task never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_ne!(
+        daemon.containers(),
+        "",
+        "the container outlives a killed ccluster"
+    );
+    let run = apply_with(&killed, &daemon.host);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(run.tasks("task_started"), ["long"]);
+    let logs = killed
+        .command(&["logs", "latest", "long"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&logs.stdout).contains("second run"));
+    assert_eq!(daemon.containers(), "");
+
     // No daemon: said before anything starts, and no run is recorded.
     let fresh = Sandbox::in_repo(&clusterfile(IMAGE, "never"), &[]);
     let missing = format!("unix://{}/nothing.sock", fresh.path().display());

@@ -329,6 +329,9 @@ pub async fn apply(
     for mut old in store.runs()? {
         if old.state == RunState::Running {
             reap_orphans(&old.id);
+            for runner in runners.all() {
+                runner.sweep(&old.id).await;
+            }
             clean_interrupted(store, &old);
             let _ = std::fs::remove_file(store.dir().join("runs").join(&old.id).join(LIVE_FILE));
             old.state = RunState::Interrupted;

@@ -14,8 +14,8 @@ use bollard::container::LogOutput;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
-    InspectContainerOptions, KillContainerOptionsBuilder, RemoveContainerOptionsBuilder,
-    StopContainerOptionsBuilder,
+    InspectContainerOptions, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
+    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -225,6 +225,30 @@ impl Runner for DockerRunner {
         let docker = self.docker.clone();
         let body = self.container_body(&spec);
         Box::pin(run_container(docker, body, spec, stop))
+    }
+
+    /// Removes, running or not, every container labelled with the interrupted run: its tasks are
+    /// run again, as those of the local runner are; a container that finished after ccluster
+    /// died has no recorded result to keep (what it printed until then is in the logs).
+    fn sweep(
+        &self,
+        run: &str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        let filter = format!("{LABEL_RUN}={run}");
+        Box::pin(async move {
+            let options = ListContainersOptionsBuilder::default()
+                .all(true)
+                .filters(&HashMap::from([("label".to_string(), vec![filter])]))
+                .build();
+            let Ok(found) = self.docker.list_containers(Some(options)).await else {
+                return;
+            };
+            for c in found {
+                if let Some(id) = c.id {
+                    DockerRunner::remove(&self.docker, &id).await;
+                }
+            }
+        })
     }
 }
 

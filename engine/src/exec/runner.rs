@@ -118,6 +118,14 @@ pub type ProcessFuture = Pin<Box<dyn Future<Output = ProcessResult> + Send>>;
 /// Places and supervises processes.
 pub trait Runner: Send + Sync {
     fn run(&self, spec: ProcessSpec, stop: watch::Receiver<Stop>) -> ProcessFuture;
+
+    /// Stops and removes what an interrupted run `run` left with this runner (a killed ccluster
+    /// cannot have), before its tasks run again. The local runner's leftovers are found by the
+    /// process sweep instead; a container runner finds its containers by their labels.
+    fn sweep(&self, run: &str) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        let _ = run;
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// The runners of a run, by the names tasks give in `runner`; `local` is always there.
@@ -145,6 +153,11 @@ impl Runners {
     /// The runner a task names (the local one for `local`).
     pub fn get(&self, name: &str) -> &std::sync::Arc<dyn Runner> {
         self.named.get(name).unwrap_or(&self.local)
+    }
+
+    /// Every runner, each once, for sweeping.
+    pub fn all(&self) -> impl Iterator<Item = &std::sync::Arc<dyn Runner>> {
+        std::iter::once(&self.local).chain(self.named.values())
     }
 
     /// Whether `name` has a runner here (`local` always has).
