@@ -81,6 +81,15 @@ pub fn attach(dir: &Path, args: AttachArgs<'_>) -> u8 {
         record,
     );
     let attempt = record.attempts.max(1).to_string();
+    // On a docker runner, the attempt's container (named for it): the shell goes inside.
+    let container = ccluster_engine::exec::docker::container_name(&[
+        ("CCLUSTER_RUN".to_string(), view.run.id.clone()),
+        ("CCLUSTER_TASK".to_string(), record.node.clone()),
+        ("CCLUSTER_ATTEMPT".to_string(), attempt.clone()),
+    ]);
+    if container_exists(&container) {
+        return attach_container(&container, &place, &record.node, &attempt, args.command);
+    }
     eprintln!(
         "attached to {} (attempt {attempt}) in {}; the task keeps running when you leave",
         record.node,
@@ -109,6 +118,53 @@ pub fn attach(dir: &Path, args: AttachArgs<'_>) -> u8 {
                 "error: cannot start `{}`: {e}",
                 cmd.get_program().to_string_lossy()
             );
+            exit::INVALID_INPUT
+        }
+    }
+}
+
+/// Whether the Docker daemon (`DOCKER_HOST`, else the usual socket) has a running container of
+/// that name; `false` when there is no daemon or no `docker` command.
+fn container_exists(name: &str) -> bool {
+    Command::new("docker")
+        .args([
+            "container",
+            "inspect",
+            "--format",
+            "{{.State.Running}}",
+            name,
+        ])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "true")
+}
+
+/// `docker exec` into the attempt's container, in the task's directory (the same path as on the
+/// host): a shell, interactive when this is a terminal, or the given command.
+fn attach_container(name: &str, place: &Path, node: &str, attempt: &str, command: &[String]) -> u8 {
+    use std::io::IsTerminal;
+    eprintln!(
+        "attached to {node} (attempt {attempt}) in container {name}, {}; the task keeps running when you leave",
+        place.display()
+    );
+    let mut cmd = Command::new("docker");
+    cmd.arg("exec");
+    if std::io::stdin().is_terminal() {
+        cmd.arg("-it");
+    }
+    cmd.arg("-w").arg(place).arg(name);
+    if command.is_empty() {
+        cmd.arg("/bin/sh");
+    } else {
+        cmd.args(command);
+    }
+    match cmd.status() {
+        Ok(s) => s
+            .code()
+            .map_or(exit::TASK_FAILED, |c| c.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("error: cannot run `docker exec`: {e}");
             exit::INVALID_INPUT
         }
     }

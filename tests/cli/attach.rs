@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use crate::apply::{Applied, Sandbox};
 
 /// Waits until `node` of the run in progress is running.
-fn wait_running(s: &Sandbox, node: &str) {
+pub(crate) fn wait_running(s: &Sandbox, node: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = s.command(&["status", "-o", "json"]).output().unwrap();

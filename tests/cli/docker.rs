@@ -167,6 +167,58 @@ sources = []
     assert!(String::from_utf8_lossy(&logs.stdout).contains("second run"));
     assert_eq!(daemon.containers(), "");
 
+    // attach: a command inside the running task's container, in its directory.
+    let gated = Sandbox::in_repo(
+        r#"version = 1
+[runners.box]
+kind = "docker"
+image = "ccluster-test/busybox:1"
+pull = "never"
+network = "none"
+[tasks.waiting]
+runner = "box"
+run = "while [ ! -f go ]; do sleep 0.1; done"
+sources = []
+"#,
+        &[],
+    );
+    let child = gated
+        .command(&["apply", "--output", "json"])
+        .env("DOCKER_HOST", &daemon.host)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    crate::attach::wait_running(&gated, "waiting");
+    let out = gated
+        .command(&[
+            "attach",
+            "waiting",
+            "--",
+            "sh",
+            "-c",
+            "test -f /.dockerenv && pwd && ls /sys/class/net",
+        ])
+        .env("DOCKER_HOST", &daemon.host)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "{}\nlo\n",
+            std::fs::canonicalize(gated.path()).unwrap().display()
+        )
+    );
+    std::fs::write(gated.path().join("go"), "").unwrap();
+    let done = Applied::from_output(child.wait_with_output().unwrap());
+    assert_eq!(done.code, 0, "{}", done.stderr);
+
     // No daemon: said before anything starts, and no run is recorded.
     let fresh = Sandbox::in_repo(&clusterfile(IMAGE, "never"), &[]);
     let missing = format!("unix://{}/nothing.sock", fresh.path().display());
