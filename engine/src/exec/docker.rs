@@ -337,6 +337,8 @@ async fn run_container(
     let mut output_open = true;
     let mut wait = Box::pin(docker.wait_container(&name, None));
     let mut exit_code: Option<i64> = None;
+    // Once the run's stop channel is gone, nothing more can come from it.
+    let mut stop_open = true;
     loop {
         if exit_code.is_some() && !output_open {
             break;
@@ -371,9 +373,13 @@ async fn run_container(
                 decided = Some(ProcessEnd::TimedOut);
                 stop_container(&docker, &name, spec.grace, Stop::Graceful).await;
             }
-            changed = stop.changed(), if exit_code.is_none() && decided.is_none() => {
+            changed = stop.changed(), if stop_open && exit_code.is_none() && decided.is_none() => {
+                if changed.is_err() {
+                    stop_open = false;
+                    continue;
+                }
                 let level = *stop.borrow();
-                if changed.is_err() || level == Stop::No {
+                if level == Stop::No {
                     continue;
                 }
                 decided = Some(ProcessEnd::Cancelled);
