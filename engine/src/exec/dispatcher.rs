@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 use super::context::{self, Read, RunScope, Upstream};
 use super::events::{Event, EventSink};
 use super::job::{self, Job, JobResult};
+pub use super::options::{ApplyError, ApplyOptions};
 use super::runner::{ProcessEnd, Runners, Stop};
 use super::tasks::agent::{agents_for, Agents};
 use super::tasks::{self, log_path, Prepared, RunPaths, TaskContext, WorkspaceInputs};
@@ -36,32 +37,6 @@ use crate::store::{
 };
 use crate::workspace::{self, Input, Repo};
 
-/// Settings of one `apply`.
-#[derive(Clone, Debug)]
-pub struct ApplyOptions {
-    /// Processes running at once.
-    pub jobs: usize,
-    /// Ignore cached results.
-    pub fresh: bool,
-    /// Time between SIGTERM and SIGKILL when a task must stop.
-    pub grace: Duration,
-    /// Directory shell tasks run in (the clusterfile's), against which `workdir` is resolved.
-    pub workdir: PathBuf,
-    /// The clusterfile as the user named it (runs and "last success" records are filed under it).
-    pub clusterfile: String,
-    /// The clusterfile's text, kept with the run for `ccluster retry`.
-    pub source: String,
-    /// Tasks (ids) or plan nodes (`build[2]`) to run even when a cached result exists.
-    pub rerun: Vec<String>,
-    /// `apply --rehearse`: agents talk to the scripted model server, driven by this script (the
-    /// clusterfile's `rehearsal` tables are added to it).
-    pub rehearse: Option<crate::scripted::Script>,
-    /// A failed task does not stop the run: only what depends on it is not run (`make -k`).
-    pub keep_going: bool,
-    /// The texts of the templates the clusterfile used, kept with the run.
-    pub templates: std::collections::BTreeMap<String, String>,
-}
-
 /// How a run ended.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunSummary {
@@ -74,28 +49,6 @@ pub struct RunSummary {
     pub cancelled: usize,
     /// The result task's branch, when it succeeded.
     pub result: Option<String>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("{0}")]
-    Unsupported(String),
-    /// A bug in ccluster, not in the workflow: a supervisor or the state writer panicked.
-    #[error("internal error: {0}")]
-    Internal(String),
-    /// Workspaces cannot be made (no git repository, no such base).
-    #[error("{0}")]
-    Workspace(String),
-    /// Agent workers cannot run (no `claude` CLI, no credentials).
-    #[error("{0}")]
-    Agent(String),
-    #[error("cannot create `{path}`: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
 }
 
 /// Refuses what this version cannot execute yet, before anything starts: a task on a runner

@@ -10,6 +10,7 @@ pub mod explain;
 pub mod fingerprint;
 pub mod job;
 pub mod lines;
+mod options;
 pub mod reaper;
 pub mod runner;
 mod tasks;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::agent::rehearsal;
 use super::{Attempt, Commands};
-use crate::exec::dispatcher::ApplyError;
+use crate::exec::options::ApplyError;
 use crate::model::raw::OutputMode;
 use crate::plan::PlannedAction;
 

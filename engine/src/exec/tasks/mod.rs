@@ -17,9 +17,9 @@ use minijinja::value::Value as JinjaValue;
 use tokio::sync::mpsc;
 
 use super::context::{Rendered, RunScope};
-use super::dispatcher::ApplyError;
 use super::events::Event;
 use super::job::{AgentJob, Job};
+use super::options::ApplyError;
 use super::runner::ProcessSpec;
 use crate::model::raw::OutputMode;
 use crate::plan::{PlannedAction, PlannedTask};
