@@ -260,3 +260,43 @@ fn validate_refuses_what_apply_would_refuse_before_it_starts() {
         Some(0)
     );
 }
+
+#[test]
+fn plan_shows_the_runners_its_tasks_use_as_checked() {
+    let s = Sandbox::new(
+        r#"version = 1
+[runners.box]
+kind = "docker"
+image = "worker:1"
+memory = "512m"
+cpus = 1.5
+network = "none"
+mounts = ["cache:/cache"]
+[runners.unused]
+kind = "docker"
+image = "other:1"
+[tasks.build]
+runner = "box"
+run = "make"
+sources = []
+"#,
+    );
+    let out = s.command(&["plan"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("runner box: docker worker:1 (pull missing; user (yours); cpus 1.5; memory 512 MiB; network none; mount cache:/cache (read-only))"),
+        "{text}"
+    );
+    assert!(!text.contains("unused"), "{text}");
+    let plan = json_of(&s, &["plan", "-o", "json"]);
+    let box_ = &plan["runners"]["box"];
+    assert_eq!(box_["kind"], "docker");
+    assert_eq!(box_["docker"]["memory_bytes"], 512 << 20);
+    assert_eq!(box_["docker"]["network"], "none");
+    assert!(plan["runners"].get("unused").is_none());
+    // All local: no runners in the plan.
+    let local = Sandbox::new(TWO_TASKS);
+    assert!(json_of(&local, &["plan", "-o", "json"])
+        .get("runners")
+        .is_none());
+}

@@ -299,7 +299,8 @@ async fn run_container(
         name: name.clone(),
         armed: true,
     };
-    // Attached before it starts, so that no output is missed.
+    // Attached before it starts, so that no output is missed; only the stream, not a replay of
+    // the logs, which would repeat what the stream delivers when the container starts meanwhile.
     let attached = docker
         .attach_container(
             &name,
@@ -309,7 +310,7 @@ async fn run_container(
                     .stdout(true)
                     .stderr(true)
                     .stream(true)
-                    .logs(true)
+                    .logs(false)
                     .build(),
             ),
         )

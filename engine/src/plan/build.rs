@@ -181,6 +181,8 @@ pub struct Plan {
     pub summary: Summary,
     pub nodes: Vec<PlannedTask>,
     pub graph: DiGraph<usize, ()>,
+    /// The declared runners the plan's nodes use (not `local`), as checked: where they run.
+    pub runners: IndexMap<String, crate::model::workflow::RunnerDecl>,
 }
 
 /// Renders a workflow's templates at plan time. Each template is parsed and analysed once (the
@@ -608,6 +610,12 @@ pub fn build(
     }
     summary.nodes = nodes.len();
 
+    let runners = workflow
+        .runners
+        .iter()
+        .filter(|(name, _)| *name != "local" && nodes.iter().any(|n| &n.runner == *name))
+        .map(|(name, decl)| (name.clone(), decl.clone()))
+        .collect();
     Plan {
         name: workflow.name.clone(),
         description: workflow.description.clone(),
@@ -615,6 +623,7 @@ pub fn build(
         summary,
         nodes,
         graph,
+        runners,
     }
 }
 

@@ -18,6 +18,9 @@ struct JsonPlan<'a> {
     workflow: JsonWorkflow<'a>,
     inputs: &'a indexmap::IndexMap<String, serde_json::Value>,
     summary: &'a Summary,
+    /// Declared runners the tasks use (absent when all run locally).
+    #[serde(skip_serializing_if = "indexmap::IndexMap::is_empty")]
+    runners: &'a indexmap::IndexMap<String, crate::model::workflow::RunnerDecl>,
     tasks: &'a [PlannedTask],
 }
 
@@ -36,6 +39,7 @@ pub fn to_json(plan: &Plan) -> String {
         },
         inputs: &plan.inputs,
         summary: &plan.summary,
+        runners: &plan.runners,
         tasks: &plan.nodes,
     };
     let mut out =
@@ -81,6 +85,50 @@ pub fn to_text(plan: &Plan) -> String {
         "{} tasks, {} plan nodes ({} agent, {} shell, {} merge); {} static map instances, {} dynamic maps, {} skipped",
         s.tasks, s.nodes, s.agent, s.shell, s.merge, s.static_instances, s.dynamic_maps, s.skipped
     );
+    for (name, r) in &plan.runners {
+        let _ = write!(out, "runner {name}: {}", r.kind.name());
+        if let Some(image) = &r.image {
+            let _ = write!(out, " {image}");
+        }
+        if let Some(d) = &r.docker {
+            let mut parts = vec![format!(
+                "pull {}",
+                serde_json::to_value(d.pull)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            )];
+            parts.push(format!("user {}", d.user.as_deref().unwrap_or("(yours)")));
+            if let Some(c) = d.cpus {
+                parts.push(format!("cpus {c}"));
+            }
+            if let Some(m) = d.memory_bytes {
+                parts.push(format!("memory {} MiB", m >> 20));
+            }
+            if let Some(p) = d.pids {
+                parts.push(format!("pids {p}"));
+            }
+            parts.push(format!(
+                "network {}",
+                d.network
+                    .map_or("by task (agents api-only, shell bridge)", |n| n.name())
+            ));
+            for m in &d.mounts {
+                parts.push(format!("mount {}:{} (read-only)", m.host, m.container));
+            }
+            if !d.allow_hosts.is_empty() {
+                parts.push(format!("allow {}", d.allow_hosts.join(", ")));
+            }
+            if !d.env.is_empty() {
+                parts.push(format!(
+                    "env {}",
+                    d.env.keys().cloned().collect::<Vec<_>>().join(", ")
+                ));
+            }
+            let _ = write!(out, " ({})", parts.join("; "));
+        }
+        out.push('\n');
+    }
     let default_on = RetryPolicy::default().on;
     for (i, node) in plan.nodes.iter().enumerate() {
         out.push('\n');
