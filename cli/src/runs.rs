@@ -71,7 +71,7 @@ pub fn describe(event: &Event) -> String {
             .unwrap_or_default()
     };
     match event {
-        Event::RunStarted { run, workflow, nodes, .. } => format!("run {run} of `{workflow}`: {nodes} plan nodes"),
+        Event::RunStarted { run, workflow, nodes, .. } => format!("run {run} of `{workflow}`: {nodes} plan node{}", if *nodes == 1 { "" } else { "s" }),
         Event::TaskStarted { task, attempt, .. } if *attempt > 1 => format!("start   {task} (attempt {attempt})"),
         Event::TaskStarted { task, .. } => format!("start   {task}"),
         Event::TaskRetrying { task, attempt, class, delay_ms, message, .. } => {

@@ -80,10 +80,24 @@ pub fn to_text(plan: &Plan) -> String {
     for (k, v) in &plan.inputs {
         let _ = writeln!(out, "input {k} = {v}");
     }
+    let n = |count: usize, one: &str, many: &str| {
+        format!("{count} {}", if count == 1 { one } else { many })
+    };
     let _ = writeln!(
         out,
-        "{} tasks, {} plan nodes ({} agent, {} shell, {} merge); {} static map instances, {} dynamic maps, {} skipped",
-        s.tasks, s.nodes, s.agent, s.shell, s.merge, s.static_instances, s.dynamic_maps, s.skipped
+        "{}, {} ({} agent, {} shell, {} merge); {}, {}, {} skipped",
+        n(s.tasks, "task", "tasks"),
+        n(s.nodes, "plan node", "plan nodes"),
+        s.agent,
+        s.shell,
+        s.merge,
+        n(
+            s.static_instances,
+            "static map instance",
+            "static map instances"
+        ),
+        n(s.dynamic_maps, "dynamic map", "dynamic maps"),
+        s.skipped
     );
     for (name, r) in &plan.runners {
         let _ = write!(out, "runner {name}: {}", r.kind.name());
