@@ -5,6 +5,7 @@ pub mod confine;
 pub mod decode;
 pub mod fetch;
 pub mod raw;
+pub mod runners;
 pub mod spanned;
 pub mod template;
 pub mod workflow;
