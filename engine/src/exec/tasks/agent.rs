@@ -12,6 +12,7 @@ use crate::compile::Compiled;
 use crate::exec::context;
 use crate::exec::job::AgentJob;
 use crate::exec::options::{ApplyError, ApplyOptions};
+use crate::exec::runner::ProcessSpec;
 use crate::model::raw::{FailureClass, OutputMode};
 use crate::model::workflow::AgentSettings;
 use crate::plan::{PlannedAction, PlannedTask};
@@ -193,19 +194,13 @@ pub(crate) fn commands(
         auth: &agents.auth,
         rehearsal: rehearsal(agents, url.as_deref(), &plan.id),
     };
-    if let Err(e) = worker.prepare() {
-        return Err(ApplyError::Io {
-            path: dir.clone(),
-            source: e,
-        });
-    }
-    let mut s = a.spec(
+    let mut s = worker_process(
+        a,
+        &worker,
         format!("claude -p <prompt of {}>", plan.id),
         "",
         a.cwd.clone(),
-    );
-    s.argv = Some(worker.argv());
-    s.stdin = worker.stdin();
+    )?;
     // The worker's own variables, then the task's, then ccluster's.
     let declared = std::mem::take(&mut s.env);
     s.env = PASSED_ENV
@@ -260,4 +255,24 @@ pub(crate) fn forget_credentials(
     for dir in dirs {
         let _ = std::fs::remove_file(dir.join("config").join(".credentials.json"));
     }
+}
+
+/// The process of a `claude` worker (a task's agent, a merge's resolver): its directories made,
+/// its command line, and its prompt on stdin. `shown` is what logs and events call the command;
+/// the caller adds the worker's variables in the order its kind needs.
+pub(super) fn worker_process(
+    a: &Attempt,
+    worker: &crate::agent::Worker,
+    shown: String,
+    stream: &str,
+    cwd: PathBuf,
+) -> Result<ProcessSpec, ApplyError> {
+    worker.prepare().map_err(|e| ApplyError::Io {
+        path: worker.dir.to_path_buf(),
+        source: e,
+    })?;
+    let mut s = a.spec(shown, stream, cwd);
+    s.argv = Some(worker.argv());
+    s.stdin = worker.stdin();
+    Ok(s)
 }

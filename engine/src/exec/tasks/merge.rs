@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::agent::rehearsal;
+use super::agent::{rehearsal, worker_process};
 use super::{Attempt, Commands};
 use crate::exec::options::ApplyError;
 use crate::model::raw::OutputMode;
@@ -48,19 +48,13 @@ pub(crate) fn commands(a: &Attempt) -> Result<Commands, ApplyError> {
                 auth: &agents.auth,
                 rehearsal: rehearsal(agents, url.as_deref(), &plan.id),
             };
-            if let Err(e) = worker.prepare() {
-                return Err(ApplyError::Io {
-                    path: dir.clone(),
-                    source: e,
-                });
-            }
-            let mut s = a.spec(
+            let mut s = worker_process(
+                a,
+                &worker,
                 format!("claude -p <resolve the conflicts of {}>", plan.id),
                 "resolve.",
                 a.ws_root.clone(),
-            );
-            s.argv = Some(worker.argv());
-            s.stdin = worker.stdin();
+            )?;
             s.env.extend(worker.env());
             Some(s)
         }
