@@ -82,11 +82,8 @@ pub fn attach(dir: &Path, args: AttachArgs<'_>) -> u8 {
     );
     let attempt = record.attempts.max(1).to_string();
     // On a docker runner, the attempt's container (named for it): the shell goes inside.
-    let container = ccluster_engine::exec::docker::container_name(&[
-        ("CCLUSTER_RUN".to_string(), view.run.id.clone()),
-        ("CCLUSTER_TASK".to_string(), record.node.clone()),
-        ("CCLUSTER_ATTEMPT".to_string(), attempt.clone()),
-    ]);
+    let container =
+        ccluster_engine::exec::docker::container_name(&view.run.id, &record.node, &attempt);
     if container_exists(&container) {
         return attach_container(&container, &place, &record.node, &attempt, args.command);
     }

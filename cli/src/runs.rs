@@ -211,11 +211,24 @@ fn runners_for(
                 runners = runners.with(name, local);
             }
             (RunnerKind::Docker, Some(image), Some(settings)) => {
+                // Agents (a task's, a merge's resolver) sit on the `api-only` network by default.
+                let agents = compiled.plan.nodes.iter().any(|n| {
+                    n.runner == name
+                        && matches!(
+                            n.action,
+                            ccluster_engine::plan::PlannedAction::Agent { .. }
+                                | ccluster_engine::plan::PlannedAction::Merge {
+                                    agent: Some(_),
+                                    ..
+                                }
+                        )
+                });
                 let runner = runtime
                     .block_on(exec::docker::DockerRunner::connect(
                         image,
                         settings.clone(),
                         base_dir,
+                        agents,
                     ))
                     .map_err(|e| format!("runner `{name}`: {e}"))?;
                 runners = runners.with(name, std::sync::Arc::new(runner));

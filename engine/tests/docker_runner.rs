@@ -93,6 +93,11 @@ fn spec(dir: &Path, node: &str, command: &str) -> ProcessSpec {
         stdin: None,
         cwd: dir.to_path_buf(),
         workspace: None,
+        reads: Vec::new(),
+        writes: Vec::new(),
+        secret_env: Vec::new(),
+        model_api: None,
+        identity: None,
         stdout: dir.join(format!("{node}.out")),
         stderr: dir.join(format!("{node}.err")),
         timeout: None,
@@ -119,7 +124,12 @@ fn tasks_run_in_containers_of_their_own_with_their_limits_and_stop_as_local_ones
 
     // A missing image is said before anything runs: not pulled under `never`, and under
     // `missing` the pull fails (no registry can be reached from the daemon's namespace).
-    let missing = rt.block_on(DockerRunner::connect("no-such/image:1", settings(), &base));
+    let missing = rt.block_on(DockerRunner::connect(
+        "no-such/image:1",
+        settings(),
+        &base,
+        false,
+    ));
     let said = missing.err().unwrap_or_default();
     assert!(said.contains("not on this machine"), "{said}");
     let pulling = DockerSettings {
@@ -130,6 +140,7 @@ fn tasks_run_in_containers_of_their_own_with_their_limits_and_stop_as_local_ones
         "no-such/image:1",
         pulling.clone(),
         &base,
+        false,
     ));
     let said = unpullable.err().unwrap_or_default();
     assert!(
@@ -138,10 +149,10 @@ fn tasks_run_in_containers_of_their_own_with_their_limits_and_stop_as_local_ones
     );
     // An image that is here is not pulled under `missing`.
     assert!(rt
-        .block_on(DockerRunner::connect(IMAGE, pulling, &base))
+        .block_on(DockerRunner::connect(IMAGE, pulling, &base, false))
         .is_ok());
     let runner = rt
-        .block_on(DockerRunner::connect(IMAGE, settings(), &base))
+        .block_on(DockerRunner::connect(IMAGE, settings(), &base, false))
         .unwrap();
 
     // Exit code, both streams to their logs, stdout kept, the environment as given, files in
@@ -190,6 +201,7 @@ fn tasks_run_in_containers_of_their_own_with_their_limits_and_stop_as_local_ones
                 ..settings()
             },
             &base,
+            false,
         ))
         .unwrap();
     let done = run(
@@ -213,10 +225,11 @@ fn tasks_run_in_containers_of_their_own_with_their_limits_and_stop_as_local_ones
                 ..settings()
             },
             &base,
+            false,
         ))
         .unwrap();
     let s = spec(&dir, "limited", "sleep 3");
-    let name = container_name(&s.env);
+    let name = container_name("20261204-000000.000-test", "limited", "1");
     let inspected = std::thread::scope(|scope| {
         let looker = scope.spawn(|| {
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -261,6 +274,7 @@ fn tasks_run_in_containers_of_their_own_with_their_limits_and_stop_as_local_ones
                 ..settings()
             },
             &base,
+            false,
         ))
         .unwrap();
     let done = run(

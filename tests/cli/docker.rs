@@ -8,17 +8,27 @@ use crate::support::{git, root};
 
 const IMAGE: &str = "ccluster-test/busybox:1";
 
-struct Daemon {
+pub(crate) struct Daemon {
     dir: tempfile::TempDir,
-    host: String,
+    pub host: String,
 }
 
 impl Daemon {
-    fn start() -> Daemon {
+    pub fn start() -> Daemon {
+        Daemon::start_with("")
+    }
+
+    /// With the glibc image (`ccluster-test/debian:1`) too: what agents need.
+    pub fn start_with_debian() -> Daemon {
+        Daemon::start_with("debian")
+    }
+
+    fn start_with(images: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let out = Command::new(root().join("scripts/docker-for-tests.sh"))
             .arg("start")
             .arg(dir.path())
+            .arg(images)
             .output()
             .unwrap();
         assert!(
@@ -33,13 +43,35 @@ impl Daemon {
         Daemon { dir, host }
     }
 
-    fn containers(&self) -> String {
+    pub fn containers(&self) -> String {
+        self.docker(&["ps", "-aq"]).trim().to_string()
+    }
+
+    /// What `docker ARGS` prints.
+    pub fn docker(&self, args: &[&str]) -> String {
         let out = Command::new("docker")
-            .args(["ps", "-aq"])
+            .args(args)
             .env("DOCKER_HOST", &self.host)
             .output()
             .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `ccluster ARGS` in the sandbox, run inside the daemon's network namespace: where its
+    /// networks' gateways are, so that the `api-only` proxy can listen on one (as ccluster on
+    /// the daemon's own machine does).
+    pub fn ccluster(&self, s: &Sandbox, args: &[&str]) -> Command {
+        let pid = std::fs::read_to_string(self.dir.path().join("docker.pid")).unwrap();
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/proc/{}/ns/net", pid.trim()))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_ccluster"))
+            .args(args)
+            .current_dir(s.path())
+            .env_remove("CCLUSTER_STATE_DIR")
+            .env("DOCKER_HOST", &self.host)
+            .stdin(std::process::Stdio::null());
+        cmd
     }
 }
 

@@ -8,6 +8,7 @@ mod compose;
 mod consistency;
 mod crash;
 mod docker;
+mod docker_agents;
 mod examples;
 mod gitsafe;
 mod invalid;

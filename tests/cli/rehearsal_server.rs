@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::apply::{Applied, Sandbox};
 use crate::support::{claude_bin, git};
 
-fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+pub(crate) fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         if e.path().is_dir() {

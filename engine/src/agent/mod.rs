@@ -93,6 +93,22 @@ const AUTH_VARS: &[&str] = &[
     "NO_PROXY",
 ];
 
+/// The variables of [`AUTH_VARS`] (and the scripted server's token) that are credentials: a
+/// runner that can keep them from sight does (see `ProcessSpec::secret_env`).
+pub const SECRET_VARS: &[&str] = &[
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_AUTH_TOKEN",
+    "CLAUDE_CODE_OAUTH_TOKEN",
+    "ANTHROPIC_CUSTOM_HEADERS",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_BEARER_TOKEN_BEDROCK",
+];
+
+/// Where workers reach the model when nothing says otherwise.
+pub const DEFAULT_MODEL_API: &str = "https://api.anthropic.com";
+
 fn set(name: &str) -> bool {
     std::env::var_os(name).is_some_and(|v| !v.is_empty())
 }
@@ -313,6 +329,19 @@ impl Worker<'_> {
             env.push(("IS_SANDBOX".into(), "1".into()));
         }
         env
+    }
+
+    /// The model API the worker talks to: the scripted server, `ANTHROPIC_BASE_URL`, or
+    /// Anthropic's. (Bedrock and Vertex are reached at their clouds' hosts, which a runner's
+    /// `allow_hosts` must name.)
+    pub fn model_api(&self) -> String {
+        match self.rehearsal {
+            Some(r) => r.url.to_string(),
+            None => std::env::var("ANTHROPIC_BASE_URL")
+                .ok()
+                .filter(|u| !u.is_empty())
+                .unwrap_or_else(|| DEFAULT_MODEL_API.to_string()),
+        }
     }
 
     /// Makes the worker's directories; a `claude login` session's credentials are copied in.

@@ -61,22 +61,6 @@ pub fn check_supported(compiled: &Compiled, runners: &Runners) -> Result<(), App
                 node.task, node.runner
             )));
         }
-        let local = compiled
-            .workflow
-            .runners
-            .get(&node.runner)
-            .is_none_or(|r| r.kind == crate::model::raw::RunnerKind::Local);
-        if !local
-            && matches!(
-                node.action,
-                PlannedAction::Agent { .. } | PlannedAction::Merge { agent: Some(_), .. }
-            )
-        {
-            return Err(ApplyError::Unsupported(format!(
-                "task `{}` is an agent task on runner `{}`: agents run on the local runner only in this version",
-                node.task, node.runner
-            )));
-        }
     }
     Ok(())
 }

@@ -11,11 +11,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bollard::container::LogOutput;
-use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::models::{ContainerCreateBody, HostConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
-    InspectContainerOptions, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
-    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    InspectContainerOptions, InspectNetworkOptions, KillContainerOptionsBuilder,
+    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -23,6 +23,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::egress::{self, Allow, EgressProxy};
 use super::lines::LineSplitter;
 use super::runner::{LazyLog, ProcessEnd, ProcessFuture, ProcessResult, ProcessSpec, Runner, Stop};
 use crate::model::raw::{NetworkMode, PullPolicy};
@@ -33,6 +34,10 @@ pub const LABEL_RUN: &str = "dev.ccluster.run";
 pub const LABEL_TASK: &str = "dev.ccluster.task";
 pub const LABEL_ATTEMPT: &str = "dev.ccluster.attempt";
 
+/// The network of `api-only` containers: internal (no route out), its containers unable to
+/// reach each other; shared by every run on the daemon, each run with its own proxy on it.
+pub const API_ONLY_NETWORK: &str = "ccluster-api-only";
+
 /// Runs task processes in containers of one image.
 pub struct DockerRunner {
     docker: Docker,
@@ -40,20 +45,27 @@ pub struct DockerRunner {
     settings: DockerSettings,
     /// Where relative host paths of `mounts` start: the clusterfile's directory.
     base_dir: std::path::PathBuf,
+    /// The `api-only` network and this run's proxy on its gateway, when a task may need them.
+    api_only: Option<ApiOnly>,
+}
+
+struct ApiOnly {
+    proxy: EgressProxy,
 }
 
 impl DockerRunner {
     /// Connects to the daemon (`DOCKER_HOST`, else `/var/run/docker.sock`) and checks that it
     /// answers and that the image is there: a daemon that is not running or an image it does not
     /// have is said before anything starts.
+    ///
+    /// `agents`: whether agent processes may run on it, which sit on the `api-only` network
+    /// unless the runner says otherwise; that network and the proxy are set up here too.
     pub async fn connect(
         image: &str,
         settings: DockerSettings,
         base_dir: &std::path::Path,
+        agents: bool,
     ) -> Result<DockerRunner, String> {
-        if settings.network == Some(NetworkMode::ApiOnly) {
-            return Err("`network = \"api-only\"` is not built yet: use `none` or `bridge`".into());
-        }
         let docker = Docker::connect_with_local_defaults()
             .map_err(|e| format!("cannot reach the Docker daemon: {e}"))?;
         docker.ping().await.map_err(|e| {
@@ -73,13 +85,98 @@ impl DockerRunner {
             PullPolicy::Always => pull(&docker, image).await?,
             _ => {}
         }
+        let api_only = match settings.network {
+            Some(NetworkMode::ApiOnly) => Some(api_only(&docker).await?),
+            None if agents => Some(api_only(&docker).await?),
+            _ => None,
+        };
         Ok(DockerRunner {
             docker,
             image: image.to_string(),
             settings,
             base_dir: base_dir.to_path_buf(),
+            api_only,
         })
     }
+
+    /// The network a process sits on: the runner's `network`, else `api-only` for an agent
+    /// and Docker's `bridge` for anything else.
+    fn network_of(&self, spec: &ProcessSpec) -> NetworkMode {
+        self.settings
+            .network
+            .unwrap_or(if spec.model_api.is_some() {
+                NetworkMode::ApiOnly
+            } else {
+                NetworkMode::Bridge
+            })
+    }
+}
+
+/// Finds (or makes) the `api-only` network, and starts this run's egress proxy on its gateway:
+/// the one address its containers can reach. The daemon must share this machine's network
+/// (a daemon elsewhere has its gateway elsewhere), which is said here, before anything starts.
+async fn api_only(docker: &Docker) -> Result<ApiOnly, String> {
+    let network = match docker
+        .inspect_network(API_ONLY_NETWORK, None::<InspectNetworkOptions>)
+        .await
+    {
+        Ok(n) => n,
+        Err(_) => {
+            let request = NetworkCreateRequest {
+                name: API_ONLY_NETWORK.into(),
+                driver: Some("bridge".into()),
+                internal: Some(true),
+                options: Some(HashMap::from([(
+                    "com.docker.network.bridge.enable_icc".to_string(),
+                    "false".to_string(),
+                )])),
+                labels: Some(HashMap::from([(LABEL_RUN.to_string(), String::new())])),
+                ..Default::default()
+            };
+            // Another run may have made it meanwhile: then it is there to inspect.
+            let made = docker.create_network(request).await;
+            docker
+                .inspect_network(API_ONLY_NETWORK, None::<InspectNetworkOptions>)
+                .await
+                .map_err(|e| match made {
+                    Err(made) => format!("cannot make the `api-only` network: {made}"),
+                    Ok(_) => format!("cannot inspect the `api-only` network: {e}"),
+                })?
+        }
+    };
+    if network.internal != Some(true) {
+        return Err(format!(
+            "the Docker network `{API_ONLY_NETWORK}` exists and is not internal: remove it \
+             (`docker network rm {API_ONLY_NETWORK}`) and ccluster makes it again"
+        ));
+    }
+    let gateway = network
+        .ipam
+        .and_then(|i| i.config)
+        .unwrap_or_default()
+        .into_iter()
+        .find_map(|c| gateway_of(c.gateway.as_deref(), c.subnet.as_deref()?))
+        .ok_or_else(|| format!("the Docker network `{API_ONLY_NETWORK}` has no IPv4 gateway"))?;
+    let proxy = egress::start(std::net::SocketAddr::new(gateway, 0))
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot listen on {gateway}, the gateway of the `api-only` network ({e}): its \
+                 egress proxy must run where the Docker daemon's networks are (a daemon on \
+                 another machine or in another network namespace cannot have `api-only`)"
+            )
+        })?;
+    Ok(ApiOnly { proxy })
+}
+
+/// A network's gateway: the one Docker names, else the first address of its IPv4 subnet.
+fn gateway_of(gateway: Option<&str>, subnet: &str) -> Option<std::net::IpAddr> {
+    if let Some(ip) = gateway.and_then(|g| g.parse::<std::net::Ipv4Addr>().ok()) {
+        return Some(ip.into());
+    }
+    let (base, _) = subnet.split_once('/')?;
+    let base: std::net::Ipv4Addr = base.parse().ok()?;
+    Some(std::net::Ipv4Addr::from(u32::from(base) + 1).into())
 }
 
 /// Pulls `image` (`name[:tag]`, the tag `latest` when none is given), waiting for the end.
@@ -100,21 +197,31 @@ async fn pull(docker: &Docker, image: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The container's name: the same for the same attempt, so a leftover one is found (and
-/// replaced) by name; only characters Docker allows in names.
-pub fn container_name(env: &[(String, String)]) -> String {
+/// The attempt a process belongs to, for the container's name and labels: its identity, or (for
+/// a process made by hand) its `CCLUSTER_*` variables.
+fn attempt_of(spec: &ProcessSpec) -> (String, String, String) {
+    if let Some(id) = &spec.identity {
+        return (id.run.clone(), id.node.clone(), id.attempt.to_string());
+    }
     let var = |name: &str| {
-        env.iter()
+        spec.env
+            .iter()
+            .rev()
             .find(|(k, _)| k == name)
-            .map_or("", |(_, v)| v.as_str())
+            .map_or(String::new(), |(_, v)| v.clone())
     };
-    let raw = format!(
-        "ccluster-{}-{}-{}",
+    (
         var("CCLUSTER_RUN"),
         var("CCLUSTER_TASK"),
-        var("CCLUSTER_ATTEMPT")
-    );
-    raw.chars()
+        var("CCLUSTER_ATTEMPT"),
+    )
+}
+
+/// The container's name: the same for the same attempt, so a leftover one is found (and
+/// replaced) by name; only characters Docker allows in names.
+pub fn container_name(run: &str, node: &str, attempt: &str) -> String {
+    format!("ccluster-{run}-{node}-{attempt}")
+        .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
                 c
@@ -131,66 +238,165 @@ fn invoking_user() -> String {
     format!("{}:{}", nix::unistd::getuid(), nix::unistd::getgid())
 }
 
+/// Variables ccluster passes from its own environment that describe this machine, not the
+/// container: dropped (the image's own apply) unless the task set them to something else.
+const HOST_ONLY_ENV: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "TMPDIR"];
+
+/// Reads credentials from stdin before the process starts, so that they are in the process's
+/// environment and nowhere else: not in the container's configuration (`docker inspect`), not in
+/// a file. `$1` is the line that ends them; the rest of stdin is the process's.
+const CREDENTIALS_PRELUDE: &str = r#"end=$1; shift; s=; while IFS= read -r l; do [ "$l" = "$end" ] && break; s="$s$l
+"; done; eval "$s"; unset s l end; exec "$@""#;
+
+/// `value` quoted for `sh`: inside single quotes, each `'` written as `'\''`.
+fn sh_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
+}
+
+/// A worktree's git directories, so that `git status` and `git diff` work inside: the worktree's
+/// own (its index and HEAD) writable, the repository's read-only. Objects and refs cannot be
+/// written from inside; ccluster commits the task's changes itself when the attempt ends.
+fn git_binds(workspace: &std::path::Path) -> Vec<String> {
+    let Ok(pointer) = std::fs::read_to_string(workspace.join(".git")) else {
+        return Vec::new();
+    };
+    let Some(own) = pointer.trim().strip_prefix("gitdir: ") else {
+        return Vec::new();
+    };
+    let own = workspace.join(own);
+    let Some(common) = std::fs::read_to_string(own.join("commondir"))
+        .ok()
+        .map(|c| own.join(c.trim()))
+        .and_then(|c| c.canonicalize().ok())
+    else {
+        return Vec::new();
+    };
+    // Docker mounts the deeper path over the shallower one, whatever their order here.
+    vec![
+        format!("{0}:{0}:ro", common.display()),
+        format!("{0}:{0}:rw", own.display()),
+    ]
+}
+
+/// What a container is made of: its configuration, and what goes to its stdin first.
+struct Made {
+    body: ContainerCreateBody,
+    stdin: Option<Vec<u8>>,
+}
+
 impl DockerRunner {
-    fn container_body(&self, spec: &ProcessSpec) -> ContainerCreateBody {
-        let cmd = match &spec.argv {
+    fn container_body(
+        &self,
+        spec: &ProcessSpec,
+        network: NetworkMode,
+        labels: HashMap<String, String>,
+    ) -> Made {
+        let mut cmd = match &spec.argv {
             Some(argv) => argv.clone(),
             None => vec!["/bin/sh".into(), "-c".into(), spec.command.clone()],
         };
         // The runner's `env` first, then the task's own: what the task declares wins.
-        let mut env: Vec<String> = self
+        let mut pairs: Vec<(String, String)> = self
             .settings
             .env
             .iter()
             .filter(|(k, _)| !spec.env.iter().any(|(name, _)| name == *k))
-            .map(|(k, v)| format!("{k}={v}"))
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        env.extend(spec.env.iter().map(|(k, v)| format!("{k}={v}")));
-        let cwd = spec.cwd.display().to_string();
-        // The workspace at its own path, writable, and the working directory if it lies outside.
-        let mut binds = Vec::new();
-        if let Some(ws) = &spec.workspace {
-            let ws = ws.display().to_string();
-            binds.push(format!("{ws}:{ws}:rw"));
+        pairs.extend(spec.env.iter().cloned());
+        pairs.retain(|(k, v)| {
+            !(HOST_ONLY_ENV.contains(&k.as_str()) && std::env::var(k).is_ok_and(|h| h == *v))
+        });
+        if !pairs.iter().any(|(k, _)| k == "HOME") {
+            // An agent's tools want a writable home: its worker directory.
+            if let Some(dir) = spec.writes.first() {
+                pairs.push(("HOME".into(), dir.display().to_string()));
+            }
         }
-        if !spec
-            .workspace
-            .as_ref()
-            .is_some_and(|ws| spec.cwd.starts_with(ws))
-        {
+        if let (NetworkMode::ApiOnly, Some(api)) = (network, &self.api_only) {
+            let proxy = format!("http://{}", api.proxy.addr);
+            pairs.retain(|(k, _)| {
+                !matches!(
+                    k.to_ascii_uppercase().as_str(),
+                    "HTTP_PROXY" | "HTTPS_PROXY" | "ALL_PROXY" | "NO_PROXY"
+                )
+            });
+            for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+                pairs.push((name.into(), proxy.clone()));
+            }
+        }
+        // Credentials go through stdin, ahead of what the process reads there.
+        let (secret, env): (Vec<_>, Vec<_>) = pairs
+            .into_iter()
+            .partition(|(k, _)| spec.secret_env.contains(k));
+        let mut stdin = spec.stdin.clone();
+        if !secret.is_empty() {
+            let end = format!("#end-{}", crate::agent::new_session_id());
+            let mut prelude: Vec<u8> = Vec::new();
+            for (k, v) in &secret {
+                prelude.extend_from_slice(format!("export {k}={}\n", sh_quote(v)).as_bytes());
+            }
+            prelude.extend_from_slice(format!("{end}\n").as_bytes());
+            prelude.extend(stdin.take().unwrap_or_default());
+            stdin = Some(prelude);
+            let mut wrapped = vec![
+                "/bin/sh".to_string(),
+                "-c".into(),
+                CREDENTIALS_PRELUDE.into(),
+                "ccluster-credentials".into(),
+                end,
+            ];
+            wrapped.append(&mut cmd);
+            cmd = wrapped;
+        }
+        let env: Vec<String> = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let cwd = spec.cwd.display().to_string();
+        // The workspace at its own path, writable, and the working directory if it lies outside;
+        // the process's own directories writable, what it reads read-only.
+        let mut binds = Vec::new();
+        let mut shown: Vec<&std::path::Path> = Vec::new();
+        if let Some(ws) = &spec.workspace {
+            binds.push(format!("{0}:{0}:rw", ws.display()));
+            shown.push(ws);
+        }
+        if !shown.iter().any(|p| spec.cwd.starts_with(p)) {
             binds.push(format!("{cwd}:{cwd}:rw"));
+            shown.push(&spec.cwd);
+        }
+        for dir in &spec.writes {
+            if !shown.iter().any(|p| dir.starts_with(p)) {
+                binds.push(format!("{0}:{0}:rw", dir.display()));
+                shown.push(dir);
+            }
+        }
+        for path in &spec.reads {
+            if !shown.iter().any(|p| path.starts_with(p)) {
+                binds.push(format!("{0}:{0}:ro", path.display()));
+                shown.push(path);
+            }
+        }
+        if let Some(ws) = &spec.workspace {
+            binds.extend(git_binds(ws));
         }
         for m in &self.settings.mounts {
             let host = self.base_dir.join(&m.host);
             binds.push(format!("{}:{}:ro", host.display(), m.container));
         }
-        let var = |name: &str| {
-            spec.env
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default()
+        let network = match network {
+            NetworkMode::None => "none",
+            NetworkMode::ApiOnly => API_ONLY_NETWORK,
+            NetworkMode::Bridge => "bridge",
         };
-        let labels: HashMap<String, String> = [
-            (LABEL_RUN.to_string(), var("CCLUSTER_RUN")),
-            (LABEL_TASK.to_string(), var("CCLUSTER_TASK")),
-            (LABEL_ATTEMPT.to_string(), var("CCLUSTER_ATTEMPT")),
-        ]
-        .into();
-        let network = match self.settings.network {
-            Some(NetworkMode::None) => "none",
-            _ => "bridge",
-        };
-        ContainerCreateBody {
+        let body = ContainerCreateBody {
             image: Some(self.image.clone()),
             cmd: Some(cmd),
             env: Some(env),
             working_dir: Some(cwd),
             user: Some(self.settings.user.clone().unwrap_or_else(invoking_user)),
             labels: Some(labels),
-            attach_stdin: Some(spec.stdin.is_some()),
-            open_stdin: Some(spec.stdin.is_some()),
-            stdin_once: Some(spec.stdin.is_some()),
+            attach_stdin: Some(stdin.is_some()),
+            open_stdin: Some(stdin.is_some()),
+            stdin_once: Some(stdin.is_some()),
             attach_stdout: Some(true),
             attach_stderr: Some(true),
             tty: Some(false),
@@ -207,7 +413,8 @@ impl DockerRunner {
                 ..Default::default()
             }),
             ..Default::default()
-        }
+        };
+        Made { body, stdin }
     }
 
     async fn remove(docker: &Docker, name: &str) {
@@ -222,9 +429,42 @@ impl DockerRunner {
 
 impl Runner for DockerRunner {
     fn run(&self, spec: ProcessSpec, stop: watch::Receiver<Stop>) -> ProcessFuture {
-        let docker = self.docker.clone();
-        let body = self.container_body(&spec);
-        Box::pin(run_container(docker, body, spec, stop))
+        let network = self.network_of(&spec);
+        if let Some(refusal) = unreachable_model_api(&spec, network) {
+            return Box::pin(std::future::ready(ProcessResult {
+                end: ProcessEnd::Unstartable(refusal),
+                stdout: Vec::new(),
+            }));
+        }
+        let (run, node, attempt) = attempt_of(&spec);
+        let name = container_name(&run, &node, &attempt);
+        let labels: HashMap<String, String> = [
+            (LABEL_RUN.to_string(), run),
+            (LABEL_TASK.to_string(), node),
+            (LABEL_ATTEMPT.to_string(), attempt),
+        ]
+        .into();
+        let made = self.container_body(&spec, network, labels);
+        // Under `api-only`, the container may reach the model API's host and `allow_hosts`.
+        let egress = match (network, &self.api_only) {
+            (NetworkMode::ApiOnly, Some(api)) => {
+                let mut hosts: Vec<String> = self.settings.allow_hosts.clone();
+                hosts.extend(spec.model_api.as_deref().and_then(Allow::host_of_url));
+                Some((
+                    api.proxy.clients.clone(),
+                    Allow::new(hosts.iter().map(String::as_str)),
+                ))
+            }
+            _ => None,
+        };
+        Box::pin(run_container(
+            self.docker.clone(),
+            name,
+            made,
+            egress,
+            spec,
+            stop,
+        ))
     }
 
     /// Removes, running or not, every container labelled with the interrupted run: its tasks are
@@ -272,9 +512,37 @@ impl Drop for ContainerGuard {
     }
 }
 
+/// Why an agent on `network` could not reach its model API, if it could not: a model API on this
+/// machine's loopback (the scripted server of a rehearsal, a local gateway) is reached through the
+/// `api-only` proxy only.
+fn unreachable_model_api(spec: &ProcessSpec, network: NetworkMode) -> Option<String> {
+    let api = spec.model_api.as_deref()?;
+    let host = Allow::host_of_url(api)?;
+    let host = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match network {
+        NetworkMode::None => Some(format!(
+            "the agent's container has no network (`network = \"none\"`), so it cannot reach \
+             its model API at {api}: use `network = \"api-only\"`"
+        )),
+        NetworkMode::Bridge if loopback => Some(format!(
+            "the model API at {api} is on this machine's loopback, which a container on \
+             `network = \"bridge\"` cannot reach: use `network = \"api-only\"` (its proxy \
+             reaches it)"
+        )),
+        _ => None,
+    }
+}
+
 async fn run_container(
     docker: Docker,
-    body: ContainerCreateBody,
+    name: String,
+    made: Made,
+    egress: Option<(egress::Clients, Allow)>,
     spec: ProcessSpec,
     mut stop: watch::Receiver<Stop>,
 ) -> ProcessResult {
@@ -282,7 +550,7 @@ async fn run_container(
         end: ProcessEnd::SpawnFailed(e),
         stdout: Vec::new(),
     };
-    let name = container_name(&spec.env);
+    let Made { body, stdin } = made;
     // A container of the same attempt left by an earlier process is not this one's to reuse.
     DockerRunner::remove(&docker, &name).await;
     if let Err(e) = docker
@@ -306,7 +574,7 @@ async fn run_container(
             &name,
             Some(
                 AttachContainerOptionsBuilder::default()
-                    .stdin(spec.stdin.is_some())
+                    .stdin(stdin.is_some())
                     .stdout(true)
                     .stderr(true)
                     .stream(true)
@@ -322,7 +590,29 @@ async fn run_container(
     if let Err(e) = docker.start_container(&name, None).await {
         return failed(format!("cannot start container `{name}`: {e}"));
     }
-    if let Some(bytes) = spec.stdin.clone() {
+    // Admitted to the proxy under its address, once it has one; refusals come back here.
+    let (refused_tx, mut refused) = tokio::sync::mpsc::unbounded_channel();
+    let _admission = match egress {
+        Some((clients, allow)) => {
+            let ip = docker
+                .inspect_container(&name, None::<InspectContainerOptions>)
+                .await
+                .ok()
+                .and_then(|c| c.network_settings?.networks?.remove(API_ONLY_NETWORK))
+                .and_then(|e| e.ip_address?.parse::<std::net::IpAddr>().ok());
+            ip.map(|ip| {
+                clients.admit(
+                    ip,
+                    egress::Client {
+                        allow,
+                        refused: refused_tx,
+                    },
+                )
+            })
+        }
+        None => None,
+    };
+    if let Some(bytes) = stdin {
         let mut input = attached.input;
         tokio::spawn(async move {
             let _ = input.write_all(&bytes).await;
@@ -362,6 +652,15 @@ async fn run_container(
                 Some(Ok(LogOutput::StdIn { .. })) => {}
                 Some(Err(_)) | None => output_open = false,
             },
+            Some(target) = refused.recv() => {
+                let line = format!(
+                    "ccluster: refused a connection to {target} (network \"api-only\": not the model API, not in allow_hosts)\n"
+                );
+                err_log.write(line.as_bytes());
+                if let Some(id) = &spec.identity {
+                    id.notice("egress_refused", target);
+                }
+            }
             status = wait.next(), if exit_code.is_none() => {
                 exit_code = Some(match status {
                     Some(Ok(r)) => r.status_code,

@@ -4,7 +4,9 @@
 //! proxy) and plain HTTP with an absolute URI; anything else, and any other host, is refused with
 //! `403`, reported, and never connected to: a refused name is not even resolved.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -60,7 +62,7 @@ impl Allow {
     }
 }
 
-/// A connection the proxy refused.
+/// A connection the proxy refused from a client it does not know.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
     /// Who asked (a container's address).
@@ -69,10 +71,75 @@ pub struct Refusal {
     pub target: String,
 }
 
+/// One client of the proxy (a container): where it may go, and where its refusals are told.
+#[derive(Clone)]
+pub struct Client {
+    pub allow: Allow,
+    /// Each refused target (`host:port`, or the request line when it was no proxy request).
+    pub refused: mpsc::UnboundedSender<String>,
+}
+
+/// The proxy's clients by address. A container's address is known only once it started, and it
+/// may connect at once: a connection from an address not admitted yet waits a moment for it.
+#[derive(Clone, Default)]
+pub struct Clients(Arc<Mutex<HashMap<IpAddr, Client>>>);
+
+/// How long a connection from an unknown address waits for its container to be admitted.
+const ADMISSION_WAIT: Duration = if cfg!(test) {
+    Duration::from_millis(300)
+} else {
+    Duration::from_secs(5)
+};
+
+impl Clients {
+    /// Admits `ip` with its rules until the returned guard is dropped.
+    pub fn admit(&self, ip: IpAddr, client: Client) -> Admission {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ip, client);
+        Admission {
+            clients: self.clone(),
+            ip,
+        }
+    }
+
+    async fn find(&self, ip: IpAddr) -> Option<Client> {
+        let deadline = tokio::time::Instant::now() + ADMISSION_WAIT;
+        loop {
+            if let Some(c) = self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&ip) {
+                return Some(c.clone());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// A client's admission; its address is forgotten when dropped (a later container may get it).
+pub struct Admission {
+    clients: Clients,
+    ip: IpAddr,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.clients
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.ip);
+    }
+}
+
 /// A running proxy; stops when dropped.
 pub struct EgressProxy {
     pub addr: SocketAddr,
-    /// Every refused request, as it happens.
+    /// Who may go where.
+    pub clients: Clients,
+    /// Every request refused because its client was never admitted, as it happens.
     pub refused: mpsc::UnboundedReceiver<Refusal>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -83,11 +150,13 @@ impl Drop for EgressProxy {
     }
 }
 
-/// Starts a proxy listening on `bind` (the address containers reach it at).
-pub async fn start(bind: SocketAddr, allow: Allow) -> std::io::Result<EgressProxy> {
+/// Starts a proxy listening on `bind` (the address containers reach it at), for no client yet.
+pub async fn start(bind: SocketAddr) -> std::io::Result<EgressProxy> {
     let listener = TcpListener::bind(bind).await?;
     let addr = listener.local_addr()?;
     let (tx, refused) = mpsc::unbounded_channel();
+    let clients = Clients::default();
+    let known = clients.clone();
     let task = tokio::spawn(async move {
         loop {
             let (client, from) = match listener.accept().await {
@@ -98,19 +167,29 @@ pub async fn start(bind: SocketAddr, allow: Allow) -> std::io::Result<EgressProx
                     continue;
                 }
             };
-            let (allow, tx) = (allow.clone(), tx.clone());
+            let (known, tx) = (known.clone(), tx.clone());
             tokio::spawn(async move {
+                let found = known.find(from.ip()).await;
+                let allow = found.as_ref().map(|c| c.allow.clone()).unwrap_or_default();
                 if let Err(target) = serve(client, &allow).await {
-                    let _ = tx.send(Refusal {
-                        client: from,
-                        target,
-                    });
+                    match found {
+                        Some(c) => {
+                            let _ = c.refused.send(target);
+                        }
+                        None => {
+                            let _ = tx.send(Refusal {
+                                client: from,
+                                target,
+                            });
+                        }
+                    }
                 }
             });
         }
     });
     Ok(EgressProxy {
         addr,
+        clients,
         refused,
         task,
     })
@@ -302,12 +381,22 @@ mod tests {
     async fn only_allowed_hosts_are_reached_and_every_refusal_is_reported() {
         let server = upstream().await;
         let allowed = format!("127.0.0.1:{}", server.port());
-        let mut proxy = start(
-            "127.0.0.1:0".parse().unwrap(),
-            Allow::new([allowed.as_str()]),
-        )
-        .await
-        .unwrap();
+        let mut proxy = start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        // Nobody is admitted yet: refused, and told as an unknown client's refusal (after the
+        // admission wait).
+        let got = ask(proxy.addr, &format!("CONNECT {allowed} HTTP/1.1\r\n\r\n")).await;
+        assert!(got.starts_with("HTTP/1.1 403"), "{got}");
+        let refusal = proxy.refused.recv().await.unwrap();
+        assert_eq!(refusal.target, allowed);
+        assert!(refusal.client.ip().is_loopback());
+        let (tx, mut refused) = mpsc::unbounded_channel();
+        let admission = proxy.clients.admit(
+            "127.0.0.1".parse().unwrap(),
+            Client {
+                allow: Allow::new([allowed.as_str()]),
+                refused: tx,
+            },
+        );
 
         // A tunnel to the allowed host carries bytes both ways.
         let got = ask(
@@ -351,12 +440,14 @@ mod tests {
         ] {
             let got = ask(proxy.addr, &request).await;
             assert!(got.starts_with("HTTP/1.1 403"), "{request}: {got}");
-            let refusal = tokio::time::timeout(Duration::from_secs(5), proxy.refused.recv())
+            let refused = tokio::time::timeout(Duration::from_secs(5), refused.recv())
                 .await
                 .unwrap()
                 .unwrap();
-            assert_eq!(refusal.target, target);
-            assert!(refusal.client.ip().is_loopback());
+            assert_eq!(refused, target);
         }
+        // Once its admission is dropped, the address is nobody's again.
+        drop(admission);
+        assert!(proxy.clients.0.lock().unwrap().is_empty());
     }
 }

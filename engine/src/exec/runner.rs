@@ -38,11 +38,50 @@ pub struct ProcessSpec {
     /// the process may change besides `cwd`. A runner that isolates the process makes it visible
     /// at the same path.
     pub workspace: Option<PathBuf>,
+    /// What the process reads outside its workspace (an agent's CLI, a settings file): a runner
+    /// that isolates it shows these read-only at the same path.
+    pub reads: Vec<PathBuf>,
+    /// Directories of its own it writes besides the workspace (an agent worker's config and temp
+    /// directories): shown writable at the same path.
+    pub writes: Vec<PathBuf>,
+    /// Names in `env` whose values are credentials: a runner that can keep them from sight (from
+    /// `docker inspect`, say) does.
+    pub secret_env: Vec<String>,
+    /// An agent's model API (its base URL): where `network = "api-only"` lets it go.
+    pub model_api: Option<String>,
+    /// Who the process is, for a runner's labels and its notices (refused connections).
+    pub identity: Option<Identity>,
     pub stdout: PathBuf,
     pub stderr: PathBuf,
     pub timeout: Option<Duration>,
     /// Time between SIGTERM and SIGKILL when the process must stop.
     pub grace: Duration,
+}
+
+/// The attempt a process belongs to, and where a runner tells what happened around it.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub run: String,
+    pub node: String,
+    pub attempt: u32,
+    /// The attempt's cache key, when it has one: an attempt of a later run with the same key
+    /// does the same work (see [`Runner::sweep`]).
+    pub cache_key: Option<String>,
+    pub events: tokio::sync::mpsc::UnboundedSender<super::Event>,
+}
+
+impl Identity {
+    /// Tells a progress notice of the attempt (`kind` as in `task_progress` events).
+    pub fn notice(&self, kind: &str, detail: String) {
+        let _ = self.events.send(super::Event::TaskProgress {
+            run: self.run.clone(),
+            task: self.node.clone(),
+            attempt: self.attempt,
+            kind: kind.into(),
+            detail,
+            time_ms: crate::store::now_ms(),
+        });
+    }
 }
 
 /// How a process ended.

@@ -381,35 +381,18 @@ pub(super) fn check_runner_name(
     diags.push(d);
 }
 
-/// A task on a runner this version cannot run it on (an agent on a `docker` runner, anything on
-/// a `kubernetes` one) is refused by `validate` and `plan`, as `apply` would refuse it before
-/// anything starts.
+/// A task on a runner this version cannot run it on (anything on a `kubernetes` one) is refused
+/// by `validate` and `plan`, as `apply` would refuse it before anything starts.
 pub(super) fn check_runner_built(
     task: &str,
     name: &Spanned<String>,
-    agent: bool,
     runners: &IndexMap<String, RunnerDecl>,
     diags: &mut Vec<Diagnostic>,
 ) {
     let Some(decl) = runners.get(&name.value) else {
         return;
     };
-    if decl.kind == RunnerKind::Local || (decl.kind == RunnerKind::Docker && !agent) {
-        return;
-    }
-    if decl.kind == RunnerKind::Docker {
-        diags.push(
-            Diagnostic::error(
-                Category::InvalidValue,
-                "runner-not-built",
-                format!(
-                    "task `{task}` runs an agent on `{}`, a `docker` runner: this version runs agents on the local runner only",
-                    name.value
-                ),
-            )
-            .at(name.span, "a `docker` runner")
-            .help("run the agent on the local runner (`runner = \"local\"`); shell tasks can stay on the docker runner"),
-        );
+    if matches!(decl.kind, RunnerKind::Local | RunnerKind::Docker) {
         return;
     }
     let kind = serde_json::to_value(decl.kind)
@@ -421,12 +404,12 @@ pub(super) fn check_runner_built(
             Category::InvalidValue,
             "runner-not-built",
             format!(
-                "task `{task}` runs on `{}`, a `{kind}` runner: this version runs tasks on the local runner only",
+                "task `{task}` runs on `{}`, a `{kind}` runner: this version runs tasks on `local` and `docker` runners only",
                 name.value
             ),
         )
         .at(name.span, format!("a `{kind}` runner"))
-        .help("remove `runner` (or set `runner = \"local\"`) to run the task on this machine"),
+        .help("remove `runner` (or set `runner = \"local\"`) to run the task on this machine, or name a `docker` runner"),
     );
 }
 

@@ -825,13 +825,7 @@ fn resolve_task(
         check_runner_name(r, runners, diags);
     }
     if let Some(r) = runner {
-        let agent = rt.prompt.is_some()
-            || rt
-                .merge
-                .as_ref()
-                .and_then(|m| m.on_conflict.as_ref())
-                .is_some_and(|c| c.value == OnConflict::Agent);
-        check_runner_built(id, r, agent, runners, diags);
+        check_runner_built(id, r, runners, diags);
     }
     let timeout = match &rt.timeout {
         Some(t) => parse_duration(t, "timeout", diags),

@@ -274,5 +274,18 @@ pub(super) fn worker_process(
     let mut s = a.spec(shown, stream, cwd);
     s.argv = Some(worker.argv());
     s.stdin = worker.stdin();
+    // What a runner that isolates the worker must show it: the CLI and a named settings file
+    // (read-only), the worker's own directory (writable); which variables are credentials; and
+    // the model API it talks to.
+    s.reads.push(worker.bin.to_path_buf());
+    if let Some(crate::model::raw::StringOrObject::String(p)) = &worker.settings.settings {
+        s.reads.push(PathBuf::from(p));
+    }
+    s.writes.push(worker.dir.to_path_buf());
+    s.secret_env = crate::agent::SECRET_VARS
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    s.model_api = Some(worker.model_api());
     Ok(s)
 }

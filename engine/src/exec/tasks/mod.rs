@@ -177,6 +177,17 @@ impl Attempt<'_> {
             stdin: None,
             cwd,
             workspace: Some(self.ws_root.clone()),
+            reads: Vec::new(),
+            writes: Vec::new(),
+            secret_env: Vec::new(),
+            model_api: None,
+            identity: Some(crate::exec::runner::Identity {
+                run: cx.run.id.clone(),
+                node: plan.id.clone(),
+                attempt: cx.attempt,
+                cache_key: cx.cache_key.map(str::to_string),
+                events: cx.progress.clone(),
+            }),
             stdout: log_path(
                 &cx.paths.logs,
                 &plan.id,
