@@ -225,6 +225,7 @@ fn runners_for(
                 });
                 let runner = runtime
                     .block_on(exec::docker::DockerRunner::connect(
+                        name,
                         image,
                         settings.clone(),
                         base_dir,

@@ -98,6 +98,7 @@ fn spec(dir: &Path, node: &str, command: &str) -> ProcessSpec {
         secret_env: Vec::new(),
         model_api: None,
         identity: None,
+        adopt: None,
         stdout: dir.join(format!("{node}.out")),
         stderr: dir.join(format!("{node}.err")),
         timeout: None,
@@ -125,6 +126,7 @@ fn tasks_run_in_containers_of_their_own_with_their_limits_and_stop_as_local_ones
     // A missing image is said before anything runs: not pulled under `never`, and under
     // `missing` the pull fails (no registry can be reached from the daemon's namespace).
     let missing = rt.block_on(DockerRunner::connect(
+        "box",
         "no-such/image:1",
         settings(),
         &base,
@@ -137,6 +139,7 @@ fn tasks_run_in_containers_of_their_own_with_their_limits_and_stop_as_local_ones
         ..settings()
     };
     let unpullable = rt.block_on(DockerRunner::connect(
+        "box",
         "no-such/image:1",
         pulling.clone(),
         &base,
@@ -149,10 +152,16 @@ fn tasks_run_in_containers_of_their_own_with_their_limits_and_stop_as_local_ones
     );
     // An image that is here is not pulled under `missing`.
     assert!(rt
-        .block_on(DockerRunner::connect(IMAGE, pulling, &base, false))
+        .block_on(DockerRunner::connect("box", IMAGE, pulling, &base, false))
         .is_ok());
     let runner = rt
-        .block_on(DockerRunner::connect(IMAGE, settings(), &base, false))
+        .block_on(DockerRunner::connect(
+            "box",
+            IMAGE,
+            settings(),
+            &base,
+            false,
+        ))
         .unwrap();
 
     // Exit code, both streams to their logs, stdout kept, the environment as given, files in
@@ -195,6 +204,7 @@ fn tasks_run_in_containers_of_their_own_with_their_limits_and_stop_as_local_ones
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     let as_other = rt
         .block_on(DockerRunner::connect(
+            "box",
             IMAGE,
             DockerSettings {
                 user: Some("1234:2345".into()),
@@ -217,6 +227,7 @@ fn tasks_run_in_containers_of_their_own_with_their_limits_and_stop_as_local_ones
     // Limits and labels, as the daemon has them while the task runs.
     let limited = rt
         .block_on(DockerRunner::connect(
+            "box",
             IMAGE,
             DockerSettings {
                 cpus: Some(0.5),
@@ -268,6 +279,7 @@ fn tasks_run_in_containers_of_their_own_with_their_limits_and_stop_as_local_ones
     // Killed for its memory: `oom`.
     let small = rt
         .block_on(DockerRunner::connect(
+            "box",
             IMAGE,
             DockerSettings {
                 memory_bytes: Some(8 << 20),

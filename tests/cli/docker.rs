@@ -151,54 +151,6 @@ fn shell_tasks_run_in_containers_on_a_docker_runner() {
     // Every container is gone, the timed-out one too.
     assert_eq!(daemon.containers(), "");
 
-    // kill -9 of ccluster leaves its container running; the next apply removes it before the
-    // task runs again, and nothing is left behind.
-    let killed = Sandbox::in_repo(
-        r#"version = 1
-[runners.box]
-kind = "docker"
-image = "ccluster-test/busybox:1"
-pull = "never"
-network = "none"
-[tasks.long]
-runner = "box"
-run = "if [ -f second ]; then echo second run; exit 0; fi; touch second; sleep 120"
-sources = []
-"#,
-        &[],
-    );
-    let mut child = killed
-        .command(&["apply", "--output", "json"])
-        .env("DOCKER_HOST", &daemon.host)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !killed.path().join("second").exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the task never started"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert_ne!(
-        daemon.containers(),
-        "",
-        "the container outlives a killed ccluster"
-    );
-    let run = apply_with(&killed, &daemon.host);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    assert_eq!(run.tasks("task_started"), ["long"]);
-    let logs = killed
-        .command(&["logs", "latest", "long"])
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&logs.stdout).contains("second run"));
-    assert_eq!(daemon.containers(), "");
-
     // attach: a command inside the running task's container, in its directory.
     let gated = Sandbox::in_repo(
         r#"version = 1
@@ -275,4 +227,177 @@ sources = []
         run.stderr
     );
     assert!(run.events.is_empty());
+}
+
+/// A task that says it started, waits for `go` in the read-only `/signals`, and changes its
+/// worktree.
+const WAITER: &str = r#"version = 1
+[runners.box]
+kind = "docker"
+image = "ccluster-test/busybox:1"
+pull = "never"
+network = "NETWORK"
+mounts = ["SIGNALS:/signals"]
+[tasks.long]
+runner = "box"
+workspace = "worktree"
+run = "echo started; while [ ! -f /signals/go ]; do sleep 0.1; done; echo finished; echo made > made.txt"
+"#;
+
+/// A sandbox for [`WAITER`] on `network`, and its signals directory.
+fn waiter(network: &str) -> (Sandbox, tempfile::TempDir) {
+    let signals = tempfile::tempdir().unwrap();
+    let text = WAITER
+        .replace("NETWORK", network)
+        .replace("SIGNALS", &signals.path().display().to_string());
+    (Sandbox::in_repo(&text, &[("README", "base\n")]), signals)
+}
+
+/// Starts `apply` and kills it (-9) once its task's container said it started.
+fn kill_once_started(daemon: &Daemon, apply: &mut Command) {
+    let mut child = apply
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let id = daemon.docker(&["ps", "-q", "--filter", "label=dev.ccluster.task=long"]);
+        if !id.trim().is_empty() && daemon.docker(&["logs", id.trim()]).contains("started") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the task never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// How many containers of the task started since `since` (a Unix time): its runs.
+fn runs_since(daemon: &Daemon, since: u64) -> usize {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 1;
+    daemon
+        .docker(&[
+            "events",
+            "--since",
+            &since.to_string(),
+            "--until",
+            &now.to_string(),
+            "--filter",
+            "event=start",
+            "--filter",
+            "label=dev.ccluster.task=long",
+        ])
+        .lines()
+        .count()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn after_kill_9_the_next_apply_adopts_what_containers_did_and_leaves_none() {
+    let daemon = Daemon::start();
+
+    // Finished after ccluster died: harvested. Its output and its change are the task's; it ran
+    // once.
+    let since = unix_now();
+    let (s, signals) = waiter("none");
+    kill_once_started(&daemon, &mut daemon.ccluster(&s, &["apply"]));
+    std::fs::write(signals.path().join("go"), "").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while daemon
+        .docker(&["ps", "-a", "-q", "--filter", "status=exited"])
+        .trim()
+        .is_empty()
+    {
+        assert!(std::time::Instant::now() < deadline, "the task never ended");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let run = Applied::from_output(
+        daemon
+            .ccluster(&s, &["apply", "--output", "json"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(runs_since(&daemon, since), 1, "the task ran again");
+    let adopted: Vec<_> = run
+        .of("task_progress")
+        .into_iter()
+        .filter(|e| e["kind"] == "adopted")
+        .collect();
+    assert_eq!(adopted.len(), 1, "{}", run.stdout);
+    assert!(
+        adopted[0]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("the finished container"),
+        "{}",
+        adopted[0]
+    );
+    let logs = s.command(&["logs", "latest", "long"]).output().unwrap();
+    let logs = String::from_utf8_lossy(&logs.stdout);
+    assert!(logs.contains("started\nfinished\n"), "{logs}");
+    let run_id = s.run_id();
+    assert_eq!(
+        git(
+            s.path(),
+            &[
+                "show",
+                &format!("refs/ccluster/runs/{run_id}/long:made.txt")
+            ]
+        ),
+        "made\n"
+    );
+    assert_eq!(daemon.containers(), "");
+
+    // Still running when the next apply starts: adopted, followed to its end, run once.
+    let since = unix_now();
+    let (s, signals) = waiter("none");
+    kill_once_started(&daemon, &mut daemon.ccluster(&s, &["apply"]));
+    let child = daemon
+        .ccluster(&s, &["apply", "--output", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    std::fs::write(signals.path().join("go"), "").unwrap();
+    let run = Applied::from_output(child.wait_with_output().unwrap());
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(runs_since(&daemon, since), 1, "the task ran again");
+    assert!(
+        run.stdout.contains("the running container"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(daemon.containers(), "");
+
+    // Running on `api-only`, whose proxy died with ccluster: stopped, and the task runs again.
+    let since = unix_now();
+    let (s, signals) = waiter("api-only");
+    kill_once_started(&daemon, &mut daemon.ccluster(&s, &["apply"]));
+    std::fs::write(signals.path().join("go"), "").unwrap();
+    let run = Applied::from_output(
+        daemon
+            .ccluster(&s, &["apply", "--output", "json"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(runs_since(&daemon, since), 2);
+    assert!(!run.stdout.contains("\"adopted\""), "{}", run.stdout);
+    assert_eq!(daemon.containers(), "");
 }

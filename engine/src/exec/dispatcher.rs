@@ -176,6 +176,8 @@ struct Dispatcher<'a> {
     transplanted: HashMap<(String, String), String>,
     /// How agent workers run, when the plan has agent tasks.
     agents: Option<Agents>,
+    /// Where tasks run (asked, before a first attempt, for work to adopt).
+    runners: Runners,
     /// Progress of running agents, reported as it comes.
     progress: mpsc::UnboundedSender<Event>,
     progress_rx: Option<mpsc::UnboundedReceiver<Event>>,
@@ -261,15 +263,20 @@ pub async fn apply(
     } else {
         (None, None)
     };
+    let repo_root = repo.as_ref().map(|r| r.root.clone());
+    // What killed runs left with the runners: work this run may adopt is kept, with its
+    // workspace; the rest is removed.
+    let state_dir = std::path::absolute(store.dir()).unwrap_or_else(|_| store.dir().into());
+    let mut kept: Vec<PathBuf> = Vec::new();
+    for runner in runners.all() {
+        kept.extend(runner.recover(&state_dir).await);
+    }
     // A run still marked running belongs to a process that died (we hold the lock). Its task
     // processes may have outlived it: stop them before their tasks run again.
     for mut old in store.runs()? {
         if old.state == RunState::Running {
             reap_orphans(&old.id);
-            for runner in runners.all() {
-                runner.sweep(&old.id).await;
-            }
-            clean_interrupted(store, &old);
+            clean_interrupted(store, &old, &kept);
             let _ = std::fs::remove_file(store.dir().join("runs").join(&old.id).join(LIVE_FILE));
             old.state = RunState::Interrupted;
             store.put_run(&old)?;
@@ -353,6 +360,7 @@ pub async fn apply(
         ),
         transplanted: HashMap::new(),
         agents,
+        runners: runners.clone(),
         progress: progress_tx,
         progress_rx: Some(progress_rx),
         spent_usd: 0.0,
@@ -367,7 +375,20 @@ pub async fn apply(
         nodes: d.nodes.len(),
         time_ms: now_ms(),
     });
-    d.drive(runners, sink).await
+    let summary = d.drive(runners.clone(), sink).await;
+    // Kept work nothing adopted is removed with its workspace (adopted work's was moved).
+    for runner in runners.all() {
+        runner.release().await;
+    }
+    if !kept.is_empty() {
+        for dir in kept.iter().filter(|d| d.exists()) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        if let Some(repo) = &repo_root {
+            let _ = workspace::git_sync(repo, &["worktree", "prune"]);
+        }
+    }
+    summary
 }
 
 impl Dispatcher<'_> {
@@ -1021,7 +1042,19 @@ impl Dispatcher<'_> {
             self.settle(node, TaskState::Cancelled, reason)?;
             return Ok(None);
         }
-        let cx = self.task_context(node, &plan, &rendered, &seen, attempt, &inputs, &run_base);
+        let mut cx = self.task_context(node, &plan, &rendered, &seen, attempt, &inputs, &run_base);
+        // A first attempt may take over the same work (same node, same cache key) that a killed
+        // ccluster left with the runner, instead of doing it again.
+        if attempt == 1
+            && matches!(
+                plan.action,
+                PlannedAction::Shell { .. } | PlannedAction::Agent { .. }
+            )
+        {
+            if let Some(key) = cx.cache_key {
+                cx.adopted = self.runners.get(&plan.runner).adopt(&plan.id, key);
+            }
+        }
         let resumed = cx.resume.is_some();
         let prepared = tasks::prepare(&cx)?;
         let (job, session) = match prepared {
@@ -1092,6 +1125,7 @@ impl Dispatcher<'_> {
             agents: self.agents.as_ref(),
             resume: tasks::agent::resume(plan, attempt, n.session.as_ref(), n.record.class),
             progress: &self.progress,
+            adopted: None,
         }
     }
 
@@ -1888,13 +1922,17 @@ fn plan_reads_attempt(plan: &PlannedTask) -> bool {
 }
 
 /// Kills what is left of an interrupted run's task processes: every process whose environment
-/// says `CCLUSTER_RUN=<run>` (set for every task process, and inherited by its children). Linux's
-/// `/proc` is read; elsewhere this does nothing.
+/// says `CCLUSTER_RUN=<run>` (set for every task process, and inherited by its children), but
+/// those of containers. Linux's `/proc` is read; elsewhere this does nothing.
 fn reap_orphans(run: &str) {
     let marker = format!("CCLUSTER_RUN={run}");
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return;
     };
+    // A process in another PID namespace lives in a container: its runner finds it (and may
+    // adopt it), by the container's labels.
+    let pid_namespace = |dir: &Path| std::fs::read_link(dir.join("ns/pid")).ok();
+    let ours = pid_namespace(Path::new("/proc/self"));
     for entry in entries.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -1909,6 +1947,7 @@ fn reap_orphans(run: &str) {
         if environ
             .split(|b| *b == 0)
             .any(|var| var == marker.as_bytes())
+            && pid_namespace(&entry.path()) == ours
         {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
@@ -1923,7 +1962,7 @@ fn reap_orphans(run: &str) {
 /// been set just before the process died, before its success was recorded): under the run's
 /// `refs/ccluster/runs/<run>/`, and its branches under `refs/heads/ccluster/<run>/` (the result
 /// branch, or every node's in a run made before the hidden refs).
-fn clean_interrupted(store: &Store, run: &RunRecord) {
+fn clean_interrupted(store: &Store, run: &RunRecord, kept: &[PathBuf]) {
     let Some(root) = &run.repo else {
         return;
     };
@@ -1933,7 +1972,7 @@ fn clean_interrupted(store: &Store, run: &RunRecord) {
     let tasks = store.tasks(&run.id).unwrap_or_default();
     let state = std::path::absolute(store.dir()).unwrap_or_else(|_| store.dir().into());
     let dir = state.join("worktrees").join(&run.id);
-    let mut keep = std::collections::HashSet::new();
+    let mut keep: std::collections::HashSet<PathBuf> = kept.iter().cloned().collect();
     for t in &tasks {
         for a in store.artifacts(&run.id, &t.node).unwrap_or_default() {
             if let Some(w) = a.worktree {

@@ -15,7 +15,8 @@ use bollard::models::{ContainerCreateBody, HostConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
     InspectContainerOptions, InspectNetworkOptions, KillContainerOptionsBuilder,
-    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -33,6 +34,14 @@ use crate::model::workflow::DockerSettings;
 pub const LABEL_RUN: &str = "dev.ccluster.run";
 pub const LABEL_TASK: &str = "dev.ccluster.task";
 pub const LABEL_ATTEMPT: &str = "dev.ccluster.attempt";
+/// The state directory whose run made the container: its orphans are found by it.
+pub const LABEL_STATE: &str = "dev.ccluster.state";
+/// The declared runner that made it (two runners of one state share a daemon).
+pub const LABEL_RUNNER: &str = "dev.ccluster.runner";
+/// The attempt's cache key: a later attempt with the same key may adopt the container.
+pub const LABEL_KEY: &str = "dev.ccluster.key";
+/// The attempt's worktree, when it has one: where an adopting attempt's workspace comes from.
+pub const LABEL_WORKSPACE: &str = "dev.ccluster.workspace";
 
 /// The network of `api-only` containers: internal (no route out), its containers unable to
 /// reach each other; shared by every run on the daemon, each run with its own proxy on it.
@@ -47,6 +56,18 @@ pub struct DockerRunner {
     base_dir: std::path::PathBuf,
     /// The `api-only` network and this run's proxy on its gateway, when a task may need them.
     api_only: Option<ApiOnly>,
+    /// The runner's name in the clusterfile (its containers' [`LABEL_RUNNER`]).
+    name: String,
+    /// Containers a killed ccluster left that an attempt of this run may adopt.
+    kept: std::sync::Mutex<Vec<Kept>>,
+}
+
+/// A container found by [`Runner::recover`], waiting to be adopted.
+struct Kept {
+    id: String,
+    node: String,
+    key: String,
+    workspace: Option<std::path::PathBuf>,
 }
 
 struct ApiOnly {
@@ -61,6 +82,7 @@ impl DockerRunner {
     /// `agents`: whether agent processes may run on it, which sit on the `api-only` network
     /// unless the runner says otherwise; that network and the proxy are set up here too.
     pub async fn connect(
+        name: &str,
         image: &str,
         settings: DockerSettings,
         base_dir: &std::path::Path,
@@ -96,6 +118,8 @@ impl DockerRunner {
             settings,
             base_dir: base_dir.to_path_buf(),
             api_only,
+            name: name.to_string(),
+            kept: Default::default(),
         })
     }
 
@@ -438,12 +462,30 @@ impl Runner for DockerRunner {
         }
         let (run, node, attempt) = attempt_of(&spec);
         let name = container_name(&run, &node, &attempt);
-        let labels: HashMap<String, String> = [
+        let mut labels: HashMap<String, String> = [
             (LABEL_RUN.to_string(), run),
             (LABEL_TASK.to_string(), node),
             (LABEL_ATTEMPT.to_string(), attempt),
+            (LABEL_RUNNER.to_string(), self.name.clone()),
         ]
         .into();
+        if let Some(id) = &spec.identity {
+            labels.insert(LABEL_STATE.into(), id.state_dir.display().to_string());
+            if let Some(key) = &id.cache_key {
+                labels.insert(LABEL_KEY.into(), key.clone());
+            }
+            // Only a worktree of the state moves to an adopting attempt.
+            if let Some(ws) = spec
+                .workspace
+                .as_ref()
+                .filter(|ws| ws.starts_with(id.state_dir.join("worktrees")))
+            {
+                labels.insert(LABEL_WORKSPACE.into(), ws.display().to_string());
+            }
+        }
+        if let Some(adopted) = spec.adopt.clone() {
+            return Box::pin(adopt_container(self.docker.clone(), adopted, spec, stop));
+        }
         let made = self.container_body(&spec, network, labels);
         // Under `api-only`, the container may reach the model API's host and `allow_hosts`.
         let egress = match (network, &self.api_only) {
@@ -467,26 +509,110 @@ impl Runner for DockerRunner {
         ))
     }
 
-    /// Removes, running or not, every container labelled with the interrupted run: its tasks are
-    /// run again, as those of the local runner are; a container that finished after ccluster
-    /// died has no recorded result to keep (what it printed until then is in the logs).
-    fn sweep(
+    /// Finds this runner's containers of the state directory (their ccluster died: we hold the
+    /// state's lock). A container that finished, or runs on a network that does not depend on
+    /// the dead ccluster, is kept for an attempt with its node and cache key to adopt: its work
+    /// is not done twice. One on the `api-only` network is stopped and removed (its egress proxy,
+    /// and a rehearsal's model server, died with ccluster), as is one without a cache key or
+    /// never started: their tasks run again.
+    fn recover(
         &self,
-        run: &str,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
-        let filter = format!("{LABEL_RUN}={run}");
+        state_dir: &std::path::Path,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<std::path::PathBuf>> + Send + '_>>
+    {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![
+                format!("{LABEL_STATE}={}", state_dir.display()),
+                format!("{LABEL_RUNNER}={}", self.name),
+            ],
+        )]);
         Box::pin(async move {
             let options = ListContainersOptionsBuilder::default()
                 .all(true)
-                .filters(&HashMap::from([("label".to_string(), vec![filter])]))
+                .filters(&filters)
                 .build();
             let Ok(found) = self.docker.list_containers(Some(options)).await else {
-                return;
+                return Vec::new();
             };
+            let mut kept: Vec<(u32, Kept)> = Vec::new();
             for c in found {
-                if let Some(id) = c.id {
-                    DockerRunner::remove(&self.docker, &id).await;
+                // By name: what people see in `docker ps`, and what events show.
+                let Some(id) = c
+                    .names
+                    .as_ref()
+                    .and_then(|n| n.first())
+                    .map(|n| n.trim_start_matches('/').to_string())
+                    .or(c.id)
+                else {
+                    continue;
+                };
+                let labels = c.labels.unwrap_or_default();
+                let label = |k: &str| labels.get(k).cloned();
+                use bollard::models::ContainerSummaryStateEnum as State;
+                let adoptable = match c.state {
+                    Some(State::EXITED) => true,
+                    Some(State::RUNNING) => c
+                        .host_config
+                        .and_then(|h| h.network_mode)
+                        .is_some_and(|n| n != API_ONLY_NETWORK),
+                    _ => false,
+                };
+                match (adoptable, label(LABEL_TASK), label(LABEL_KEY)) {
+                    (true, Some(node), Some(key)) => {
+                        let attempt = label(LABEL_ATTEMPT)
+                            .and_then(|a| a.parse().ok())
+                            .unwrap_or(0);
+                        let workspace = label(LABEL_WORKSPACE).map(std::path::PathBuf::from);
+                        kept.push((
+                            attempt,
+                            Kept {
+                                id,
+                                node,
+                                key,
+                                workspace,
+                            },
+                        ));
+                    }
+                    _ => DockerRunner::remove(&self.docker, &id).await,
                 }
+            }
+            // One per node and key: the latest attempt's.
+            kept.sort_by_key(|k| std::cmp::Reverse(k.0));
+            let mut unique: Vec<Kept> = Vec::new();
+            for (_, k) in kept {
+                if unique.iter().any(|u| u.node == k.node && u.key == k.key) {
+                    DockerRunner::remove(&self.docker, &k.id).await;
+                } else {
+                    unique.push(k);
+                }
+            }
+            let workspaces = unique.iter().filter_map(|k| k.workspace.clone()).collect();
+            *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = unique;
+            workspaces
+        })
+    }
+
+    fn adopt(&self, node: &str, key: &str) -> Option<super::runner::Adopted> {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        // A workspace that is gone (moved by an adoption that was itself killed) took the
+        // container's work with it: that container is not adopted, only removed at the end.
+        let i = kept.iter().position(|k| {
+            k.node == node && k.key == key && k.workspace.as_ref().is_none_or(|w| w.is_dir())
+        })?;
+        let k = kept.remove(i);
+        Some(super::runner::Adopted {
+            handle: k.id,
+            workspace: k.workspace,
+        })
+    }
+
+    fn release(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let left: Vec<Kept> =
+                std::mem::take(&mut *self.kept.lock().unwrap_or_else(|e| e.into_inner()));
+            for k in left {
+                DockerRunner::remove(&self.docker, &k.id).await;
             }
         })
     }
@@ -544,7 +670,7 @@ async fn run_container(
     made: Made,
     egress: Option<(egress::Clients, Allow)>,
     spec: ProcessSpec,
-    mut stop: watch::Receiver<Stop>,
+    stop: watch::Receiver<Stop>,
 ) -> ProcessResult {
     let failed = |e: String| ProcessResult {
         end: ProcessEnd::SpawnFailed(e),
@@ -562,7 +688,7 @@ async fn run_container(
     {
         return failed(format!("cannot create container `{name}`: {e}"));
     }
-    let mut guard = ContainerGuard {
+    let guard = ContainerGuard {
         docker: docker.clone(),
         name: name.clone(),
         armed: true,
@@ -583,7 +709,7 @@ async fn run_container(
             ),
         )
         .await;
-    let mut attached = match attached {
+    let attached = match attached {
         Ok(a) => a,
         Err(e) => return failed(format!("cannot attach to container `{name}`: {e}")),
     };
@@ -591,7 +717,7 @@ async fn run_container(
         return failed(format!("cannot start container `{name}`: {e}"));
     }
     // Admitted to the proxy under its address, once it has one; refusals come back here.
-    let (refused_tx, mut refused) = tokio::sync::mpsc::unbounded_channel();
+    let (refused_tx, refused) = tokio::sync::mpsc::unbounded_channel();
     let _admission = match egress {
         Some((clients, allow)) => {
             let ip = docker
@@ -619,6 +745,67 @@ async fn run_container(
             let _ = input.shutdown().await;
         });
     }
+    supervise(docker, name, guard, attached.output, refused, spec, stop).await
+}
+
+/// What a container prints, as Docker streams it.
+type Output = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>,
+>;
+
+/// Takes over a container a killed ccluster left (see [`Runner::recover`]): everything it printed
+/// from its start (replayed from Docker's log, then followed while it runs), then its end.
+async fn adopt_container(
+    docker: Docker,
+    name: String,
+    spec: ProcessSpec,
+    stop: watch::Receiver<Stop>,
+) -> ProcessResult {
+    let guard = ContainerGuard {
+        docker: docker.clone(),
+        name: name.clone(),
+        armed: true,
+    };
+    if let Some(id) = &spec.identity {
+        let running = docker
+            .inspect_container(&name, None::<InspectContainerOptions>)
+            .await
+            .ok()
+            .and_then(|c| c.state?.running)
+            .unwrap_or(false);
+        let what = if running { "running" } else { "finished" };
+        id.notice(
+            "adopted",
+            format!("the {what} container {name}, left by a killed ccluster: its work is not done again"),
+        );
+    }
+    let output: Output = Box::pin(
+        docker.logs(
+            &name,
+            Some(
+                LogsOptionsBuilder::default()
+                    .follow(true)
+                    .stdout(true)
+                    .stderr(true)
+                    .build(),
+            ),
+        ),
+    );
+    let (_none, refused) = tokio::sync::mpsc::unbounded_channel();
+    supervise(docker, name, guard, output, refused, spec, stop).await
+}
+
+/// Streams the container's output to the attempt's logs until it ends (or its time is up, or the
+/// run is cancelled: then it is stopped), and takes its end; the container is removed.
+async fn supervise(
+    docker: Docker,
+    name: String,
+    mut guard: ContainerGuard,
+    mut output: Output,
+    mut refused: tokio::sync::mpsc::UnboundedReceiver<String>,
+    spec: ProcessSpec,
+    mut stop: watch::Receiver<Stop>,
+) -> ProcessResult {
     let mut out_log = LazyLog::new(spec.stdout.clone());
     let mut err_log = LazyLog::new(spec.stderr.clone());
     let mut lines = LineSplitter::default();
@@ -635,7 +822,7 @@ async fn run_container(
             break;
         }
         tokio::select! {
-            item = attached.output.next(), if output_open => match item {
+            item = output.next(), if output_open => match item {
                 Some(Ok(LogOutput::StdOut { message })) | Some(Ok(LogOutput::Console { message })) => {
                     out_log.write(&message);
                     if let Some(tx) = &spec.lines {

@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::Stdio;
 use std::time::Duration;
@@ -51,6 +51,9 @@ pub struct ProcessSpec {
     pub model_api: Option<String>,
     /// Who the process is, for a runner's labels and its notices (refused connections).
     pub identity: Option<Identity>,
+    /// Instead of starting the process, take over this work a killed ccluster left (see
+    /// [`Runner::adopt`]): its output from the start, then its end.
+    pub adopt: Option<String>,
     pub stdout: PathBuf,
     pub stderr: PathBuf,
     pub timeout: Option<Duration>,
@@ -65,8 +68,10 @@ pub struct Identity {
     pub node: String,
     pub attempt: u32,
     /// The attempt's cache key, when it has one: an attempt of a later run with the same key
-    /// does the same work (see [`Runner::sweep`]).
+    /// does the same work (see [`Runner::adopt`]).
     pub cache_key: Option<String>,
+    /// The run's state directory: what marks the runner's work as this state's.
+    pub state_dir: PathBuf,
     pub events: tokio::sync::mpsc::UnboundedSender<super::Event>,
 }
 
@@ -158,13 +163,38 @@ pub type ProcessFuture = Pin<Box<dyn Future<Output = ProcessResult> + Send>>;
 pub trait Runner: Send + Sync {
     fn run(&self, spec: ProcessSpec, stop: watch::Receiver<Stop>) -> ProcessFuture;
 
-    /// Stops and removes what an interrupted run `run` left with this runner (a killed ccluster
-    /// cannot have), before its tasks run again. The local runner's leftovers are found by the
-    /// process sweep instead; a container runner finds its containers by their labels.
-    fn sweep(&self, run: &str) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        let _ = run;
+    /// Finds what dead ccluster processes of the state directory `state_dir` left with this
+    /// runner (a killed ccluster cannot clean up), before a new run starts; we hold the state's
+    /// lock, so whatever carries its mark is an orphan. Finished or running work a task of the new
+    /// run may adopt (see [`Runner::adopt`]) is kept, and its workspace returned so that it is
+    /// not cleaned away; the rest is stopped and removed. The local runner's leftovers are found
+    /// by the process sweep instead (and are never adopted: their output pipes died with ccluster).
+    fn recover(&self, state_dir: &Path) -> Pin<Box<dyn Future<Output = Vec<PathBuf>> + Send + '_>> {
+        let _ = state_dir;
+        Box::pin(std::future::ready(Vec::new()))
+    }
+
+    /// The kept work of an attempt of `node` whose cache key was `key` (the same work a new
+    /// attempt with that key would do), taken over by the caller, which runs its process with
+    /// `ProcessSpec::adopt` set to [`Adopted::handle`].
+    fn adopt(&self, node: &str, key: &str) -> Option<Adopted> {
+        let _ = (node, key);
+        None
+    }
+
+    /// Removes kept work that nothing adopted: the run that could have is ending.
+    fn release(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(std::future::ready(()))
     }
+}
+
+/// Work a killed ccluster left running (or finished) with a runner, taken over by a new attempt.
+#[derive(Clone, Debug)]
+pub struct Adopted {
+    /// What the runner knows it by (a container's name).
+    pub handle: String,
+    /// The workspace it works in: the new attempt's workspace is moved from there.
+    pub workspace: Option<PathBuf>,
 }
 
 /// The runners of a run, by the names tasks give in `runner`; `local` is always there.
@@ -194,7 +224,7 @@ impl Runners {
         self.named.get(name).unwrap_or(&self.local)
     }
 
-    /// Every runner, each once, for sweeping.
+    /// Every runner (one declared as `local` is the local runner again).
     pub fn all(&self) -> impl Iterator<Item = &std::sync::Arc<dyn Runner>> {
         std::iter::once(&self.local).chain(self.named.values())
     }

@@ -564,6 +564,10 @@ pub async fn create(
 ) -> Result<Vec<String>, GitError> {
     if let Some(old) = spec.reuse.as_ref().filter(|p| p.is_dir()) {
         let _turn = WORKTREE_REGISTRY.lock().await;
+        // From another run's directory (adopted work), this run's may not exist yet.
+        if let Some(parent) = spec.path.parent() {
+            let _ = crate::store::create_private_dir_all(parent);
+        }
         let (from, to) = (old.to_string_lossy(), spec.path.to_string_lossy());
         match git(
             &spec.repo,

@@ -113,6 +113,8 @@ pub(crate) struct TaskContext<'a> {
     pub resume: Option<(String, PathBuf)>,
     /// Where a running agent's progress goes.
     pub progress: &'a mpsc::UnboundedSender<Event>,
+    /// Work a killed ccluster left with the node's runner, which this attempt takes over.
+    pub adopted: Option<crate::exec::runner::Adopted>,
 }
 
 /// What preparing an attempt gave.
@@ -186,8 +188,10 @@ impl Attempt<'_> {
                 node: plan.id.clone(),
                 attempt: cx.attempt,
                 cache_key: cx.cache_key.map(str::to_string),
+                state_dir: cx.paths.state.clone(),
                 events: cx.progress.clone(),
             }),
+            adopt: None,
             stdout: log_path(
                 &cx.paths.logs,
                 &plan.id,
@@ -263,14 +267,20 @@ pub(crate) fn prepare(cx: &TaskContext) -> Result<Prepared, ApplyError> {
             Err(reason) => return Ok(Prepared::Refused(reason)),
         },
     };
+    // Adopted work set its workspace up when it started.
     let setup = plan
         .workspace
         .as_ref()
         .and_then(|w| w.setup.clone())
+        .filter(|_| cx.adopted.is_none())
         .map(|s| a.spec(s, "setup.", ws_dir.clone()));
+    let mut process = commands.process;
+    if let (Some(p), Some(adopted)) = (process.as_mut(), &cx.adopted) {
+        p.adopt = Some(adopted.handle.clone());
+    }
     Ok(Prepared::Job {
         job: Job {
-            process: commands.process,
+            process,
             output: commands.output,
             workspace,
             setup,
@@ -340,10 +350,16 @@ fn workspace_spec(cx: &TaskContext, file_name: &str) -> Option<WorkspaceSpec> {
         message: format!("ccluster: {} (run {}, attempt {attempt})", plan.id, run.id),
         identity,
         pool: Some((worktrees.join("pool"), w.pool_size)),
-        reuse: cx.resume.as_ref().map(|_| {
-            worktrees
-                .join(&run.id)
-                .join(format!("{}.{}", node_file_name(&plan.id), attempt - 1))
-        }),
+        // Adopted work's workspace (a killed run's), or the interrupted session's.
+        reuse: match &cx.adopted {
+            Some(adopted) => adopted.workspace.clone(),
+            None => cx.resume.as_ref().map(|_| {
+                worktrees.join(&run.id).join(format!(
+                    "{}.{}",
+                    node_file_name(&plan.id),
+                    attempt - 1
+                ))
+            }),
+        },
     })
 }
