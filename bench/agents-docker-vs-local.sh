@@ -53,10 +53,15 @@ for side in local docker; do
 done
 
 now() { date +%s.%N; }
+# Both sides with the same empty HOME: a worker's HOME on the local runner is ccluster's, and the
+# CLI's Bash tool sources the shell start-up files there (pyenv or nvm set-ups can cost seconds a
+# call); in a container it is the worker's own directory. Measured with the user's HOME, the local
+# side pays for their shell set-up, which is not what this compares.
+mkdir -p "$work/home"
 apply() { # side -> seconds
   local t0 t1
   t0=$(now)
-  (cd "$work/$1" && CCLUSTER_CLAUDE_BIN="$claude" nsenter --net="$netns" -- \
+  (cd "$work/$1" && HOME="$work/home" CCLUSTER_CLAUDE_BIN="$claude" nsenter --net="$netns" -- \
     "$bin" apply --rehearse --script "$work/script.toml" --fresh --jobs 8 > "$work/$1.log" 2>&1) \
     || { cat "$work/$1.log" >&2; exit 1; }
   grep -q "8 succeeded" "$work/$1.log" || { cat "$work/$1.log" >&2; exit 1; }

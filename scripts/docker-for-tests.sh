@@ -29,6 +29,10 @@ need() { # installs Debian package $2 when command $1 is missing
 
 start() {
   local dir=$1 images=$2
+  # Tests start daemons in parallel: installing packages and building images go one at a time.
+  mkdir -p "$HOME/.cache/ccluster/images"
+  exec 9> "$HOME/.cache/ccluster/images/.lock"
+  flock 9
   need dockerd docker.io
   need busybox busybox-static
   need unshare util-linux
@@ -41,7 +45,7 @@ start() {
       --data-root '$dir/data' --exec-root '$dir/exec' --pidfile '$dir/docker.pid' \
       -H 'unix://$dir/docker.sock' --bip 192.0.2.1/24 \
       --default-address-pool base=198.51.100.0/24,size=26 --log-level warn" \
-    > "$dir/dockerd.log" 2>&1 &
+    > "$dir/dockerd.log" 2>&1 9>&- &
   export DOCKER_HOST="unix://$dir/docker.sock"
   for _ in $(seq 1 150); do
     if [ -S "$dir/docker.sock" ] && docker version >/dev/null 2>&1; then
@@ -74,6 +78,7 @@ start() {
   if [ "$images" = debian ] && ! docker image inspect ccluster-test/debian:1 >/dev/null 2>&1; then
     debian_image
   fi
+  exec 9>&-
   echo "DOCKER_HOST=$DOCKER_HOST"
 }
 

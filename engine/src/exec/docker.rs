@@ -928,3 +928,62 @@ async fn stop_container(docker: &Docker, name: &str, grace: Duration, level: Sto
         )
         .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The prelude as the container runs it, with this machine's `/bin/sh`: credentials read from
+    /// stdin (quotes, newlines and `$` kept as they are), the rest of stdin left to the program.
+    #[test]
+    fn the_credentials_prelude_exports_them_and_leaves_the_rest_of_stdin() {
+        let tricky = "it's a \"key\"\nwith $HOME and `ticks` \\ and\n#end-not-this";
+        let end = "#end-0123";
+        let mut stdin = format!(
+            "export KEY={}\nexport OTHER={}\n{end}\n",
+            sh_quote(tricky),
+            sh_quote("plain")
+        );
+        stdin.push_str("the prompt\nsecond line\n");
+        let mut child = std::process::Command::new("/bin/sh")
+            .args([
+                "-c",
+                CREDENTIALS_PRELUDE,
+                "ccluster-credentials",
+                end,
+                "/bin/sh",
+                "-c",
+                r#"printf '%s|%s|' "$KEY" "$OTHER"; cat"#,
+            ])
+            .env_clear()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("{tricky}|plain|the prompt\nsecond line\n")
+        );
+    }
+
+    #[test]
+    fn a_networks_gateway_is_the_named_one_or_its_subnets_first_address() {
+        assert_eq!(
+            gateway_of(Some("198.51.100.65"), "198.51.100.64/26"),
+            Some("198.51.100.65".parse().unwrap())
+        );
+        assert_eq!(
+            gateway_of(None, "198.51.100.64/26"),
+            Some("198.51.100.65".parse().unwrap())
+        );
+        assert_eq!(gateway_of(None, "fd00::/64"), None);
+    }
+}
