@@ -54,6 +54,9 @@ pub struct TaskReport {
     /// Agent tasks: tool calls the CLI denied.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub denials: Option<u32>,
+    /// In a task graph: the instances this one ran after.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
     /// The full ref holding the node's commit: `refs/ccluster/runs/<run>/<node>` (a branch under
     /// `refs/heads/ccluster/<run>/` in runs made before those refs existed).
     #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
@@ -153,6 +156,7 @@ pub fn build(store: &dyn RunRecords, run: &RunRecord) -> Result<RunReport, Store
             cost_usd: t.cost_usd,
             tokens: t.tokens,
             denials: t.denials,
+            after: t.after.clone(),
             git_ref: t.commit.as_ref().map(|_| run.task_ref(&t.node)),
             commit: t.commit.clone(),
             changed: artifacts
@@ -292,6 +296,40 @@ fn html(raw: &str) -> String {
     out
 }
 
+/// The edges of the run's task graphs, as a Mermaid diagram (which forges draw): what ran after
+/// what. Node names are shown as quoted labels, their quotes and angle brackets escaped.
+fn graph_section(r: &RunReport, out: &mut String) {
+    if r.tasks.iter().all(|t| t.after.is_empty()) {
+        return;
+    }
+    let key: std::collections::HashMap<&str, usize> = r
+        .tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.node.as_str(), i))
+        .collect();
+    let label = |node: &str| {
+        node.replace('"', "#quot;")
+            .replace('<', "#lt;")
+            .replace('>', "#gt;")
+    };
+    out.push_str("\n### Task graph\n\n```mermaid\nflowchart LR\n");
+    for (i, t) in r.tasks.iter().enumerate() {
+        if t.after.is_empty() && !r.tasks.iter().any(|o| o.after.contains(&t.node)) {
+            continue;
+        }
+        let _ = writeln!(out, "  n{i}[\"{} ({})\"]", label(&t.node), snake(&t.state));
+    }
+    for (i, t) in r.tasks.iter().enumerate() {
+        for a in &t.after {
+            if let Some(j) = key.get(a.as_str()) {
+                let _ = writeln!(out, "  n{j} --> n{i}");
+            }
+        }
+    }
+    out.push_str("```\n");
+}
+
 pub fn to_markdown(r: &RunReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -368,6 +406,7 @@ pub fn to_markdown(r: &RunReport) -> String {
             )),
         );
     }
+    graph_section(r, &mut out);
     let problems: Vec<&TaskReport> = r
         .tasks
         .iter()
@@ -465,6 +504,7 @@ mod tests {
             cost_usd: None,
             tokens: None,
             denials: None,
+            after: Vec::new(),
             git_ref: None,
             commit: None,
             changed: Vec::new(),

@@ -12,12 +12,12 @@ use crate::apply::{Applied, Sandbox};
 use crate::support::{claude_bin, git, task};
 
 /// A sandbox that is a git repository on `main` with its clusterfile committed.
-fn repo(clusterfile: &str) -> Sandbox {
+pub(crate) fn repo(clusterfile: &str) -> Sandbox {
     Sandbox::in_repo(clusterfile, &[])
 }
 
 /// `apply --rehearse --output json` with the pinned CLI.
-fn rehearse(s: &Sandbox, extra: &[&str]) -> Applied {
+pub(crate) fn rehearse(s: &Sandbox, extra: &[&str]) -> Applied {
     let mut args = vec![
         "apply",
         "--rehearse",

@@ -11,6 +11,7 @@ mod docker;
 mod docker_agents;
 mod examples;
 mod gitsafe;
+mod graphs;
 mod invalid;
 mod library;
 mod logs;

@@ -169,6 +169,8 @@ pub struct Worker<'a> {
     pub session: &'a str,
     /// Continue this session instead of starting one (`--resume <id> -p "continue"`).
     pub resume: Option<&'a str>,
+    /// What a resumed session is told (default `continue`): why its last answer was refused.
+    pub resume_prompt: Option<&'a str>,
     /// `config/` and `tmp/` of this worker live here.
     pub dir: &'a Path,
     pub timeout: Option<Duration>,
@@ -205,7 +207,12 @@ impl Worker<'_> {
         let file = |name: &str| self.dir.join(name).display().to_string();
         let mut argv = vec![self.bin.display().to_string()];
         match self.resume {
-            Some(id) => argv.extend(["--resume".into(), id.into(), "-p".into(), "continue".into()]),
+            Some(id) => argv.extend([
+                "--resume".into(),
+                id.into(),
+                "-p".into(),
+                self.resume_prompt.unwrap_or("continue").into(),
+            ]),
             None => argv.extend(["-p".into(), "--session-id".into(), self.session.to_string()]),
         }
         argv.extend([
@@ -862,6 +869,7 @@ mod tests {
             output_schema: None,
             session: "s",
             resume: None,
+            resume_prompt: None,
             dir: Path::new("/tmp/w"),
             timeout: None,
             retry: &retry,

@@ -77,6 +77,11 @@ struct Node {
     usage: Option<crate::agent::Usage>,
     /// The last agent attempt's session and worker directory (for `retry.resume_session`).
     session: Option<(String, PathBuf)>,
+    /// In a task graph: the instances this one runs after, those that run after it, and how
+    /// many of the former have not settled yet.
+    after: Vec<usize>,
+    blocks: Vec<usize>,
+    waiting: usize,
     /// The attempt running now continues an earlier one's session.
     resumed: bool,
     /// What the session has cost so far, as the CLI last reported it.
@@ -473,6 +478,15 @@ impl Dispatcher<'_> {
             let g = index[node.task.as_str()];
             self.add_node(g, node.clone())?;
         }
+        for g in 0..self.groups.len() {
+            if self.groups[g]
+                .nodes
+                .iter()
+                .any(|&n| !self.nodes[n].plan.after.is_empty())
+            {
+                self.link_graph(g);
+            }
+        }
         Ok(())
     }
 
@@ -497,6 +511,7 @@ impl Dispatcher<'_> {
             cost_usd: None,
             tokens: None,
             denials: None,
+            after: plan.after.clone(),
         };
         // Pending nodes are not written: a node's record is first written when it starts or
         // settles (so `status` lists the nodes a run reached), which halves the writes of a run.
@@ -511,10 +526,35 @@ impl Dispatcher<'_> {
             session: None,
             resumed: false,
             session_cost: 0.0,
+            after: Vec::new(),
+            blocks: Vec::new(),
+            waiting: 0,
         });
         let ix = self.nodes.len() - 1;
         self.groups[group].nodes.push(ix);
         Ok(ix)
+    }
+
+    /// Links a task graph's instances (a group's nodes) by their `after` ids.
+    fn link_graph(&mut self, group: usize) {
+        let nodes = self.groups[group].nodes.clone();
+        let by_id: HashMap<String, usize> = nodes
+            .iter()
+            .map(|&n| (self.nodes[n].plan.id.clone(), n))
+            .collect();
+        for &n in &nodes {
+            let after: Vec<usize> = self.nodes[n]
+                .plan
+                .after
+                .iter()
+                .filter_map(|id| by_id.get(id).copied())
+                .collect();
+            for &a in &after {
+                self.nodes[a].blocks.push(n);
+            }
+            self.nodes[n].waiting = after.len();
+            self.nodes[n].after = after;
+        }
     }
 
     fn save(&mut self, node: usize) -> Result<(), ApplyError> {
@@ -530,6 +570,13 @@ impl Dispatcher<'_> {
         if let Some(done) = &self.groups[group].upstream {
             return done.clone();
         }
+        let value = self.upstream_now(group);
+        self.groups[group].upstream = Some(value.clone());
+        value
+    }
+
+    /// The `tasks` value and upstream hash of `group` as the records say now (not kept).
+    fn upstream_now(&self, group: usize) -> (JinjaValue, String) {
         let outputs: BTreeMap<String, Upstream> = self.groups[group]
             .ancestors
             .iter()
@@ -560,12 +607,61 @@ impl Dispatcher<'_> {
                 )
             })
             .collect();
-        let value = (
+        (
             RunScope::tasks_value(&outputs),
             context::upstream_hash(&needed),
-        );
-        self.groups[group].upstream = Some(value.clone());
-        value
+        )
+    }
+
+    /// Whether the output a node's attempt just gave is a valid task graph for each fan-out that
+    /// reads it and can be expanded now (all it needs has succeeded, this node being the last):
+    /// `Some(why not)` fails the attempt (`plan_invalid`), and the planner is told on its retry.
+    /// A fan-out that also waits for other tasks is checked when it expands instead.
+    fn graph_problems(&mut self, node: usize, output: &Value) -> Option<String> {
+        let group = self.nodes[node].group;
+        if self.groups[group].mapped {
+            return None;
+        }
+        for d in self.groups[group].dependents.clone() {
+            let g = &self.groups[d];
+            let (Some(expression), Some(template)) = (g.dynamic.clone(), g.template.clone()) else {
+                continue;
+            };
+            if template
+                .fan_out
+                .as_ref()
+                .and_then(|f| f.id.as_ref())
+                .is_none()
+            {
+                continue;
+            }
+            let others_done = g
+                .needs
+                .iter()
+                .all(|&n| n == group || self.groups[n].outcome == Some(TaskState::Succeeded));
+            if !others_done {
+                continue;
+            }
+            // As the fan-out will see it once this attempt's output is recorded.
+            let kept = self.nodes[node].record.output.replace(output.clone());
+            let (tasks, _) = self.upstream_now(d);
+            self.nodes[node].record.output = kept;
+            let ctx = self.scope.context(&template, &tasks, 1);
+            let checked = self
+                .scope
+                .list(&expression, &ctx)
+                .map_err(|e| {
+                    crate::plan::graph::describe(
+                        &template.task,
+                        &[format!("its `map` ({expression}) cannot be evaluated: {e}")],
+                    )
+                })
+                .and_then(|items| self.graph_of(&template, &items, &tasks));
+            if let Err(message) = checked {
+                return Some(message);
+            }
+        }
+        None
     }
 
     /// Marks a node terminal without running it.
@@ -655,6 +751,18 @@ impl Dispatcher<'_> {
                 self.settle(node, *state, message.clone())?;
                 continue;
             }
+            // An instance of a graph starts when what it runs after has settled.
+            if self.nodes[node].waiting == 0 {
+                self.start_when_ready(group, node)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A released node whose instances before it (in a graph) have succeeded: queued, or skipped
+    /// when its `when` is false.
+    fn start_when_ready(&mut self, group: usize, node: usize) -> Result<(), ApplyError> {
+        {
             match self.nodes[node].plan.when.clone() {
                 WhenState::Known {
                     value: false,
@@ -703,6 +811,16 @@ impl Dispatcher<'_> {
                 return self.fail_without_attempt(ix, format!("cannot expand `map`: {e}"));
             }
         };
+        // A task graph: each instance's id and what it runs after, checked as a whole.
+        let instances = match self.graph_of(&template, &items, &tasks) {
+            Ok(instances) => instances,
+            Err(message) => {
+                let mut node = template.clone();
+                node.dynamic_map = None;
+                let ix = self.add_node(group, node)?;
+                return self.fail_without_attempt(ix, message);
+            }
+        };
         // The expansion is checkpointed with the instances it creates.
         self.store
             .put_expansion(&self.run.id, &self.groups[group].id, &items)?;
@@ -713,7 +831,19 @@ impl Dispatcher<'_> {
             node.index = Some(i);
             node.item = Some(item.clone());
             node.dynamic_map = None;
+            if let Some(inst) = instances.as_ref().map(|all| &all[i]) {
+                node.id = crate::plan::graph::node_id(&id, &inst.id);
+                node.after = inst
+                    .after
+                    .iter()
+                    .map(|a| crate::plan::graph::node_id(&id, a))
+                    .collect();
+                node.needs.extend(node.after.iter().cloned());
+            }
             self.add_node(group, node)?;
+        }
+        if instances.is_some() {
+            self.link_graph(group);
         }
         self.dirty = true;
         self.events.push(Event::MapExpanded {
@@ -751,6 +881,68 @@ impl Dispatcher<'_> {
         Ok(())
     }
 
+    /// The instances of a task graph (`id`, `after`) over `items`, checked; `None` for a plain
+    /// map. `Err`: what is wrong, as the planner is told.
+    fn graph_of(
+        &self,
+        template: &PlannedTask,
+        items: &[Value],
+        tasks: &JinjaValue,
+    ) -> Result<Option<Vec<crate::plan::graph::Instance>>, String> {
+        use crate::plan::graph;
+        let Some(fan) = &template.fan_out else {
+            return Ok(None);
+        };
+        let Some(id_source) = &fan.id else {
+            return Ok(None);
+        };
+        let text = |source: &str| crate::plan::Text {
+            template: source.to_string(),
+            rendered: None,
+        };
+        let mut instances = Vec::with_capacity(items.len());
+        let mut problems = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let mut node = template.clone();
+            node.index = Some(i);
+            node.item = Some(item.clone());
+            let ctx = self.scope.context(&node, tasks, 1);
+            let id = match self.scope.value(&text(id_source), &ctx) {
+                Ok(Value::String(s)) => graph::id_of(&s),
+                Ok(Value::Number(n)) => n.to_string(),
+                Ok(other) => {
+                    problems.push(format!("instance {} has no id (`id` gave {other})", i + 1));
+                    continue;
+                }
+                Err(e) => {
+                    problems.push(format!("instance {}: cannot evaluate `id`: {e}", i + 1));
+                    continue;
+                }
+            };
+            let after = match &fan.after {
+                None => Vec::new(),
+                Some(source) => match self
+                    .scope
+                    .value(&text(source), &ctx)
+                    .and_then(|v| graph::after_of(&v))
+                {
+                    Ok(after) => after,
+                    Err(e) => {
+                        problems.push(format!("instance `{id}`: {e}"));
+                        Vec::new()
+                    }
+                },
+            };
+            instances.push(graph::Instance { id, after });
+        }
+        problems.extend(graph::problems(&instances));
+        if problems.is_empty() {
+            Ok(Some(instances))
+        } else {
+            Err(graph::describe(&template.task, &problems))
+        }
+    }
+
     fn enqueue(&mut self, node: usize) {
         let n = &self.nodes[node];
         self.ready
@@ -779,6 +971,20 @@ impl Dispatcher<'_> {
     fn node_done(&mut self, node: usize) -> Result<(), ApplyError> {
         let group = self.nodes[node].group;
         let state = self.nodes[node].record.state;
+        // In a graph: what runs after this node starts once all it runs after succeeded, and is
+        // skipped (and so, in turn, what runs after it) when one of them did not.
+        for b in std::mem::take(&mut self.nodes[node].blocks) {
+            if self.nodes[b].record.state.is_terminal() {
+                continue;
+            }
+            self.nodes[b].waiting -= 1;
+            if !state.is_success() {
+                let reason = format!("skipped: `{}` did not succeed", self.nodes[node].plan.id);
+                self.settle(b, TaskState::Skipped, reason)?;
+            } else if self.nodes[b].waiting == 0 {
+                self.start_when_ready(group, b)?;
+            }
+        }
         self.groups[group].settled_nodes += 1;
         let g = &self.groups[group];
         if g.outcome.is_some() {
@@ -958,6 +1164,27 @@ impl Dispatcher<'_> {
             .collect()
     }
 
+    /// What a node builds on: for an instance of a graph that runs after others, their results
+    /// (in the graph's order: its start is their merge); else its task's (see [`Self::inputs`]).
+    fn inputs_of(&self, node: usize) -> Vec<Input> {
+        let n = &self.nodes[node];
+        if n.after.is_empty() {
+            return self.inputs(n.group);
+        }
+        let mut after = n.after.clone();
+        after.sort_by_key(|&a| self.nodes[a].order);
+        after
+            .iter()
+            .filter_map(|&a| {
+                let r = &self.nodes[a].record;
+                Some(Input {
+                    node: r.node.clone(),
+                    commit: r.commit.clone()?,
+                })
+            })
+            .collect()
+    }
+
     /// Renders a node's attempt and checks the cache; completes a node that runs no process.
     /// Returns the job to start, if any: preparing it is the task kind's (see [`tasks`]).
     fn prepare(&mut self, node: usize) -> Result<Option<Job>, ApplyError> {
@@ -977,7 +1204,7 @@ impl Dispatcher<'_> {
             }
         };
         let inputs = if plan.workspace.is_some() {
-            self.inputs(group)
+            self.inputs_of(node)
         } else {
             Vec::new()
         };
@@ -1126,6 +1353,9 @@ impl Dispatcher<'_> {
             resume: tasks::agent::resume(plan, attempt, n.session.as_ref(), n.record.class),
             progress: &self.progress,
             adopted: None,
+            feedback: (attempt > 1)
+                .then(|| tasks::agent::feedback(n.record.class, n.record.message.as_deref()))
+                .flatten(),
         }
     }
 
@@ -1377,11 +1607,18 @@ impl Dispatcher<'_> {
     fn finished(
         &mut self,
         node: usize,
-        result: JobResult,
+        mut result: JobResult,
         elapsed: Duration,
         retry_tx: &mpsc::UnboundedSender<usize>,
     ) -> Result<(), ApplyError> {
         let end = result.process.end.clone();
+        // A planner's graph is checked before its success is: a bad one fails the attempt.
+        if result.failure.is_none() && end == ProcessEnd::Exited(0) {
+            let output = result.output.clone().unwrap_or(Value::Null);
+            if let Some(message) = self.graph_problems(node, &output) {
+                result.failure = Some((FailureClass::PlanInvalid, message));
+            }
+        }
         let group = self.nodes[node].group;
         self.groups[group].running -= 1;
         let average = |typical: Option<Duration>| {
@@ -1436,7 +1673,9 @@ impl Dispatcher<'_> {
                         if plan_has_process(&plan)
                             && !matches!(
                                 class,
-                                FailureClass::SetupError | FailureClass::MergeConflict
+                                FailureClass::SetupError
+                                    | FailureClass::MergeConflict
+                                    | FailureClass::PlanInvalid
                             ) =>
                     {
                         Some(*c)

@@ -739,6 +739,12 @@ impl Decoder<'_> {
                 }
             };
         }
+        if let Some(n) = t.get("id") {
+            task.id = self.string(n, "id");
+        }
+        if let Some(n) = t.get("after") {
+            task.after = self.string(n, "after");
+        }
         if let Some(n) = t.get("max_parallel") {
             task.max_parallel = self.count(n, "max_parallel", 1);
         }

@@ -291,6 +291,9 @@ pub enum FailureClass {
     NoResult,
     /// The container was killed for using more memory than its runner's `memory`.
     Oom,
+    /// A planner's output is not a valid task graph for the fan-out that reads it (a duplicate
+    /// or unknown id, a cycle, too many instances): the retry tells the planner what is wrong.
+    PlanInvalid,
 }
 
 impl FailureClass {
@@ -311,6 +314,7 @@ impl FailureClass {
         ("killed", FailureClass::Killed),
         ("no_result", FailureClass::NoResult),
         ("oom", FailureClass::Oom),
+        ("plan_invalid", FailureClass::PlanInvalid),
     ];
 
     pub fn name(self) -> &'static str {
@@ -632,6 +636,13 @@ pub struct RawTask {
     pub when: Option<Spanned<RawWhen>>,
     /// Fan-out: one instance per item, with `item` and `index` in the template context.
     pub map: Option<Spanned<RawMap>>,
+    /// Fan-out: each instance's id, a template over `item` and `index` (letters, digits, `_` and
+    /// `-`): the instances are `<task>[<id>]` instead of `<task>[<index>]`, and `after` names them.
+    pub id: Option<Spanned<String>>,
+    /// Fan-out with `id`: the ids of the instances this one runs after, a template giving a list
+    /// (`"{{ item.depends_on }}"`). An instance starts from the merge of their results; the
+    /// fan-out is then a task graph.
+    pub after: Option<Spanned<String>>,
     /// Upper bound on instances of this fan-out running at once.
     #[schemars(range(min = 1))]
     pub max_parallel: Option<Spanned<i64>>,

@@ -239,6 +239,9 @@ pub struct Task {
     pub needs: Vec<Spanned<TaskId>>,
     pub when: Option<When>,
     pub map: Option<MapSpec>,
+    /// A fan-out's instance ids (`id`), and the ids each instance runs after (`after`).
+    pub instance_id: Option<Template>,
+    pub after: Option<Template>,
     pub max_parallel: Option<u32>,
     pub on_item_failure: OnItemFailure,
     pub min_success: Option<u32>,
@@ -838,6 +841,14 @@ fn resolve_task(
         RawMap::List(items) => MapSpec::Static(items.clone()),
         RawMap::Expression(e) => MapSpec::Expression(Template::new(e.clone(), m.span, file)),
     });
+    let instance_id = rt
+        .id
+        .as_ref()
+        .map(|t| Template::new(t.value.clone(), t.span, file));
+    let after = rt
+        .after
+        .as_ref()
+        .map(|t| Template::new(t.value.clone(), t.span, file));
     let when = rt.when.as_ref().map(|w| match &w.value {
         RawWhen::Bool(b) => When::Literal(*b),
         RawWhen::Expression(e) => When::Expression(Template::new(e.clone(), w.span, file)),
@@ -851,6 +862,8 @@ fn resolve_task(
         needs,
         when,
         map,
+        instance_id,
+        after,
         max_parallel: rt
             .max_parallel
             .as_ref()
@@ -1649,6 +1662,12 @@ fn task_templates(task: &Task) -> Vec<(&Template, String, bool)> {
     if let Some(MapSpec::Expression(m)) = &task.map {
         out.push((m, "map".into(), true));
     }
+    if let Some(t) = &task.instance_id {
+        out.push((t, "id".into(), false));
+    }
+    if let Some(t) = &task.after {
+        out.push((t, "after".into(), true));
+    }
     out
 }
 
@@ -1933,6 +1952,33 @@ fn check_fan_out_settings(workflow: &Workflow, raw: &RawClusterfile, diags: &mut
                     );
                 }
             }
+        }
+        for (key, span) in [
+            ("id", rt.id.as_ref().map(|s| s.span)),
+            ("after", rt.after.as_ref().map(|s| s.span)),
+        ] {
+            if let (Some(span), false) = (span, task.is_mapped()) {
+                diags.push(
+                    Diagnostic::error(
+                        Category::InvalidValue,
+                        "needs-map",
+                        format!("`{key}` names instances of a fan-out: task `{}` has no `map`", task.id),
+                    )
+                    .at(span, "without `map`")
+                    .help("add `map = \"{{ tasks.<planner>.output.<list> }}\"` (or a list), one instance per item"),
+                );
+            }
+        }
+        if let (Some(after), None, true) = (&rt.after, &rt.id, task.is_mapped()) {
+            diags.push(
+                Diagnostic::error(
+                    Category::InvalidValue,
+                    "after-needs-id",
+                    format!("`after` of task `{}` names instances, which need ids", task.id),
+                )
+                .at(after.span, "instances have no `id`")
+                .help("add `id = \"{{ item.id }}\"`: each instance's id, which `after` lists refer to"),
+            );
         }
         if let Some(ms) = &rt.min_success {
             if task.on_item_failure == OnItemFailure::FailFast && task.is_mapped() {

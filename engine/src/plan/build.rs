@@ -12,6 +12,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use serde::Serialize;
 use serde_json::Value;
 
+use super::graph;
 use crate::diagnostic::{Category, Diagnostic};
 use crate::model::raw::{MergeStrategy, OnConflict, OnItemFailure, OutputMode, WorkspaceMode};
 use crate::model::template::{self, is_runtime_name, Template};
@@ -126,6 +127,9 @@ pub struct PlannedTask {
     pub dynamic_map: Option<DynamicMap>,
     /// Ids of the plan nodes this one runs after.
     pub needs: Vec<String>,
+    /// In a task graph: the instances of the same task this one runs after (also in `needs`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
     pub when: WhenState,
     pub runner: String,
     pub timeout_ms: Option<u64>,
@@ -156,6 +160,11 @@ pub struct FanOut {
     pub max_parallel: Option<u32>,
     pub on_item_failure: OnItemFailure,
     pub min_success: Option<u32>,
+    /// A task graph's instance ids (`id`, a template) and dependencies (`after`, an expression).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -740,22 +749,93 @@ fn expand<'w>(
     diags: &mut Vec<Diagnostic>,
 ) {
     nodes.reserve(items.len());
+    let first = nodes.len();
+    let mut instances: Vec<graph::Instance> = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let ctx = renderer.context(Some((i, item)), true, scope.map(|s| &**s));
-        let mut node = plan_instance(
-            renderer,
-            task,
-            &ctx,
-            format!("{}[{i}]", task.id),
-            needs.to_vec(),
-            diags,
-        );
+        // A graph's instance: its id, and the instances it runs after.
+        let instance = task
+            .instance_id
+            .as_ref()
+            .and_then(|t| {
+                renderer
+                    .render(t, &ctx, "id", task.id.as_str(), diags)
+                    .rendered
+            })
+            .map(|id| {
+                let id = graph::id_of(&id);
+                let after = match &task.after {
+                    Some(t) => match renderer.eval(t, &ctx, "after", task.id.as_str(), diags) {
+                        Some(Some(v)) => {
+                            let v = serde_json::to_value(&v).unwrap_or(Value::Null);
+                            graph::after_of(&v).unwrap_or_else(|e| {
+                                diags.push(invalid_graph(task, &[format!("instance `{id}`: {e}")]));
+                                Vec::new()
+                            })
+                        }
+                        _ => Vec::new(),
+                    },
+                    None => Vec::new(),
+                };
+                graph::Instance { id, after }
+            });
+        let node_id = match &instance {
+            Some(inst) => graph::node_id(task.id.as_str(), &inst.id),
+            None => format!("{}[{i}]", task.id),
+        };
+        let mut node_needs = needs.to_vec();
+        if let Some(inst) = &instance {
+            let after: Vec<String> = inst
+                .after
+                .iter()
+                .map(|a| graph::node_id(task.id.as_str(), a))
+                .collect();
+            node_needs.extend(after.iter().cloned());
+            instances.push(inst.clone());
+        }
+        let mut node = plan_instance(renderer, task, &ctx, node_id, node_needs, diags);
+        if let Some(inst) = &instance {
+            node.after = inst
+                .after
+                .iter()
+                .map(|a| graph::node_id(task.id.as_str(), a))
+                .collect();
+        }
         node.index = Some(i);
         node.scope = scope.cloned();
         node.item = Some(item.clone());
         ids.push(node.id.clone());
         nodes.push(node);
     }
+    if task.instance_id.is_some() {
+        let problems = graph::problems(&instances);
+        if !problems.is_empty() {
+            diags.push(invalid_graph(task, &problems));
+            // Nothing of a broken graph is planned: its edges would point nowhere.
+            nodes.truncate(first);
+            ids.truncate(ids.len() - items.len());
+        }
+    }
+}
+
+/// A task graph known at plan time that cannot run: each problem, at the task's `map`.
+fn invalid_graph(task: &Task, problems: &[String]) -> Diagnostic {
+    let mut d = Diagnostic::error(
+        Category::InvalidValue,
+        "invalid-graph",
+        format!(
+            "the instances of task `{}` do not form a valid graph: {}",
+            task.id,
+            problems.join("; ")
+        ),
+    )
+    .at(task.span, "this fan-out");
+    if let Some(id) = &task.instance_id {
+        d = d
+            .at(id.span, "instance ids")
+            .note(task.span, "this fan-out");
+    }
+    d.help("each instance needs a unique id (letters, digits, `_`, `-`), and `after` may name only other instances, without a cycle")
 }
 
 fn plan_instance<'w>(
@@ -835,6 +915,7 @@ fn plan_instance<'w>(
         item: None,
         dynamic_map: None,
         needs,
+        after: Vec::new(),
         when,
         runner: task.runner.clone(),
         timeout_ms: task.timeout.map(|d| d.as_millis() as u64),
@@ -843,6 +924,8 @@ fn plan_instance<'w>(
             max_parallel: task.max_parallel,
             on_item_failure: task.on_item_failure,
             min_success: task.min_success,
+            id: task.instance_id.as_ref().map(|t| t.source.clone()),
+            after: task.after.as_ref().map(|t| t.source.clone()),
         }),
         artifacts: task.artifacts.clone(),
         reports: task.reports.clone(),

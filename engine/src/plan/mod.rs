@@ -2,6 +2,7 @@
 //! static fan-outs expanded, templates rendered where knowable and effective settings resolved.
 
 mod build;
+pub mod graph;
 pub mod inputs;
 mod render;
 

@@ -298,6 +298,31 @@ pub fn example_of(schema: &Value) -> Result<Value, String> {
     example_at(schema, 0, 0, &mut budget)
 }
 
+/// Names a planner's output gives the ids an item runs after.
+const DEPENDENCY_KEYS: &[&str] = &[
+    "after",
+    "depends_on",
+    "dependencies",
+    "deps",
+    "needs",
+    "blocked_by",
+];
+
+/// In a made-up list of subtasks, what the `i`-th item runs after: the second item runs after
+/// the first (whose free-string id is `rehearsal`), the others after nothing. So a rehearsed
+/// planner returns a small task graph with one dependency, and the rehearsal shows order.
+fn dependency_example(key: &str, schema: &Value, i: usize) -> Option<Value> {
+    let is_list_of_strings = schema["type"] == "array" && schema["items"]["type"] == "string";
+    if !DEPENDENCY_KEYS.contains(&key) || !is_list_of_strings || schema.get("minItems").is_some() {
+        return None;
+    }
+    Some(if i == 1 {
+        json!(["rehearsal"])
+    } else {
+        json!([])
+    })
+}
+
 /// The `i`-th example: free strings get a `-<i+1>` suffix, so the items of an example list differ
 /// (values from `enum` or `const` never change).
 fn example_at(
@@ -341,7 +366,11 @@ fn example_at(
             if let Some(props) = schema["properties"].as_object() {
                 for (k, v) in props {
                     budget.spend(0, k.len())?;
-                    out.insert(k.clone(), example_at(v, i, depth + 1, budget)?);
+                    let value = match dependency_example(k, v, i) {
+                        Some(deps) => deps,
+                        None => example_at(v, i, depth + 1, budget)?,
+                    };
+                    out.insert(k.clone(), value);
                 }
             }
             Value::Object(out)

@@ -329,6 +329,7 @@ mod tests {
             cost_usd: None,
             tokens: None,
             denials: None,
+            after: Vec::new(),
         }
     }
 

@@ -149,6 +149,9 @@ pub struct TaskRecord {
     /// Agent tasks: tool calls the CLI denied, over every attempt so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub denials: Option<u32>,
+    /// In a task graph: the instances this one ran after (the expanded graph's edges).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
 }
 
 /// An attempt that ended (one that was running when ccluster died has no record: its task record

@@ -109,8 +109,10 @@ pub(crate) fn rehearsal_part(agents: Option<&Agents>, node: &str) -> String {
     context::hash_of(&script)
 }
 
-/// `retry.resume_session`: the session an attempt continues, when its predecessor was
-/// interrupted (an interrupted conversation goes on, in the same workspace).
+/// The session an attempt continues: its predecessor's, when its answer was refused (an invalid
+/// task graph, a structured output that does not fit: the planner is told what is wrong), or
+/// under `retry.resume_session` when it was interrupted (the conversation goes on, in the same
+/// workspace).
 pub(crate) fn resume(
     plan: &PlannedTask,
     attempt: u32,
@@ -119,6 +121,12 @@ pub(crate) fn resume(
 ) -> Option<(String, PathBuf)> {
     let is_agent = matches!(plan.action, PlannedAction::Agent { .. });
     match (previous, class) {
+        // A refused answer is answered again in the same conversation, told why.
+        (Some(session), Some(FailureClass::PlanInvalid | FailureClass::StructuredOutput))
+            if is_agent && attempt > 1 =>
+        {
+            Some(session.clone())
+        }
         (Some(session), Some(class))
             if is_agent
                 && attempt > 1
@@ -188,6 +196,7 @@ pub(crate) fn commands(
         output_schema,
         session: &session,
         resume: cx.resume.as_ref().map(|(s, _)| s.as_str()),
+        resume_prompt: cx.feedback.as_deref(),
         dir: &dir,
         timeout: plan.timeout_ms.map(Duration::from_millis),
         retry: &plan.retry,
@@ -288,4 +297,26 @@ pub(super) fn worker_process(
         .collect();
     s.model_api = Some(worker.model_api());
     Ok(s)
+}
+
+/// What a resumed planner is told when its last answer was refused: the reason, and to answer
+/// again in full. Bounded: a reason longer than 16 KiB is cut.
+pub(crate) fn feedback(class: Option<FailureClass>, message: Option<&str>) -> Option<String> {
+    if !matches!(
+        class,
+        Some(FailureClass::PlanInvalid | FailureClass::StructuredOutput)
+    ) {
+        return None;
+    }
+    let mut reason = message?.to_string();
+    if reason.len() > 16 << 10 {
+        let mut cut = 16 << 10;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+    }
+    Some(format!(
+        "Your last answer cannot be used: {reason}\n\nFix these problems and give your whole answer again, in the same format."
+    ))
 }

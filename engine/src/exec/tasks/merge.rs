@@ -42,6 +42,7 @@ pub(crate) fn commands(a: &Attempt) -> Result<Commands, ApplyError> {
                 output_schema: None,
                 session: &session,
                 resume: None,
+                resume_prompt: None,
                 dir: &dir,
                 timeout: plan.timeout_ms.map(Duration::from_millis),
                 retry: &plan.retry,

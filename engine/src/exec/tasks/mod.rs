@@ -115,6 +115,9 @@ pub(crate) struct TaskContext<'a> {
     pub progress: &'a mpsc::UnboundedSender<Event>,
     /// Work a killed ccluster left with the node's runner, which this attempt takes over.
     pub adopted: Option<crate::exec::runner::Adopted>,
+    /// Why the previous attempt's answer was refused, for the resumed session (see
+    /// [`agent::feedback`]).
+    pub feedback: Option<String>,
 }
 
 /// What preparing an attempt gave.
