@@ -82,7 +82,21 @@ pub fn describe(event: &Event) -> String {
         Event::TaskFailed { task, message, .. } => format!("FAILED  {task}: {message}"),
         Event::TaskSkipped { task, reason, .. } => format!("skip    {task}: {reason}"),
         Event::TaskCancelled { task, reason, .. } => format!("cancel  {task}: {reason}"),
-        Event::MapExpanded { task, items, .. } => format!("map     {task}: {items} instances"),
+        Event::MapExpanded {
+            task,
+            items,
+            edges: None,
+            ..
+        } => format!("map     {task}: {items} instances"),
+        Event::MapExpanded {
+            task,
+            items,
+            edges: Some(edges),
+            ..
+        } => format!(
+            "graph   {task}: {items} instances, {edges} dependenc{}",
+            if *edges == 1 { "y" } else { "ies" }
+        ),
                 Event::TaskProgress { task, kind, detail, .. } => format!("  ·     {task}: {kind} {detail}"),
         Event::Warning { task, message, .. } => format!("warning {task}: {message}"),
         Event::RunFinished { run, state, succeeded, cached, failed, skipped, cancelled, duration_ms, .. } => format!(
@@ -699,6 +713,14 @@ pub fn status(dir: &Path, run: Option<&str>, json: bool) -> u8 {
                 .next()
                 .unwrap_or("")
         );
+    }
+    // A task graph's edges: what each instance ran (or runs) after.
+    let edges: Vec<_> = view.tasks.iter().filter(|t| !t.after.is_empty()).collect();
+    if !edges.is_empty() {
+        say!("graph:");
+        for t in edges {
+            say!("  {:<26} after {}", t.node, t.after.join(", "));
+        }
     }
     if tokens > 0 {
         let denied = match denials {

@@ -143,17 +143,34 @@ turns = [{ tools = [{ name = "Write", input = { file_path = "{{cwd}}/fixed.txt",
             "goal=Make the tests pass",
             "--var",
             "test_command=test -f fixed.txt",
+            "--var",
+            "max_replan_rounds=1",
         ],
     );
     assert_eq!(done.code, 0, "{}\n{}", done.stdout, done.stderr);
     let succeeded = done.tasks("task_succeeded");
-    for task in ["fix1", "retest1", "fixed", "docs", "verify"] {
+    // The second look (`replan`) adds follow-ups as a graph, run after the fix-up loop and
+    // merged before the docs: the rehearsed planner's graph has one dependency.
+    for task in [
+        "fix1",
+        "retest1",
+        "fixed",
+        "replan",
+        "followup[rehearsal]",
+        "followup[rehearsal-2]",
+        "followup[rehearsal-3]",
+        "followed",
+        "docs",
+        "verify",
+    ] {
         assert!(
             succeeded.contains(&task.to_string()),
             "{task}: {succeeded:?}"
         );
     }
     assert_eq!(done.tasks("task_skipped"), ["fix2"]);
+    let position = |task: &str| succeeded.iter().position(|t| t == task).unwrap();
+    assert!(position("followup[rehearsal-2]") > position("followup[rehearsal]"));
     let status = s.status();
     let test = status["tasks"]
         .as_array()

@@ -850,6 +850,9 @@ impl Dispatcher<'_> {
             run: self.run.id.clone(),
             task: id.clone(),
             items: items.len(),
+            edges: instances
+                .as_ref()
+                .map(|all| all.iter().map(|i| i.after.len()).sum()),
             time_ms: now_ms(),
         });
         // What `plan` could not know: do the instances say they will change the same paths?

@@ -87,6 +87,9 @@ pub enum Event {
         run: String,
         task: String,
         items: usize,
+        /// A task graph's edges (an instance running after another); absent for a plain map.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        edges: Option<usize>,
         time_ms: u64,
     },
     RunFinished {
