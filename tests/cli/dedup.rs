@@ -382,3 +382,44 @@ fn a_planner_returning_two_identical_subtasks_pays_for_one_agent_session() {
         "{report}"
     );
 }
+
+/// `ccluster cancel` while the original runs: its waiting duplicate is cancelled with it, unrun.
+#[test]
+fn a_cancelled_original_cancels_its_waiting_duplicate() {
+    let outside = tempfile::tempdir().unwrap();
+    let count = outside.path().join("count");
+    let hold = outside.path().join("hold");
+    std::fs::write(&hold, "").unwrap();
+    let clusterfile = format!(
+        r#"version = 1
+[tasks.work]
+map = ["x", "x"]
+run = "echo {{{{ item }}}} >> '{count}'; while [ -e '{hold}' ]; do sleep 0.05; done"
+sources = []
+"#,
+        count = count.display(),
+        hold = hold.display()
+    );
+    let s = Sandbox::new(&clusterfile);
+    let child = s.spawn_apply(&["--jobs", "2"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lines(&count).is_empty() {
+        assert!(Instant::now() < deadline, "work[0] never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cancel = s.command(&["cancel"]).output().unwrap();
+    assert!(cancel.status.success(), "{cancel:?}");
+    let run = Applied::from_output(child.wait_with_output().unwrap());
+    assert_eq!(run.code, 130, "{}\n{}", run.stdout, run.stderr);
+    assert_eq!(lines(&count), ["x"]);
+    assert_eq!(run.tasks("task_started"), ["work[0]"]);
+    let cancelled = run.of("task_cancelled");
+    let dup = cancelled.iter().find(|e| e["task"] == "work[1]").unwrap();
+    assert_eq!(
+        dup["reason"],
+        "not run: `work[0]`, which does the same work, was cancelled"
+    );
+    let status = s.status();
+    assert_eq!(task(&status, "work[1]")["deduplicated_from"], "work[0]");
+    assert_eq!(task(&status, "work[1]")["state"], "cancelled");
+}

@@ -168,4 +168,52 @@ mod tests {
         assert_eq!(d.take_waiting(3), vec![5, 7]);
         assert!(d.take_waiting(3).is_empty());
     }
+
+    fn record(node: &str, state: TaskState) -> TaskRecord {
+        let mut r: TaskRecord = serde_json::from_value(serde_json::json!({
+            "node": node, "task": "build", "order": 0, "state": state, "attempts": 0,
+            "cache_key": null, "exit_code": null, "class": null, "started_ms": null,
+            "finished_ms": null, "output": null, "message": null
+        }))
+        .unwrap();
+        r.state = state;
+        r
+    }
+
+    #[test]
+    fn a_duplicate_takes_the_originals_result_failure_or_cancellation() {
+        let mut ok = record("build[0]", TaskState::Cached);
+        ok.output = Some(serde_json::json!("out"));
+        ok.commit = Some("c0ffee".into());
+        ok.cached_from = Some("run-1".into());
+        let mut dup = record("build[1]", TaskState::Pending);
+        inherit(&mut dup, &ok);
+        assert_eq!(dup.state, TaskState::Cached);
+        assert_eq!(dup.output, ok.output);
+        assert_eq!(dup.commit.as_deref(), Some("c0ffee"));
+        assert_eq!(dup.cached_from.as_deref(), Some("run-1"));
+        assert_eq!(dup.deduplicated_from.as_deref(), Some("build[0]"));
+        assert_eq!(dup.attempts, 0);
+
+        let mut failed = record("build[0]", TaskState::Failed);
+        failed.class = Some(crate::model::raw::FailureClass::Timeout);
+        failed.message = Some("timed out after 1s".into());
+        let mut dup = record("build[1]", TaskState::Pending);
+        inherit(&mut dup, &failed);
+        assert_eq!(dup.state, TaskState::Failed);
+        assert_eq!(dup.class, failed.class);
+        assert_eq!(
+            dup.message.as_deref(),
+            Some("`build[0]`, which does the same work, failed: timed out after 1s")
+        );
+        assert_eq!(dup.output, None);
+
+        let mut dup = record("build[1]", TaskState::Pending);
+        inherit(&mut dup, &record("build[0]", TaskState::Cancelled));
+        assert_eq!(dup.state, TaskState::Cancelled);
+        assert_eq!(
+            dup.message.as_deref(),
+            Some("not run: `build[0]`, which does the same work, was cancelled")
+        );
+    }
 }
