@@ -423,3 +423,67 @@ sources = []
     assert_eq!(task(&status, "work[1]")["deduplicated_from"], "work[0]");
     assert_eq!(task(&status, "work[1]")["state"], "cancelled");
 }
+
+/// A planned task graph with two subtasks of the same work under different ids: one agent
+/// session for both, and what runs after the duplicate starts from the original's result.
+#[test]
+fn in_a_task_graph_a_duplicate_subtask_runs_once_and_its_dependents_build_on_its_result() {
+    let s = crate::agents::repo(
+        r#"version = 1
+[tasks.plan]
+prompt = "Plan the feature"
+output_schema = { type = "object", required = ["subtasks"], properties = { subtasks = { type = "array", items = { type = "object", required = ["id", "topic"], properties = { id = { type = "string" }, topic = { type = "string" }, depends_on = { type = "array", items = { type = "string" } } } } } } }
+rehearsal = { output = { subtasks = [{ id = "docs", topic = "the docs" }, { id = "manual", topic = "the docs" }, { id = "check", topic = "a check", depends_on = ["manual"] }] } }
+
+[tasks.build]
+needs = ["plan"]
+map = "{{ tasks.plan.output.subtasks }}"
+id = "{{ item.id }}"
+after = "{{ item.depends_on | default([]) }}"
+prompt = "Write {{ item.topic }}"
+"#,
+    );
+    let run = crate::agents::rehearse(&s, &["--jobs", "3"]);
+    ok(&run);
+    assert_eq!(run.tasks("task_deduplicated"), ["build[manual]"]);
+    assert_eq!(run.of("task_deduplicated")[0]["from_task"], "build[docs]");
+    let mut started = run.tasks("task_started");
+    started.sort();
+    assert_eq!(started, ["build[check]", "build[docs]", "plan"]);
+    let id = s.run_id();
+    let requests = std::fs::read_to_string(
+        s.path()
+            .join(".ccluster/runs")
+            .join(&id)
+            .join("rehearsal.jsonl"),
+    )
+    .unwrap();
+    let sessions: std::collections::BTreeSet<String> = requests
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["session"].to_string())
+        .collect();
+    assert_eq!(sessions.len(), 3, "{requests}");
+    // `check` runs after the duplicate, from its commit: the original's work.
+    let files = git(
+        s.path(),
+        &[
+            "ls-tree",
+            "-r",
+            "--name-only",
+            &format!("refs/ccluster/runs/{id}/build%5Bcheck%5D"),
+        ],
+    );
+    assert!(
+        files.contains(".ccluster-rehearsal/build.docs.md"),
+        "{files}"
+    );
+    let status = s.status();
+    assert_eq!(
+        task(&status, "build[manual]")["deduplicated_from"],
+        "build[docs]"
+    );
+    assert_eq!(
+        task(&status, "build[manual]")["commit"],
+        task(&status, "build[docs]")["commit"]
+    );
+}
