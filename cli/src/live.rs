@@ -106,7 +106,9 @@ impl EventSink for LiveView {
                 return;
             }
             Event::TaskRetrying { task, .. } => self.finish(task, line),
-            Event::TaskSucceeded { task, .. } | Event::TaskCached { task, .. } => {
+            Event::TaskSucceeded { task, .. }
+            | Event::TaskCached { task, .. }
+            | Event::TaskDeduplicated { task, .. } => {
                 self.done += 1;
                 self.finish(task, line);
             }

@@ -94,8 +94,8 @@ pub fn artifacts(
         let listing: Vec<serde_json::Value> = tasks
             .iter()
             .map(|t| {
-                let from = t.cached_from.as_deref().unwrap_or(&run.id);
-                let records = store.artifacts(from, &t.node).unwrap_or_default();
+                let (from, node) = t.result_source(&run.id);
+                let records = store.artifacts(from, node).unwrap_or_default();
                 serde_json::json!({ "node": t.node, "run": from, "attempts": records })
             })
             .collect();
@@ -109,8 +109,8 @@ pub fn artifacts(
     }
     let mut out = std::io::stdout().lock();
     for t in &tasks {
-        let from = t.cached_from.as_deref().unwrap_or(&run.id);
-        let records = store.artifacts(from, &t.node).unwrap_or_default();
+        let (from, node) = t.result_source(&run.id);
+        let records = store.artifacts(from, node).unwrap_or_default();
         if records.is_empty() {
             continue;
         }
@@ -135,10 +135,10 @@ pub fn artifacts(
                 out,
                 "  attempt {}{}: {}",
                 a.attempt,
-                if t.cached_from.is_some() {
-                    format!(" (run {from})")
-                } else {
-                    String::new()
+                match (&t.cached_from, &t.deduplicated_from) {
+                    (_, Some(original)) => format!(" (of {original}, run {from})"),
+                    (Some(_), None) => format!(" (run {from})"),
+                    (None, None) => String::new(),
                 },
                 if parts.is_empty() {
                     "no changes".into()
@@ -165,7 +165,7 @@ pub fn artifacts(
                 "out",
                 "err",
             ] {
-                let path = ccluster_engine::exec::log_path(&logs, &t.node, a.attempt, stream);
+                let path = ccluster_engine::exec::log_path(&logs, node, a.attempt, stream);
                 if path.exists() {
                     let _ = writeln!(out, "    log    {}", path.display());
                 }
@@ -202,8 +202,8 @@ fn get_artifact(
         eprintln!("  help: name an instance, e.g. `edit[0]`");
         return exit::INVALID_INPUT;
     };
-    let from = t.cached_from.as_deref().unwrap_or(&run.id);
-    let Some(a) = store.artifacts(from, &t.node).unwrap_or_default().pop() else {
+    let (from, node) = t.result_source(&run.id);
+    let Some(a) = store.artifacts(from, node).unwrap_or_default().pop() else {
         eprintln!("error: `{}` has no artifacts", t.node);
         eprintln!(
             "  help: `ccluster artifacts {} {}` lists what each attempt left",

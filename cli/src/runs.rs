@@ -79,6 +79,7 @@ pub fn describe(event: &Event) -> String {
         }
         Event::TaskSucceeded { task, duration_ms, .. } => format!("done    {task} in {}", duration(*duration_ms)),
         Event::TaskCached { task, from_run, .. } => format!("cached  {task} (from run {from_run})"),
+        Event::TaskDeduplicated { task, from_task, .. } => format!("dedup   {task} (result of {from_task}, the same work)"),
         Event::TaskFailed { task, message, .. } => format!("FAILED  {task}: {message}"),
         Event::TaskSkipped { task, reason, .. } => format!("skip    {task}: {reason}"),
         Event::TaskCancelled { task, reason, .. } => format!("cancel  {task}: {reason}"),
@@ -114,6 +115,7 @@ fn event_time(event: &Event) -> u64 {
         | Event::TaskRetrying { time_ms, .. }
         | Event::TaskSucceeded { time_ms, .. }
         | Event::TaskCached { time_ms, .. }
+        | Event::TaskDeduplicated { time_ms, .. }
         | Event::TaskFailed { time_ms, .. }
         | Event::TaskSkipped { time_ms, .. }
         | Event::TaskCancelled { time_ms, .. }

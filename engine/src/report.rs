@@ -71,6 +71,9 @@ pub struct TaskReport {
     pub message: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cached_from: Option<String>,
+    /// The node of the run whose outcome it took, doing the same work (see `docs/state.md`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deduplicated_from: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -81,11 +84,18 @@ pub struct Totals {
     pub failed: usize,
     pub skipped: usize,
     pub cancelled: usize,
+    /// Of the above, nodes that took the outcome of another doing the same work.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub deduplicated: usize,
     pub attempts: u32,
     pub cost_usd: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub denials: Option<u32>,
     pub tests: Option<TestCounts>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// A cost as `status` and the report both show it: four decimals, since one agent turn can cost
@@ -94,14 +104,15 @@ pub fn usd(cost: f64) -> String {
     format!("${cost:.4}")
 }
 
-/// The artifact record of a node's last attempt in `run` (for a cached node, in the run it reuses).
+/// The artifact record of a node's last attempt in `run` (for a cached node, in the run it reuses;
+/// for a deduplicated one, its original's).
 fn last_artifacts(
     store: &dyn RunRecords,
     run: &str,
     task: &TaskRecord,
 ) -> Result<Option<ArtifactRecord>, StoreError> {
-    let from = task.cached_from.as_deref().unwrap_or(run);
-    Ok(store.artifacts(from, &task.node)?.pop())
+    let (from, node) = task.result_source(run);
+    Ok(store.artifacts(from, node)?.pop())
 }
 
 /// The report of `run`, from the database or, while another process holds it, from the archives.
@@ -138,6 +149,9 @@ pub fn build(store: &dyn RunRecords, run: &RunRecord) -> Result<RunReport, Store
             *totals.denials.get_or_insert(0) += d;
         }
         totals.attempts += t.attempts;
+        if t.deduplicated_from.is_some() {
+            totals.deduplicated += 1;
+        }
         match t.state {
             TaskState::Succeeded => totals.succeeded += 1,
             TaskState::Cached => totals.cached += 1,
@@ -167,6 +181,7 @@ pub fn build(store: &dyn RunRecords, run: &RunRecord) -> Result<RunReport, Store
             conflicts: artifacts.map(|a| a.conflicts).unwrap_or_default(),
             message: t.message.clone(),
             cached_from: t.cached_from.clone(),
+            deduplicated_from: t.deduplicated_from.clone(),
         });
     }
     let result = run.result.as_ref().and_then(|r| {
@@ -352,6 +367,13 @@ pub fn to_markdown(r: &RunReport) -> String {
         t.attempts,
         if t.attempts == 1 { "" } else { "s" }
     );
+    if t.deduplicated > 0 {
+        let _ = write!(
+            out,
+            "; {} deduplicated (the same work as another task, not run again)",
+            t.deduplicated
+        );
+    }
     if let Some(ms) = r.finished_ms.map(|f| f.saturating_sub(r.started_ms)) {
         let _ = write!(out, "; {}", seconds(ms));
     }
@@ -390,7 +412,14 @@ pub fn to_markdown(r: &RunReport) -> String {
             out,
             "| {} | {} | {} | {} | {} | {} | {} | {} |",
             code_cell(&task.node),
-            snake(&task.state),
+            match &task.deduplicated_from {
+                Some(from) => format!(
+                    "{}, deduplicated from {}",
+                    snake(&task.state),
+                    code_cell(from)
+                ),
+                None => snake(&task.state),
+            },
             task.attempts,
             task.duration_ms.map_or("—".into(), seconds),
             task.cost_usd.map_or("—".into(), usd),
@@ -512,6 +541,7 @@ mod tests {
             conflicts: Vec::new(),
             message: message.map(str::to_string),
             cached_from: None,
+            deduplicated_from: None,
         };
         let mut edit = task("edit[`x` | <b>y</b>]", TaskState::Succeeded, None);
         edit.git_ref = Some("refs/ccluster/runs/r/edit/**x**".into());

@@ -7,6 +7,7 @@ mod attach;
 mod compose;
 mod consistency;
 mod crash;
+mod dedup;
 mod docker;
 mod docker_agents;
 mod examples;

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::context::{self, Read, RunScope, Upstream};
+use super::dedup::{self, Dedup};
 use super::events::{Event, EventSink};
 use super::job::{self, Job, JobResult};
 pub use super::options::{ApplyError, ApplyOptions};
@@ -189,6 +190,8 @@ struct Dispatcher<'a> {
     /// What the run's agents have spent so far (US dollars).
     spent_usd: f64,
     max_run_usd: Option<f64>,
+    /// Which node of the run does each work, and which duplicates wait for it.
+    dedup: Dedup,
 }
 
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(500);
@@ -370,6 +373,7 @@ pub async fn apply(
         progress_rx: Some(progress_rx),
         spent_usd: 0.0,
         max_run_usd: compiled.workflow.max_run_usd,
+        dedup: Dedup::default(),
     };
     d.build(compiled)?;
     // The live view exists from the start, so `status` and `cancel` see the run at once.
@@ -512,6 +516,7 @@ impl Dispatcher<'_> {
             tokens: None,
             denials: None,
             after: plan.after.clone(),
+            deduplicated_from: None,
         };
         // Pending nodes are not written: a node's record is first written when it starts or
         // settles (so `status` lists the nodes a run reached), which halves the writes of a run.
@@ -970,8 +975,19 @@ impl Dispatcher<'_> {
         self.node_done(node)
     }
 
-    /// A node became terminal: settle its group when it was the last one, or fail it fast.
+    /// A node became terminal: its group's count, then the duplicates that waited for it.
     fn node_done(&mut self, node: usize) -> Result<(), ApplyError> {
+        self.group_node_done(node)?;
+        for duplicate in self.dedup.take_waiting(node) {
+            if !self.nodes[duplicate].record.state.is_terminal() {
+                self.take_outcome(duplicate, node)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A node became terminal: settle its group when it was the last one, or fail it fast.
+    fn group_node_done(&mut self, node: usize) -> Result<(), ApplyError> {
         let group = self.nodes[node].group;
         let state = self.nodes[node].record.state;
         // In a graph: what runs after this node starts once all it runs after succeeded, and is
@@ -1409,6 +1425,7 @@ impl Dispatcher<'_> {
             );
         }
         let key = context::key_of(&parts);
+        let work = dedup::work_key(plan, &parts);
         self.nodes[node].record.cache_key = Some(key.clone());
         self.nodes[node].parts = Some(parts);
         let forced = self
@@ -1417,10 +1434,10 @@ impl Dispatcher<'_> {
             .iter()
             .any(|r| *r == plan.id || *r == plan.task);
         if self.opts.fresh || forced {
-            return Ok(false);
+            return self.deduplicate(node, work, false);
         }
         let Some(mut hit) = self.store.cached(&key)? else {
-            return Ok(false);
+            return self.deduplicate(node, work, true);
         };
         // A workspace result is only reusable while its commit exists, and on this
         // run's base: a clusterfile edit alone leaves its key, so its commit moves.
@@ -1438,7 +1455,11 @@ impl Dispatcher<'_> {
             _ => true,
         };
         if !usable {
-            return Ok(false);
+            return self.deduplicate(node, work, true);
+        }
+        // A cached node stands for its work in this run: its duplicates take its result.
+        if let Some(work) = work {
+            self.dedup.claim(work, node);
         }
         let refs = self.refs_of(&plan.id);
         let n = &mut self.nodes[node];
@@ -1461,6 +1482,84 @@ impl Dispatcher<'_> {
         self.save(node)?;
         self.node_done(node)?;
         Ok(true)
+    }
+
+    /// Deduplication inside the run (see [`dedup`]): whether `node` is settled or waiting because
+    /// another node of the run does the same `work`. A node that may not read the cache
+    /// (`--fresh`, `retry --task`) takes no result the original took from the cache: it runs.
+    fn deduplicate(
+        &mut self,
+        node: usize,
+        work: Option<String>,
+        may_read_cache: bool,
+    ) -> Result<bool, ApplyError> {
+        let Some(original) = work.and_then(|w| self.dedup.claim(w, node)) else {
+            return Ok(false);
+        };
+        let state = self.nodes[original].record.state;
+        if state == TaskState::Cached && !may_read_cache {
+            return Ok(false);
+        }
+        if state.is_terminal() {
+            self.take_outcome(node, original)?;
+        } else {
+            // It waits without a slot; the original's end settles it (`node_done`).
+            self.dedup.wait_for(original, node);
+        }
+        Ok(true)
+    }
+
+    /// `node` takes the outcome of `original`, which does the same work and has ended.
+    fn take_outcome(&mut self, node: usize, original: usize) -> Result<(), ApplyError> {
+        let source = self.nodes[original].record.clone();
+        dedup::inherit(&mut self.nodes[node].record, &source);
+        let (run, task, time_ms) = (
+            self.run.id.clone(),
+            self.nodes[node].plan.id.clone(),
+            now_ms(),
+        );
+        let r = &self.nodes[node].record;
+        let event = match r.state {
+            state if state.is_success() => {
+                // Its own refs name the same commit; set with the cached nodes' at the end.
+                if let Some(commit) = r.commit.clone() {
+                    let refs = self.refs_of(&task);
+                    self.cached_refs
+                        .extend(refs.into_iter().map(|r| (r, commit.clone())));
+                }
+                self.events.push(Event::TaskDeduplicated {
+                    run,
+                    task,
+                    from_task: source.node,
+                    time_ms,
+                });
+                return self.succeeded(node);
+            }
+            TaskState::Failed => Event::TaskFailed {
+                run,
+                task,
+                attempt: 0,
+                class: r.class,
+                exit_code: r.exit_code,
+                message: r.message.clone().unwrap_or_default(),
+                time_ms,
+            },
+            TaskState::Skipped => Event::TaskSkipped {
+                run,
+                task,
+                reason: r.message.clone().unwrap_or_default(),
+                time_ms,
+            },
+            _ => Event::TaskCancelled {
+                run,
+                task,
+                reason: r.message.clone().unwrap_or_default(),
+                time_ms,
+            },
+        };
+        self.events.push(event);
+        self.save(node)?;
+        self.node_done(node)
     }
 
     /// Why an agent may not start now: the run's `max_run_usd` is spent.

@@ -44,6 +44,14 @@ pub enum Event {
         from_run: String,
         time_ms: u64,
     },
+    /// Not run: another node of this run (`from_task`) does the same work, and this one took its
+    /// result. The deduplicated node succeeded (or, when `from_task` was cached, is cached).
+    TaskDeduplicated {
+        run: String,
+        task: String,
+        from_task: String,
+        time_ms: u64,
+    },
     TaskFailed {
         run: String,
         task: String,

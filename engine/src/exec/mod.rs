@@ -1,6 +1,7 @@
 //! Execution: `apply` drives a compiled plan to the end on a runner, checkpointing in the store.
 
 pub mod context;
+mod dedup;
 pub mod direct;
 mod dispatcher;
 pub mod docker;

@@ -330,6 +330,7 @@ mod tests {
             tokens: None,
             denials: None,
             after: Vec::new(),
+            deduplicated_from: None,
         }
     }
 

@@ -152,6 +152,21 @@ pub struct TaskRecord {
     /// In a task graph: the instances this one ran after (the expanded graph's edges).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<String>,
+    /// For a node that did not run because another node of the run does the same work: that
+    /// node, whose outcome (success, failure or cancellation) it took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deduplicated_from: Option<String>,
+}
+
+impl TaskRecord {
+    /// The run and plan node whose attempts made this node's result: another run's for a cached
+    /// node, the original's for a deduplicated one (their artifacts and logs are there).
+    pub fn result_source<'a>(&'a self, run: &'a str) -> (&'a str, &'a str) {
+        (
+            self.cached_from.as_deref().unwrap_or(run),
+            self.deduplicated_from.as_deref().unwrap_or(&self.node),
+        )
+    }
 }
 
 /// An attempt that ended (one that was running when ccluster died has no record: its task record
