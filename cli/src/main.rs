@@ -103,6 +103,10 @@ enum Command {
         /// reporting them.
         #[arg(long)]
         fetch: bool,
+        /// The plan as run RUN (a run id or prefix, or `latest`) expanded it: its dynamic maps
+        /// and task graphs replaced by the run's instances and their edges.
+        #[arg(long, value_name = "RUN", conflicts_with = "explain")]
+        run: Option<String>,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -442,10 +446,13 @@ fn main() -> ExitCode {
             fresh,
             rehearse,
             fetch,
+            run,
             state,
         } => {
-            let explain = explain.then(|| (state.dir(Some(&file.file)), fresh, rehearse));
-            plan_command(&file, output, explain, fetch)
+            let dir = state.dir(Some(&file.file));
+            let explain = explain.then(|| (dir.clone(), fresh, rehearse));
+            let run = run.map(|r| (dir, r));
+            plan_command(&file, output, explain, run, fetch)
         }
         Command::Apply {
             file,
@@ -1070,6 +1077,7 @@ fn plan_command(
     file: &FileArgs,
     format: PlanFormat,
     explain: Option<(PathBuf, bool, bool)>,
+    run: Option<(PathBuf, String)>,
     fetch: bool,
 ) -> u8 {
     let c = match compile(
@@ -1102,11 +1110,30 @@ fn plan_command(
             },
         );
     }
+    // As a run expanded it: its instances (and a task graph's edges) for the placeholders.
+    let expanded = match &run {
+        Some((dir, id)) => match runs::run_records(dir, id) {
+            Ok(records) => {
+                let nodes: Vec<plan::RunNode<'_>> = records
+                    .iter()
+                    .map(|r| plan::RunNode {
+                        node: &r.node,
+                        task: &r.task,
+                        after: &r.after,
+                    })
+                    .collect();
+                Some(c.plan.as_run(&nodes))
+            }
+            Err(code) => return code,
+        },
+        None => None,
+    };
+    let shown = expanded.as_ref().unwrap_or(&c.plan);
     let text = match format {
-        PlanFormat::Text => plan::to_text(&c.plan),
-        PlanFormat::Json => plan::to_json(&c.plan),
-        PlanFormat::Dot => plan::to_dot(&c.plan),
-        PlanFormat::Mermaid => plan::to_mermaid(&c.plan),
+        PlanFormat::Text => plan::to_text(shown),
+        PlanFormat::Json => plan::to_json(shown),
+        PlanFormat::Dot => plan::to_dot(shown),
+        PlanFormat::Mermaid => plan::to_mermaid(shown),
     };
     // Secret inputs, and whatever templates rendered from them, are shown as `***`.
     print(&mask(text, &c.workflow.secret_texts(&c.plan.inputs)));

@@ -566,6 +566,14 @@ pub fn runs(dir: &Path, json: bool) -> u8 {
 
 /// A `RUN` argument: none or `latest` is the latest run; otherwise a run id or a prefix of exactly
 /// one run's id.
+/// The task records of run `id` (an id, a prefix, or `latest`), for `plan --run`.
+pub fn run_records(dir: &Path, id: &str) -> Result<Vec<ccluster_engine::store::TaskRecord>, u8> {
+    let id = (id != "latest").then_some(id);
+    load_runs(dir)
+        .and_then(|v| find_run(v, id))
+        .map(|view| view.tasks)
+}
+
 pub(crate) fn find_run(views: Vec<RunView>, id: Option<&str>) -> Result<RunView, u8> {
     let Some(id) = id.filter(|id| *id != "latest") else {
         return views.into_iter().last().ok_or_else(|| {

@@ -115,6 +115,21 @@ fn a_planned_graph_runs_in_dependency_order_from_what_it_builds_on() {
         tests_record["after"],
         serde_json::json!(["build[api]", "build[ui]"])
     );
+    // `plan --run` draws the plan as the run expanded it.
+    let drawn = s
+        .command(&["plan", "--run", "latest", "--format", "dot"])
+        .output()
+        .unwrap();
+    let dot = String::from_utf8_lossy(&drawn.stdout);
+    for edge in [
+        r#""plan" -> "build[scaffold]";"#,
+        r#""build[scaffold]" -> "build[api]";"#,
+        r#""build[ui]" -> "build[tests]";"#,
+        r#""build[docs]" -> "all";"#,
+    ] {
+        assert!(dot.contains(edge), "{edge} not in {dot}");
+    }
+    assert!(!dot.contains("build[*]"), "{dot}");
 }
 
 #[test]

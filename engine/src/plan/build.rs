@@ -981,3 +981,80 @@ fn task_order(workflow: &Workflow) -> Vec<usize> {
     }
     order
 }
+
+/// A node of a run, as its record has it: for drawing a run's expanded plan.
+pub struct RunNode<'a> {
+    pub node: &'a str,
+    pub task: &'a str,
+    pub after: &'a [String],
+}
+
+impl Plan {
+    /// The plan as a run expanded it: each dynamic map's placeholder (`task[*]`) replaced by the
+    /// run's instances of it, with their edges (a task graph's `after`); what needed a
+    /// placeholder needs its instances. Nodes the run never reached stay as planned.
+    pub fn as_run(&self, run: &[RunNode<'_>]) -> Plan {
+        let mut instances: HashMap<&str, Vec<&RunNode<'_>>> = HashMap::new();
+        for r in run {
+            instances.entry(r.task).or_default().push(r);
+        }
+        let mut replaced: HashMap<String, Vec<String>> = HashMap::new();
+        let mut nodes: Vec<PlannedTask> = Vec::with_capacity(self.nodes.len());
+        for node in &self.nodes {
+            match (
+                node.dynamic_map.is_some(),
+                instances.get(node.task.as_str()),
+            ) {
+                (true, Some(found)) => {
+                    replaced.insert(
+                        node.id.clone(),
+                        found.iter().map(|r| r.node.to_string()).collect(),
+                    );
+                    for r in found {
+                        let mut n = node.clone();
+                        n.id = r.node.to_string();
+                        n.dynamic_map = None;
+                        n.after = r.after.to_vec();
+                        n.needs.extend(r.after.iter().cloned());
+                        nodes.push(n);
+                    }
+                }
+                _ => nodes.push(node.clone()),
+            }
+        }
+        for n in &mut nodes {
+            n.needs = n
+                .needs
+                .iter()
+                .flat_map(|need| match replaced.get(need) {
+                    Some(ids) => ids.clone(),
+                    None => vec![need.clone()],
+                })
+                .collect();
+        }
+        let mut graph = DiGraph::<usize, ()>::with_capacity(nodes.len(), nodes.len());
+        let ids: HashMap<&str, NodeIndex> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.id.as_str(), graph.add_node(i)))
+            .collect();
+        for (i, node) in nodes.iter().enumerate() {
+            for need in &node.needs {
+                if let Some(&from) = ids.get(need.as_str()) {
+                    graph.add_edge(from, NodeIndex::new(i), ());
+                }
+            }
+        }
+        let mut summary = self.summary.clone();
+        summary.nodes = nodes.len();
+        Plan {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            inputs: self.inputs.clone(),
+            summary,
+            nodes,
+            graph,
+            runners: self.runners.clone(),
+        }
+    }
+}

@@ -7,7 +7,8 @@ pub mod inputs;
 mod render;
 
 pub use build::{
-    build, overlaps, DynamicMap, Plan, PlannedAction, PlannedTask, Summary, Text, WhenState,
+    build, overlaps, DynamicMap, Plan, PlannedAction, PlannedTask, RunNode, Summary, Text,
+    WhenState,
 };
 pub use inputs::InputArgs;
 pub use render::{to_dot, to_json, to_mermaid, to_text};
