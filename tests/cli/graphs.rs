@@ -315,3 +315,55 @@ sources = []
         "the planner was asked again"
     );
 }
+
+#[test]
+fn an_instance_whose_predecessors_conflict_fails_or_has_an_agent_resolve_it() {
+    // `a` and `b` write the same file differently; `c` runs after both, so it starts from their
+    // merge, which conflicts.
+    let graph = |on_conflict: &str| {
+        format!(
+            r#"version = 1
+[tasks.step]
+map = [{{ id = "a" }}, {{ id = "b" }}, {{ id = "c", after = ["a", "b"] }}]
+id = "{{{{ item.id }}}}"
+after = "{{{{ item.after | default([]) }}}}"
+workspace = "worktree"
+run = "{{% if item.id == 'c' %}}cat shared.txt > seen.txt{{% else %}}echo {{{{ item.id }}}} > shared.txt{{% endif %}}"
+on_item_failure = "continue"
+{on_conflict}
+"#
+        )
+    };
+    let s = repo(&graph(""));
+    let run = Applied::from_output(s.command(&["apply", "--output", "json"]).output().unwrap());
+    assert_eq!(run.code, 1, "{}\n{}", run.stdout, run.stderr);
+    let failed = run.of("task_failed");
+    assert_eq!(failed.len(), 1, "{}", run.stdout);
+    assert_eq!(failed[0]["task"], "step[c]");
+    assert_eq!(failed[0]["class"], "merge_conflict");
+
+    // With an agent to resolve it (rehearsed: it writes both lines), `c` goes on from the
+    // resolution.
+    s.write(&graph("on_conflict = \"agent\""));
+    git(s.path(), &["commit", "-qam", "resolve with an agent"]);
+    std::fs::write(
+        s.path().join("script.toml"),
+        r#"[tasks."step[c]"]
+turns = [{ tools = [{ name = "Write", input = { file_path = "{{cwd}}/shared.txt", content = "a\nb\n" } }] }, { text = "resolved" }]
+"#,
+    )
+    .unwrap();
+    let run = rehearse(&s, &["--script", "script.toml"]);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    let run_id = s.run_id();
+    assert_eq!(
+        git(
+            s.path(),
+            &[
+                "show",
+                &format!("refs/ccluster/runs/{run_id}/step%5Bc%5D:seen.txt")
+            ]
+        ),
+        "a\nb\n"
+    );
+}

@@ -745,6 +745,9 @@ impl Decoder<'_> {
         if let Some(n) = t.get("after") {
             task.after = self.string(n, "after");
         }
+        if let Some(n) = t.get("on_conflict") {
+            task.on_conflict = self.choice(n, "on_conflict", OnConflict::ALL);
+        }
         if let Some(n) = t.get("max_parallel") {
             task.max_parallel = self.count(n, "max_parallel", 1);
         }

@@ -643,6 +643,9 @@ pub struct RawTask {
     /// (`"{{ item.depends_on }}"`). An instance starts from the merge of their results; the
     /// fan-out is then a task graph.
     pub after: Option<Spanned<String>>,
+    /// Task graph: what a conflict does when an instance starts from the merge of what it runs
+    /// after: `fail` (default), or hand it to an `agent` (with `[defaults.claude]` settings).
+    pub on_conflict: Option<Spanned<OnConflict>>,
     /// Upper bound on instances of this fan-out running at once.
     #[schemars(range(min = 1))]
     pub max_parallel: Option<Spanned<i64>>,

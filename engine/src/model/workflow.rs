@@ -242,6 +242,9 @@ pub struct Task {
     /// A fan-out's instance ids (`id`), and the ids each instance runs after (`after`).
     pub instance_id: Option<Template>,
     pub after: Option<Template>,
+    /// A task graph's instance that starts from a conflicting merge: the resolving agent's
+    /// settings (`on_conflict = "agent"`, from `[defaults.claude]`), or `None` (it fails).
+    pub conflict_agent: Option<AgentSettings>,
     pub max_parallel: Option<u32>,
     pub on_item_failure: OnItemFailure,
     pub min_success: Option<u32>,
@@ -864,6 +867,11 @@ fn resolve_task(
         map,
         instance_id,
         after,
+        conflict_agent: rt
+            .on_conflict
+            .as_ref()
+            .filter(|c| c.value == OnConflict::Agent && rt.after.is_some())
+            .map(|_| agent_settings(defaults.claude.as_ref(), None)),
         max_parallel: rt
             .max_parallel
             .as_ref()
@@ -1966,6 +1974,32 @@ fn check_fan_out_settings(workflow: &Workflow, raw: &RawClusterfile, diags: &mut
                     )
                     .at(span, "without `map`")
                     .help("add `map = \"{{ tasks.<planner>.output.<list> }}\"` (or a list), one instance per item"),
+                );
+            }
+        }
+        if let Some(c) = &rt.on_conflict {
+            if rt.after.is_none() {
+                diags.push(
+                    Diagnostic::warning(
+                        Category::InvalidValue,
+                        "no-effect",
+                        format!("`on_conflict` has no effect: task `{}` is not a task graph (no `after`)", task.id),
+                    )
+                    .at(c.span, "ignored without `after`")
+                    .help("for a merge task, `on_conflict` goes in its `merge` table"),
+                );
+            } else if c.value == OnConflict::Run {
+                diags.push(
+                    Diagnostic::error(
+                        Category::InvalidValue,
+                        "invalid-value",
+                        format!(
+                            "`on_conflict = \"run\"` is for merge tasks; task `{}` is a task graph",
+                            task.id
+                        ),
+                    )
+                    .at(c.span, "not for a task graph")
+                    .help("use `\"agent\"` (an agent resolves the conflict) or `\"fail\"`"),
                 );
             }
         }

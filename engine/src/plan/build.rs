@@ -130,6 +130,10 @@ pub struct PlannedTask {
     /// In a task graph: the instances of the same task this one runs after (also in `needs`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<String>,
+    /// In a task graph with `on_conflict = "agent"`: the agent that resolves a conflicting merge
+    /// of what an instance runs after.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolver: Option<AgentSettings>,
     pub when: WhenState,
     pub runner: String,
     pub timeout_ms: Option<u64>,
@@ -916,6 +920,7 @@ fn plan_instance<'w>(
         dynamic_map: None,
         needs,
         after: Vec::new(),
+        resolver: task.conflict_agent.clone(),
         when,
         runner: task.runner.clone(),
         timeout_ms: task.timeout.map(|d| d.as_millis() as u64),

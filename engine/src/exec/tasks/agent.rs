@@ -37,7 +37,7 @@ pub(crate) async fn agents_for(
             agent: Some(settings),
             ..
         } => Some(settings.bin.clone()),
-        _ => None,
+        _ => n.resolver.as_ref().map(|s| s.bin.clone()),
     });
     let Some(configured) = configured else {
         return Ok(None);

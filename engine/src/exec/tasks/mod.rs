@@ -257,7 +257,7 @@ pub(crate) fn prepare(cx: &TaskContext) -> Result<Prepared, ApplyError> {
         cwd,
         ws_root,
     };
-    let commands = match &plan.action {
+    let mut commands = match &plan.action {
         PlannedAction::Shell { output, .. } => shell::commands(&a, *output),
         PlannedAction::Outputs { .. } => Commands::new(None, OutputMode::Text, None),
         PlannedAction::Merge { .. } => merge::commands(&a)?,
@@ -270,6 +270,15 @@ pub(crate) fn prepare(cx: &TaskContext) -> Result<Prepared, ApplyError> {
             Err(reason) => return Ok(Prepared::Refused(reason)),
         },
     };
+    // A task graph's instance that starts from a merge of several predecessors may have an agent
+    // to resolve a conflict there.
+    if let (Some(settings), None, true) = (
+        &plan.resolver,
+        &commands.resolve,
+        workspace.as_ref().is_some_and(|w| !w.merge.is_empty()),
+    ) {
+        commands.resolve = Some(merge::resolver(&a, settings, "resolve.")?);
+    }
     // Adopted work set its workspace up when it started.
     let setup = plan
         .workspace
