@@ -130,6 +130,18 @@ fn a_planned_graph_runs_in_dependency_order_from_what_it_builds_on() {
         assert!(dot.contains(edge), "{edge} not in {dot}");
     }
     assert!(!dot.contains("build[*]"), "{dot}");
+    // `plan --explain` expands the graph from the planner's cached output, each instance keyed on
+    // what it builds on, as `apply` does: nothing would run again.
+    let explained = s
+        .command(&["plan", "--explain", "--rehearse"])
+        .output()
+        .unwrap();
+    let explained = String::from_utf8_lossy(&explained.stdout);
+    assert!(
+        explained.starts_with("0 to run, 7 satisfied by cached results"),
+        "{explained}"
+    );
+    assert!(explained.contains("satisfied  build[tests]"), "{explained}");
 }
 
 #[test]

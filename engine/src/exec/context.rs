@@ -278,6 +278,7 @@ fn hash(value: &impl serde::Serialize) -> String {
 
 /// What a node reads besides its definition and its needs' outputs (see
 /// [`super::fingerprint::Fingerprints`]).
+#[derive(Clone)]
 pub enum Read {
     /// A task with a workspace: the tree it starts from.
     Base(String),

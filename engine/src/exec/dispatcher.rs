@@ -889,66 +889,14 @@ impl Dispatcher<'_> {
         Ok(())
     }
 
-    /// The instances of a task graph (`id`, `after`) over `items`, checked; `None` for a plain
-    /// map. `Err`: what is wrong, as the planner is told.
+    /// See [`graph_of`].
     fn graph_of(
         &self,
         template: &PlannedTask,
         items: &[Value],
         tasks: &JinjaValue,
     ) -> Result<Option<Vec<crate::plan::graph::Instance>>, String> {
-        use crate::plan::graph;
-        let Some(fan) = &template.fan_out else {
-            return Ok(None);
-        };
-        let Some(id_source) = &fan.id else {
-            return Ok(None);
-        };
-        let text = |source: &str| crate::plan::Text {
-            template: source.to_string(),
-            rendered: None,
-        };
-        let mut instances = Vec::with_capacity(items.len());
-        let mut problems = Vec::new();
-        for (i, item) in items.iter().enumerate() {
-            let mut node = template.clone();
-            node.index = Some(i);
-            node.item = Some(item.clone());
-            let ctx = self.scope.context(&node, tasks, 1);
-            let id = match self.scope.value(&text(id_source), &ctx) {
-                Ok(Value::String(s)) => graph::id_of(&s),
-                Ok(Value::Number(n)) => n.to_string(),
-                Ok(other) => {
-                    problems.push(format!("instance {} has no id (`id` gave {other})", i + 1));
-                    continue;
-                }
-                Err(e) => {
-                    problems.push(format!("instance {}: cannot evaluate `id`: {e}", i + 1));
-                    continue;
-                }
-            };
-            let after = match &fan.after {
-                None => Vec::new(),
-                Some(source) => match self
-                    .scope
-                    .value(&text(source), &ctx)
-                    .and_then(|v| graph::after_of(&v))
-                {
-                    Ok(after) => after,
-                    Err(e) => {
-                        problems.push(format!("instance `{id}`: {e}"));
-                        Vec::new()
-                    }
-                },
-            };
-            instances.push(graph::Instance { id, after });
-        }
-        problems.extend(graph::problems(&instances));
-        if problems.is_empty() {
-            Ok(Some(instances))
-        } else {
-            Err(graph::describe(&template.task, &problems))
-        }
+        graph_of(&self.scope, template, items, tasks)
     }
 
     fn enqueue(&mut self, node: usize) {
@@ -2358,4 +2306,65 @@ pub fn default_state_dir(clusterfile: &Path) -> PathBuf {
         .map(Path::to_path_buf)
         .unwrap_or_default()
         .join(".ccluster")
+}
+
+/// The instances of a task graph (`id`, `after`) over `items`, checked; `None` for a plain
+/// map. `Err`: what is wrong, as the planner is told.
+pub(crate) fn graph_of(
+    scope: &RunScope,
+    template: &PlannedTask,
+    items: &[Value],
+    tasks: &JinjaValue,
+) -> Result<Option<Vec<crate::plan::graph::Instance>>, String> {
+    use crate::plan::graph;
+    let Some(fan) = &template.fan_out else {
+        return Ok(None);
+    };
+    let Some(id_source) = &fan.id else {
+        return Ok(None);
+    };
+    let text = |source: &str| crate::plan::Text {
+        template: source.to_string(),
+        rendered: None,
+    };
+    let mut instances = Vec::with_capacity(items.len());
+    let mut problems = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let mut node = template.clone();
+        node.index = Some(i);
+        node.item = Some(item.clone());
+        let ctx = scope.context(&node, tasks, 1);
+        let id = match scope.value(&text(id_source), &ctx) {
+            Ok(Value::String(s)) => graph::id_of(&s),
+            Ok(Value::Number(n)) => n.to_string(),
+            Ok(other) => {
+                problems.push(format!("instance {} has no id (`id` gave {other})", i + 1));
+                continue;
+            }
+            Err(e) => {
+                problems.push(format!("instance {}: cannot evaluate `id`: {e}", i + 1));
+                continue;
+            }
+        };
+        let after = match &fan.after {
+            None => Vec::new(),
+            Some(source) => match scope
+                .value(&text(source), &ctx)
+                .and_then(|v| graph::after_of(&v))
+            {
+                Ok(after) => after,
+                Err(e) => {
+                    problems.push(format!("instance `{id}`: {e}"));
+                    Vec::new()
+                }
+            },
+        };
+        instances.push(graph::Instance { id, after });
+    }
+    problems.extend(graph::problems(&instances));
+    if problems.is_empty() {
+        Ok(Some(instances))
+    } else {
+        Err(graph::describe(&template.task, &problems))
+    }
 }

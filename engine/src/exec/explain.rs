@@ -191,14 +191,27 @@ pub fn explain(
                 .as_ref()
                 .map(|m| m.expression.clone())
                 .unwrap_or_default();
-            match scope.list(&expression, &ctx) {
-                Ok(items) => {
+            let expanded = scope.list(&expression, &ctx).and_then(|items| {
+                super::dispatcher::graph_of(&scope, template, &items, &tasks_value)
+                    .map(|graph| (items, graph))
+            });
+            match expanded {
+                Ok((items, graph)) => {
                     instances = items
                         .into_iter()
                         .enumerate()
                         .map(|(i, item)| {
                             let mut node = (*template).clone();
                             node.id = format!("{}[{i}]", task.id);
+                            // As in `apply`: a task graph's instances are named by their ids.
+                            if let Some(inst) = graph.as_ref().map(|g| &g[i]) {
+                                node.id = crate::plan::graph::node_id(task.id.as_str(), &inst.id);
+                                node.after = inst
+                                    .after
+                                    .iter()
+                                    .map(|a| crate::plan::graph::node_id(task.id.as_str(), a))
+                                    .collect();
+                            }
                             node.index = Some(i);
                             node.item = Some(item);
                             node.dynamic_map = None;
@@ -221,7 +234,66 @@ pub fn explain(
         let mut satisfied = Vec::new();
         let mut will_run = false;
         let mut all_skipped = !instances.is_empty();
+        // A task graph's instances, each after those it runs after; their results are then put
+        // back in list order, the order `apply` reads them in.
+        let listed: Vec<String> = instances.iter().map(|n| n.id.clone()).collect();
+        let instances = in_graph_order(instances);
+        // Decided instances of this task: satisfied (with their commit), or not (`None`).
+        let mut decided: HashMap<String, Option<Option<String>>> = HashMap::new();
         for node in &instances {
+            // In a task graph, an instance builds on what it runs after, as in `apply`.
+            let mut read = read.clone();
+            if !node.after.is_empty() {
+                if let Some(first) = node
+                    .after
+                    .iter()
+                    .find(|a| !matches!(decided.get(*a), Some(Some(_))))
+                {
+                    let verdict = if decided.contains_key(first) {
+                        Verdict::Skip
+                    } else {
+                        Verdict::Run
+                    };
+                    let reason = match verdict {
+                        Verdict::Skip => format!("`{first}` is skipped"),
+                        _ => format!("`{first}` will run first"),
+                    };
+                    if verdict == Verdict::Run {
+                        will_run = true;
+                        all_skipped = false;
+                    } else {
+                        decided.insert(node.id.clone(), None);
+                    }
+                    out.push(say(&node.id, verdict, reason));
+                    continue;
+                }
+                if task.workspace != crate::model::raw::WorkspaceMode::None {
+                    let mut after = node.after.clone();
+                    let position = |id: &String| instances.iter().position(|n| &n.id == id);
+                    after.sort_by_key(position);
+                    let inputs: Vec<crate::workspace::Input> = after
+                        .iter()
+                        .filter_map(|a| {
+                            Some(crate::workspace::Input {
+                                node: a.clone(),
+                                commit: decided.get(a).cloned().flatten().flatten()?,
+                            })
+                        })
+                        .collect();
+                    match fingerprints.base(run_base.unwrap_or_default(), &inputs) {
+                        Ok(base) => read = context::Read::Base(base),
+                        Err(e) => {
+                            out.push(say(
+                                &node.id,
+                                Verdict::Run,
+                                format!("cannot fingerprint what it reads ({e})"),
+                            ));
+                            will_run = true;
+                            continue;
+                        }
+                    }
+                }
+            }
             let ctx = scope.context(node, &tasks_value, 1);
             let when = match &node.when {
                 WhenState::Known {
@@ -242,6 +314,7 @@ pub fn explain(
                 ));
                 // As in `apply`, a skipped instance counts in its task's results with no key or output.
                 satisfied.push((node.id.clone(), String::new(), Value::Null, None));
+                decided.insert(node.id.clone(), None);
                 continue;
             }
             all_skipped = false;
@@ -279,6 +352,7 @@ pub fn explain(
                         Verdict::Satisfied,
                         format!("cached from run {}", hit.run),
                     ));
+                    decided.insert(node.id.clone(), Some(hit.commit.clone()));
                     satisfied.push((node.id.clone(), key, hit.output, hit.commit));
                 }
                 _ => {
@@ -328,6 +402,7 @@ pub fn explain(
                 }
             }
         }
+        satisfied.sort_by_key(|(id, ..)| listed.iter().position(|l| l == id));
         known[t] = Some(if will_run {
             Known::WillRun
         } else if all_skipped {
@@ -337,4 +412,29 @@ pub fn explain(
         });
     }
     Ok(out)
+}
+
+/// A task's instances with each after the instances it runs after (a task graph's order), the
+/// list order kept where the graph allows; a plain map's as they are.
+fn in_graph_order(instances: Vec<PlannedTask>) -> Vec<PlannedTask> {
+    if instances.iter().all(|n| n.after.is_empty()) {
+        return instances;
+    }
+    let mut placed: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut left = instances;
+    let mut out = Vec::with_capacity(left.len());
+    while !left.is_empty() {
+        let (ready, waiting): (Vec<PlannedTask>, Vec<PlannedTask>) = left
+            .into_iter()
+            .partition(|n| n.after.iter().all(|a| placed.contains(a)));
+        if ready.is_empty() {
+            // A cycle cannot reach here (the graph was checked); keep the rest as listed.
+            out.extend(waiting);
+            break;
+        }
+        placed.extend(ready.iter().map(|n| n.id.clone()));
+        out.extend(ready);
+        left = waiting;
+    }
+    out
 }
