@@ -93,7 +93,7 @@ const AUTH_VARS: &[&str] = &[
     "NO_PROXY",
 ];
 
-/// The variables of [`AUTH_VARS`] (and the scripted server's token) that are credentials: a
+/// The variables of `AUTH_VARS` (and the scripted server's token) that are credentials: a
 /// runner that can keep them from sight does (see `ProcessSpec::secret_env`).
 pub const SECRET_VARS: &[&str] = &[
     "ANTHROPIC_API_KEY",

@@ -4,8 +4,13 @@
 //! the attempt's log files as on the local runner, and timeouts and cancellation stop the
 //! container (SIGTERM, the grace period, then SIGKILL).
 //!
-//! Not built yet, and refused where they are asked for: agent tasks in containers, the `api-only`
-//! network, finding containers again after ccluster was killed.
+//!
+//! An agent's worker gets the pinned `claude` CLI mounted read-only, its own directory writable,
+//! and its credentials through stdin (never in the container's configuration); by default it sits
+//! on the `api-only` network, whose only way out is the run's egress proxy ([`super::egress`]).
+//! Containers a killed ccluster left are found again by their labels ([`Runner::recover`]):
+//! finished ones are harvested and running ones adopted by the next run's attempt of the same
+//! work, instead of running it again.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -154,7 +159,10 @@ async fn api_only(docker: &Docker) -> Result<ApiOnly, String> {
                     "com.docker.network.bridge.enable_icc".to_string(),
                     "false".to_string(),
                 )])),
-                labels: Some(HashMap::from([(LABEL_RUN.to_string(), String::new())])),
+                labels: Some(HashMap::from([(
+                    "dev.ccluster.network".to_string(),
+                    "api-only".to_string(),
+                )])),
                 ..Default::default()
             };
             // Another run may have made it meanwhile: then it is there to inspect.

@@ -2,7 +2,8 @@
 //! without a route out reach the world only through it, and it lets through only the model API's
 //! host and the runner's `allow_hosts`. It speaks HTTP `CONNECT` (what HTTPS clients send to a
 //! proxy) and plain HTTP with an absolute URI; anything else, and any other host, is refused with
-//! `403`, reported, and never connected to: a refused name is not even resolved.
+//! `403`, reported, and never connected to: a refused name is not even resolved. Each client (a
+//! container, known by its address on the network) has rules of its own and is told its refusals.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
