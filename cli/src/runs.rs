@@ -86,18 +86,21 @@ pub fn describe(event: &Event) -> String {
         Event::MapExpanded {
             task,
             items,
-            edges: None,
+            graph: None,
             ..
         } => format!("map     {task}: {items} instances"),
         Event::MapExpanded {
             task,
             items,
-            edges: Some(edges),
+            graph: Some(graph),
             ..
-        } => format!(
-            "graph   {task}: {items} instances, {edges} dependenc{}",
-            if *edges == 1 { "y" } else { "ies" }
-        ),
+        } => {
+            let edges: usize = graph.iter().map(|i| i.after.len()).sum();
+            format!(
+                "graph   {task}: {items} instances, {edges} dependenc{}",
+                if edges == 1 { "y" } else { "ies" }
+            )
+        }
                 Event::TaskProgress { task, kind, detail, .. } => format!("  ·     {task}: {kind} {detail}"),
         Event::Warning { task, message, .. } => format!("warning {task}: {message}"),
         Event::RunFinished { run, state, succeeded, cached, failed, skipped, cancelled, duration_ms, .. } => format!(

@@ -70,6 +70,19 @@ fn a_planned_graph_runs_in_dependency_order_from_what_it_builds_on() {
     std::fs::write(s.path().join("script.toml"), "turn_delay_ms = 300\n").unwrap();
     let run = rehearse(&s, &["--script", "script.toml"]);
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    // The event stream carries the expanded graph.
+    let expanded = run.of("map_expanded");
+    assert_eq!(expanded.len(), 1, "{}", run.stdout);
+    let tests_instance = expanded[0]["graph"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["node"] == "build[tests]")
+        .unwrap();
+    assert_eq!(
+        tests_instance["after"],
+        serde_json::json!(["build[api]", "build[ui]"])
+    );
     let t = times(&run);
     let node = |id: &str| t[&format!("build[{id}]")];
     // In dependency order: each starts after what it runs after succeeded.

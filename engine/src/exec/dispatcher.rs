@@ -855,9 +855,18 @@ impl Dispatcher<'_> {
             run: self.run.id.clone(),
             task: id.clone(),
             items: items.len(),
-            edges: instances
-                .as_ref()
-                .map(|all| all.iter().map(|i| i.after.len()).sum()),
+            graph: instances.as_ref().map(|all| {
+                all.iter()
+                    .map(|i| super::events::GraphInstance {
+                        node: crate::plan::graph::node_id(&id, &i.id),
+                        after: i
+                            .after
+                            .iter()
+                            .map(|a| crate::plan::graph::node_id(&id, a))
+                            .collect(),
+                    })
+                    .collect()
+            }),
             time_ms: now_ms(),
         });
         // What `plan` could not know: do the instances say they will change the same paths?

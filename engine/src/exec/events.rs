@@ -95,9 +95,10 @@ pub enum Event {
         run: String,
         task: String,
         items: usize,
-        /// A task graph's edges (an instance running after another); absent for a plain map.
+        /// A task graph's instances with what each runs after (the graph's edges); absent for a
+        /// plain map.
         #[serde(skip_serializing_if = "Option::is_none")]
-        edges: Option<usize>,
+        graph: Option<Vec<GraphInstance>>,
         time_ms: u64,
     },
     RunFinished {
@@ -111,6 +112,13 @@ pub enum Event {
         duration_ms: u64,
         time_ms: u64,
     },
+}
+
+/// An instance of a task graph, in `map_expanded`: its plan node and the nodes it runs after.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GraphInstance {
+    pub node: String,
+    pub after: Vec<String>,
 }
 
 /// Where events go: the CLI prints them; tests collect them.
