@@ -276,8 +276,14 @@ fn kill_once_started(daemon: &Daemon, apply: &mut Command) {
     child.wait().unwrap();
 }
 
-/// How many containers of the task started since `since` (a Unix time): its runs.
-fn runs_since(daemon: &Daemon, since: u64) -> usize {
+/// How many containers of the sandbox's task started since `since` (a Unix time): its runs.
+/// Containers are told apart by the sandbox's state directory, which they are labelled with.
+fn runs_since(daemon: &Daemon, s: &Sandbox, since: u64) -> usize {
+    let state = std::fs::canonicalize(s.path())
+        .unwrap()
+        .join(".ccluster")
+        .display()
+        .to_string();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -294,6 +300,8 @@ fn runs_since(daemon: &Daemon, since: u64) -> usize {
             "event=start",
             "--filter",
             "label=dev.ccluster.task=long",
+            "--filter",
+            &format!("label=dev.ccluster.state={state}"),
         ])
         .lines()
         .count()
@@ -332,7 +340,7 @@ fn after_kill_9_the_next_apply_adopts_what_containers_did_and_leaves_none() {
             .unwrap(),
     );
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    assert_eq!(runs_since(&daemon, since), 1, "the task ran again");
+    assert_eq!(runs_since(&daemon, &s, since), 1, "the task ran again");
     let adopted: Vec<_> = run
         .of("task_progress")
         .into_iter()
@@ -377,7 +385,7 @@ fn after_kill_9_the_next_apply_adopts_what_containers_did_and_leaves_none() {
     std::fs::write(signals.path().join("go"), "").unwrap();
     let run = Applied::from_output(child.wait_with_output().unwrap());
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    assert_eq!(runs_since(&daemon, since), 1, "the task ran again");
+    assert_eq!(runs_since(&daemon, &s, since), 1, "the task ran again");
     assert!(
         run.stdout.contains("the running container"),
         "{}",
@@ -397,7 +405,7 @@ fn after_kill_9_the_next_apply_adopts_what_containers_did_and_leaves_none() {
             .unwrap(),
     );
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    assert_eq!(runs_since(&daemon, since), 2);
+    assert_eq!(runs_since(&daemon, &s, since), 2);
     assert!(!run.stdout.contains("\"adopted\""), "{}", run.stdout);
     assert_eq!(daemon.containers(), "");
 }
