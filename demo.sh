@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job: rehearse the shipped `feature-fanout` workflow on a small sample repository. The
 # real Claude Code CLI runs every agent task against ccluster's scripted model server (no key, no
-# tokens): a planner splits the goal, three agents work in parallel git worktrees, their branches
-# are merged, the "tests" run on the result, and the run's report is printed.
+# tokens): a planner splits the goal into a small task graph, three agents work in their own git
+# worktrees (two at once, the third after the one it depends on, from its work), their branches
+# are merged, the "tests" run on the result, and the run's report (with the graph) is printed.
 #   ./demo.sh [DIR]     (default: a fresh temporary directory; run it again in the same DIR to see
 #                        the second run find everything cached)
 set -euo pipefail
