@@ -45,6 +45,8 @@ token=ccluster-test-token
 port=16443
 node_ip=198.51.100.10
 components="kube-apiserver kube-controller-manager kube-scheduler kubelet"
+# What the cache holds, first line of its SOURCE file: a cache built otherwise is built again.
+recipe="kubernetes $version from Debian bookworm source, Go 1.19, OOM-score patches, reflect2 1.0.2"
 
 have() { case "$1" in /*) [ -e "$1" ] ;; *) command -v "$1" >/dev/null 2>&1 ;; esac; }
 
@@ -64,7 +66,7 @@ need() { # installs Debian package $2 when command (or file) $1 is missing
 built() {
   local c
   for c in $components; do [ -x "$cache/bin/$c" ] || return 1; done
-  [ -x "$cache/pause/pause" ]
+  [ -x "$cache/pause/pause" ] && [ "$(head -n 1 "$cache/SOURCE" 2>/dev/null)" = "$recipe" ]
 }
 
 build() {
@@ -77,6 +79,7 @@ build() {
   need rsync rsync
   need gcc gcc
   need /usr/lib/x86_64-linux-gnu/libc.a libc6-dev # for the static pause
+  need /usr/share/gocode/src/github.com/modern-go/reflect2/go_above_118.go golang-github-modern-go-reflect2-dev
   rm -rf "$HOME/.cache/ccluster"/.k8s-build.* # left by interrupted builds (we hold the lock)
   local start=$SECONDS
   # Beside the cache, so the final rename stays on one file system.
@@ -109,6 +112,12 @@ build() {
     sed -i 's/guaranteedOOMScoreAdj int = -997/guaranteedOOMScoreAdj int = 0/' pkg/kubelet/qos/policy.go
     grep -q 'defaultSandboxOOMAdj int = 0' pkg/kubelet/dockershim/docker_sandbox.go
     grep -q 'guaranteedOOMScoreAdj int = 0' pkg/kubelet/qos/policy.go
+    # The vendored modern-go/reflect2 1.0.1 is broken by Go 1.18+ (it links runtime.mapiterinit
+    # with its old signature): the API server segfaults when json-iterator encodes a map, as it
+    # does for ?pretty=true and for clients whose User-Agent starts with curl. Debian's 1.0.2
+    # has the fix; its source replaces the vendored copy (the tree builds in GOPATH mode).
+    rm -rf vendor/github.com/modern-go/reflect2
+    cp -rL /usr/share/gocode/src/github.com/modern-go/reflect2 vendor/github.com/modern-go/reflect2
     mkdir -p "$work/gohome"
     # `make` (not `go build`): the tree builds in GOPATH mode and needs its generated code.
     PATH=/usr/lib/go-1.19/bin:$PATH CGO_ENABLED=0 HOME=$work/gohome \
@@ -120,7 +129,7 @@ build() {
     for c in $components; do cp "$out/$c" "$work/cache/bin/$c"; done
     # The pod sandbox: a static pause, imported as an image at start.
     gcc -static -O2 -o "$work/cache/pause/pause" build/pause/linux/pause.c
-    echo "kubernetes $version from Debian bookworm source ($orig), Go 1.19, OOM-score patches" > "$work/cache/SOURCE"
+    printf '%s\n%s\n' "$recipe" "$orig" > "$work/cache/SOURCE"
   )
   rm -rf "$cache"
   mv "$work/cache" "$cache"
@@ -134,7 +143,8 @@ build() {
 inns() { nsenter --net="/proc/$(cat "$dir/netns.pid")/ns/net" "$@"; }
 
 api() { # GETs an API path inside the namespace; prints the body, fails on an HTTP error
-  inns curl -sSf --max-time 5 --cacert "$dir/pki/ca.crt" -H "Authorization: Bearer $token" \
+  # (Not curl's User-Agent: the API server pretty-prints JSON for curl.)
+  inns curl -sSf --max-time 5 -A k8s-for-tests --cacert "$dir/pki/ca.crt" -H "Authorization: Bearer $token" \
     "https://127.0.0.1:$port$1"
 }
 
@@ -148,17 +158,34 @@ daemon() {
 }
 
 fail() { # message, log
-  echo "k8s-for-tests: $1; the end of $2:" >&2
-  tail -n 30 "$2" >&2 || true
+  local crash
+  # A Go program that crashed: where it did, not the end of its goroutine dump.
+  crash=$(grep -n -m 1 -E '^(panic: |fatal error: |F[0-9]{4} )' "$2" 2>/dev/null | cut -d: -f1 || true)
+  if [ -n "$crash" ]; then
+    echo "k8s-for-tests: $1; $2 from line $crash:" >&2
+    sed -n "$((crash > 5 ? crash - 5 : 1)),$((crash + 25))p" "$2" >&2
+  else
+    echo "k8s-for-tests: $1; the end of $2:" >&2
+    tail -n 30 "$2" >&2 || true
+  fi
   exit 1
 }
 
-# Waits up to $3 seconds for the command after it to succeed while daemon $1 lives; fails with
-# the end of its log ($2) otherwise.
+alive() { # fails naming the first daemon started that has exited, with its log
+  local f name
+  for f in "$dir"/pids/*.pid; do
+    [ -e "$f" ] || continue
+    name=$(basename "$f" .pid)
+    kill -0 "$(cat "$f")" 2>/dev/null || fail "$name exited" "$dir/$name.log"
+  done
+}
+
+# Waits up to $3 seconds for the command after it to succeed while the daemons live; fails
+# with the end of the log of $1 ($2) when it does not.
 wait_for() {
   local name=$1 log=$2 limit=$3 t0=$SECONDS; shift 3
   until "$@" >/dev/null 2>&1; do
-    kill -0 "$(cat "$dir/pids/$name.pid")" 2>/dev/null || fail "$name exited" "$log"
+    alive
     [ $((SECONDS - t0)) -lt "$limit" ] || fail "$name: not up within $limit s" "$log"
     sleep 0.5
   done
@@ -195,15 +222,23 @@ start() {
   local docker_host
   docker_host=$("$here/docker-for-tests.sh" start "$dir/docker" "$images" | tail -n 1)
   export DOCKER_HOST=${docker_host#DOCKER_HOST=}
-  # The namespace's holder, stopped last: its pid is DIR/netns.pid.
-  nsenter --net="/proc/$(cat "$dir/docker/docker.pid")/ns/net" sleep infinity \
-    < /dev/null > /dev/null 2>&1 7>&- 8>&- 9>&- &
-  echo $! > "$dir/netns.pid"
-  readlink "/proc/$!/ns/net" > "$dir/netns.id"
-  if [ "$(cat "$dir/netns.id")" = "$(readlink /proc/$$/ns/net)" ]; then
-    echo "k8s-for-tests: dockerd is not in a namespace of its own" >&2
+  # The namespace is dockerd's; its holder, stopped last, is DIR/netns.pid.
+  local ns holder
+  ns=$(readlink "/proc/$(cat "$dir/docker/docker.pid")/ns/net")
+  if [ -z "$ns" ] || [ "$ns" = "$(readlink /proc/$$/ns/net)" ] || [ "$ns" = "$(readlink /proc/1/ns/net)" ]; then
+    echo "k8s-for-tests: dockerd is not in a network namespace of its own" >&2
     exit 1
   fi
+  echo "$ns" > "$dir/netns.id"
+  nsenter --net="/proc/$(cat "$dir/docker/docker.pid")/ns/net" sleep infinity \
+    < /dev/null > /dev/null 2>&1 7>&- 8>&- 9>&- &
+  holder=$!
+  echo "$holder" > "$dir/netns.pid"
+  for _ in $(seq 1 50); do # until the holder has joined (after the fork, before nsenter)
+    [ "$(readlink "/proc/$holder/ns/net" 2>/dev/null)" = "$ns" ] && break
+    sleep 0.1
+  done
+  [ "$(readlink "/proc/$holder/ns/net" 2>/dev/null)" = "$ns" ] || { echo "k8s-for-tests: the namespace's holder did not join it" >&2; exit 1; }
   inns ip link set lo up
   inns ip addr add "$node_ip/32" dev lo
 
@@ -312,10 +347,7 @@ KUBELET
     --pod-infra-container-image=ccluster-test/pause:3.2 --network-plugin= --feature-gates=$gates
   wait_for kubelet "$dir/kubelet.log" 120 node_ready
   wait_for kube-controller-manager "$dir/kube-controller-manager.log" 60 default_sa
-  local p
-  for p in kube-scheduler kube-controller-manager kubelet; do
-    kill -0 "$(cat "$dir/pids/$p.pid")" 2>/dev/null || fail "$p exited" "$dir/$p.log"
-  done
+  alive
   trap - EXIT INT TERM
   echo "k8s-for-tests: Kubernetes $version ready in $((SECONDS - t0)) s" >&2
   echo "DOCKER_HOST=$DOCKER_HOST"
@@ -343,16 +375,22 @@ stop_pid() {
     if kill -0 "$pid" 2>/dev/null; then
       echo "k8s-for-tests: $(basename "$file" .pid) ignored TERM, killing it" >&2
       kill -KILL "$pid" 2>/dev/null || true
-      while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+      for _ in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+      done
+      ! kill -0 "$pid" 2>/dev/null || echo "k8s-for-tests: $pid did not go" >&2
     fi
   fi
   rm -f "$file"
 }
 
-in_namespace() { # pids of the processes in the cluster's namespace
+in_namespace() { # pids of the user processes in the cluster's namespace
   local p
   for p in /proc/[0-9]*; do
-    [ "$(readlink "$p/ns/net" 2>/dev/null)" = "$netns" ] && echo "${p#/proc/}"
+    [ "$(readlink "$p/ns/net" 2>/dev/null)" = "$netns" ] || continue
+    [ -s "$p/cmdline" ] || continue # kernel threads, zombies
+    [ "${p#/proc/}" = "$$" ] || [ "${p#/proc/}" = "$BASHPID" ] || echo "${p#/proc/}"
   done
   return 0
 }
@@ -362,6 +400,12 @@ stop() {
   [ -d "$dir" ] || return 0
   dir=$(cd "$dir" && pwd)
   netns=$(cat "$dir/netns.id" 2>/dev/null || true)
+  # Only ever a namespace of our own: never this script's or init's (then nothing is signalled
+  # by namespace, and the pid files' processes are left alone).
+  if [ -n "$netns" ] && { [ "$netns" = "$(readlink /proc/$$/ns/net)" ] || [ "$netns" = "$(readlink /proc/1/ns/net)" ]; }; then
+    echo "k8s-for-tests: $dir/netns.id names the host's network namespace; not stopping by namespace" >&2
+    netns=
+  fi
   # The kubelet first, so that nothing restarts the pods' containers; then the containers,
   # while their daemon still runs, and the kubelet's mounts (service-account tokens).
   stop_pid "$dir/pids/kubelet.pid"
