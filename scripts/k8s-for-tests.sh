@@ -176,7 +176,7 @@ alive() { # fails naming the first daemon started that has exited, with its log
   for f in "$dir"/pids/*.pid; do
     [ -e "$f" ] || continue
     name=$(basename "$f" .pid)
-    kill -0 "$(cat "$f")" 2>/dev/null || fail "$name exited" "$dir/$name.log"
+    running "$(cat "$f")" || fail "$name exited" "$dir/$name.log"
   done
 }
 
@@ -206,7 +206,7 @@ start() {
   need ip iproute2
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
-  if [ -s "$dir/netns.pid" ] && kill -0 "$(cat "$dir/netns.pid")" 2>/dev/null; then
+  if [ -s "$dir/netns.pid" ] && running "$(cat "$dir/netns.pid")"; then
     echo "k8s-for-tests: a cluster runs in $dir already (stop it first)" >&2
     exit 1
   fi
@@ -361,6 +361,14 @@ unmount_under() { # unmounts whatever is mounted under $1, deepest first
   done
 }
 
+# Whether process $1 runs: a zombie does not (our daemons' parent has exited; until whoever
+# adopted them reaps them, kill -0 still succeeds).
+running() {
+  local state
+  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+  [ -n "$state" ] && [ "$state" != Z ]
+}
+
 # Stops the process in pid file $1 if it still is ours (in the cluster's namespace): TERM, then
 # KILL after 15 s; waits for it to go.
 stop_pid() {
@@ -369,17 +377,17 @@ stop_pid() {
   if [ -n "$netns" ] && [ "$(readlink "/proc/$pid/ns/net" 2>/dev/null)" = "$netns" ]; then
     kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 1 150); do
-      kill -0 "$pid" 2>/dev/null || break
+      running "$pid" || break
       sleep 0.1
     done
-    if kill -0 "$pid" 2>/dev/null; then
+    if running "$pid"; then
       echo "k8s-for-tests: $(basename "$file" .pid) ignored TERM, killing it" >&2
       kill -KILL "$pid" 2>/dev/null || true
       for _ in $(seq 1 100); do
-        kill -0 "$pid" 2>/dev/null || break
+        running "$pid" || break
         sleep 0.1
       done
-      ! kill -0 "$pid" 2>/dev/null || echo "k8s-for-tests: $pid did not go" >&2
+      ! running "$pid" || echo "k8s-for-tests: $pid did not go" >&2
     fi
   fi
   rm -f "$file"
