@@ -3,7 +3,7 @@
 #
 #   scripts/k8s-for-tests.sh build          builds kube-apiserver, kube-controller-manager,
 #                                           kube-scheduler and kubelet from Debian bookworm's
-#                                           `kubernetes` source package with Go 1.19 (about 6
+#                                           `kubernetes` source package with Go 1.19 (4-5
 #                                           minutes on 2 cores, once) into
 #                                           ~/.cache/ccluster/k8s-1.20.2/bin/; with the cache
 #                                           present it does nothing
@@ -17,7 +17,8 @@
 #                                           dockerd); imports the pause and busybox test images;
 #                                           writes DIR/kubeconfig and DIR/netns.pid; waits until
 #                                           the node is Ready and the default service account
-#                                           exists; prints `KUBECONFIG=DIR/kubeconfig` last
+#                                           exists (about 20 s); prints `DOCKER_HOST=...`, then
+#                                           `KUBECONFIG=DIR/kubeconfig` as the last line
 #   scripts/k8s-for-tests.sh start DIR debian
 #                                           the same, and imports the glibc image too
 #   scripts/k8s-for-tests.sh stop DIR       stops everything start started, by pid (kubelet
@@ -35,7 +36,8 @@
 # Cache: ~/.cache/ccluster/k8s-1.20.2/{bin/,pause/pause,SOURCE}, built under the lock
 # ~/.cache/ccluster/k8s-1.20.2.lock into a temporary directory that is renamed into place at
 # the end, so parallel callers wait for one build and an interrupted build leaves no cache.
-# Installs Debian's golang-1.19-go, etcd-server, rsync, gcc, libc6-dev, openssl, curl when missing.
+# Installs Debian's golang-1.19-go, golang-github-modern-go-reflect2-dev, rsync, gcc, libc6-dev,
+# etcd-server, openssl, curl, iproute2, util-linux when missing. See docs/k8s-tests.md.
 set -euo pipefail
 
 version=1.20.2
