@@ -10,12 +10,11 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
-use std::rc::Rc;
-
-use minijinja::value::Value as JinjaValue;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use minijinja::value::Value as JinjaValue;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -38,6 +37,11 @@ use crate::store::{
 };
 use crate::workspace::{self, Input, Repo};
 
+mod graph;
+mod interrupted;
+
+pub(crate) use graph::graph_of;
+use interrupted::{clean_interrupted, reap_orphans};
 /// How a run ended.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunSummary {
@@ -540,28 +544,6 @@ impl Dispatcher<'_> {
         Ok(ix)
     }
 
-    /// Links a task graph's instances (a group's nodes) by their `after` ids.
-    fn link_graph(&mut self, group: usize) {
-        let nodes = self.groups[group].nodes.clone();
-        let by_id: HashMap<String, usize> = nodes
-            .iter()
-            .map(|&n| (self.nodes[n].plan.id.clone(), n))
-            .collect();
-        for &n in &nodes {
-            let after: Vec<usize> = self.nodes[n]
-                .plan
-                .after
-                .iter()
-                .filter_map(|id| by_id.get(id).copied())
-                .collect();
-            for &a in &after {
-                self.nodes[a].blocks.push(n);
-            }
-            self.nodes[n].waiting = after.len();
-            self.nodes[n].after = after;
-        }
-    }
-
     fn save(&mut self, node: usize) -> Result<(), ApplyError> {
         self.store
             .put_task(&self.run.id, &self.nodes[node].record)?;
@@ -616,57 +598,6 @@ impl Dispatcher<'_> {
             RunScope::tasks_value(&outputs),
             context::upstream_hash(&needed),
         )
-    }
-
-    /// Whether the output a node's attempt just gave is a valid task graph for each fan-out that
-    /// reads it and can be expanded now (all it needs has succeeded, this node being the last):
-    /// `Some(why not)` fails the attempt (`plan_invalid`), and the planner is told on its retry.
-    /// A fan-out that also waits for other tasks is checked when it expands instead.
-    fn graph_problems(&mut self, node: usize, output: &Value) -> Option<String> {
-        let group = self.nodes[node].group;
-        if self.groups[group].mapped {
-            return None;
-        }
-        for d in self.groups[group].dependents.clone() {
-            let g = &self.groups[d];
-            let (Some(expression), Some(template)) = (g.dynamic.clone(), g.template.clone()) else {
-                continue;
-            };
-            if template
-                .fan_out
-                .as_ref()
-                .and_then(|f| f.id.as_ref())
-                .is_none()
-            {
-                continue;
-            }
-            let others_done = g
-                .needs
-                .iter()
-                .all(|&n| n == group || self.groups[n].outcome == Some(TaskState::Succeeded));
-            if !others_done {
-                continue;
-            }
-            // As the fan-out will see it once this attempt's output is recorded.
-            let kept = self.nodes[node].record.output.replace(output.clone());
-            let (tasks, _) = self.upstream_now(d);
-            self.nodes[node].record.output = kept;
-            let ctx = self.scope.context(&template, &tasks, 1);
-            let checked = self
-                .scope
-                .list(&expression, &ctx)
-                .map_err(|e| {
-                    crate::plan::graph::describe(
-                        &template.task,
-                        &[format!("its `map` ({expression}) cannot be evaluated: {e}")],
-                    )
-                })
-                .and_then(|items| self.graph_of(&template, &items, &tasks));
-            if let Err(message) = checked {
-                return Some(message);
-            }
-        }
-        None
     }
 
     /// Marks a node terminal without running it.
@@ -898,16 +829,6 @@ impl Dispatcher<'_> {
         Ok(())
     }
 
-    /// See [`graph_of`].
-    fn graph_of(
-        &self,
-        template: &PlannedTask,
-        items: &[Value],
-        tasks: &JinjaValue,
-    ) -> Result<Option<Vec<crate::plan::graph::Instance>>, String> {
-        graph_of(&self.scope, template, items, tasks)
-    }
-
     fn enqueue(&mut self, node: usize) {
         let n = &self.nodes[node];
         self.ready
@@ -1132,27 +1053,6 @@ impl Dispatcher<'_> {
             .flat_map(|&g| self.groups[g].nodes.iter())
             .filter_map(|&n| {
                 let r = &self.nodes[n].record;
-                Some(Input {
-                    node: r.node.clone(),
-                    commit: r.commit.clone()?,
-                })
-            })
-            .collect()
-    }
-
-    /// What a node builds on: for an instance of a graph that runs after others, their results
-    /// (in the graph's order: its start is their merge); else its task's (see [`Self::inputs`]).
-    fn inputs_of(&self, node: usize) -> Vec<Input> {
-        let n = &self.nodes[node];
-        if n.after.is_empty() {
-            return self.inputs(n.group);
-        }
-        let mut after = n.after.clone();
-        after.sort_by_key(|&a| self.nodes[a].order);
-        after
-            .iter()
-            .filter_map(|&a| {
-                let r = &self.nodes[a].record;
                 Some(Input {
                     node: r.node.clone(),
                     commit: r.commit.clone()?,
@@ -2219,95 +2119,6 @@ fn plan_reads_attempt(plan: &PlannedTask) -> bool {
     })
 }
 
-/// Kills what is left of an interrupted run's task processes: every process whose environment
-/// says `CCLUSTER_RUN=<run>` (set for every task process, and inherited by its children), but
-/// those of containers. Linux's `/proc` is read; elsewhere this does nothing.
-fn reap_orphans(run: &str) {
-    let marker = format!("CCLUSTER_RUN={run}");
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    // A process in another PID namespace lives in a container: its runner finds it (and may
-    // adopt it), by the container's labels.
-    let pid_namespace = |dir: &Path| std::fs::read_link(dir.join("ns/pid")).ok();
-    let ours = pid_namespace(Path::new("/proc/self"));
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        if environ
-            .split(|b| *b == 0)
-            .any(|var| var == marker.as_bytes())
-            && pid_namespace(&entry.path()) == ours
-        {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-}
-
-/// Cleans what an interrupted run left in git: the workspaces of attempts that never ended (a
-/// failed attempt's stays, for inspection), and refs of nodes that did not succeed (a ref may have
-/// been set just before the process died, before its success was recorded): under the run's
-/// `refs/ccluster/runs/<run>/`, and its branches under `refs/heads/ccluster/<run>/` (the result
-/// branch, or every node's in a run made before the hidden refs).
-fn clean_interrupted(store: &Store, run: &RunRecord, kept: &[PathBuf]) {
-    let Some(root) = &run.repo else {
-        return;
-    };
-    let repo = Repo {
-        root: PathBuf::from(root),
-    };
-    let tasks = store.tasks(&run.id).unwrap_or_default();
-    let state = std::path::absolute(store.dir()).unwrap_or_else(|_| store.dir().into());
-    let dir = state.join("worktrees").join(&run.id);
-    let mut keep: std::collections::HashSet<PathBuf> = kept.iter().cloned().collect();
-    for t in &tasks {
-        for a in store.artifacts(&run.id, &t.node).unwrap_or_default() {
-            if let Some(w) = a.worktree {
-                keep.insert(PathBuf::from(w));
-            }
-        }
-    }
-    if let Ok(entries) = std::fs::read_dir(&dir) {
-        for entry in entries.flatten() {
-            if !keep.contains(&entry.path()) {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-    }
-    let _ = workspace::git_sync(&repo.root, &["worktree", "prune"]);
-    let prefixes = [
-        workspace::names::task_refs_prefix(&run.id),
-        workspace::names::legacy_task_refs_prefix(&run.id),
-    ];
-    let succeeded: std::collections::HashSet<String> = tasks
-        .iter()
-        .filter(|t| t.state.is_success())
-        .flat_map(|t| {
-            prefixes
-                .iter()
-                .map(|p| workspace::names::node_ref(p, &t.node))
-        })
-        .collect();
-    let stray: Vec<String> = prefixes
-        .iter()
-        .flat_map(|p| repo.refs_under(p))
-        .map(|(r, _)| r)
-        .filter(|r| !succeeded.contains(r))
-        .collect();
-    let _ = repo.delete_refs(&stray);
-}
-
 /// Where a clusterfile's state lives by default: `.ccluster/` beside it.
 pub fn default_state_dir(clusterfile: &Path) -> PathBuf {
     clusterfile
@@ -2315,65 +2126,4 @@ pub fn default_state_dir(clusterfile: &Path) -> PathBuf {
         .map(Path::to_path_buf)
         .unwrap_or_default()
         .join(".ccluster")
-}
-
-/// The instances of a task graph (`id`, `after`) over `items`, checked; `None` for a plain
-/// map. `Err`: what is wrong, as the planner is told.
-pub(crate) fn graph_of(
-    scope: &RunScope,
-    template: &PlannedTask,
-    items: &[Value],
-    tasks: &JinjaValue,
-) -> Result<Option<Vec<crate::plan::graph::Instance>>, String> {
-    use crate::plan::graph;
-    let Some(fan) = &template.fan_out else {
-        return Ok(None);
-    };
-    let Some(id_source) = &fan.id else {
-        return Ok(None);
-    };
-    let text = |source: &str| crate::plan::Text {
-        template: source.to_string(),
-        rendered: None,
-    };
-    let mut instances = Vec::with_capacity(items.len());
-    let mut problems = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let mut node = template.clone();
-        node.index = Some(i);
-        node.item = Some(item.clone());
-        let ctx = scope.context(&node, tasks, 1);
-        let id = match scope.value(&text(id_source), &ctx) {
-            Ok(Value::String(s)) => graph::id_of(&s),
-            Ok(Value::Number(n)) => n.to_string(),
-            Ok(other) => {
-                problems.push(format!("instance {} has no id (`id` gave {other})", i + 1));
-                continue;
-            }
-            Err(e) => {
-                problems.push(format!("instance {}: cannot evaluate `id`: {e}", i + 1));
-                continue;
-            }
-        };
-        let after = match &fan.after {
-            None => Vec::new(),
-            Some(source) => match scope
-                .value(&text(source), &ctx)
-                .and_then(|v| graph::after_of(&v))
-            {
-                Ok(after) => after,
-                Err(e) => {
-                    problems.push(format!("instance `{id}`: {e}"));
-                    Vec::new()
-                }
-            },
-        };
-        instances.push(graph::Instance { id, after });
-    }
-    problems.extend(graph::problems(&instances));
-    if problems.is_empty() {
-        Ok(Some(instances))
-    } else {
-        Err(graph::describe(&template.task, &problems))
-    }
 }
