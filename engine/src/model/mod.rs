@@ -3,6 +3,7 @@
 pub mod compose;
 pub mod confine;
 pub mod decode;
+mod fanout;
 pub mod fetch;
 pub mod raw;
 pub mod runners;

@@ -598,19 +598,7 @@ pub fn build(
         }
     }
 
-    let mut graph = DiGraph::<usize, ()>::with_capacity(nodes.len(), nodes.len());
-    let ids: HashMap<&str, NodeIndex> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.id.as_str(), graph.add_node(i)))
-        .collect();
-    for (i, node) in nodes.iter().enumerate() {
-        for need in &node.needs {
-            if let Some(&from) = ids.get(need.as_str()) {
-                graph.add_edge(from, NodeIndex::new(i), ());
-            }
-        }
-    }
+    let graph = dependency_graph(&nodes);
     for node in &nodes {
         match node.action {
             PlannedAction::Agent { .. } => summary.agent += 1,
@@ -638,6 +626,24 @@ pub fn build(
         graph,
         runners,
     }
+}
+
+/// The plan's DAG: an edge from each node to every node that needs it.
+fn dependency_graph(nodes: &[PlannedTask]) -> DiGraph<usize, ()> {
+    let mut graph = DiGraph::<usize, ()>::with_capacity(nodes.len(), nodes.len());
+    let ids: HashMap<&str, NodeIndex> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.id.as_str(), graph.add_node(i)))
+        .collect();
+    for (i, node) in nodes.iter().enumerate() {
+        for need in &node.needs {
+            if let Some(&from) = ids.get(need.as_str()) {
+                graph.add_edge(from, NodeIndex::new(i), ());
+            }
+        }
+    }
+    graph
 }
 
 /// An empty fan-out has no instances; it succeeds at once and its dependents wait only for its own
@@ -1037,19 +1043,7 @@ impl Plan {
                 })
                 .collect();
         }
-        let mut graph = DiGraph::<usize, ()>::with_capacity(nodes.len(), nodes.len());
-        let ids: HashMap<&str, NodeIndex> = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.id.as_str(), graph.add_node(i)))
-            .collect();
-        for (i, node) in nodes.iter().enumerate() {
-            for need in &node.needs {
-                if let Some(&from) = ids.get(need.as_str()) {
-                    graph.add_edge(from, NodeIndex::new(i), ());
-                }
-            }
-        }
+        let graph = dependency_graph(&nodes);
         let mut summary = self.summary.clone();
         summary.nodes = nodes.len();
         Plan {
