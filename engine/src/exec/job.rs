@@ -421,7 +421,8 @@ async fn run_command(
         ProcessEnd::TimedOut
         | ProcessEnd::Cancelled
         | ProcessEnd::SpawnFailed(_)
-        | ProcessEnd::Unstartable(_) => {}
+        | ProcessEnd::Unstartable(_)
+        | ProcessEnd::Failed(..) => {}
         ref end => match transcript.outcome(end, agent.wants_structured) {
             Ok(v) => result.output = Some(v),
             Err(failure) => result.failure = Some(failure),

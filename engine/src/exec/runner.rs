@@ -105,6 +105,8 @@ pub enum ProcessEnd {
     Unstartable(String),
     /// Killed for using more memory than its limit (a container's `memory`).
     OutOfMemory,
+    /// Failed for a reason the runner tells (a pod evicted, an image missing).
+    Failed(crate::model::raw::FailureClass, String),
 }
 
 impl std::fmt::Display for ProcessEnd {
@@ -117,6 +119,7 @@ impl std::fmt::Display for ProcessEnd {
             ProcessEnd::Cancelled => f.write_str("cancelled"),
             ProcessEnd::OutOfMemory => f.write_str("killed for using more memory than its limit"),
             ProcessEnd::SpawnFailed(e) | ProcessEnd::Unstartable(e) => f.write_str(e),
+            ProcessEnd::Failed(_, e) => f.write_str(e),
         }
     }
 }

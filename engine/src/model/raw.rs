@@ -294,6 +294,15 @@ pub enum FailureClass {
     /// A planner's output is not a valid task graph for the fan-out that reads it (a duplicate
     /// or unknown id, a cycle, too many instances): the retry tells the planner what is wrong.
     PlanInvalid,
+    /// The cluster lost the attempt: its pod was evicted, its node lost, or the pod or Job
+    /// deleted by someone else (`kubernetes` runners).
+    Infra,
+    /// The attempt's image could not be pulled, or does not exist where the runner looks
+    /// (never retried: the message names the image and the reason).
+    Image,
+    /// No node could take the attempt's pod for longer than the runner's
+    /// `unschedulable_timeout` (the message gives the scheduler's reason).
+    Unschedulable,
 }
 
 impl FailureClass {
@@ -315,6 +324,9 @@ impl FailureClass {
         ("no_result", FailureClass::NoResult),
         ("oom", FailureClass::Oom),
         ("plan_invalid", FailureClass::PlanInvalid),
+        ("infra", FailureClass::Infra),
+        ("image", FailureClass::Image),
+        ("unschedulable", FailureClass::Unschedulable),
     ];
 
     pub fn name(self) -> &'static str {
@@ -333,6 +345,8 @@ impl FailureClass {
                 | FailureClass::SetupError
                 | FailureClass::MergeConflict
                 | FailureClass::Oom
+                | FailureClass::Image
+                | FailureClass::Unschedulable
         )
     }
 }

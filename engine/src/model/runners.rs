@@ -392,7 +392,7 @@ pub(super) fn check_runner_built(
     let Some(decl) = runners.get(&name.value) else {
         return;
     };
-    if matches!(decl.kind, RunnerKind::Local | RunnerKind::Docker) {
+    if matches!(decl.kind, RunnerKind::Local | RunnerKind::Docker | RunnerKind::Kubernetes) {
         return;
     }
     let kind = serde_json::to_value(decl.kind)

@@ -1690,6 +1690,7 @@ impl Dispatcher<'_> {
             (None, ProcessEnd::OutOfMemory) => {
                 (Some(FailureClass::Oom), None, None, end.to_string())
             }
+            (None, ProcessEnd::Failed(class, message)) => (Some(*class), None, None, message.clone()),
         };
         self.record_attempt(
             node,
