@@ -330,7 +330,8 @@ enum ReportFormat {
 /// How `apply` and `retry` run tasks and report progress.
 #[derive(Args)]
 struct RunArgs {
-    /// Tasks running at once (default: the number of CPUs).
+    /// Tasks running at once (default: the number of CPUs, plus each Kubernetes runner's
+    /// `max_parallel`, 32 unless it says).
     #[arg(long, short = 'j')]
     jobs: Option<usize>,
     /// Time a stopping task gets between SIGTERM and SIGKILL.
@@ -345,9 +346,9 @@ struct RunArgs {
 }
 
 impl RunArgs {
-    fn jobs(&self) -> usize {
+    /// `--jobs`, when given.
+    fn jobs(&self) -> Option<usize> {
         self.jobs
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 }
 

@@ -189,7 +189,8 @@ pub struct ApplyArgs<'a> {
     /// Tasks or plan nodes to run even when cached (`retry --task`).
     pub rerun: Vec<String>,
     pub state_dir: PathBuf,
-    pub jobs: usize,
+    /// `--jobs`; `None`: [`default_jobs`].
+    pub jobs: Option<usize>,
     pub fresh: bool,
     pub grace: Duration,
     pub output: OutputFormat,
@@ -198,6 +199,23 @@ pub struct ApplyArgs<'a> {
     pub keep_going: bool,
     /// The texts of the templates the clusterfile used, kept with the run.
     pub templates: std::collections::BTreeMap<String, String>,
+}
+
+/// Tasks running at once when `--jobs` does not say: one per CPU for this machine's work, and a
+/// Kubernetes runner's `max_parallel` (32 unless it says) for the pods it places elsewhere.
+pub fn default_jobs(compiled: &ccluster_engine::Compiled) -> usize {
+    use ccluster_engine::model::raw::RunnerKind;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut used: Vec<&str> = compiled.plan.nodes.iter().map(|n| n.runner.as_str()).collect();
+    used.sort_unstable();
+    used.dedup();
+    let remote: usize = used
+        .into_iter()
+        .filter_map(|name| compiled.workflow.runners.get(name))
+        .filter(|decl| decl.kind == RunnerKind::Kubernetes)
+        .map(|decl| decl.max_parallel.map_or(32, |m| m as usize))
+        .sum();
+    cpus + remote
 }
 
 /// The runners the plan's tasks name, made (and a Docker daemon reached, its images checked)
@@ -327,7 +345,7 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         .unwrap_or_else(|| PathBuf::from("."));
     let rehearse = args.rehearse.clone();
     let opts = ApplyOptions {
-        jobs: args.jobs.max(1),
+        jobs: args.jobs.unwrap_or_else(|| default_jobs(compiled)).max(1),
         fresh: args.fresh,
         grace: args.grace,
         workdir: std::fs::canonicalize(&workdir).unwrap_or(workdir),
@@ -919,7 +937,8 @@ pub struct RetryArgs<'a> {
     /// `--var name=value`: the values of secret inputs, which runs do not keep.
     pub vars: Vec<String>,
     pub tasks: Vec<String>,
-    pub jobs: usize,
+    /// `--jobs`; `None`: [`default_jobs`].
+    pub jobs: Option<usize>,
     pub grace: Duration,
     pub output: OutputFormat,
     pub keep_going: bool,

@@ -1,0 +1,429 @@
+//! The Kubernetes runner against a real single-node Kubernetes 1.20 (`scripts/k8s-for-tests.sh`):
+//! attempts as Jobs, their classes (exit code, `oom`, `image`, `infra`), cancel, `kill -9` and
+//! the next `apply`, parallel pods, workspaces that travel by git, and credentials that never
+//! show in the cluster's objects or the state directory.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use crate::apply::{Applied, Sandbox};
+use crate::support::root;
+
+/// A started cluster, shared by the tests that run at the same time (each in a namespace of its
+/// own); stopped, by pid, when the last of them is done.
+pub(crate) struct Cluster {
+    dir: tempfile::TempDir,
+    netns: String,
+}
+
+static SHARED: Mutex<Weak<Cluster>> = Mutex::new(Weak::new());
+
+impl Cluster {
+    pub fn get() -> Arc<Cluster> {
+        let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = shared.upgrade() {
+            return c;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(root().join("scripts/k8s-for-tests.sh"))
+            .arg("start")
+            .arg(dir.path())
+            .arg("debian")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "the test cluster did not start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pid = std::fs::read_to_string(dir.path().join("netns.pid")).unwrap();
+        let cluster = Arc::new(Cluster {
+            netns: format!("/proc/{}/ns/net", pid.trim()),
+            dir,
+        });
+        *shared = Arc::downgrade(&cluster);
+        cluster
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    pub fn docker_host(&self) -> String {
+        format!("unix://{}/docker/docker.sock", self.dir.path().display())
+    }
+
+    /// A fresh namespace for one test.
+    pub fn namespace(&self, name: &str) -> String {
+        let ns = format!("{name}-{}", std::process::id());
+        self.kubectl_ok(&["create", "namespace", &ns]);
+        // Its default service account comes a moment later; pods need it.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.kubectl(&["get", "serviceaccount", "default", "-n", &ns]).0 {
+            assert!(Instant::now() < deadline, "namespace {ns} has no service account");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        ns
+    }
+
+    /// `kubectl ARGS` inside the cluster's network namespace: whether it succeeded, its stdout.
+    pub fn kubectl(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns))
+            .arg("--")
+            .arg("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let (ok, out) = self.kubectl(args);
+        assert!(ok, "kubectl {args:?}: {out}");
+        out
+    }
+
+    /// `ccluster ARGS` in the sandbox, inside the cluster's network namespace (where the API
+    /// server and the pods' network are), with the cluster's kubeconfig.
+    pub fn ccluster(&self, s: &Sandbox, args: &[&str]) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_ccluster"))
+            .args(args)
+            .current_dir(s.path())
+            .env_remove("CCLUSTER_STATE_DIR")
+            .env("KUBECONFIG", self.kubeconfig())
+            .env("DOCKER_HOST", self.docker_host())
+            .stdin(std::process::Stdio::null());
+        cmd
+    }
+
+    pub fn apply(&self, s: &Sandbox, extra: &[&str]) -> Applied {
+        let mut args = vec!["apply", "--output", "json", "--grace-period", "2s"];
+        args.extend_from_slice(extra);
+        Applied::from_output(self.ccluster(s, &args).output().unwrap())
+    }
+
+    /// What is left of ccluster's in the namespace: Jobs, pods, Secrets, ConfigMaps and
+    /// NetworkPolicies it labels.
+    pub fn leftovers(&self, ns: &str) -> String {
+        self.kubectl_ok(&[
+            "get",
+            "jobs,pods,secrets,configmaps,networkpolicies",
+            "-n",
+            ns,
+            "-l",
+            "ccluster.dev/state",
+            "-o",
+            "name",
+        ])
+        .trim()
+        .to_string()
+    }
+
+    /// Waits until nothing of ccluster's is left in the namespace (pods take their grace
+    /// period to go).
+    pub fn assert_emptied(&self, ns: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = self.leftovers(ns);
+            if left.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "left in {ns}: {left}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// How many containers of the namespace the kubelet started: each is one run of a task.
+    pub fn containers_started(&self, ns: &str) -> usize {
+        self.kubectl_ok(&[
+            "get",
+            "events",
+            "-n",
+            ns,
+            "--field-selector",
+            "reason=Started",
+            "-o",
+            "name",
+        ])
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(root().join("scripts/k8s-for-tests.sh"))
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn runner(ns: &str, extra: &str) -> String {
+    format!(
+        r#"[runners.k8s]
+kind = "kubernetes"
+image = "ccluster-test/debian:1"
+namespace = "{ns}"
+pull = "never"
+{extra}
+"#
+    )
+}
+
+#[test]
+fn twenty_shell_tasks_run_as_twenty_parallel_pods_and_leave_nothing() {
+    let cluster = Cluster::get();
+    let ns = cluster.namespace("twenty");
+    let s = Sandbox::new(&format!(
+        r#"version = 1
+{}
+[tasks.each]
+runner = "k8s"
+map = [{}]
+run = "echo task {{{{ item }}}} on $(hostname); echo its stderr >&2"
+"#,
+        runner(&ns, ""),
+        (1..=20).map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+    ));
+    let run = cluster.apply(&s, &["-j", "20"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(run.tasks("task_succeeded").len(), 20, "{}", run.stdout);
+    // Each ran in a pod of its own, at the same time as the others.
+    let starts: Vec<&serde_json::Value> = run.of("task_started");
+    let finishes: Vec<&serde_json::Value> = run.of("task_succeeded");
+    let last_start = starts.iter().map(|e| e["time_ms"].as_u64().unwrap()).max();
+    let first_end = finishes.iter().map(|e| e["time_ms"].as_u64().unwrap()).min();
+    assert!(last_start < first_end, "the pods did not run in parallel");
+    let logs = s
+        .command(&["logs", "latest", "each[3]"])
+        .output()
+        .unwrap();
+    let logs = String::from_utf8_lossy(&logs.stdout);
+    assert!(logs.contains("task 4 on cc-"), "{logs}");
+    assert!(logs.contains("stderr <==\nits stderr"), "{logs}");
+    assert_eq!(cluster.containers_started(&ns), 20);
+    cluster.assert_emptied(&ns);
+}
+
+#[test]
+fn exit_codes_deleted_pods_and_missing_images_are_classified() {
+    let cluster = Cluster::get();
+    let ns = cluster.namespace("classes");
+    let s = Sandbox::new(&format!(
+        r#"version = 1
+{}
+[runners.nowhere]
+kind = "kubernetes"
+image = "ccluster-test/not-there:1"
+namespace = "{ns}"
+pull = "never"
+
+[tasks.exits]
+runner = "k8s"
+run = "echo bye; exit 3"
+retry = {{ limit = 0 }}
+
+[tasks.noimage]
+runner = "nowhere"
+run = "echo never"
+
+[tasks.deleted]
+runner = "k8s"
+run = "if [ \"$CCLUSTER_ATTEMPT\" = 1 ]; then echo first; sleep 60; fi; echo second"
+retry = {{ limit = 1, on = ["infra"], backoff = "0s" }}
+"#,
+        runner(&ns, "")
+    ));
+    let child = cluster
+        .ccluster(&s, &["apply", "--output", "json", "-k", "-j", "4"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Someone deletes the first attempt's pod while it runs.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, pods) = cluster.kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            &ns,
+            "-l",
+            "ccluster.dev/attempt=1",
+            "--field-selector",
+            "status.phase=Running",
+            "-o",
+            "name",
+        ]);
+        let pod = pods
+            .lines()
+            .find(|p| p.contains("-deleted-"))
+            .map(str::to_string);
+        if let Some(pod) = pod {
+            cluster.kubectl_ok(&["delete", "-n", &ns, &pod, "--wait=false"]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the task `deleted` never ran");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let run = Applied::from_output(child.wait_with_output().unwrap());
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let failed = |task: &str| {
+        run.of("task_failed")
+            .into_iter()
+            .find(|e| e["task"] == task)
+            .cloned()
+            .unwrap_or_else(|| panic!("{task} did not fail: {}", run.stdout))
+    };
+    let exits = failed("exits");
+    assert_eq!(exits["class"], "exit_code");
+    assert_eq!(exits["exit_code"], 3);
+    let noimage = failed("noimage");
+    assert_eq!(noimage["class"], "image", "{noimage}");
+    let message = noimage["message"].as_str().unwrap();
+    assert!(
+        message.contains("ccluster-test/not-there:1") && message.contains("ErrImageNeverPull"),
+        "{message}"
+    );
+    // Not retried: one attempt.
+    assert_eq!(noimage["attempt"], 1);
+    let retried = run
+        .of("task_retrying")
+        .into_iter()
+        .find(|e| e["task"] == "deleted")
+        .cloned()
+        .unwrap_or_else(|| panic!("`deleted` was not retried: {}", run.stdout));
+    assert_eq!(retried["class"], "infra", "{retried}");
+    assert!(run.tasks("task_succeeded").contains(&"deleted".to_string()));
+    cluster.assert_emptied(&ns);
+}
+
+#[test]
+fn cancel_deletes_the_jobs() {
+    let cluster = Cluster::get();
+    let ns = cluster.namespace("cancel");
+    let s = Sandbox::new(&format!(
+        r#"version = 1
+{}
+[tasks.slow]
+runner = "k8s"
+map = [1, 2, 3]
+run = "echo started; sleep 300"
+"#,
+        runner(&ns, "")
+    ));
+    let child = cluster
+        .ccluster(&s, &["apply", "--output", "json", "--grace-period", "2s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while cluster.containers_started(&ns) < 3 {
+        assert!(Instant::now() < deadline, "the pods never started");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let started = Instant::now();
+    let run = Applied::from_output(child.wait_with_output().unwrap());
+    assert_eq!(run.code, 130, "{}{}", run.stdout, run.stderr);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "cancel took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(run.tasks("task_cancelled").len(), 3, "{}", run.stdout);
+    let jobs = cluster.kubectl_ok(&["get", "jobs", "-n", &ns, "-o", "name"]);
+    assert_eq!(jobs.trim(), "", "Jobs left after cancel");
+    cluster.assert_emptied(&ns);
+}
+
+#[test]
+fn after_kill_9_the_next_apply_harvests_finished_pods_and_adopts_running_ones() {
+    let cluster = Cluster::get();
+    let ns = cluster.namespace("kill9");
+    let s = Sandbox::new(&format!(
+        r#"version = 1
+{}
+[tasks.work]
+runner = "k8s"
+map = ["quick-1", "quick-2", "slow-1", "slow-2"]
+run = "echo started {{{{ item }}}}; case {{{{ item }}}} in quick*) sleep 2;; *) sleep 25;; esac; echo finished {{{{ item }}}}"
+"#,
+        runner(&ns, "")
+    ));
+    let mut child = cluster
+        .ccluster(&s, &["apply", "-j", "4"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while cluster.containers_started(&ns) < 4 {
+        assert!(Instant::now() < deadline, "the pods never started");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The quick ones finish while no ccluster watches.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = cluster.kubectl_ok(&[
+            "get",
+            "pods",
+            "-n",
+            &ns,
+            "--field-selector",
+            "status.phase=Succeeded",
+            "-o",
+            "name",
+        ]);
+        if done.lines().filter(|l| !l.trim().is_empty()).count() >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the quick tasks never ended");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let run = cluster.apply(&s, &["-j", "4"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(run.tasks("task_succeeded").len(), 4, "{}", run.stdout);
+    let adopted: Vec<String> = run
+        .of("task_progress")
+        .into_iter()
+        .filter(|e| e["kind"] == "adopted")
+        .map(|e| e["task"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(adopted.len(), 4, "{}", run.stdout);
+    // No task ran twice: four containers in all, each task's log whole.
+    assert_eq!(cluster.containers_started(&ns), 4);
+    for item in ["quick-1", "slow-2"] {
+        let logs = s
+            .command(&["logs", "latest", &format!("work[{item}]")])
+            .output()
+            .unwrap();
+        let logs = String::from_utf8_lossy(&logs.stdout);
+        assert!(
+            logs.contains(&format!("started {item}\nfinished {item}\n")),
+            "{logs}"
+        );
+    }
+    cluster.assert_emptied(&ns);
+}
