@@ -1051,4 +1051,45 @@ mod tests {
             assert!(!is_allowed_host(bad), "{bad}");
         }
     }
+
+    fn resources(requests: &[(&str, &str)], limits: &[(&str, &str)]) -> Vec<String> {
+        let map = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), Spanned::new(v.to_string(), Span::default())))
+                .collect()
+        };
+        let raw = RawResources {
+            requests: map(requests),
+            limits: map(limits),
+        };
+        let mut diags = Vec::new();
+        check_resources(&raw, &mut diags);
+        diags.into_iter().map(|d| d.message).collect()
+    }
+
+    #[test]
+    fn requests_are_compared_with_limits_exactly() {
+        // The same amount written differently is not "above".
+        assert!(resources(&[("cpu", "0.1")], &[("cpu", "100m")]).is_empty());
+        assert!(resources(&[("memory", "1Gi")], &[("memory", "1024Mi")]).is_empty());
+        assert!(resources(&[("memory", "1G")], &[("memory", "1Gi")]).is_empty());
+        assert!(resources(&[("cpu", "2")], &[]).is_empty(), "no limit");
+        assert!(resources(&[], &[("nvidia.com/gpu", "1")]).is_empty());
+        assert!(resources(&[("nvidia.com/gpu", "2")], &[("nvidia.com/gpu", "2e0")]).is_empty());
+        let above = resources(&[("cpu", "1001m")], &[("cpu", "1")]);
+        assert_eq!(
+            above,
+            ["the request for `cpu` (1001m) is above its limit (1)"]
+        );
+        let above = resources(&[("memory", "1Gi")], &[("memory", "1G")]);
+        assert_eq!(above.len(), 1, "{above:?}");
+        let unequal = resources(&[("nvidia.com/gpu", "1")], &[("nvidia.com/gpu", "2")]);
+        assert_eq!(unequal.len(), 1, "{unequal:?}");
+        let alone = resources(&[("hugepages-2Mi", "1Gi")], &[]);
+        assert_eq!(alone, ["`hugepages-2Mi` is requested without a limit"]);
+        // An invalid quantity is reported once, not again as "above its limit".
+        let bad = resources(&[("cpu", "lots")], &[("cpu", "1")]);
+        assert_eq!(bad.len(), 1, "{bad:?}");
+    }
 }
