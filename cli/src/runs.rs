@@ -272,24 +272,8 @@ fn runners_for(
                 runners = runners.with(name, std::sync::Arc::new(runner));
             }
             (RunnerKind::Kubernetes, Some(image), _) => {
-                let settings = exec::kubernetes::KubernetesSettings {
-                    context: None,
-                    namespace: decl.namespace.clone(),
-                    service_account: None,
-                    requests: Default::default(),
-                    limits: std::env::var("CCLUSTER_TMP_MEMORY").ok().map(|m| [("memory".to_string(), m)].into_iter().collect()).unwrap_or_default(),
-                    node_selector: Default::default(),
-                    tolerations: vec![],
-                    image_pull_secrets: vec![],
-                    labels: Default::default(),
-                    annotations: Default::default(),
-                    ttl_seconds_after_finished: None,
-                    network: None,
-                    pull: ccluster_engine::model::raw::PullPolicy::Never,
-                    remote: None,
-                    env: Default::default(),
-                    allow_hosts: vec![],
-                    unschedulable_timeout: std::time::Duration::from_secs(300),
+                let Some(settings) = decl.kubernetes.clone() else {
+                    continue;
                 };
                 let runner = runtime
                     .block_on(exec::kubernetes::KubernetesRunner::connect(

@@ -84,7 +84,19 @@ fn document_paths(doc: &Value, prefix: &str, out: &mut BTreeSet<String>, free_fo
     if let Value::Object(map) = doc {
         for (k, v) in map {
             let is_map = [
-                "inputs", "runners", "tasks", "vars", "env", "files", "with", "outputs",
+                "inputs",
+                "runners",
+                "tasks",
+                "vars",
+                "env",
+                "files",
+                "with",
+                "outputs",
+                "requests",
+                "limits",
+                "node_selector",
+                "labels",
+                "annotations",
             ]
             .iter()
             .any(|m| prefix.ends_with(&format!("{m}.")) || prefix == format!("{m}."));

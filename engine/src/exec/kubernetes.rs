@@ -34,40 +34,7 @@ use tokio::time::Instant;
 use super::lines::LineSplitter;
 use super::runner::{LazyLog, ProcessEnd, ProcessFuture, ProcessResult, ProcessSpec, Runner, Stop};
 use crate::model::raw::{FailureClass, NetworkMode, PullPolicy};
-pub use tmp_settings::KubernetesSettings;
-// TEMPORARY until the model's settings land.
-mod tmp_settings {
-    use crate::model::raw::{NetworkMode, PullPolicy};
-    use indexmap::IndexMap;
-    #[derive(Clone, Debug, PartialEq)]
-    pub struct KubernetesSettings {
-        pub context: Option<String>,
-        pub namespace: Option<String>,
-        pub service_account: Option<String>,
-        pub requests: IndexMap<String, String>,
-        pub limits: IndexMap<String, String>,
-        pub node_selector: IndexMap<String, String>,
-        pub tolerations: Vec<Toleration>,
-        pub image_pull_secrets: Vec<String>,
-        pub labels: IndexMap<String, String>,
-        pub annotations: IndexMap<String, String>,
-        pub ttl_seconds_after_finished: Option<u32>,
-        pub network: Option<NetworkMode>,
-        pub pull: PullPolicy,
-        pub remote: Option<String>,
-        pub env: IndexMap<String, String>,
-        pub allow_hosts: Vec<String>,
-        pub unschedulable_timeout: std::time::Duration,
-    }
-    #[derive(Clone, Debug, PartialEq)]
-    pub struct Toleration {
-        pub key: Option<String>,
-        pub operator: Option<String>,
-        pub value: Option<String>,
-        pub effect: Option<String>,
-        pub toleration_seconds: Option<i64>,
-    }
-}
+use crate::model::workflow::KubernetesSettings;
 
 /// Label keys of everything the runner makes: how a later `apply` or `gc` finds them.
 pub const LABEL_STATE: &str = "ccluster.dev/state";

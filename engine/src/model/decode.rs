@@ -659,9 +659,94 @@ impl Decoder<'_> {
         if let Some(n) = t.get("allow_hosts") {
             r.allow_hosts = self.string_list(n, "allow_hosts");
         }
+        if let Some(n) = t.get("context") {
+            r.context = self.string(n, "context");
+        }
+        if let Some(n) = t.get("service_account") {
+            r.service_account = self.string(n, "service_account");
+        }
+        if let Some(n) = t.get("resources") {
+            r.resources = self.resources(n, &key.name);
+        }
+        if let Some(n) = t.get("node_selector") {
+            r.node_selector = self.string_map(n, "node_selector");
+        }
+        if let Some(n) = t.get("tolerations") {
+            r.tolerations = self.list(n, "tolerations").map(|items| {
+                let list = items
+                    .into_iter()
+                    .filter_map(|item| self.toleration(item, &key.name))
+                    .collect();
+                Spanned::new(list, n.span)
+            });
+        }
+        if let Some(n) = t.get("image_pull_secrets") {
+            r.image_pull_secrets = self.string_list(n, "image_pull_secrets");
+        }
+        if let Some(n) = t.get("labels") {
+            r.labels = self.string_map(n, "labels");
+        }
+        if let Some(n) = t.get("annotations") {
+            r.annotations = self.string_map(n, "annotations");
+        }
+        if let Some(n) = t.get("ttl_seconds_after_finished") {
+            // An int32 in the Job's spec.
+            r.ttl_seconds_after_finished =
+                self.int(n, "ttl_seconds_after_finished", 0, i32::MAX.into());
+        }
+        if let Some(n) = t.get("remote") {
+            r.remote = self.string(n, "remote");
+        }
+        if let Some(n) = t.get("unschedulable_timeout") {
+            r.unschedulable_timeout = self.string(n, "unschedulable_timeout");
+        }
         self.finish(t);
         r.decode_errors = self.errors_so_far() > before;
         Some(r)
+    }
+
+    /// A `kubernetes` runner's `resources = { requests = {...}, limits = {...} }`; a quantity may
+    /// be written as a number (`cpu = 1`), taken as its text.
+    fn resources(&mut self, node: &Node, runner: &str) -> Option<Spanned<RawResources>> {
+        let mut t = self.table(node, "resources", format!("runner `{runner}` `resources`"))?;
+        let mut resources = RawResources::default();
+        if let Some(n) = t.get("requests") {
+            resources.requests = self.string_map(n, "requests");
+        }
+        if let Some(n) = t.get("limits") {
+            resources.limits = self.string_map(n, "limits");
+        }
+        self.finish(t);
+        Some(Spanned::new(resources, node.span))
+    }
+
+    fn toleration(&mut self, node: &Node, runner: &str) -> Option<RawToleration> {
+        let mut t = self.table(
+            node,
+            "tolerations",
+            format!("a toleration of runner `{runner}`"),
+        )?;
+        let mut toleration = RawToleration {
+            span: node.span,
+            ..RawToleration::default()
+        };
+        if let Some(n) = t.get("key") {
+            toleration.key = self.string(n, "key");
+        }
+        if let Some(n) = t.get("operator") {
+            toleration.operator = self.choice(n, "operator", TolerationOperator::ALL);
+        }
+        if let Some(n) = t.get("value") {
+            toleration.value = self.string(n, "value");
+        }
+        if let Some(n) = t.get("effect") {
+            toleration.effect = self.choice(n, "effect", TaintEffect::ALL);
+        }
+        if let Some(n) = t.get("toleration_seconds") {
+            toleration.toleration_seconds = self.count(n, "toleration_seconds", 0);
+        }
+        self.finish(t);
+        Some(toleration)
     }
 
     fn task(&mut self, key: &Key, node: &Node) -> Option<RawTask> {

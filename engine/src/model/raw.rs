@@ -469,7 +469,7 @@ impl RunnerKind {
     }
 }
 
-/// When a `docker` runner pulls its image.
+/// When a `docker` or `kubernetes` runner pulls its image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PullPolicy {
@@ -495,9 +495,11 @@ impl PullPolicy {
 pub enum NetworkMode {
     /// Nothing: no network at all.
     None,
-    /// Only the model API's host and the runner's `allow_hosts`, through ccluster's egress proxy.
+    /// Only the model API's host and the runner's `allow_hosts` (`docker`: through ccluster's
+    /// egress proxy; `kubernetes`: by a NetworkPolicy, which also allows ccluster's git endpoint).
     ApiOnly,
-    /// Docker's default bridge network.
+    /// Docker's default bridge network; on `kubernetes`, the cluster's network with no
+    /// NetworkPolicy.
     Bridge,
 }
 
@@ -524,12 +526,12 @@ pub struct RawRunner {
     pub kind: Option<Spanned<RunnerKind>>,
     /// Container image (`docker`, `kubernetes`).
     pub image: Option<Spanned<String>>,
-    /// Namespace of the task pods (`kubernetes`).
+    /// `kubernetes`: namespace of the task pods (default: the context's, else `default`).
     pub namespace: Option<Spanned<String>>,
     /// Upper bound on tasks running at once on this runner.
     #[schemars(range(min = 1))]
     pub max_parallel: Option<Spanned<i64>>,
-    /// `docker`: when to pull the image: `never`, `missing` (default), `always`.
+    /// `docker`, `kubernetes`: when to pull the image: `never`, `missing` (default), `always`.
     pub pull: Option<Spanned<PullPolicy>>,
     /// `docker`: the user the task runs as, `uid[:gid]` or a name in the image (default: the
     /// invoking user's uid:gid, so files written in the worktree stay theirs).
@@ -541,24 +543,146 @@ pub struct RawRunner {
     /// `docker`: the most processes the container may have.
     #[schemars(range(min = 1))]
     pub pids: Option<Spanned<i64>>,
-    /// `docker`: `none`, `api-only` (the default for agent tasks) or `bridge` (the default for
-    /// shell tasks).
+    /// `docker`, `kubernetes`: `none`, `api-only` (the default for agent tasks) or `bridge` (the
+    /// default for shell tasks).
     pub network: Option<Spanned<NetworkMode>>,
     /// `docker`: more host paths mounted read-only, `"<host path>:<container path>"`.
     pub mounts: Option<Spanned<Vec<Spanned<String>>>>,
-    /// `docker`: environment variables set in every container of this runner.
+    /// `docker`, `kubernetes`: environment variables set in every container of this runner.
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
     #[schemars(with = "IndexMap<String, EnvValue>")]
     pub env: IndexMap<String, Spanned<String>>,
-    /// `docker`, under `network = "api-only"`: hosts besides the model API's that tasks may reach
-    /// (`crates.io`, `registry.npmjs.org:443`).
+    /// `docker`, `kubernetes`, under `network = "api-only"`: hosts besides the model API's that
+    /// tasks may reach (`crates.io`, `registry.npmjs.org:443`).
     pub allow_hosts: Option<Spanned<Vec<Spanned<String>>>>,
+    /// `kubernetes`: the kubeconfig context (default: the current one, or the in-cluster config).
+    pub context: Option<Spanned<String>>,
+    /// `kubernetes`: the service account the task pods run as (default: the namespace's `default`).
+    pub service_account: Option<Spanned<String>>,
+    /// `kubernetes`: resource requests and limits of a task's container.
+    pub resources: Option<Spanned<RawResources>>,
+    /// `kubernetes`: labels a node must have to run the task pods.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    #[schemars(with = "IndexMap<String, String>")]
+    pub node_selector: IndexMap<String, Spanned<String>>,
+    /// `kubernetes`: taints of nodes the task pods tolerate.
+    pub tolerations: Option<Spanned<Vec<RawToleration>>>,
+    /// `kubernetes`: names of Secrets in the namespace holding registry credentials for `image`.
+    pub image_pull_secrets: Option<Spanned<Vec<Spanned<String>>>>,
+    /// `kubernetes`: labels added to the task Jobs and pods (keys under `dev.ccluster.` and
+    /// `ccluster.dev/` are ccluster's own).
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    #[schemars(with = "IndexMap<String, String>")]
+    pub labels: IndexMap<String, Spanned<String>>,
+    /// `kubernetes`: annotations added to the task Jobs and pods.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    #[schemars(with = "IndexMap<String, String>")]
+    pub annotations: IndexMap<String, Spanned<String>>,
+    /// `kubernetes`: seconds after which Kubernetes deletes a finished Job itself.
+    #[schemars(range(min = 0, max = 2147483647))]
+    pub ttl_seconds_after_finished: Option<Spanned<i64>>,
+    /// `kubernetes`: a git remote of the repository (`"origin"`) the pods fetch from and push to,
+    /// instead of ccluster's own endpoint (for clusters that cannot reach this machine).
+    pub remote: Option<Spanned<String>>,
+    /// `kubernetes`: how long a pod may stay unschedulable before its attempt fails (a duration,
+    /// default `"5m"`).
+    pub unschedulable_timeout: Option<Spanned<String>>,
     #[serde(skip)]
     #[schemars(skip)]
     pub name_span: Span,
     #[serde(skip)]
     #[schemars(skip)]
     pub decode_errors: bool,
+}
+
+/// A `kubernetes` runner's resource requests and limits, by resource name (`cpu`, `memory`,
+/// `ephemeral-storage`, or an extended resource `<domain>/<name>`), as Kubernetes quantities:
+/// `cpu = "500m"`, `memory = "512Mi"`.
+#[derive(Clone, Debug, Default, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawResources {
+    /// What the scheduler reserves for a task's container.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    #[schemars(with = "IndexMap<String, Quantity>")]
+    pub requests: IndexMap<String, Spanned<String>>,
+    /// The most a task's container may use (over its memory limit it is killed: class `oom`).
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    #[schemars(with = "IndexMap<String, Quantity>")]
+    pub limits: IndexMap<String, Spanned<String>>,
+}
+
+/// A Kubernetes quantity: `"250m"`, `"1.5"`, `"512Mi"`, `"1G"`, or a bare number.
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // only describes the schema
+pub enum Quantity {
+    String(String),
+    Number(f64),
+}
+
+/// A taint a `kubernetes` runner's pods tolerate.
+#[derive(Clone, Debug, Default, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawToleration {
+    /// The taint's key (none, with `operator = "Exists"`: every taint).
+    pub key: Option<Spanned<String>>,
+    /// `Equal` (the default: the taint's value is `value`) or `Exists` (any value).
+    pub operator: Option<Spanned<TolerationOperator>>,
+    /// The taint's value, with `operator = "Equal"`.
+    pub value: Option<Spanned<String>>,
+    /// The taint effect tolerated: `NoSchedule`, `PreferNoSchedule` or `NoExecute` (none: all).
+    pub effect: Option<Spanned<TaintEffect>>,
+    /// With `effect = "NoExecute"`: how long a pod stays on the node once the taint appears.
+    #[schemars(range(min = 0, max = u32::MAX))]
+    pub toleration_seconds: Option<Spanned<i64>>,
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub span: Span,
+}
+
+/// How a toleration matches a taint's value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, JsonSchema)]
+pub enum TolerationOperator {
+    Equal,
+    Exists,
+}
+
+impl TolerationOperator {
+    pub const ALL: &'static [(&'static str, TolerationOperator)] = &[
+        ("Equal", TolerationOperator::Equal),
+        ("Exists", TolerationOperator::Exists),
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TolerationOperator::Equal => "Equal",
+            TolerationOperator::Exists => "Exists",
+        }
+    }
+}
+
+/// What a taint does to pods that do not tolerate it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, JsonSchema)]
+pub enum TaintEffect {
+    NoSchedule,
+    PreferNoSchedule,
+    NoExecute,
+}
+
+impl TaintEffect {
+    pub const ALL: &'static [(&'static str, TaintEffect)] = &[
+        ("NoSchedule", TaintEffect::NoSchedule),
+        ("PreferNoSchedule", TaintEffect::PreferNoSchedule),
+        ("NoExecute", TaintEffect::NoExecute),
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TaintEffect::NoSchedule => "NoSchedule",
+            TaintEffect::PreferNoSchedule => "PreferNoSchedule",
+            TaintEffect::NoExecute => "NoExecute",
+        }
+    }
 }
 
 /// A merge (fan-in) task's settings.

@@ -11,8 +11,10 @@ use serde::Serialize;
 
 use super::fanout::check_fan_out_settings;
 use super::raw::*;
-use super::runners::{check_runner_built, check_runner_name, resolve_runners};
-pub use super::runners::{parse_memory, DockerSettings, Mount, RunnerDecl};
+use super::runners::{check_runner_name, resolve_runners};
+pub use super::runners::{
+    parse_memory, DockerSettings, KubernetesSettings, Mount, RunnerDecl, Toleration,
+};
 use super::spanned::Spanned;
 use super::template::{self, Scope, Template};
 use crate::diagnostic::{did_you_mean, Category, Diagnostic, Span};
@@ -378,7 +380,11 @@ pub fn parse_duration_text(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
-fn parse_duration(s: &Spanned<String>, key: &str, diags: &mut Vec<Diagnostic>) -> Option<Duration> {
+pub(super) fn parse_duration(
+    s: &Spanned<String>,
+    key: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Duration> {
     let problem = match parse_duration_text(&s.value) {
         Ok(d) if !d.is_zero() => return Some(d),
         Ok(_) => "it is zero".to_string(),
@@ -830,9 +836,6 @@ fn resolve_task(
     let runner = rt.runner.as_ref().or(defaults.runner.as_ref());
     if let Some(r) = &rt.runner {
         check_runner_name(r, runners, diags);
-    }
-    if let Some(r) = runner {
-        check_runner_built(id, r, runners, diags);
     }
     let timeout = match &rt.timeout {
         Some(t) => parse_duration(t, "timeout", diags),

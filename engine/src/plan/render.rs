@@ -141,6 +141,9 @@ pub fn to_text(plan: &Plan) -> String {
             }
             let _ = write!(out, " ({})", parts.join("; "));
         }
+        if let Some(k) = &r.kubernetes {
+            let _ = write!(out, " ({})", kubernetes_parts(k).join("; "));
+        }
         out.push('\n');
     }
     let default_on = RetryPolicy::default().on;
@@ -381,4 +384,99 @@ pub fn to_mermaid(plan: &Plan) -> String {
         );
     }
     out
+}
+
+/// A `kubernetes` runner's settings on its `runner` line: what its pods get, defaults spelt out.
+fn kubernetes_parts(k: &crate::model::workflow::KubernetesSettings) -> Vec<String> {
+    let pairs = |m: &indexmap::IndexMap<String, String>, sep: &str| {
+        m.iter()
+            .map(|(k, v)| format!("{k}{sep}{v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut parts = vec![
+        format!("context {}", k.context.as_deref().unwrap_or("(current)")),
+        format!(
+            "namespace {}",
+            k.namespace.as_deref().unwrap_or("(the context's)")
+        ),
+    ];
+    if let Some(sa) = &k.service_account {
+        parts.push(format!("service account {sa}"));
+    }
+    parts.push(format!(
+        "pull {}",
+        crate::model::raw::PullPolicy::ALL
+            .iter()
+            .find(|(_, p)| *p == k.pull)
+            .map_or("missing", |(n, _)| n)
+    ));
+    if !k.requests.is_empty() {
+        parts.push(format!("requests {}", pairs(&k.requests, " ")));
+    }
+    if !k.limits.is_empty() {
+        parts.push(format!("limits {}", pairs(&k.limits, " ")));
+    }
+    if !k.node_selector.is_empty() {
+        parts.push(format!("node selector {}", pairs(&k.node_selector, "=")));
+    }
+    for t in &k.tolerations {
+        // `dedicated=ci, NoSchedule`; `nvidia.com/gpu, any value, any effect`.
+        let mut text = t.key.clone().unwrap_or_else(|| "every taint".to_string());
+        match (t.operator.as_deref(), &t.value) {
+            (Some("Exists"), _) if t.key.is_some() => text.push_str(", any value"),
+            (Some("Exists"), _) => {}
+            (_, value) => text.push_str(&format!("={}", value.as_deref().unwrap_or(""))),
+        }
+        text.push_str(&format!(
+            ", {}",
+            t.effect.as_deref().unwrap_or("any effect")
+        ));
+        if let Some(s) = t.toleration_seconds {
+            text.push_str(&format!(" for {s}s"));
+        }
+        parts.push(format!("tolerate {text}"));
+    }
+    if !k.image_pull_secrets.is_empty() {
+        parts.push(format!("pull secrets {}", k.image_pull_secrets.join(", ")));
+    }
+    if !k.labels.is_empty() {
+        parts.push(format!("labels {}", pairs(&k.labels, "=")));
+    }
+    if !k.annotations.is_empty() {
+        parts.push(format!(
+            "annotations {}",
+            k.annotations.keys().cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    if let Some(ttl) = k.ttl_seconds_after_finished {
+        parts.push(format!("finished Jobs kept {ttl}s"));
+    }
+    parts.push(format!(
+        "network {}",
+        k.network
+            .map_or("by task (agents api-only, shell bridge)", |n| n.name())
+    ));
+    if !k.allow_hosts.is_empty() {
+        parts.push(format!("allow {}", k.allow_hosts.join(", ")));
+    }
+    if !k.env.is_empty() {
+        parts.push(format!(
+            "env {}",
+            k.env.keys().cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    parts.push(format!(
+        "git {}",
+        k.remote
+            .as_ref()
+            .map_or("over ccluster's endpoint".to_string(), |r| format!(
+                "through remote {r}"
+            ))
+    ));
+    parts.push(format!(
+        "unschedulable for {} fails",
+        humantime::format_duration(k.unschedulable_timeout)
+    ));
+    parts
 }
