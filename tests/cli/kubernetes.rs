@@ -244,7 +244,7 @@ run = "echo never"
 [tasks.deleted]
 runner = "k8s"
 run = "if [ \"$CCLUSTER_ATTEMPT\" = 1 ]; then echo first; sleep 60; fi; echo second"
-retry = {{ limit = 1, on = ["infra"], backoff = "0s" }}
+retry = {{ limit = 1, on = ["infra"], backoff = {{ initial = "100ms" }} }}
 "#,
         runner(&ns, "")
     ));

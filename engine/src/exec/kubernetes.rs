@@ -553,7 +553,10 @@ fn pod_script(
     s.push_str(&format!(
         "e={POD_DIR}/scratch/stderr; mkfifo \"$e\" || exit {TRANSPORT_FAILED}\n\
          (while IFS= read -r l || [ -n \"$l\" ]; do printf '\\036\\036%s\\n' \"$l\"; done < \"$e\") &\n\
-         \"$@\" < {input} 2>\"$e\"; status=$?\n\
+         \"$@\" < {input} 2>\"$e\" & pid=$!\n\
+         trap 'kill -TERM $pid 2>/dev/null' TERM INT\n\
+         wait $pid; status=$?\n\
+         while kill -0 $pid 2>/dev/null; do wait $pid; status=$?; done\n\
          wait\n"
     ));
     if let Some(push) = push {
@@ -592,7 +595,15 @@ fn pod_end(seen: &Seen, image: &str, pending_since: Option<Instant>, unschedulab
             .and_then(|p| p.metadata.creation_timestamp.clone())
             .map(|t| t.0)
     });
-    if let Some((name, None)) = seen.pods.iter().find(|(_, p)| p.is_none()) {
+    // A pod going away that ccluster did not delete: the Job's deadline (the Job controller
+    // deletes its pods, and may say so only after), or someone else.
+    let going = seen.pods.iter().find(|(_, p)| {
+        p.as_ref().is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+    });
+    if let Some((name, _)) = going {
+        if past_deadline(seen) {
+            return PodEnd::TimedOut;
+        }
         // Deleted before it ended (a pod that ended keeps its status until its Job goes).
         return PodEnd::Failed(
             FailureClass::Infra,
@@ -697,6 +708,20 @@ fn pod_end(seen: &Seen, image: &str, pending_since: Option<Instant>, unschedulab
         }
     }
     PodEnd::NotYet
+}
+
+/// Whether the Job has run for as long as its `activeDeadlineSeconds`.
+fn past_deadline(seen: &Seen) -> bool {
+    let Some(job) = &seen.job else { return false };
+    let deadline = job.spec.as_ref().and_then(|s| s.active_deadline_seconds);
+    let started = job.status.as_ref().and_then(|s| s.start_time.as_ref());
+    match (deadline, started) {
+        (Some(d), Some(t)) => {
+            let elapsed = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
+            elapsed.as_secs() >= d - 1
+        }
+        _ => false,
+    }
 }
 
 /// Whether the pod's container has started (its log can be read).
