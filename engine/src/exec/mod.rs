@@ -6,6 +6,7 @@ pub mod direct;
 mod dispatcher;
 pub mod docker;
 pub mod egress;
+pub mod endpoint;
 pub mod events;
 pub mod explain;
 pub mod fingerprint;
