@@ -498,7 +498,15 @@ fn make_transport(run: &str, repo_git_dir: &Path, transport: &Path) -> Result<()
         let path = transport.to_string_lossy().into_owned();
         git_sync(
             Path::new("/"),
-            &["init", "--quiet", "--bare", "--end-of-options", &path],
+            // No template: the hooks directory holds ccluster's hook and nothing else.
+            &[
+                "init",
+                "--quiet",
+                "--bare",
+                "--template=",
+                "--end-of-options",
+                &path,
+            ],
         )?;
     }
     let info = transport.join("objects/info");
@@ -1570,6 +1578,68 @@ mod tests {
             "{request}"
         );
         assert!(request.ends_with(body));
+        endpoint.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_restarted_endpoint_still_takes_what_pods_pushed_before() {
+        let served = served();
+        let endpoint = served.endpoint(None).await;
+        let start_ref = endpoint.offer("n", &served.start).unwrap();
+        let (url, token) = (endpoint.git_url(), endpoint.token().to_string());
+        let pod = served.empty_dir("n");
+        let pod_str = pod.to_str().unwrap();
+        let out = pod_sh(&fetch_script(&url, TOKEN_VAR, &start_ref, pod_str), &token).await;
+        assert!(out.status.success(), "{}", stderr(&out));
+        std::fs::write(pod.join("a.txt"), "before the restart\n").unwrap();
+        let out = pod_sh(&push_script(&url, TOKEN_VAR, RUN, "n", pod_str), &token).await;
+        assert!(out.status.success(), "{}", stderr(&out));
+        let pushed = git(&pod, &["rev-parse", "HEAD"]);
+
+        // The driver goes away: dropping the endpoint stops it listening, the transport stays.
+        let authority = url["http://".len()..]
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        drop(endpoint);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(tokio::net::TcpStream::connect(&authority).await.is_err());
+        assert!(served.transport().join("objects").is_dir());
+
+        // Started again with the same token on the same address, for pods still running.
+        let listen: SocketAddr = authority.parse().unwrap();
+        let endpoint = Endpoint::start_with_token(
+            RUN,
+            &served.git_dir(),
+            &served.transport(),
+            listen,
+            "127.0.0.1",
+            None,
+            token.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(endpoint.git_url(), url);
+        assert_eq!(endpoint.take("n").unwrap(), Some(pushed));
+        std::fs::write(pod.join("a.txt"), "after the restart\n").unwrap();
+        let out = pod_sh(&push_script(&url, TOKEN_VAR, RUN, "n", pod_str), &token).await;
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(
+            endpoint.take("n").unwrap(),
+            Some(git(&pod, &["rev-parse", "HEAD"]))
+        );
+        assert!(Endpoint::start_with_token(
+            "other",
+            &served.git_dir(),
+            &served.dir.path().join("t.git"),
+            SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)),
+            "127.0.0.1",
+            None,
+            "short".into(),
+        )
+        .await
+        .is_err());
         endpoint.stop().await;
     }
 
