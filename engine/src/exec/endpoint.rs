@@ -91,7 +91,8 @@ pub struct Endpoint {
     transport: PathBuf,
     token: String,
     base_url: String,
-    relaying: bool,
+    /// What the server answers with (the relay's target may be set after start).
+    shared: Arc<Shared>,
     server: Option<JoinHandle<()>>,
 }
 
@@ -103,7 +104,17 @@ struct Shared {
     expected_authorization: String,
     token: String,
     transport: PathBuf,
-    model_api: Option<ModelApi>,
+    /// Set at start, or later by [`Endpoint::relay`] (the first agent of the run names it).
+    model_api: std::sync::RwLock<Option<ModelApi>>,
+}
+
+impl Shared {
+    fn model_api(&self) -> Option<ModelApi> {
+        self.model_api
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// The model API the relay reaches: an `http://` URL's authority and path.
@@ -223,9 +234,9 @@ impl Endpoint {
             expected_authorization: format!("Bearer {token}"),
             token: token.clone(),
             transport: transport.clone(),
-            model_api,
+            model_api: std::sync::RwLock::new(model_api),
         });
-        let relaying = shared.model_api.is_some();
+        let shared_for_relay = Arc::clone(&shared);
         let app = axum::Router::new().fallback(move |request: Request<Body>| {
             let shared = Arc::clone(&shared);
             let transport_name = transport_name.clone();
@@ -241,7 +252,7 @@ impl Endpoint {
             transport,
             token,
             base_url,
-            relaying,
+            shared: shared_for_relay,
             server: Some(server),
         })
     }
@@ -259,8 +270,35 @@ impl Endpoint {
     /// The model API's relay for pods, `http://<advertise>/model/<token>`, when relaying. It holds
     /// the token: hand it to pods as a secret, like the token itself.
     pub fn model_url(&self) -> Option<String> {
-        self.relaying
+        self.shared
+            .model_api()
+            .is_some()
             .then(|| format!("{}/model/{}", self.base_url, self.token))
+    }
+
+    /// Relays `model_api` (an `http://` URL) from now on, unless the endpoint relays one already;
+    /// returns [`Endpoint::model_url`]. A run's agents share one model API.
+    pub fn relay(&self, model_api: &str) -> Result<String, String> {
+        let parsed = ModelApi::parse(model_api)?;
+        {
+            let mut current = self
+                .shared
+                .model_api
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            match &*current {
+                Some(api) if api.authority != parsed.authority || api.base_path != parsed.base_path => {
+                    return Err(format!(
+                        "the run's endpoint relays another model API already; it cannot relay `{}` too",
+                        model_api.escape_debug()
+                    ))
+                }
+                Some(_) => {}
+                None => *current = Some(parsed),
+            }
+        }
+        self.model_url()
+            .ok_or_else(|| "the endpoint does not relay".to_string())
     }
 
     /// Makes `refs/ccluster/<run>/start/<name>` of the transport repository point at `commit` (a
@@ -570,7 +608,7 @@ fn make_transport(run: &str, repo_git_dir: &Path, transport: &Path) -> Result<()
 async fn handle(shared: &Shared, transport_name: &str, request: Request<Body>) -> Response<Body> {
     let path = request.uri().path().to_string();
     if let Some(rest) = path.strip_prefix("/model/") {
-        if shared.model_api.is_none() {
+        if shared.model_api().is_none() {
             return status(StatusCode::NOT_FOUND);
         }
         let (token, rest) = rest.split_once('/').unwrap_or((rest, ""));
@@ -768,7 +806,7 @@ fn stream_after<R: AsyncRead + Unpin + Send + 'static>(
 /// Forwards a request to the model API (same method, headers but hop-by-hop ones and `Host`,
 /// body), streaming the answer back as it comes: the model API answers with server-sent events.
 async fn relay(shared: &Shared, rest: &str, request: Request<Body>) -> Response<Body> {
-    let Some(api) = &shared.model_api else {
+    let Some(api) = shared.model_api() else {
         return status(StatusCode::NOT_FOUND);
     };
     let (parts, body) = request.into_parts();
