@@ -191,6 +191,8 @@ pub struct ApplyArgs<'a> {
     pub state_dir: PathBuf,
     /// `--jobs`; `None`: [`default_jobs`].
     pub jobs: Option<usize>,
+    /// `--advertise-addr`: where pods of a Kubernetes runner reach this machine.
+    pub advertise: Option<String>,
     pub fresh: bool,
     pub grace: Duration,
     pub output: OutputFormat,
@@ -223,6 +225,7 @@ pub fn default_jobs(compiled: &ccluster_engine::Compiled) -> usize {
 fn runners_for(
     compiled: &ccluster_engine::Compiled,
     base_dir: &Path,
+    advertise: Option<&str>,
     runtime: &tokio::runtime::Runtime,
 ) -> Result<exec::runner::Runners, String> {
     use ccluster_engine::model::raw::RunnerKind;
@@ -277,7 +280,10 @@ fn runners_for(
                 };
                 let runner = runtime
                     .block_on(exec::kubernetes::KubernetesRunner::connect(
-                        name, image, settings, None,
+                        name,
+                        image,
+                        settings,
+                        advertise.map(str::to_string),
                     ))
                     .map_err(|e| format!("runner `{name}`: {e}"))?;
                 runners = runners.with(name, std::sync::Arc::new(runner));
@@ -299,7 +305,7 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         .map(Path::to_path_buf)
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or_else(|| PathBuf::from("."));
-    let runners = match runners_for(compiled, &base_dir, &runtime) {
+    let runners = match runners_for(compiled, &base_dir, args.advertise.as_deref(), &runtime) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -923,6 +929,8 @@ pub struct RetryArgs<'a> {
     pub tasks: Vec<String>,
     /// `--jobs`; `None`: [`default_jobs`].
     pub jobs: Option<usize>,
+    /// `--advertise-addr`: where pods of a Kubernetes runner reach this machine.
+    pub advertise: Option<String>,
     pub grace: Duration,
     pub output: OutputFormat,
     pub keep_going: bool,
@@ -1046,6 +1054,7 @@ pub fn retry(dir: &Path, args: RetryArgs<'_>) -> u8 {
             rerun,
             state_dir: dir.to_path_buf(),
             jobs: args.jobs,
+            advertise: args.advertise.clone(),
             fresh: false,
             grace: args.grace,
             output: args.output,

@@ -301,6 +301,11 @@ impl Endpoint {
             .ok_or_else(|| "the endpoint does not relay".to_string())
     }
 
+    /// The ref a pod pushes `name` to (and [`Endpoint::take`] sets in the served repository).
+    pub fn result_ref(&self, name: &str) -> String {
+        format!("refs/ccluster/{}/{name}", self.run)
+    }
+
     /// Makes `refs/ccluster/<run>/start/<name>` of the transport repository point at `commit` (a
     /// commit of the served repository) and returns that ref: what a pod fetches.
     pub fn offer(&self, name: &str, commit: &str) -> Result<String, String> {

@@ -89,24 +89,13 @@ struct Inner {
     kept: Mutex<Vec<KeptJob>>,
     /// The state directory the runner serves (set by `recover`, else by the first attempt).
     state: Mutex<Option<PathBuf>>,
-    /// The run's git endpoint, for tasks with a workspace.
-    transport: Option<Arc<dyn Transport>>,
-}
-
-/// How a pod's workspace travels: offered before the pod starts, taken back after it ends.
-pub trait Transport: Send + Sync {
-    /// The URL pods fetch from and push to, and the variable of the run's Secret holding the
-    /// token it wants (`None`: the remote needs none).
-    fn git_url(&self) -> String;
-    fn token(&self) -> Option<String>;
-    /// Makes `commit` fetchable as a ref named after `name`; returns the ref.
-    fn offer(&self, name: &str, commit: &str) -> Result<String, String>;
-    /// What a pod pushed for `name`, brought into the repository: its commit.
-    fn take(&self, name: &str) -> Result<Option<String>, String>;
-    /// The ref a pod pushes `name` to.
-    fn result_ref(&self, run: &str, name: &str) -> String;
-    /// The model API URL pods use instead of one only the driver reaches (the relay).
-    fn model_url(&self) -> Option<String>;
+    /// Where the run's git endpoint listens, as pods reach it (`ip[:port]`); `None`: the
+    /// address the API server is reached from, found when the endpoint is first needed.
+    advertise: Option<String>,
+    /// The run's git endpoint (and model relay), started when an attempt first needs it.
+    endpoint: tokio::sync::OnceCell<Result<Arc<super::endpoint::Endpoint>, String>>,
+    /// The API server's address: what the default advertised address is found from.
+    server: String,
 }
 
 struct RunSecret {
@@ -133,7 +122,7 @@ impl KubernetesRunner {
         name: &str,
         image: &str,
         settings: KubernetesSettings,
-        transport: Option<Arc<dyn Transport>>,
+        advertise: Option<String>,
     ) -> Result<KubernetesRunner, String> {
         let config = match &settings.context {
             Some(context) => kube::Config::from_kubeconfig(&kube::config::KubeConfigOptions {
@@ -151,7 +140,7 @@ impl KubernetesRunner {
             .clone()
             .unwrap_or_else(|| config.default_namespace.clone());
         let server = config.cluster_url.to_string();
-        let client = kube::Client::try_from(config)
+        let client = kube::Client::try_from(config.clone())
             .map_err(|e| format!("cannot make a Kubernetes client: {e}"))?;
         let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
         namespaces.get(&namespace).await.map_err(|e| match &e {
@@ -176,7 +165,9 @@ impl KubernetesRunner {
             secrets: Default::default(),
             kept: Default::default(),
             state: Default::default(),
-            transport,
+            advertise,
+            endpoint: Default::default(),
+            server,
         }),
         })
     }
@@ -206,71 +197,205 @@ impl Inner {
     }
 
     /// The run's Secret, made (or completed) so that it holds each of `pairs`: the name of the
-    /// Secret, and the key of each pair in it.
+    /// Secret, and the key of each pair in it. Keys are the variable's name and a keyed hash of
+    /// its value: a key's name tells nothing of the value.
     async fn secret_keys(
         &self,
         run: &str,
         state: &Path,
         pairs: &[(String, String)],
     ) -> Result<(String, Vec<String>), String> {
-        let mut secrets = self.secrets.lock().await;
-        let entry = secrets.entry(run.to_string()).or_insert_with(|| RunSecret {
-            name: truncate_name(&format!("ccluster-{}-credentials", dns_label(run))),
-            keys: HashMap::new(),
-            salt: random_salt(),
-        });
-        let missing: Vec<&(String, String)> = pairs
-            .iter()
-            .filter(|p| !entry.keys.contains_key(*p))
-            .collect();
-        if !missing.is_empty() {
-            let mut data = BTreeMap::new();
-            for (k, v) in &missing.iter().map(|p| (*p).clone()).collect::<Vec<_>>() {
-                let hash = blake3::keyed_hash(&entry.salt, v.as_bytes()).to_hex();
-                let key = format!("{k}.{}", &hash[..12]);
-                data.insert(key.clone(), ByteString(v.clone().into_bytes()));
-                entry.keys.insert((k.clone(), v.clone()), key);
-            }
-            let secrets_api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-            let exists = secrets_api
-                .get_opt(&entry.name)
+        let mut data = BTreeMap::new();
+        let keys: Vec<String> = {
+            let mut secrets = self.secrets.lock().await;
+            let entry = secrets.entry(run.to_string()).or_insert_with(|| RunSecret {
+                name: secret_name(run),
+                keys: HashMap::new(),
+                salt: random_salt(),
+            });
+            pairs
+                .iter()
+                .map(|(k, v)| {
+                    let pair = (k.clone(), v.clone());
+                    if let Some(key) = entry.keys.get(&pair) {
+                        return key.clone();
+                    }
+                    let hash = blake3::keyed_hash(&entry.salt, v.as_bytes()).to_hex();
+                    let key = format!("{k}.{}", &hash[..12]);
+                    data.insert(key.clone(), ByteString(v.clone().into_bytes()));
+                    entry.keys.insert(pair, key.clone());
+                    key
+                })
+                .collect()
+        };
+        if !data.is_empty() {
+            self.secret_put(run, state, data).await?;
+        }
+        Ok((secret_name(run), keys))
+    }
+
+    /// Adds `data` to the run's Secret, making it if it is not there.
+    async fn secret_put(
+        &self,
+        run: &str,
+        state: &Path,
+        data: BTreeMap<String, ByteString>,
+    ) -> Result<(), String> {
+        let name = secret_name(run);
+        self.secrets
+            .lock()
+            .await
+            .entry(run.to_string())
+            .or_insert_with(|| RunSecret {
+                name: name.clone(),
+                keys: HashMap::new(),
+                salt: random_salt(),
+            });
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        let patch = serde_json::json!({ "data": data });
+        match api
+            .patch(
+                &name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(format!("cannot update Secret `{name}`: {}", api_error(&e))),
+        }
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some(self.labels(state, run)),
+                ..Default::default()
+            },
+            data: Some(data.clone()),
+            type_: Some("Opaque".into()),
+            ..Default::default()
+        };
+        match api.create(&PostParams::default(), &secret).await {
+            Ok(_) => Ok(()),
+            // Made meanwhile by another attempt: add to it.
+            Err(kube::Error::Api(s)) if s.code == 409 => api
+                .patch(
+                    &name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
                 .await
-                .map_err(|e| format!("cannot read Secret `{}`: {}", entry.name, api_error(&e)))?;
-            match exists {
-                Some(mut secret) => {
-                    secret.data.get_or_insert_with(Default::default).extend(data);
-                    secrets_api
-                        .replace(&entry.name, &PostParams::default(), &secret)
-                        .await
-                        .map_err(|e| {
-                            format!("cannot update Secret `{}`: {}", entry.name, api_error(&e))
-                        })?;
-                }
-                None => {
-                    let secret = Secret {
-                        metadata: ObjectMeta {
-                            name: Some(entry.name.clone()),
-                            labels: Some(self.labels(state, run)),
-                            ..Default::default()
-                        },
-                        data: Some(data),
-                        type_: Some("Opaque".into()),
-                        ..Default::default()
-                    };
-                    secrets_api
-                        .create(&PostParams::default(), &secret)
-                        .await
-                        .map_err(|e| {
-                            format!("cannot make Secret `{}`: {}", entry.name, api_error(&e))
-                        })?;
-                }
+                .map(|_| ())
+                .map_err(|e| format!("cannot update Secret `{name}`: {}", api_error(&e))),
+            Err(e) => Err(format!("cannot make Secret `{name}`: {}", api_error(&e))),
+        }
+    }
+
+    /// The run's endpoint, started on first need: on the address the runner advertises, or
+    /// (after `kill -9`) on the port and with the token its killed predecessor gave to pods that
+    /// may still run.
+    async fn endpoint(
+        &self,
+        run: &str,
+        state: &Path,
+        repo_dir: &Path,
+    ) -> Result<Arc<super::endpoint::Endpoint>, String> {
+        self.endpoint
+            .get_or_init(|| async {
+                self.start_endpoint(run, state, repo_dir)
+                    .await
+                    .map(Arc::new)
+            })
+            .await
+            .clone()
+    }
+
+    async fn start_endpoint(
+        &self,
+        run: &str,
+        state: &Path,
+        repo_dir: &Path,
+    ) -> Result<super::endpoint::Endpoint, String> {
+        use super::endpoint::Endpoint;
+        let common = crate::workspace::git_sync(repo_dir, &["rev-parse", "--git-common-dir"])?;
+        let git_dir = repo_dir.join(common.trim());
+        let advertise = match &self.advertise {
+            Some(a) => a.clone(),
+            None => default_advertise(&self.server)?,
+        };
+        let (host, port) = match advertise.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() && !h.ends_with(':') => {
+                (h.to_string(), p.parse::<u16>().ok())
+            }
+            _ => (advertise.clone(), None),
+        };
+        let ip: std::net::IpAddr = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| {
+                format!(
+                    "the advertised address `{advertise}` is not an IP address (`--advertise-addr IP[:PORT]`)"
+                )
+            })?;
+        let transport = state.join("transport").join(format!("{run}.git"));
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        let name = secret_name(run);
+        // What a killed ccluster of this run gave its pods: the same port and token, so that
+        // pods it left running can still push.
+        let before = secrets
+            .get_opt(&name)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|s| s.data?.get(ENDPOINT_KEY).cloned())
+            .and_then(|v| {
+                let text = String::from_utf8(v.0).ok()?;
+                let (port, token) = text.split_once(' ')?;
+                Some((port.parse::<u16>().ok()?, token.to_string()))
+            });
+        let mut started = None;
+        if let Some((old_port, token)) = before {
+            if port.is_none_or(|p| p == old_port) {
+                started = Endpoint::start_with_token(
+                    run,
+                    &git_dir,
+                    &transport,
+                    std::net::SocketAddr::new(ip, old_port),
+                    &host,
+                    None,
+                    token,
+                )
+                .await
+                .ok();
             }
         }
-        let keys = pairs
-            .iter()
-            .map(|p| entry.keys.get(p).cloned().unwrap_or_default())
-            .collect();
-        Ok((entry.name.clone(), keys))
+        let endpoint = match started {
+            Some(e) => e,
+            None => Endpoint::start(
+                run,
+                &git_dir,
+                &transport,
+                std::net::SocketAddr::new(ip, port.unwrap_or(0)),
+                &host,
+                None,
+            )
+            .await
+            .map_err(|e| format!("{e} (the address given by `--advertise-addr`, or found from the API server's)"))?,
+        };
+        let url = endpoint.git_url();
+        let bound = url
+            .rsplit_once(':')
+            .and_then(|(_, rest)| rest.split('/').next())
+            .unwrap_or_default()
+            .to_string();
+        let mut data = BTreeMap::new();
+        data.insert(
+            ENDPOINT_KEY.to_string(),
+            ByteString(format!("{bound} {}", endpoint.token()).into_bytes()),
+        );
+        self.secret_put(run, state, data).await?;
+        Ok(endpoint)
     }
 
     /// The labels of everything the runner makes for run `run`.
@@ -289,6 +414,49 @@ impl Inner {
         labels.insert(LABEL_RUN.into(), label_value(run));
         labels
     }
+}
+
+/// The key of the run's Secret that remembers its endpoint's port and token.
+const ENDPOINT_KEY: &str = "endpoint";
+
+/// The run's Secret of credentials.
+fn secret_name(run: &str) -> String {
+    truncate_name(&format!("ccluster-{}-credentials", dns_label(run)))
+}
+
+/// The address of this machine the API server is reached from: the one pods most likely reach
+/// it at too. Refused when that is loopback (a cluster on this machine's loopback reaches it
+/// elsewhere).
+fn default_advertise(server: &str) -> Result<String, String> {
+    let authority = super::egress::Allow::host_of_url(server)
+        .ok_or_else(|| format!("cannot read the API server's address from `{server}`"))?;
+    let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        authority
+    } else {
+        format!("{authority}:443")
+    };
+    use std::net::ToSocketAddrs;
+    let target = with_port
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve the API server `{with_port}`: {e}"))?
+        .next()
+        .ok_or_else(|| format!("the API server `{with_port}` has no address"))?;
+    // Connecting a UDP socket sends nothing: it only picks the route, and so the local address.
+    let bind = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let socket = std::net::UdpSocket::bind(bind).map_err(|e| format!("cannot find a local address: {e}"))?;
+    socket
+        .connect(target)
+        .map_err(|e| format!("cannot find a route to the API server {target}: {e}"))?;
+    let local = socket
+        .local_addr()
+        .map_err(|e| format!("cannot find a local address: {e}"))?
+        .ip();
+    if local.is_loopback() {
+        return Err(format!(
+            "the API server is reached on this machine's loopback ({target}), where pods cannot reach ccluster's git endpoint: give `--advertise-addr` an address of this machine that the cluster's pods reach"
+        ));
+    }
+    Ok(local.to_string())
 }
 
 /// `text` as a label value: itself when Kubernetes allows it, else a hash of it.
@@ -1117,61 +1285,63 @@ impl Inner {
             }
         }
         let mut secret_names: Vec<String> = spec.secret_env.clone();
-        // A model API only this machine reaches is reached through the run's relay.
-        let mut relay = false;
-        if let (Some(api), Some(t)) = (&spec.model_api, &self.transport) {
-            if on_loopback(api) {
-                let url = t.model_url().ok_or_else(|| {
-                    Unstartable(format!(
-                        "the model API at {api} is on this machine's loopback, which pods cannot reach, and the run's endpoint does not relay it"
-                    ))
-                })?;
-                for (k, v) in pairs.iter_mut() {
-                    if k == "ANTHROPIC_BASE_URL" {
-                        *v = url.clone();
-                    }
-                }
-                // The relay's URL carries the run's token.
-                secret_names.push("ANTHROPIC_BASE_URL".into());
-                relay = true;
-            }
-        } else if spec.model_api.as_deref().is_some_and(on_loopback) {
-            return Err(Unstartable(format!(
-                "the model API at {} is on this machine's loopback, which pods cannot reach",
-                spec.model_api.as_deref().unwrap_or_default()
-            )));
-        }
-        // The workspace travels by git when it is one of the run's worktrees.
-        let mut travel = None;
-        let mut fetch = None;
-        let mut push = None;
+        // The workspace travels by git when it is one of the run's worktrees; a model API only
+        // this machine reaches is relayed. Both through the run's endpoint.
         let worktree = spec
             .workspace
             .as_ref()
             .filter(|ws| ws.starts_with(state.join("worktrees")) && ws.join(".git").exists());
-        if let (Some(ws), Some(t)) = (worktree, &self.transport) {
+        let relayed_api = spec.model_api.as_deref().filter(|a| on_loopback(a));
+        let endpoint = match (worktree.or(spec.workspace.as_ref()), worktree.is_some() || relayed_api.is_some()) {
+            (Some(repo_dir), true) => Some(
+                self.endpoint(run, state, repo_dir)
+                    .await
+                    .map_err(Unstartable)?,
+            ),
+            (None, true) => {
+                return Err(Unstartable(format!(
+                    "the model API at {} is on this machine's loopback, which pods cannot reach, and the task has no repository to relay it from",
+                    relayed_api.unwrap_or_default()
+                )))
+            }
+            _ => None,
+        };
+        let mut relay = false;
+        if let (Some(api), Some(ep)) = (relayed_api, &endpoint) {
+            let url = ep.relay(api).map_err(Unstartable)?;
+            for (k, v) in pairs.iter_mut() {
+                if k == "ANTHROPIC_BASE_URL" {
+                    *v = url.clone();
+                }
+            }
+            // The relay's URL carries the run's token.
+            secret_names.push("ANTHROPIC_BASE_URL".into());
+            relay = true;
+        }
+        let mut travel = None;
+        let mut fetch = None;
+        let mut push = None;
+        if let (Some(ws), Some(ep)) = (worktree, &endpoint) {
             let scratch = state.join("tmp").join(format!("{name}.index"));
             let _ = std::fs::create_dir_all(state.join("tmp"));
             let start = snapshot(ws, &scratch).map_err(Unstartable)?;
-            let start_ref = t.offer(name, &start).map_err(Unstartable)?;
+            let start_ref = ep.offer(name, &start).map_err(Unstartable)?;
             let dir = ws.display().to_string();
             fetch = Some(super::endpoint::fetch_script(
-                &t.git_url(),
+                &ep.git_url(),
                 TOKEN_VAR,
                 &start_ref,
                 &dir,
             ));
             push = Some(super::endpoint::push_script(
-                &t.git_url(),
+                &ep.git_url(),
                 TOKEN_VAR,
                 run,
                 name,
                 &dir,
             ));
-            if let Some(token) = t.token() {
-                pairs.push((TOKEN_VAR.into(), token));
-                secret_names.push(TOKEN_VAR.into());
-            }
+            pairs.push((TOKEN_VAR.into(), ep.token().to_string()));
+            secret_names.push(TOKEN_VAR.into());
             travel = Some(Travel {
                 workspace: ws.clone(),
                 start,
@@ -1598,11 +1768,23 @@ impl Inner {
             (None, Some(PodEnd::NotYet) | None) => ProcessEnd::Exited(-1),
         };
         // What the pod made comes back into the worktree.
-        if let (ProcessEnd::Exited(0), Some(t), Some(transport)) = (&end, &travel, &self.transport) {
-            let taken = transport
-                .take(&t.result_name)
-                .and_then(|r| r.ok_or_else(|| "the pod pushed nothing".to_string()))
-                .and_then(|result| apply_result(&t.workspace, &t.start, &result));
+        if let (ProcessEnd::Exited(0), Some(t)) = (&end, &travel) {
+            let taken = match self.endpoint.get() {
+                Some(Ok(ep)) => ep
+                    .take(&t.result_name)
+                    .and_then(|r| r.ok_or_else(|| "the pod pushed nothing".to_string()))
+                    .and_then(|result| {
+                        apply_result(&t.workspace, &t.start, &result)?;
+                        // The pushed commit was only a carrier: the attempt's commit is made
+                        // from the worktree, as on any runner.
+                        let _ = crate::workspace::git_sync(
+                            &t.workspace,
+                            &["update-ref", "-d", &ep.result_ref(&t.result_name)],
+                        );
+                        Ok(())
+                    }),
+                _ => Err("the run's endpoint is not running".to_string()),
+            };
             if let Err(e) = taken {
                 end = ProcessEnd::Failed(
                     FailureClass::Infra,
@@ -1711,15 +1893,14 @@ impl Inner {
             delete_job(&jobs, &k.name, None).await;
         }
         let secrets_api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-        let secrets: Vec<String> = self
-            .secrets
-            .lock()
-            .await
-            .drain()
-            .map(|(_, s)| s.name)
-            .collect();
-        for name in secrets {
+        let runs: Vec<(String, String)> = self.secrets.lock().await.drain().map(|(run, s)| (run, s.name)).collect();
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (run, name) in runs {
             let _ = secrets_api.delete(&name, &DeleteParams::default()).await;
+            // No pod of the run can push any more: its transport repository goes.
+            if let Some(state) = &state {
+                let _ = std::fs::remove_dir_all(state.join("transport").join(format!("{run}.git")));
+            }
         }
     }
 }
