@@ -16,7 +16,13 @@ use crate::support::root;
 pub(crate) struct Cluster {
     dir: tempfile::TempDir,
     netns: String,
+    /// Whether `ccluster-test/worker:1` was made in the cluster's Docker daemon.
+    worker: Mutex<bool>,
 }
+
+/// The image of agent pods in these tests: the Debian test image with the pinned `claude` CLI
+/// on its PATH (what `docker/worker/Dockerfile` makes for users, without a registry).
+pub const WORKER_IMAGE: &str = "ccluster-test/worker:1";
 
 static SHARED: Mutex<Weak<Cluster>> = Mutex::new(Weak::new());
 
@@ -42,9 +48,38 @@ impl Cluster {
         let cluster = Arc::new(Cluster {
             netns: format!("/proc/{}/ns/net", pid.trim()),
             dir,
+            worker: Mutex::new(false),
         });
         *shared = Arc::downgrade(&cluster);
         cluster
+    }
+
+    /// Makes [`WORKER_IMAGE`] in the cluster's Docker daemon, once: a container of the Debian
+    /// image with the CLI copied in, committed (no image builder needed).
+    pub fn worker_image(&self) {
+        let mut made = self.worker.lock().unwrap_or_else(|e| e.into_inner());
+        if *made {
+            return;
+        }
+        let cli = std::fs::canonicalize(crate::support::claude_bin()).unwrap();
+        let docker = |args: &[&str]| {
+            let out = Command::new("docker")
+                .args(args)
+                .env("DOCKER_HOST", self.docker_host())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "docker {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let box_name = format!("worker-build-{}", std::process::id());
+        docker(&["create", "--name", &box_name, "ccluster-test/debian:1", "true"]);
+        docker(&["cp", cli.to_str().unwrap(), &format!("{box_name}:/usr/local/bin/claude")]);
+        docker(&["commit", &box_name, WORKER_IMAGE]);
+        docker(&["rm", &box_name]);
+        *made = true;
     }
 
     fn kubeconfig(&self) -> PathBuf {
@@ -104,6 +139,8 @@ impl Cluster {
             .env_remove("CCLUSTER_STATE_DIR")
             .env("KUBECONFIG", self.kubeconfig())
             .env("DOCKER_HOST", self.docker_host())
+            // The Docker bridge's address: where pods reach ccluster's git endpoint.
+            .env("CCLUSTER_ADVERTISE_ADDR", "192.0.2.1")
             .stdin(std::process::Stdio::null());
         cmd
     }
@@ -426,4 +463,197 @@ run = "echo started {{{{ item }}}}; case {{{{ item }}}} in quick*) sleep 2;; *) 
         );
     }
     cluster.assert_emptied(&ns);
+}
+
+#[test]
+fn a_worktree_task_travels_by_git_and_gives_the_local_runners_result() {
+    let cluster = Cluster::get();
+    let ns = cluster.namespace("travel");
+    let clusterfile = |runner_name: &str| {
+        format!(
+            r#"version = 1
+{}
+[tasks.edit]
+runner = "{runner_name}"
+workspace = "worktree"
+map = ["a", "b"]
+run = "echo made by {{{{ item }}}} > {{{{ item }}}}.txt; echo more >> README; rm -f old.txt; mkdir -p deep/er && printf 'x\\0y' > deep/er/bin.dat"
+[tasks.merge]
+needs = ["edit"]
+merge = {{ strategy = "git" }}
+"#,
+            runner(&ns, "")
+        )
+    };
+    let files = [("README", "hello\n"), ("old.txt", "old\n")];
+    let pods = Sandbox::in_repo(&clusterfile("k8s"), &files);
+    let here = Sandbox::in_repo(&clusterfile("local"), &files);
+    // Twice: the second run's pods push files the repository has already (the first's).
+    for extra in [&[][..], &["--fresh"][..]] {
+        let run = cluster.apply(&pods, extra);
+        assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    }
+    let local = here.apply(&[]);
+    assert_eq!(local.code, 0, "{}{}", local.stdout, local.stderr);
+    let change = |s: &Sandbox| {
+        let run_id = s.run_id();
+        crate::support::git(
+            s.path(),
+            &["diff", "--binary", "HEAD", &format!("refs/ccluster/runs/{run_id}/merge")],
+        )
+    };
+    let made = change(&pods);
+    assert!(made.contains("+made by a") && made.contains("deleted file mode"), "{made}");
+    // (The clusterfiles differ in the base; the change made on it must not.)
+    assert_eq!(made, change(&here));
+    // The pods' carrier refs and the run's transport repository are gone.
+    let refs = crate::support::git(pods.path(), &["for-each-ref", "--format=%(refname)"]);
+    assert!(
+        refs.lines().all(|r| r.starts_with("refs/ccluster/runs/")
+            || r.starts_with("refs/ccluster/keep/")
+            || r.starts_with("refs/heads/")),
+        "{refs}"
+    );
+    assert!(std::fs::read_dir(pods.path().join(".ccluster/transport"))
+        .map(|d| d.count() == 0)
+        .unwrap_or(true));
+    cluster.assert_emptied(&ns);
+}
+
+/// The shipped workflow with every task on a Kubernetes runner in `ns` (or, without one, as it
+/// is: on this machine).
+fn feature_fanout(ns: Option<&str>) -> String {
+    let text = std::fs::read_to_string(root().join("workflows/feature-fanout.toml")).unwrap();
+    let Some(ns) = ns else {
+        return text;
+    };
+    let text = text.replace("[defaults]\n", "[defaults]\nrunner = \"k8s\"\n");
+    format!(
+        "{text}\n[runners.k8s]\nkind = \"kubernetes\"\nimage = \"{WORKER_IMAGE}\"\nnamespace = \"{ns}\"\npull = \"never\"\n"
+    )
+}
+
+#[test]
+fn feature_fanout_rehearsed_on_kubernetes_gives_the_local_result_and_shows_no_credential() {
+    let cluster = Cluster::get();
+    cluster.worker_image();
+    let ns = cluster.namespace("fanout");
+    let files = [("src/settings.rs", "pub fn settings() {}\n")];
+    let here = Sandbox::in_repo(&feature_fanout(None), &files);
+    let pods = Sandbox::in_repo(&feature_fanout(Some(&ns)), &files);
+    let args = [
+        "apply",
+        "--rehearse",
+        "--output",
+        "json",
+        "--var",
+        "test_command=git diff --quiet HEAD && test -d .ccluster-rehearsal",
+    ];
+    let local = Applied::from_output(
+        here.command(&args)
+            .env("CCLUSTER_CLAUDE_BIN", crate::support::claude_bin())
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(local.code, 0, "{}{}", local.stdout, local.stderr);
+    let child = cluster
+        .ccluster(&pods, &args)
+        .env("CCLUSTER_CLAUDE_BIN", crate::support::claude_bin())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // What the cluster holds while the agents work: every Job and pod as YAML.
+    let mut seen = String::new();
+    let mut credentials: Vec<(String, String)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut child = child;
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the run did not end");
+        let (_, yaml) = cluster.kubectl(&["get", "jobs,pods,configmaps", "-n", &ns, "-o", "yaml"]);
+        seen.push_str(&yaml);
+        for pair in secret_values(&cluster, &ns) {
+            if !credentials.contains(&pair) {
+                credentials.push(pair);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let run = Applied::from_output(child.wait_with_output().unwrap());
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    // The planner and each part's agent ran as pods: one container each, with the merge's test.
+    let mut ran = run.tasks("task_succeeded");
+    ran.sort();
+    let mut ran_here = local.tasks("task_succeeded");
+    ran_here.sort();
+    assert_eq!(ran, ran_here);
+    assert!(ran.iter().filter(|t| t.starts_with("build[")).count() >= 2, "{ran:?}");
+    assert!(seen.contains("ccluster.dev/job"), "no pod was seen");
+    let change = |s: &Sandbox| {
+        let run_id = s.run_id();
+        crate::support::git(
+            s.path(),
+            &["diff", "HEAD", &format!("refs/ccluster/runs/{run_id}/merge")],
+        )
+    };
+    let made = change(&pods);
+    assert!(made.contains(".ccluster-rehearsal/"), "{made}");
+    assert_eq!(made, change(&here));
+    // The credentials the pods had (the model's key, the git endpoint's token) are in no Job, pod
+    // or ConfigMap, in nothing ccluster printed, and in no file of the state directory.
+    let secrets = cluster.kubectl_ok(&["get", "secrets", "-n", &ns, "-o", "json"]);
+    assert!(!secrets.contains("ccluster.dev/state"), "the run's Secret is left: {secrets}");
+    assert!(seen.contains("secretKeyRef"), "no credential was given by reference");
+    // The model's key (the scripted server's token), the relay's URL and the endpoint's token.
+    // (Short values, such as a task's custom header, are searched for with no proof.)
+    credentials.retain(|(_, v)| v.len() >= 32);
+    assert!(credentials.len() >= 3, "{credentials:?}");
+    for (name, value) in credentials {
+        assert!(!seen.contains(&value), "{name} is in the cluster's objects");
+        assert!(!run.stdout.contains(&value) && !run.stderr.contains(&value), "{name} was printed");
+        for file in crate::rehearsal_server::files_under(&pods.path().join(".ccluster")) {
+            let bytes = std::fs::read(&file).unwrap_or_default();
+            assert!(
+                !bytes.windows(value.len()).any(|w| w == value.as_bytes()),
+                "{name} reached {}",
+                file.display()
+            );
+        }
+    }
+    cluster.assert_emptied(&ns);
+}
+
+/// The values of ccluster's Secrets in `ns` now (base64-decoded by coreutils' `base64`): the
+/// credentials the run's pods get by reference. The endpoint's entry is `port token`: its token.
+fn secret_values(cluster: &Cluster, ns: &str) -> Vec<(String, String)> {
+    let (_, json) = cluster.kubectl(&["get", "secrets", "-n", ns, "-l", "ccluster.dev/state", "-o", "json"]);
+    let Ok(list) = serde_json::from_str::<serde_json::Value>(&json) else {
+        return Vec::new();
+    };
+    let mut values = Vec::new();
+    for item in list["items"].as_array().into_iter().flatten() {
+        for (key, encoded) in item["data"].as_object().into_iter().flatten() {
+            let mut decode = Command::new("base64")
+                .arg("-d")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            decode
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(encoded.as_str().unwrap_or("").as_bytes())
+                .unwrap();
+            let out = decode.wait_with_output().unwrap();
+            let value = String::from_utf8_lossy(&out.stdout).into_owned();
+            let value = match key.as_str() {
+                "endpoint" => value.split_once(' ').map(|(_, t)| t.to_string()).unwrap_or(value),
+                _ => value,
+            };
+            values.push((key.clone(), value));
+        }
+    }
+    values
 }

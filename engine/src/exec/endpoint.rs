@@ -600,6 +600,10 @@ fn make_transport(run: &str, repo_git_dir: &Path, transport: &Path) -> Result<()
         // Pushed objects are checked before anything reads them.
         ("receive.fsckObjects", "true"),
         ("receive.autogc", "false"),
+        // A push is kept as the pack it came in, even of one object: unpacked, an object the
+        // user's repository has already (an identical file of an earlier run) would be skipped,
+        // and the hook would find it neither offered nor sent.
+        ("receive.unpackLimit", "1"),
         ("receive.denyDeletes", "true"),
         ("http.receivepack", "true"),
     ];

@@ -692,25 +692,36 @@ fn pod_script(
     cwd: &str,
     stdin: bool,
     files: &[(String, String)],
+    dirs: &[String],
 ) -> String {
-    let mut s = String::from("set -u\n");
+    // Everything the script says on stderr (its own messages, git's, the task's) is marked.
+    let mut s = format!(
+        "set -u\n\
+         e={POD_DIR}/scratch/stderr; mkfifo \"$e\" || exit {TRANSPORT_FAILED}\n\
+         (while IFS= read -r l || [ -n \"$l\" ]; do printf '\\036\\036%s\\n' \"$l\"; done < \"$e\") &\n\
+         exec 2>\"$e\"\n\
+         finish() {{ exec 2>/dev/null; wait; exit \"$1\"; }}\n"
+    );
+    for dir in dirs {
+        s.push_str(&format!("mkdir -p {} || finish {TRANSPORT_FAILED}\n", sh_quote(dir)));
+    }
     for (key, path) in files {
         let dir = Path::new(path)
             .parent()
             .map_or("/".to_string(), |p| p.display().to_string());
         s.push_str(&format!(
-            "mkdir -p {} && cp {POD_DIR}/in/{key} {} || exit {TRANSPORT_FAILED}\n",
+            "mkdir -p {} && cp {POD_DIR}/in/{key} {} || finish {TRANSPORT_FAILED}\n",
             sh_quote(&dir),
             sh_quote(path)
         ));
     }
     if let Some(fetch) = fetch {
         s.push_str(&format!(
-            "( {fetch} ) >&2 || {{ echo 'ccluster: cannot fetch the workspace' >&2; exit {TRANSPORT_FAILED}; }}\n"
+            "( {fetch} ) || {{ echo 'ccluster: cannot fetch the workspace' >&2; finish {TRANSPORT_FAILED}; }}\n"
         ));
     }
     s.push_str(&format!(
-        "mkdir -p {0} && cd {0} || exit {TRANSPORT_FAILED}\n",
+        "mkdir -p {0} && cd {0} || finish {TRANSPORT_FAILED}\n",
         sh_quote(cwd)
     ));
     let input = if stdin {
@@ -719,20 +730,19 @@ fn pod_script(
         "/dev/null".into()
     };
     s.push_str(&format!(
-        "e={POD_DIR}/scratch/stderr; mkfifo \"$e\" || exit {TRANSPORT_FAILED}\n\
-         (while IFS= read -r l || [ -n \"$l\" ]; do printf '\\036\\036%s\\n' \"$l\"; done < \"$e\") &\n\
-         \"$@\" < {input} 2>\"$e\" & pid=$!\n\
+        "\"$@\" < {input} & pid=$!\n\
          trap 'kill -TERM $pid 2>/dev/null' TERM INT\n\
          wait $pid; status=$?\n\
-         while kill -0 $pid 2>/dev/null; do wait $pid; status=$?; done\n\
-         wait\n"
+         while kill -0 $pid 2>/dev/null; do wait $pid; status=$?; done\n"
     ));
     if let Some(push) = push {
         s.push_str(&format!(
-            "if [ \"$status\" = 0 ]; then ( {push} ) >&2 || {{ echo 'ccluster: cannot push the workspace' >&2; exit {TRANSPORT_FAILED}; }}; fi\n"
+            "if [ \"$status\" = 0 ]; then ( {push} ) || {{ echo 'ccluster: cannot push the workspace' >&2; finish {TRANSPORT_FAILED}; }}; fi\n"
         ));
     }
-    s.push_str("exit \"$status\"\n");
+    // The marker's reader ends when nothing holds the pipe open any more: it is waited for, lest
+    // the container stop before the last lines are out.
+    s.push_str("finish \"$status\"\n");
     s
 }
 
@@ -1066,8 +1076,12 @@ fn apply_result(workspace: &Path, start: &str, result: &str) -> Result<(), Strin
 /// Files an isolated process reads or writes, sent to its pod: the contents of its own
 /// directories (an agent worker's settings and config) and the small files it reads, by path.
 /// The `claude` CLI itself is the image's. Credentials files are not sent.
-fn files_of(spec: &ProcessSpec, program: Option<&str>) -> Result<Vec<(PathBuf, Vec<u8>)>, String> {
+fn files_of(
+    spec: &ProcessSpec,
+    program: Option<&str>,
+) -> Result<(Vec<(PathBuf, Vec<u8>)>, Vec<PathBuf>), String> {
     let mut files = Vec::new();
+    let mut dirs = Vec::new();
     let mut add = |path: &Path| -> Result<(), String> {
         let bytes = std::fs::read(path)
             .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
@@ -1090,6 +1104,7 @@ fn files_of(spec: &ProcessSpec, program: Option<&str>) -> Result<Vec<(PathBuf, V
                 let path = e.path();
                 let Ok(kind) = e.file_type() else { continue };
                 if kind.is_dir() {
+                    dirs.push(path.clone());
                     stack.push(path);
                 } else if kind.is_file() && e.file_name() != ".credentials.json" {
                     add(&path)?;
@@ -1097,7 +1112,7 @@ fn files_of(spec: &ProcessSpec, program: Option<&str>) -> Result<Vec<(PathBuf, V
             }
         }
     }
-    Ok(files)
+    Ok((files, dirs))
 }
 
 /// The most a ConfigMap may hold (the API server's limit on an object is about 1.5 MB).
@@ -1379,7 +1394,7 @@ impl Inner {
             });
         }
         // Inputs: stdin and the process's small files, in a ConfigMap of the attempt.
-        let files = files_of(spec, program.as_deref()).map_err(Unstartable)?;
+        let (files, dirs) = files_of(spec, program.as_deref()).map_err(Unstartable)?;
         let mut data = BTreeMap::new();
         let mut placed = Vec::new();
         for (i, (path, bytes)) in files.into_iter().enumerate() {
@@ -1400,12 +1415,14 @@ impl Inner {
         }
         let inputs_name = format!("{}-in", truncate_name(&name[..name.len().min(59)]));
         let cwd = spec.cwd.display().to_string();
+        let dirs: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
         let script = pod_script(
             fetch.as_deref(),
             push.as_deref(),
             &cwd,
             spec.stdin.is_some(),
             &placed,
+            &dirs,
         );
         let mut command = vec![
             "/bin/sh".to_string(),
