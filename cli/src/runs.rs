@@ -208,7 +208,12 @@ pub struct ApplyArgs<'a> {
 pub fn default_jobs(compiled: &ccluster_engine::Compiled) -> usize {
     use ccluster_engine::model::raw::RunnerKind;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut used: Vec<&str> = compiled.plan.nodes.iter().map(|n| n.runner.as_str()).collect();
+    let mut used: Vec<&str> = compiled
+        .plan
+        .nodes
+        .iter()
+        .map(|n| n.runner.as_str())
+        .collect();
     used.sort_unstable();
     used.dedup();
     let remote: usize = used

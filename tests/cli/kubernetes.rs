@@ -75,8 +75,18 @@ impl Cluster {
             );
         };
         let box_name = format!("worker-build-{}", std::process::id());
-        docker(&["create", "--name", &box_name, "ccluster-test/debian:1", "true"]);
-        docker(&["cp", cli.to_str().unwrap(), &format!("{box_name}:/usr/local/bin/claude")]);
+        docker(&[
+            "create",
+            "--name",
+            &box_name,
+            "ccluster-test/debian:1",
+            "true",
+        ]);
+        docker(&[
+            "cp",
+            cli.to_str().unwrap(),
+            &format!("{box_name}:/usr/local/bin/claude"),
+        ]);
         docker(&["commit", &box_name, WORKER_IMAGE]);
         docker(&["rm", &box_name]);
         *made = true;
@@ -96,8 +106,14 @@ impl Cluster {
         self.kubectl_ok(&["create", "namespace", &ns]);
         // Its default service account comes a moment later; pods need it.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.kubectl(&["get", "serviceaccount", "default", "-n", &ns]).0 {
-            assert!(Instant::now() < deadline, "namespace {ns} has no service account");
+        while !self
+            .kubectl(&["get", "serviceaccount", "default", "-n", &ns])
+            .0
+        {
+            assert!(
+                Instant::now() < deadline,
+                "namespace {ns} has no service account"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         ns
@@ -234,7 +250,10 @@ map = [{}]
 run = "echo task {{{{ item }}}} on $(hostname); echo its stderr >&2"
 "#,
         runner(&ns, ""),
-        (1..=20).map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+        (1..=20)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
     let run = cluster.apply(&s, &["-j", "20"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
@@ -243,12 +262,12 @@ run = "echo task {{{{ item }}}} on $(hostname); echo its stderr >&2"
     let starts: Vec<&serde_json::Value> = run.of("task_started");
     let finishes: Vec<&serde_json::Value> = run.of("task_succeeded");
     let last_start = starts.iter().map(|e| e["time_ms"].as_u64().unwrap()).max();
-    let first_end = finishes.iter().map(|e| e["time_ms"].as_u64().unwrap()).min();
+    let first_end = finishes
+        .iter()
+        .map(|e| e["time_ms"].as_u64().unwrap())
+        .min();
     assert!(last_start < first_end, "the pods did not run in parallel");
-    let logs = s
-        .command(&["logs", "latest", "each[3]"])
-        .output()
-        .unwrap();
+    let logs = s.command(&["logs", "latest", "each[3]"]).output().unwrap();
     let logs = String::from_utf8_lossy(&logs.stdout);
     assert!(logs.contains("task 4 on cc-"), "{logs}");
     assert!(logs.contains("stderr <==\nits stderr"), "{logs}");
@@ -359,7 +378,7 @@ fn cancel_deletes_the_jobs() {
 [tasks.slow]
 runner = "k8s"
 map = [1, 2, 3]
-run = "echo started; sleep 300"
+run = "echo started {{{{ item }}}}; sleep 300"
 "#,
         runner(&ns, "")
     ));
@@ -451,9 +470,9 @@ run = "echo started {{{{ item }}}}; case {{{{ item }}}} in quick*) sleep 2;; *) 
     assert_eq!(adopted.len(), 4, "{}", run.stdout);
     // No task ran twice: four containers in all, each task's log whole.
     assert_eq!(cluster.containers_started(&ns), 4);
-    for item in ["quick-1", "slow-2"] {
+    for (index, item) in [(0, "quick-1"), (3, "slow-2")] {
         let logs = s
-            .command(&["logs", "latest", &format!("work[{item}]")])
+            .command(&["logs", "latest", &format!("work[{index}]")])
             .output()
             .unwrap();
         let logs = String::from_utf8_lossy(&logs.stdout);
@@ -499,11 +518,19 @@ merge = {{ strategy = "git" }}
         let run_id = s.run_id();
         crate::support::git(
             s.path(),
-            &["diff", "--binary", "HEAD", &format!("refs/ccluster/runs/{run_id}/merge")],
+            &[
+                "diff",
+                "--binary",
+                "HEAD",
+                &format!("refs/ccluster/runs/{run_id}/merge"),
+            ],
         )
     };
     let made = change(&pods);
-    assert!(made.contains("+made by a") && made.contains("deleted file mode"), "{made}");
+    assert!(
+        made.contains("+made by a") && made.contains("deleted file mode"),
+        "{made}"
+    );
     // (The clusterfiles differ in the base; the change made on it must not.)
     assert_eq!(made, change(&here));
     // The pods' carrier refs and the run's transport repository are gone.
@@ -587,13 +614,20 @@ fn feature_fanout_rehearsed_on_kubernetes_gives_the_local_result_and_shows_no_cr
     let mut ran_here = local.tasks("task_succeeded");
     ran_here.sort();
     assert_eq!(ran, ran_here);
-    assert!(ran.iter().filter(|t| t.starts_with("build[")).count() >= 2, "{ran:?}");
+    assert!(
+        ran.iter().filter(|t| t.starts_with("build[")).count() >= 2,
+        "{ran:?}"
+    );
     assert!(seen.contains("ccluster.dev/job"), "no pod was seen");
     let change = |s: &Sandbox| {
         let run_id = s.run_id();
         crate::support::git(
             s.path(),
-            &["diff", "HEAD", &format!("refs/ccluster/runs/{run_id}/merge")],
+            &[
+                "diff",
+                "HEAD",
+                &format!("refs/ccluster/runs/{run_id}/merge"),
+            ],
         )
     };
     let made = change(&pods);
@@ -602,15 +636,24 @@ fn feature_fanout_rehearsed_on_kubernetes_gives_the_local_result_and_shows_no_cr
     // The credentials the pods had (the model's key, the git endpoint's token) are in no Job, pod
     // or ConfigMap, in nothing ccluster printed, and in no file of the state directory.
     let secrets = cluster.kubectl_ok(&["get", "secrets", "-n", &ns, "-o", "json"]);
-    assert!(!secrets.contains("ccluster.dev/state"), "the run's Secret is left: {secrets}");
-    assert!(seen.contains("secretKeyRef"), "no credential was given by reference");
+    assert!(
+        !secrets.contains("ccluster.dev/state"),
+        "the run's Secret is left: {secrets}"
+    );
+    assert!(
+        seen.contains("secretKeyRef"),
+        "no credential was given by reference"
+    );
     // The model's key (the scripted server's token), the relay's URL and the endpoint's token.
     // (Short values, such as a task's custom header, are searched for with no proof.)
     credentials.retain(|(_, v)| v.len() >= 32);
     assert!(credentials.len() >= 3, "{credentials:?}");
     for (name, value) in credentials {
         assert!(!seen.contains(&value), "{name} is in the cluster's objects");
-        assert!(!run.stdout.contains(&value) && !run.stderr.contains(&value), "{name} was printed");
+        assert!(
+            !run.stdout.contains(&value) && !run.stderr.contains(&value),
+            "{name} was printed"
+        );
         for file in crate::rehearsal_server::files_under(&pods.path().join(".ccluster")) {
             let bytes = std::fs::read(&file).unwrap_or_default();
             assert!(
@@ -626,7 +669,16 @@ fn feature_fanout_rehearsed_on_kubernetes_gives_the_local_result_and_shows_no_cr
 /// The values of ccluster's Secrets in `ns` now (base64-decoded by coreutils' `base64`): the
 /// credentials the run's pods get by reference. The endpoint's entry is `port token`: its token.
 fn secret_values(cluster: &Cluster, ns: &str) -> Vec<(String, String)> {
-    let (_, json) = cluster.kubectl(&["get", "secrets", "-n", ns, "-l", "ccluster.dev/state", "-o", "json"]);
+    let (_, json) = cluster.kubectl(&[
+        "get",
+        "secrets",
+        "-n",
+        ns,
+        "-l",
+        "ccluster.dev/state",
+        "-o",
+        "json",
+    ]);
     let Ok(list) = serde_json::from_str::<serde_json::Value>(&json) else {
         return Vec::new();
     };
@@ -649,7 +701,10 @@ fn secret_values(cluster: &Cluster, ns: &str) -> Vec<(String, String)> {
             let out = decode.wait_with_output().unwrap();
             let value = String::from_utf8_lossy(&out.stdout).into_owned();
             let value = match key.as_str() {
-                "endpoint" => value.split_once(' ').map(|(_, t)| t.to_string()).unwrap_or(value),
+                "endpoint" => value
+                    .split_once(' ')
+                    .map(|(_, t)| t.to_string())
+                    .unwrap_or(value),
                 _ => value,
             };
             values.push((key.clone(), value));

@@ -156,19 +156,19 @@ impl KubernetesRunner {
         })?;
         Ok(KubernetesRunner {
             inner: Arc::new(Inner {
-            client,
-            namespace,
-            image: image.to_string(),
-            settings,
-            name: name.to_string(),
-            hub: Default::default(),
-            secrets: Default::default(),
-            kept: Default::default(),
-            state: Default::default(),
-            advertise,
-            endpoint: Default::default(),
-            server,
-        }),
+                client,
+                namespace,
+                image: image.to_string(),
+                settings,
+                name: name.to_string(),
+                hub: Default::default(),
+                secrets: Default::default(),
+                kept: Default::default(),
+                state: Default::default(),
+                advertise,
+                endpoint: Default::default(),
+                server,
+            }),
         })
     }
 }
@@ -381,7 +381,11 @@ impl Inner {
                 None,
             )
             .await
-            .map_err(|e| format!("{e} (the address given by `--advertise-addr`, or found from the API server's)"))?,
+            .map_err(|e| {
+                format!(
+                    "{e} (the address given by `--advertise-addr`, or found from the API server's)"
+                )
+            })?,
         };
         let url = endpoint.git_url();
         let bound = url
@@ -406,10 +410,7 @@ impl Inner {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        labels.insert(
-            LABEL_STATE.into(),
-            label_hash(&state.display().to_string()),
-        );
+        labels.insert(LABEL_STATE.into(), label_hash(&state.display().to_string()));
         labels.insert(LABEL_RUNNER.into(), label_value(&self.name));
         labels.insert(LABEL_RUN.into(), label_value(run));
         labels
@@ -430,7 +431,10 @@ fn secret_name(run: &str) -> String {
 fn default_advertise(server: &str) -> Result<String, String> {
     let authority = super::egress::Allow::host_of_url(server)
         .ok_or_else(|| format!("cannot read the API server's address from `{server}`"))?;
-    let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+    let with_port = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
         authority
     } else {
         format!("{authority}:443")
@@ -442,8 +446,13 @@ fn default_advertise(server: &str) -> Result<String, String> {
         .next()
         .ok_or_else(|| format!("the API server `{with_port}` has no address"))?;
     // Connecting a UDP socket sends nothing: it only picks the route, and so the local address.
-    let bind = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
-    let socket = std::net::UdpSocket::bind(bind).map_err(|e| format!("cannot find a local address: {e}"))?;
+    let bind = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let socket =
+        std::net::UdpSocket::bind(bind).map_err(|e| format!("cannot find a local address: {e}"))?;
     socket
         .connect(target)
         .map_err(|e| format!("cannot find a route to the API server {target}: {e}"))?;
@@ -703,7 +712,10 @@ fn pod_script(
          finish() {{ exec 2>/dev/null; wait; exit \"$1\"; }}\n"
     );
     for dir in dirs {
-        s.push_str(&format!("mkdir -p {} || finish {TRANSPORT_FAILED}\n", sh_quote(dir)));
+        s.push_str(&format!(
+            "mkdir -p {} || finish {TRANSPORT_FAILED}\n",
+            sh_quote(dir)
+        ));
     }
     for (key, path) in files {
         let dir = Path::new(path)
@@ -758,10 +770,24 @@ enum PodEnd {
 }
 
 /// Reads the Job and its pod as last seen: whether the attempt is over, and how.
-fn pod_end(seen: &Seen, image: &str, pending_since: Option<Instant>, unschedulable_after: Duration) -> PodEnd {
-    let deadline = seen.job.as_ref().and_then(|j| j.status.as_ref()).and_then(|s| s.conditions.as_ref()).is_some_and(|c| {
-        c.iter().any(|c| c.type_ == "Failed" && c.status == "True" && c.reason.as_deref() == Some("DeadlineExceeded"))
-    });
+fn pod_end(
+    seen: &Seen,
+    image: &str,
+    pending_since: Option<Instant>,
+    unschedulable_after: Duration,
+) -> PodEnd {
+    let deadline = seen
+        .job
+        .as_ref()
+        .and_then(|j| j.status.as_ref())
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| {
+            c.iter().any(|c| {
+                c.type_ == "Failed"
+                    && c.status == "True"
+                    && c.reason.as_deref() == Some("DeadlineExceeded")
+            })
+        });
     if deadline {
         return PodEnd::TimedOut;
     }
@@ -776,7 +802,8 @@ fn pod_end(seen: &Seen, image: &str, pending_since: Option<Instant>, unschedulab
     // A pod going away that ccluster did not delete: the Job's deadline (the Job controller
     // deletes its pods, and may say so only after), or someone else.
     let going = seen.pods.iter().find(|(_, p)| {
-        p.as_ref().is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+        p.as_ref()
+            .is_none_or(|p| p.metadata.deletion_timestamp.is_some())
     });
     if let Some((name, _)) = going {
         if past_deadline(seen) {
@@ -785,7 +812,9 @@ fn pod_end(seen: &Seen, image: &str, pending_since: Option<Instant>, unschedulab
         // Deleted before it ended (a pod that ended keeps its status until its Job goes).
         return PodEnd::Failed(
             FailureClass::Infra,
-            format!("pod {name} was deleted before it ended (by someone else, or the node was lost)"),
+            format!(
+                "pod {name} was deleted before it ended (by someone else, or the node was lost)"
+            ),
         );
     }
     if seen.job_gone {
@@ -828,12 +857,18 @@ fn pod_end(seen: &Seen, image: &str, pending_since: Option<Instant>, unschedulab
                     ),
                 );
             }
-            if matches!(reason, "CreateContainerConfigError" | "CreateContainerError") {
+            if matches!(
+                reason,
+                "CreateContainerConfigError" | "CreateContainerError"
+            ) {
                 return PodEnd::Failed(
                     FailureClass::SpawnError,
                     format!(
                         "pod {name} cannot start its container: {reason}{}",
-                        w.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default()
+                        w.message
+                            .as_deref()
+                            .map(|m| format!(": {m}"))
+                            .unwrap_or_default()
                     ),
                 );
             }
@@ -870,7 +905,9 @@ fn pod_end(seen: &Seen, image: &str, pending_since: Option<Instant>, unschedulab
     }
     let unschedulable = status.conditions.as_ref().and_then(|c| {
         c.iter().find(|c| {
-            c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable")
+            c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("Unschedulable")
         })
     });
     if let (Some(c), Some(since)) = (unschedulable, pending_since) {
@@ -880,7 +917,9 @@ fn pod_end(seen: &Seen, image: &str, pending_since: Option<Instant>, unschedulab
                 format!(
                     "pod {name} could not be scheduled for {}: {}",
                     humantime::format_duration(unschedulable_after),
-                    c.message.as_deref().unwrap_or("the scheduler gave no reason")
+                    c.message
+                        .as_deref()
+                        .unwrap_or("the scheduler gave no reason")
                 ),
             );
         }
@@ -1073,18 +1112,18 @@ fn apply_result(workspace: &Path, start: &str, result: &str) -> Result<(), Strin
     Ok(())
 }
 
+/// Files sent to a pod (path and contents), and the directories to make for it.
+type Inputs = (Vec<(PathBuf, Vec<u8>)>, Vec<PathBuf>);
+
 /// Files an isolated process reads or writes, sent to its pod: the contents of its own
 /// directories (an agent worker's settings and config) and the small files it reads, by path.
 /// The `claude` CLI itself is the image's. Credentials files are not sent.
-fn files_of(
-    spec: &ProcessSpec,
-    program: Option<&str>,
-) -> Result<(Vec<(PathBuf, Vec<u8>)>, Vec<PathBuf>), String> {
+fn files_of(spec: &ProcessSpec, program: Option<&str>) -> Result<Inputs, String> {
     let mut files = Vec::new();
     let mut dirs = Vec::new();
     let mut add = |path: &Path| -> Result<(), String> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
         files.push((path.to_path_buf(), bytes));
         Ok(())
     };
@@ -1185,14 +1224,19 @@ impl Inner {
             if let Some(id) = &spec.identity {
                 id.notice(
                     "adopted",
-                    format!("the Job {name}, left by a killed ccluster: its work is not done again"),
+                    format!(
+                        "the Job {name}, left by a killed ccluster: its work is not done again"
+                    ),
                 );
             }
             let travel = self.travel_of_kept(&name).await;
             return Ok(self.supervise(&hub, name, travel, spec, stop).await);
         }
         let name = job_name(&run, &node, &attempt);
-        let prepared = match self.prepare(&spec, &state, &run, &node, &attempt, &name).await {
+        let prepared = match self
+            .prepare(&spec, &state, &run, &node, &attempt, &name)
+            .await
+        {
             Ok(p) => p,
             Err(Unstartable(e)) => {
                 return Ok(ProcessResult {
@@ -1489,11 +1533,14 @@ impl Inner {
         labels.insert(LABEL_NODE.into(), label_hash(node));
         labels.insert(LABEL_ATTEMPT.into(), label_value(attempt));
         labels.insert(LABEL_JOB.into(), name.to_string());
-        let network = self.settings.network.unwrap_or(if spec.model_api.is_some() {
-            NetworkMode::ApiOnly
-        } else {
-            NetworkMode::Bridge
-        });
+        let network = self
+            .settings
+            .network
+            .unwrap_or(if spec.model_api.is_some() {
+                NetworkMode::ApiOnly
+            } else {
+                NetworkMode::Bridge
+            });
         let mut pod_labels = labels.clone();
         pod_labels.insert(LABEL_NETWORK.into(), network.name().into());
         let mut notes: BTreeMap<String, String> = self
@@ -1592,9 +1639,11 @@ impl Inner {
             spec: Some(JobSpec {
                 // Retries are ccluster's, with its classes and backoff.
                 backoff_limit: Some(0),
-                active_deadline_seconds: spec
-                    .timeout
-                    .map(|t| i64::try_from(t.as_secs_f64().ceil() as u64).unwrap_or(i64::MAX).max(1)),
+                active_deadline_seconds: spec.timeout.map(|t| {
+                    i64::try_from(t.as_secs_f64().ceil() as u64)
+                        .unwrap_or(i64::MAX)
+                        .max(1)
+                }),
                 ttl_seconds_after_finished: self
                     .settings
                     .ttl_seconds_after_finished
@@ -1859,7 +1908,10 @@ impl Inner {
             ..Default::default()
         };
         let _ = pods
-            .delete_collection(&params, &ListParams::default().labels(&format!("{LABEL_JOB}={job}")))
+            .delete_collection(
+                &params,
+                &ListParams::default().labels(&format!("{LABEL_JOB}={job}")),
+            )
             .await;
     }
 
@@ -1884,7 +1936,7 @@ impl Inner {
             let notes = job.metadata.annotations.clone().unwrap_or_default();
             let status = job.status.clone().unwrap_or_default();
             let finished = status.succeeded.unwrap_or(0) > 0 || status.failed.unwrap_or(0) > 0;
-            let relayed = notes.get(NOTE_RELAY).is_some();
+            let relayed = notes.contains_key(NOTE_RELAY);
             let adoptable = finished || !relayed;
             match (notes.get(NOTE_KEY), notes.get(NOTE_NODE), adoptable) {
                 (Some(key), Some(node), true) => kept.push(KeptJob {
@@ -1910,7 +1962,13 @@ impl Inner {
             delete_job(&jobs, &k.name, None).await;
         }
         let secrets_api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-        let runs: Vec<(String, String)> = self.secrets.lock().await.drain().map(|(run, s)| (run, s.name)).collect();
+        let runs: Vec<(String, String)> = self
+            .secrets
+            .lock()
+            .await
+            .drain()
+            .map(|(run, s)| (run, s.name))
+            .collect();
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for (run, name) in runs {
             let _ = secrets_api.delete(&name, &DeleteParams::default()).await;
