@@ -225,6 +225,44 @@ impl Drop for Cluster {
     }
 }
 
+/// A `ccluster` the test started: killed and reaped, by its pid, if the test ends (or fails)
+/// before it did.
+struct Reaped(Option<std::process::Child>);
+
+impl Reaped {
+    fn new(child: std::process::Child) -> Reaped {
+        Reaped(Some(child))
+    }
+
+    fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, |c| c.id())
+    }
+
+    fn running(&mut self) -> bool {
+        self.0
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// `kill -9`, and reaped.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn output(mut self) -> std::process::Output {
+        self.0.take().unwrap().wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 fn runner(ns: &str, extra: &str) -> String {
     format!(
         r#"[runners.k8s]
@@ -288,10 +326,21 @@ image = "ccluster-test/not-there:1"
 namespace = "{ns}"
 pull = "never"
 
+[runners.small]
+kind = "kubernetes"
+image = "ccluster-test/debian:1"
+namespace = "{ns}"
+pull = "never"
+resources = {{ limits = {{ memory = "32Mi" }} }}
+
 [tasks.exits]
 runner = "k8s"
 run = "echo bye; exit 3"
 retry = {{ limit = 0 }}
+
+[tasks.greedy]
+runner = "small"
+run = "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo held it"
 
 [tasks.noimage]
 runner = "nowhere"
@@ -304,14 +353,15 @@ retry = {{ limit = 1, on = ["infra"], backoff = {{ initial = "100ms" }} }}
 "#,
         runner(&ns, "")
     ));
-    let child = cluster
+    let mut child = cluster
         .ccluster(&s, &["apply", "--output", "json", "-k", "-j", "4"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
+        .map(Reaped::new)
         .unwrap();
     // Someone deletes the first attempt's pod while it runs.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let (_, pods) = cluster.kubectl(&[
             "get",
@@ -333,10 +383,17 @@ retry = {{ limit = 1, on = ["infra"], backoff = {{ initial = "100ms" }} }}
             cluster.kubectl_ok(&["delete", "-n", &ns, &pod, "--wait=false"]);
             break;
         }
+        if !child.running() {
+            let run = Applied::from_output(child.output());
+            panic!(
+                "the run ended before `deleted` ran: {}{}",
+                run.stdout, run.stderr
+            );
+        }
         assert!(Instant::now() < deadline, "the task `deleted` never ran");
         std::thread::sleep(Duration::from_millis(300));
     }
-    let run = Applied::from_output(child.wait_with_output().unwrap());
+    let run = Applied::from_output(child.output());
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
     let failed = |task: &str| {
         run.of("task_failed")
@@ -348,6 +405,9 @@ retry = {{ limit = 1, on = ["infra"], backoff = {{ initial = "100ms" }} }}
     let exits = failed("exits");
     assert_eq!(exits["class"], "exit_code");
     assert_eq!(exits["exit_code"], 3);
+    let greedy = failed("greedy");
+    assert_eq!(greedy["class"], "oom", "{greedy}");
+    assert_eq!(greedy["attempt"], 1, "oom is not retried by default");
     let noimage = failed("noimage");
     assert_eq!(noimage["class"], "image", "{noimage}");
     let message = noimage["message"].as_str().unwrap();
@@ -387,6 +447,7 @@ run = "echo started {{{{ item }}}}; sleep 300"
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
+        .map(Reaped::new)
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(90);
     while cluster.containers_started(&ns) < 3 {
@@ -399,7 +460,7 @@ run = "echo started {{{{ item }}}}; sleep 300"
     )
     .unwrap();
     let started = Instant::now();
-    let run = Applied::from_output(child.wait_with_output().unwrap());
+    let run = Applied::from_output(child.output());
     assert_eq!(run.code, 130, "{}{}", run.stdout, run.stderr);
     assert!(
         started.elapsed() < Duration::from_secs(30),
@@ -431,14 +492,14 @@ run = "echo started {{{{ item }}}}; case {{{{ item }}}} in quick*) sleep 2;; *) 
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
+        .map(Reaped::new)
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(90);
     while cluster.containers_started(&ns) < 4 {
         assert!(Instant::now() < deadline, "the pods never started");
         std::thread::sleep(Duration::from_millis(200));
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
     // The quick ones finish while no ccluster watches.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -583,22 +644,27 @@ fn feature_fanout_rehearsed_on_kubernetes_gives_the_local_result_and_shows_no_cr
             .unwrap(),
     );
     assert_eq!(local.code, 0, "{}{}", local.stdout, local.stderr);
-    let child = cluster
+    let mut child = cluster
         .ccluster(&pods, &args)
         .env("CCLUSTER_CLAUDE_BIN", crate::support::claude_bin())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
+        .map(Reaped::new)
         .unwrap();
     // What the cluster holds while the agents work: every Job and pod as YAML.
     let mut seen = String::new();
     let mut credentials: Vec<(String, String)> = Vec::new();
+    let mut policies = String::new();
     let deadline = Instant::now() + Duration::from_secs(240);
-    let mut child = child;
-    while child.try_wait().unwrap().is_none() {
+    while child.running() {
         assert!(Instant::now() < deadline, "the run did not end");
         let (_, yaml) = cluster.kubectl(&["get", "jobs,pods,configmaps", "-n", &ns, "-o", "yaml"]);
         seen.push_str(&yaml);
+        let (_, yaml) = cluster.kubectl(&["get", "networkpolicies", "-n", &ns, "-o", "json"]);
+        if yaml.contains("ccluster.dev/state") {
+            policies = yaml;
+        }
         for pair in secret_values(&cluster, &ns) {
             if !credentials.contains(&pair) {
                 credentials.push(pair);
@@ -606,7 +672,7 @@ fn feature_fanout_rehearsed_on_kubernetes_gives_the_local_result_and_shows_no_cr
         }
         std::thread::sleep(Duration::from_millis(700));
     }
-    let run = Applied::from_output(child.wait_with_output().unwrap());
+    let run = Applied::from_output(child.output());
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     // The planner and each part's agent ran as pods: one container each, with the merge's test.
     let mut ran = run.tasks("task_succeeded");
@@ -619,6 +685,33 @@ fn feature_fanout_rehearsed_on_kubernetes_gives_the_local_result_and_shows_no_cr
         "{ran:?}"
     );
     assert!(seen.contains("ccluster.dev/job"), "no pod was seen");
+    // The agents' pods were `api-only`: a NetworkPolicy let them out to the run's endpoint (the
+    // relay of the rehearsal's model server, and git) and DNS only. (The test cluster has no
+    // network plugin to enforce it: this checks what is asked of one.)
+    let policies: serde_json::Value =
+        serde_json::from_str(&policies).expect("no NetworkPolicy was made");
+    let policy = &policies["items"][0];
+    assert_eq!(
+        policy["spec"]["policyTypes"],
+        serde_json::json!(["Egress"]),
+        "{policy}"
+    );
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"]["ccluster.dev/network"],
+        "api-only"
+    );
+    let egress = policy["spec"]["egress"].as_array().unwrap();
+    let cidrs: Vec<&str> = egress
+        .iter()
+        .filter_map(|r| r["to"][0]["ipBlock"]["cidr"].as_str())
+        .collect();
+    assert_eq!(cidrs, ["192.0.2.1/32"], "{policy}");
+    assert!(
+        egress
+            .iter()
+            .all(|r| !r["to"].is_null() || r["ports"][0]["port"] == 53),
+        "{policy}"
+    );
     let change = |s: &Sandbox| {
         let run_id = s.run_id();
         crate::support::git(

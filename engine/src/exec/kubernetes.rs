@@ -96,10 +96,11 @@ struct Inner {
     endpoint: tokio::sync::OnceCell<Result<Arc<super::endpoint::Endpoint>, String>>,
     /// The API server's address: what the default advertised address is found from.
     server: String,
+    /// The NetworkPolicies made for this run (by name).
+    policies: tokio::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 struct RunSecret {
-    name: String,
     /// Secret key of each (variable, value) pair already in it.
     keys: HashMap<(String, String), String>,
     /// Keys the values are hashed with: a key's name reveals nothing of its value.
@@ -168,6 +169,7 @@ impl KubernetesRunner {
                 advertise,
                 endpoint: Default::default(),
                 server,
+                policies: Default::default(),
             }),
         })
     }
@@ -209,7 +211,6 @@ impl Inner {
         let keys: Vec<String> = {
             let mut secrets = self.secrets.lock().await;
             let entry = secrets.entry(run.to_string()).or_insert_with(|| RunSecret {
-                name: secret_name(run),
                 keys: HashMap::new(),
                 salt: random_salt(),
             });
@@ -247,7 +248,6 @@ impl Inner {
             .await
             .entry(run.to_string())
             .or_insert_with(|| RunSecret {
-                name: name.clone(),
                 keys: HashMap::new(),
                 salt: random_salt(),
             });
@@ -400,6 +400,123 @@ impl Inner {
         );
         self.secret_put(run, state, data).await?;
         Ok(endpoint)
+    }
+
+    /// The run's NetworkPolicy for pods on `network` (`api-only` or `none`), made once: egress
+    /// only to the run's endpoint, and under `api-only` to the model API's and `allow_hosts`'
+    /// addresses (as they resolve now) and DNS. It holds where the cluster's network plugin
+    /// enforces policies; elsewhere it is a statement only.
+    async fn network_policy(
+        &self,
+        run: &str,
+        state: &Path,
+        network: NetworkMode,
+        endpoint: Option<&super::endpoint::Endpoint>,
+        model_api: Option<&str>,
+    ) -> Result<(), String> {
+        use k8s_openapi::api::networking::v1::{
+            IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyPeer, NetworkPolicyPort,
+            NetworkPolicySpec,
+        };
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+        use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+        let name = truncate_name(&format!("ccluster-{}-{}", dns_label(run), network.name()));
+        if !self.policies.lock().await.insert(name.clone()) {
+            return Ok(());
+        }
+        let rule =
+            |ip: std::net::IpAddr, port: Option<u16>, protocol: &str| NetworkPolicyEgressRule {
+                to: Some(vec![NetworkPolicyPeer {
+                    ip_block: Some(IPBlock {
+                        cidr: match ip {
+                            std::net::IpAddr::V4(_) => format!("{ip}/32"),
+                            std::net::IpAddr::V6(_) => format!("{ip}/128"),
+                        },
+                        except: None,
+                    }),
+                    ..Default::default()
+                }]),
+                ports: Some(vec![NetworkPolicyPort {
+                    port: port.map(|p| IntOrString::Int(i32::from(p))),
+                    protocol: Some(protocol.into()),
+                    ..Default::default()
+                }]),
+            };
+        let mut egress = Vec::new();
+        if let Some(ep) = endpoint {
+            if let Some(addr) = super::egress::Allow::host_of_url(&ep.git_url())
+                .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            {
+                egress.push(rule(addr.ip(), Some(addr.port()), "TCP"));
+            }
+        }
+        if network == NetworkMode::ApiOnly {
+            let mut hosts: Vec<String> = self.settings.allow_hosts.clone();
+            hosts.extend(
+                model_api
+                    .filter(|a| !on_loopback(a))
+                    .and_then(super::egress::Allow::host_of_url),
+            );
+            for host in hosts {
+                let host = host.trim_start_matches("*.").to_string();
+                let (name, port) = match host.rsplit_once(':') {
+                    Some((h, p)) if p.parse::<u16>().is_ok() => (h.to_string(), p.parse().ok()),
+                    _ => (host.clone(), None),
+                };
+                let lookup = format!("{name}:{}", port.unwrap_or(443));
+                let found = tokio::net::lookup_host(lookup.clone()).await.map_err(|e| {
+                    format!("cannot resolve `{name}` for the `api-only` NetworkPolicy: {e}")
+                })?;
+                for addr in found {
+                    egress.push(rule(addr.ip(), port, "TCP"));
+                }
+            }
+            // Names must resolve.
+            for protocol in ["UDP", "TCP"] {
+                egress.push(NetworkPolicyEgressRule {
+                    to: None,
+                    ports: Some(vec![NetworkPolicyPort {
+                        port: Some(IntOrString::Int(53)),
+                        protocol: Some(protocol.into()),
+                        ..Default::default()
+                    }]),
+                });
+            }
+        }
+        let selector: BTreeMap<String, String> = [
+            (LABEL_RUN.to_string(), label_value(run)),
+            (LABEL_NETWORK.to_string(), network.name().to_string()),
+        ]
+        .into();
+        let policy = NetworkPolicy {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some(self.labels(state, run)),
+                ..Default::default()
+            },
+            spec: Some(NetworkPolicySpec {
+                pod_selector: Some(LabelSelector {
+                    match_labels: Some(selector),
+                    ..Default::default()
+                }),
+                policy_types: Some(vec!["Egress".into()]),
+                egress: Some(egress),
+                ingress: None,
+            }),
+        };
+        let api: Api<NetworkPolicy> = Api::namespaced(self.client.clone(), &self.namespace);
+        match api.create(&PostParams::default(), &policy).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 => api
+                .replace(&name, &PostParams::default(), &policy)
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("cannot update NetworkPolicy `{name}`: {}", api_error(&e))),
+            Err(e) => Err(format!(
+                "cannot make NetworkPolicy `{name}`: {}",
+                api_error(&e)
+            )),
+        }
     }
 
     /// The labels of everything the runner makes for run `run`.
@@ -1543,6 +1660,17 @@ impl Inner {
             });
         let mut pod_labels = labels.clone();
         pod_labels.insert(LABEL_NETWORK.into(), network.name().into());
+        if network != NetworkMode::Bridge {
+            self.network_policy(
+                run,
+                state,
+                network,
+                endpoint.as_deref(),
+                spec.model_api.as_deref(),
+            )
+            .await
+            .map_err(Unstartable)?;
+        }
         let mut notes: BTreeMap<String, String> = self
             .settings
             .annotations
@@ -1955,28 +2083,63 @@ impl Inner {
 
     /// The run is ending: Jobs nothing adopted, and the run's Secrets, go.
     async fn release(&self) {
-        let left: Vec<KeptJob> =
-            std::mem::take(&mut *self.kept.lock().unwrap_or_else(|e| e.into_inner()));
-        let jobs = self.jobs();
-        for k in left {
-            delete_job(&jobs, &k.name, None).await;
-        }
-        let secrets_api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-        let runs: Vec<(String, String)> = self
+        self.kept.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let runs: Vec<String> = self
             .secrets
             .lock()
             .await
             .drain()
-            .map(|(run, s)| (run, s.name))
+            .map(|(run, _)| run)
             .collect();
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        for (run, name) in runs {
-            let _ = secrets_api.delete(&name, &DeleteParams::default()).await;
-            // No pod of the run can push any more: its transport repository goes.
-            if let Some(state) = &state {
+        self.policies.lock().await.clear();
+        if let Some(state) = &state {
+            for run in runs {
+                // No pod of the run can push any more: its transport repository goes.
                 let _ = std::fs::remove_dir_all(state.join("transport").join(format!("{run}.git")));
             }
+            // We hold the state's lock: whatever of this state and runner is left (Jobs nothing
+            // adopted, the run's Secret and NetworkPolicies, and those a killed ccluster left)
+            // is no run's any more. Finished Jobs the runner keeps for a while stay.
+            self.sweep(state, self.settings.ttl_seconds_after_finished.is_none())
+                .await;
         }
+    }
+
+    /// Deletes what the runner made for the state directory: Secrets, ConfigMaps,
+    /// NetworkPolicies, and Jobs (with their pods) unless `jobs` is false.
+    pub(crate) async fn sweep(&self, state: &Path, jobs: bool) -> usize {
+        let selector = ListParams::default().labels(&self.selector(state));
+        let mut deleted = 0;
+        if jobs {
+            if let Ok(found) = self.jobs().list(&selector).await {
+                for job in found.items {
+                    if let Some(name) = job.metadata.name {
+                        delete_job(&self.jobs(), &name, None).await;
+                        deleted += 1;
+                    }
+                }
+            }
+        }
+        let params = DeleteParams::default();
+        macro_rules! sweep_kind {
+            ($kind:ty) => {{
+                let api: Api<$kind> = Api::namespaced(self.client.clone(), &self.namespace);
+                if let Ok(found) = api.list(&selector).await {
+                    for item in found.items {
+                        if let Some(name) = item.metadata.name {
+                            if api.delete(&name, &params).await.is_ok() {
+                                deleted += 1;
+                            }
+                        }
+                    }
+                }
+            }};
+        }
+        sweep_kind!(Secret);
+        sweep_kind!(ConfigMap);
+        sweep_kind!(k8s_openapi::api::networking::v1::NetworkPolicy);
+        deleted
     }
 }
 
