@@ -805,3 +805,62 @@ fn secret_values(cluster: &Cluster, ns: &str) -> Vec<(String, String)> {
     }
     values
 }
+
+#[test]
+fn gc_removes_what_a_killed_run_left_in_the_namespace() {
+    let cluster = Cluster::get();
+    let ns = cluster.namespace("gc");
+    let s = Sandbox::in_repo(
+        &format!(
+            r#"version = 1
+{}
+[tasks.slow]
+runner = "k8s"
+workspace = "worktree"
+run = "sleep 300"
+"#,
+            runner(&ns, "")
+        ),
+        &[("README", "hello\n")],
+    );
+    let mut child = cluster
+        .ccluster(&s, &["apply"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while cluster.containers_started(&ns) < 1 {
+        assert!(Instant::now() < deadline, "the pod never started");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    child.kill();
+    // Its Job, the run's Secret (the endpoint's token) and the inputs are left.
+    let left = cluster.leftovers(&ns);
+    assert!(
+        left.contains("job.batch/") && left.contains("secret/"),
+        "{left}"
+    );
+    let out = cluster.ccluster(&s, &["gc", "--dry-run"]).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("would remove job/cc-"), "{said}");
+    assert!(
+        !cluster.leftovers(&ns).is_empty(),
+        "--dry-run removed something"
+    );
+    let out = cluster.ccluster(&s, &["gc"]).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("removed secret/ccluster-"), "{said}");
+    cluster.assert_emptied(&ns);
+}
