@@ -864,3 +864,85 @@ run = "sleep 300"
     assert!(said.contains("removed secret/ccluster-"), "{said}");
     cluster.assert_emptied(&ns);
 }
+
+/// A `git daemon` serving one bare repository (pushes allowed) on the Docker bridge's address,
+/// inside the cluster's network namespace: a remote the pods reach. Stopped by its pid.
+struct GitDaemon {
+    child: Reaped,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl GitDaemon {
+    fn start(cluster: &Cluster) -> GitDaemon {
+        let dir = tempfile::tempdir().unwrap();
+        crate::support::git(dir.path(), &["init", "-q", "--bare", "remote.git"]);
+        let port = 20000 + (std::process::id() % 10000) as u16;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", cluster.netns))
+            .arg("--")
+            .arg("git")
+            .arg("daemon")
+            .arg("--reuseaddr")
+            .arg("--export-all")
+            .arg("--enable=receive-pack")
+            .arg(format!("--base-path={}", dir.path().display()))
+            .arg("--listen=192.0.2.1")
+            .arg(format!("--port={port}"))
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map(Reaped::new)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        GitDaemon {
+            child,
+            url: format!("git://192.0.2.1:{port}/remote.git"),
+            _dir: dir,
+        }
+    }
+}
+
+#[test]
+fn a_runner_with_a_remote_carries_workspaces_through_it() {
+    let cluster = Cluster::get();
+    let ns = cluster.namespace("remote");
+    let mut daemon = GitDaemon::start(&cluster);
+    let s = Sandbox::in_repo(
+        &format!(
+            r#"version = 1
+{}
+[tasks.edit]
+runner = "k8s"
+workspace = "worktree"
+run = "echo made in a pod > made.txt"
+"#,
+            runner(&ns, "remote = \"origin\"")
+        ),
+        &[("README", "hello\n")],
+    );
+    crate::support::git(s.path(), &["remote", "add", "origin", &daemon.url]);
+    // The driver reaches the remote from the cluster's namespace, as pods do.
+    let run = cluster.apply(&s, &[]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let run_id = s.run_id();
+    assert_eq!(
+        crate::support::git(
+            s.path(),
+            &["show", &format!("refs/ccluster/runs/{run_id}/edit:made.txt")]
+        ),
+        "made in a pod\n"
+    );
+    // The run's refs on the remote are gone with the run; no endpoint token was given.
+    let listed = Command::new("nsenter")
+        .arg(format!("--net={}", cluster.netns))
+        .arg("--")
+        .args(["git", "ls-remote", &daemon.url])
+        .output()
+        .unwrap();
+    assert!(listed.status.success());
+    assert_eq!(String::from_utf8_lossy(&listed.stdout), "");
+    daemon.child.kill();
+    cluster.assert_emptied(&ns);
+}

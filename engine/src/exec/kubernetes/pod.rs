@@ -351,21 +351,24 @@ impl Inner {
             let start = snapshot(ws, &scratch).map_err(Unstartable)?;
             let start_ref = ep.offer(name, &start).map_err(Unstartable)?;
             let dir = ws.display().to_string();
+            let token_var = if ep.token().is_some() { TOKEN_VAR } else { "" };
             fetch = Some(crate::exec::endpoint::fetch_script(
                 &ep.git_url(),
-                TOKEN_VAR,
+                token_var,
                 &start_ref,
                 &dir,
             ));
             push = Some(crate::exec::endpoint::push_script(
                 &ep.git_url(),
-                TOKEN_VAR,
+                token_var,
                 run,
                 name,
                 &dir,
             ));
-            pairs.push((TOKEN_VAR.into(), ep.token().to_string()));
-            secret_names.push(TOKEN_VAR.into());
+            if let Some(token) = ep.token() {
+                pairs.push((TOKEN_VAR.into(), token.to_string()));
+                secret_names.push(TOKEN_VAR.into());
+            }
             travel = Some(Travel {
                 workspace: ws.clone(),
                 start,
