@@ -8,8 +8,8 @@ use std::process::Command;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use crate::apply::{Applied, Sandbox};
 use crate::support::root;
+use crate::support::{Applied, Sandbox};
 
 /// A started cluster, shared by the tests that run at the same time (each in a namespace of its
 /// own); stopped, by pid, when the last of them is done.
@@ -747,7 +747,7 @@ fn feature_fanout_rehearsed_on_kubernetes_gives_the_local_result_and_shows_no_cr
             !run.stdout.contains(&value) && !run.stderr.contains(&value),
             "{name} was printed"
         );
-        for file in crate::rehearsal_server::files_under(&pods.path().join(".ccluster")) {
+        for file in crate::support::files_under(&pods.path().join(".ccluster")) {
             let bytes = std::fs::read(&file).unwrap_or_default();
             assert!(
                 !bytes.windows(value.len()).any(|w| w == value.as_bytes()),
@@ -930,7 +930,10 @@ run = "echo made in a pod > made.txt"
     assert_eq!(
         crate::support::git(
             s.path(),
-            &["show", &format!("refs/ccluster/runs/{run_id}/edit:made.txt")]
+            &[
+                "show",
+                &format!("refs/ccluster/runs/{run_id}/edit:made.txt")
+            ]
         ),
         "made in a pod\n"
     );

@@ -15,7 +15,6 @@ mod gitsafe;
 mod graphs;
 mod invalid;
 mod k8smodel;
-mod kubernetes;
 mod library;
 mod logs;
 mod procs;

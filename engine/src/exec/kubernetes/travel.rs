@@ -121,11 +121,19 @@ pub(super) struct Remote {
 }
 
 impl Remote {
+    /// The remote `remote` of the repository `repo` is in (a worktree of it will do: the remote
+    /// is used from the repository's own git directory, which outlives the run's worktrees).
     pub(super) fn new(repo: &Path, remote: &str, run: &str) -> Result<Remote, String> {
-        let url = crate::workspace::git_sync(repo, &["remote", "get-url", "--", remote])
-            .map_err(|_| format!("the repository has no remote `{remote}` (the runner's `remote`)"))?;
+        let common = crate::workspace::git_sync(
+            repo,
+            &["rev-parse", "--path-format=absolute", "--git-common-dir"],
+        )?;
+        let repo = PathBuf::from(common.trim());
+        let url = crate::workspace::git_sync(&repo, &["remote", "get-url", "--", remote]).map_err(
+            |_| format!("the repository has no remote `{remote}` (the runner's `remote`)"),
+        )?;
         Ok(Remote {
-            repo: repo.to_path_buf(),
+            repo,
             remote: remote.to_string(),
             url: url.trim().to_string(),
             run: run.to_string(),
@@ -208,7 +216,11 @@ impl Carrier {
                     &r.remote,
                     &format!("+{pushed}:{pushed}"),
                 ])?;
-                Ok(Some(r.git(&["rev-parse", "--verify", &pushed])?.trim().to_string()))
+                Ok(Some(
+                    r.git(&["rev-parse", "--verify", &pushed])?
+                        .trim()
+                        .to_string(),
+                ))
             }
         }
     }
