@@ -187,7 +187,8 @@ impl Cluster {
     /// Waits until nothing of ccluster's is left in the namespace (pods take their grace
     /// period to go).
     pub fn assert_emptied(&self, ns: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        // (The kubelet of a loaded two-core machine can take a minute to tear pods down.)
+        let deadline = Instant::now() + Duration::from_secs(150);
         loop {
             let left = self.leftovers(ns);
             if left.is_empty() {
