@@ -623,7 +623,10 @@ impl Inner {
         let backstop = spec
             .timeout
             .map(|t| Instant::now() + t + Duration::from_secs(60));
+        // The sender goes to the log's task: the channel closes when the log ends, which ends the
+        // attempt (a sender kept here would hold it open until `DRAIN_AFTER_EXIT`).
         let (log_tx, mut log_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(256);
+        let mut log_tx = Some(log_tx);
         let mut log_task: Option<tokio::task::JoinHandle<()>> = None;
         let mut log_open = true;
         let mut decided: Option<ProcessEnd> = None;
@@ -644,8 +647,8 @@ impl Inner {
                     }
                     let now = seen.borrow_and_update().clone();
                     if log_task.is_none() {
-                        if let Some(pod) = container_started(&now) {
-                            log_task = Some(self.stream_log(pod, log_tx.clone()));
+                        if let (Some(pod), Some(tx)) = (container_started(&now), log_tx.take()) {
+                            log_task = Some(self.stream_log(pod, tx));
                         }
                     }
                     if unschedulable(&now) {
