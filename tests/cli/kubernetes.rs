@@ -950,3 +950,84 @@ run = "echo made in a pod > made.txt"
     daemon.child.kill();
     cluster.assert_emptied(&ns);
 }
+
+#[test]
+fn a_planner_in_a_pod_told_its_graph_is_invalid_answers_again_in_the_same_session() {
+    let cluster = Cluster::get();
+    cluster.worker_image();
+    let ns = cluster.namespace("replan");
+    // First a graph with an unknown id, then, in the same session, a valid one.
+    let rehearsal = r#"{ turns = [
+  { tools = [{ name = "StructuredOutput", input = { subtasks = [{ id = "scaffold" }, { id = "tests", depends_on = ["scafold"] }] } }] },
+  { tools = [{ name = "StructuredOutput", input = { subtasks = [{ id = "scaffold" }, { id = "tests", depends_on = ["scaffold"] }] } }] },
+] }"#;
+    let s = Sandbox::in_repo(
+        &format!(
+            r#"version = 1
+[defaults]
+runner = "k8s"
+
+[runners.k8s]
+kind = "kubernetes"
+image = "{WORKER_IMAGE}"
+namespace = "{ns}"
+pull = "never"
+
+[tasks.plan]
+prompt = "Plan the feature"
+output_schema = {{ type = "object", required = ["subtasks"], properties = {{ subtasks = {{ type = "array", items = {{ type = "object", required = ["id"], properties = {{ id = {{ type = "string" }}, depends_on = {{ type = "array", items = {{ type = "string" }} }} }} }} }} }} }}
+retry = {{ limit = 2 }}
+rehearsal = {rehearsal}
+
+[tasks.build]
+needs = ["plan"]
+map = "{{{{ tasks.plan.output.subtasks }}}}"
+id = "{{{{ item.id }}}}"
+after = "{{{{ item.depends_on | default([]) }}}}"
+prompt = "Build the {{{{ item.id }}}} part"
+
+[tasks.all]
+needs = ["build"]
+merge = {{ strategy = "git" }}
+"#
+        ),
+        &[("README", "hello\n")],
+    );
+    let run = Applied::from_output(
+        cluster
+            .ccluster(&s, &["apply", "--rehearse", "--output", "json"])
+            .env("CCLUSTER_CLAUDE_BIN", crate::support::claude_bin())
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let retrying = run.of("task_retrying");
+    assert_eq!(retrying.len(), 1, "{}", run.stdout);
+    assert_eq!(retrying[0]["class"], "plan_invalid");
+    assert_eq!(
+        run.tasks("task_succeeded"),
+        ["plan", "build[scaffold]", "build[tests]", "all"]
+    );
+    // The second attempt's pod resumed the first one's session: one session id in every request
+    // the planner made, and the session's transcript (brought back from the pods) holds what it
+    // was told.
+    let run_id = s.run_id();
+    let dir = s.path().join(".ccluster/runs").join(&run_id);
+    let requests = std::fs::read_to_string(dir.join("rehearsal.jsonl")).unwrap();
+    let sessions: std::collections::BTreeSet<String> = requests
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["task"] == "plan")
+        .map(|r| r["session"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(sessions.len(), 1, "{requests}");
+    let transcripts = crate::support::files_under(&dir.join("workers"));
+    let told = transcripts.iter().any(|f| {
+        f.extension().is_some_and(|e| e == "jsonl")
+            && std::fs::read_to_string(f)
+                .unwrap_or_default()
+                .contains("did you mean `scaffold`?")
+    });
+    assert!(told, "no transcript holds the feedback: {transcripts:?}");
+    cluster.assert_emptied(&ns);
+}

@@ -20,6 +20,7 @@ pub(super) fn pod_script(
     pod_dir: &str,
     fetch: Option<&str>,
     push: Option<&str>,
+    push_files: Option<&str>,
     cwd: &str,
     stdin: bool,
     files: &[(String, String)],
@@ -73,6 +74,9 @@ pub(super) fn pod_script(
          while kill -0 $pid 2>/dev/null; do wait $pid; status=$?; done\n\
          kill -KILL -$pid 2>/dev/null\n"
     ));
+    if let Some(push_files) = push_files {
+        s.push_str(push_files);
+    }
     if let Some(push) = push {
         s.push_str(&format!(
             "if [ \"$status\" = 0 ]; then ( {push} ) || {{ echo 'ccluster: cannot push the workspace' >&2; finish {TRANSPORT_FAILED}; }}; fi\n"
@@ -198,7 +202,15 @@ impl Inner {
                     ),
                 );
             }
-            let travel = self.travel_of_kept(&name).await;
+            // The kept worktree was moved to this attempt's workspace; the run's endpoint (the
+            // same run's: its transport repository holds what the pod pushed) is started again.
+            let travel = self.travel_of_kept(&name).await.map(|t| Travel {
+                workspace: spec.workspace.clone().unwrap_or(t.workspace),
+                ..t
+            });
+            if let Some(t) = &travel {
+                let _ = self.endpoint(&run, &state, &t.workspace).await;
+            }
             return Ok(self.supervise(&hub, name, travel, spec, stop).await);
         }
         let name = job_name(&run, &node, &attempt);
@@ -349,6 +361,7 @@ impl Inner {
         let mut travel = None;
         let mut fetch = None;
         let mut push = None;
+        let mut push_files = None;
         if let (Some(ws), Some(ep)) = (worktree, &endpoint) {
             let scratch = state.join("tmp").join(format!("{name}.index"));
             let _ = std::fs::create_dir_all(state.join("tmp"));
@@ -369,6 +382,21 @@ impl Inner {
                 name,
                 &dir,
             ));
+            if !spec.writes.is_empty() {
+                let dirs: Vec<String> = spec
+                    .writes
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect();
+                push_files = Some(files_push_script(
+                    &ep.git_url(),
+                    token_var,
+                    run,
+                    name,
+                    &dirs,
+                    &format!("{POD_DIR}/scratch"),
+                ));
+            }
             if let Some(token) = ep.token() {
                 pairs.push((TOKEN_VAR.into(), token.to_string()));
                 secret_names.push(TOKEN_VAR.into());
@@ -436,6 +464,7 @@ impl Inner {
             POD_DIR,
             fetch.as_deref(),
             push.as_deref(),
+            push_files.as_deref(),
             &cwd,
             spec.stdin.is_some(),
             &placed,
@@ -698,6 +727,7 @@ mod tests {
             &pod,
             None,
             None,
+            None,
             &work,
             true,
             &[("f0".into(), placed.clone())],
@@ -746,7 +776,7 @@ mod tests {
         let pod = dir.path().display().to_string();
         std::fs::create_dir_all(dir.path().join("scratch")).unwrap();
         let work = dir.path().join("work").display().to_string();
-        let script = pod_script(&pod, None, None, &work, false, &[], &[]);
+        let script = pod_script(&pod, None, None, None, &work, false, &[], &[]);
         // A task whose shell waits for a child: the whole tree stops.
         let mut child = std::process::Command::new("/bin/sh")
             .args([
@@ -779,7 +809,7 @@ mod tests {
         let pod = dir.path().display().to_string();
         std::fs::create_dir_all(dir.path().join("scratch")).unwrap();
         let work = dir.path().join("work").display().to_string();
-        let script = pod_script(&pod, None, None, &work, false, &[], &[]);
+        let script = pod_script(&pod, None, None, None, &work, false, &[], &[]);
         let started = std::time::Instant::now();
         let status = std::process::Command::new("/bin/sh")
             .args([
