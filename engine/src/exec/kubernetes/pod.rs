@@ -13,14 +13,21 @@ pub(super) fn sh_quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', r"'\''"))
 }
 
+/// The `sh` lines that move a pod's work: its workspace fetched before the task, its result
+/// pushed after it (on success), and its own directories' files pushed after it (whatever the end).
+#[derive(Default)]
+pub(super) struct Transfers<'a> {
+    pub(super) fetch: Option<&'a str>,
+    pub(super) push: Option<&'a str>,
+    pub(super) push_files: Option<&'a str>,
+}
+
 /// What an attempt's pod does, as `sh` runs it: fetch the workspace (when it travels), run the
 /// task with its stderr lines marked (the pod's log merges both streams), push what it made, and
 /// exit with the task's status. `"$@"` is the task's program and arguments.
 pub(super) fn pod_script(
     pod_dir: &str,
-    fetch: Option<&str>,
-    push: Option<&str>,
-    push_files: Option<&str>,
+    transfers: &Transfers,
     cwd: &str,
     stdin: bool,
     files: &[(String, String)],
@@ -53,7 +60,7 @@ pub(super) fn pod_script(
             sh_quote(path)
         ));
     }
-    if let Some(fetch) = fetch {
+    if let Some(fetch) = transfers.fetch {
         s.push_str(&format!(
             "( {fetch} ) || {{ echo 'ccluster: cannot fetch the workspace' >&2; finish {TRANSPORT_FAILED}; }}\n"
         ));
@@ -74,10 +81,10 @@ pub(super) fn pod_script(
          while kill -0 $pid 2>/dev/null; do wait $pid; status=$?; done\n\
          kill -KILL -$pid 2>/dev/null\n"
     ));
-    if let Some(push_files) = push_files {
+    if let Some(push_files) = transfers.push_files {
         s.push_str(push_files);
     }
-    if let Some(push) = push {
+    if let Some(push) = transfers.push {
         s.push_str(&format!(
             "if [ \"$status\" = 0 ]; then ( {push} ) || {{ echo 'ccluster: cannot push the workspace' >&2; finish {TRANSPORT_FAILED}; }}; fi\n"
         ));
@@ -460,11 +467,14 @@ impl Inner {
         let inputs_name = format!("{}-in", truncate_name(&name[..name.len().min(59)]));
         let cwd = spec.cwd.display().to_string();
         let dirs: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+        let transfers = Transfers {
+            fetch: fetch.as_deref(),
+            push: push.as_deref(),
+            push_files: push_files.as_deref(),
+        };
         let script = pod_script(
             POD_DIR,
-            fetch.as_deref(),
-            push.as_deref(),
-            push_files.as_deref(),
+            &transfers,
             &cwd,
             spec.stdin.is_some(),
             &placed,
@@ -725,9 +735,7 @@ mod tests {
             .to_string();
         let script = pod_script(
             &pod,
-            None,
-            None,
-            None,
+            &Transfers::default(),
             &work,
             true,
             &[("f0".into(), placed.clone())],
@@ -776,7 +784,7 @@ mod tests {
         let pod = dir.path().display().to_string();
         std::fs::create_dir_all(dir.path().join("scratch")).unwrap();
         let work = dir.path().join("work").display().to_string();
-        let script = pod_script(&pod, None, None, None, &work, false, &[], &[]);
+        let script = pod_script(&pod, &Transfers::default(), &work, false, &[], &[]);
         // A task whose shell waits for a child: the whole tree stops.
         let mut child = std::process::Command::new("/bin/sh")
             .args([
@@ -809,7 +817,7 @@ mod tests {
         let pod = dir.path().display().to_string();
         std::fs::create_dir_all(dir.path().join("scratch")).unwrap();
         let work = dir.path().join("work").display().to_string();
-        let script = pod_script(&pod, None, None, None, &work, false, &[], &[]);
+        let script = pod_script(&pod, &Transfers::default(), &work, false, &[], &[]);
         let started = std::time::Instant::now();
         let status = std::process::Command::new("/bin/sh")
             .args([
