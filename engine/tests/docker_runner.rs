@@ -98,6 +98,7 @@ fn spec(dir: &Path, node: &str, command: &str) -> ProcessSpec {
         secret_env: Vec::new(),
         model_api: None,
         identity: None,
+        keeps: Vec::new(),
         adopt: None,
         stdout: dir.join(format!("{node}.out")),
         stderr: dir.join(format!("{node}.err")),

@@ -1113,3 +1113,53 @@ merge = {{ strategy = "git" }}
     assert!(told, "no transcript holds the feedback: {transcripts:?}");
     cluster.assert_emptied(&ns);
 }
+
+#[test]
+fn artifacts_and_test_reports_come_back_from_pods_even_when_git_ignores_them() {
+    let cluster = Cluster::get();
+    let ns = cluster.namespace("artifacts");
+    let s = Sandbox::in_repo(
+        &format!(
+            r#"version = 1
+{}
+[tasks.test]
+runner = "k8s"
+workspace = "worktree"
+run = "mkdir -p out && echo built > out/app.bin && printf '<testsuite tests=\"3\"><testcase name=\"a\"/><testcase name=\"b\"/><testcase name=\"c\"><failure/></testcase></testsuite>' > out/junit.xml && echo changed >> README"
+artifacts = ["out/app.bin"]
+reports = ["out/*.xml"]
+"#,
+            runner(&ns, "")
+        ),
+        &[("README", "hello\n")],
+    );
+    s.file(".gitignore", ".ccluster/\nout/\n").unwrap();
+    s.commit_all("out/ is built");
+    let run = cluster.apply(&s, &[]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let listing = s.command(&["artifacts", "latest"]).output().unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(listing.contains("file   out/app.bin"), "{listing}");
+    assert!(
+        listing.contains("report out/junit.xml: 2 passed, 1 failed, 0 skipped"),
+        "{listing}"
+    );
+    let got = s
+        .command(&["artifacts", "latest", "test", "--get", "out/app.bin"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&got.stdout), "built\n");
+    // What git ignores stays out of the task's commit, as on this machine.
+    let run_id = s.run_id();
+    let files = crate::support::git(
+        s.path(),
+        &[
+            "ls-tree",
+            "-r",
+            "--name-only",
+            &format!("refs/ccluster/runs/{run_id}/test"),
+        ],
+    );
+    assert!(!files.contains("out/"), "{files}");
+    cluster.assert_emptied(&ns);
+}

@@ -51,6 +51,10 @@ pub struct ProcessSpec {
     pub model_api: Option<String>,
     /// Who the process is, for a runner's labels and its notices (refused connections).
     pub identity: Option<Identity>,
+    /// Globs, relative to the workspace, of files the task leaves that ccluster keeps (its
+    /// `artifacts` and `reports`): a runner whose process works on another machine brings them
+    /// back, ignored by git or not.
+    pub keeps: Vec<String>,
     /// Instead of starting the process, take over this work a killed ccluster left (see
     /// [`Runner::adopt`]): its output from the start, then its end.
     pub adopt: Option<String>,

@@ -774,18 +774,38 @@ impl Inner {
             }
         }
         // The pod's own directories (an agent worker's: its session, which a later attempt may
-        // resume) come back too, whatever the end; best effort.
-        if let (Some(t), Some(Ok(carrier)), false) =
-            (&travel, self.endpoint.get(), spec.writes.is_empty())
-        {
-            let files = files_name(&t.result_name);
-            if let Ok(Some(commit)) = carrier.take(&files) {
-                if let Err(e) = restore_files(&t.workspace, &commit, &spec.writes) {
+        // resume) and the workspace's kept files (artifacts, test reports) come back too,
+        // whatever the end; best effort.
+        if let (Some(t), Some(Ok(carrier))) = (&travel, self.endpoint.get()) {
+            let back = [
+                (
+                    files_name(&t.result_name),
+                    PathBuf::from("/"),
+                    spec.writes.clone(),
+                ),
+                (
+                    kept_name(&t.result_name),
+                    t.workspace.clone(),
+                    if spec.keeps.is_empty() {
+                        Vec::new()
+                    } else {
+                        vec![t.workspace.clone()]
+                    },
+                ),
+            ];
+            for (pushed, root, within) in back {
+                if within.is_empty() {
+                    continue;
+                }
+                let Ok(Some(commit)) = carrier.take(&pushed) else {
+                    continue;
+                };
+                if let Err(e) = restore_files(&t.workspace, &commit, &root, &within) {
                     err_log.write(format!("ccluster: {e}\n").as_bytes());
                 }
                 let _ = crate::workspace::git_sync(
                     &t.workspace,
-                    &["update-ref", "-d", &carrier.result_ref(&files)],
+                    &["update-ref", "-d", &carrier.result_ref(&pushed)],
                 );
             }
         }

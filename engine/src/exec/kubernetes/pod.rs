@@ -389,18 +389,22 @@ impl Inner {
                 name,
                 &dir,
             ));
-            if !spec.writes.is_empty() {
-                let dirs: Vec<String> = spec
-                    .writes
-                    .iter()
-                    .map(|d| d.display().to_string())
-                    .collect();
+            if !spec.writes.is_empty() || !spec.keeps.is_empty() {
+                let sent = Sent {
+                    dirs: spec
+                        .writes
+                        .iter()
+                        .map(|d| d.display().to_string())
+                        .collect(),
+                    workspace: dir.clone(),
+                    keeps: spec.keeps.clone(),
+                };
                 push_files = Some(files_push_script(
                     &ep.git_url(),
                     token_var,
                     run,
                     name,
-                    &dirs,
+                    &sent,
                     &format!("{POD_DIR}/scratch"),
                 ));
             }

@@ -258,81 +258,126 @@ impl Carrier {
     }
 }
 
-/// The name a pod pushes its own directories' files under (beside its workspace's `name`).
+/// What a pod sends back besides its workspace's change: its own directories (an agent worker's)
+/// and the workspace's files matching `keeps` (artifacts and test reports, which git may ignore).
+pub(super) struct Sent {
+    pub(super) dirs: Vec<String>,
+    pub(super) workspace: String,
+    pub(super) keeps: Vec<String>,
+}
+
+/// The names a pod pushes its own directories' files, and the workspace's kept files, under
+/// (beside its workspace's `name`).
 pub(super) fn files_name(name: &str) -> String {
     format!("{name}-files")
 }
 
-/// The `sh` lines a pod runs after its task (whatever its status): commit the files of `dirs`
-/// (an agent worker's directory: its session transcript, which a resumed attempt continues) in a
-/// scratch repository and push them to the run's ref of [`files_name`]. Best effort: a failure
-/// is said on stderr, not the task's.
+pub(super) fn kept_name(name: &str) -> String {
+    format!("{name}-kept")
+}
+
+/// The `sh` lines a pod runs after its task (whatever its status): commit, in scratch
+/// repositories, the files of its own directories (an agent worker's: its session transcript,
+/// which a resumed attempt continues), paths from `/`, and the workspace's files matching its
+/// `keeps` (ignored by git or not), paths from the workspace; push them to the run's refs of
+/// [`files_name`] and [`kept_name`]. Best effort: a failure is said on stderr, not the task's.
 pub(super) fn files_push_script(
     git_url: &str,
     token_var: &str,
     run: &str,
     name: &str,
-    dirs: &[String],
+    sent: &Sent,
     scratch: &str,
 ) -> String {
-    let paths: Vec<String> = dirs
-        .iter()
-        .map(|d| sh_quote(d.trim_start_matches('/')))
-        .collect();
-    format!(
-        "( set -eu\n  g={scratch}/files\n  rm -rf \"$g\"; git init -q \"$g\"\n  cd /\n  export GIT_DIR=\"$g/.git\" GIT_WORK_TREE=/\n  git add -A -f -- {paths}\n  GIT_AUTHOR_NAME=ccluster GIT_AUTHOR_EMAIL=ccluster@localhost GIT_COMMITTER_NAME=ccluster GIT_COMMITTER_EMAIL=ccluster@localhost git -c core.hooksPath=/dev/null commit -q --no-verify --allow-empty -m files\n  {auth} git push -q --no-verify -- {url} {refspec}\n  rm -rf \"$g\"\n) || echo 'ccluster: cannot push the files of the attempt'\"'\"'s own directories' >&2\n",
-        scratch = sh_quote(scratch),
-        paths = paths.join(" "),
-        auth = crate::exec::endpoint::auth_env(token_var),
-        url = sh_quote(git_url),
-        refspec = sh_quote(&format!("+HEAD:refs/ccluster/{run}/{}", files_name(name))),
-    )
+    let push = |work_tree: &str, adds: &str, pushed: &str, what: &str| {
+        format!(
+            "( set -eu\n  g={scratch}/{pushed}\n  rm -rf \"$g\"; git init -q \"$g\"\n  cd {work_tree}\n  export GIT_DIR=\"$g/.git\" GIT_WORK_TREE={work_tree}\n{adds}  GIT_AUTHOR_NAME=ccluster GIT_AUTHOR_EMAIL=ccluster@localhost GIT_COMMITTER_NAME=ccluster GIT_COMMITTER_EMAIL=ccluster@localhost git -c core.hooksPath=/dev/null commit -q --no-verify --allow-empty -m {what}\n  {auth} git push -q --no-verify -- {url} {refspec}\n  rm -rf \"$g\"\n) || echo 'ccluster: cannot push the {what} of the attempt' >&2\n",
+            scratch = sh_quote(scratch),
+            pushed = pushed,
+            work_tree = sh_quote(work_tree),
+            auth = crate::exec::endpoint::auth_env(token_var),
+            url = sh_quote(git_url),
+            refspec = sh_quote(&format!("+HEAD:refs/ccluster/{run}/{pushed}")),
+        )
+    };
+    let mut script = String::new();
+    if !sent.dirs.is_empty() {
+        let adds: String = sent
+            .dirs
+            .iter()
+            .map(|d| {
+                format!(
+                    "  git add -A -f -- {}\n",
+                    sh_quote(d.trim_start_matches('/'))
+                )
+            })
+            .collect();
+        script.push_str(&push("/", &adds, &files_name(name), "files"));
+    }
+    if !sent.keeps.is_empty() {
+        // A glob that matches nothing is no error.
+        let adds: String = sent
+            .keeps
+            .iter()
+            .map(|g| {
+                let spec = format!(":(glob){}", g.trim_start_matches("./"));
+                format!("  git add -f -- {} 2>/dev/null || :\n", sh_quote(&spec))
+            })
+            .collect();
+        script.push_str(&push(
+            &sent.workspace,
+            &adds,
+            &kept_name(name),
+            "kept-files",
+        ));
+    }
+    script
 }
 
-/// Writes the regular files of `commit` (what a pod pushed with [`files_push_script`]) under
-/// `dirs` back into them, read with git in `repo`. Only paths inside `dirs`, and only regular
-/// files: a symbolic link or a path outside (a pod's push is not trusted) is left out.
-pub(super) fn restore_files(repo: &Path, commit: &str, dirs: &[PathBuf]) -> Result<usize, String> {
+/// Writes the regular files of `commit` (what a pod pushed with [`files_push_script`]), whose
+/// paths are relative to `root`, back under `root`, read with git in `repo`; only those inside
+/// one of `within`, and only regular files: a symbolic link, a path outside, or anything under a
+/// `.git` (a pod's push is not trusted) is left out.
+pub(super) fn restore_files(
+    repo: &Path,
+    commit: &str,
+    root: &Path,
+    within: &[PathBuf],
+) -> Result<usize, String> {
+    let listing = crate::workspace::git_sync_bytes(repo, &["ls-tree", "-r", "-z", commit])?;
     let mut written = 0;
-    for dir in dirs {
-        let rel = dir.display().to_string();
-        let rel = rel.trim_start_matches('/');
-        let listing = crate::workspace::git_sync_bytes(
-            repo,
-            &["ls-tree", "-r", "-z", "--full-tree", commit, "--", rel],
-        )?;
-        for entry in listing.split(|b| *b == 0).filter(|e| !e.is_empty()) {
-            let entry = String::from_utf8_lossy(entry);
-            let Some((meta, path)) = entry.split_once('\t') else {
-                continue;
-            };
-            let mut meta = meta.split(' ');
-            let (mode, kind, oid) = (meta.next(), meta.next(), meta.next());
-            let (Some(mode), Some("blob"), Some(oid)) = (mode, kind, oid) else {
-                continue;
-            };
-            if !matches!(mode, "100644" | "100755") {
-                continue;
-            }
-            let target = Path::new("/").join(path);
-            if !target.starts_with(dir)
-                || target
-                    .components()
-                    .any(|c| matches!(c, std::path::Component::ParentDir))
-            {
-                continue;
-            }
-            let bytes = crate::workspace::git_sync_bytes(repo, &["cat-file", "blob", oid])?;
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| format!("cannot make {}: {e}", parent.display()))?;
-            }
-            // Not through a link the worker directory might hold.
-            let _ = std::fs::remove_file(&target);
-            crate::store::write_private(&target, &bytes)
-                .map_err(|e| format!("cannot write {}: {e}", target.display()))?;
-            written += 1;
+    for entry in listing.split(|b| *b == 0).filter(|e| !e.is_empty()) {
+        let entry = String::from_utf8_lossy(entry);
+        let Some((meta, path)) = entry.split_once('\t') else {
+            continue;
+        };
+        let mut meta = meta.split(' ');
+        let (mode, kind, oid) = (meta.next(), meta.next(), meta.next());
+        let (Some(mode), Some("blob"), Some(oid)) = (mode, kind, oid) else {
+            continue;
+        };
+        if !matches!(mode, "100644" | "100755") {
+            continue;
         }
+        let relative = Path::new(path);
+        let unsafe_part = relative.components().any(|c| {
+            !matches!(c, std::path::Component::Normal(_))
+                || c.as_os_str().eq_ignore_ascii_case(".git")
+        });
+        let target = root.join(relative);
+        if unsafe_part || !within.iter().any(|w| target.starts_with(w)) {
+            continue;
+        }
+        let bytes = crate::workspace::git_sync_bytes(repo, &["cat-file", "blob", oid])?;
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot make {}: {e}", parent.display()))?;
+        }
+        // Not through a link the directory might hold.
+        let _ = std::fs::remove_file(&target);
+        crate::store::write_private(&target, &bytes)
+            .map_err(|e| format!("cannot write {}: {e}", target.display()))?;
+        written += 1;
     }
     Ok(written)
 }

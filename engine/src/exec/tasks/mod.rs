@@ -194,6 +194,12 @@ impl Attempt<'_> {
                 state_dir: cx.paths.state.clone(),
                 events: cx.progress.clone(),
             }),
+            keeps: plan
+                .artifacts
+                .iter()
+                .chain(&plan.reports)
+                .cloned()
+                .collect(),
             adopt: None,
             stdout: log_path(
                 &cx.paths.logs,
