@@ -14,6 +14,7 @@ mod examples;
 mod gitsafe;
 mod graphs;
 mod invalid;
+mod k8s_rbac;
 mod k8smodel;
 mod kubernetes;
 mod library;
