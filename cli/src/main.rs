@@ -343,6 +343,10 @@ struct RunArgs {
     /// Keep going after a task fails: everything that does not depend on it still runs.
     #[arg(long, short = 'k')]
     keep_going: bool,
+    /// The address (`IP[:PORT]`) of this machine where a Kubernetes runner's pods reach the
+    /// run's git endpoint (default: the address the API server is reached from).
+    #[arg(long, env = "CCLUSTER_ADVERTISE_ADDR", value_name = "IP[:PORT]")]
+    advertise_addr: Option<String>,
 }
 
 impl RunArgs {
@@ -497,6 +501,7 @@ fn main() -> ExitCode {
                         rerun: Vec::new(),
                         state_dir: state.dir(Some(&file.file)),
                         jobs: run.jobs(),
+                        advertise: run.advertise_addr.clone(),
                         fresh,
                         grace: run.grace_period,
                         output: run.output,
@@ -521,6 +526,7 @@ fn main() -> ExitCode {
                 vars,
                 tasks,
                 jobs: options.jobs(),
+                advertise: options.advertise_addr.clone(),
                 grace: options.grace_period,
                 output: options.output,
                 keep_going: options.keep_going,
@@ -701,6 +707,7 @@ fn run_goal(goal: String, vars: Vec<String>, rehearse: bool, run: RunArgs, state
             rerun: Vec::new(),
             state_dir: state.dir(Some(std::path::Path::new("clusterfile.toml"))),
             jobs: run.jobs(),
+            advertise: run.advertise_addr.clone(),
             fresh: false,
             grace: run.grace_period,
             output: run.output,

@@ -459,6 +459,14 @@ pub fn gc(dir: &Path, dry_run: bool, keep: Option<usize>) -> u8 {
         "{} {worktrees} worktrees and {refs} refs of finished runs",
         if dry_run { "would remove" } else { "removed" }
     );
+    // What a crash left in a Kubernetes cluster (no run is going on: we hold the lock).
+    for item in crate::runs::kubernetes_leftovers(&state, &runs, dry_run) {
+        if dry_run {
+            listing.push(item);
+        } else {
+            out!("removed {item}");
+        }
+    }
     for run in kept_runs {
         out!(
             "kept run {} (one of the {} most recent)",

@@ -191,6 +191,8 @@ pub struct ApplyArgs<'a> {
     pub state_dir: PathBuf,
     /// `--jobs`; `None`: [`default_jobs`].
     pub jobs: Option<usize>,
+    /// `--advertise-addr`: where pods of a Kubernetes runner reach this machine.
+    pub advertise: Option<String>,
     pub fresh: bool,
     pub grace: Duration,
     pub output: OutputFormat,
@@ -206,7 +208,12 @@ pub struct ApplyArgs<'a> {
 pub fn default_jobs(compiled: &ccluster_engine::Compiled) -> usize {
     use ccluster_engine::model::raw::RunnerKind;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut used: Vec<&str> = compiled.plan.nodes.iter().map(|n| n.runner.as_str()).collect();
+    let mut used: Vec<&str> = compiled
+        .plan
+        .nodes
+        .iter()
+        .map(|n| n.runner.as_str())
+        .collect();
     used.sort_unstable();
     used.dedup();
     let remote: usize = used
@@ -218,11 +225,86 @@ pub fn default_jobs(compiled: &ccluster_engine::Compiled) -> usize {
     cpus + remote
 }
 
+/// What the Kubernetes runners of the state's runs (as the latest run of each clusterfile
+/// declared them) left in their namespaces, as `namespace kind/name`: deleted unless `dry_run`.
+/// A cluster that cannot be reached is said, not an error: `gc` goes on.
+pub fn kubernetes_leftovers(
+    state: &Path,
+    runs: &[ccluster_engine::store::RunRecord],
+    dry_run: bool,
+) -> Vec<String> {
+    use ccluster_engine::model::raw::RunnerKind;
+    let mut latest: Vec<&ccluster_engine::store::RunRecord> = runs.iter().collect();
+    latest.sort_by(|a, b| b.id.cmp(&a.id));
+    let mut seen_sources = std::collections::HashSet::new();
+    let mut seen_runners = std::collections::HashSet::new();
+    let mut left = Vec::new();
+    let Some(runtime) = crate::runtime() else {
+        return left;
+    };
+    for run in latest {
+        if !run.source.contains("kubernetes") || !seen_sources.insert(run.source.clone()) {
+            continue;
+        }
+        let clusterfile = PathBuf::from(&run.clusterfile);
+        let source = ccluster_engine::SourceFile::new(run.clusterfile.clone(), run.source.clone());
+        let mut loader = ccluster_engine::model::compose::FileLoader {
+            replay: Some(run.templates.clone()),
+            ..Default::default()
+        };
+        let Ok(compiled) = ccluster_engine::compile_with(
+            &source,
+            ccluster_engine::syntax::Format::from_path(&clusterfile),
+            &clusterfile
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+            &Default::default(),
+            ccluster_engine::Stage::Validate,
+            &mut loader,
+        ) else {
+            continue;
+        };
+        for (name, decl) in &compiled.workflow.runners {
+            let (RunnerKind::Kubernetes, Some(image), Some(settings)) =
+                (decl.kind, &decl.image, &decl.kubernetes)
+            else {
+                continue;
+            };
+            let key = format!("{name}\0{:?}\0{:?}", settings.context, settings.namespace);
+            if !seen_runners.insert(key) {
+                continue;
+            }
+            match runtime.block_on(exec::kubernetes::KubernetesRunner::connect(
+                name,
+                image,
+                settings.clone(),
+                None,
+            )) {
+                Ok(runner) => {
+                    let namespace = settings
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| "(the context's)".into());
+                    for item in runtime.block_on(runner.sweep_state(state, dry_run)) {
+                        left.push(format!("{item} in namespace {namespace}"));
+                    }
+                }
+                Err(e) => eprintln!(
+                    "note: runner `{name}`: {e}; what a crash left there is not collected"
+                ),
+            }
+        }
+    }
+    left
+}
+
 /// The runners the plan's tasks name, made (and a Docker daemon reached, its images checked)
 /// before anything starts.
 fn runners_for(
     compiled: &ccluster_engine::Compiled,
     base_dir: &Path,
+    advertise: Option<&str>,
     runtime: &tokio::runtime::Runtime,
 ) -> Result<exec::runner::Runners, String> {
     use ccluster_engine::model::raw::RunnerKind;
@@ -268,7 +350,7 @@ fn runners_for(
                         base_dir,
                         agents,
                     ))
-                    .map_err(|e| format!("runner `{name}`: {e}"))?;
+                    .map_err(|e| format!("runner `{name}`: {e}\n  help: start the Docker daemon, or point DOCKER_HOST at one; the image must be on it (or `pull` allowed)"))?;
                 runners = runners.with(name, std::sync::Arc::new(runner));
             }
             (RunnerKind::Kubernetes, Some(image), _) => {
@@ -277,9 +359,12 @@ fn runners_for(
                 };
                 let runner = runtime
                     .block_on(exec::kubernetes::KubernetesRunner::connect(
-                        name, image, settings, None,
+                        name,
+                        image,
+                        settings,
+                        advertise.map(str::to_string),
                     ))
-                    .map_err(|e| format!("runner `{name}`: {e}"))?;
+                    .map_err(|e| format!("runner `{name}`: {e}\n  help: KUBECONFIG (or ~/.kube/config, or the pod's own service account) must reach the cluster, and its user may do what docs/runners.md lists"))?;
                 runners = runners.with(name, std::sync::Arc::new(runner));
             }
             // Not built: `check_supported` says so.
@@ -299,11 +384,10 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         .map(Path::to_path_buf)
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or_else(|| PathBuf::from("."));
-    let runners = match runners_for(compiled, &base_dir, &runtime) {
+    let runners = match runners_for(compiled, &base_dir, args.advertise.as_deref(), &runtime) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
-            eprintln!("  help: start the Docker daemon, or point DOCKER_HOST at one; the image must be on it (or `pull` allowed)");
             return exit::INVALID_INPUT;
         }
     };
@@ -923,6 +1007,8 @@ pub struct RetryArgs<'a> {
     pub tasks: Vec<String>,
     /// `--jobs`; `None`: [`default_jobs`].
     pub jobs: Option<usize>,
+    /// `--advertise-addr`: where pods of a Kubernetes runner reach this machine.
+    pub advertise: Option<String>,
     pub grace: Duration,
     pub output: OutputFormat,
     pub keep_going: bool,
@@ -1046,6 +1132,7 @@ pub fn retry(dir: &Path, args: RetryArgs<'_>) -> u8 {
             rerun,
             state_dir: dir.to_path_buf(),
             jobs: args.jobs,
+            advertise: args.advertise.clone(),
             fresh: false,
             grace: args.grace,
             output: args.output,

@@ -16,7 +16,13 @@ use crate::support::root;
 pub(crate) struct Cluster {
     dir: tempfile::TempDir,
     netns: String,
+    /// Whether `ccluster-test/worker:1` was made in the cluster's Docker daemon.
+    worker: Mutex<bool>,
 }
+
+/// The image of agent pods in these tests: the Debian test image with the pinned `claude` CLI
+/// on its PATH (what `docker/worker/Dockerfile` makes for users, without a registry).
+pub const WORKER_IMAGE: &str = "ccluster-test/worker:1";
 
 static SHARED: Mutex<Weak<Cluster>> = Mutex::new(Weak::new());
 
@@ -42,9 +48,48 @@ impl Cluster {
         let cluster = Arc::new(Cluster {
             netns: format!("/proc/{}/ns/net", pid.trim()),
             dir,
+            worker: Mutex::new(false),
         });
         *shared = Arc::downgrade(&cluster);
         cluster
+    }
+
+    /// Makes [`WORKER_IMAGE`] in the cluster's Docker daemon, once: a container of the Debian
+    /// image with the CLI copied in, committed (no image builder needed).
+    pub fn worker_image(&self) {
+        let mut made = self.worker.lock().unwrap_or_else(|e| e.into_inner());
+        if *made {
+            return;
+        }
+        let cli = std::fs::canonicalize(crate::support::claude_bin()).unwrap();
+        let docker = |args: &[&str]| {
+            let out = Command::new("docker")
+                .args(args)
+                .env("DOCKER_HOST", self.docker_host())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "docker {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let box_name = format!("worker-build-{}", std::process::id());
+        docker(&[
+            "create",
+            "--name",
+            &box_name,
+            "ccluster-test/debian:1",
+            "true",
+        ]);
+        docker(&[
+            "cp",
+            cli.to_str().unwrap(),
+            &format!("{box_name}:/usr/local/bin/claude"),
+        ]);
+        docker(&["commit", &box_name, WORKER_IMAGE]);
+        docker(&["rm", &box_name]);
+        *made = true;
     }
 
     fn kubeconfig(&self) -> PathBuf {
@@ -61,8 +106,14 @@ impl Cluster {
         self.kubectl_ok(&["create", "namespace", &ns]);
         // Its default service account comes a moment later; pods need it.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.kubectl(&["get", "serviceaccount", "default", "-n", &ns]).0 {
-            assert!(Instant::now() < deadline, "namespace {ns} has no service account");
+        while !self
+            .kubectl(&["get", "serviceaccount", "default", "-n", &ns])
+            .0
+        {
+            assert!(
+                Instant::now() < deadline,
+                "namespace {ns} has no service account"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         ns
@@ -104,6 +155,8 @@ impl Cluster {
             .env_remove("CCLUSTER_STATE_DIR")
             .env("KUBECONFIG", self.kubeconfig())
             .env("DOCKER_HOST", self.docker_host())
+            // The Docker bridge's address: where pods reach ccluster's git endpoint.
+            .env("CCLUSTER_ADVERTISE_ADDR", "192.0.2.1")
             .stdin(std::process::Stdio::null());
         cmd
     }
@@ -172,6 +225,44 @@ impl Drop for Cluster {
     }
 }
 
+/// A `ccluster` the test started: killed and reaped, by its pid, if the test ends (or fails)
+/// before it did.
+struct Reaped(Option<std::process::Child>);
+
+impl Reaped {
+    fn new(child: std::process::Child) -> Reaped {
+        Reaped(Some(child))
+    }
+
+    fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, |c| c.id())
+    }
+
+    fn running(&mut self) -> bool {
+        self.0
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// `kill -9`, and reaped.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn output(mut self) -> std::process::Output {
+        self.0.take().unwrap().wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 fn runner(ns: &str, extra: &str) -> String {
     format!(
         r#"[runners.k8s]
@@ -197,7 +288,10 @@ map = [{}]
 run = "echo task {{{{ item }}}} on $(hostname); echo its stderr >&2"
 "#,
         runner(&ns, ""),
-        (1..=20).map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+        (1..=20)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
     let run = cluster.apply(&s, &["-j", "20"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
@@ -206,12 +300,12 @@ run = "echo task {{{{ item }}}} on $(hostname); echo its stderr >&2"
     let starts: Vec<&serde_json::Value> = run.of("task_started");
     let finishes: Vec<&serde_json::Value> = run.of("task_succeeded");
     let last_start = starts.iter().map(|e| e["time_ms"].as_u64().unwrap()).max();
-    let first_end = finishes.iter().map(|e| e["time_ms"].as_u64().unwrap()).min();
+    let first_end = finishes
+        .iter()
+        .map(|e| e["time_ms"].as_u64().unwrap())
+        .min();
     assert!(last_start < first_end, "the pods did not run in parallel");
-    let logs = s
-        .command(&["logs", "latest", "each[3]"])
-        .output()
-        .unwrap();
+    let logs = s.command(&["logs", "latest", "each[3]"]).output().unwrap();
     let logs = String::from_utf8_lossy(&logs.stdout);
     assert!(logs.contains("task 4 on cc-"), "{logs}");
     assert!(logs.contains("stderr <==\nits stderr"), "{logs}");
@@ -232,10 +326,21 @@ image = "ccluster-test/not-there:1"
 namespace = "{ns}"
 pull = "never"
 
+[runners.small]
+kind = "kubernetes"
+image = "ccluster-test/debian:1"
+namespace = "{ns}"
+pull = "never"
+resources = {{ limits = {{ memory = "32Mi" }} }}
+
 [tasks.exits]
 runner = "k8s"
 run = "echo bye; exit 3"
 retry = {{ limit = 0 }}
+
+[tasks.greedy]
+runner = "small"
+run = "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo held it"
 
 [tasks.noimage]
 runner = "nowhere"
@@ -248,14 +353,15 @@ retry = {{ limit = 1, on = ["infra"], backoff = {{ initial = "100ms" }} }}
 "#,
         runner(&ns, "")
     ));
-    let child = cluster
+    let mut child = cluster
         .ccluster(&s, &["apply", "--output", "json", "-k", "-j", "4"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
+        .map(Reaped::new)
         .unwrap();
     // Someone deletes the first attempt's pod while it runs.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let (_, pods) = cluster.kubectl(&[
             "get",
@@ -277,10 +383,17 @@ retry = {{ limit = 1, on = ["infra"], backoff = {{ initial = "100ms" }} }}
             cluster.kubectl_ok(&["delete", "-n", &ns, &pod, "--wait=false"]);
             break;
         }
+        if !child.running() {
+            let run = Applied::from_output(child.output());
+            panic!(
+                "the run ended before `deleted` ran: {}{}",
+                run.stdout, run.stderr
+            );
+        }
         assert!(Instant::now() < deadline, "the task `deleted` never ran");
         std::thread::sleep(Duration::from_millis(300));
     }
-    let run = Applied::from_output(child.wait_with_output().unwrap());
+    let run = Applied::from_output(child.output());
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
     let failed = |task: &str| {
         run.of("task_failed")
@@ -292,6 +405,9 @@ retry = {{ limit = 1, on = ["infra"], backoff = {{ initial = "100ms" }} }}
     let exits = failed("exits");
     assert_eq!(exits["class"], "exit_code");
     assert_eq!(exits["exit_code"], 3);
+    let greedy = failed("greedy");
+    assert_eq!(greedy["class"], "oom", "{greedy}");
+    assert_eq!(greedy["attempt"], 1, "oom is not retried by default");
     let noimage = failed("noimage");
     assert_eq!(noimage["class"], "image", "{noimage}");
     let message = noimage["message"].as_str().unwrap();
@@ -322,7 +438,7 @@ fn cancel_deletes_the_jobs() {
 [tasks.slow]
 runner = "k8s"
 map = [1, 2, 3]
-run = "echo started; sleep 300"
+run = "echo started {{{{ item }}}}; sleep 300"
 "#,
         runner(&ns, "")
     ));
@@ -331,6 +447,7 @@ run = "echo started; sleep 300"
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
+        .map(Reaped::new)
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(90);
     while cluster.containers_started(&ns) < 3 {
@@ -343,7 +460,7 @@ run = "echo started; sleep 300"
     )
     .unwrap();
     let started = Instant::now();
-    let run = Applied::from_output(child.wait_with_output().unwrap());
+    let run = Applied::from_output(child.output());
     assert_eq!(run.code, 130, "{}{}", run.stdout, run.stderr);
     assert!(
         started.elapsed() < Duration::from_secs(30),
@@ -375,14 +492,14 @@ run = "echo started {{{{ item }}}}; case {{{{ item }}}} in quick*) sleep 2;; *) 
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
+        .map(Reaped::new)
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(90);
     while cluster.containers_started(&ns) < 4 {
         assert!(Instant::now() < deadline, "the pods never started");
         std::thread::sleep(Duration::from_millis(200));
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
     // The quick ones finish while no ccluster watches.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -414,9 +531,9 @@ run = "echo started {{{{ item }}}}; case {{{{ item }}}} in quick*) sleep 2;; *) 
     assert_eq!(adopted.len(), 4, "{}", run.stdout);
     // No task ran twice: four containers in all, each task's log whole.
     assert_eq!(cluster.containers_started(&ns), 4);
-    for item in ["quick-1", "slow-2"] {
+    for (index, item) in [(0, "quick-1"), (3, "slow-2")] {
         let logs = s
-            .command(&["logs", "latest", &format!("work[{item}]")])
+            .command(&["logs", "latest", &format!("work[{index}]")])
             .output()
             .unwrap();
         let logs = String::from_utf8_lossy(&logs.stdout);
@@ -425,5 +542,325 @@ run = "echo started {{{{ item }}}}; case {{{{ item }}}} in quick*) sleep 2;; *) 
             "{logs}"
         );
     }
+    cluster.assert_emptied(&ns);
+}
+
+#[test]
+fn a_worktree_task_travels_by_git_and_gives_the_local_runners_result() {
+    let cluster = Cluster::get();
+    let ns = cluster.namespace("travel");
+    let clusterfile = |runner_name: &str| {
+        format!(
+            r#"version = 1
+{}
+[tasks.edit]
+runner = "{runner_name}"
+workspace = "worktree"
+map = ["a", "b"]
+run = "echo made by {{{{ item }}}} > {{{{ item }}}}.txt; echo more >> README; rm -f old.txt; mkdir -p deep/er && printf 'x\\0y' > deep/er/bin.dat"
+[tasks.merge]
+needs = ["edit"]
+merge = {{ strategy = "git" }}
+"#,
+            runner(&ns, "")
+        )
+    };
+    let files = [("README", "hello\n"), ("old.txt", "old\n")];
+    let pods = Sandbox::in_repo(&clusterfile("k8s"), &files);
+    let here = Sandbox::in_repo(&clusterfile("local"), &files);
+    // Twice: the second run's pods push files the repository has already (the first's).
+    for extra in [&[][..], &["--fresh"][..]] {
+        let run = cluster.apply(&pods, extra);
+        assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    }
+    let local = here.apply(&[]);
+    assert_eq!(local.code, 0, "{}{}", local.stdout, local.stderr);
+    let change = |s: &Sandbox| {
+        let run_id = s.run_id();
+        crate::support::git(
+            s.path(),
+            &[
+                "diff",
+                "--binary",
+                "HEAD",
+                &format!("refs/ccluster/runs/{run_id}/merge"),
+            ],
+        )
+    };
+    let made = change(&pods);
+    assert!(
+        made.contains("+made by a") && made.contains("deleted file mode"),
+        "{made}"
+    );
+    // (The clusterfiles differ in the base; the change made on it must not.)
+    assert_eq!(made, change(&here));
+    // The pods' carrier refs and the run's transport repository are gone.
+    let refs = crate::support::git(pods.path(), &["for-each-ref", "--format=%(refname)"]);
+    assert!(
+        refs.lines().all(|r| r.starts_with("refs/ccluster/runs/")
+            || r.starts_with("refs/ccluster/keep/")
+            || r.starts_with("refs/heads/")),
+        "{refs}"
+    );
+    assert!(std::fs::read_dir(pods.path().join(".ccluster/transport"))
+        .map(|d| d.count() == 0)
+        .unwrap_or(true));
+    cluster.assert_emptied(&ns);
+}
+
+/// The shipped workflow with every task on a Kubernetes runner in `ns` (or, without one, as it
+/// is: on this machine).
+fn feature_fanout(ns: Option<&str>) -> String {
+    let text = std::fs::read_to_string(root().join("workflows/feature-fanout.toml")).unwrap();
+    let Some(ns) = ns else {
+        return text;
+    };
+    let text = text.replace("[defaults]\n", "[defaults]\nrunner = \"k8s\"\n");
+    format!(
+        "{text}\n[runners.k8s]\nkind = \"kubernetes\"\nimage = \"{WORKER_IMAGE}\"\nnamespace = \"{ns}\"\npull = \"never\"\n"
+    )
+}
+
+#[test]
+fn feature_fanout_rehearsed_on_kubernetes_gives_the_local_result_and_shows_no_credential() {
+    let cluster = Cluster::get();
+    cluster.worker_image();
+    let ns = cluster.namespace("fanout");
+    let files = [("src/settings.rs", "pub fn settings() {}\n")];
+    let here = Sandbox::in_repo(&feature_fanout(None), &files);
+    let pods = Sandbox::in_repo(&feature_fanout(Some(&ns)), &files);
+    let args = [
+        "apply",
+        "--rehearse",
+        "--output",
+        "json",
+        "--var",
+        "test_command=git diff --quiet HEAD && test -d .ccluster-rehearsal",
+    ];
+    let local = Applied::from_output(
+        here.command(&args)
+            .env("CCLUSTER_CLAUDE_BIN", crate::support::claude_bin())
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(local.code, 0, "{}{}", local.stdout, local.stderr);
+    let mut child = cluster
+        .ccluster(&pods, &args)
+        .env("CCLUSTER_CLAUDE_BIN", crate::support::claude_bin())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    // What the cluster holds while the agents work: every Job and pod as YAML.
+    let mut seen = String::new();
+    let mut credentials: Vec<(String, String)> = Vec::new();
+    let mut policies = String::new();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while child.running() {
+        assert!(Instant::now() < deadline, "the run did not end");
+        let (_, yaml) = cluster.kubectl(&["get", "jobs,pods,configmaps", "-n", &ns, "-o", "yaml"]);
+        seen.push_str(&yaml);
+        let (_, yaml) = cluster.kubectl(&["get", "networkpolicies", "-n", &ns, "-o", "json"]);
+        if yaml.contains("ccluster.dev/state") {
+            policies = yaml;
+        }
+        for pair in secret_values(&cluster, &ns) {
+            if !credentials.contains(&pair) {
+                credentials.push(pair);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let run = Applied::from_output(child.output());
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    // The planner and each part's agent ran as pods: one container each, with the merge's test.
+    let mut ran = run.tasks("task_succeeded");
+    ran.sort();
+    let mut ran_here = local.tasks("task_succeeded");
+    ran_here.sort();
+    assert_eq!(ran, ran_here);
+    assert!(
+        ran.iter().filter(|t| t.starts_with("build[")).count() >= 2,
+        "{ran:?}"
+    );
+    assert!(seen.contains("ccluster.dev/job"), "no pod was seen");
+    // The agents' pods were `api-only`: a NetworkPolicy let them out to the run's endpoint (the
+    // relay of the rehearsal's model server, and git) and DNS only. (The test cluster has no
+    // network plugin to enforce it: this checks what is asked of one.)
+    let policies: serde_json::Value =
+        serde_json::from_str(&policies).expect("no NetworkPolicy was made");
+    let policy = &policies["items"][0];
+    assert_eq!(
+        policy["spec"]["policyTypes"],
+        serde_json::json!(["Egress"]),
+        "{policy}"
+    );
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"]["ccluster.dev/network"],
+        "api-only"
+    );
+    let egress = policy["spec"]["egress"].as_array().unwrap();
+    let cidrs: Vec<&str> = egress
+        .iter()
+        .filter_map(|r| r["to"][0]["ipBlock"]["cidr"].as_str())
+        .collect();
+    assert_eq!(cidrs, ["192.0.2.1/32"], "{policy}");
+    assert!(
+        egress
+            .iter()
+            .all(|r| !r["to"].is_null() || r["ports"][0]["port"] == 53),
+        "{policy}"
+    );
+    let change = |s: &Sandbox| {
+        let run_id = s.run_id();
+        crate::support::git(
+            s.path(),
+            &[
+                "diff",
+                "HEAD",
+                &format!("refs/ccluster/runs/{run_id}/merge"),
+            ],
+        )
+    };
+    let made = change(&pods);
+    assert!(made.contains(".ccluster-rehearsal/"), "{made}");
+    assert_eq!(made, change(&here));
+    // The credentials the pods had (the model's key, the git endpoint's token) are in no Job, pod
+    // or ConfigMap, in nothing ccluster printed, and in no file of the state directory.
+    let secrets = cluster.kubectl_ok(&["get", "secrets", "-n", &ns, "-o", "json"]);
+    assert!(
+        !secrets.contains("ccluster.dev/state"),
+        "the run's Secret is left: {secrets}"
+    );
+    assert!(
+        seen.contains("secretKeyRef"),
+        "no credential was given by reference"
+    );
+    // The model's key (the scripted server's token), the relay's URL and the endpoint's token.
+    // (Short values, such as a task's custom header, are searched for with no proof.)
+    credentials.retain(|(_, v)| v.len() >= 32);
+    assert!(credentials.len() >= 3, "{credentials:?}");
+    for (name, value) in credentials {
+        assert!(!seen.contains(&value), "{name} is in the cluster's objects");
+        assert!(
+            !run.stdout.contains(&value) && !run.stderr.contains(&value),
+            "{name} was printed"
+        );
+        for file in crate::rehearsal_server::files_under(&pods.path().join(".ccluster")) {
+            let bytes = std::fs::read(&file).unwrap_or_default();
+            assert!(
+                !bytes.windows(value.len()).any(|w| w == value.as_bytes()),
+                "{name} reached {}",
+                file.display()
+            );
+        }
+    }
+    cluster.assert_emptied(&ns);
+}
+
+/// The values of ccluster's Secrets in `ns` now (base64-decoded by coreutils' `base64`): the
+/// credentials the run's pods get by reference. The endpoint's entry is `port token`: its token.
+fn secret_values(cluster: &Cluster, ns: &str) -> Vec<(String, String)> {
+    let (_, json) = cluster.kubectl(&[
+        "get",
+        "secrets",
+        "-n",
+        ns,
+        "-l",
+        "ccluster.dev/state",
+        "-o",
+        "json",
+    ]);
+    let Ok(list) = serde_json::from_str::<serde_json::Value>(&json) else {
+        return Vec::new();
+    };
+    let mut values = Vec::new();
+    for item in list["items"].as_array().into_iter().flatten() {
+        for (key, encoded) in item["data"].as_object().into_iter().flatten() {
+            let mut decode = Command::new("base64")
+                .arg("-d")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            decode
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(encoded.as_str().unwrap_or("").as_bytes())
+                .unwrap();
+            let out = decode.wait_with_output().unwrap();
+            let value = String::from_utf8_lossy(&out.stdout).into_owned();
+            let value = match key.as_str() {
+                "endpoint" => value
+                    .split_once(' ')
+                    .map(|(_, t)| t.to_string())
+                    .unwrap_or(value),
+                _ => value,
+            };
+            values.push((key.clone(), value));
+        }
+    }
+    values
+}
+
+#[test]
+fn gc_removes_what_a_killed_run_left_in_the_namespace() {
+    let cluster = Cluster::get();
+    let ns = cluster.namespace("gc");
+    let s = Sandbox::in_repo(
+        &format!(
+            r#"version = 1
+{}
+[tasks.slow]
+runner = "k8s"
+workspace = "worktree"
+run = "sleep 300"
+"#,
+            runner(&ns, "")
+        ),
+        &[("README", "hello\n")],
+    );
+    let mut child = cluster
+        .ccluster(&s, &["apply"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while cluster.containers_started(&ns) < 1 {
+        assert!(Instant::now() < deadline, "the pod never started");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    child.kill();
+    // Its Job, the run's Secret (the endpoint's token) and the inputs are left.
+    let left = cluster.leftovers(&ns);
+    assert!(
+        left.contains("job.batch/") && left.contains("secret/"),
+        "{left}"
+    );
+    let out = cluster.ccluster(&s, &["gc", "--dry-run"]).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("would remove job/cc-"), "{said}");
+    assert!(
+        !cluster.leftovers(&ns).is_empty(),
+        "--dry-run removed something"
+    );
+    let out = cluster.ccluster(&s, &["gc"]).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("removed secret/ccluster-"), "{said}");
     cluster.assert_emptied(&ns);
 }

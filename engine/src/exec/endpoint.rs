@@ -301,6 +301,11 @@ impl Endpoint {
             .ok_or_else(|| "the endpoint does not relay".to_string())
     }
 
+    /// The ref a pod pushes `name` to (and [`Endpoint::take`] sets in the served repository).
+    pub fn result_ref(&self, name: &str) -> String {
+        format!("refs/ccluster/{}/{name}", self.run)
+    }
+
     /// Makes `refs/ccluster/<run>/start/<name>` of the transport repository point at `commit` (a
     /// commit of the served repository) and returns that ref: what a pod fetches.
     pub fn offer(&self, name: &str, commit: &str) -> Result<String, String> {
@@ -595,6 +600,10 @@ fn make_transport(run: &str, repo_git_dir: &Path, transport: &Path) -> Result<()
         // Pushed objects are checked before anything reads them.
         ("receive.fsckObjects", "true"),
         ("receive.autogc", "false"),
+        // A push is kept as the pack it came in, even of one object: unpacked, an object the
+        // user's repository has already (an identical file of an earlier run) would be skipped,
+        // and the hook would find it neither offered nor sent.
+        ("receive.unpackLimit", "1"),
         ("receive.denyDeletes", "true"),
         ("http.receivepack", "true"),
     ];

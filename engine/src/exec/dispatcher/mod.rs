@@ -1690,7 +1690,9 @@ impl Dispatcher<'_> {
             (None, ProcessEnd::OutOfMemory) => {
                 (Some(FailureClass::Oom), None, None, end.to_string())
             }
-            (None, ProcessEnd::Failed(class, message)) => (Some(*class), None, None, message.clone()),
+            (None, ProcessEnd::Failed(class, message)) => {
+                (Some(*class), None, None, message.clone())
+            }
         };
         self.record_attempt(
             node,
