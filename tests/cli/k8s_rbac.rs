@@ -158,14 +158,44 @@ fn the_shipped_role_is_enough_for_the_runner() {
         "default",
     ]);
     assert!(!allowed && out.contains("forbidden"), "{out}");
-    let s = three_tasks(&ns);
+    // Worktree tasks on `network = "none"`: their workspaces travel through the run's git
+    // endpoint (its token in the run's Secret), under the run's NetworkPolicy; the end of the
+    // run sweeps both away.
+    let s = Sandbox::in_repo(
+        &format!(
+            r#"version = 1
+[runners.k8s]
+kind = "kubernetes"
+image = "ccluster-test/debian:1"
+namespace = "{ns}"
+pull = "never"
+network = "none"
+
+[tasks.each]
+runner = "k8s"
+workspace = "worktree"
+map = ["a", "b", "c"]
+run = "echo task {{{{ item }}}}; echo {{{{ item }}}} > {{{{ item }}}}.txt"
+retry = {{ limit = 0 }}
+"#
+        ),
+        &[("README", "hello\n")],
+    );
+    // (An attempt whose Secret or NetworkPolicy cannot be made does not start.)
     let run = apply_as_account(&cluster, &s, &kubeconfig);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert_eq!(run.tasks("task_succeeded").len(), 3, "{}", run.stdout);
-    // The log came through (pods/log).
+    // The log came through (pods/log), and the pod's work came back (the endpoint).
     let logs = s.command(&["logs", "latest", "each[1]"]).output().unwrap();
     let logs = String::from_utf8_lossy(&logs.stdout);
     assert!(logs.contains("task b"), "{logs}");
+    let run_id = s.run_id();
+    let file = crate::support::git(
+        s.path(),
+        &["show", &format!("refs/ccluster/runs/{run_id}/each/1:b.txt")],
+    );
+    assert_eq!(file.trim(), "b");
+    // The sweep at the end (list, delete) took the Secret and the NetworkPolicy.
     cluster.assert_emptied(&ns);
 }
 
