@@ -8,8 +8,8 @@ use std::process::Command;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use crate::apply::{Applied, Sandbox};
 use crate::support::root;
+use crate::support::{Applied, Sandbox};
 
 /// A started cluster, shared by the tests that run at the same time (each in a namespace of its
 /// own); stopped, by pid, when the last of them is done.
@@ -187,7 +187,8 @@ impl Cluster {
     /// Waits until nothing of ccluster's is left in the namespace (pods take their grace
     /// period to go).
     pub fn assert_emptied(&self, ns: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        // (The kubelet of a loaded two-core machine can take a minute to tear pods down.)
+        let deadline = Instant::now() + Duration::from_secs(150);
         loop {
             let left = self.leftovers(ns);
             if left.is_empty() {
@@ -747,7 +748,7 @@ fn feature_fanout_rehearsed_on_kubernetes_gives_the_local_result_and_shows_no_cr
             !run.stdout.contains(&value) && !run.stderr.contains(&value),
             "{name} was printed"
         );
-        for file in crate::rehearsal_server::files_under(&pods.path().join(".ccluster")) {
+        for file in crate::support::files_under(&pods.path().join(".ccluster")) {
             let bytes = std::fs::read(&file).unwrap_or_default();
             assert!(
                 !bytes.windows(value.len()).any(|w| w == value.as_bytes()),
@@ -862,5 +863,90 @@ run = "sleep 300"
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(said.contains("removed secret/ccluster-"), "{said}");
+    cluster.assert_emptied(&ns);
+}
+
+/// A `git daemon` serving one bare repository (pushes allowed) on the Docker bridge's address,
+/// inside the cluster's network namespace: a remote the pods reach. Stopped by its pid.
+struct GitDaemon {
+    child: Reaped,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl GitDaemon {
+    fn start(cluster: &Cluster) -> GitDaemon {
+        let dir = tempfile::tempdir().unwrap();
+        crate::support::git(dir.path(), &["init", "-q", "--bare", "remote.git"]);
+        let port = 20000 + (std::process::id() % 10000) as u16;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", cluster.netns))
+            .arg("--")
+            .arg("git")
+            .arg("daemon")
+            .arg("--reuseaddr")
+            .arg("--export-all")
+            .arg("--enable=receive-pack")
+            .arg(format!("--base-path={}", dir.path().display()))
+            .arg("--listen=192.0.2.1")
+            .arg(format!("--port={port}"))
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map(Reaped::new)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        GitDaemon {
+            child,
+            url: format!("git://192.0.2.1:{port}/remote.git"),
+            _dir: dir,
+        }
+    }
+}
+
+#[test]
+fn a_runner_with_a_remote_carries_workspaces_through_it() {
+    let cluster = Cluster::get();
+    let ns = cluster.namespace("remote");
+    let mut daemon = GitDaemon::start(&cluster);
+    let s = Sandbox::in_repo(
+        &format!(
+            r#"version = 1
+{}
+[tasks.edit]
+runner = "k8s"
+workspace = "worktree"
+run = "echo made in a pod > made.txt"
+"#,
+            runner(&ns, "remote = \"origin\"")
+        ),
+        &[("README", "hello\n")],
+    );
+    crate::support::git(s.path(), &["remote", "add", "origin", &daemon.url]);
+    // The driver reaches the remote from the cluster's namespace, as pods do.
+    let run = cluster.apply(&s, &[]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let run_id = s.run_id();
+    assert_eq!(
+        crate::support::git(
+            s.path(),
+            &[
+                "show",
+                &format!("refs/ccluster/runs/{run_id}/edit:made.txt")
+            ]
+        ),
+        "made in a pod\n"
+    );
+    // The run's refs on the remote are gone with the run; no endpoint token was given.
+    let listed = Command::new("nsenter")
+        .arg(format!("--net={}", cluster.netns))
+        .arg("--")
+        .args(["git", "ls-remote", &daemon.url])
+        .output()
+        .unwrap();
+    assert!(listed.status.success());
+    assert_eq!(String::from_utf8_lossy(&listed.stdout), "");
+    daemon.child.kill();
     cluster.assert_emptied(&ns);
 }

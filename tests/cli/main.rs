@@ -16,7 +16,6 @@ mod graphs;
 mod invalid;
 mod k8s_rbac;
 mod k8smodel;
-mod kubernetes;
 mod library;
 mod logs;
 mod procs;

@@ -3,24 +3,13 @@
 
 use std::io::{BufRead, Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::apply::{Applied, Sandbox};
 use crate::support::{claude_bin, git};
 
-pub(crate) fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if e.path().is_dir() {
-            out.extend(files_under(&e.path()));
-        } else {
-            out.push(e.path());
-        }
-    }
-    out
-}
+pub(crate) use crate::support::files_under;
 
 /// A task whose worker writes its API key, reversed, into its workspace: the only way to see the
 /// token from outside, since ccluster never shows it (reversed, so that the worker's own change,

@@ -1,7 +1,9 @@
 //! Running the real binary from the repository root, so paths in output are stable and relative.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+
+use serde_json::Value;
 
 /// The repository root (the workspace directory).
 pub fn root() -> PathBuf {
@@ -97,4 +99,148 @@ pub fn task<'a>(status: &'a serde_json::Value, node: &str) -> &'a serde_json::Va
         .iter()
         .find(|t| t["node"] == node)
         .unwrap_or_else(|| panic!("no task {node} in {status}"))
+}
+
+/// A clusterfile in a fresh directory, with its state beside it.
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Applied {
+    pub code: i32,
+    pub events: Vec<Value>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Applied {
+    /// The exit code, output and JSON events (`--output json`) of a finished `ccluster` command.
+    pub fn from_output(out: std::process::Output) -> Applied {
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let events = stdout
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line {l}: {e}")))
+            .collect();
+        Applied {
+            code: out.status.code().unwrap_or(-1),
+            events,
+            stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+    pub fn of(&self, event: &str) -> Vec<&Value> {
+        self.events.iter().filter(|e| e["event"] == event).collect()
+    }
+
+    pub fn tasks(&self, event: &str) -> Vec<String> {
+        self.of(event)
+            .iter()
+            .map(|e| e["task"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+}
+
+impl Sandbox {
+    pub fn new(clusterfile: &str) -> Sandbox {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("clusterfile.toml"), clusterfile).unwrap();
+        Sandbox { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A sandbox that is a git repository on `main` whose first commit holds the clusterfile,
+    /// `files` (path, content) and a `.gitignore` of the state directory.
+    pub fn in_repo(clusterfile: &str, files: &[(&str, &str)]) -> Sandbox {
+        let s = Sandbox::new(clusterfile);
+        for (path, content) in files {
+            s.file(path, content).unwrap();
+        }
+        s.file(".gitignore", ".ccluster/\n").unwrap();
+        git(s.path(), &["init", "-q", "-b", "main"]);
+        s.commit_all("init");
+        s
+    }
+
+    /// Commits everything in the sandbox's repository.
+    pub fn commit_all(&self, message: &str) {
+        git(self.path(), &["add", "-A"]);
+        git(self.path(), &["commit", "-q", "-m", message]);
+    }
+
+    /// The id of the latest run, from `status`.
+    pub fn run_id(&self) -> String {
+        self.status()["run"]["id"].as_str().unwrap().to_string()
+    }
+
+    /// Writes a file of the sandbox (`lib/writer.toml`), making its directories.
+    pub fn file(&self, path: &str, text: &str) -> std::io::Result<()> {
+        let path = self.path().join(path);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, text)
+    }
+
+    pub fn write(&self, clusterfile: &str) {
+        std::fs::write(self.path().join("clusterfile.toml"), clusterfile).unwrap();
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ccluster"));
+        cmd.args(args)
+            .current_dir(self.path())
+            .env_remove("CCLUSTER_STATE_DIR")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn apply(&self, extra: &[&str]) -> Applied {
+        let mut args = vec!["apply", "--output", "json", "--grace-period", "1s"];
+        args.extend_from_slice(extra);
+        Applied::from_output(self.command(&args).output().unwrap())
+    }
+
+    pub fn spawn_apply(&self, extra: &[&str]) -> Child {
+        let mut args = vec!["apply", "--output", "json", "--grace-period", "1s"];
+        args.extend_from_slice(extra);
+        self.command(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    pub fn status(&self) -> Value {
+        let out = self
+            .command(&["status", "--json", "--state-dir", ".ccluster"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn read(&self, file: &str) -> String {
+        std::fs::read_to_string(self.path().join(file)).unwrap_or_default()
+    }
+}
+
+/// Every file under `dir`, recursively.
+pub(crate) fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.path().is_dir() {
+            out.extend(files_under(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
 }

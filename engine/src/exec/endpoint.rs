@@ -395,7 +395,7 @@ impl Drop for Endpoint {
 /// send it anywhere. `token_var` must be a shell variable name.
 pub fn fetch_script(git_url: &str, token_var: &str, start_ref: &str, dir: &str) -> String {
     debug_assert!(
-        is_shell_name(token_var),
+        token_var.is_empty() || is_shell_name(token_var),
         "{token_var} is not a variable name"
     );
     format!(
@@ -413,7 +413,7 @@ pub fn fetch_script(git_url: &str, token_var: &str, start_ref: &str, dir: &str) 
 /// `refs/ccluster/<run>/<name>` (forced: a retry replaces an earlier attempt's push).
 pub fn push_script(git_url: &str, token_var: &str, run: &str, name: &str, dir: &str) -> String {
     debug_assert!(
-        is_shell_name(token_var),
+        token_var.is_empty() || is_shell_name(token_var),
         "{token_var} is not a variable name"
     );
     let identity = "GIT_AUTHOR_NAME=ccluster GIT_AUTHOR_EMAIL=ccluster@localhost \
@@ -431,6 +431,10 @@ pub fn push_script(git_url: &str, token_var: &str, run: &str, name: &str, dir: &
 /// The variables that give one git command the token's header and keep it from prompting: git
 /// reads `GIT_CONFIG_COUNT`/`KEY`/`VALUE` as `-c` options, without a command line showing them.
 fn auth_env(token_var: &str) -> String {
+    // No token (a remote of the user's): its own credentials apply.
+    if token_var.is_empty() {
+        return "GIT_TERMINAL_PROMPT=0".into();
+    }
     format!(
         "GIT_TERMINAL_PROMPT=0 GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=http.extraHeader \
          GIT_CONFIG_VALUE_0=\"Authorization: Bearer ${{{token_var}}}\""

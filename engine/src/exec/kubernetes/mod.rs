@@ -103,7 +103,7 @@ struct Inner {
     /// address the API server is reached from, found when the endpoint is first needed.
     advertise: Option<String>,
     /// The run's git endpoint (and model relay), started when an attempt first needs it.
-    endpoint: tokio::sync::OnceCell<Result<Arc<super::endpoint::Endpoint>, String>>,
+    endpoint: tokio::sync::OnceCell<Result<Arc<Carrier>, String>>,
     /// The API server's address: what the default advertised address is found from.
     server: String,
     /// The NetworkPolicies made for this run (by name).
@@ -146,11 +146,6 @@ impl KubernetesRunner {
                 .await
                 .map_err(|e| format!("cannot find a Kubernetes configuration: {e}"))?,
         };
-        if let Some(remote) = &settings.remote {
-            return Err(format!(
-                "`remote = \"{remote}\"` is not built yet: pods fetch and push through ccluster's own git endpoint (see `--advertise-addr`); remove `remote`"
-            ));
-        }
         let namespace = settings
             .namespace
             .clone()
@@ -314,12 +309,17 @@ impl Inner {
         run: &str,
         state: &Path,
         repo_dir: &Path,
-    ) -> Result<Arc<super::endpoint::Endpoint>, String> {
+    ) -> Result<Arc<Carrier>, String> {
         self.endpoint
             .get_or_init(|| async {
-                self.start_endpoint(run, state, repo_dir)
-                    .await
-                    .map(Arc::new)
+                match &self.settings.remote {
+                    Some(remote) => Remote::new(repo_dir, remote, run).map(Carrier::Remote),
+                    None => self
+                        .start_endpoint(run, state, repo_dir)
+                        .await
+                        .map(Carrier::Endpoint),
+                }
+                .map(Arc::new)
             })
             .await
             .clone()
@@ -426,7 +426,7 @@ impl Inner {
         run: &str,
         state: &Path,
         network: NetworkMode,
-        endpoint: Option<&super::endpoint::Endpoint>,
+        carrier: Option<&Carrier>,
         model_api: Option<&str>,
     ) -> Result<(), String> {
         use k8s_openapi::api::networking::v1::{
@@ -458,15 +458,24 @@ impl Inner {
                 }]),
             };
         let mut egress = Vec::new();
-        if let Some(ep) = endpoint {
+        if let Some(ep) = carrier.and_then(Carrier::endpoint) {
             if let Some(addr) = super::egress::Allow::host_of_url(&ep.git_url())
                 .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
             {
                 egress.push(rule(addr.ip(), Some(addr.port()), "TCP"));
             }
         }
+        // A remote's host, as it resolves now (`host:port` URLs; scp-like ones use ssh's 22).
+        let remote_host = carrier.and_then(|c| match c {
+            Carrier::Remote(r) => super::egress::Allow::host_of_url(&r.url).or_else(|| {
+                let (_, rest) = r.url.split_once('@').unwrap_or(("", &r.url));
+                rest.split_once(':').map(|(h, _)| format!("{h}:22"))
+            }),
+            Carrier::Endpoint(_) => None,
+        });
         if network == NetworkMode::ApiOnly {
             let mut hosts: Vec<String> = self.settings.allow_hosts.clone();
+            hosts.extend(remote_host.clone());
             hosts.extend(
                 model_api
                     .filter(|a| !on_loopback(a))
@@ -614,7 +623,10 @@ impl Inner {
         let backstop = spec
             .timeout
             .map(|t| Instant::now() + t + Duration::from_secs(60));
+        // The sender goes to the log's task: the channel closes when the log ends, which ends the
+        // attempt (a sender kept here would hold it open until `DRAIN_AFTER_EXIT`).
         let (log_tx, mut log_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(256);
+        let mut log_tx = Some(log_tx);
         let mut log_task: Option<tokio::task::JoinHandle<()>> = None;
         let mut log_open = true;
         let mut decided: Option<ProcessEnd> = None;
@@ -635,8 +647,8 @@ impl Inner {
                     }
                     let now = seen.borrow_and_update().clone();
                     if log_task.is_none() {
-                        if let Some(pod) = container_started(&now) {
-                            log_task = Some(self.stream_log(pod, log_tx.clone()));
+                        if let (Some(pod), Some(tx)) = (container_started(&now), log_tx.take()) {
+                            log_task = Some(self.stream_log(pod, tx));
                         }
                     }
                     if unschedulable(&now) {
@@ -735,7 +747,7 @@ impl Inner {
         // What the pod made comes back into the worktree.
         if let (ProcessEnd::Exited(0), Some(t)) = (&end, &travel) {
             let taken = match self.endpoint.get() {
-                Some(Ok(ep)) => ep
+                Some(Ok(carrier)) => carrier
                     .take(&t.result_name)
                     .and_then(|r| r.ok_or_else(|| "the pod pushed nothing".to_string()))
                     .and_then(|result| {
@@ -744,7 +756,7 @@ impl Inner {
                         // from the worktree, as on any runner.
                         let _ = crate::workspace::git_sync(
                             &t.workspace,
-                            &["update-ref", "-d", &ep.result_ref(&t.result_name)],
+                            &["update-ref", "-d", &carrier.result_ref(&t.result_name)],
                         );
                         Ok(())
                     }),
@@ -864,6 +876,9 @@ impl Inner {
             .map(|(run, _)| run)
             .collect();
         self.policies.lock().await.clear();
+        if let Some(Ok(carrier)) = self.endpoint.get() {
+            carrier.forget();
+        }
         if let Some(state) = &state {
             for run in runs {
                 // No pod of the run can push any more: its transport repository goes.

@@ -25,6 +25,9 @@ pub(super) fn pod_script(
     files: &[(String, String)],
     dirs: &[String],
 ) -> String {
+    // The task runs in a process group of its own (`setsid`, where the image has it): SIGTERM
+    // reaches all of it, and what it leaves running when it ends goes with it, as on the local
+    // runner.
     // Everything the script says on stderr (its own messages, git's, the task's) is marked.
     let mut s = format!(
         "set -u\n\
@@ -64,10 +67,11 @@ pub(super) fn pod_script(
         "/dev/null".into()
     };
     s.push_str(&format!(
-        "\"$@\" < {input} & pid=$!\n\
-         trap 'kill -TERM $pid 2>/dev/null' TERM INT\n\
+        "if command -v setsid >/dev/null 2>&1; then setsid \"$@\" < {input} & else \"$@\" < {input} & fi; pid=$!\n\
+         trap 'kill -TERM -$pid 2>/dev/null || kill -TERM $pid 2>/dev/null' TERM INT\n\
          wait $pid; status=$?\n\
-         while kill -0 $pid 2>/dev/null; do wait $pid; status=$?; done\n"
+         while kill -0 $pid 2>/dev/null; do wait $pid; status=$?; done\n\
+         kill -KILL -$pid 2>/dev/null\n"
     ));
     if let Some(push) = push {
         s.push_str(&format!(
@@ -351,21 +355,24 @@ impl Inner {
             let start = snapshot(ws, &scratch).map_err(Unstartable)?;
             let start_ref = ep.offer(name, &start).map_err(Unstartable)?;
             let dir = ws.display().to_string();
+            let token_var = if ep.token().is_some() { TOKEN_VAR } else { "" };
             fetch = Some(crate::exec::endpoint::fetch_script(
                 &ep.git_url(),
-                TOKEN_VAR,
+                token_var,
                 &start_ref,
                 &dir,
             ));
             push = Some(crate::exec::endpoint::push_script(
                 &ep.git_url(),
-                TOKEN_VAR,
+                token_var,
                 run,
                 name,
                 &dir,
             ));
-            pairs.push((TOKEN_VAR.into(), ep.token().to_string()));
-            secret_names.push(TOKEN_VAR.into());
+            if let Some(token) = ep.token() {
+                pairs.push((TOKEN_VAR.into(), token.to_string()));
+                secret_names.push(TOKEN_VAR.into());
+            }
             travel = Some(Travel {
                 workspace: ws.clone(),
                 start,
@@ -740,8 +747,16 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("scratch")).unwrap();
         let work = dir.path().join("work").display().to_string();
         let script = pod_script(&pod, None, None, &work, false, &[], &[]);
+        // A task whose shell waits for a child: the whole tree stops.
         let mut child = std::process::Command::new("/bin/sh")
-            .args(["-c", &script, "ccluster-attempt", "sleep", "30"])
+            .args([
+                "-c",
+                &script,
+                "ccluster-attempt",
+                "/bin/sh",
+                "-c",
+                "sleep 30; echo after",
+            ])
             .spawn()
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(500));
@@ -754,6 +769,36 @@ mod tests {
         let status = child.wait().unwrap();
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
         assert_eq!(status.code(), Some(128 + 15));
+    }
+
+    /// What the task leaves running in the background when it ends is stopped: it would hold the
+    /// pod (and its stderr) open.
+    #[test]
+    fn the_pods_script_ends_with_the_task_and_stops_its_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = dir.path().display().to_string();
+        std::fs::create_dir_all(dir.path().join("scratch")).unwrap();
+        let work = dir.path().join("work").display().to_string();
+        let script = pod_script(&pod, None, None, &work, false, &[], &[]);
+        let started = std::time::Instant::now();
+        let status = std::process::Command::new("/bin/sh")
+            .args([
+                "-c",
+                &script,
+                "ccluster-attempt",
+                "/bin/sh",
+                "-c",
+                "sleep 30 & echo left",
+            ])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(0));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

@@ -101,3 +101,159 @@ pub(super) fn apply_result(workspace: &Path, start: &str, result: &str) -> Resul
     }
     Ok(())
 }
+
+/// Where a run's pods fetch their start commits from and push their results to: ccluster's
+/// own endpoint, or a remote of the user's repository (`remote = "origin"`) for a cluster that
+/// cannot reach the driver.
+pub(super) enum Carrier {
+    Endpoint(crate::exec::endpoint::Endpoint),
+    Remote(Remote),
+}
+
+/// A git remote of the repository, as a carrier: the driver pushes start commits there and
+/// fetches results from there, with the user's own git credentials; pods use whatever their
+/// image or environment gives them for it.
+pub(super) struct Remote {
+    pub(super) repo: PathBuf,
+    pub(super) remote: String,
+    pub(super) url: String,
+    pub(super) run: String,
+}
+
+impl Remote {
+    /// The remote `remote` of the repository `repo` is in (a worktree of it will do: the remote
+    /// is used from the repository's own git directory, which outlives the run's worktrees).
+    pub(super) fn new(repo: &Path, remote: &str, run: &str) -> Result<Remote, String> {
+        let common = crate::workspace::git_sync(
+            repo,
+            &["rev-parse", "--path-format=absolute", "--git-common-dir"],
+        )?;
+        let repo = PathBuf::from(common.trim());
+        let url = crate::workspace::git_sync(&repo, &["remote", "get-url", "--", remote]).map_err(
+            |_| format!("the repository has no remote `{remote}` (the runner's `remote`)"),
+        )?;
+        Ok(Remote {
+            repo,
+            remote: remote.to_string(),
+            url: url.trim().to_string(),
+            run: run.to_string(),
+        })
+    }
+
+    fn git(&self, args: &[&str]) -> Result<String, String> {
+        crate::workspace::git_sync(&self.repo, args)
+    }
+}
+
+impl Carrier {
+    pub(super) fn git_url(&self) -> String {
+        match self {
+            Carrier::Endpoint(e) => e.git_url(),
+            Carrier::Remote(r) => r.url.clone(),
+        }
+    }
+
+    /// The token pods send (`None`: the remote's own credentials apply).
+    pub(super) fn token(&self) -> Option<&str> {
+        match self {
+            Carrier::Endpoint(e) => Some(e.token()),
+            Carrier::Remote(_) => None,
+        }
+    }
+
+    /// The endpoint, when the carrier is ccluster's own.
+    pub(super) fn endpoint(&self) -> Option<&crate::exec::endpoint::Endpoint> {
+        match self {
+            Carrier::Endpoint(e) => Some(e),
+            Carrier::Remote(_) => None,
+        }
+    }
+
+    /// Makes `commit` fetchable as the start of the pod `name`; returns its ref.
+    pub(super) fn offer(&self, name: &str, commit: &str) -> Result<String, String> {
+        match self {
+            Carrier::Endpoint(e) => e.offer(name, commit),
+            Carrier::Remote(r) => {
+                let start = format!("refs/ccluster/{}/start/{name}", r.run);
+                r.git(&[
+                    "push",
+                    "--quiet",
+                    "--no-verify",
+                    "--",
+                    &r.remote,
+                    &format!("{commit}:{start}"),
+                ])
+                .map_err(|e| format!("cannot push the start commit to `{}`: {e}", r.remote))?;
+                Ok(start)
+            }
+        }
+    }
+
+    /// The ref the pod `name` pushes its result to.
+    pub(super) fn result_ref(&self, name: &str) -> String {
+        match self {
+            Carrier::Endpoint(e) => e.result_ref(name),
+            Carrier::Remote(r) => format!("refs/ccluster/{}/{name}", r.run),
+        }
+    }
+
+    /// What the pod `name` pushed, brought into the repository (under [`Carrier::result_ref`]).
+    pub(super) fn take(&self, name: &str) -> Result<Option<String>, String> {
+        match self {
+            Carrier::Endpoint(e) => e.take(name),
+            Carrier::Remote(r) => {
+                let pushed = self.result_ref(name);
+                let listed = r.git(&["ls-remote", "--", &r.remote, &pushed])?;
+                if listed.trim().is_empty() {
+                    return Ok(None);
+                }
+                r.git(&[
+                    "fetch",
+                    "--quiet",
+                    "--no-tags",
+                    "--no-write-fetch-head",
+                    "--",
+                    &r.remote,
+                    &format!("+{pushed}:{pushed}"),
+                ])?;
+                Ok(Some(
+                    r.git(&["rev-parse", "--verify", &pushed])?
+                        .trim()
+                        .to_string(),
+                ))
+            }
+        }
+    }
+
+    /// The URL pods reach `model_api` at through the carrier (ccluster's endpoint only).
+    pub(super) fn relay(&self, model_api: &str) -> Result<String, String> {
+        match self {
+            Carrier::Endpoint(e) => e.relay(model_api),
+            Carrier::Remote(r) => Err(format!(
+                "the model API at {model_api} is on this machine's loopback, which pods cannot reach: a runner with `remote = \"{}\"` has no endpoint to relay it",
+                r.remote
+            )),
+        }
+    }
+
+    /// The run is over: a remote forgets the run's refs (start commits and results).
+    pub(super) fn forget(&self) {
+        if let Carrier::Remote(r) = self {
+            let prefix = format!("refs/ccluster/{}/", r.run);
+            let Ok(listed) = r.git(&["ls-remote", "--", &r.remote, &format!("{prefix}*")]) else {
+                return;
+            };
+            let refs: Vec<String> = listed
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .filter(|r| r.starts_with(&prefix))
+                .map(|r| format!(":{r}"))
+                .collect();
+            if !refs.is_empty() {
+                let mut args = vec!["push", "--quiet", "--no-verify", "--", &r.remote];
+                args.extend(refs.iter().map(String::as_str));
+                let _ = r.git(&args);
+            }
+        }
+    }
+}
