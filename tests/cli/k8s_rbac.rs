@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::apply::{Applied, Sandbox};
 use crate::kubernetes::Cluster;
 use crate::support::root;
+use crate::support::{Applied, Sandbox};
 
 /// The service account the tests bind the Role to.
 const ACCOUNT: &str = "ccluster-driver";

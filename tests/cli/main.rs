@@ -14,7 +14,6 @@ mod examples;
 mod gitsafe;
 mod graphs;
 mod invalid;
-mod k8s_rbac;
 mod k8smodel;
 mod library;
 mod logs;
