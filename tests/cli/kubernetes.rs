@@ -199,21 +199,67 @@ impl Cluster {
         }
     }
 
-    /// How many containers of the namespace the kubelet started: each is one run of a task.
-    pub fn containers_started(&self, ns: &str) -> usize {
+    /// How many pods of the namespace are in `phase` (`Running`, `Succeeded`) now.
+    pub fn pods_in(&self, ns: &str, phase: &str) -> usize {
         self.kubectl_ok(&[
             "get",
-            "events",
+            "pods",
             "-n",
             ns,
             "--field-selector",
-            "reason=Started",
+            &format!("status.phase={phase}"),
             "-o",
             "name",
         ])
         .lines()
         .filter(|l| !l.trim().is_empty())
         .count()
+    }
+
+    /// Watches the namespace's pods (`kubectl get pods --watch`) until [`PodWatch::pods`]: every
+    /// pod made meanwhile, each one run of a task, however short it lived.
+    pub fn watch_pods(&self, ns: &str) -> PodWatch {
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns))
+            .arg("--")
+            .arg("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(["get", "pods", "-n", ns, "--watch", "-o", "name"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let seen = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+        let into = seen.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                into.lock().unwrap().insert(line.trim().to_string());
+            }
+        });
+        // The watch lists what is there, then follows: it is in place once it answers.
+        std::thread::sleep(Duration::from_millis(1500));
+        PodWatch {
+            _child: Reaped::new(child),
+            seen,
+        }
+    }
+}
+
+/// The pods a `kubectl get pods --watch` has seen.
+pub(crate) struct PodWatch {
+    _child: Reaped,
+    seen: Arc<Mutex<std::collections::BTreeSet<String>>>,
+}
+
+impl PodWatch {
+    pub fn pods(&self) -> std::collections::BTreeSet<String> {
+        self.seen.lock().unwrap().clone()
     }
 }
 
@@ -294,6 +340,7 @@ run = "echo task {{{{ item }}}} on $(hostname); echo its stderr >&2"
             .collect::<Vec<_>>()
             .join(", ")
     ));
+    let pods = cluster.watch_pods(&ns);
     let run = cluster.apply(&s, &["-j", "20"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert_eq!(run.tasks("task_succeeded").len(), 20, "{}", run.stdout);
@@ -310,7 +357,8 @@ run = "echo task {{{{ item }}}} on $(hostname); echo its stderr >&2"
     let logs = String::from_utf8_lossy(&logs.stdout);
     assert!(logs.contains("task 4 on cc-"), "{logs}");
     assert!(logs.contains("stderr <==\nits stderr"), "{logs}");
-    assert_eq!(cluster.containers_started(&ns), 20);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(pods.pods().len(), 20, "{:?}", pods.pods());
     cluster.assert_emptied(&ns);
 }
 
@@ -339,6 +387,24 @@ runner = "k8s"
 run = "echo bye; exit 3"
 retry = {{ limit = 0 }}
 
+[runners.huge]
+kind = "kubernetes"
+image = "ccluster-test/debian:1"
+namespace = "{ns}"
+pull = "never"
+resources = {{ requests = {{ cpu = "64" }} }}
+unschedulable_timeout = "3s"
+
+[tasks.slow]
+runner = "k8s"
+run = "sleep 120"
+timeout = "5s"
+retry = {{ limit = 0 }}
+
+[tasks.nowhere_to_run]
+runner = "huge"
+run = "echo never"
+
 [tasks.greedy]
 runner = "small"
 run = "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo held it"
@@ -355,7 +421,7 @@ retry = {{ limit = 1, on = ["infra"], backoff = {{ initial = "100ms" }} }}
         runner(&ns, "")
     ));
     let mut child = cluster
-        .ccluster(&s, &["apply", "--output", "json", "-k", "-j", "4"])
+        .ccluster(&s, &["apply", "--output", "json", "-k", "-j", "8"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -406,6 +472,16 @@ retry = {{ limit = 1, on = ["infra"], backoff = {{ initial = "100ms" }} }}
     let exits = failed("exits");
     assert_eq!(exits["class"], "exit_code");
     assert_eq!(exits["exit_code"], 3);
+    let slow = failed("slow");
+    assert_eq!(slow["class"], "timeout", "{slow}");
+    let unplaced = failed("nowhere_to_run");
+    assert_eq!(unplaced["class"], "unschedulable", "{unplaced}");
+    let message = unplaced["message"].as_str().unwrap();
+    assert!(
+        message.contains("could not be scheduled for 3s") && message.contains("Insufficient cpu"),
+        "{message}"
+    );
+    assert_eq!(unplaced["attempt"], 1, "not retried by default");
     let greedy = failed("greedy");
     assert_eq!(greedy["class"], "oom", "{greedy}");
     assert_eq!(greedy["attempt"], 1, "oom is not retried by default");
@@ -451,7 +527,7 @@ run = "echo started {{{{ item }}}}; sleep 300"
         .map(Reaped::new)
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(90);
-    while cluster.containers_started(&ns) < 3 {
+    while cluster.pods_in(&ns, "Running") < 3 {
         assert!(Instant::now() < deadline, "the pods never started");
         std::thread::sleep(Duration::from_millis(300));
     }
@@ -484,10 +560,11 @@ fn after_kill_9_the_next_apply_harvests_finished_pods_and_adopts_running_ones() 
 [tasks.work]
 runner = "k8s"
 map = ["quick-1", "quick-2", "slow-1", "slow-2"]
-run = "echo started {{{{ item }}}}; case {{{{ item }}}} in quick*) sleep 2;; *) sleep 25;; esac; echo finished {{{{ item }}}}"
+run = "echo started {{{{ item }}}}; case {{{{ item }}}} in quick*) sleep 8;; *) sleep 45;; esac; echo finished {{{{ item }}}}"
 "#,
         runner(&ns, "")
     ));
+    let pods = cluster.watch_pods(&ns);
     let mut child = cluster
         .ccluster(&s, &["apply", "-j", "4"])
         .stdout(std::process::Stdio::null())
@@ -496,11 +573,16 @@ run = "echo started {{{{ item }}}}; case {{{{ item }}}} in quick*) sleep 2;; *) 
         .map(Reaped::new)
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(90);
-    while cluster.containers_started(&ns) < 4 {
+    while cluster.pods_in(&ns, "Running") < 4 {
         assert!(Instant::now() < deadline, "the pods never started");
         std::thread::sleep(Duration::from_millis(200));
     }
     child.kill();
+    assert_eq!(
+        cluster.pods_in(&ns, "Succeeded"),
+        0,
+        "a quick task ended before the kill"
+    );
     // The quick ones finish while no ccluster watches.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -530,8 +612,8 @@ run = "echo started {{{{ item }}}}; case {{{{ item }}}} in quick*) sleep 2;; *) 
         .map(|e| e["task"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(adopted.len(), 4, "{}", run.stdout);
-    // No task ran twice: four containers in all, each task's log whole.
-    assert_eq!(cluster.containers_started(&ns), 4);
+    // No task ran twice: four pods in all, each task's log whole.
+    assert_eq!(pods.pods().len(), 4, "{:?}", pods.pods());
     for (index, item) in [(0, "quick-1"), (3, "slow-2")] {
         let logs = s
             .command(&["logs", "latest", &format!("work[{index}]")])
@@ -832,7 +914,7 @@ run = "sleep 300"
         .map(Reaped::new)
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
-    while cluster.containers_started(&ns) < 1 {
+    while cluster.pods_in(&ns, "Running") < 1 {
         assert!(Instant::now() < deadline, "the pod never started");
         std::thread::sleep(Duration::from_millis(300));
     }
@@ -948,5 +1030,86 @@ run = "echo made in a pod > made.txt"
     assert!(listed.status.success());
     assert_eq!(String::from_utf8_lossy(&listed.stdout), "");
     daemon.child.kill();
+    cluster.assert_emptied(&ns);
+}
+
+#[test]
+fn a_planner_in_a_pod_told_its_graph_is_invalid_answers_again_in_the_same_session() {
+    let cluster = Cluster::get();
+    cluster.worker_image();
+    let ns = cluster.namespace("replan");
+    // First a graph with an unknown id, then, in the same session, a valid one.
+    let rehearsal = r#"{ turns = [
+  { tools = [{ name = "StructuredOutput", input = { subtasks = [{ id = "scaffold" }, { id = "tests", depends_on = ["scafold"] }] } }] },
+  { tools = [{ name = "StructuredOutput", input = { subtasks = [{ id = "scaffold" }, { id = "tests", depends_on = ["scaffold"] }] } }] },
+] }"#;
+    let s = Sandbox::in_repo(
+        &format!(
+            r#"version = 1
+[defaults]
+runner = "k8s"
+
+[runners.k8s]
+kind = "kubernetes"
+image = "{WORKER_IMAGE}"
+namespace = "{ns}"
+pull = "never"
+
+[tasks.plan]
+prompt = "Plan the feature"
+output_schema = {{ type = "object", required = ["subtasks"], properties = {{ subtasks = {{ type = "array", items = {{ type = "object", required = ["id"], properties = {{ id = {{ type = "string" }}, depends_on = {{ type = "array", items = {{ type = "string" }} }} }} }} }} }} }}
+retry = {{ limit = 2 }}
+rehearsal = {rehearsal}
+
+[tasks.build]
+needs = ["plan"]
+map = "{{{{ tasks.plan.output.subtasks }}}}"
+id = "{{{{ item.id }}}}"
+after = "{{{{ item.depends_on | default([]) }}}}"
+prompt = "Build the {{{{ item.id }}}} part"
+
+[tasks.all]
+needs = ["build"]
+merge = {{ strategy = "git" }}
+"#
+        ),
+        &[("README", "hello\n")],
+    );
+    let run = Applied::from_output(
+        cluster
+            .ccluster(&s, &["apply", "--rehearse", "--output", "json"])
+            .env("CCLUSTER_CLAUDE_BIN", crate::support::claude_bin())
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let retrying = run.of("task_retrying");
+    assert_eq!(retrying.len(), 1, "{}", run.stdout);
+    assert_eq!(retrying[0]["class"], "plan_invalid");
+    assert_eq!(
+        run.tasks("task_succeeded"),
+        ["plan", "build[scaffold]", "build[tests]", "all"]
+    );
+    // The second attempt's pod resumed the first one's session: one session id in every request
+    // the planner made, and the session's transcript (brought back from the pods) holds what it
+    // was told.
+    let run_id = s.run_id();
+    let dir = s.path().join(".ccluster/runs").join(&run_id);
+    let requests = std::fs::read_to_string(dir.join("rehearsal.jsonl")).unwrap();
+    let sessions: std::collections::BTreeSet<String> = requests
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["task"] == "plan")
+        .map(|r| r["session"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(sessions.len(), 1, "{requests}");
+    let transcripts = crate::support::files_under(&dir.join("workers"));
+    let told = transcripts.iter().any(|f| {
+        f.extension().is_some_and(|e| e == "jsonl")
+            && std::fs::read_to_string(f)
+                .unwrap_or_default()
+                .contains("did you mean `scaffold`?")
+    });
+    assert!(told, "no transcript holds the feedback: {transcripts:?}");
     cluster.assert_emptied(&ns);
 }

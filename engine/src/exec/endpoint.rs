@@ -430,7 +430,7 @@ pub fn push_script(git_url: &str, token_var: &str, run: &str, name: &str, dir: &
 
 /// The variables that give one git command the token's header and keep it from prompting: git
 /// reads `GIT_CONFIG_COUNT`/`KEY`/`VALUE` as `-c` options, without a command line showing them.
-fn auth_env(token_var: &str) -> String {
+pub(crate) fn auth_env(token_var: &str) -> String {
     // No token (a remote of the user's): its own credentials apply.
     if token_var.is_empty() {
         return "GIT_TERMINAL_PROMPT=0".into();

@@ -66,6 +66,8 @@ pub const NOTE_STATE: &str = "ccluster.dev/state";
 pub const NOTE_START: &str = "ccluster.dev/start";
 /// The pod talks to its model API through the driver's relay: it cannot outlive the driver.
 pub const NOTE_RELAY: &str = "ccluster.dev/relay";
+/// On a finished Job a run left to its `ttl_seconds_after_finished`: no later run adopts it.
+pub const LABEL_RELEASED: &str = "ccluster.dev/released";
 
 /// The task's container in each pod.
 const CONTAINER: &str = "task";
@@ -647,8 +649,10 @@ impl Inner {
                     }
                     let now = seen.borrow_and_update().clone();
                     if log_task.is_none() {
-                        if let (Some(pod), Some(tx)) = (container_started(&now), log_tx.take()) {
-                            log_task = Some(self.stream_log(pod, tx));
+                        if let Some(pod) = container_started(&now) {
+                            if let Some(tx) = log_tx.take() {
+                                log_task = Some(self.stream_log(pod, tx));
+                            }
                         }
                     }
                     if unschedulable(&now) {
@@ -769,6 +773,22 @@ impl Inner {
                 );
             }
         }
+        // The pod's own directories (an agent worker's: its session, which a later attempt may
+        // resume) come back too, whatever the end; best effort.
+        if let (Some(t), Some(Ok(carrier)), false) =
+            (&travel, self.endpoint.get(), spec.writes.is_empty())
+        {
+            let files = files_name(&t.result_name);
+            if let Ok(Some(commit)) = carrier.take(&files) {
+                if let Err(e) = restore_files(&t.workspace, &commit, &spec.writes) {
+                    err_log.write(format!("ccluster: {e}\n").as_bytes());
+                }
+                let _ = crate::workspace::git_sync(
+                    &t.workspace,
+                    &["update-ref", "-d", &carrier.result_ref(&files)],
+                );
+            }
+        }
         // A finished Job stays when the runner keeps them for a while (`ttl_seconds_after_finished`).
         if self.settings.ttl_seconds_after_finished.is_none() || end == ProcessEnd::Cancelled {
             delete_job(&self.jobs(), &name, None).await;
@@ -847,6 +867,15 @@ impl Inner {
             let notes = job.metadata.annotations.clone().unwrap_or_default();
             let status = job.status.clone().unwrap_or_default();
             let finished = status.succeeded.unwrap_or(0) > 0 || status.failed.unwrap_or(0) > 0;
+            if job
+                .metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(LABEL_RELEASED))
+            {
+                // Its run ended and left it to the TTL controller.
+                continue;
+            }
             let relayed = notes.contains_key(NOTE_RELAY);
             let adoptable = finished || !relayed;
             match (notes.get(NOTE_KEY), notes.get(NOTE_NODE), adoptable) {
@@ -887,12 +916,33 @@ impl Inner {
             // We hold the state's lock: whatever of this state and runner is left (Jobs nothing
             // adopted, the run's Secret and NetworkPolicies, and those a killed ccluster left)
             // is no run's any more. Finished Jobs the runner keeps for a while stay.
-            self.sweep(
-                state,
-                self.settings.ttl_seconds_after_finished.is_none(),
-                false,
-            )
-            .await;
+            let keep_finished = self.settings.ttl_seconds_after_finished.is_some();
+            if keep_finished {
+                self.mark_released(state).await;
+            }
+            self.sweep(state, !keep_finished, false).await;
+        }
+    }
+
+    /// Labels the state's Jobs as released: their run is over, and a later run must not adopt
+    /// them (they stay for `ttl_seconds_after_finished`, for people to look at).
+    async fn mark_released(&self, state: &Path) {
+        let selector = ListParams::default().labels(&self.selector(state));
+        let Ok(found) = self.jobs().list(&selector).await else {
+            return;
+        };
+        let patch = serde_json::json!({"metadata": {"labels": {LABEL_RELEASED: "true"}}});
+        for job in found.items {
+            if let Some(name) = job.metadata.name {
+                let _ = self
+                    .jobs()
+                    .patch(
+                        &name,
+                        &kube::api::PatchParams::default(),
+                        &kube::api::Patch::Merge(&patch),
+                    )
+                    .await;
+            }
         }
     }
 

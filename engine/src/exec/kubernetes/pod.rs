@@ -13,13 +13,21 @@ pub(super) fn sh_quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', r"'\''"))
 }
 
+/// The `sh` lines that move a pod's work: its workspace fetched before the task, its result
+/// pushed after it (on success), and its own directories' files pushed after it (whatever the end).
+#[derive(Default)]
+pub(super) struct Transfers<'a> {
+    pub(super) fetch: Option<&'a str>,
+    pub(super) push: Option<&'a str>,
+    pub(super) push_files: Option<&'a str>,
+}
+
 /// What an attempt's pod does, as `sh` runs it: fetch the workspace (when it travels), run the
 /// task with its stderr lines marked (the pod's log merges both streams), push what it made, and
 /// exit with the task's status. `"$@"` is the task's program and arguments.
 pub(super) fn pod_script(
     pod_dir: &str,
-    fetch: Option<&str>,
-    push: Option<&str>,
+    transfers: &Transfers,
     cwd: &str,
     stdin: bool,
     files: &[(String, String)],
@@ -52,7 +60,7 @@ pub(super) fn pod_script(
             sh_quote(path)
         ));
     }
-    if let Some(fetch) = fetch {
+    if let Some(fetch) = transfers.fetch {
         s.push_str(&format!(
             "( {fetch} ) || {{ echo 'ccluster: cannot fetch the workspace' >&2; finish {TRANSPORT_FAILED}; }}\n"
         ));
@@ -73,7 +81,10 @@ pub(super) fn pod_script(
          while kill -0 $pid 2>/dev/null; do wait $pid; status=$?; done\n\
          kill -KILL -$pid 2>/dev/null\n"
     ));
-    if let Some(push) = push {
+    if let Some(push_files) = transfers.push_files {
+        s.push_str(push_files);
+    }
+    if let Some(push) = transfers.push {
         s.push_str(&format!(
             "if [ \"$status\" = 0 ]; then ( {push} ) || {{ echo 'ccluster: cannot push the workspace' >&2; finish {TRANSPORT_FAILED}; }}; fi\n"
         ));
@@ -198,7 +209,15 @@ impl Inner {
                     ),
                 );
             }
-            let travel = self.travel_of_kept(&name).await;
+            // The kept worktree was moved to this attempt's workspace; the run's endpoint (the
+            // same run's: its transport repository holds what the pod pushed) is started again.
+            let travel = self.travel_of_kept(&name).await.map(|t| Travel {
+                workspace: spec.workspace.clone().unwrap_or(t.workspace),
+                ..t
+            });
+            if let Some(t) = &travel {
+                let _ = self.endpoint(&run, &state, &t.workspace).await;
+            }
             return Ok(self.supervise(&hub, name, travel, spec, stop).await);
         }
         let name = job_name(&run, &node, &attempt);
@@ -349,6 +368,7 @@ impl Inner {
         let mut travel = None;
         let mut fetch = None;
         let mut push = None;
+        let mut push_files = None;
         if let (Some(ws), Some(ep)) = (worktree, &endpoint) {
             let scratch = state.join("tmp").join(format!("{name}.index"));
             let _ = std::fs::create_dir_all(state.join("tmp"));
@@ -369,6 +389,21 @@ impl Inner {
                 name,
                 &dir,
             ));
+            if !spec.writes.is_empty() {
+                let dirs: Vec<String> = spec
+                    .writes
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect();
+                push_files = Some(files_push_script(
+                    &ep.git_url(),
+                    token_var,
+                    run,
+                    name,
+                    &dirs,
+                    &format!("{POD_DIR}/scratch"),
+                ));
+            }
             if let Some(token) = ep.token() {
                 pairs.push((TOKEN_VAR.into(), token.to_string()));
                 secret_names.push(TOKEN_VAR.into());
@@ -432,10 +467,14 @@ impl Inner {
         let inputs_name = format!("{}-in", truncate_name(&name[..name.len().min(59)]));
         let cwd = spec.cwd.display().to_string();
         let dirs: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+        let transfers = Transfers {
+            fetch: fetch.as_deref(),
+            push: push.as_deref(),
+            push_files: push_files.as_deref(),
+        };
         let script = pod_script(
             POD_DIR,
-            fetch.as_deref(),
-            push.as_deref(),
+            &transfers,
             &cwd,
             spec.stdin.is_some(),
             &placed,
@@ -696,8 +735,7 @@ mod tests {
             .to_string();
         let script = pod_script(
             &pod,
-            None,
-            None,
+            &Transfers::default(),
             &work,
             true,
             &[("f0".into(), placed.clone())],
@@ -746,7 +784,7 @@ mod tests {
         let pod = dir.path().display().to_string();
         std::fs::create_dir_all(dir.path().join("scratch")).unwrap();
         let work = dir.path().join("work").display().to_string();
-        let script = pod_script(&pod, None, None, &work, false, &[], &[]);
+        let script = pod_script(&pod, &Transfers::default(), &work, false, &[], &[]);
         // A task whose shell waits for a child: the whole tree stops.
         let mut child = std::process::Command::new("/bin/sh")
             .args([
@@ -779,7 +817,7 @@ mod tests {
         let pod = dir.path().display().to_string();
         std::fs::create_dir_all(dir.path().join("scratch")).unwrap();
         let work = dir.path().join("work").display().to_string();
-        let script = pod_script(&pod, None, None, &work, false, &[], &[]);
+        let script = pod_script(&pod, &Transfers::default(), &work, false, &[], &[]);
         let started = std::time::Instant::now();
         let status = std::process::Command::new("/bin/sh")
             .args([

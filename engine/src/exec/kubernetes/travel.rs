@@ -257,3 +257,82 @@ impl Carrier {
         }
     }
 }
+
+/// The name a pod pushes its own directories' files under (beside its workspace's `name`).
+pub(super) fn files_name(name: &str) -> String {
+    format!("{name}-files")
+}
+
+/// The `sh` lines a pod runs after its task (whatever its status): commit the files of `dirs`
+/// (an agent worker's directory: its session transcript, which a resumed attempt continues) in a
+/// scratch repository and push them to the run's ref of [`files_name`]. Best effort: a failure
+/// is said on stderr, not the task's.
+pub(super) fn files_push_script(
+    git_url: &str,
+    token_var: &str,
+    run: &str,
+    name: &str,
+    dirs: &[String],
+    scratch: &str,
+) -> String {
+    let paths: Vec<String> = dirs
+        .iter()
+        .map(|d| sh_quote(d.trim_start_matches('/')))
+        .collect();
+    format!(
+        "( set -eu\n  g={scratch}/files\n  rm -rf \"$g\"; git init -q \"$g\"\n  cd /\n  export GIT_DIR=\"$g/.git\" GIT_WORK_TREE=/\n  git add -A -f -- {paths}\n  GIT_AUTHOR_NAME=ccluster GIT_AUTHOR_EMAIL=ccluster@localhost GIT_COMMITTER_NAME=ccluster GIT_COMMITTER_EMAIL=ccluster@localhost git -c core.hooksPath=/dev/null commit -q --no-verify --allow-empty -m files\n  {auth} git push -q --no-verify -- {url} {refspec}\n  rm -rf \"$g\"\n) || echo 'ccluster: cannot push the files of the attempt'\"'\"'s own directories' >&2\n",
+        scratch = sh_quote(scratch),
+        paths = paths.join(" "),
+        auth = crate::exec::endpoint::auth_env(token_var),
+        url = sh_quote(git_url),
+        refspec = sh_quote(&format!("+HEAD:refs/ccluster/{run}/{}", files_name(name))),
+    )
+}
+
+/// Writes the regular files of `commit` (what a pod pushed with [`files_push_script`]) under
+/// `dirs` back into them, read with git in `repo`. Only paths inside `dirs`, and only regular
+/// files: a symbolic link or a path outside (a pod's push is not trusted) is left out.
+pub(super) fn restore_files(repo: &Path, commit: &str, dirs: &[PathBuf]) -> Result<usize, String> {
+    let mut written = 0;
+    for dir in dirs {
+        let rel = dir.display().to_string();
+        let rel = rel.trim_start_matches('/');
+        let listing = crate::workspace::git_sync_bytes(
+            repo,
+            &["ls-tree", "-r", "-z", "--full-tree", commit, "--", rel],
+        )?;
+        for entry in listing.split(|b| *b == 0).filter(|e| !e.is_empty()) {
+            let entry = String::from_utf8_lossy(entry);
+            let Some((meta, path)) = entry.split_once('\t') else {
+                continue;
+            };
+            let mut meta = meta.split(' ');
+            let (mode, kind, oid) = (meta.next(), meta.next(), meta.next());
+            let (Some(mode), Some("blob"), Some(oid)) = (mode, kind, oid) else {
+                continue;
+            };
+            if !matches!(mode, "100644" | "100755") {
+                continue;
+            }
+            let target = Path::new("/").join(path);
+            if !target.starts_with(dir)
+                || target
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                continue;
+            }
+            let bytes = crate::workspace::git_sync_bytes(repo, &["cat-file", "blob", oid])?;
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| format!("cannot make {}: {e}", parent.display()))?;
+            }
+            // Not through a link the worker directory might hold.
+            let _ = std::fs::remove_file(&target);
+            crate::store::write_private(&target, &bytes)
+                .map_err(|e| format!("cannot write {}: {e}", target.display()))?;
+            written += 1;
+        }
+    }
+    Ok(written)
+}
