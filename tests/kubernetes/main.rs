@@ -11,3 +11,6 @@ mod support;
 
 #[path = "../cli/kubernetes.rs"]
 mod kubernetes;
+
+#[path = "../cli/k8s_rbac.rs"]
+mod k8s_rbac;
