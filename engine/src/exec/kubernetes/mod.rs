@@ -475,29 +475,38 @@ impl Inner {
             }),
             Carrier::Endpoint(_) => None,
         });
+        // The remote pods fetch from (whatever the network); under `api-only` also the model
+        // API's and `allow_hosts`' hosts.
+        let mut hosts: Vec<String> = remote_host.into_iter().collect();
         if network == NetworkMode::ApiOnly {
-            let mut hosts: Vec<String> = self.settings.allow_hosts.clone();
-            hosts.extend(remote_host.clone());
+            hosts.extend(self.settings.allow_hosts.iter().cloned());
             hosts.extend(
                 model_api
                     .filter(|a| !on_loopback(a))
                     .and_then(super::egress::Allow::host_of_url),
             );
-            for host in hosts {
-                let host = host.trim_start_matches("*.").to_string();
-                let (name, port) = match host.rsplit_once(':') {
-                    Some((h, p)) if p.parse::<u16>().is_ok() => (h.to_string(), p.parse().ok()),
-                    _ => (host.clone(), None),
-                };
-                let lookup = format!("{name}:{}", port.unwrap_or(443));
-                let found = tokio::net::lookup_host(lookup.clone()).await.map_err(|e| {
-                    format!("cannot resolve `{name}` for the `api-only` NetworkPolicy: {e}")
-                })?;
-                for addr in found {
-                    egress.push(rule(addr.ip(), port, "TCP"));
-                }
+        }
+        let mut names = network == NetworkMode::ApiOnly;
+        for host in hosts {
+            let host = host.trim_start_matches("*.").to_string();
+            let (name, port) = match host.rsplit_once(':') {
+                Some((h, p)) if p.parse::<u16>().is_ok() => (h.to_string(), p.parse().ok()),
+                _ => (host.clone(), None),
+            };
+            names |= name.parse::<std::net::IpAddr>().is_err();
+            let lookup = format!("{name}:{}", port.unwrap_or(443));
+            let found = tokio::net::lookup_host(lookup.clone()).await.map_err(|e| {
+                format!(
+                    "cannot resolve `{name}` for the `{}` NetworkPolicy: {e}",
+                    network.name()
+                )
+            })?;
+            for addr in found {
+                egress.push(rule(addr.ip(), port, "TCP"));
             }
-            // Names must resolve.
+        }
+        // Names must resolve.
+        if names {
             for protocol in ["UDP", "TCP"] {
                 egress.push(NetworkPolicyEgressRule {
                     to: None,
@@ -834,8 +843,17 @@ impl Inner {
                 follow: true,
                 ..Default::default()
             };
-            let Ok(stream) = pods.log_stream(&pod, &params).await else {
-                return;
+            let stream = match pods.log_stream(&pod, &params).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    // Said in the attempt's stderr (a Role without `pods/log`, say).
+                    let said = format!(
+                        "{STDERR_MARK}ccluster: cannot read the log of pod {pod}: {}\n",
+                        api_error(&e)
+                    );
+                    let _ = tx.send(said.into_bytes()).await;
+                    return;
+                }
             };
             let mut stream = std::pin::pin!(stream);
             loop {

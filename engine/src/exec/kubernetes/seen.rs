@@ -122,11 +122,16 @@ impl Hub {
         sender.send_modify(change);
     }
 
+    /// What is seen of `job`, from what was seen before (an adopted Job that has ended will not
+    /// change again: its state so far counts as news).
     pub(super) fn subscribe(&self, job: &str) -> watch::Receiver<Seen> {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.entry(job.to_string())
+        let mut receiver = seen
+            .entry(job.to_string())
             .or_insert_with(|| watch::channel(Seen::default()).0)
-            .subscribe()
+            .subscribe();
+        receiver.mark_changed();
+        receiver
     }
 
     pub(super) fn forget(&self, job: &str) {
