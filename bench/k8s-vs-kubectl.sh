@@ -109,13 +109,16 @@ trap '"$here/scripts/k8s-for-tests.sh" stop "$cluster" >&2 || true; rm -rf "$wor
 "$here/scripts/k8s-for-tests.sh" start "$cluster" debian > /dev/null
 
 # Inside the cluster's network namespace, with its kubeconfig.
+# The kubectl the test cluster's build made (of its version), else the machine's.
+kubectl=$HOME/.cache/ccluster/k8s-1.20.2/bin/kubectl
+[ -x "$kubectl" ] || kubectl=kubectl
 inns() { nsenter --net="/proc/$(cat "$cluster/netns.pid")/ns/net" -- env KUBECONFIG="$cluster/kubeconfig" "$@"; }
-kc() { inns kubectl "$@"; }
+kc() { inns "$kubectl" "$@"; }
 # The same, its wall and CPU time added to the file $1 (a "wall user sys" line per call).
 kc_timed() {
   local file=$1; shift
   /usr/bin/time -f '%e %U %S' -a -o "$file" nsenter --net="/proc/$(cat "$cluster/netns.pid")/ns/net" -- \
-    kubectl --kubeconfig "$cluster/kubeconfig" "$@"
+    "$kubectl" --kubeconfig "$cluster/kubeconfig" "$@"
 }
 now_ms() { date +%s%3N; }
 

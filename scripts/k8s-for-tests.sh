@@ -46,9 +46,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 token=ccluster-test-token
 port=16443
 node_ip=198.51.100.10
-components="kube-apiserver kube-controller-manager kube-scheduler kubelet"
+# kubectl too: the tests and the benchmark use it, and a fresh machine may not have one.
+components="kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl"
 # What the cache holds, first line of its SOURCE file: a cache built otherwise is built again.
-recipe="kubernetes $version from Debian bookworm source, Go 1.19, OOM-score patches, reflect2 1.0.2"
+recipe="kubernetes $version from Debian bookworm source, Go 1.19, OOM-score patches, reflect2 1.0.2, kubectl"
 
 have() { case "$1" in /*) [ -e "$1" ] ;; *) command -v "$1" >/dev/null 2>&1 ;; esac; }
 
@@ -123,7 +124,7 @@ build() {
     mkdir -p "$work/gohome"
     # `make` (not `go build`): the tree builds in GOPATH mode and needs its generated code.
     PATH=/usr/lib/go-1.19/bin:$PATH CGO_ENABLED=0 HOME=$work/gohome \
-      nice -n 10 make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubelet" \
+      nice -n 10 make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubelet cmd/kubectl" \
       > "$work/make.log" 2>&1 || { tail -40 "$work/make.log" >&2; exit 1; }
     local out=_output/bin
     [ -x "$out/kubelet" ] || out=_output/local/bin/linux/amd64

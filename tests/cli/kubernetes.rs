@@ -11,6 +11,13 @@ use std::time::{Duration, Instant};
 use crate::support::root;
 use crate::support::{Applied, Sandbox};
 
+/// The kubectl `scripts/k8s-for-tests.sh` built with the cluster (of its version): a fresh
+/// machine may have none.
+pub(crate) fn kubectl() -> PathBuf {
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    home.join(".cache/ccluster/k8s-1.20.2/bin/kubectl")
+}
+
 /// A started cluster, shared by the tests that run at the same time (each in a namespace of its
 /// own); stopped, by pid, when the last of them is done.
 pub(crate) struct Cluster {
@@ -124,7 +131,7 @@ impl Cluster {
         let out = Command::new("nsenter")
             .arg(format!("--net={}", self.netns))
             .arg("--")
-            .arg("kubectl")
+            .arg(kubectl())
             .arg("--kubeconfig")
             .arg(self.kubeconfig())
             .args(args)
@@ -222,7 +229,7 @@ impl Cluster {
         let mut child = Command::new("nsenter")
             .arg(format!("--net={}", self.netns))
             .arg("--")
-            .arg("kubectl")
+            .arg(kubectl())
             .arg("--kubeconfig")
             .arg(self.kubeconfig())
             .args(["get", "pods", "-n", ns, "--watch", "-o", "name"])
