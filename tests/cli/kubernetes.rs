@@ -14,7 +14,9 @@ use crate::support::{Applied, Sandbox};
 /// The kubectl `scripts/k8s-for-tests.sh` built with the cluster (of its version): a fresh
 /// machine may have none.
 pub(crate) fn kubectl() -> PathBuf {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     home.join(".cache/ccluster/k8s-1.20.2/bin/kubectl")
 }
 
