@@ -923,3 +923,57 @@ fn commands_that_print_end_quietly_on_a_closed_pipe() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn a_runners_max_parallel_holds_its_tasks_back_and_no_one_elses() {
+    // Three slow instances on a runner that takes one at a time, and three beside them on
+    // `local`, with room for all six under --jobs.
+    let s = Sandbox::new(
+        r#"version = 1
+[runners.one_at_a_time]
+kind = "local"
+max_parallel = 1
+
+[tasks.narrow]
+runner = "one_at_a_time"
+map = [1, 2, 3]
+run = "sleep 0.4; echo {{ item }}"
+
+[tasks.wide]
+map = [1, 2, 3]
+run = "sleep 0.4; echo wide {{ item }}"
+"#,
+    );
+    let run = s.apply(&["-j", "6"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let spans = |prefix: &str| {
+        let mut spans: Vec<(u64, u64)> = run
+            .of("task_started")
+            .iter()
+            .filter(|e| e["task"].as_str().unwrap().starts_with(prefix))
+            .map(|e| {
+                let task = e["task"].as_str().unwrap();
+                let end = run
+                    .of("task_succeeded")
+                    .iter()
+                    .find(|f| f["task"] == task)
+                    .unwrap()["time_ms"]
+                    .as_u64()
+                    .unwrap();
+                (e["time_ms"].as_u64().unwrap(), end)
+            })
+            .collect();
+        spans.sort();
+        spans
+    };
+    let narrow = spans("narrow[");
+    assert_eq!(narrow.len(), 3);
+    for pair in narrow.windows(2) {
+        assert!(pair[1].0 >= pair[0].1, "overlap on the runner: {narrow:?}");
+    }
+    // `local`'s tasks were not held back: they ran together.
+    let wide = spans("wide[");
+    let last_start = wide.iter().map(|w| w.0).max().unwrap();
+    let first_end = wide.iter().map(|w| w.1).min().unwrap();
+    assert!(last_start < first_end, "{wide:?}");
+}

@@ -196,6 +196,16 @@ struct Dispatcher<'a> {
     max_run_usd: Option<f64>,
     /// Which node of the run does each work, and which duplicates wait for it.
     dedup: Dedup,
+    /// Declared runners with a `max_parallel`: their attempts running (or armed) and the nodes
+    /// held back for a slot.
+    runner_slots: HashMap<String, RunnerSlots>,
+}
+
+/// A runner's `max_parallel`, as the dispatcher keeps it.
+struct RunnerSlots {
+    max: usize,
+    running: usize,
+    parked: Vec<usize>,
 }
 
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(500);
@@ -335,6 +345,22 @@ pub async fn apply(
 
     let scope = RunScope::of(compiled);
     let (progress_tx, progress_rx) = mpsc::unbounded_channel();
+    let runner_slots = compiled
+        .workflow
+        .runners
+        .iter()
+        .filter_map(|(name, decl)| {
+            let max = decl.max_parallel? as usize;
+            Some((
+                name.clone(),
+                RunnerSlots {
+                    max: max.max(1),
+                    running: 0,
+                    parked: Vec::new(),
+                },
+            ))
+        })
+        .collect();
     let mut d = Dispatcher {
         store,
         opts,
@@ -378,6 +404,7 @@ pub async fn apply(
         spent_usd: 0.0,
         max_run_usd: compiled.workflow.max_run_usd,
         dedup: Dedup::default(),
+        runner_slots,
     };
     d.build(compiled)?;
     // The live view exists from the start, so `status` and `cancel` see the run at once.
@@ -1006,8 +1033,19 @@ impl Dispatcher<'_> {
                     continue;
                 }
             }
+            // The runner's `max_parallel` holds it back too, until one of its attempts ends.
+            let plan = self.nodes[node].plan.clone();
+            if let Some(slots) = self.runner_slots.get_mut(&plan.runner) {
+                if slots.running >= slots.max {
+                    slots.parked.push(node);
+                    continue;
+                }
+            }
             if let Some(job) = self.prepare(node)? {
                 self.groups[group].running += 1;
+                if let Some(slots) = self.runner_slots.get_mut(&plan.runner) {
+                    slots.running += 1;
+                }
                 spawns.push((node, job));
             }
         }
@@ -1016,6 +1054,19 @@ impl Dispatcher<'_> {
             self.groups[group].parked.push(node);
         }
         Ok(())
+    }
+
+    /// An attempt of `node` ended (or was refused): its runner's slot is free, and what its
+    /// `max_parallel` held back goes back in the queue, in its order.
+    fn free_runner_slot(&mut self, node: usize) {
+        let plan = self.nodes[node].plan.clone();
+        let Some(slots) = self.runner_slots.get_mut(&plan.runner) else {
+            return;
+        };
+        slots.running = slots.running.saturating_sub(1);
+        for parked in std::mem::take(&mut slots.parked) {
+            self.enqueue(parked);
+        }
     }
 
     /// A reused result's commit on this run's base (see [`workspace::transplant`]); `None` when it
@@ -1459,6 +1510,7 @@ impl Dispatcher<'_> {
             };
             if let Some(reason) = refused {
                 self.groups[group].running -= 1;
+                self.free_runner_slot(node);
                 let r = &mut self.nodes[node].record;
                 r.attempts -= 1;
                 if r.attempts == 0 {
@@ -1580,6 +1632,7 @@ impl Dispatcher<'_> {
         }
         let group = self.nodes[node].group;
         self.groups[group].running -= 1;
+        self.free_runner_slot(node);
         let average = |typical: Option<Duration>| {
             Some(typical.map_or(elapsed, |t| t.mul_f64(0.8) + elapsed.mul_f64(0.2)))
         };
