@@ -131,6 +131,21 @@ enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// Serve the HTTP API, live event streams and web dashboard over repositories' run state.
+    Serve {
+        /// The address to listen on. Loopback only unless `--insecure`: the API has no
+        /// authentication yet.
+        #[arg(long, default_value = "127.0.0.1:7878")]
+        addr: std::net::SocketAddr,
+        /// A repository whose runs (its `.ccluster/` state) are served; repeat for several
+        /// (default: the current directory).
+        #[arg(long = "repo", value_name = "DIR")]
+        repos: Vec<PathBuf>,
+        /// Listen on a non-loopback address although anyone who can reach it can start and
+        /// cancel runs.
+        #[arg(long)]
+        insecure: bool,
+    },
     /// List the runs of a state directory.
     Runs {
         #[arg(long, short = 'o', value_enum, default_value_t = ListFormat::Human)]
@@ -421,6 +436,44 @@ impl FileArgs {
     }
 }
 
+/// `ccluster serve`.
+fn serve(addr: std::net::SocketAddr, repos: Vec<PathBuf>, insecure: bool) -> u8 {
+    if !addr.ip().is_loopback() {
+        if !insecure {
+            eprintln!(
+                "error: {addr} is not a loopback address, and the API has no authentication yet\n  \
+                 = help: listen on 127.0.0.1 (the default), or pass --insecure to accept that \
+                 anyone who reaches {addr} can start and cancel runs"
+            );
+            return exit::INVALID_INPUT;
+        }
+        eprintln!("warning: serving on {addr} without authentication (--insecure)");
+    }
+    let repos = if repos.is_empty() {
+        vec![PathBuf::from(".")]
+    } else {
+        repos
+    };
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("error: cannot find the ccluster binary: {e}");
+            return exit::INVALID_INPUT;
+        }
+    };
+    let Some(rt) = runtime() else {
+        return exit::INVALID_INPUT;
+    };
+    let config = ccluster_engine::serve::ServeConfig { addr, repos, exe };
+    match rt.block_on(ccluster_engine::serve::serve(config)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit::INVALID_INPUT
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
     match &mut cli.command {
@@ -532,6 +585,11 @@ fn main() -> ExitCode {
                 keep_going: options.keep_going,
             },
         ),
+        Command::Serve {
+            addr,
+            repos,
+            insecure,
+        } => serve(addr, repos, insecure),
         Command::Runs { output, state } => runs::runs(&state.dir(None), output == ListFormat::Json),
         Command::Status {
             run,

@@ -11,6 +11,7 @@ pub mod render;
 pub mod report;
 pub mod schema;
 pub mod scripted;
+pub mod serve;
 pub mod syntax;
 
 pub use compile::{compile, compile_file, compile_file_with, compile_with, Compiled, Stage};
