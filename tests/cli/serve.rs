@@ -925,3 +925,62 @@ fn two_repositories_are_served_side_by_side() {
     assert_eq!((code, value["code"].as_str()), (400, Some("repo-required")));
     drop((a, b));
 }
+
+#[test]
+fn an_agent_transcript_is_told_step_by_step() {
+    let s = crate::agents::repo(
+        r#"version = 1
+[workflow]
+name = "talk"
+
+[tasks.writer]
+prompt = "Write a note"
+workspace = "worktree"
+"#,
+    );
+    std::fs::write(
+        s.path().join("script.toml"),
+        r#"[tasks.writer]
+turns = [
+  { tools = [{ name = "Write", input = { file_path = "{{cwd}}/note.txt", content = "noted\n" } }] },
+  { text = "wrote the note" },
+]
+"#,
+    )
+    .unwrap();
+    let done = crate::agents::rehearse(&s, &["--script", "script.toml"]);
+    assert_eq!(done.code, 0, "{}{}", done.stdout, done.stderr);
+    let id = s.run_id();
+    let served = Served::start(&[s.path()]);
+    let steps = served.json(&format!("/api/v1/runs/{id}/tasks/writer/transcript"), 200);
+    let kinds: Vec<&str> = steps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.first(), Some(&"system"), "{steps}");
+    assert_eq!(kinds.last(), Some(&"result"), "{steps}");
+    let tool = steps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "tool")
+        .unwrap_or_else(|| panic!("no tool call in {steps}"));
+    assert!(
+        tool["detail"].as_str().unwrap().starts_with("Write ")
+            && tool["detail"].as_str().unwrap().ends_with("note.txt"),
+        "{tool}"
+    );
+    assert!(kinds.iter().filter(|k| **k == "turn").count() >= 2, "{steps}");
+    let result = steps.as_array().unwrap().last().unwrap();
+    assert!(result["cost_usd"].as_f64().unwrap() > 0.0, "{result}");
+    assert!(result["detail"].as_str().unwrap().contains("wrote the note"), "{result}");
+    // The run's summary carries the cost, and the task its usage.
+    let run = served.json(&format!("/api/v1/runs/{id}"), 200);
+    assert!(run["cost_usd"].as_f64().unwrap() > 0.0, "{run}");
+    let task = served.json(&format!("/api/v1/runs/{id}/tasks/writer"), 200);
+    assert!(task["attempts"][0]["usage"]["turns"].as_u64().unwrap() >= 2, "{task}");
+    let (_, diff) = served.get(&format!("/api/v1/runs/{id}/tasks/writer/diff"));
+    assert!(diff.contains("+noted"), "{diff}");
+}
