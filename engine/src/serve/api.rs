@@ -434,8 +434,11 @@ fn json_bytes(body: axum::body::Bytes) -> Response {
 /// not kept (its duration grows).
 #[derive(Default)]
 pub struct Bodies {
-    kept: std::sync::Mutex<BTreeMap<(String, &'static str), (usize, axum::body::Bytes)>>,
+    kept: std::sync::Mutex<BTreeMap<BodyKey, (usize, axum::body::Bytes)>>,
 }
+
+/// A run and the kind of answer (`run`, `graph`).
+type BodyKey = (String, &'static str);
 
 /// At most this many answers are kept.
 const KEPT_BODIES: usize = 16;
