@@ -548,6 +548,12 @@ fn snapshots(dir: &Path) -> Vec<RunView> {
                 }
             }
         }
+        // Nodes that have not changed yet have no record there: the run's grouped plan lists
+        // them, pending.
+        if let Some(plan) = ccluster_engine::serve::graph::PlanGroups::read(&entry.path()) {
+            let pending = plan.pending_besides(&tasks);
+            tasks.extend(pending);
+        }
         tasks.sort_by_key(|t| t.order);
         out.push(RunView {
             run,
