@@ -74,7 +74,8 @@ impl AgentLevel {
     /// Returns whether the slots grew.
     pub(super) fn went_well(&mut self) -> bool {
         let before = self.slots();
-        self.level = (self.level + 1.0 / self.level).min(self.ceiling as f64);
+        // A slot's worth spread over the attempts of one round at the current slots.
+        self.level = (self.level + 1.0 / before as f64).min(self.ceiling as f64);
         self.slots() > before
     }
 
