@@ -7,6 +7,7 @@ pub mod diagnostic;
 pub mod library;
 pub mod model;
 pub mod plan;
+pub mod policy;
 pub mod render;
 pub mod report;
 pub mod schema;
