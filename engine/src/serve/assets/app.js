@@ -400,6 +400,22 @@ function runsPage() {
   };
 }
 
+/**
+ * One state for a group of nodes (a fan-out's box): what a person needs to know first. Anything
+ * running makes it running, then a failure shows, then work still to come.
+ */
+function groupState(c, total) {
+  const n = (st) => c[st] || 0;
+  if (n("running")) return "running";
+  if (n("retrying")) return "retrying";
+  if (n("failed")) return "failed";
+  if (n("pending")) return n("succeeded") + n("cached") + n("skipped") > 0 ? "running" : "pending";
+  if (n("cancelled")) return "cancelled";
+  if (total && n("skipped") === total) return "skipped";
+  if (total && n("cached") === total) return "cached";
+  return total ? "succeeded" : "pending";
+}
+
 /** A horizontal bar of counts per state (an SVG, `width` pixels wide). */
 function stateBar(counts, width) {
   const total = STATES.reduce((n, st) => n + (counts[st] || 0), 0);
@@ -564,6 +580,7 @@ function runPage(runId, initialNode) {
       applyRun(run, graph);
     } catch (e) {
       if (e.name === "AbortError") return;
+      if (!(e instanceof HttpError)) console.error(e);
       if (!model.run) {
         liveMsg.replaceChildren(notice(e.status === 404 ? `No run ${runId}.` : `Cannot load the run: ${e.message}`, "error"));
       }
@@ -696,7 +713,7 @@ function runPage(runId, initialNode) {
     const item = (label, value, state) =>
       h("div", { class: "stat", "data-stat": label, "data-state": state || null }, h("span", { class: "stat-value" }, value), h("span", { class: "stat-label" }, label));
     const cost = run.cost_usd ?? [...model.tasks.values()].reduce((n, t) => n + (t.cost_usd || 0), 0);
-    summary.replaceChildren(
+    const parts = [
       item("done", `${c.succeeded + c.cached}/${total}`, "succeeded"),
       item("running", String(c.running + c.retrying), "running"),
       item("failed", String(c.failed), "failed"),
@@ -714,7 +731,8 @@ function runPage(runId, initialNode) {
         h("span", { class: "stat-label" }, `${run.repo} · ${run.clusterfile ?? ""}`),
       ),
       h("div", { class: "summary-bar" }, stateBar(c, 400)),
-    );
+    ];
+    summary.replaceChildren(...parts.filter(Boolean));
   }
 
   function budgetMeter(cost, budget) {
@@ -1004,6 +1022,7 @@ function runPage(runId, initialNode) {
     let attempt = null; // the attempt shown; null for the latest
     let timer = null;
     let transcriptRefresh = null;
+    let sawAgent = false;
 
     const heading = h("h2", { tabindex: "-1", class: "mono" }, node);
     const stateEl = h("span", {});
@@ -1085,6 +1104,7 @@ function runPage(runId, initialNode) {
 
     function showTab(name) {
       tab = name;
+      if (kind() === "agent") sawAgent = true;
       tabAbort?.abort();
       tabAbort = new AbortController();
       clearInterval(timer);
@@ -1301,6 +1321,12 @@ function runPage(runId, initialNode) {
       },
       /** The run's record was refetched: the task's facts may have changed. */
       runChanged() {
+        // The kind (agent or not) is known once the graph is: the transcript tab may appear.
+        if (kind() === "agent" && tab !== "transcript" && !sawAgent) {
+          sawAgent = true;
+          showTab("transcript");
+        }
+        renderFacts();
         const t = model.tasks.get(node);
         if (t && detail && (t.state !== detail.task.state || t.attempts !== detail.task.attempts)) {
           const wasRunning = ["running", "retrying"].includes(detail.task.state);
