@@ -314,7 +314,12 @@ enum Command {
         output: ListFormat,
     },
     /// Print the JSON Schema of the clusterfile format.
-    Schema,
+    Schema {
+        /// The OpenAPI 3.1 description of `ccluster serve`'s HTTP API instead
+        /// (`schema/openapi.json`, also served at `/openapi.json`).
+        #[arg(long)]
+        openapi: bool,
+    },
     /// Serve the scripted model API on 127.0.0.1 until killed (for benchmarks and experiments):
     /// prints its URL (and its token, unless CCLUSTER_MODEL_SERVER_TOKEN chose it), logs requests
     /// as JSON lines to stdout.
@@ -700,8 +705,14 @@ fn main() -> ExitCode {
             run,
             state,
         } => run_goal(goal, vars, rehearse, run, state),
-        Command::Schema => {
+        Command::Schema { openapi: false } => {
             print(&ccluster_engine::schema::clusterfile_schema());
+            exit::SUCCESS
+        }
+        Command::Schema { openapi: true } => {
+            let _ = std::io::stdout()
+                .lock()
+                .write_all(ccluster_engine::serve::openapi_json().as_bytes());
             exit::SUCCESS
         }
     };

@@ -1172,3 +1172,64 @@ reports = ["out/*.xml"]
     assert!(!files.contains("out/"), "{files}");
     cluster.assert_emptied(&ns);
 }
+
+#[test]
+fn a_worktree_pod_left_running_by_a_killed_ccluster_pushes_to_the_next_ones_endpoint() {
+    let cluster = Cluster::get();
+    let ns = cluster.namespace("readopt");
+    let s = Sandbox::in_repo(
+        &format!(
+            r#"version = 1
+{}
+[tasks.edit]
+runner = "k8s"
+workspace = "worktree"
+run = "sleep 20; echo made while nobody watched > made.txt"
+"#,
+            runner(&ns, "")
+        ),
+        &[("README", "hello\n")],
+    );
+    let pods = cluster.watch_pods(&ns);
+    let mut child = cluster
+        .ccluster(&s, &["apply"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(Reaped::new)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while cluster.pods_in(&ns, "Running") < 1 {
+        assert!(Instant::now() < deadline, "the pod never started");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    child.kill();
+    // The next apply listens where the first did, with its token (remembered in the run's
+    // Secret): the pod it adopts pushes there when its task ends.
+    let run = cluster.apply(&s, &[]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let adopted: Vec<&serde_json::Value> = run
+        .of("task_progress")
+        .into_iter()
+        .filter(|e| e["kind"] == "adopted")
+        .collect();
+    assert_eq!(adopted.len(), 1, "{}", run.stdout);
+    let run_id = s.run_id();
+    assert_eq!(
+        crate::support::git(
+            s.path(),
+            &[
+                "show",
+                &format!("refs/ccluster/runs/{run_id}/edit:made.txt")
+            ]
+        ),
+        "made while nobody watched\n"
+    );
+    assert_eq!(
+        pods.pods().len(),
+        1,
+        "the task ran again: {:?}",
+        pods.pods()
+    );
+    cluster.assert_emptied(&ns);
+}

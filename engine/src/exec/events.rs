@@ -134,3 +134,51 @@ impl EventSink for Vec<Event> {
         self.push(event.clone());
     }
 }
+
+/// The file of a run's events beside its other files, `runs/<run>/events.jsonl`: what `ccluster
+/// serve` streams to its clients (an event's id there is its line number).
+pub const EVENTS_FILE: &str = "events.jsonl";
+
+/// A sink that also appends every event to the run's event log, one JSON line each, written out
+/// when the inner sink is flushed (after each commit, or each progress step) so that followers see
+/// a batch as soon as the terminal does. A failed write loses the log's tail, never the run.
+pub struct EventLog<'a> {
+    inner: &'a mut dyn EventSink,
+    out: Option<std::io::BufWriter<std::fs::File>>,
+}
+
+impl<'a> EventLog<'a> {
+    pub fn new(path: &std::path::Path, inner: &'a mut dyn EventSink) -> EventLog<'a> {
+        let out = crate::store::private_file()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()
+            .map(std::io::BufWriter::new);
+        EventLog { inner, out }
+    }
+}
+
+impl EventSink for EventLog<'_> {
+    fn emit(&mut self, event: &Event) {
+        use std::io::Write;
+        if let Some(out) = &mut self.out {
+            let mut line = serde_json::to_vec(event).unwrap_or_default();
+            line.push(b'\n');
+            if out.write_all(&line).is_err() {
+                self.out = None;
+            }
+        }
+        self.inner.emit(event);
+    }
+
+    fn flush(&mut self) {
+        use std::io::Write;
+        if let Some(out) = &mut self.out {
+            if out.flush().is_err() {
+                self.out = None;
+            }
+        }
+        self.inner.flush();
+    }
+}

@@ -21,7 +21,7 @@ mod tasks;
 pub use dispatcher::{
     apply, check_supported, default_state_dir, ApplyError, ApplyOptions, RunSummary, LIVE_FILE,
 };
-pub use events::{Event, EventSink};
+pub use events::{Event, EventLog, EventSink, EVENTS_FILE};
 pub use runner::{LocalRunner, ProcessEnd, ProcessResult, ProcessSpec, Runner, Stop};
 pub use tasks::agent::rehearsal_script;
 pub use tasks::{log_path, PASSED_ENV};

@@ -255,6 +255,7 @@ pub struct RawBackoff {
     Serialize,
     serde::Deserialize,
     JsonSchema,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum FailureClass {

@@ -307,6 +307,7 @@ mod tests {
             task_refs: None,
             templates: Default::default(),
             rehearsed: false,
+            started_by: None,
         }
     }
 

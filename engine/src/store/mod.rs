@@ -719,6 +719,7 @@ mod tests {
                     task_refs: None,
                     templates: Default::default(),
                     rehearsed: false,
+                    started_by: None,
                 })
                 .unwrap();
             store.commit().unwrap();

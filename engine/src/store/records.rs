@@ -13,7 +13,7 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunState {
     Running,
@@ -24,7 +24,7 @@ pub enum RunState {
     Interrupted,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunRecord {
     /// `20261125-081038.412-3fa2`: sorts by start time.
     pub id: String,
@@ -65,6 +65,9 @@ pub struct RunRecord {
     /// `apply --rehearse`: agents talked to the scripted model server (`retry` does so again).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rehearsed: bool,
+    /// Who or what started the run: `alice (cli)`, `alice (cli, GitHub Actions)`, `server`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_by: Option<String>,
 }
 
 impl RunRecord {
@@ -89,7 +92,7 @@ impl RunRecord {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
     Pending,
@@ -119,7 +122,7 @@ impl TaskState {
 }
 
 /// One plan node (a task, or one instance of a mapped task) in one run.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskRecord {
     pub node: String,
     pub task: String,
@@ -171,7 +174,7 @@ impl TaskRecord {
 
 /// An attempt that ended (one that was running when ccluster died has no record: its task record
 /// still says `running`, with the attempt's number).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AttemptRecord {
     /// 1 for the first attempt.
     pub attempt: u32,
@@ -202,7 +205,7 @@ pub struct CacheEntry {
 }
 
 /// What an attempt left besides its output, kept under `runs/<run>/artifacts/<node>.<attempt>/`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ArtifactRecord {
     pub attempt: u32,
     /// The directory holding the attempt's files.

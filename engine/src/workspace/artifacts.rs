@@ -9,7 +9,7 @@ use quick_xml::events::Event as XmlEvent;
 use serde::{Deserialize, Serialize};
 
 /// Counts of one JUnit XML report.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TestReport {
     /// Relative to the workspace.
     pub path: String,

@@ -29,7 +29,7 @@ pub struct Input {
 }
 
 /// One file of a change, with line counts (`None` for binary files).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChangedFile {
     pub path: String,
     pub added: Option<u64>,
@@ -37,7 +37,7 @@ pub struct ChangedFile {
 }
 
 /// A conflicting merge: which input, which files, and which inputs changed each file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Conflict {
     /// The input whose merge conflicted.
     pub input: String,
@@ -47,7 +47,7 @@ pub struct Conflict {
     pub resolved_by: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConflictedFile {
     pub path: String,
     /// The inputs (plan nodes) that changed this file, in merge order.

@@ -261,6 +261,39 @@ fn backoff_delay(policy: &RetryPolicy, failed_attempt: u32) -> Duration {
     Duration::from_secs_f64((base * spread).max(0.0))
 }
 
+/// Who or what started a run, for lists of runs: `CCLUSTER_STARTED_BY` when set (`ccluster serve`
+/// sets `server`), else the user, and the CI system when one is recognised.
+fn started_by() -> String {
+    if let Ok(by) = std::env::var("CCLUSTER_STARTED_BY") {
+        if !by.trim().is_empty() {
+            return by;
+        }
+    }
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        })
+        .unwrap_or_else(|| format!("uid {}", nix::unistd::getuid()));
+    let ci = [
+        ("GITHUB_ACTIONS", "GitHub Actions"),
+        ("GITLAB_CI", "GitLab CI"),
+        ("BUILDKITE", "Buildkite"),
+        ("CI", "CI"),
+    ]
+    .into_iter()
+    .find(|(var, _)| std::env::var(var).is_ok_and(|v| !v.is_empty() && v != "false"));
+    match ci {
+        Some((_, name)) => format!("{user} (cli, {name})"),
+        None => format!("{user} (cli)"),
+    }
+}
+
 /// Runs a compiled workflow to the end (or until cancelled), recording everything in `store`.
 pub async fn apply(
     compiled: &Compiled,
@@ -325,6 +358,7 @@ pub async fn apply(
         keep_failed: compiled.workflow.keep_failed,
         rehearsed: opts.rehearse.is_some(),
         templates: opts.templates.clone(),
+        started_by: Some(started_by()),
     };
     let paths = RunPaths::new(store.dir(), &run.id);
     crate::store::create_private_dir_all(&paths.logs).map_err(|source| ApplyError::Io {
@@ -407,6 +441,8 @@ pub async fn apply(
         runner_slots,
     };
     d.build(compiled)?;
+    crate::serve::graph::PlanGroups::of(&compiled.plan, compiled.workflow.max_run_usd)
+        .write(&d.paths.run);
     // The live view exists from the start, so `status` and `cancel` see the run at once.
     d.snapshot();
     d.events.push(Event::RunStarted {
@@ -415,7 +451,9 @@ pub async fn apply(
         nodes: d.nodes.len(),
         time_ms: now_ms(),
     });
-    let summary = d.drive(runners.clone(), sink).await;
+    // Every event also goes to the run's event log, which `ccluster serve` streams.
+    let mut sink = super::EventLog::new(&d.paths.run.join(super::EVENTS_FILE), sink);
+    let summary = d.drive(runners.clone(), &mut sink).await;
     // Kept work nothing adopted is removed with its workspace (adopted work's was moved).
     for runner in runners.all() {
         runner.release().await;

@@ -59,6 +59,7 @@ pub const LABEL_JOB: &str = "ccluster.dev/job";
 pub const LABEL_NETWORK: &str = "ccluster.dev/network";
 /// Annotations: the full values labels cannot hold.
 pub const NOTE_NODE: &str = "ccluster.dev/node";
+pub const NOTE_RUN: &str = "ccluster.dev/run";
 pub const NOTE_KEY: &str = "ccluster.dev/key";
 pub const NOTE_WORKSPACE: &str = "ccluster.dev/workspace";
 pub const NOTE_STATE: &str = "ccluster.dev/state";
@@ -105,7 +106,8 @@ struct Inner {
     /// address the API server is reached from, found when the endpoint is first needed.
     advertise: Option<String>,
     /// The run's git endpoint (and model relay), started when an attempt first needs it.
-    endpoint: tokio::sync::OnceCell<Result<Arc<Carrier>, String>>,
+    /// By run: this run's, and a killed run's whose Jobs this one adopts.
+    carriers: tokio::sync::Mutex<HashMap<String, Arc<Carrier>>>,
     /// The API server's address: what the default advertised address is found from.
     server: String,
     /// The NetworkPolicies made for this run (by name).
@@ -179,7 +181,7 @@ impl KubernetesRunner {
                 kept: Default::default(),
                 state: Default::default(),
                 advertise,
-                endpoint: Default::default(),
+                carriers: Default::default(),
                 server,
                 policies: Default::default(),
             }),
@@ -312,19 +314,24 @@ impl Inner {
         state: &Path,
         repo_dir: &Path,
     ) -> Result<Arc<Carrier>, String> {
-        self.endpoint
-            .get_or_init(|| async {
-                match &self.settings.remote {
-                    Some(remote) => Remote::new(repo_dir, remote, run).map(Carrier::Remote),
-                    None => self
-                        .start_endpoint(run, state, repo_dir)
-                        .await
-                        .map(Carrier::Endpoint),
-                }
-                .map(Arc::new)
-            })
-            .await
-            .clone()
+        let mut carriers = self.carriers.lock().await;
+        if let Some(carrier) = carriers.get(run) {
+            return Ok(carrier.clone());
+        }
+        let carrier = Arc::new(match &self.settings.remote {
+            Some(remote) => Remote::new(repo_dir, remote, run).map(Carrier::Remote)?,
+            None => self
+                .start_endpoint(run, state, repo_dir)
+                .await
+                .map(Carrier::Endpoint)?,
+        });
+        carriers.insert(run.to_string(), carrier.clone());
+        Ok(carrier)
+    }
+
+    /// The carrier of `run`, when one was started.
+    async fn carrier(&self, run: &str) -> Option<Arc<Carrier>> {
+        self.carriers.lock().await.get(run).cloned()
     }
 
     async fn start_endpoint(
@@ -759,8 +766,8 @@ impl Inner {
         };
         // What the pod made comes back into the worktree.
         if let (ProcessEnd::Exited(0), Some(t)) = (&end, &travel) {
-            let taken = match self.endpoint.get() {
-                Some(Ok(carrier)) => carrier
+            let taken = match self.carrier(&t.run).await {
+                Some(carrier) => carrier
                     .take(&t.result_name)
                     .and_then(|r| r.ok_or_else(|| "the pod pushed nothing".to_string()))
                     .and_then(|result| {
@@ -785,7 +792,11 @@ impl Inner {
         // The pod's own directories (an agent worker's: its session, which a later attempt may
         // resume) and the workspace's kept files (artifacts, test reports) come back too,
         // whatever the end; best effort.
-        if let (Some(t), Some(Ok(carrier))) = (&travel, self.endpoint.get()) {
+        let carrier = match &travel {
+            Some(t) => self.carrier(&t.run).await,
+            None => None,
+        };
+        if let (Some(t), Some(carrier)) = (&travel, carrier) {
             let back = [
                 (
                     files_name(&t.result_name),
@@ -943,7 +954,9 @@ impl Inner {
             .map(|(run, _)| run)
             .collect();
         self.policies.lock().await.clear();
-        if let Some(Ok(carrier)) = self.endpoint.get() {
+        let carriers: Vec<Arc<Carrier>> =
+            self.carriers.lock().await.drain().map(|(_, c)| c).collect();
+        for carrier in &carriers {
             carrier.forget();
         }
         if let Some(state) = &state {

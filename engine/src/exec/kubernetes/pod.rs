@@ -209,14 +209,15 @@ impl Inner {
                     ),
                 );
             }
-            // The kept worktree was moved to this attempt's workspace; the run's endpoint (the
-            // same run's: its transport repository holds what the pod pushed) is started again.
-            let travel = self.travel_of_kept(&name).await.map(|t| Travel {
+            // The kept worktree was moved to this attempt's workspace. The Job's run (the killed
+            // one) has its endpoint started again, on its port and with its token, which its pod
+            // pushes to.
+            let travel = self.travel_of_kept(&name, &run).await.map(|t| Travel {
                 workspace: spec.workspace.clone().unwrap_or(t.workspace),
                 ..t
             });
             if let Some(t) = &travel {
-                let _ = self.endpoint(&run, &state, &t.workspace).await;
+                let _ = self.endpoint(&t.run, &state, &t.workspace).await;
             }
             return Ok(self.supervise(&hub, name, travel, spec, stop).await);
         }
@@ -284,10 +285,14 @@ impl Inner {
     }
 
     /// For an adopted Job: where its workspace came from and goes (its annotations).
-    pub(super) async fn travel_of_kept(&self, name: &str) -> Option<Travel> {
+    pub(super) async fn travel_of_kept(&self, name: &str, run: &str) -> Option<Travel> {
         let job = self.jobs().get(name).await.ok()?;
         let notes = job.metadata.annotations?;
         Some(Travel {
+            run: notes
+                .get(NOTE_RUN)
+                .cloned()
+                .unwrap_or_else(|| run.to_string()),
             workspace: PathBuf::from(notes.get(NOTE_WORKSPACE)?),
             start: notes.get(NOTE_START)?.clone(),
             result_name: name.to_string(),
@@ -413,6 +418,7 @@ impl Inner {
                 secret_names.push(TOKEN_VAR.into());
             }
             travel = Some(Travel {
+                run: run.to_string(),
                 workspace: ws.clone(),
                 start,
                 result_name: name.to_string(),
@@ -577,6 +583,7 @@ impl Inner {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         notes.insert(NOTE_NODE.into(), node.to_string());
+        notes.insert(NOTE_RUN.into(), run.to_string());
         notes.insert(NOTE_STATE.into(), state.display().to_string());
         if let Some(key) = spec.identity.as_ref().and_then(|i| i.cache_key.clone()) {
             notes.insert(NOTE_KEY.into(), key);

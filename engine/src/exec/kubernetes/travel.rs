@@ -8,6 +8,9 @@ pub(super) const TOKEN_VAR: &str = "CCLUSTER_GIT_TOKEN";
 
 /// What a pod's workspace is: the commit it starts from, and where it pushes.
 pub(super) struct Travel {
+    /// The run whose carrier the pod fetches from and pushes to (an adopted Job's is the killed
+    /// run's).
+    pub(super) run: String,
     pub(super) workspace: PathBuf,
     pub(super) start: String,
     pub(super) result_name: String,
