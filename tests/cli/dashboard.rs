@@ -199,7 +199,8 @@ impl Browser {
             "--window-size=1440,900".to_string(),
             // Nothing beyond loopback: no host name resolves, and everything else would go to a
             // proxy that is not there (loopback bypasses proxies).
-            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost".to_string(),
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1"
+                .to_string(),
             "--proxy-server=http://127.0.0.1:9".to_string(),
             "--no-first-run".to_string(),
             "--disable-background-networking".to_string(),

@@ -401,19 +401,18 @@ function runsPage() {
 }
 
 /**
- * One state for a group of nodes (a fan-out's box): what a person needs to know first. Anything
- * running makes it running, then a failure shows, then work still to come.
+ * One state for a group of nodes (a fan-out's box), as the graph endpoint computes it: a failure
+ * shows first, then work going on, then work still to come.
  */
 function groupState(c, total) {
   const n = (st) => c[st] || 0;
-  if (n("running")) return "running";
-  if (n("retrying")) return "retrying";
+  if (!total) return "pending";
   if (n("failed")) return "failed";
-  if (n("pending")) return n("succeeded") + n("cached") + n("skipped") > 0 ? "running" : "pending";
+  if (n("running") || n("retrying")) return "running";
+  if (n("pending")) return "pending";
   if (n("cancelled")) return "cancelled";
-  if (total && n("skipped") === total) return "skipped";
-  if (total && n("cached") === total) return "cached";
-  return total ? "succeeded" : "pending";
+  if (n("skipped") && !n("succeeded") && !n("cached")) return "skipped";
+  return "succeeded";
 }
 
 /** A horizontal bar of counts per state (an SVG, `width` pixels wide). */
@@ -1092,14 +1091,19 @@ function runPage(runId, initialNode) {
         t.commit ? ["commit", t.commit.slice(0, 12)] : null,
       ].filter(Boolean);
       facts.replaceChildren(...rows.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
-      const attempts = detail?.attempts || [];
+      // Attempts that ended have records; a run in progress names the others by number only.
+      const ended = new Map((detail?.attempts || []).map((a) => [a.attempt, a]));
+      const numbers = detail?.attempt_numbers?.length ? detail.attempt_numbers : [...ended.keys()];
       const keep = attemptSelect.value;
       attemptSelect.replaceChildren(
         h("option", { value: "" }, "latest attempt"),
-        ...attempts.map((a) => h("option", { value: String(a.attempt) }, `attempt ${a.attempt}${a.succeeded ? " ✓" : a.finished_ms ? " ✗" : ""}`)),
+        ...numbers.map((n) => {
+          const a = ended.get(n);
+          return h("option", { value: String(n) }, `attempt ${n}${a ? (a.succeeded ? " ✓" : " ✗") : ""}`);
+        }),
       );
       attemptSelect.value = keep;
-      attemptSelect.hidden = attempts.length < 2;
+      attemptSelect.hidden = numbers.length < 2;
     }
 
     function showTab(name) {
@@ -1152,13 +1156,14 @@ function runPage(runId, initialNode) {
     }
 
     function transcriptEntry(entry) {
+      const label = entry.kind === "turn" && entry.turn ? `turn ${entry.turn}` : entry.kind === "result" && entry.turn ? `result · ${entry.turn} turns` : entry.kind.replace("_", " ");
       return h(
         "li",
-        { class: "entry", "data-kind": entry.kind },
-        h("span", { class: "entry-kind" }, entry.kind.replace("_", " ")),
+        { class: "entry", "data-kind": entry.kind, "data-error": entry.is_error ? "true" : null },
+        h("span", { class: "entry-kind" }, label),
         entry.time_ms ? h("span", { class: "entry-time" }, fmtTime(entry.time_ms)) : null,
         entry.cost_usd ? h("span", { class: "entry-cost" }, fmtCost(entry.cost_usd)) : null,
-        h("div", { class: "entry-detail" }, entry.detail ?? ""),
+        entry.detail ? h("div", { class: "entry-detail" }, entry.detail) : null,
       );
     }
 
@@ -1279,19 +1284,30 @@ function runPage(runId, initialNode) {
       );
     }
 
-    function showArtifacts() {
-      const artifacts = detail?.artifacts || [];
-      if (!artifacts.length) return body.replaceChildren(h("ul", { id: "artifacts", class: "artifacts" }), notice("No artifacts."));
-      body.replaceChildren(
-        h(
-          "ul",
-          { id: "artifacts", class: "artifacts" },
-          ...artifacts.map((a) => {
-            const href = `${API}${base}/artifacts/${enc(a.node)}/${a.attempt}/${a.path.split("/").map(enc).join("/")}`;
-            return h("li", {}, h("a", { href, target: "_blank", rel: "noopener" }, a.path), h("span", { class: "muted" }, ` attempt ${a.attempt} · ${fmtBytes(a.size)}`));
-          }),
-        ),
-      );
+    // The node's artifacts, from the run's list (patches, kept files, test reports), as links.
+    async function showArtifacts() {
+      const signal = tabAbort.signal;
+      body.replaceChildren(notice("Loading the artifacts…"));
+      try {
+        const all = await getJSON(`${base}/artifacts`, signal);
+        const mine = all.filter((a) => a.node === node);
+        const list = h("ul", { id: "artifacts", class: "artifacts" });
+        for (const a of mine) {
+          const href = `${API}${base}/artifacts/${enc(a.node)}/${a.attempt}/${a.path.split("/").map(enc).join("/")}`;
+          list.append(
+            h(
+              "li",
+              { "data-kind": a.kind ?? null },
+              h("a", { href, target: "_blank", rel: "noopener" }, a.path),
+              h("span", { class: "muted" }, ` ${a.kind ?? ""} · attempt ${a.attempt}${a.size !== null && a.size !== undefined ? ` · ${fmtBytes(a.size)}` : ""}`),
+            ),
+          );
+        }
+        body.replaceChildren(list);
+        if (!mine.length) body.append(notice("No artifacts."));
+      } catch (e) {
+        if (e.name !== "AbortError") body.replaceChildren(notice(`Cannot list the artifacts: ${e.message}`, "warn"));
+      }
     }
 
     function showOutput() {
