@@ -310,10 +310,18 @@ impl Browser {
         }
     }
 
-    /// Clicks the element matching `css` as a mouse would (WebDriver's element click).
+    /// Clicks the element matching `css` as a mouse would (WebDriver's element click). A live
+    /// page may replace the element between finding and clicking it: then it is found again.
     fn click(&self, css: &str) {
-        let id = self.wait_for(css, Duration::from_secs(10));
-        self.must("POST", &format!("/element/{id}/click"), Some(json!({})));
+        for _ in 0..5 {
+            let id = self.wait_for(css, Duration::from_secs(10));
+            match self.call("POST", &format!("/element/{id}/click"), Some(json!({}))) {
+                Ok(_) => return,
+                Err(e) if e.contains("stale element") => continue,
+                Err(e) => panic!("click on `{css}`: {e}"),
+            }
+        }
+        panic!("`{css}` was replaced every time it was clicked");
     }
 
     /// Types `text` into the element matching `css` (focusing it first).
@@ -822,4 +830,140 @@ run = "echo never"
         "it can be retried"
     );
     browser.screenshot(&artifacts.join("cancelled.png"));
+}
+
+/// A fan-out of 10,000 shell tasks, held by a gate file until the test opens it.
+fn wide_clusterfile(gate: &Path) -> String {
+    let items: Vec<String> = (0..10_000).map(|i| i.to_string()).collect();
+    format!(
+        r#"version = 1
+[workflow]
+name = "wide"
+
+[tasks.list]
+run = "echo ready"
+
+[tasks.work]
+needs = ["list"]
+map = [{}]
+run = "while [ ! -f {} ]; do sleep 0.2; done; echo {{{{ item }}}}"
+
+[tasks.sum]
+needs = ["work"]
+run = "echo done"
+"#,
+        items.join(", "),
+        gate.display()
+    )
+}
+
+/// How many elements the page holds: the graph's and the task list's stay bounded at any size.
+const DOM_SIZES: &str = "return { graph: document.querySelectorAll('#graph svg *').length, \
+    boxes: document.querySelectorAll('#graph .node').length, \
+    rows: document.querySelectorAll('.task-row').length, \
+    all: document.getElementsByTagName('*').length };";
+
+#[test]
+fn dashboard_stays_usable_on_a_run_of_10000_tasks() {
+    let artifacts = artifacts_dir("wide");
+    let gates = tempfile::tempdir().unwrap();
+    let gate = gates.path().join("go");
+    let s = Sandbox::in_repo(&wide_clusterfile(&gate), &[]);
+    let server = Server::start(s.path(), &artifacts);
+    let browser = Browser::start();
+    // Its events are not read here: they go nowhere (a pipe nobody reads would stop the run).
+    let apply = s
+        .command(&["apply", "--jobs", "4"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut apply = Reaped::new(apply, "ccluster apply");
+    browser.goto(&format!("{}/#/", server.base));
+    browser.wait_for("#runs [data-run][data-state='running']", 60 * SECOND);
+
+    // The run page with 10,000 instances: one box for them, counts per state.
+    let opened = Instant::now();
+    browser.click("#runs [data-run]");
+    browser.wait_for(
+        "#graph [data-group='work'][data-count='10000'][data-state='running']",
+        60 * SECOND,
+    );
+    browser.wait_js(
+        "the task list counts every task",
+        30 * SECOND,
+        "return document.querySelector('.list-count')?.textContent === '10002 of 10002 tasks';",
+    );
+    let open_time = opened.elapsed();
+    let sizes = browser.js(DOM_SIZES, json!([]));
+    eprintln!("10,002 tasks: the page was drawn in {open_time:?}; elements: {sizes}");
+    assert_eq!(sizes["boxes"], 3, "{sizes}");
+    assert!(sizes["graph"].as_u64().unwrap() < 100, "{sizes}");
+    assert!(sizes["rows"].as_u64().unwrap() < 100, "{sizes}");
+    assert!(
+        open_time < 30 * SECOND,
+        "the page took {open_time:?} to show"
+    );
+    assert!(
+        browser
+            .text("#graph [data-group='work']")
+            .contains("running")
+            || browser
+                .attr("#graph [data-group='work']", "aria-label")
+                .unwrap_or_default()
+                .contains("running"),
+        "{}",
+        browser.text("#graph")
+    );
+
+    // Enter on the box lists its instances; End goes to the last one, which is drawn, alone
+    // with its neighbours.
+    let work = browser.find("#graph [data-group='work']").unwrap();
+    browser.must(
+        "POST",
+        &format!("/element/{work}/value"),
+        Some(json!({ "text": ENTER })),
+    );
+    browser.wait_js(
+        "the list shows the fan-out's instances",
+        10 * SECOND,
+        "return document.querySelector('.list-count')?.textContent === '10000 of 10002 tasks' \
+            && document.activeElement?.getAttribute('data-node') === 'work[0]';",
+    );
+    browser.press("\u{E010}"); // End
+    browser.wait_js(
+        "End focuses the last instance",
+        10 * SECOND,
+        "return document.activeElement?.getAttribute('data-node') === 'work[9999]';",
+    );
+    let sizes = browser.js(DOM_SIZES, json!([]));
+    assert!(sizes["rows"].as_u64().unwrap() < 100, "{sizes}");
+    browser.press(ENTER);
+    browser.wait_js(
+        "the last instance's panel is open",
+        10 * SECOND,
+        "return location.hash.endsWith('/tasks/work%5B9999%5D') \
+            && document.getElementById('task-panel').innerText.includes('work[9999]');",
+    );
+    browser.press(ESCAPE);
+    browser.screenshot(&artifacts.join("wide-running.png"));
+
+    // 10,000 tasks end within seconds; their events stream in, and the page keeps up.
+    let released = Instant::now();
+    std::fs::write(&gate, "").unwrap();
+    assert_eq!(apply.wait_exit(300 * SECOND), 0);
+    browser.wait_js(
+        "every task is shown done",
+        120 * SECOND,
+        "return document.getElementById('summary')?.innerText.includes('10002/10002') \
+            && document.querySelector('#graph [data-group=\"work\"]').dataset.state === 'succeeded' \
+            && document.querySelector('#run-state .badge')?.textContent === 'succeeded';",
+    );
+    eprintln!(
+        "the page showed the 10,000 tasks done {:?} after the gate opened",
+        released.elapsed()
+    );
+    let sizes = browser.js(DOM_SIZES, json!([]));
+    assert!(sizes["rows"].as_u64().unwrap() < 100, "{sizes}");
+    browser.screenshot(&artifacts.join("wide-finished.png"));
 }

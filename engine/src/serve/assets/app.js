@@ -10,6 +10,13 @@ const SVG_NS = "http://www.w3.org/2000/svg";
 /** The states a plan node can be in, in the order the summary and the bars show them. */
 const STATES = ["succeeded", "cached", "running", "retrying", "failed", "pending", "skipped", "cancelled"];
 
+/** How far along a node is: a record older than an event says less. */
+function progress(state) {
+  if (state === "pending") return 0;
+  if (state === "running" || state === "retrying") return 1;
+  return 2;
+}
+
 /** What each event of a run's stream (docs/events.md) makes of its node's state. */
 const STATE_OF_EVENT = {
   task_started: "running",
@@ -152,13 +159,13 @@ async function post(path, body) {
   return r.json();
 }
 
-/** Calls `fn` at most once per `ms`, the last call winning. */
+/** Calls `fn` at most once per `ms` (a number, or a function giving it), the last call winning. */
 function throttle(fn, ms) {
   let timer = null;
   let last = 0;
   return () => {
     if (timer) return;
-    const wait = Math.max(0, last + ms - Date.now());
+    const wait = Math.max(0, last + (typeof ms === "function" ? ms() : ms) - Date.now());
     timer = setTimeout(() => {
       timer = null;
       last = Date.now();
@@ -324,12 +331,12 @@ function runsPage() {
     load(null);
   }
 
-  function row(run) {
+  const rows = new Map(); // run id → its <tr>, kept across updates (focus and hover stay on it)
+
+  function cells(run) {
     const c = run.counts || {};
     const done = (c.succeeded || 0) + (c.cached || 0);
-    const tr = h(
-      "tr",
-      { "data-run": run.id, "data-state": run.state, tabindex: "0", class: "run-row" },
+    return [
       h("td", {}, badge(run.state)),
       h("td", {}, h("a", { href: `#/runs/${enc(run.id)}`, tabindex: "-1" }, run.workflow || "workflow")),
       h("td", {}, run.repo),
@@ -344,22 +351,37 @@ function runsPage() {
         run.started_by === "server" ? "dashboard/API" : "command line",
         run.rehearsed ? h("span", { class: "tag" }, "rehearsal") : null,
       ),
-    );
-    activateOnKeys(tr, () => (location.hash = `#/runs/${enc(run.id)}`));
+    ];
+  }
+
+  function row(run) {
+    let tr = rows.get(run.id);
+    if (!tr) {
+      tr = h("tr", { "data-run": run.id, tabindex: "0", class: "run-row" });
+      activateOnKeys(tr, () => (location.hash = `#/runs/${enc(run.id)}`));
+      rows.set(run.id, tr);
+    }
+    tr.setAttribute("data-state", run.state);
+    tr.replaceChildren(...cells(run));
     return tr;
   }
 
   function render() {
-    const focused = document.activeElement?.dataset?.run;
     const sorted = [...runs.values()].filter(matches).sort((a, b) => (b.started_ms || 0) - (a.started_ms || 0) || (a.id < b.id ? 1 : -1));
-    body.replaceChildren(...sorted.map(row));
-    if (!sorted.length) body.append(h("tr", {}, h("td", { colspan: "9", class: "empty" }, "No runs yet. Start one with `ccluster apply`.")));
+    const trs = sorted.map(row);
+    // Rows are moved only when the order changed: a row taken out of the page loses the focus.
+    const same = trs.length === body.children.length && trs.every((tr, i) => body.children[i] === tr);
+    if (!same) {
+      const focused = document.activeElement?.dataset?.run;
+      body.replaceChildren(...trs);
+      if (!sorted.length) body.append(h("tr", {}, h("td", { colspan: "9", class: "empty" }, "No runs yet. Start one with `ccluster apply`.")));
+      if (focused) rows.get(focused)?.focus();
+    }
     more.hidden = !next;
     const repos = new Set([...runs.values()].map((r) => r.repo));
     for (const repo of repos) {
       if (![...repoSelect.options].some((o) => o.value === repo)) repoSelect.append(h("option", { value: repo }, repo));
     }
-    if (focused) body.querySelector(`[data-run="${CSS.escape(focused)}"]`)?.focus();
   }
 
   // The repositories served, for the filter, even before they have runs.
@@ -458,6 +480,9 @@ function runPage(runId, initialNode) {
     order: [], // nodes in plan order
     groupOf: new Map(), // node → group id
     kindOf: new Map(), // group id → kind
+    // Node states from events, which may be ahead of the record read (a run in progress is read
+    // from a snapshot its driver writes now and then).
+    seen: new Map(), // node → {state, attempts, started_ms, finished_ms, message}
   };
   let events = null;
   let lastSeq = 0;
@@ -585,7 +610,9 @@ function runPage(runId, initialNode) {
       }
     }
   }
-  const refreshSoon = throttle(refresh, 1500);
+  // Node states come with the events; the full record (costs, messages) is read again now and
+  // then, less often for a big run, whose record is big.
+  const refreshSoon = throttle(refresh, () => (model.tasks.size > 2000 ? 5000 : 1500));
 
   function applyRun(run, graph) {
     const structureChanged = !model.graph || graphKey(graph) !== graphKey(model.graph);
@@ -593,6 +620,17 @@ function runPage(runId, initialNode) {
     model.graph = graph;
     model.tasks = new Map(run.tasks.map((t) => [t.node, t]));
     model.order = [...run.tasks].sort((a, b) => (a.order ?? 0) - (b.order ?? 0)).map((t) => t.node);
+    for (const [node, seen] of model.seen) {
+      const t = model.tasks.get(node);
+      if (!t) {
+        model.tasks.set(node, { node, task: taskOfNode(node), order: model.order.length, ...seen });
+        model.order.push(node);
+      } else if (progress(seen.state) > progress(t.state) || (seen.attempts || 0) > (t.attempts || 0)) {
+        Object.assign(t, seen);
+      } else {
+        model.seen.delete(node); // the record has caught up
+      }
+    }
     model.groupOf = new Map();
     model.kindOf = new Map();
     for (const g of graph.groups) {
@@ -657,6 +695,8 @@ function runPage(runId, initialNode) {
       if (st !== "running" && st !== "retrying") t.finished_ms = ev.time_ms;
       if (ev.message) t.message = ev.message;
       if (ev.reason) t.message = ev.reason;
+      const { state, attempts, started_ms, finished_ms, message } = t;
+      model.seen.set(ev.task, { state, attempts, started_ms, finished_ms, message });
       scheduleRender();
       refreshSoon();
     }
@@ -701,6 +741,7 @@ function runPage(runId, initialNode) {
     title.textContent = run.workflow || "workflow";
     runState.replaceChildren(badge(run.state), run.rehearsed ? h("span", { class: "tag" }, "rehearsal") : "");
     cancelBtn.disabled = !(run.state === "running" && run.live !== false);
+    if (run.state !== "running" && actionMsg.textContent.startsWith("Cancel")) actionMsg.textContent = "";
     retryBtn.disabled = !["failed", "cancelled", "interrupted"].includes(run.state);
   }
 
@@ -1163,7 +1204,7 @@ function runPage(runId, initialNode) {
         h("span", { class: "entry-kind" }, label),
         entry.time_ms ? h("span", { class: "entry-time" }, fmtTime(entry.time_ms)) : null,
         entry.cost_usd ? h("span", { class: "entry-cost" }, fmtCost(entry.cost_usd)) : null,
-        entry.detail ? h("div", { class: "entry-detail" }, entry.detail) : null,
+        entry.detail && !(entry.kind === "turn" && /^(turn )?\d+$/.test(entry.detail)) ? h("div", { class: "entry-detail" }, entry.detail) : null,
       );
     }
 
