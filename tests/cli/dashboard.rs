@@ -504,6 +504,7 @@ const SECOND: Duration = Duration::from_secs(1);
 const WATCHED: &str = r#"version = 1
 [workflow]
 name = "watched"
+result = "write"
 
 [tasks.prepare]
 run = "while [ ! -f GATE/prepare ]; do sleep 0.1; done; echo ready"
@@ -709,6 +710,24 @@ fn dashboard_shows_a_rehearsed_run_live_its_graph_transcript_and_diff() {
         "the page was reloaded"
     );
     browser.screenshot(&artifacts.join("finished.png"));
+
+    // The run's report and the diff of its result.
+    browser.click("#tab-report");
+    browser.wait_js(
+        "the report names the run and its tasks",
+        30 * SECOND,
+        &format!(
+            "const r = document.querySelector('#report pre'); \
+             return r && r.textContent.includes('{run}') && r.textContent.includes('notes');"
+        ),
+    );
+    browser.click("#tab-result");
+    browser.wait_js(
+        "the result's diff shows the file `write` added",
+        30 * SECOND,
+        "return [...document.querySelectorAll('#result-diff .line.add')]\
+            .some(e => e.textContent.includes('hello from the dashboard'));",
+    );
     eprintln!("screenshots in {}", artifacts.display());
 }
 
@@ -830,6 +849,34 @@ run = "echo never"
         "it can be retried"
     );
     browser.screenshot(&artifacts.join("cancelled.png"));
+    let cancelled = browser.js("return location.hash;", json!([]));
+
+    // Retry from the page: the server starts the run again and the page follows it; it is
+    // cancelled in turn.
+    browser.click("#retry");
+    browser.wait_js(
+        "the retried run is shown running",
+        60 * SECOND,
+        "return document.querySelector('#run-state .badge')?.textContent === 'running' \
+            && document.querySelector('#graph [data-node=\"slow\"]')?.dataset.state === 'running';",
+    );
+    let retried = browser.js("return location.hash;", json!([]));
+    eprintln!("retry of {cancelled} is {retried}");
+    browser.click("#cancel");
+    browser.wait_js(
+        "the retried run is shown cancelled",
+        60 * SECOND,
+        "return document.querySelector('#run-state .badge')?.textContent === 'cancelled';",
+    );
+    // The runs list says who started which.
+    browser.goto(&format!("{}/#/", server.base));
+    browser.wait_js(
+        "the runs list shows the retry as started from the dashboard",
+        30 * SECOND,
+        "const rows = [...document.querySelectorAll('#runs [data-run]')]; \
+         return rows.some(r => r.innerText.includes('dashboard/API')) \
+            && rows.some(r => r.innerText.includes('command line'));",
+    );
 }
 
 /// A fan-out of 10,000 shell tasks, held by a gate file until the test opens it.
