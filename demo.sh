@@ -33,3 +33,4 @@ echo
 echo "== the report (ccluster report)"
 "$ccluster" report
 echo "== next: cd $demo and try: $ccluster status | $ccluster artifacts <run> | $ccluster export --patch -"
+echo "== watch runs in the dashboard: $ccluster serve --repo $demo   then open http://127.0.0.1:7878/"

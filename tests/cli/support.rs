@@ -244,3 +244,114 @@ pub(crate) fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A `ccluster serve` started by a test on a free loopback port, killed (by its pid) when dropped.
+pub struct Served {
+    pub child: Option<Child>,
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+}
+
+impl Served {
+    /// Serves `repos`; waits until it answers `/api/v1/health`.
+    pub fn start(repos: &[&Path]) -> Served {
+        Served::start_on(repos, 0)
+    }
+
+    /// On `port` (0: any free one).
+    pub fn start_on(repos: &[&Path], port: u16) -> Served {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ccluster"));
+        cmd.args(["serve", "--addr", &format!("127.0.0.1:{port}")]);
+        for r in repos {
+            cmd.arg("--repo").arg(r);
+        }
+        let mut child = cmd
+            .env_remove("CCLUSTER_STATE_DIR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Its first line names the address (the port, when 0 was asked for).
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let base = line
+            .trim()
+            .strip_prefix("serving on ")
+            .unwrap_or_else(|| panic!("serve said {line:?}"))
+            .trim_end_matches('/')
+            .to_string();
+        let served = Served {
+            child: Some(child),
+            base,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while served.get("/api/v1/health").0 != 200 {
+            assert!(std::time::Instant::now() < deadline, "serve never answered");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        served
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(60)))
+            .build()
+            .into()
+    }
+
+    /// Status and body of a GET.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        match Served::agent().get(&self.url(path)).call() {
+            Ok(mut r) => (
+                r.status().as_u16(),
+                r.body_mut().read_to_string().unwrap_or_default(),
+            ),
+            Err(_) => (0, String::new()),
+        }
+    }
+
+    /// A GET's body as JSON, asserting the status.
+    pub fn json(&self, path: &str, status: u16) -> Value {
+        let (code, body) = self.get(path);
+        assert_eq!(code, status, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+    }
+
+    /// Status and JSON body of a POST of `body` (raw text).
+    pub fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        let mut r = Served::agent()
+            .post(&self.url(path))
+            .header("content-type", "application/json")
+            .send(body)
+            .unwrap();
+        let text = r.body_mut().read_to_string().unwrap_or_default();
+        (
+            r.status().as_u16(),
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -80,7 +80,8 @@ fn pick_repo<'a>(shared: &'a Shared, name: Option<&str>) -> ApiResult<&'a Repo> 
     }
 }
 
-/// A clusterfile path inside the repository: relative, without `..`.
+/// A clusterfile path inside the repository: relative, without `..` (as given: diagnostics name
+/// it so).
 fn clusterfile_in(repo: &Repo, path: Option<&str>) -> ApiResult<PathBuf> {
     let path = path.unwrap_or("clusterfile.toml");
     let p = Path::new(path);
@@ -94,14 +95,13 @@ fn clusterfile_in(repo: &Repo, path: Option<&str>) -> ApiResult<PathBuf> {
             format!("`{path}` is not a path inside the repository (relative, no `..`)"),
         ));
     }
-    let full = repo.root.join(p);
-    if !full.is_file() {
+    if !repo.root.join(p).is_file() {
         return Err(ApiError::not_found(
             "clusterfile-not-found",
             format!("{} has no file `{path}`", repo.name),
         ));
     }
-    Ok(full)
+    Ok(p.to_path_buf())
 }
 
 /// Writes the inputs where the process reads them (`--vars`), private to the user; removed once

@@ -472,6 +472,27 @@ fn logs_dir(shared: &Shared, view: &RunView, run: &str) -> PathBuf {
         .join("logs")
 }
 
+/// How many attempts the run and node a task's result came from made (its own, unless cached
+/// or deduplicated).
+fn source_attempts(shared: &Shared, view: &RunView, task: &TaskRecord) -> u32 {
+    let (from_run, from_node) = task.result_source(&view.run.id);
+    let find = |v: &RunView| {
+        v.tasks
+            .iter()
+            .find(|t| t.node == from_node)
+            .map(|t| t.attempts)
+    };
+    if from_run == view.run.id {
+        find(view).unwrap_or(task.attempts)
+    } else {
+        shared
+            .states
+            .run(from_run)
+            .and_then(|v| find(&v))
+            .unwrap_or(0)
+    }
+}
+
 /// Attempt numbers that have log files for a node.
 fn attempts_logged(logs: &Path, node: &str) -> Vec<u32> {
     let stem = crate::workspace::names::node_file_name(node);
@@ -528,7 +549,10 @@ pub async fn get_task(
             }
         }
     };
-    let numbers = attempts_logged(&logs_dir(&shared, &view, from_run), from_node);
+    let mut numbers: Vec<u32> = (1..=source_attempts(&shared, &view, &task)).collect();
+    if numbers.is_empty() {
+        numbers = attempts_logged(&logs_dir(&shared, &view, from_run), from_node);
+    }
     Ok(Json(TaskDetail {
         task,
         attempts,
@@ -571,6 +595,8 @@ const LOG_POLL: Duration = Duration::from_millis(100);
 
 struct LogFile {
     path: PathBuf,
+    /// The attempt was made (its missing file is an empty log, not an unknown one).
+    made: bool,
 }
 
 async fn log_file(
@@ -591,11 +617,12 @@ async fn log_file(
     }
     let (from_run, from_node) = task.result_source(&view.run.id);
     let logs = logs_dir(shared, &view, from_run);
+    let made = source_attempts(shared, &view, &task);
     let attempt = match attempt {
         Some(a) => a,
-        None => attempts_logged(&logs, from_node)
-            .last()
-            .copied()
+        None => (made > 0)
+            .then_some(made)
+            .or_else(|| attempts_logged(&logs, from_node).last().copied())
             .ok_or_else(|| {
                 ApiError::not_found(
                     "no-logs",
@@ -604,7 +631,9 @@ async fn log_file(
             })?,
     };
     let path = crate::exec::log_path(&logs, from_node, attempt, &stream);
-    Ok((view, task, attempt, LogFile { path }))
+    // An attempt that wrote nothing on a stream has no file for it: an empty log.
+    let made = attempt >= 1 && attempt <= made;
+    Ok((view, task, attempt, LogFile { path, made }))
 }
 
 /// Bytes of an attempt's log: a range, or followed while the attempt runs.
@@ -632,12 +661,14 @@ pub async fn task_logs(
         h
     };
     if !q.follow.unwrap_or(false) {
-        let size = size.map_err(|_| {
-            ApiError::not_found(
-                "no-logs",
-                format!("`{}` attempt {attempt} has no such log", task.node),
-            )
-        })?;
+        let size = size
+            .or_else(|e| if file.made { Ok(0) } else { Err(e) })
+            .map_err(|_| {
+                ApiError::not_found(
+                    "no-logs",
+                    format!("`{}` attempt {attempt} has no such log", task.node),
+                )
+            })?;
         if offset > size {
             return Err(ApiError::new(
                 StatusCode::RANGE_NOT_SATISFIABLE,
