@@ -463,9 +463,9 @@ function fillBar(parent, counts, total, x, y, width, height) {
 // A run
 
 const ROW_HEIGHT = 30; // the task list's rows, in CSS pixels (app.css .task-row)
-const NODE_W = 200;
+const NODE_W = 180;
 const NODE_H = 58;
-const COL_GAP = 70;
+const COL_GAP = 56;
 const ROW_GAP = 18;
 const PAD = 16;
 
@@ -841,7 +841,7 @@ function runPage(runId, initialNode) {
     const tooltip = s("title", {});
     el.append(tooltip, s("rect", { class: "node-box", width: NODE_W, height: NODE_H, rx: 6 }));
     el.append(s("rect", { class: "node-stripe", width: 5, height: NODE_H, rx: 2 }));
-    el.append(s("text", { x: 14, y: 20, class: "node-name" }, clip(g.id, 24)));
+    el.append(s("text", { x: 14, y: 20, class: "node-name" }, clip(g.id, 20)));
     el.append(s("text", { x: NODE_W - 10, y: 20, class: "node-kind", "text-anchor": "end" }, g.kind));
     const countsText = s("text", { x: 14, y: 38, class: "node-counts" });
     const bar = s("g", {});
@@ -1018,10 +1018,12 @@ function runPage(runId, initialNode) {
   }
 
   // --- the task panel
-  let openedFrom = null;
+  let openedFrom = null; // the node whose panel was opened
+  let returnFocus = null; // the element it was opened from, which gets the focus back
 
   function openTask(node) {
     openedFrom = node;
+    returnFocus = document.activeElement?.closest?.("[data-node], [data-group]") ?? null;
     location.hash = `#/runs/${enc(runId)}/tasks/${enc(node)}`;
   }
 
@@ -1035,7 +1037,9 @@ function runPage(runId, initialNode) {
       panelBox.replaceChildren();
       renderRows();
       // Focus goes back to where the panel was opened from.
-      if (openedFrom) {
+      if (returnFocus?.isConnected) returnFocus.focus();
+      else if (openedFrom) {
+        // A row is redrawn as the list changes: the one showing the same node.
         const back =
           rowsBox.querySelector(`[data-node="${CSS.escape(openedFrom)}"]`) || graphBox.querySelector(`[data-node="${CSS.escape(openedFrom)}"]`);
         back?.focus();
