@@ -512,7 +512,7 @@ run = "while [ ! -f GATE/prepare ]; do sleep 0.1; done; echo ready"
 [tasks.fan]
 needs = ["prepare"]
 map = ["a", "b", "c"]
-run = "while [ ! -f GATE/fan ]; do sleep 0.1; done; echo {{ item }}"
+run = "echo waiting for the gate; while [ ! -f GATE/fan ]; do sleep 0.1; done; echo released {{ item }}"
 
 [tasks.write]
 needs = ["prepare"]
@@ -689,8 +689,24 @@ fn dashboard_shows_a_rehearsed_run_live_its_graph_transcript_and_diff() {
         ),
     );
 
+    // A running task's log, followed: what it prints next appears by itself.
+    browser.click(".task-row[data-node='fan[0]']");
+    browser.click("#tab-log");
+    browser.wait_js(
+        "the log shows what the task printed so far",
+        20 * SECOND,
+        "return document.getElementById('log')?.textContent.includes('waiting for the gate');",
+    );
     // The fan-out's instances finish; then the run.
     std::fs::write(gates.path().join("fan"), "").unwrap();
+    browser.wait_js(
+        "the followed log shows the task's last line",
+        30 * SECOND,
+        "const log = document.getElementById('log')?.textContent ?? ''; \
+         return log.includes('waiting for the gate') && log.includes('released a');",
+    );
+    browser.screenshot(&artifacts.join("log.png"));
+    browser.press(ESCAPE);
     browser.wait_js(
         "every box is succeeded",
         120 * SECOND,

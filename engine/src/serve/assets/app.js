@@ -397,10 +397,17 @@ function runsPage() {
 
   // Runs appearing and changing, live.
   events = new EventSource(API + "/events");
+  let renderQueued = false;
   events.addEventListener("run", (e) => {
     const run = JSON.parse(e.data);
     runs.set(run.id, run);
-    render();
+    // A busy run changes many times a second: the list is redrawn once per frame at most.
+    if (renderQueued) return;
+    renderQueued = true;
+    requestAnimationFrame(() => {
+      renderQueued = false;
+      render();
+    });
   });
   events.onerror = () => status.replaceChildren(notice("Live updates interrupted; reconnecting…", "warn"));
   events.onopen = () => status.replaceChildren();
@@ -642,7 +649,6 @@ function runPage(runId, initialNode) {
     renderAll();
     if (!finished && !events) connect();
     if (finished) stopLive();
-    panel?.runChanged();
   }
 
   function graphKey(graph) {
@@ -727,6 +733,7 @@ function runPage(runId, initialNode) {
     renderSummary();
     updateGraph();
     renderRows();
+    panel?.runChanged();
   }
 
   function counts() {
@@ -1067,6 +1074,7 @@ function runPage(runId, initialNode) {
     let timer = null;
     let transcriptRefresh = null;
     let sawAgent = false;
+    let lastKey = null; // the node's state and attempts when last looked at
 
     const heading = h("h2", { tabindex: "-1", class: "mono" }, node);
     const stateEl = h("span", {});
@@ -1084,7 +1092,9 @@ function runPage(runId, initialNode) {
     heading.focus();
 
     const kind = () => model.kindOf.get(model.groupOf.get(node) ?? taskOfNode(node));
-    const task = () => detail?.task || model.tasks.get(node);
+    // The run's records (read again as the run goes, and moved on by its events) are fresher
+    // than the task's detail, read once when the panel opened.
+    const task = () => model.tasks.get(node) || detail?.task;
     const running = () => ["running", "retrying"].includes(task()?.state) && !finished;
     const attemptParam = () => (attempt ? `attempt=${attempt}` : "");
 
@@ -1389,12 +1399,14 @@ function runPage(runId, initialNode) {
         }
         renderFacts();
         const t = model.tasks.get(node);
-        if (t && detail && (t.state !== detail.task.state || t.attempts !== detail.task.attempts)) {
-          const wasRunning = ["running", "retrying"].includes(detail.task.state);
-          refreshDetail();
-          // A finished attempt now has its diff and its full log.
-          if (wasRunning && (tab === "diff" || tab === "transcript")) showTab(tab);
-        }
+        if (!t) return;
+        const key = `${t.state}/${t.attempts}`;
+        if (key === lastKey) return;
+        const wasRunning = lastKey !== null && /^(running|retrying)\//.test(lastKey);
+        lastKey = key;
+        refreshDetail();
+        // A finished attempt now has its diff and its whole transcript.
+        if (wasRunning && !running() && (tab === "diff" || tab === "transcript")) showTab(tab);
       },
     };
   }
@@ -1404,6 +1416,12 @@ function runPage(runId, initialNode) {
     if (!model.run || finished) return;
     const d = document.getElementById("run-duration");
     if (d) d.textContent = fmtDuration(runDuration(model.run));
+    // Running tasks' durations too (only the rows in view exist).
+    for (const row of rowsBox.querySelectorAll('.task-row[data-state="running"], .task-row[data-state="retrying"]')) {
+      const t = model.tasks.get(row.dataset.node);
+      const cell = row.querySelector(".t-dur");
+      if (t?.started_ms && cell) cell.textContent = fmtDuration(Date.now() - t.started_ms);
+    }
   }, 1000);
   // A fallback when the event stream is unavailable: the record is read again now and then.
   poller = setInterval(() => {
