@@ -507,7 +507,7 @@ name = "watched"
 result = "write"
 
 [tasks.prepare]
-run = "while [ ! -f GATE/prepare ]; do sleep 0.1; done; echo ready"
+run = "while [ ! -f GATE/prepare ]; do sleep 0.1; done; echo 'ready <img src=x onerror=window.pwned=1>'"
 
 [tasks.fan]
 needs = ["prepare"]
@@ -726,6 +726,19 @@ fn dashboard_shows_a_rehearsed_run_live_its_graph_transcript_and_diff() {
         "the page was reloaded"
     );
     browser.screenshot(&artifacts.join("finished.png"));
+
+    // Text from the work is shown as text, never made into elements.
+    assert_eq!(
+        browser.text(".task-row[data-node='prepare'] .t-msg"),
+        "ready <img src=x onerror=window.pwned=1>"
+    );
+    assert_eq!(
+        browser.js(
+            "return document.querySelectorAll('img').length + (window.pwned ? 100 : 0);",
+            json!([])
+        ),
+        0
+    );
 
     // The run's report and the diff of its result.
     browser.click("#tab-report");
