@@ -903,8 +903,8 @@ run = "echo never"
         "the runs list shows the retry as started from the dashboard",
         30 * SECOND,
         "const rows = [...document.querySelectorAll('#runs [data-run]')]; \
-         return rows.some(r => r.innerText.includes('dashboard/API')) \
-            && rows.some(r => r.innerText.includes('command line'));",
+         return rows.some(r => r.innerText.includes('server (dashboard/API)')) \
+            && rows.some(r => r.innerText.includes('(cli)'));",
     );
 }
 

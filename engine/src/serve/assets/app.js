@@ -110,6 +110,12 @@ function runDuration(run) {
   return run.duration_ms;
 }
 
+/** Who or what started a run: `alice (cli)`, `alice (cli, GitHub Actions)`, or the server. */
+function startedBy(run) {
+  if (run.started_by === "server") return "server (dashboard/API)";
+  return run.started_by || "unknown";
+}
+
 /** The plan task a node belongs to: `build[3]` → `build`. */
 function taskOfNode(node) {
   const i = node.indexOf("[");
@@ -348,7 +354,7 @@ function runsPage() {
       h(
         "td",
         {},
-        run.started_by === "server" ? "dashboard/API" : "command line",
+        startedBy(run),
         run.rehearsed ? h("span", { class: "tag" }, "rehearsal") : null,
       ),
     ];
@@ -774,7 +780,7 @@ function runPage(runId, initialNode) {
       h(
         "div",
         { class: "stat wide" },
-        h("span", { class: "stat-value small" }, `${fmtTime(run.started_ms)} · ${run.started_by === "server" ? "dashboard/API" : "command line"}`),
+        h("span", { class: "stat-value small" }, `${fmtTime(run.started_ms)} · ${startedBy(run)}`),
         h("span", { class: "stat-label" }, `${run.repo} · ${run.clusterfile ?? ""}`),
       ),
       h("div", { class: "summary-bar" }, stateBar(c, 400)),
@@ -1311,7 +1317,16 @@ function runPage(runId, initialNode) {
 
     function showAttempts() {
       const attempts = detail?.attempts || [];
-      if (!attempts.length) return body.replaceChildren(notice("No attempt yet."));
+      if (!attempts.length) {
+        // A run in progress has its attempts' records in its database, which only its driver
+        // reads: the server knows their numbers, and their details once the run has ended.
+        const numbers = detail?.attempt_numbers || [];
+        return body.replaceChildren(
+          numbers.length
+            ? notice(`Attempt${numbers.length === 1 ? "" : "s"} ${numbers.join(", ")}: their details are shown once the run has ended.`)
+            : notice("No attempt yet."),
+        );
+      }
       body.replaceChildren(
         h(
           "table",
