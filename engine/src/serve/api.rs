@@ -404,16 +404,66 @@ pub async fn get_run(
         budget_usd: budget,
         tasks: Vec::new(),
     };
-    // Serialized on a blocking thread: 10,000 task records are a few megabytes.
+    if let Some(body) = shared.bodies.get(&view, "run") {
+        return Ok(json_bytes(body));
+    }
+    // Serialized on a blocking thread: 10,000 task records are a few megabytes. The summary
+    // first, then the tasks spliced in as the last field, without an intermediate tree.
     let tasks = view.tasks.clone();
     let body = tokio::task::spawn_blocking(move || {
-        let mut value = serde_json::to_value(&detail).unwrap_or_default();
-        value["tasks"] = serde_json::to_value(&*tasks).unwrap_or_default();
-        serde_json::to_vec(&value).unwrap_or_default()
+        let mut out = serde_json::to_vec(&detail).unwrap_or_default();
+        let cut = out.len() - b"[]}".len();
+        out.truncate(cut);
+        let _ = serde_json::to_writer(&mut out, &*tasks);
+        out.push(b'}');
+        axum::body::Bytes::from(out)
     })
     .await
     .unwrap_or_default();
-    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+    shared.bodies.put(&view, "run", body.clone());
+    Ok(json_bytes(body))
+}
+
+fn json_bytes(body: axum::body::Bytes) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// Answers kept while what they were made from is unchanged: a finished 10,000-task run's detail
+/// is megabytes of JSON, made once. Keyed by run and kind, valid for the task list they were
+/// made from (the reader hands out the same list until its file changes); a run in progress is
+/// not kept (its duration grows).
+#[derive(Default)]
+pub struct Bodies {
+    kept: std::sync::Mutex<BTreeMap<BodyKey, (usize, axum::body::Bytes)>>,
+}
+
+/// A run and the kind of answer (`run`, `graph`).
+type BodyKey = (String, &'static str);
+
+/// At most this many answers are kept.
+const KEPT_BODIES: usize = 16;
+
+impl Bodies {
+    fn get(&self, view: &RunView, kind: &'static str) -> Option<axum::body::Bytes> {
+        let kept = self.kept.lock().ok()?;
+        let (made_from, body) = kept.get(&(view.run.id.clone(), kind))?;
+        (*made_from == Arc::as_ptr(&view.tasks) as usize).then(|| body.clone())
+    }
+
+    fn put(&self, view: &RunView, kind: &'static str, body: axum::body::Bytes) {
+        if view.live {
+            return;
+        }
+        if let Ok(mut kept) = self.kept.lock() {
+            if kept.len() >= KEPT_BODIES {
+                kept.clear();
+            }
+            kept.insert(
+                (view.run.id.clone(), kind),
+                (Arc::as_ptr(&view.tasks) as usize, body),
+            );
+        }
+    }
 }
 
 /// The run's task graph, grouped by task, laid out in layers.
@@ -423,10 +473,22 @@ pub async fn get_run(
 pub async fn get_graph(
     State(shared): State<Arc<Shared>>,
     UrlPath(run): UrlPath<String>,
-) -> ApiResult<Json<Graph>> {
+) -> ApiResult<Response> {
     let view = find_run(&shared, run).await?;
+    if let Some(body) = shared.bodies.get(&view, "graph") {
+        return Ok(json_bytes(body));
+    }
     let plan = PlanGroups::read(&shared.states.run_dir(&view));
-    Ok(Json(graph(plan.as_ref(), &view.tasks)))
+    let tasks = view.tasks.clone();
+    let body = tokio::task::spawn_blocking(move || {
+        axum::body::Bytes::from(
+            serde_json::to_vec(&graph(plan.as_ref(), &tasks)).unwrap_or_default(),
+        )
+    })
+    .await
+    .unwrap_or_default();
+    shared.bodies.put(&view, "graph", body.clone());
+    Ok(json_bytes(body))
 }
 
 /// One task of a run.

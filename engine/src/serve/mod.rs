@@ -46,6 +46,8 @@ pub struct Shared {
     pub states: States,
     pub watchers: Arc<live::Watchers>,
     pub exe: PathBuf,
+    /// Large answers made once (see [`api::Bodies`]).
+    pub bodies: api::Bodies,
 }
 
 #[derive(OpenApi)]
@@ -195,6 +197,7 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         states: States::new(repos),
         watchers: Arc::new(live::Watchers::default()),
         exe: config.exe.clone(),
+        bodies: api::Bodies::default(),
     });
     let listener = tokio::net::TcpListener::bind(config.addr).await?;
     let addr = listener.local_addr()?;
