@@ -334,6 +334,13 @@ impl Browser {
         );
     }
 
+    /// Replaces the value of the input matching `css` by typing `text` into it.
+    fn set_value(&self, css: &str, text: &str) {
+        let id = self.wait_for(css, Duration::from_secs(10));
+        self.must("POST", &format!("/element/{id}/clear"), Some(json!({})));
+        self.type_into(css, text);
+    }
+
     /// Presses and releases `key` where the focus is.
     fn press(&self, key: &str) {
         self.must(
@@ -905,6 +912,40 @@ run = "echo never"
         "const rows = [...document.querySelectorAll('#runs [data-run]')]; \
          return rows.some(r => r.innerText.includes('server (dashboard/API)')) \
             && rows.some(r => r.innerText.includes('(cli)'));",
+    );
+
+    // Start a run from the page: a clusterfile that is not there is said; the plan of the one
+    // that is, checked; the run started, shown running, and cancelled.
+    browser.click("#new-run");
+    browser.wait_for("#start-form:not([hidden])", 5 * SECOND);
+    browser.set_value("#start-clusterfile", "missing.toml");
+    browser.click("#start-plan");
+    browser.wait_js(
+        "the page says the clusterfile is missing",
+        30 * SECOND,
+        "return document.querySelector('#start-result .notice.error')?.innerText.includes('missing.toml');",
+    );
+    browser.set_value("#start-clusterfile", "clusterfile.toml");
+    browser.click("#start-plan");
+    browser.wait_js(
+        "the page shows the plan's size",
+        30 * SECOND,
+        "return document.getElementById('start-result').innerText.includes('2 plan nodes');",
+    );
+    browser.click("#start-submit");
+    browser.wait_js(
+        "the started run is shown running",
+        60 * SECOND,
+        &format!(
+            "return location.hash.startsWith('#/runs/') && location.hash !== {retried} \
+                && document.querySelector('#graph [data-node=\"slow\"]')?.dataset.state === 'running';"
+        ),
+    );
+    browser.click("#cancel");
+    browser.wait_js(
+        "the started run is shown cancelled",
+        60 * SECOND,
+        "return document.querySelector('#run-state .badge')?.textContent === 'cancelled';",
     );
 }
 

@@ -272,12 +272,21 @@ function runsPage() {
     ...["running", "succeeded", "failed", "cancelled", "interrupted"].map((st) => h("option", { value: st }, st)),
   );
 
+  const newRun = h("button", { type: "button", id: "new-run", "aria-expanded": "false", "aria-controls": "start-form" }, "Start a run…");
+  const form = startForm();
+  newRun.addEventListener("click", () => {
+    form.el.hidden = !form.el.hidden;
+    newRun.setAttribute("aria-expanded", String(!form.el.hidden));
+    if (!form.el.hidden) form.focus();
+  });
+
   app.append(
     header(h("span", {}, "Runs")),
     h(
       "main",
       { class: "runs" },
-      h("div", { class: "toolbar" }, h("h1", {}, "Runs"), repoSelect, stateSelect, status),
+      h("div", { class: "toolbar" }, h("h1", {}, "Runs"), repoSelect, stateSelect, status, h("span", { class: "spring" }), newRun),
+      form.el,
       h(
         "table",
         { class: "runs-table", id: "runs" },
@@ -390,12 +399,13 @@ function runsPage() {
     }
   }
 
-  // The repositories served, for the filter, even before they have runs.
+  // The repositories served, for the filter (even before they have runs) and the form.
   getJSON("/repos", abort.signal)
     .then((repos) => {
       for (const r of repos) {
         if (![...repoSelect.options].some((o) => o.value === r.name)) repoSelect.append(h("option", { value: r.name }, r.name));
       }
+      form.setRepos(repos);
     })
     .catch(() => {});
 
@@ -448,6 +458,117 @@ function groupState(c, total) {
   if (n("cancelled")) return "cancelled";
   if (n("skipped") && !n("succeeded") && !n("cached")) return "skipped";
   return "succeeded";
+}
+
+/**
+ * Starting a run from the page (`POST /api/v1/runs`), after checking its plan if wished
+ * (`POST /api/v1/plan`: the plan's size, or the clusterfile's diagnostics with their places).
+ */
+function startForm() {
+  const repo = h("select", { id: "start-repo", name: "repo" });
+  const clusterfile = h("input", { id: "start-clusterfile", name: "clusterfile", value: "clusterfile.toml", required: true, spellcheck: "false" });
+  const inputs = h("textarea", { id: "start-inputs", name: "inputs", rows: "2", placeholder: '{"name": "value"}', spellcheck: "false" });
+  const rehearse = h("input", { id: "start-rehearse", type: "checkbox", checked: true });
+  const fresh = h("input", { id: "start-fresh", type: "checkbox" });
+  const planBtn = h("button", { type: "button", id: "start-plan" }, "Check the plan");
+  const submit = h("button", { type: "submit", id: "start-submit", class: "primary" }, "Start");
+  const result = h("div", { id: "start-result", role: "status" });
+  const el = h(
+    "form",
+    { id: "start-form", class: "start-form", hidden: true, "aria-label": "Start a run" },
+    h("label", {}, "Repository", repo),
+    h("label", {}, "Clusterfile", clusterfile),
+    h("label", { class: "wide" }, "Inputs (JSON, optional)", inputs),
+    h("label", { class: "check" }, rehearse, " Rehearse: agents are answered by the scripted model (no key, no tokens)"),
+    h("label", { class: "check" }, fresh, " Fresh: ignore cached results"),
+    h("div", { class: "buttons" }, planBtn, submit),
+    result,
+  );
+
+  function body() {
+    let parsed = {};
+    const text = inputs.value.trim();
+    if (text) {
+      parsed = JSON.parse(text); // a syntax error is said by the caller
+      if (typeof parsed !== "object" || Array.isArray(parsed) || parsed === null) throw new Error("inputs must be a JSON object");
+    }
+    return { repo: repo.value || undefined, clusterfile: clusterfile.value.trim() || undefined, inputs: parsed };
+  }
+
+  async function send(path, extra) {
+    let payload;
+    try {
+      payload = { ...body(), ...extra };
+    } catch (e) {
+      result.replaceChildren(notice(`The inputs are not valid: ${e.message}`, "error"));
+      return null;
+    }
+    const r = await fetch(API + path, {
+      method: "POST",
+      headers: { "content-type": "application/json", accept: "application/json" },
+      body: JSON.stringify(payload),
+    });
+    const answer = await r.json().catch(() => ({}));
+    if (!r.ok) {
+      const list = Array.isArray(answer.diagnostics) ? answer.diagnostics : [];
+      result.replaceChildren(
+        notice(answer.detail || answer.title || `HTTP ${r.status}`, "error"),
+        list.length
+          ? h(
+              "ul",
+              { class: "diagnostics" },
+              ...list.map((d) =>
+                h(
+                  "li",
+                  { "data-severity": d.severity ?? null },
+                  h("span", { class: "mono" }, `${d.file ?? ""}${d.line ? `:${d.line}:${d.column ?? 1}` : ""}`),
+                  ` ${d.severity ?? "error"}[${d.code ?? "?"}]: ${d.message ?? ""}`,
+                  d.help ? h("span", { class: "muted" }, ` (${d.help})`) : null,
+                ),
+              ),
+            )
+          : null,
+      );
+      return null;
+    }
+    return answer;
+  }
+
+  planBtn.addEventListener("click", async () => {
+    result.replaceChildren(notice("Planning…"));
+    const plan = await send("/plan", {});
+    if (!plan) return;
+    const sum = plan.summary || {};
+    result.replaceChildren(
+      notice(
+        `The plan is valid: ${sum.tasks ?? "?"} tasks, ${sum.nodes ?? "?"} plan nodes` +
+          (sum.agent ? ` (${sum.agent} agent)` : "") +
+          (sum.dynamic_maps ? `, ${sum.dynamic_maps} dynamic maps` : "") +
+          ".",
+      ),
+    );
+  });
+  el.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    submit.disabled = true;
+    result.replaceChildren(notice("Starting…"));
+    try {
+      const started = await send("/runs", { rehearse: rehearse.checked, fresh: fresh.checked });
+      if (started?.run) location.hash = `#/runs/${enc(started.run)}`;
+    } catch (err) {
+      result.replaceChildren(notice(`Cannot start the run: ${err.message}`, "error"));
+    } finally {
+      submit.disabled = false;
+    }
+  });
+
+  return {
+    el,
+    focus: () => repo.focus(),
+    setRepos(repos) {
+      repo.replaceChildren(...repos.map((r) => h("option", { value: r.name }, r.name)));
+    },
+  };
 }
 
 /** A horizontal bar of counts per state (an SVG, `width` pixels wide). */
@@ -611,13 +732,21 @@ function runPage(runId, initialNode) {
   });
 
   // --- data
+  let waitedForRun = 0;
   async function refresh() {
     try {
       const [run, graph] = await Promise.all([getJSON(base, abort.signal), getJSON(`${base}/graph`, abort.signal)]);
+      if (!model.run) liveMsg.replaceChildren();
       applyRun(run, graph);
     } catch (e) {
       if (e.name === "AbortError") return;
       if (!(e instanceof HttpError)) console.error(e);
+      // A run just started from the page takes a moment to be recorded.
+      if (!model.run && e.status === 404 && waitedForRun++ < 40) {
+        liveMsg.replaceChildren(notice("Waiting for the run to start…"));
+        setTimeout(refresh, 250);
+        return;
+      }
       if (!model.run) {
         liveMsg.replaceChildren(notice(e.status === 404 ? `No run ${runId}.` : `Cannot load the run: ${e.message}`, "error"));
       }
