@@ -217,6 +217,8 @@ impl Browser {
                 "capabilities": {
                     "alwaysMatch": {
                         "browserName": "chrome",
+                        // The page's console, read back by `script_errors`.
+                        "goog:loggingPrefs": { "browser": "ALL" },
                         "goog:chromeOptions": { "binary": chromium, "args": args },
                     }
                 }
@@ -375,6 +377,21 @@ impl Browser {
         self.call("GET", &format!("/element/{id}/attribute/{name}"), None)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
+    }
+
+    /// Errors the page's scripts logged or threw since the last call (chromedriver's log of the
+    /// browser console). Failed requests are left out: the page asks for things that may not be
+    /// there (a diff of a task that changed nothing) and says so itself.
+    fn script_errors(&self) -> Vec<String> {
+        let log = self.must("POST", "/se/log", Some(json!({ "type": "browser" })));
+        log.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|entry| entry["level"] == "SEVERE")
+            .filter_map(|entry| entry["message"].as_str())
+            .filter(|m| !m.contains("Failed to load resource"))
+            .map(str::to_string)
+            .collect()
     }
 
     /// Saves a PNG of the window.
@@ -765,6 +782,7 @@ fn dashboard_shows_a_rehearsed_run_live_its_graph_transcript_and_diff() {
             .some(e => e.textContent.includes('hello from the dashboard'));",
     );
     eprintln!("screenshots in {}", artifacts.display());
+    assert_eq!(browser.script_errors(), Vec::<String>::new());
 }
 
 #[test]
@@ -947,6 +965,7 @@ run = "echo never"
         60 * SECOND,
         "return document.querySelector('#run-state .badge')?.textContent === 'cancelled';",
     );
+    assert_eq!(browser.script_errors(), Vec::<String>::new());
 }
 
 /// A fan-out of 10,000 shell tasks, held by a gate file until the test opens it.
@@ -1089,4 +1108,5 @@ fn dashboard_stays_usable_on_a_run_of_10000_tasks() {
     let sizes = browser.js(DOM_SIZES, json!([]));
     assert!(sizes["rows"].as_u64().unwrap() < 100, "{sizes}");
     browser.screenshot(&artifacts.join("wide-finished.png"));
+    assert_eq!(browser.script_errors(), Vec::<String>::new());
 }

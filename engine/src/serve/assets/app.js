@@ -280,6 +280,7 @@ function runsPage() {
     if (!form.el.hidden) form.focus();
   });
 
+  document.title = "Runs · ccluster";
   app.append(
     header(h("span", {}, "Runs")),
     h(
@@ -722,6 +723,7 @@ function runPage(runId, initialNode) {
       if (r.run && r.run !== runId) location.hash = `#/runs/${enc(r.run)}`;
       else {
         finished = false;
+        model.seen.clear(); // the states seen were the last attempt's
         connect();
         refresh();
       }
@@ -881,6 +883,7 @@ function runPage(runId, initialNode) {
     const run = model.run;
     if (!run) return;
     title.textContent = run.workflow || "workflow";
+    document.title = `${run.workflow || "workflow"} · ${run.state} · ccluster`;
     runState.replaceChildren(badge(run.state), run.rehearsed ? h("span", { class: "tag" }, "rehearsal") : "");
     cancelBtn.disabled = !(run.state === "running" && run.live !== false);
     if (run.state !== "running" && actionMsg.textContent.startsWith("Cancel")) actionMsg.textContent = "";
