@@ -546,6 +546,7 @@ run = "printf 'hello from the dashboard\n' > greeting.txt"
 [tasks.notes]
 needs = ["prepare"]
 prompt = "Write three notes"
+env = { CLAUDE_CODE_MAX_RETRIES = "1" }
 
 [tasks.finish]
 needs = ["fan", "write", "notes"]
@@ -555,8 +556,10 @@ run = "echo finished"
 const WATCHED_SCRIPT: &str = r#"turn_delay_ms = 1200
 
 [tasks.notes]
+faults = [{ status = 429, retry_after = 0 }]
 turns = [
   { text = "Writing the first note", tools = [{ name = "Write", input = { file_path = "{{cwd}}/notes/one.md", content = "one\n" } }] },
+  { tools = [{ name = "Write", input = { file_path = "/tmp/ccluster-dashboard-outside-the-tree.txt", content = "x" } }] },
   { tools = [{ name = "Write", input = { file_path = "{{cwd}}/notes/two.md", content = "two\n" } }] },
   { tools = [{ name = "Write", input = { file_path = "{{cwd}}/notes/three.md", content = "three\n" } }] },
   { tools = [{ name = "Read", input = { file_path = "{{cwd}}/notes/one.md" } }] },
@@ -670,10 +673,20 @@ fn dashboard_shows_a_rehearsed_run_live_its_graph_transcript_and_diff() {
         "return [...document.querySelectorAll('#transcript li[data-kind=\"tool\"]')]\
             .some(e => e.innerText.includes('Write'));",
     );
-    browser.screenshot(&artifacts.join("transcript.png"));
+    browser.screenshot(&artifacts.join("transcript-running.png"));
     if std::env::var("CCLUSTER_UPDATE_SCREENSHOT").as_deref() == Ok("1") {
         browser.screenshot(&root().join("docs/dashboard.png"));
     }
+
+    // The CLI's own retry of a rate-limited call, and a tool call the permissions refused.
+    browser.wait_js(
+        "the transcript shows the API retry and the denied tool call",
+        60 * SECOND,
+        "return document.querySelector('#transcript li[data-kind=\"api_retry\"]') \
+            && [...document.querySelectorAll('#transcript li[data-kind=\"denied\"]')]\
+                .some(e => e.innerText.includes('Write'));",
+    );
+    browser.screenshot(&artifacts.join("transcript.png"));
 
     // The finished worktree task's diff, rendered as a diff.
     browser.wait_for(
@@ -774,6 +787,18 @@ fn dashboard_shows_a_rehearsed_run_live_its_graph_transcript_and_diff() {
              return r && r.textContent.includes('{run}') && r.textContent.includes('notes');"
         ),
     );
+    // The finished agent's transcript ends with its result and what it cost.
+    browser.click("#tab-tasks");
+    browser.click(".task-row[data-node='notes']");
+    browser.wait_js(
+        "the transcript ends with the result and its cost",
+        30 * SECOND,
+        "const last = [...document.querySelectorAll('#transcript li')].pop(); \
+         return last?.dataset.kind === 'result' \
+            && last.querySelector('.entry-cost')?.textContent.startsWith('$') \
+            && last.innerText.includes('three notes written');",
+    );
+    browser.press(ESCAPE);
     browser.click("#tab-result");
     browser.wait_js(
         "the result's diff shows the file `write` added",
