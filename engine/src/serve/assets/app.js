@@ -1026,6 +1026,8 @@ function runPage(runId, initialNode) {
       if (els.single) {
         const t = model.tasks.get(g.nodes[0]);
         text = state + (t && t.attempts > 1 ? ` · attempt ${t.attempts}` : "") + (t && t.cost_usd ? ` · ${fmtCost(t.cost_usd)}` : "");
+      } else if (!total) {
+        text = "instances to come"; // a map over a list a task has not made yet
       } else {
         const parts = [`${done}/${total} done`];
         if (c.running || c.retrying) parts.push(`${(c.running || 0) + (c.retrying || 0)} running`);
@@ -1614,7 +1616,8 @@ function diffView(text, id) {
     if (line.startsWith("diff --git")) files++;
     if (cls === "add") added++;
     if (cls === "del") removed++;
-    if (i < MAX_LINES) frag.append(h("span", { class: `line ${cls}` }, line + "\n"));
+    const start = line.startsWith("diff --git") && i > 0 ? " file-start" : "";
+    if (i < MAX_LINES) frag.append(h("span", { class: `line ${cls}${start}` }, line + "\n"));
   });
   pre.append(frag);
   const stats = h(
