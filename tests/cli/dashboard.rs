@@ -362,7 +362,7 @@ impl Browser {
             "POST",
             "/execute/sync",
             Some(json!({
-                "script": "const e = document.querySelector(arguments[0]); return e ? e.innerText : '';",
+                "script": "const e = document.querySelector(arguments[0]); return e ? (e.innerText ?? e.textContent) : '';",
                 "args": [css],
             })),
         )
@@ -531,17 +531,18 @@ name = "watched"
 result = "write"
 
 [tasks.prepare]
-run = "while [ ! -f GATE/prepare ]; do sleep 0.1; done; echo 'ready <img src=x onerror=window.pwned=1>'"
+run = "while [ ! -f GATE/prepare ]; do sleep 0.1; done; echo '{\"items\": [\"a\", \"b\", \"c\"]}'"
+output = "json"
 
 [tasks.fan]
 needs = ["prepare"]
-map = ["a", "b", "c"]
+map = "{{ tasks.prepare.output.items }}"
 run = "echo waiting for the gate; while [ ! -f GATE/fan ]; do sleep 0.1; done; echo released {{ item }}"
 
 [tasks.write]
 needs = ["prepare"]
 workspace = "worktree"
-run = "printf 'hello from the dashboard\n' > greeting.txt"
+run = "printf 'hello from the dashboard\n' > greeting.txt; echo 'wrote <img src=x onerror=window.pwned=1>'"
 
 [tasks.notes]
 needs = ["prepare"]
@@ -610,14 +611,16 @@ fn dashboard_shows_a_rehearsed_run_live_its_graph_transcript_and_diff() {
         "#graph [data-group='prepare'][data-state='running']",
         30 * SECOND,
     );
-    // One box for the fan-out, counting its three instances; the graph's edges are drawn.
+    // The fan-out maps over what `prepare` will print: its box waits for its instances.
     assert_eq!(
         browser
             .attr("#graph [data-group='fan']", "data-count")
             .as_deref(),
-        Some("3")
+        Some("0")
     );
-    assert!(browser.find("#graph [data-node='fan[0]']").is_none());
+    assert!(browser
+        .text("#graph [data-group='fan']")
+        .contains("instances to come"));
     let edges = browser.js(
         "return document.querySelectorAll('#graph path.edge').length;",
         json!([]),
@@ -628,7 +631,7 @@ fn dashboard_shows_a_rehearsed_run_live_its_graph_transcript_and_diff() {
         "fan=pending finish=pending notes=pending prepare=running write=pending"
     );
     assert!(
-        browser.text("#summary").contains("0/7"),
+        browser.text("#summary").contains("0/4"),
         "{}",
         browser.text("#summary")
     );
@@ -640,6 +643,9 @@ fn dashboard_shows_a_rehearsed_run_live_its_graph_transcript_and_diff() {
         "#graph [data-group='prepare'][data-state='succeeded']",
         30 * SECOND,
     );
+    // The map is expanded: one box for the fan-out still, now counting its three instances.
+    browser.wait_for("#graph [data-group='fan'][data-count='3']", 30 * SECOND);
+    assert!(browser.find("#graph [data-node='fan[0]']").is_none());
     browser.wait_for(
         "#graph [data-group='fan'][data-state='running']",
         30 * SECOND,
@@ -766,8 +772,8 @@ fn dashboard_shows_a_rehearsed_run_live_its_graph_transcript_and_diff() {
 
     // Text from the work is shown as text, never made into elements.
     assert_eq!(
-        browser.text(".task-row[data-node='prepare'] .t-msg"),
-        "ready <img src=x onerror=window.pwned=1>"
+        browser.text(".task-row[data-node='write'] .t-msg"),
+        "wrote <img src=x onerror=window.pwned=1>"
     );
     assert_eq!(
         browser.js(
