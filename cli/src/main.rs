@@ -354,6 +354,11 @@ struct RunArgs {
     /// `max_parallel`, 32 unless it says).
     #[arg(long, short = 'j')]
     jobs: Option<usize>,
+    /// Agent tasks running at once, apart from `--jobs`: agents wait on the model, not on CPUs
+    /// (default: `[defaults] max_agents`, else what memory allows at about 250 MB a worker, at
+    /// most 8).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    agents: Option<u32>,
     /// Time a stopping task gets between SIGTERM and SIGKILL.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     grace_period: Duration,
@@ -559,6 +564,7 @@ fn main() -> ExitCode {
                         rerun: Vec::new(),
                         state_dir: state.dir(Some(&file.file)),
                         jobs: run.jobs(),
+                        agents: run.agents.map(|n| n as usize),
                         advertise: run.advertise_addr.clone(),
                         fresh,
                         grace: run.grace_period,
@@ -584,6 +590,7 @@ fn main() -> ExitCode {
                 vars,
                 tasks,
                 jobs: options.jobs(),
+                agents: options.agents.map(|n| n as usize),
                 advertise: options.advertise_addr.clone(),
                 grace: options.grace_period,
                 output: options.output,
@@ -776,6 +783,7 @@ fn run_goal(goal: String, vars: Vec<String>, rehearse: bool, run: RunArgs, state
             rerun: Vec::new(),
             state_dir: state.dir(Some(std::path::Path::new("clusterfile.toml"))),
             jobs: run.jobs(),
+            agents: run.agents.map(|n| n as usize),
             advertise: run.advertise_addr.clone(),
             fresh: false,
             grace: run.grace_period,

@@ -191,6 +191,8 @@ pub struct ApplyArgs<'a> {
     pub state_dir: PathBuf,
     /// `--jobs`; `None`: [`default_jobs`].
     pub jobs: Option<usize>,
+    /// `--agents`; `None`: [`default_agents`].
+    pub agents: Option<usize>,
     /// `--advertise-addr`: where pods of a Kubernetes runner reach this machine.
     pub advertise: Option<String>,
     pub fresh: bool,
@@ -223,6 +225,29 @@ pub fn default_jobs(compiled: &ccluster_engine::Compiled) -> usize {
         .map(|decl| decl.max_parallel.map_or(32, |m| m as usize))
         .sum();
     cpus + remote
+}
+
+/// What one agent worker takes in memory (the `claude` CLI, measured at 200–250 MB).
+const AGENT_MEMORY: u64 = 250 << 20;
+/// The most agents run at once unless asked: past this, rate limits rather than the machine are
+/// what holds a run back.
+const MAX_DEFAULT_AGENTS: usize = 8;
+
+/// Agent tasks running at once when `--agents` does not say: `[defaults] max_agents`, else what
+/// the memory available now allows, at most [`MAX_DEFAULT_AGENTS`], at least 1.
+pub fn default_agents(compiled: &ccluster_engine::Compiled) -> usize {
+    if let Some(n) = compiled.workflow.max_agents {
+        return n;
+    }
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(2 * AGENT_MEMORY, |kb| kb * 1024);
+    ((available / AGENT_MEMORY) as usize).clamp(1, MAX_DEFAULT_AGENTS)
 }
 
 /// What the Kubernetes runners of the state's runs (as the latest run of each clusterfile
@@ -414,6 +439,10 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
     let rehearse = args.rehearse.clone();
     let opts = ApplyOptions {
         jobs: args.jobs.unwrap_or_else(|| default_jobs(compiled)).max(1),
+        agents: args
+            .agents
+            .unwrap_or_else(|| default_agents(compiled))
+            .max(1),
         fresh: args.fresh,
         grace: args.grace,
         workdir: std::fs::canonicalize(&workdir).unwrap_or(workdir),
@@ -547,6 +576,12 @@ fn snapshots(dir: &Path) -> Vec<RunView> {
                     tasks.push(record);
                 }
             }
+        }
+        // Nodes that have not changed yet have no record there: the run's grouped plan lists
+        // them, pending.
+        if let Some(plan) = ccluster_engine::serve::graph::PlanGroups::read(&entry.path()) {
+            let pending = plan.pending_besides(&tasks);
+            tasks.extend(pending);
         }
         tasks.sort_by_key(|t| t.order);
         out.push(RunView {
@@ -1007,6 +1042,8 @@ pub struct RetryArgs<'a> {
     pub tasks: Vec<String>,
     /// `--jobs`; `None`: [`default_jobs`].
     pub jobs: Option<usize>,
+    /// `--agents`; `None`: [`default_agents`].
+    pub agents: Option<usize>,
     /// `--advertise-addr`: where pods of a Kubernetes runner reach this machine.
     pub advertise: Option<String>,
     pub grace: Duration,
@@ -1132,6 +1169,7 @@ pub fn retry(dir: &Path, args: RetryArgs<'_>) -> u8 {
             rerun,
             state_dir: dir.to_path_buf(),
             jobs: args.jobs,
+            agents: args.agents,
             advertise: args.advertise.clone(),
             fresh: false,
             grace: args.grace,

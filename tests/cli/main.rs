@@ -5,6 +5,7 @@ mod agents;
 mod apply;
 mod attach;
 mod compose;
+mod concurrency;
 mod consistency;
 mod crash;
 mod dashboard;

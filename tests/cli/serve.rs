@@ -503,6 +503,8 @@ fn a_run_started_by_the_server_is_followed_from_the_cli_and_cancelled() {
     // `ccluster status` from a terminal sees it; `logs` too.
     let status = s.status();
     assert_eq!(status["run"]["state"], "running");
+    // Tasks that have not started are listed too, pending.
+    assert_eq!(crate::support::task(&status, "last")["state"], "pending");
     let logs = s.command(&["logs", &id, "slow"]).output().unwrap();
     assert!(String::from_utf8_lossy(&logs.stdout).contains("waiting"));
     assert_eq!(

@@ -9,8 +9,10 @@ use crate::store::StoreError;
 /// Settings of one `apply`.
 #[derive(Clone, Debug)]
 pub struct ApplyOptions {
-    /// Processes running at once.
+    /// Processes running at once (and agents too, when `agents` is 0).
     pub jobs: usize,
+    /// Agent attempts running at once, apart from `jobs`; 0: agents take `jobs` slots.
+    pub agents: usize,
     /// Ignore cached results.
     pub fresh: bool,
     /// Time between SIGTERM and SIGKILL when a task must stop.

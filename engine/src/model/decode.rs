@@ -596,6 +596,9 @@ impl Decoder<'_> {
         if let Some(n) = t.get("max_run_usd") {
             d.max_run_usd = self.float(n, "max_run_usd", (0.0, f64::INFINITY));
         }
+        if let Some(n) = t.get("max_agents") {
+            d.max_agents = self.count(n, "max_agents", 1);
+        }
         if let Some(n) = t.get("workspace") {
             d.workspace = self.choice(n, "workspace", WorkspaceMode::ALL);
         }

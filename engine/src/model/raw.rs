@@ -411,6 +411,10 @@ pub struct RawDefaults {
     /// it is reached.
     #[schemars(range(min = 0))]
     pub max_run_usd: Option<Spanned<f64>>,
+    /// Agent tasks running at once, apart from `--jobs` (processes): agents wait on the model,
+    /// not on CPUs. Default: what memory allows (about 250 MB a worker), at most 8.
+    #[schemars(range(min = 1))]
+    pub max_agents: Option<Spanned<i64>>,
     /// Default workspace of agent and shell tasks.
     pub workspace: Option<Spanned<WorkspaceMode>>,
     /// Command run in every fresh workspace before its task (`sh -c`).

@@ -309,6 +309,8 @@ pub struct Workflow {
     pub keep_failed: bool,
     /// No agent task starts once the run's agents have spent this much (US dollars).
     pub max_run_usd: Option<f64>,
+    /// `[defaults] max_agents`: agent tasks running at once.
+    pub max_agents: Option<usize>,
 }
 
 impl Workflow {
@@ -535,6 +537,11 @@ pub fn resolve(
             .as_ref()
             .and_then(|d| d.max_run_usd.as_ref())
             .map(|m| m.value),
+        max_agents: raw
+            .defaults
+            .as_ref()
+            .and_then(|d| d.max_agents.as_ref())
+            .map(|m| m.value.max(1) as usize),
     };
     let mut workflow = workflow;
     check_cycles(&workflow, diags);

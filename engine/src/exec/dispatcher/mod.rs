@@ -199,6 +199,9 @@ struct Dispatcher<'a> {
     /// Declared runners with a `max_parallel`: their attempts running (or armed) and the nodes
     /// held back for a slot.
     runner_slots: HashMap<String, RunnerSlots>,
+    /// With `--agents`: slots for processes (`--jobs`) and for agent attempts apart, since agents
+    /// wait on the model rather than use CPUs. `None`: agents take `--jobs` slots too.
+    kind_slots: Option<[RunnerSlots; 2]>,
 }
 
 /// A runner's `max_parallel`, as the dispatcher keeps it.
@@ -207,6 +210,10 @@ struct RunnerSlots {
     running: usize,
     parked: Vec<usize>,
 }
+
+/// The places of [`Dispatcher::kind_slots`].
+const PROCESS_SLOTS: usize = 0;
+const AGENT_SLOTS: usize = 1;
 
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(500);
 
@@ -439,6 +446,13 @@ pub async fn apply(
         max_run_usd: compiled.workflow.max_run_usd,
         dedup: Dedup::default(),
         runner_slots,
+        kind_slots: (opts.agents > 0).then(|| {
+            [opts.jobs, opts.agents].map(|max| RunnerSlots {
+                max: max.max(1),
+                running: 0,
+                parked: Vec::new(),
+            })
+        }),
     };
     d.build(compiled)?;
     crate::serve::graph::PlanGroups::of(&compiled.plan, compiled.workflow.max_run_usd)
@@ -1038,9 +1052,23 @@ impl Dispatcher<'_> {
     /// turns': a slot is free, or fewer than half the deepest arming's starts are left armed, or
     /// the run is stopping.
     fn commit_now(&self) -> bool {
-        self.running < self.opts.jobs
-            || self.armed.len() < MAX_ARM_DEPTH / 2 * self.opts.jobs
+        self.running < self.capacity()
+            || self.armed.len() < MAX_ARM_DEPTH / 2 * self.capacity()
             || self.stopping.is_some()
+    }
+
+    /// Attempts running at once: `--jobs` processes, plus `--agents` agents when they have slots
+    /// of their own.
+    fn capacity(&self) -> usize {
+        self.opts.jobs + self.kind_slots.as_ref().map_or(0, |s| s[AGENT_SLOTS].max)
+    }
+
+    /// Which of [`Dispatcher::kind_slots`] a node takes.
+    fn kind_of(&self, node: usize) -> usize {
+        match self.nodes[node].plan.action {
+            crate::plan::PlannedAction::Agent { .. } => AGENT_SLOTS,
+            _ => PROCESS_SLOTS,
+        }
     }
 
     /// Takes ready nodes while there is room, and prepares their attempts. Room is `--jobs`
@@ -1055,7 +1083,7 @@ impl Dispatcher<'_> {
             };
             let group = self.nodes[node].group;
             let taken = self.running + self.armed.len() + self.reserved + spawns.len();
-            if taken >= (1 + self.arm_depth(node)) * self.opts.jobs {
+            if taken >= (1 + self.arm_depth(node)) * self.capacity() {
                 break;
             }
             self.ready.pop();
@@ -1079,10 +1107,21 @@ impl Dispatcher<'_> {
                     continue;
                 }
             }
+            // Processes and agents each within their own slots.
+            let kind = self.kind_of(node);
+            if let Some(slots) = &mut self.kind_slots {
+                if slots[kind].running >= slots[kind].max {
+                    slots[kind].parked.push(node);
+                    continue;
+                }
+            }
             if let Some(job) = self.prepare(node)? {
                 self.groups[group].running += 1;
                 if let Some(slots) = self.runner_slots.get_mut(&plan.runner) {
                     slots.running += 1;
+                }
+                if let Some(slots) = &mut self.kind_slots {
+                    slots[kind].running += 1;
                 }
                 spawns.push((node, job));
             }
@@ -1097,6 +1136,13 @@ impl Dispatcher<'_> {
     /// An attempt of `node` ended (or was refused): its runner's slot is free, and what its
     /// `max_parallel` held back goes back in the queue, in its order.
     fn free_runner_slot(&mut self, node: usize) {
+        let kind = self.kind_of(node);
+        if let Some(slots) = &mut self.kind_slots {
+            slots[kind].running = slots[kind].running.saturating_sub(1);
+            for parked in std::mem::take(&mut slots[kind].parked) {
+                self.enqueue(parked);
+            }
+        }
         let plan = self.nodes[node].plan.clone();
         let Some(slots) = self.runner_slots.get_mut(&plan.runner) else {
             return;
@@ -1310,7 +1356,7 @@ impl Dispatcher<'_> {
                     inputs,
                     run_base,
                     result_branch: self.result_branch_of(&plan.id),
-                    pool_size: self.opts.jobs,
+                    pool_size: self.capacity(),
                 }),
                 _ => None,
             },
@@ -1530,7 +1576,7 @@ impl Dispatcher<'_> {
         sink: &mut dyn EventSink,
     ) -> Result<(), ApplyError> {
         let mut started = false;
-        while self.running < self.opts.jobs || self.stopping.is_some() {
+        while self.running < self.capacity() || self.stopping.is_some() {
             let Some((node, job)) = self.armed.pop_front() else {
                 break;
             };

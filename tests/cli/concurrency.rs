@@ -1,0 +1,61 @@
+//! Agent slots apart from process slots: `--agents` and `[defaults] max_agents` bound agent
+//! attempts, `--jobs` bounds processes, and neither waits for the other's slots.
+
+use serde_json::Value;
+
+use crate::agents::{rehearse, repo};
+
+const THREE_AGENTS: &str = r#"version = 1
+[workflow]
+name = "three"
+
+[tasks.a]
+prompt = "Say a"
+
+[tasks.b]
+prompt = "Say b"
+
+[tasks.c]
+prompt = "Say c"
+"#;
+
+/// The most attempts that overlapped, from the run's events.
+fn most_at_once(events: &[Value]) -> usize {
+    let (mut now, mut most) = (0usize, 0usize);
+    for e in events {
+        match e["event"].as_str() {
+            Some("task_started") => {
+                now += 1;
+                most = most.max(now);
+            }
+            Some("task_succeeded" | "task_failed" | "task_retrying") => now -= 1,
+            _ => {}
+        }
+    }
+    most
+}
+
+#[test]
+fn agents_run_beside_processes_in_slots_of_their_own() {
+    let s = repo(THREE_AGENTS);
+    // One process slot: the three agents still run together.
+    let done = rehearse(&s, &["--jobs", "1", "--agents", "3"]);
+    assert_eq!(done.code, 0, "{}{}", done.stdout, done.stderr);
+    assert_eq!(most_at_once(&done.events), 3, "{}", done.stdout);
+}
+
+#[test]
+fn agent_slots_hold_agents_back() {
+    let s = repo(THREE_AGENTS);
+    let done = rehearse(&s, &["--jobs", "4", "--agents", "1", "--fresh"]);
+    assert_eq!(done.code, 0, "{}{}", done.stdout, done.stderr);
+    assert_eq!(most_at_once(&done.events), 1, "{}", done.stdout);
+    // The clusterfile's default, when the command line does not say.
+    s.write(&THREE_AGENTS.replace(
+        "name = \"three\"\n",
+        "name = \"three\"\n\n[defaults]\nmax_agents = 2\n",
+    ));
+    let done = rehearse(&s, &["--jobs", "4", "--fresh"]);
+    assert_eq!(done.code, 0, "{}{}", done.stdout, done.stderr);
+    assert_eq!(most_at_once(&done.events), 2, "{}", done.stdout);
+}
