@@ -786,13 +786,16 @@ fn dashboard_shows_a_rehearsed_run_live_its_graph_transcript_and_diff() {
     // The run's report and the diff of its result.
     browser.click("#tab-report");
     browser.wait_js(
-        "the report names the run and its tasks",
+        "the report is drawn from its markdown: the run in its heading, a table of the tasks",
         30 * SECOND,
         &format!(
-            "const r = document.querySelector('#report pre'); \
-             return r && r.textContent.includes('{run}') && r.textContent.includes('notes');"
+            "const r = document.getElementById('report-body'); \
+             return r && r.querySelector('h2, h3')?.textContent.includes('{run}') \
+                && [...r.querySelectorAll('table td code')].some(c => c.textContent === 'notes') \
+                && !r.textContent.includes('**');"
         ),
     );
+    browser.screenshot(&artifacts.join("report.png"));
     // The finished agent's transcript ends with its result and what it cost.
     browser.click("#tab-tasks");
     browser.click(".task-row[data-node='notes']");

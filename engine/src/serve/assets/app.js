@@ -1148,7 +1148,17 @@ function runPage(runId, initialNode) {
     reportView.replaceChildren(notice("Loading the report…"));
     try {
       const text = await getText(`${base}/report?format=markdown`, abort.signal);
-      reportView.replaceChildren(h("pre", { class: "report" }, text));
+      reportView.replaceChildren(
+        h(
+          "p",
+          { class: "report-links" },
+          "As ",
+          h("a", { href: `${API}${base}/report?format=markdown`, target: "_blank", rel: "noopener" }, "markdown"),
+          " or ",
+          h("a", { href: `${API}${base}/report`, target: "_blank", rel: "noopener" }, "JSON"),
+        ),
+        markdownView(text),
+      );
     } catch (e) {
       if (e.name !== "AbortError") reportView.replaceChildren(notice(`No report: ${e.message}`, "warn"));
     }
@@ -1631,6 +1641,101 @@ function diffView(text, id) {
   );
   if (!lines.length) return h("div", { id, class: "diff empty" }, notice("The diff is empty."));
   return h("div", { class: "diff-wrap" }, stats, pre);
+}
+
+/**
+ * The markdown `ccluster report` writes, as elements: headings, paragraphs, lists, tables, fenced
+ * code, `<details>` with a `<summary>`, and inline code and bold. Built from text nodes only: the
+ * report quotes task ids, paths and messages, which are untrusted.
+ */
+function markdownView(text) {
+  const root = h("div", { class: "md", id: "report-body" });
+  const stack = [root];
+  const here = () => stack[stack.length - 1];
+  const lines = text.split("\n");
+  let para = [];
+  const flush = () => {
+    if (para.length) here().append(h("p", {}, ...inline(para.join(" "))));
+    para = [];
+  };
+  for (let i = 0; i < lines.length; i++) {
+    const line = lines[i];
+    let m;
+    if (line.startsWith("```")) {
+      flush();
+      const code = [];
+      while (++i < lines.length && !lines[i].startsWith("```")) code.push(lines[i]);
+      here().append(h("pre", { class: "md-code" }, code.join("\n")));
+    } else if ((m = /^(#{1,6})\s+(.*)$/.exec(line))) {
+      flush();
+      here().append(h(`h${Math.min(6, m[1].length + 1)}`, {}, ...inline(m[2])));
+    } else if ((m = /^<details><summary>(.*)<\/summary>\s*$/.exec(line))) {
+      flush();
+      const details = h("details", {}, h("summary", {}, ...inline(m[1])));
+      here().append(details);
+      stack.push(details);
+    } else if (/^<\/details>\s*$/.test(line)) {
+      flush();
+      if (stack.length > 1) stack.pop();
+    } else if (line.startsWith("|")) {
+      flush();
+      const rows = [];
+      for (; i < lines.length && lines[i].startsWith("|"); i++) rows.push(cellsOf(lines[i]));
+      i--;
+      here().append(table(rows));
+    } else if (/^[-*] /.test(line)) {
+      flush();
+      const list = h("ul", {});
+      for (; i < lines.length && /^[-*] /.test(lines[i]); i++) list.append(h("li", {}, ...inline(lines[i].slice(2))));
+      i--;
+      here().append(list);
+    } else if (!line.trim()) {
+      flush();
+    } else {
+      para.push(line.trim());
+    }
+  }
+  flush();
+  return root;
+
+  function cellsOf(row) {
+    return row
+      .trim()
+      .replace(/^\|/, "")
+      .replace(/\|$/, "")
+      .split(/(?<!\\)\|/)
+      .map((c) => c.trim().replace(/\\\|/g, "|"));
+  }
+
+  function table(rows) {
+    const isRule = (r) => r.every((c) => /^:?-+:?$/.test(c));
+    const align = rows.length > 1 && isRule(rows[1]) ? rows[1].map((c) => (c.endsWith(":") ? "right" : null)) : [];
+    const head = rows.length > 1 && isRule(rows[1]) ? rows[0] : null;
+    const bodyRows = head ? rows.slice(2) : rows;
+    return h(
+      "table",
+      { class: "md-table" },
+      head ? h("thead", {}, h("tr", {}, ...head.map((c, k) => h("th", { class: align[k] ? "num" : null }, ...inline(c))))) : null,
+      h("tbody", {}, ...bodyRows.map((r) => h("tr", {}, ...r.map((c, k) => h("td", { class: align[k] ? "num" : null }, ...inline(c)))))),
+    );
+  }
+
+  /** Inline code (backticks or `<code>`), bold, and plain text. */
+  function inline(s) {
+    const out = [];
+    const re = /`([^`]+)`|<code>(.*?)<\/code>|\*\*(.+?)\*\*/g;
+    let at = 0;
+    let m;
+    while ((m = re.exec(s))) {
+      if (m.index > at) out.push(s.slice(at, m.index));
+      if (m[1] !== undefined) out.push(h("code", {}, m[1]));
+      else if (m[2] !== undefined) out.push(h("code", {}, m[2]));
+      else out.push(h("strong", {}, ...inline(m[3])));
+      at = re.lastIndex;
+    }
+    if (at < s.length) out.push(s.slice(at));
+    return out;
+  }
 }
 
 function confirmAction(text) {
