@@ -660,6 +660,12 @@ function runPage(runId, initialNode) {
     "div",
     { class: "tab-body", id: "tasks-view" },
     h("div", { class: "toolbar" }, filterInput, stateSelect, groupChip, listCount),
+    h(
+      "div",
+      { class: "task-row task-head", "aria-hidden": "true" },
+      h("span", {}),
+      ...["Task", "State", "Tries", "Took", "Cost", "Message or output"].map((label) => h("span", {}, label)),
+    ),
     viewport,
   );
   const reportView = h("div", { class: "tab-body scroll", id: "report", hidden: true });
