@@ -664,7 +664,14 @@ function runPage(runId, initialNode) {
       "div",
       { class: "task-row task-head", "aria-hidden": "true" },
       h("span", {}),
-      ...["Task", "State", "Tries", "Took", "Cost", "Message or output"].map((label) => h("span", {}, label)),
+      ...[
+        ["Task"],
+        ["State"],
+        ["Tries"],
+        ["Took", "num"],
+        ["Cost", "num"],
+        ["Message or output"],
+      ].map(([label, cls]) => h("span", { class: cls ?? null }, label)),
     ),
     viewport,
   );
