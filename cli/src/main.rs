@@ -359,6 +359,10 @@ struct RunArgs {
     /// most 8).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     agents: Option<u32>,
+    /// Keep the agent slots whatever the model API says (by default they halve when it
+    /// answers 429 or 529, and grow back as requests pass).
+    #[arg(long)]
+    no_adapt: bool,
     /// Time a stopping task gets between SIGTERM and SIGKILL.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     grace_period: Duration,
@@ -565,6 +569,7 @@ fn main() -> ExitCode {
                         state_dir: state.dir(Some(&file.file)),
                         jobs: run.jobs(),
                         agents: run.agents.map(|n| n as usize),
+                        adapt_agents: !run.no_adapt,
                         advertise: run.advertise_addr.clone(),
                         fresh,
                         grace: run.grace_period,
@@ -591,6 +596,7 @@ fn main() -> ExitCode {
                 tasks,
                 jobs: options.jobs(),
                 agents: options.agents.map(|n| n as usize),
+                adapt_agents: !options.no_adapt,
                 advertise: options.advertise_addr.clone(),
                 grace: options.grace_period,
                 output: options.output,
@@ -784,6 +790,7 @@ fn run_goal(goal: String, vars: Vec<String>, rehearse: bool, run: RunArgs, state
             state_dir: state.dir(Some(std::path::Path::new("clusterfile.toml"))),
             jobs: run.jobs(),
             agents: run.agents.map(|n| n as usize),
+            adapt_agents: !run.no_adapt,
             advertise: run.advertise_addr.clone(),
             fresh: false,
             grace: run.grace_period,

@@ -193,6 +193,8 @@ pub struct ApplyArgs<'a> {
     pub jobs: Option<usize>,
     /// `--agents`; `None`: [`default_agents`].
     pub agents: Option<usize>,
+    /// Not `--no-adapt`.
+    pub adapt_agents: bool,
     /// `--advertise-addr`: where pods of a Kubernetes runner reach this machine.
     pub advertise: Option<String>,
     pub fresh: bool,
@@ -443,6 +445,7 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
             .agents
             .unwrap_or_else(|| default_agents(compiled))
             .max(1),
+        adapt_agents: args.adapt_agents,
         fresh: args.fresh,
         grace: args.grace,
         workdir: std::fs::canonicalize(&workdir).unwrap_or(workdir),
@@ -1044,6 +1047,8 @@ pub struct RetryArgs<'a> {
     pub jobs: Option<usize>,
     /// `--agents`; `None`: [`default_agents`].
     pub agents: Option<usize>,
+    /// Not `--no-adapt`.
+    pub adapt_agents: bool,
     /// `--advertise-addr`: where pods of a Kubernetes runner reach this machine.
     pub advertise: Option<String>,
     pub grace: Duration,
@@ -1170,6 +1175,7 @@ pub fn retry(dir: &Path, args: RetryArgs<'_>) -> u8 {
             state_dir: dir.to_path_buf(),
             jobs: args.jobs,
             agents: args.agents,
+            adapt_agents: args.adapt_agents,
             advertise: args.advertise.clone(),
             fresh: false,
             grace: args.grace,

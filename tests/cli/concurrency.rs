@@ -59,3 +59,47 @@ fn agent_slots_hold_agents_back() {
     assert_eq!(done.code, 0, "{}{}", done.stdout, done.stderr);
     assert_eq!(most_at_once(&done.events), 2, "{}", done.stdout);
 }
+
+#[test]
+fn agent_slots_halve_when_the_api_rate_limits_and_everything_still_succeeds() {
+    let tasks: String = (0..6)
+        .map(|i| format!("[tasks.t{i}]\nprompt = \"Say {i}\"\n"))
+        .collect();
+    let s = repo(&format!(
+        "version = 1\n[workflow]\nname = \"limited\"\n[defaults]\ntimeout = \"3m\"\nretry = {{ limit = 4 }}\n{tasks}"
+    ));
+    // One request a second, two at once: six agents asking together are refused at once.
+    std::fs::write(
+        s.path().join("script.toml"),
+        "rate_limit = { per_minute = 60, burst = 2 }\n",
+    )
+    .unwrap();
+    let done = rehearse(&s, &["--script", "script.toml", "--agents", "6"]);
+    assert_eq!(done.code, 0, "{}{}", done.stdout, done.stderr);
+    assert_eq!(done.of("task_succeeded").len(), 6, "{}", done.stdout);
+    let cuts: Vec<String> = done
+        .of("warning")
+        .iter()
+        .filter_map(|w| w["message"].as_str())
+        .filter(|m| m.contains("agent slots"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        cuts.first().is_some_and(|m| m.contains("agent slots 6 → 3")),
+        "{cuts:?}\n{}",
+        done.stdout
+    );
+    // The workers saw the limit, and were told how long to wait.
+    let retries: Vec<&str> = done
+        .of("task_progress")
+        .iter()
+        .filter(|p| p["kind"] == "api_retry")
+        .filter_map(|p| p["detail"].as_str())
+        .collect();
+    assert!(
+        retries
+            .iter()
+            .any(|d| d.contains("after 429") && d.contains("again in")),
+        "{retries:?}"
+    );
+}

@@ -448,6 +448,9 @@ pub enum Progress {
         attempt: u64,
         status: String,
         error: String,
+        /// How long the CLI waits before it asks again (a `retry-after` it was given, or its
+        /// own backoff).
+        delay_ms: Option<u64>,
     },
 }
 
@@ -592,6 +595,7 @@ impl Transcript {
                     s => s.to_string(),
                 },
                 error: v["error"].as_str().unwrap_or_default().to_string(),
+                delay_ms: v["retry_delay_ms"].as_u64(),
             }),
             (Some("result"), _) => self.result = Some(v),
             _ => {}

@@ -232,6 +232,7 @@ impl TranscriptView {
                         attempt,
                         status,
                         error,
+                        ..
                     } = p
                     {
                         writeln!(out, "! API retry #{attempt} after {status} ({error})")?;

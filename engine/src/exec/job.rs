@@ -396,7 +396,14 @@ async fn run_command(
                 attempt,
                 status,
                 error,
-            } => ("api_retry", format!("#{attempt} after {status} ({error})")),
+                delay_ms,
+            } => (
+                "api_retry",
+                match delay_ms {
+                    Some(ms) => format!("#{attempt} after {status} ({error}), again in {ms} ms"),
+                    None => format!("#{attempt} after {status} ({error})"),
+                },
+            ),
         };
         let _ = agent.progress.send(super::Event::TaskProgress {
             run: agent.run.clone(),

@@ -13,6 +13,9 @@ pub struct ApplyOptions {
     pub jobs: usize,
     /// Agent attempts running at once, apart from `jobs`; 0: agents take `jobs` slots.
     pub agents: usize,
+    /// Fewer agent slots while the model API refuses requests (429, 529), more again as they
+    /// pass (`--no-adapt` turns it off).
+    pub adapt_agents: bool,
     /// Ignore cached results.
     pub fresh: bool,
     /// Time between SIGTERM and SIGKILL when a task must stop.

@@ -52,6 +52,45 @@ struct State {
     /// Requests seen per (task or session, turn): how many faults were already served.
     attempts: HashMap<(String, usize), u32>,
     log: Option<std::fs::File>,
+    /// When the server started: the script's overloaded spells count from here.
+    started: std::time::Instant,
+    /// The rate limit's bucket: tokens, and when it was last filled.
+    bucket: (f64, std::time::Instant),
+}
+
+impl State {
+    /// The API's own refusals, before any task's script: 529 in an overloaded spell, 429 (with
+    /// the seconds until a request would pass) beyond the rate limit.
+    fn refusal(&mut self) -> Option<(u16, Option<u32>)> {
+        let now = std::time::Instant::now();
+        let since = now.duration_since(self.started).as_millis() as u64;
+        if self
+            .script
+            .overloaded
+            .iter()
+            .any(|s| since >= s.from_ms && since < s.from_ms + s.for_ms)
+        {
+            return Some((529, None));
+        }
+        let limit = self.script.rate_limit.as_ref()?;
+        let per_second = f64::from(limit.per_minute.max(1)) / 60.0;
+        let size = f64::from(
+            limit
+                .burst
+                .unwrap_or((per_second.ceil() as u32).max(1))
+                .max(1),
+        );
+        let (tokens, filled) = self.bucket;
+        let tokens = (tokens + now.duration_since(filled).as_secs_f64() * per_second).min(size);
+        if tokens >= 1.0 {
+            self.bucket = (tokens - 1.0, now);
+            None
+        } else {
+            self.bucket = (tokens, now);
+            let wait = ((1.0 - tokens) / per_second).ceil().max(1.0) as u32;
+            Some((429, Some(wait)))
+        }
+    }
 }
 
 /// What every connection handler shares.
@@ -167,6 +206,17 @@ impl Server {
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
+                bucket: (
+                    script.rate_limit.as_ref().map_or(0.0, |l| {
+                        f64::from(
+                            l.burst
+                                .unwrap_or((f64::from(l.per_minute.max(1)) / 60.0).ceil() as u32)
+                                .max(1),
+                        )
+                    }),
+                    std::time::Instant::now(),
+                ),
+                started: std::time::Instant::now(),
                 script,
                 attempts: HashMap::new(),
                 log,
@@ -395,24 +445,32 @@ async fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         } else {
             task.clone()
         };
+        let refused = st.refusal();
         let seen = st.attempts.entry((who, turn)).or_insert(0);
         let attempt = *seen;
-        *seen = seen.saturating_add(1);
-        let answer = match task_script.fault_for(turn, attempt) {
-            Some(f) if f.hang => Answer::Hang,
-            Some(f) if f.truncate => Answer::Truncate,
-            Some(f) => Answer::Error(f.status.unwrap_or(500), f.retry_after),
-            None => {
-                let cwd = working_directory(&body).unwrap_or_default();
-                let usage = task_script.usage.unwrap_or([100, 50]);
-                match task_script
-                    .turn(turn, &task, &first_prompt(&body), &body)
-                    .and_then(|t| t.to_message(&cwd, turn, usage))
-                {
-                    Ok(message) => Answer::Message(message),
-                    Err(e) => Answer::Refuse(e),
+        // A refusal by the API's own limits is no fault of the task's script: its faults
+        // still come, on the requests that pass.
+        if refused.is_none() {
+            *seen = seen.saturating_add(1);
+        }
+        let answer = match refused.map(|(s, r)| Answer::Error(s, r)) {
+            Some(answer) => answer,
+            None => match task_script.fault_for(turn, attempt) {
+                Some(f) if f.hang => Answer::Hang,
+                Some(f) if f.truncate => Answer::Truncate,
+                Some(f) => Answer::Error(f.status.unwrap_or(500), f.retry_after),
+                None => {
+                    let cwd = working_directory(&body).unwrap_or_default();
+                    let usage = task_script.usage.unwrap_or([100, 50]);
+                    match task_script
+                        .turn(turn, &task, &first_prompt(&body), &body)
+                        .and_then(|t| t.to_message(&cwd, turn, usage))
+                    {
+                        Ok(message) => Answer::Message(message),
+                        Err(e) => Answer::Refuse(e),
+                    }
                 }
-            }
+            },
         };
         let label = match &answer {
             Answer::Error(s, _) => s.to_string(),

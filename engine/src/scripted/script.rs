@@ -18,6 +18,28 @@ pub struct Script {
     /// Wait before each answer, as a slow model would.
     #[serde(default)]
     pub turn_delay_ms: u64,
+    /// A rate limit over all requests, as the real API has: beyond it, 429 with `retry-after`.
+    pub rate_limit: Option<RateLimit>,
+    /// Spells when every request is answered 529 (overloaded), from the server's start.
+    #[serde(default)]
+    pub overloaded: Vec<Spell>,
+}
+
+/// A token bucket: `burst` requests at once, refilled at `per_minute`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_minute: u32,
+    /// The bucket's size (default: one second's worth, at least 1).
+    pub burst: Option<u32>,
+}
+
+/// A span of time, in milliseconds from the server's start.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Spell {
+    pub from_ms: u64,
+    pub for_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]

@@ -37,6 +37,7 @@ use crate::store::{
 };
 use crate::workspace::{self, Input, Repo};
 
+mod adapt;
 mod graph;
 mod interrupted;
 
@@ -202,6 +203,12 @@ struct Dispatcher<'a> {
     /// With `--agents`: slots for processes (`--jobs`) and for agent attempts apart, since agents
     /// wait on the model rather than use CPUs. `None`: agents take `--jobs` slots too.
     kind_slots: Option<[RunnerSlots; 2]>,
+    /// The agent slots' level as the API's rate limits allow (see [`adapt`]); `None` with
+    /// `--no-adapt`, or when agents have no slots of their own.
+    agent_level: Option<adapt::AgentLevel>,
+    /// The wait the API last asked of each node's worker: a retry of a rate-limited attempt
+    /// waits at least this long.
+    asked_to_wait: HashMap<usize, Duration>,
 }
 
 /// A runner's `max_parallel`, as the dispatcher keeps it.
@@ -446,6 +453,9 @@ pub async fn apply(
         max_run_usd: compiled.workflow.max_run_usd,
         dedup: Dedup::default(),
         runner_slots,
+        agent_level: (opts.agents > 0 && opts.adapt_agents)
+            .then(|| adapt::AgentLevel::new(opts.agents)),
+        asked_to_wait: HashMap::new(),
         kind_slots: (opts.agents > 0).then(|| {
             [opts.jobs, opts.agents].map(|max| RunnerSlots {
                 max: max.max(1),
@@ -1063,6 +1073,84 @@ impl Dispatcher<'_> {
         self.opts.jobs + self.kind_slots.as_ref().map_or(0, |s| s[AGENT_SLOTS].max)
     }
 
+    /// A worker of `task` was refused by the API (429 or 529) and waits `wait`: fewer agent
+    /// slots, said as a warning when they change.
+    fn agent_refused(&mut self, task: &str, wait: Duration) {
+        if let Some(node) = self.nodes.iter().position(|n| n.plan.id == task) {
+            self.asked_to_wait.insert(node, wait);
+        }
+        let Some(level) = &mut self.agent_level else {
+            return;
+        };
+        if let Some((before, after)) = level.refused(wait) {
+            if let Some(slots) = &mut self.kind_slots {
+                slots[AGENT_SLOTS].max = after;
+            }
+            self.events.push(Event::Warning {
+                run: self.run.id.clone(),
+                task: task.to_string(),
+                message: format!(
+                    "the model API refused a request (rate limit or overload): agent slots {before} → {after}, new agents wait {} ms",
+                    wait.as_millis()
+                ),
+                time_ms: now_ms(),
+            });
+        }
+    }
+
+    /// An agent attempt ended: unless the API refused it, the slots grow back.
+    fn agent_ended(&mut self, node: usize, class: Option<FailureClass>) {
+        if self.kind_of(node) != AGENT_SLOTS {
+            return;
+        }
+        if matches!(
+            class,
+            Some(FailureClass::RateLimit | FailureClass::Overloaded)
+        ) {
+            let task = self.nodes[node].plan.id.clone();
+            let wait = self
+                .asked_to_wait
+                .get(&node)
+                .copied()
+                .unwrap_or(Duration::from_secs(1));
+            self.agent_refused(&task, wait);
+            return;
+        }
+        let Some(level) = &mut self.agent_level else {
+            return;
+        };
+        if level.went_well() {
+            let slots = level.slots();
+            if let Some(kinds) = &mut self.kind_slots {
+                kinds[AGENT_SLOTS].max = slots;
+            }
+            self.release_agents();
+        }
+    }
+
+    /// Agents held back go back in the queue (a slot grew, or a wait the API asked for is over).
+    fn release_agents(&mut self) {
+        let parked = match &mut self.kind_slots {
+            Some(slots) => std::mem::take(&mut slots[AGENT_SLOTS].parked),
+            None => return,
+        };
+        for node in parked {
+            self.enqueue(node);
+        }
+    }
+
+    /// When held agents may start, if any are held.
+    fn agents_held_until(&self) -> Option<tokio::time::Instant> {
+        let parked = self
+            .kind_slots
+            .as_ref()
+            .is_some_and(|s| !s[AGENT_SLOTS].parked.is_empty());
+        self.agent_level
+            .as_ref()
+            .and_then(|l| l.hold_until)
+            .filter(|_| parked)
+    }
+
     /// Which of [`Dispatcher::kind_slots`] a node takes.
     fn kind_of(&self, node: usize) -> usize {
         match self.nodes[node].plan.action {
@@ -1107,10 +1195,13 @@ impl Dispatcher<'_> {
                     continue;
                 }
             }
-            // Processes and agents each within their own slots.
+            // Processes and agents each within their own slots; no new agent while the API asks
+            // its workers to wait.
             let kind = self.kind_of(node);
+            let held =
+                kind == AGENT_SLOTS && self.agent_level.as_mut().is_some_and(|l| l.holding());
             if let Some(slots) = &mut self.kind_slots {
-                if slots[kind].running >= slots[kind].max {
+                if slots[kind].running >= slots[kind].max || held {
                     slots[kind].parked.push(node);
                     continue;
                 }
@@ -1717,6 +1808,7 @@ impl Dispatcher<'_> {
         let group = self.nodes[node].group;
         self.groups[group].running -= 1;
         self.free_runner_slot(node);
+        self.agent_ended(node, result.failure.as_ref().map(|(class, _)| *class));
         let average = |typical: Option<Duration>| {
             Some(typical.map_or(elapsed, |t| t.mul_f64(0.8) + elapsed.mul_f64(0.2)))
         };
@@ -1864,7 +1956,14 @@ impl Dispatcher<'_> {
             && retryable
             && self.stopping.is_none()
         {
-            let delay = backoff_delay(retry, attempt);
+            let mut delay = backoff_delay(retry, attempt);
+            // A worker the API told to wait is not sent back sooner.
+            if matches!(class, FailureClass::RateLimit | FailureClass::Overloaded) {
+                if let Some(asked) = self.asked_to_wait.get(&node) {
+                    delay = delay.max(*asked);
+                }
+            }
+            let n = &mut self.nodes[node];
             n.record.state = TaskState::Retrying;
             self.events.push(Event::TaskRetrying {
                 run: self.run.id.clone(),
@@ -2094,11 +2193,33 @@ impl Dispatcher<'_> {
                 Some(node) = retry_rx.recv(), if self.timers > 0 => Some(Wake::RetryDue(node)),
                 Some(event) = progress.recv() => {
                     // Progress is not state: it is reported as it comes, never checkpointed.
+                    let mut refusals = Vec::new();
+                    let mut note = |event: &Event| {
+                        if let Event::TaskProgress { task, kind, detail, .. } = event {
+                            if kind == "api_retry" {
+                                if let Some(wait) = adapt::refusal(detail) {
+                                    refusals.push((task.clone(), wait));
+                                }
+                            }
+                        }
+                    };
+                    note(&event);
                     sink.emit(&event);
                     while let Ok(event) = progress.try_recv() {
+                        note(&event);
                         sink.emit(&event);
                     }
                     sink.flush();
+                    for (task, wait) in refusals {
+                        self.agent_refused(&task, wait);
+                    }
+                    None
+                }
+                _ = tokio::time::sleep_until(self.agents_held_until().unwrap_or_else(tokio::time::Instant::now)), if self.agents_held_until().is_some() => {
+                    if let Some(level) = &mut self.agent_level {
+                        level.holding();
+                    }
+                    self.release_agents();
                     None
                 }
                 _ = tokio::time::sleep(SNAPSHOT_EVERY), if self.snapshot_due => { self.snapshot(); None }
