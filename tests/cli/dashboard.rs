@@ -530,6 +530,9 @@ const WATCHED: &str = r#"version = 1
 name = "watched"
 result = "write"
 
+[defaults]
+max_run_usd = 5.0
+
 [tasks.prepare]
 run = "while [ ! -f GATE/prepare ]; do sleep 0.1; done; echo '{\"items\": [\"a\", \"b\", \"c\"]}'"
 output = "json"
@@ -763,6 +766,36 @@ fn dashboard_shows_a_rehearsed_run_live_its_graph_transcript_and_diff() {
         "return document.querySelector('#run-state .badge')?.textContent === 'succeeded' \
             && document.getElementById('summary').innerText.includes('7/7');",
     );
+    // The cost so far against the run's budget, with a meter.
+    let cost = browser.text("#summary [data-stat='cost']");
+    assert!(cost.contains("of $5.00"), "{cost}");
+    assert_eq!(
+        browser.js(
+            "return Number(document.querySelector('#summary meter.budget')?.max);",
+            json!([])
+        ),
+        5.0
+    );
+    // `write`'s artifacts: its patch, a link that downloads the diff.
+    browser.click(".task-row[data-node='write']");
+    browser.click("#tab-artifacts");
+    let patch = browser.wait_js(
+        "the patch is among the artifacts, as a link",
+        20 * SECOND,
+        "const a = [...document.querySelectorAll('#artifacts a')]\
+            .find(a => a.textContent.endsWith('patch.diff')); \
+         return a ? a.getAttribute('href') : null;",
+    );
+    let patch = patch.as_str().unwrap().to_string();
+    let body = browser.js(
+        "return fetch(arguments[0]).then(r => r.text());",
+        json!([patch]),
+    );
+    assert!(
+        body.as_str().unwrap().contains("+hello from the dashboard"),
+        "{patch}: {body}"
+    );
+    browser.press(ESCAPE);
     assert_eq!(
         browser.js("return window.stillTheSamePage === true;", json!([])),
         true,
