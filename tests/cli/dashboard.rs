@@ -217,6 +217,8 @@ impl Browser {
                 "capabilities": {
                     "alwaysMatch": {
                         "browserName": "chrome",
+                        // A dialog stays up until the test answers it.
+                        "unhandledPromptBehavior": "ignore",
                         // The page's console, read back by `script_errors`.
                         "goog:loggingPrefs": { "browser": "ALL" },
                         "goog:chromeOptions": { "binary": chromium, "args": args },
@@ -341,6 +343,23 @@ impl Browser {
         let id = self.wait_for(css, Duration::from_secs(10));
         self.must("POST", &format!("/element/{id}/clear"), Some(json!({})));
         self.type_into(css, text);
+    }
+
+    /// Waits for the page's dialog (`confirm`), checks it says `expected`, and accepts it.
+    fn accept_dialog(&self, expected: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let text = loop {
+            if let Ok(text) = self.call("GET", "/alert/text", None) {
+                break text;
+            }
+            assert!(Instant::now() < deadline, "no dialog came up");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            text.as_str().is_some_and(|t| t.contains(expected)),
+            "the dialog says {text}"
+        );
+        self.must("POST", "/alert/accept", Some(json!({})));
     }
 
     /// Presses and releases `key` where the focus is.
@@ -955,6 +974,7 @@ run = "echo never"
         "a running run cannot be retried"
     );
     browser.click("#cancel");
+    browser.accept_dialog("Cancel run");
     assert_eq!(apply.wait_exit(60 * SECOND), 130, "the apply was cancelled");
     browser.wait_js(
         "the page shows the run cancelled",
@@ -984,6 +1004,7 @@ run = "echo never"
     let retried = browser.js("return location.hash;", json!([]));
     eprintln!("retry of {cancelled} is {retried}");
     browser.click("#cancel");
+    browser.accept_dialog("Cancel run");
     browser.wait_js(
         "the retried run is shown cancelled",
         60 * SECOND,
@@ -1027,6 +1048,7 @@ run = "echo never"
         ),
     );
     browser.click("#cancel");
+    browser.accept_dialog("Cancel run");
     browser.wait_js(
         "the started run is shown cancelled",
         60 * SECOND,

@@ -715,7 +715,8 @@ function runPage(runId, initialNode) {
 
   // --- actions
   cancelBtn.addEventListener("click", async () => {
-    if (!confirmAction(`Cancel run ${runId}?`)) return;
+    // Cancelling stops running work for good: the browser's own dialog asks first.
+    if (!window.confirm(`Cancel run ${runId}? Its running tasks are stopped.`)) return;
     cancelBtn.disabled = true;
     actionMsg.textContent = "Cancelling…";
     try {
@@ -1751,9 +1752,5 @@ function markdownView(text) {
   }
 }
 
-function confirmAction(text) {
-  // In a test browser dialogs are auto-dismissed; the button is its own confirmation there.
-  return navigator.webdriver ? true : window.confirm(text);
-}
 
 route();
