@@ -571,6 +571,11 @@ needs = ["prepare"]
 prompt = "Write three notes"
 env = { CLAUDE_CODE_MAX_RETRIES = "1" }
 
+[tasks.flaky]
+needs = ["prepare"]
+run = "if [ ! -f GATE/flaky-failed ]; then touch GATE/flaky-failed; echo first try fails; exit 3; fi; echo second try"
+retry = { limit = 1, backoff = { initial = "3s", jitter = 0.0 } }
+
 [tasks.finish]
 needs = ["fan", "write", "notes"]
 run = "echo finished"
@@ -647,13 +652,16 @@ fn dashboard_shows_a_rehearsed_run_live_its_graph_transcript_and_diff() {
         "return document.querySelectorAll('#graph path.edge').length;",
         json!([]),
     );
-    assert_eq!(edges, 6, "prepare→fan,write,notes; fan,write,notes→finish");
+    assert_eq!(
+        edges, 7,
+        "prepare→fan,write,notes,flaky; fan,write,notes→finish"
+    );
     assert_eq!(
         browser.js(GRAPH_STATES, json!([])),
-        "fan=pending finish=pending notes=pending prepare=running write=pending"
+        "fan=pending finish=pending flaky=pending notes=pending prepare=running write=pending"
     );
     assert!(
-        browser.text("#summary").contains("0/4"),
+        browser.text("#summary").contains("0/5"),
         "{}",
         browser.text("#summary")
     );
@@ -663,6 +671,11 @@ fn dashboard_shows_a_rehearsed_run_live_its_graph_transcript_and_diff() {
     std::fs::write(gates.path().join("prepare"), "").unwrap();
     browser.wait_for(
         "#graph [data-group='prepare'][data-state='succeeded']",
+        30 * SECOND,
+    );
+    // A task that fails once waits for its retry, then succeeds at its second attempt.
+    browser.wait_for(
+        "#graph [data-node='flaky'][data-state='retrying']",
         30 * SECOND,
     );
     // The map is expanded: one box for the fan-out still, now counting its three instances.
@@ -783,7 +796,7 @@ fn dashboard_shows_a_rehearsed_run_live_its_graph_transcript_and_diff() {
         "the run is shown succeeded, with every task done",
         30 * SECOND,
         "return document.querySelector('#run-state .badge')?.textContent === 'succeeded' \
-            && document.getElementById('summary').innerText.includes('7/7');",
+            && document.getElementById('summary').innerText.includes('8/8');",
     );
     // The cost so far against the run's budget, with a meter.
     let cost = browser.text("#summary [data-stat='cost']");
@@ -795,6 +808,31 @@ fn dashboard_shows_a_rehearsed_run_live_its_graph_transcript_and_diff() {
         ),
         5.0
     );
+    // `flaky`'s two attempts: the failed one, then the one that succeeded.
+    assert_eq!(
+        browser.text(".task-row[data-node='flaky'] .t-attempts"),
+        "×2"
+    );
+    browser.click(".task-row[data-node='flaky']");
+    browser.click("#tab-attempts");
+    let attempts = browser.wait_js(
+        "the attempts tab lists both attempts",
+        20 * SECOND,
+        "const rows = [...document.querySelectorAll('#attempts tbody tr')]; \
+         return rows.length === 2 ? rows.map(r => r.innerText.replace(/\\s+/g, ' ')) : null;",
+    );
+    let attempts: Vec<&str> = attempts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    assert!(
+        attempts[0].contains("failed") && attempts[0].contains(" 3 "),
+        "{attempts:?}"
+    );
+    assert!(attempts[1].contains("succeeded"), "{attempts:?}");
+    browser.press(ESCAPE);
     // `write`'s artifacts: its patch, a link that downloads the diff.
     browser.click(".task-row[data-node='write']");
     browser.click("#tab-artifacts");

@@ -783,10 +783,14 @@ function runPage(runId, initialNode) {
       if (!t) {
         model.tasks.set(node, { node, task: taskOfNode(node), order: model.order.length, ...seen });
         model.order.push(node);
-      } else if (progress(seen.state) > progress(t.state) || (seen.attempts || 0) > (t.attempts || 0)) {
-        Object.assign(t, seen);
-      } else {
+      } else if (
+        t.state === seen.state ||
+        progress(t.state) > progress(seen.state) ||
+        (t.attempts || 0) > (seen.attempts || 0)
+      ) {
         model.seen.delete(node); // the record has caught up
+      } else {
+        Object.assign(t, seen); // the record is older than the events
       }
     }
     model.groupOf = new Map();
@@ -1032,7 +1036,8 @@ function runPage(runId, initialNode) {
       if (!els) continue;
       const c = perGroup.get(g.id) || g.counts || {};
       const total = STATES.reduce((n, st) => n + (c[st] || 0), 0) || g.count;
-      const state = groupState(c, total);
+      // A single task's box shows its own state (`retrying` too); a fan-out's, the aggregate.
+      const state = els.single && model.tasks.get(g.nodes[0]) ? model.tasks.get(g.nodes[0]).state : groupState(c, total);
       els.el.setAttribute("data-state", state);
       els.el.setAttribute("data-count", String(total));
       const done = (c.succeeded || 0) + (c.cached || 0);
@@ -1576,8 +1581,11 @@ function runPage(runId, initialNode) {
         const key = `${t.state}/${t.attempts}`;
         if (key === lastKey) return;
         const wasRunning = lastKey !== null && /^(running|retrying)\//.test(lastKey);
+        const newAttempt = lastKey !== null && !lastKey.endsWith(`/${t.attempts}`);
         lastKey = key;
         refreshDetail();
+        // A retry writes a log of its own: the latest attempt's is followed from its start.
+        if (newAttempt && tab === "log" && !attempt) showTab("log");
         // A finished attempt now has its diff and its whole transcript.
         if (wasRunning && !running() && (tab === "diff" || tab === "transcript")) showTab(tab);
       },
