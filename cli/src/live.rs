@@ -95,7 +95,11 @@ impl EventSink for LiveView {
             Event::TaskProgress {
                 task, kind, detail, ..
             } => {
-                // The spinner line shows what the agent does now.
+                // The spinner line shows what the agent does now (its cost as it grows is for
+                // machines: `status` and the report say it).
+                if kind == "cost" {
+                    return;
+                }
                 if let Some(bar) = self.running.get(task) {
                     bar.set_message(format!("{task}: {kind} {detail}"));
                 }

@@ -131,6 +131,10 @@ fn event_time(event: &Event) -> u64 {
 
 impl EventSink for HumanEvents {
     fn emit(&mut self, event: &Event) {
+        // An agent's cost as it grows is for machines (JSON events); people get it at the end.
+        if matches!(event, Event::TaskProgress { kind, .. } if kind == "cost") {
+            return;
+        }
         let _ = writeln!(self.out, "{} {}", clock(event_time(event)), describe(event));
     }
 

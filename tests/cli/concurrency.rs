@@ -85,7 +85,8 @@ fn agent_slots_halve_when_the_api_rate_limits_and_everything_still_succeeds() {
         .map(str::to_string)
         .collect();
     assert!(
-        cuts.first().is_some_and(|m| m.contains("agent slots 6 → 3")),
+        cuts.first()
+            .is_some_and(|m| m.contains("agent slots 6 → 3")),
         "{cuts:?}\n{}",
         done.stdout
     );

@@ -4,6 +4,7 @@
 mod agents;
 mod apply;
 mod attach;
+mod budgets;
 mod compose;
 mod concurrency;
 mod consistency;

@@ -15,6 +15,7 @@ use crate::model::raw::FailureClass;
 use crate::model::raw::StringOrObject;
 use crate::model::workflow::AgentSettings;
 
+pub mod prices;
 pub mod transcript_view;
 
 /// The Claude Code version ccluster is tested with (installed by the test suite when missing).
@@ -452,6 +453,11 @@ pub enum Progress {
         /// own backoff).
         delay_ms: Option<u64>,
     },
+    /// What the attempt's responses have cost so far, in US dollars, priced as they stream
+    /// ([`prices`]): the tokens each response reported, and for its output, at least a token
+    /// per four characters of what it said (the stream reports output tokens only as the
+    /// response starts).
+    Cost(f64),
 }
 
 /// The stream-json of one worker, read as it arrives.
@@ -470,6 +476,11 @@ pub struct Transcript {
     streamed: std::collections::HashMap<String, [u64; 4]>,
     /// Lines too long to be read (`exec::lines::MAX_LINE`), each replaced by a notice.
     overlong: u32,
+    /// Each response's model and the characters of its content so far, by message id: what its
+    /// live price is made of.
+    priced: std::collections::HashMap<String, (String, u64)>,
+    /// The last live cost said ([`Progress::Cost`]).
+    live_cost: f64,
 }
 
 /// The last `cost-state` entry of a session's transcript (`<config>/projects/*/<session>.jsonl`):
@@ -530,6 +541,19 @@ fn tool_detail(name: &str, input: &Value, cwd: Option<&str>) -> String {
 }
 
 impl Transcript {
+    /// The responses so far, priced: their reported tokens, with at least a token of output per
+    /// four characters said.
+    pub fn cost_so_far(&self) -> f64 {
+        self.priced
+            .iter()
+            .map(|(id, (model, chars))| {
+                let [input, output, read, write] =
+                    self.streamed.get(id).copied().unwrap_or_default();
+                prices::cost(model, [input, output.max(chars / 4), read, write])
+            })
+            .sum()
+    }
+
     /// A transcript of a worker running in `cwd`.
     pub fn in_dir(cwd: String) -> Transcript {
         Transcript {
@@ -566,6 +590,30 @@ impl Transcript {
                             "cache_creation_input_tokens",
                         ]) {
                             *slot = (*slot).max(n(key));
+                        }
+                    }
+                }
+                if let Some(id) = message["id"].as_str() {
+                    if message["model"] != "<synthetic>" {
+                        let chars: u64 = message["content"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|b| {
+                                b["text"]
+                                    .as_str()
+                                    .map_or_else(|| b["input"].to_string().len(), str::len)
+                                    as u64
+                            })
+                            .sum();
+                        let entry = self.priced.entry(id.to_string()).or_insert_with(|| {
+                            (message["model"].as_str().unwrap_or("").to_string(), 0)
+                        });
+                        entry.1 += chars;
+                        let cost = self.cost_so_far();
+                        if cost > self.live_cost {
+                            self.live_cost = cost;
+                            out.push(Progress::Cost(cost));
                         }
                     }
                 }

@@ -392,6 +392,7 @@ async fn run_command(
             crate::agent::Progress::Denied { tool, reason } => {
                 ("denied", format!("{tool}: {reason}"))
             }
+            crate::agent::Progress::Cost(usd) => ("cost", format!("{usd:.6}")),
             crate::agent::Progress::ApiRetry {
                 attempt,
                 status,

@@ -194,6 +194,11 @@ struct Dispatcher<'a> {
     progress_rx: Option<mpsc::UnboundedReceiver<Event>>,
     /// What the run's agents have spent so far (US dollars).
     spent_usd: f64,
+    /// What running agent attempts have cost so far, priced as their responses stream.
+    live_usd: HashMap<usize, f64>,
+    /// Agents' own stop: a run whose budget is crossed stops its agents, not its processes.
+    /// Whatever stops the run stops agents too.
+    agent_stop: (watch::Sender<Stop>, watch::Receiver<Stop>),
     max_run_usd: Option<f64>,
     /// Which node of the run does each work, and which duplicates wait for it.
     dedup: Dedup,
@@ -450,6 +455,8 @@ pub async fn apply(
         progress: progress_tx,
         progress_rx: Some(progress_rx),
         spent_usd: 0.0,
+        live_usd: HashMap::new(),
+        agent_stop: watch::channel(Stop::No),
         max_run_usd: compiled.workflow.max_run_usd,
         dedup: Dedup::default(),
         runner_slots,
@@ -1071,6 +1078,34 @@ impl Dispatcher<'_> {
     /// of their own.
     fn capacity(&self) -> usize {
         self.opts.jobs + self.kind_slots.as_ref().map_or(0, |s| s[AGENT_SLOTS].max)
+    }
+
+    /// A running agent's cost so far: when the run's spending with it crosses `max_run_usd`, the
+    /// run stops starting tasks and its agents are stopped (SIGTERM, then the grace period), so
+    /// it overshoots by at most the responses in flight.
+    fn agent_cost(&mut self, task: &str, usd: f64) -> Result<(), ApplyError> {
+        let Some(node) = self.nodes.iter().position(|n| n.plan.id == task) else {
+            return Ok(());
+        };
+        self.live_usd.insert(node, usd);
+        let Some(max) = self.max_run_usd else {
+            return Ok(());
+        };
+        let spent = self.spent_usd + self.live_usd.values().sum::<f64>();
+        if spent < max || *self.agent_stop.1.borrow() != Stop::No {
+            return Ok(());
+        }
+        let reason = format!(
+            "stopped: the run's agent budget is spent (${spent:.2} of `max_run_usd = {max}`)"
+        );
+        self.events.push(Event::Warning {
+            run: self.run.id.clone(),
+            task: task.to_string(),
+            message: format!("the run's agent budget is spent (${spent:.2} of `max_run_usd = {max}`, priced as the responses streamed): its agents are stopped"),
+            time_ms: now_ms(),
+        });
+        let _ = self.agent_stop.0.send(Stop::Graceful);
+        self.stop(reason)
     }
 
     /// A worker of `task` was refused by the API (429 or 529) and waits `wait`: fewer agent
@@ -1709,7 +1744,12 @@ impl Dispatcher<'_> {
             started = true;
             self.running += 1;
             let runner = runners.get(&self.nodes[node].plan.runner).clone();
-            let fut = job::run(job, runner, stop.clone());
+            let stop = if job.agent.is_some() {
+                self.agent_stop.1.clone()
+            } else {
+                stop.clone()
+            };
+            let fut = job::run(job, runner, stop);
             let t0 = Instant::now();
             procs.spawn(async move { (node, fut.await, t0.elapsed()) });
         }
@@ -1841,6 +1881,7 @@ impl Dispatcher<'_> {
                 u.cost_usd = (u.cost_usd - before).max(0.0);
             }
         }
+        self.live_usd.remove(&node);
         if let Some(u) = &usage {
             self.spent_usd += u.cost_usd;
             let r = &mut self.nodes[node].record;
@@ -1942,7 +1983,11 @@ impl Dispatcher<'_> {
             self.events.push(Event::TaskCancelled {
                 run: self.run.id.clone(),
                 task: plan.id.clone(),
-                reason: "stopped: the run was cancelled".into(),
+                // Stopped while it ran: by a cancel, or by the run's spent budget.
+                reason: match &self.stopping {
+                    Some(r) if r.starts_with("stopped:") => r.clone(),
+                    _ => "stopped: the run was cancelled".into(),
+                },
                 time_ms: now_ms(),
             });
             self.save(node)?;
@@ -2194,11 +2239,16 @@ impl Dispatcher<'_> {
                 Some(event) = progress.recv() => {
                     // Progress is not state: it is reported as it comes, never checkpointed.
                     let mut refusals = Vec::new();
+                    let mut costs = Vec::new();
                     let mut note = |event: &Event| {
                         if let Event::TaskProgress { task, kind, detail, .. } = event {
                             if kind == "api_retry" {
                                 if let Some(wait) = adapt::refusal(detail) {
                                     refusals.push((task.clone(), wait));
+                                }
+                            } else if kind == "cost" {
+                                if let Ok(usd) = detail.parse::<f64>() {
+                                    costs.push((task.clone(), usd));
                                 }
                             }
                         }
@@ -2212,6 +2262,9 @@ impl Dispatcher<'_> {
                     sink.flush();
                     for (task, wait) in refusals {
                         self.agent_refused(&task, wait);
+                    }
+                    for (task, usd) in costs {
+                        self.agent_cost(&task, usd)?;
                     }
                     None
                 }
@@ -2346,6 +2399,7 @@ impl Dispatcher<'_> {
         };
         self.cancelled = true;
         let _ = stop.send(level);
+        let _ = self.agent_stop.0.send(level);
         self.stop("not run: the run was cancelled".into())
     }
 }
