@@ -226,6 +226,13 @@ fn every_reading_endpoint_answers_for_a_finished_run() {
         .map(|a| a["path"].as_str().unwrap().to_string())
         .collect();
     assert!(paths.contains(&"notes/a.txt".to_string()), "{artifacts}");
+    let only_edit = served.json(&format!("/api/v1/runs/{id}/artifacts?node=edit"), 200);
+    assert!(only_edit
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|a| a["node"] == "edit"));
+    assert_eq!(only_edit.as_array().unwrap().len(), paths.len());
     let (code, kept) = served.get(&format!("/api/v1/runs/{id}/artifacts/edit/1/notes/a.txt"));
     assert_eq!((code, kept.as_str()), (200, "kept\n"));
 

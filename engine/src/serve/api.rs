@@ -1087,19 +1087,30 @@ fn archived(shared: &Shared, view: &RunView) -> ApiResult<Arc<crate::store::RunA
     })
 }
 
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ArtifactFilter {
+    /// Only this plan node's (`build[2]`).
+    pub node: Option<String>,
+}
+
 /// What the run's attempts left: patches, kept files, test reports.
 #[utoipa::path(get, path = "/api/v1/runs/{run}/artifacts", tag = "artifacts",
-    params(("run" = String, Path, description = "A run id")),
+    params(("run" = String, Path, description = "A run id"), ArtifactFilter),
     responses((status = 200, body = [ArtifactEntry]), (status = 404, body = Problem),
               (status = 409, body = Problem)))]
 pub async fn list_artifacts(
     State(shared): State<Arc<Shared>>,
     UrlPath(run): UrlPath<String>,
+    Query(filter): Query<ArtifactFilter>,
 ) -> ApiResult<Json<Vec<ArtifactEntry>>> {
     let view = find_run(&shared, run).await?;
     let archive = archived(&shared, &view)?;
     let mut out = Vec::new();
     for (node, records) in &archive.artifacts {
+        if filter.node.as_ref().is_some_and(|n| n != node) {
+            continue;
+        }
         for a in records {
             for (path, kind, file) in artifact_files(a) {
                 out.push(ArtifactEntry {

@@ -1517,13 +1517,12 @@ function runPage(runId, initialNode) {
       );
     }
 
-    // The node's artifacts, from the run's list (patches, kept files, test reports), as links.
+    // The node's artifacts (patches, kept files, test reports), as links.
     async function showArtifacts() {
       const signal = tabAbort.signal;
       body.replaceChildren(notice("Loading the artifacts…"));
       try {
-        const all = await getJSON(`${base}/artifacts`, signal);
-        const mine = all.filter((a) => a.node === node);
+        const mine = await getJSON(`${base}/artifacts?node=${encodeURIComponent(node)}`, signal);
         const list = h("ul", { id: "artifacts", class: "artifacts" });
         for (const a of mine) {
           const href = `${API}${base}/artifacts/${enc(a.node)}/${a.attempt}/${a.path.split("/").map(enc).join("/")}`;
