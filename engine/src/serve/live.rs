@@ -2,7 +2,8 @@
 //! each commit) followed for Server-Sent Events. One watcher per followed file notices growth and
 //! wakes that file's clients, each of which reads from its own offset: a slow client holds back
 //! only itself, and a client that reconnects with `Last-Event-ID` (an event's line number) gets
-//! exactly the lines after it.
+//! exactly the lines after it. What one read finds goes out as one chunk of SSE text (a burst of
+//! events is one write per client, not one per event).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::response::sse::Event as SseEvent;
+use axum::body::Bytes;
 use tokio::sync::{mpsc, watch};
 
 /// How often a followed file is looked at: an event reaches clients this long after its line is
@@ -19,8 +20,10 @@ use tokio::sync::{mpsc, watch};
 const WATCH_EVERY: Duration = Duration::from_millis(10);
 /// How long a quiet stream waits before asking whether its run's driver is still there.
 const QUIET_CHECK: Duration = Duration::from_secs(1);
-/// Events a client may have in flight before its reader waits for it.
-const CLIENT_BUFFER: usize = 256;
+/// Chunks a client may have in flight before its reader waits for it.
+const CLIENT_BUFFER: usize = 64;
+/// A comment sent on a quiet stream this often, so that proxies keep it open.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// The files being followed, each with one watcher.
 #[derive(Default)]
@@ -75,15 +78,23 @@ fn event_type(line: &[u8]) -> &str {
         .unwrap_or("message")
 }
 
+/// One event line as SSE text: its id, its type, its data (a JSON line has no newline in it).
+fn sse_text(out: &mut Vec<u8>, id: u64, line: &[u8]) {
+    use std::io::Write;
+    let _ = write!(out, "id: {id}\nevent: {}\ndata: ", event_type(line));
+    out.extend_from_slice(line);
+    out.extend_from_slice(b"\n\n");
+}
+
 /// Follows a run's event log from after line `after`, sending each line as an SSE event with its
 /// line number as id, until `run_finished` is sent, the client goes, or (the log quiet) `alive`
-/// says the run's driver is gone.
+/// says the run's driver is gone. The receiver gets chunks of `text/event-stream`.
 pub fn follow(
     watchers: &Arc<Watchers>,
     path: PathBuf,
     after: u64,
     alive: impl Fn() -> bool + Send + 'static,
-) -> mpsc::Receiver<Result<SseEvent, Infallible>> {
+) -> mpsc::Receiver<Result<Bytes, Infallible>> {
     let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
     let mut grown = watchers.watch(&path);
     tokio::spawn(async move {
@@ -91,6 +102,7 @@ pub fn follow(
         let mut seq = 0u64;
         let mut partial: Vec<u8> = Vec::new();
         let mut file: Option<std::fs::File> = None;
+        let mut quiet = Duration::ZERO;
         loop {
             if file.is_none() {
                 file = std::fs::File::open(&path).ok();
@@ -107,6 +119,7 @@ pub fn follow(
             let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
             partial = bytes[whole..].to_vec();
             let mut finished = false;
+            let mut chunk = Vec::new();
             for line in bytes[..whole].split(|b| *b == b'\n') {
                 if line.is_empty() {
                     continue;
@@ -115,15 +128,11 @@ pub fn follow(
                 if seq <= after {
                     continue;
                 }
-                let kind = event_type(line);
-                finished = kind == "run_finished";
-                let event = SseEvent::default()
-                    .id(seq.to_string())
-                    .event(kind)
-                    .data(String::from_utf8_lossy(line));
-                if tx.send(Ok(event)).await.is_err() {
-                    return;
-                }
+                finished = event_type(line) == "run_finished";
+                sse_text(&mut chunk, seq, line);
+            }
+            if !chunk.is_empty() && tx.send(Ok(Bytes::from(chunk))).await.is_err() {
+                return;
             }
             if finished {
                 return;
@@ -131,12 +140,20 @@ pub fn follow(
             // Wait for the file to grow, the client to go, or a quiet spell.
             tokio::select! {
                 changed = grown.changed() => {
+                    quiet = Duration::ZERO;
                     if changed.is_err() {
                         return;
                     }
                 }
                 _ = tx.closed() => return,
                 _ = tokio::time::sleep(QUIET_CHECK) => {
+                    quiet += QUIET_CHECK;
+                    if quiet >= KEEP_ALIVE {
+                        quiet = Duration::ZERO;
+                        if tx.send(Ok(Bytes::from_static(b": keep-alive\n\n"))).await.is_err() {
+                            return;
+                        }
+                    }
                     if !alive() {
                         // One more read: the driver may have written its last lines just now.
                         if let Some(f) = &mut file {
@@ -157,6 +174,16 @@ pub fn follow(
 #[cfg(test)]
 mod tests {
     use super::event_type;
+
+    #[test]
+    fn an_event_line_is_one_sse_event() {
+        let mut out = Vec::new();
+        super::sse_text(&mut out, 7, br#"{"event":"task_started","run":"x"}"#);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "id: 7\nevent: task_started\ndata: {\"event\":\"task_started\",\"run\":\"x\"}\n\n"
+        );
+    }
 
     #[test]
     fn the_event_type_is_the_leading_field() {
