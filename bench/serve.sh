@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Benchmark: `ccluster serve` watching runs, side by side with what a user would otherwise do
+# Benchmark: `ccluster serve` watching runs (each run: a gate task, then a task mapped over
+# 1,000 or 10,000 items), side by side with what a user would otherwise do
 # (poll `ccluster status`).
 #   1. 100 SSE clients (CLIENTS) follow a 1,000-task run (TASKS) started in a terminal: delay from
 #      an event's line being written (right after its commit) to its arrival at every client,
@@ -28,53 +29,59 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
-workflow() { # dir tasks gated
+workflow() { # dir tasks gated shape: a gate task, then TASKS tasks after it: one task mapped over
+  # TASKS items (shape `map`, as a big run is written), or TASKS tasks of their own (`tasks`)
   python3 - "$@" <<'PY'
 import sys
-d, n, gated = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+d, n, gated, shape = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
 with open(f"{d}/clusterfile.toml", "w") as f:
     f.write('version = 1\n[workflow]\nname = "wide"\n')
     f.write('[tasks.gate]\nrun = "%s"\n' % ("while [ ! -e gate ]; do sleep 0.01; done" if gated else "true"))
-    for k in range(n):
-        f.write(f'[tasks.t{k}]\nneeds = ["gate"]\nrun = "true"\n')
+    if shape == "map":
+        f.write('[tasks.work]\nneeds = ["gate"]\nmap = [' + ", ".join(str(k) for k in range(n)) + ']\nrun = "true"\n')
+    else:
+        for k in range(n):
+            f.write(f'[tasks.t{k}]\nneeds = ["gate"]\nrun = "true"\n')
 PY
 }
 
-# --- 1. SSE clients following a run -------------------------------------------------------
-repo=$out/live
-mkdir -p "$repo"
-workflow "$repo" "$tasks" 1
-(cd "$repo" && git init -q && git add -A && git -c user.name=b -c user.email=b@b commit -qm init)
-"$bin" serve --addr "127.0.0.1:$port" --repo "$repo" > "$out/serve.log" 2>&1 &
-server=$!; pids+=("$server")
-for _ in $(seq 100); do curl -sf "$base/api/v1/health" >/dev/null && break; sleep 0.1; done
-(cd "$repo" && "$bin" apply --output json --jobs 2 > "$out/apply.jsonl" 2>"$out/apply.err") &
-apply=$!; pids+=("$apply")
-run=""
-for _ in $(seq 200); do
-  run=$(curl -sf "$base/api/v1/runs?state=running" | python3 -c 'import json,sys; r=json.load(sys.stdin)["runs"]; print(r[0]["id"] if r else "")')
-  [ -n "$run" ] && break; sleep 0.05
+# --- 1. SSE clients following a run, of each shape -----------------------------------------
+for shape in tasks map; do
+  repo=$out/live-$shape
+  mkdir -p "$repo"
+  workflow "$repo" "$tasks" 1 "$shape"
+  (cd "$repo" && git init -q && git add -A && git -c user.name=b -c user.email=b@b commit -qm init)
+  "$bin" serve --addr "127.0.0.1:$port" --repo "$repo" > "$out/serve.log" 2>&1 &
+  server=$!; pids+=("$server")
+  for _ in $(seq 100); do curl -sf "$base/api/v1/health" >/dev/null && break; sleep 0.1; done
+  (cd "$repo" && "$bin" apply --output json --jobs 2 > "$out/apply.jsonl" 2>"$out/apply.err") &
+  apply=$!; pids+=("$apply")
+  run=""
+  for _ in $(seq 200); do
+    run=$(curl -sf "$base/api/v1/runs?state=running" | python3 -c 'import json,sys; r=json.load(sys.stdin)["runs"]; print(r[0]["id"] if r else "")')
+    [ -n "$run" ] && break; sleep 0.05
+  done
+  [ -n "$run" ] || { echo "the run never showed" >&2; exit 1; }
+  cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+  # One `status` of the run in progress, as a poller would pay for it.
+  status_t=$(mktemp)
+  (cd "$repo" && /usr/bin/time -o "$status_t" -f "%e %U %S" "$bin" status --json > /dev/null 2>&1)
+  status_wall=$(awk '{ print $1 }' "$status_t"); status_cpu=$(awk '{ printf "%.2f", $2 + $3 }' "$status_t")
+  before=$(cpu "$server"); t0=$(date +%s.%N)
+  "$sse" "$base" "$run" "$repo/.ccluster/runs/$run/events.jsonl" "$clients" "$repo/gate" | tee "$out/sse-$shape.txt"
+  t1=$(date +%s.%N); after=$(cpu "$server")
+  wait "$apply"
+  hz=$(getconf CLK_TCK)
+  server_cpu=$(python3 -c "print(f'{($after - $before) / $hz:.2f}')")
+  span=$(python3 -c "print(f'{$t1 - $t0:.2f}')")
+  kill "$server"; wait "$server" 2>/dev/null || true
+  echo "server CPU ${server_cpu}s over ${span}s; one status --json in progress: ${status_wall}s wall, ${status_cpu}s CPU" | tee -a "$out/sse-$shape.txt"
 done
-[ -n "$run" ] || { echo "the run never showed" >&2; exit 1; }
-cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-# One `status` of the run in progress, as a poller would pay for it.
-status_t=$(mktemp)
-(cd "$repo" && /usr/bin/time -o "$status_t" -f "%e %U %S" "$bin" status --json > /dev/null 2>&1)
-status_wall=$(awk '{ print $1 }' "$status_t"); status_cpu=$(awk '{ printf "%.2f", $2 + $3 }' "$status_t")
-before=$(cpu "$server"); t0=$(date +%s.%N)
-"$sse" "$base" "$run" "$repo/.ccluster/runs/$run/events.jsonl" "$clients" "$repo/gate" | tee "$out/sse.txt"
-t1=$(date +%s.%N); after=$(cpu "$server")
-wait "$apply"
-hz=$(getconf CLK_TCK)
-server_cpu=$(python3 -c "print(f'{($after - $before) / $hz:.2f}')")
-span=$(python3 -c "print(f'{$t1 - $t0:.2f}')")
-kill "$server"; wait "$server" 2>/dev/null || true
-echo "server CPU ${server_cpu}s over ${span}s; one status --json in progress: ${status_wall}s wall, ${status_cpu}s CPU"
 
 # --- 2. GET of a 10,000-task run ----------------------------------------------------------
 repo=$out/big
 mkdir -p "$repo"
-workflow "$repo" "$big" 0
+workflow "$repo" "$big" 0 map
 (cd "$repo" && "$bin" apply --jobs 2 > /dev/null 2>&1)
 big_run=$(cd "$repo" && "$bin" status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["run"]["id"])')
 "$bin" serve --addr "127.0.0.1:$port" --repo "$repo" > "$out/serve-big.log" 2>&1 &
@@ -136,11 +143,13 @@ fi
 cat <<EOF
 
 == ccluster serve, $(nproc) cores, $(date -u +%Y-%m-%d) ==
-1. $clients SSE clients following a $tasks-task run (+1 gate task, --jobs 2):
-$(sed 's/^/   /' "$out/sse.txt")
-   server CPU: ${server_cpu}s over ${span}s of the run
-   beside it, one \`ccluster status --json\` of the run in progress: ${status_wall}s wall, ${status_cpu}s CPU
-   (a poller every second sees an event 0.5 s late on average, plus that; $clients pollers pay $clients times it per second)
+1. $clients SSE clients following a run of a gate task and $tasks tasks after it (--jobs 2), as
+   $tasks tasks of their own:
+$(sed 's/^/   /' "$out/sse-tasks.txt")
+   and as one task mapped over $tasks items:
+$(sed 's/^/   /' "$out/sse-map.txt")
+   (beside the server: a poller of \`ccluster status\` every second sees an event 0.5 s late on average,
+   plus the status's own time; $clients pollers pay $clients times it per second)
 2. GET /api/v1/runs/<run> of a finished $big-task run ($size bytes): cold ${cold}s, warm median ${warm}s
    beside it, \`ccluster status --json\` of that run: ${status_big}s
 3. dashboard: $paint
