@@ -193,6 +193,30 @@ fn run_command(command: &str, dir: &Path) -> Result<String, String> {
     String::from_utf8(bytes).map_err(|_| format!("`{command}` printed something that is not UTF-8"))
 }
 
+/// Reads every secret of a run. The error lists each that cannot be read, with its source, and
+/// no value.
+pub fn resolve_declared<'s>(
+    declared: impl IntoIterator<Item = (&'s str, &'s SecretSource)>,
+    base_dir: &Path,
+) -> Result<SecretValues, String> {
+    let mut values = SecretValues::default();
+    let mut problems = Vec::new();
+    for (name, source) in declared {
+        match source.resolve(base_dir) {
+            Ok(value) => values.insert(name, value),
+            Err(problem) => problems.push(format!(
+                "secret `{name}` (from `{}`) cannot be read: {problem}",
+                source.describe()
+            )),
+        }
+    }
+    if problems.is_empty() {
+        Ok(values)
+    } else {
+        Err(problems.join("\n"))
+    }
+}
+
 /// How a task gets one secret.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -6,7 +6,7 @@ use serde::Serialize;
 use crate::model::raw::FailureClass;
 use crate::store::RunState;
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     RunStarted {
@@ -115,7 +115,7 @@ pub enum Event {
 }
 
 /// An instance of a task graph, in `map_expanded`: its plan node and the nodes it runs after.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct GraphInstance {
     pub node: String,
     pub after: Vec<String>,
@@ -162,14 +162,29 @@ impl<'a> EventLog<'a> {
 impl EventSink for EventLog<'_> {
     fn emit(&mut self, event: &Event) {
         use std::io::Write;
+        // The run's secrets are masked in the event itself, so the caller's sink (the terminal,
+        // `--output json`) gets the masked event too.
+        let mut line = crate::secrets::json_bytes(event).unwrap_or_default();
+        let masked: Option<Event> = match crate::secrets::active() {
+            Some(r) if r.find(&serde_json::to_vec(event).unwrap_or_default()).is_some() => {
+                Some(serde_json::from_slice(&line).unwrap_or_else(|_| Event::TaskProgress {
+                    run: String::new(),
+                    task: String::new(),
+                    attempt: 0,
+                    kind: "masked".into(),
+                    detail: crate::secrets::mask_of("event"),
+                    time_ms: crate::store::now_ms(),
+                }))
+            }
+            _ => None,
+        };
         if let Some(out) = &mut self.out {
-            let mut line = serde_json::to_vec(event).unwrap_or_default();
             line.push(b'\n');
             if out.write_all(&line).is_err() {
                 self.out = None;
             }
         }
-        self.inner.emit(event);
+        self.inner.emit(masked.as_ref().unwrap_or(event));
     }
 
     fn flush(&mut self) {

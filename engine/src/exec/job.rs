@@ -295,6 +295,14 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
     let mut result = run_command(&job, &runner, stop).await;
     let mut succeeded = result.failure.is_none() && result.output.is_some();
     if succeeded {
+        // A change that holds a secret's value is never committed.
+        if let Some(leak) = secret_in_changes(&ws.path, &copied, &limits).await {
+            result.output = None;
+            result.failure = Some((FailureClass::Policy, leak));
+            succeeded = false;
+        }
+    }
+    if succeeded {
         let published = async {
             let commit = workspace::commit_all(ws, &copied, &limits).await?;
             let (changed, patch) =
@@ -462,12 +470,50 @@ async fn run_agent(
     tokio::join!(process, read)
 }
 
+/// Looks for the run's secrets in the files a commit of the worktree would take. Each file that
+/// holds one is masked in place (the kept worktree and its patch hold no value) and named, with
+/// the secret's name, in the message; `None` when there is nothing to refuse.
+async fn secret_in_changes(
+    dir: &std::path::Path,
+    copied: &[String],
+    limits: &workspace::GitLimits,
+) -> Option<String> {
+    let redactor = crate::secrets::active()?;
+    let files = match workspace::uncommitted_files(dir, copied, limits).await {
+        Ok(files) => files,
+        Err(e) => return Some(format!("cannot check the change for secrets: {e}")),
+    };
+    let mut found = Vec::new();
+    for file in files {
+        let path = dir.join(&file);
+        // Regular files only: a link is committed as its target's name, not its content.
+        let regular = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
+        let Some(bytes) = regular.then(|| std::fs::read(&path).ok()).flatten() else {
+            continue;
+        };
+        if let Some(name) = redactor.find(&bytes) {
+            found.push(format!("`{file}` holds the value of secret `{name}`"));
+            crate::secrets::redact_file(&redactor, &path);
+        }
+    }
+    (!found.is_empty()).then(|| {
+        format!(
+            "{}: the change is not committed (the file is masked in the kept worktree)",
+            found.join("; ")
+        )
+    })
+}
+
 fn save_patch(job: &Job, patch: &[u8], record: &mut ArtifactRecord) {
     if patch.is_empty() {
         return;
     }
     let _ = crate::store::create_private_dir_all(&job.artifact_dir);
-    if crate::store::write_private(&job.artifact_dir.join("patch.diff"), patch).is_ok() {
+    let patch = match crate::secrets::active() {
+        Some(r) => r.redact_bytes(patch).into_owned(),
+        None => patch.to_vec(),
+    };
+    if crate::store::write_private(&job.artifact_dir.join("patch.diff"), &patch).is_ok() {
         record.patch = Some("patch.diff".into());
     }
 }

@@ -658,6 +658,38 @@ pub async fn create(
         .collect())
 }
 
+/// The files a commit of the worktree would take: modified and new ones not ignored by git,
+/// leaving out `excluded` paths (files copied in), relative to `dir`.
+pub async fn uncommitted_files(
+    dir: &Path,
+    excluded: &[String],
+    limits: &GitLimits,
+) -> Result<Vec<String>, GitError> {
+    let specs: Vec<String> = excluded
+        .iter()
+        .map(|p| format!(":(exclude,literal){p}"))
+        .collect();
+    let mut args = vec![
+        "ls-files",
+        "--modified",
+        "--others",
+        "--exclude-standard",
+        "-z",
+        "--",
+        ".",
+    ];
+    args.extend(specs.iter().map(String::as_str));
+    let out = git(dir, &args, &[], limits).await?;
+    let mut files: Vec<String> = out
+        .split('\0')
+        .filter(|f| !f.is_empty())
+        .map(str::to_string)
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
 /// `git add --all`, leaving out `excluded` paths (files copied in: `.env` must not be committed).
 async fn add_all(dir: &Path, excluded: &[String], limits: &GitLimits) -> Result<(), GitError> {
     let specs: Vec<String> = excluded
