@@ -1,0 +1,372 @@
+//! Secrets: declared once, given only to the tasks that list them, and masked (with their
+//! encodings) in everything ccluster writes; a change holding one is refused (class `policy`);
+//! a secret that cannot be read stops the run before it starts.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::support::{claude_bin, files_under, git, Applied, Sandbox};
+
+/// Has every character the encodings change: `/`, `"`, `+`, `&`, `\` and a space.
+const VALUE: &str = r#"gh_s3cr3t/"Val"+ue&x\z y"#;
+
+fn base64(bytes: &[u8], url: bool) -> String {
+    let table: &[u8] = if url {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    } else {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    };
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(table[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    while out.len() % 4 != 0 {
+        out.push('=');
+    }
+    out
+}
+
+fn percent(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// The value and the encodings of it that must be found nowhere.
+fn forms() -> Vec<String> {
+    let json = serde_json::to_string(VALUE).unwrap();
+    vec![
+        VALUE.to_string(),
+        base64(VALUE.as_bytes(), false).trim_end_matches('=').to_string(),
+        base64(VALUE.as_bytes(), true).trim_end_matches('=').to_string(),
+        percent(VALUE),
+        json.trim_matches('"').to_string(),
+        // Distinctive parts, in case a value was cut or half-escaped.
+        "gh_s3cr3t".to_string(),
+    ]
+}
+
+fn assert_clean(what: &str, bytes: &[u8]) {
+    let text = String::from_utf8_lossy(bytes);
+    for form in forms() {
+        assert!(
+            !text.contains(&form),
+            "{what} holds the secret (as `{form}`):\n{text}"
+        );
+    }
+}
+
+const CLUSTERFILE: &str = r#"version = 1
+
+[secrets.GH_TOKEN]
+from = "env:CC_TEST_TOKEN"
+
+[tasks.echo]
+secrets = ["GH_TOKEN"]
+run = '''printf 'token=%s\n' "$GH_TOKEN"; printf '%s' "$GH_TOKEN" | base64; printf 'err %s\n' "$GH_TOKEN" >&2'''
+
+[tasks.json]
+secrets = ["GH_TOKEN"]
+output = "json"
+run = '''printf '{"token": "%s"}' "$(printf '%s' "$GH_TOKEN" | sed 's/[\\"]/\\&/g')"'''
+
+[tasks.commit]
+secrets = [{ name = "GH_TOKEN", file = "gh-token", env = "TOKEN_PATH" }]
+workspace = "worktree"
+run = '''cat "$TOKEN_PATH" > leaked.txt; echo fine > fine.txt'''
+
+[tasks.agent]
+secrets = ["GH_TOKEN"]
+prompt = "Print the token"
+claude = { permission_mode = "bypassPermissions" }
+rehearsal = { turns = [{ tools = [{ name = "Bash", input = { command = "printf 'agent saw %s\\n' \"$GH_TOKEN\"" } }] }, { text = "done" }] }
+
+[tasks.plain]
+run = '''test -z "${GH_TOKEN:-}" && echo "no secret here"'''
+"#;
+
+#[test]
+fn secrets_are_masked_everywhere_and_a_commit_holding_one_is_refused() {
+    let s = Sandbox::in_repo(CLUSTERFILE, &[]);
+    // A rehearsal with the real CLI; the secret comes from ccluster's environment.
+    let applied = Applied::from_output(
+        s.command(&[
+            "apply",
+            "--rehearse",
+            "--output",
+            "json",
+            "--grace-period",
+            "1s",
+            "--keep-going",
+        ])
+        .env("CCLUSTER_CLAUDE_BIN", claude_bin())
+        .env("CC_TEST_TOKEN", VALUE)
+        .output()
+        .unwrap(),
+    );
+    assert_eq!(applied.code, 1, "{}\n{}", applied.stdout, applied.stderr);
+
+    // The task whose change holds the value failed, class policy, named file and secret.
+    let failed = applied.of("task_failed");
+    let commit = failed
+        .iter()
+        .find(|e| e["task"] == "commit")
+        .unwrap_or_else(|| panic!("no failure of `commit`: {}", applied.stdout));
+    assert_eq!(commit["class"], "policy", "{commit}");
+    let message = commit["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("leaked.txt") && message.contains("GH_TOKEN"),
+        "{message}"
+    );
+    // Only that task failed, and it was not retried.
+    assert_eq!(failed.len(), 1, "{}", applied.stdout);
+    assert_eq!(
+        applied
+            .of("task_started")
+            .iter()
+            .filter(|e| e["task"] == "commit")
+            .count(),
+        1
+    );
+
+    // What the tasks printed and returned is there, masked.
+    let status = s.status();
+    let json = crate::support::task(&status, "json");
+    assert_eq!(
+        json["output"]["token"], "[secret GH_TOKEN]",
+        "{json}"
+    );
+    let run = s.run_id();
+    let logs = s.path().join(".ccluster/runs").join(&run).join("logs");
+    let echo = std::fs::read_to_string(logs.join("echo.1.out")).unwrap();
+    assert!(echo.contains("token=[secret GH_TOKEN]"), "{echo}");
+    assert_eq!(
+        echo.lines().filter(|l| l.contains("[secret GH_TOKEN]")).count(),
+        2,
+        "the value and its base64 are both masked: {echo}"
+    );
+    let err = std::fs::read_to_string(logs.join("echo.1.err")).unwrap();
+    assert_eq!(err.trim(), "err [secret GH_TOKEN]");
+    let agent = std::fs::read_to_string(logs.join("agent.1.out")).unwrap();
+    assert!(
+        agent.contains("agent saw [secret GH_TOKEN]"),
+        "the agent's Bash tool ran with the secret: {agent}"
+    );
+    let plain = std::fs::read_to_string(logs.join("plain.1.out")).unwrap();
+    assert_eq!(plain.trim(), "no secret here");
+    // The kept worktree of the refused change holds the mask, not the value.
+    let kept = files_under(&s.path().join(".ccluster/worktrees"));
+    let leaked = kept
+        .iter()
+        .find(|p| p.ends_with("leaked.txt"))
+        .unwrap_or_else(|| panic!("no kept leaked.txt in {kept:?}"));
+    assert_eq!(
+        std::fs::read_to_string(leaked).unwrap(),
+        "[secret GH_TOKEN]"
+    );
+
+    // Nowhere: the event stream, ccluster's stderr, every file of the state, every commit, the
+    // report in both forms.
+    assert_clean("the event stream", applied.stdout.as_bytes());
+    assert_clean("ccluster's stderr", applied.stderr.as_bytes());
+    let state = files_under(&s.path().join(".ccluster"));
+    assert!(state.len() > 10, "{state:?}");
+    for file in &state {
+        let bytes = std::fs::read(file).unwrap_or_default();
+        assert_clean(&file.display().to_string(), &bytes);
+    }
+    assert_clean("the commits", git(s.path(), &["log", "-p", "--all"]).as_bytes());
+    for format in [&["report"][..], &["report", "-o", "json"][..]] {
+        let report = s.command(format).output().unwrap();
+        assert!(report.status.success(), "{report:?}");
+        assert_clean("the report", &report.stdout);
+    }
+    let logs = s.command(&["logs", &run, "agent"]).output().unwrap();
+    assert_clean("`ccluster logs`", &logs.stdout);
+    // The secret file went with its attempt.
+    assert!(!secret_files_left(&run), "secret files outlived the run");
+}
+
+/// Whether any secret file of `run` is left where ccluster writes them.
+fn secret_files_left(run: &str) -> bool {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(std::path::PathBuf::from)
+        .filter(|d| d.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let uid = Command::new("id").arg("-u").output().unwrap();
+    let uid = String::from_utf8_lossy(&uid.stdout).trim().to_string();
+    base.join(format!("ccluster-secrets-{uid}"))
+        .join(run)
+        .exists()
+}
+
+#[test]
+fn a_secret_file_is_private_outside_the_workspace_and_gone_after_its_attempt() {
+    let s = Sandbox::in_repo(
+        r#"version = 1
+[secrets.A]
+from = "env:CC_TEST_FILE_TOKEN"
+[secrets.B]
+from = "command:printf '%s\n' \"$CC_TEST_FILE_TOKEN\""
+
+[tasks.check]
+workspace = "worktree"
+secrets = ["A", { name = "B", file = "b-token" }]
+run = '''test "$(cat "$B_FILE")" = "$A" && stat -c '%a' "$B_FILE" && case "$B_FILE" in "$PWD"*|*/.ccluster/*) echo inside;; *) echo outside;; esac && echo "$B_FILE" > path.txt'''
+"#,
+        &[],
+    );
+    let out = s
+        .command(&["apply", "--output", "json"])
+        .env("CC_TEST_FILE_TOKEN", "file-token-12345")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let run = s.run_id();
+    let log = std::fs::read_to_string(
+        s.path()
+            .join(".ccluster/runs")
+            .join(&run)
+            .join("logs/check.1.out"),
+    )
+    .unwrap();
+    assert_eq!(log, "600\noutside\n");
+    let branch = format!("refs/ccluster/runs/{run}/check");
+    let path = git(s.path(), &["show", &format!("{branch}:path.txt")]);
+    assert!(
+        path.trim().ends_with("/b-token"),
+        "{path}"
+    );
+    assert!(!Path::new(path.trim()).exists(), "{path} outlived its attempt");
+    assert!(!secret_files_left(&run));
+}
+
+#[test]
+fn a_secret_that_cannot_be_read_stops_the_run_before_it_starts() {
+    let s = Sandbox::new(
+        r#"version = 1
+[secrets.GH_TOKEN]
+from = "env:CC_TEST_UNSET_TOKEN"
+[secrets.SHORT]
+from = "command:printf 'abc'"
+[secrets.FAILING]
+from = "command:exit 3"
+[secrets.MISSING]
+from = "file:no-such-file"
+[tasks.use]
+secrets = ["GH_TOKEN", "SHORT", "FAILING", "MISSING"]
+run = "touch ran"
+"#,
+    );
+    let out = s
+        .command(&["apply", "--output", "json"])
+        .env_remove("CC_TEST_UNSET_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "secret `GH_TOKEN` (from `env:CC_TEST_UNSET_TOKEN`) cannot be read: the environment variable `CC_TEST_UNSET_TOKEN` is not set",
+        "secret `SHORT` (from `command:printf 'abc'`) cannot be read: its value is 3 bytes long",
+        "secret `FAILING` (from `command:exit 3`) cannot be read",
+        "secret `MISSING` (from `file:no-such-file`) cannot be read",
+    ] {
+        assert!(stderr.contains(expected), "no `{expected}` in {stderr}");
+    }
+    assert!(!stderr.contains("abc'\n") && !s.path().join("ran").exists());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+        "no run started: {out:?}"
+    );
+}
+
+#[test]
+fn unknown_secrets_and_bad_sources_are_diagnostics() {
+    let s = Sandbox::new(
+        r#"version = 1
+[secrets.GH_TOKEN]
+from = "env:GH_TOKEN"
+[secrets.BAD]
+from = "vault:x"
+[secrets.UNUSED]
+from = "env:UNUSED"
+[tasks.use]
+secrets = ["GH_TOKNE", { name = "GH_TOKEN", file = "a/b" }, "BAD"]
+run = "true"
+[tasks.merge]
+needs = ["use"]
+merge = { strategy = "collect" }
+secrets = ["GH_TOKEN"]
+"#,
+    );
+    let out = s.command(&["validate", "-o", "json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let diags = report["diagnostics"].as_array().unwrap();
+    let find = |code: &str| {
+        diags
+            .iter()
+            .find(|d| d["code"] == code)
+            .unwrap_or_else(|| panic!("no {code} in {report:#}"))
+    };
+    let unknown = find("unknown-secret");
+    assert_eq!(unknown["help"], "did you mean `GH_TOKEN`?");
+    assert_eq!(unknown["line"], 9);
+    let source = find("invalid-secret-source");
+    assert!(
+        source["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown source `vault:`"),
+        "{source}"
+    );
+    assert_eq!(source["line"], 5);
+    find("invalid-secret-file");
+    let kind = find("key-not-for-kind");
+    assert_eq!(kind["line"], 14);
+    let unused = find("unused-secret");
+    assert_eq!(unused["severity"], "warning");
+    // Plans show which secrets a task gets, never a value (none is read).
+    s.write(
+        r#"version = 1
+[secrets.GH_TOKEN]
+from = "env:CC_TEST_PLAN_TOKEN"
+[tasks.use]
+secrets = ["GH_TOKEN", { name = "GH_TOKEN", file = "t", env = "T" }]
+run = "true"
+"#,
+    );
+    let out = s.command(&["validate"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("duplicate-secret"));
+    s.write(
+        r#"version = 1
+[secrets.GH_TOKEN]
+from = "env:CC_TEST_PLAN_TOKEN"
+[tasks.use]
+secrets = [{ name = "GH_TOKEN", file = "t" }]
+run = "true"
+"#,
+    );
+    let out = s
+        .command(&["plan"])
+        .env("CC_TEST_PLAN_TOKEN", "plan-token-value")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("secrets: GH_TOKEN (file t, path in GH_TOKEN_FILE)"),
+        "{text}"
+    );
+    assert!(!text.contains("plan-token-value"));
+}
