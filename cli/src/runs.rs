@@ -504,7 +504,9 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
             for line in e.lines() {
                 eprintln!("error: {line}");
             }
-            eprintln!("  hint: nothing was run; set what the secret is read from, or change its `from`");
+            eprintln!(
+                "  hint: nothing was run; set what the secret is read from, or change its `from`"
+            );
             exit::INVALID_INPUT
         }
         Err(exec::ApplyError::Workspace(e)) => {

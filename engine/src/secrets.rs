@@ -391,7 +391,11 @@ impl Redactor {
     /// each value is a pattern), so a value with nothing to mask costs one scan.
     pub fn json_bytes<T: Serialize + ?Sized>(&self, value: &T) -> serde_json::Result<Vec<u8>> {
         let bytes = serde_json::to_vec(value)?;
-        if self.automaton.as_ref().is_none_or(|ac| !ac.is_match(&bytes)) {
+        if self
+            .automaton
+            .as_ref()
+            .is_none_or(|ac| !ac.is_match(&bytes))
+        {
             return Ok(bytes);
         }
         let mut tree = serde_json::to_value(value)?;
@@ -702,7 +706,8 @@ mod tests {
     #[test]
     fn json_values_stay_json() {
         let r = redactor("12345678-secret");
-        let v = serde_json::json!({"a": ["x 12345678-secret y"], "12345678-secret": 1, "n": 12345678});
+        let v =
+            serde_json::json!({"a": ["x 12345678-secret y"], "12345678-secret": 1, "n": 12345678});
         let bytes = r.json_bytes(&v).unwrap();
         let back: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(

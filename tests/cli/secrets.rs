@@ -18,13 +18,17 @@ fn base64(bytes: &[u8], url: bool) -> String {
     };
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..=chunk.len() {
             out.push(table[(n >> (18 - 6 * i) & 63) as usize] as char);
         }
     }
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push('=');
     }
     out
@@ -47,8 +51,12 @@ fn forms() -> Vec<String> {
     let json = serde_json::to_string(VALUE).unwrap();
     vec![
         VALUE.to_string(),
-        base64(VALUE.as_bytes(), false).trim_end_matches('=').to_string(),
-        base64(VALUE.as_bytes(), true).trim_end_matches('=').to_string(),
+        base64(VALUE.as_bytes(), false)
+            .trim_end_matches('=')
+            .to_string(),
+        base64(VALUE.as_bytes(), true)
+            .trim_end_matches('=')
+            .to_string(),
         percent(VALUE),
         json.trim_matches('"').to_string(),
         // Distinctive parts, in case a value was cut or half-escaped.
@@ -142,16 +150,15 @@ fn secrets_are_masked_everywhere_and_a_commit_holding_one_is_refused() {
     // What the tasks printed and returned is there, masked.
     let status = s.status();
     let json = crate::support::task(&status, "json");
-    assert_eq!(
-        json["output"]["token"], "[secret GH_TOKEN]",
-        "{json}"
-    );
+    assert_eq!(json["output"]["token"], "[secret GH_TOKEN]", "{json}");
     let run = s.run_id();
     let logs = s.path().join(".ccluster/runs").join(&run).join("logs");
     let echo = std::fs::read_to_string(logs.join("echo.1.out")).unwrap();
     assert!(echo.contains("token=[secret GH_TOKEN]"), "{echo}");
     assert_eq!(
-        echo.lines().filter(|l| l.contains("[secret GH_TOKEN]")).count(),
+        echo.lines()
+            .filter(|l| l.contains("[secret GH_TOKEN]"))
+            .count(),
         2,
         "the value and its base64 are both masked: {echo}"
     );
@@ -185,7 +192,10 @@ fn secrets_are_masked_everywhere_and_a_commit_holding_one_is_refused() {
         let bytes = std::fs::read(file).unwrap_or_default();
         assert_clean(&file.display().to_string(), &bytes);
     }
-    assert_clean("the commits", git(s.path(), &["log", "-p", "--all"]).as_bytes());
+    assert_clean(
+        "the commits",
+        git(s.path(), &["log", "-p", "--all"]).as_bytes(),
+    );
     for format in [&["report"][..], &["report", "-o", "json"][..]] {
         let report = s.command(format).output().unwrap();
         assert!(report.status.success(), "{report:?}");
@@ -243,11 +253,11 @@ run = '''test "$(cat "$B_FILE")" = "$A" && stat -c '%a' "$B_FILE" && case "$B_FI
     assert_eq!(log, "600\noutside\n");
     let branch = format!("refs/ccluster/runs/{run}/check");
     let path = git(s.path(), &["show", &format!("{branch}:path.txt")]);
+    assert!(path.trim().ends_with("/b-token"), "{path}");
     assert!(
-        path.trim().ends_with("/b-token"),
-        "{path}"
+        !Path::new(path.trim()).exists(),
+        "{path} outlived its attempt"
     );
-    assert!(!Path::new(path.trim()).exists(), "{path} outlived its attempt");
     assert!(!secret_files_left(&run));
 }
 

@@ -166,15 +166,20 @@ impl EventSink for EventLog<'_> {
         // `--output json`) gets the masked event too.
         let mut line = crate::secrets::json_bytes(event).unwrap_or_default();
         let masked: Option<Event> = match crate::secrets::active() {
-            Some(r) if r.find(&serde_json::to_vec(event).unwrap_or_default()).is_some() => {
-                Some(serde_json::from_slice(&line).unwrap_or_else(|_| Event::TaskProgress {
-                    run: String::new(),
-                    task: String::new(),
-                    attempt: 0,
-                    kind: "masked".into(),
-                    detail: crate::secrets::mask_of("event"),
-                    time_ms: crate::store::now_ms(),
-                }))
+            Some(r)
+                if r.find(&serde_json::to_vec(event).unwrap_or_default())
+                    .is_some() =>
+            {
+                Some(
+                    serde_json::from_slice(&line).unwrap_or_else(|_| Event::TaskProgress {
+                        run: String::new(),
+                        task: String::new(),
+                        attempt: 0,
+                        kind: "masked".into(),
+                        detail: crate::secrets::mask_of("event"),
+                        time_ms: crate::store::now_ms(),
+                    }),
+                )
             }
             _ => None,
         };

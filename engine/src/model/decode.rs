@@ -621,7 +621,9 @@ impl Decoder<'_> {
                             "`policy` failures are never retried",
                         )
                         .at(class.span, "not retryable")
-                        .help("the same work breaks the same rule again; remove `policy` from `on`"),
+                        .help(
+                            "the same work breaks the same rule again; remove `policy` from `on`",
+                        ),
                     );
                 }
                 r.on = Some(Spanned::new(classes, n.span));

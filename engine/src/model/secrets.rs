@@ -93,7 +93,9 @@ pub fn resolve_uses(
             Diagnostic::error(
                 Category::TaskKind,
                 "key-not-for-kind",
-                format!("`secrets` applies to shell and agent tasks only, and task `{id}` is not one"),
+                format!(
+                    "`secrets` applies to shell and agent tasks only, and task `{id}` is not one"
+                ),
             )
             .at(list.span, "only for shell and agent tasks")
             .help("remove `secrets`: only a task that runs a process can use a secret"),
@@ -109,7 +111,10 @@ pub fn resolve_uses(
             let mut d = Diagnostic::error(
                 Category::InvalidValue,
                 "unknown-secret",
-                format!("task `{id}` uses the unknown secret `{}`", super::fetch::printable(name)),
+                format!(
+                    "task `{id}` uses the unknown secret `{}`",
+                    super::fetch::printable(name)
+                ),
             )
             .at(r.name.span, "not declared under `[secrets]`");
             d = match did_you_mean(name, declared.keys().map(String::as_str)) {
@@ -155,7 +160,10 @@ pub fn resolve_uses(
                 Diagnostic::error(
                     Category::InvalidValue,
                     "invalid-secret-env",
-                    format!("invalid variable name `{}` for secret `{name}`", super::fetch::printable(&var.value)),
+                    format!(
+                        "invalid variable name `{}` for secret `{name}`",
+                        super::fetch::printable(&var.value)
+                    ),
                 )
                 .at(var.span, "not a variable name")
                 .help("letters, digits and `_`, not starting with a digit"),
@@ -167,7 +175,10 @@ pub fn resolve_uses(
                 Diagnostic::error(
                     Category::InvalidValue,
                     "duplicate-secret-env",
-                    format!("task `{id}` gets two secrets in the variable `{}`", var.value),
+                    format!(
+                        "task `{id}` gets two secrets in the variable `{}`",
+                        var.value
+                    ),
                 )
                 .at(var.span, "this one")
                 .note(*first, "and this one")
@@ -206,11 +217,7 @@ pub fn resolve_uses(
 }
 
 /// Warns of declared secrets no task uses: they are not read when a run starts.
-pub fn check_unused(
-    raw: &RawClusterfile,
-    used: &HashSet<String>,
-    diags: &mut Vec<Diagnostic>,
-) {
+pub fn check_unused(raw: &RawClusterfile, used: &HashSet<String>, diags: &mut Vec<Diagnostic>) {
     for (name, secret) in &raw.secrets {
         if !used.contains(name) {
             diags.push(

@@ -352,10 +352,12 @@ fn secret_env(
             }
             Delivery::File { file, env: var } => {
                 let d = crate::secrets::files_root(&cx.run.id).join(file_name);
-                let path = crate::secrets::write_secret_file(&d, file, value)
-                    .map_err(|source| ApplyError::Io {
-                        path: d.join(file),
-                        source,
+                let path =
+                    crate::secrets::write_secret_file(&d, file, value).map_err(|source| {
+                        ApplyError::Io {
+                            path: d.join(file),
+                            source,
+                        }
                     })?;
                 env.push((var.clone(), path.display().to_string()));
                 names.push(var.clone());
