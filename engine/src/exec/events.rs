@@ -202,3 +202,52 @@ impl EventSink for EventLog<'_> {
         self.inner.flush();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_event_log_masks_events_for_its_file_and_its_inner_sink() {
+        let value = "event-log-secret-4711";
+        crate::secrets::install(crate::secrets::Redactor::new(&[(
+            "EV_TOKEN".into(),
+            value.into(),
+        )]));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(EVENTS_FILE);
+        let mut inner: Vec<Event> = Vec::new();
+        {
+            let mut log = EventLog::new(&path, &mut inner);
+            log.emit(&Event::TaskFailed {
+                run: "r".into(),
+                task: "t".into(),
+                attempt: 1,
+                class: Some(FailureClass::ExitCode),
+                exit_code: Some(1),
+                message: format!("printed {value} and failed"),
+                time_ms: 1,
+            });
+            log.emit(&Event::TaskProgress {
+                run: "r".into(),
+                task: "t".into(),
+                attempt: 1,
+                kind: "tool".into(),
+                detail: format!("Bash echo {}", serde_json::to_string(value).unwrap()),
+                time_ms: 2,
+            });
+            log.flush();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains(value), "{text}");
+        assert!(text.contains("printed [secret EV_TOKEN] and failed"), "{text}");
+        let Event::TaskFailed { message, .. } = &inner[0] else {
+            panic!("{inner:?}");
+        };
+        assert_eq!(message, "printed [secret EV_TOKEN] and failed");
+        let Event::TaskProgress { detail, .. } = &inner[1] else {
+            panic!("{inner:?}");
+        };
+        assert_eq!(detail, "Bash echo \"[secret EV_TOKEN]\"");
+    }
+}
