@@ -93,6 +93,11 @@ secrets = [{ name = "GH_TOKEN", file = "gh-token", env = "TOKEN_PATH" }]
 workspace = "worktree"
 run = '''cat "$TOKEN_PATH" > leaked.txt; echo fine > fine.txt'''
 
+[tasks.selfcommit]
+secrets = ["GH_TOKEN"]
+workspace = "worktree"
+run = '''printf '%s' "$GH_TOKEN" > own.txt && git add own.txt && git -c user.name=t -c user.email=t@t commit -qm own'''
+
 [tasks.agent]
 secrets = ["GH_TOKEN"]
 prompt = "Print the token"
@@ -136,8 +141,18 @@ fn secrets_are_masked_everywhere_and_a_commit_holding_one_is_refused() {
         message.contains("leaked.txt") && message.contains("GH_TOKEN"),
         "{message}"
     );
-    // Only that task failed, and it was not retried.
-    assert_eq!(failed.len(), 1, "{}", applied.stdout);
+    // A task that committed the value itself is refused too.
+    let own = failed
+        .iter()
+        .find(|e| e["task"] == "selfcommit")
+        .unwrap_or_else(|| panic!("no failure of `selfcommit`: {}", applied.stdout));
+    assert_eq!(own["class"], "policy", "{own}");
+    assert!(own["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("`own.txt`"));
+    // Only those tasks failed, and they were not retried.
+    assert_eq!(failed.len(), 2, "{}", applied.stdout);
     assert_eq!(
         applied
             .of("task_started")

@@ -240,7 +240,10 @@ mod tests {
         }
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(!text.contains(value), "{text}");
-        assert!(text.contains("printed [secret EV_TOKEN] and failed"), "{text}");
+        assert!(
+            text.contains("printed [secret EV_TOKEN] and failed"),
+            "{text}"
+        );
         let Event::TaskFailed { message, .. } = &inner[0] else {
             panic!("{inner:?}");
         };

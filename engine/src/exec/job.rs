@@ -296,7 +296,7 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
     let mut succeeded = result.failure.is_none() && result.output.is_some();
     if succeeded {
         // A change that holds a secret's value is never committed.
-        if let Some(leak) = secret_in_changes(&ws.path, &copied, &limits).await {
+        if let Some(leak) = secret_in_changes(&ws.path, &start, &copied, &limits).await {
             result.output = None;
             result.failure = Some((FailureClass::Policy, leak));
             succeeded = false;
@@ -475,11 +475,12 @@ async fn run_agent(
 /// the secret's name, in the message; `None` when there is nothing to refuse.
 async fn secret_in_changes(
     dir: &std::path::Path,
+    start: &str,
     copied: &[String],
     limits: &workspace::GitLimits,
 ) -> Option<String> {
     let redactor = crate::secrets::active()?;
-    let files = match workspace::uncommitted_files(dir, copied, limits).await {
+    let files = match workspace::uncommitted_files(dir, start, copied, limits).await {
         Ok(files) => files,
         Err(e) => return Some(format!("cannot check the change for secrets: {e}")),
     };
@@ -496,12 +497,18 @@ async fn secret_in_changes(
             crate::secrets::redact_file(&redactor, &path);
         }
     }
-    (!found.is_empty()).then(|| {
-        format!(
-            "{}: the change is not committed (the file is masked in the kept worktree)",
-            found.join("; ")
-        )
-    })
+    if found.is_empty() {
+        return None;
+    }
+    // Commits the task made on its own hold the value: the worktree no longer points at them.
+    let undone = match workspace::undo_commits(dir, start, limits).await {
+        Ok(()) => String::new(),
+        Err(e) => format!(" (its own commits could not be undone: {e})"),
+    };
+    Some(format!(
+        "{}: the change is not committed (the file is masked in the kept worktree){undone}",
+        found.join("; ")
+    ))
 }
 
 fn save_patch(job: &Job, patch: &[u8], record: &mut ArtifactRecord) {
