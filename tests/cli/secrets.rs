@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::support::{claude_bin, files_under, git, Applied, Sandbox};
+use crate::support::{claude_bin, files_under, git, Applied, Sandbox, Served};
 
 /// Has every character the encodings change: `/`, `"`, `+`, `&`, `\` and a space.
 const VALUE: &str = r#"gh_s3cr3t/"Val"+ue&x\z y"#;
@@ -220,6 +220,47 @@ fn secrets_are_masked_everywhere_and_a_commit_holding_one_is_refused() {
     assert_clean("`ccluster logs`", &logs.stdout);
     // The secret file went with its attempt.
     assert!(!secret_files_left(&run), "secret files outlived the run");
+
+    // What `ccluster serve` answers, read from the same files.
+    let served = Served::start(&[s.path()]);
+    let mut paths = vec![
+        "/api/v1/runs".to_string(),
+        format!("/api/v1/runs/{run}"),
+        format!("/api/v1/runs/{run}/graph"),
+        format!("/api/v1/runs/{run}/artifacts"),
+        format!("/api/v1/runs/{run}/report"),
+        format!("/api/v1/runs/{run}/report?format=markdown"),
+        format!("/api/v1/runs/{run}/events"),
+        format!("/api/v1/runs/{run}/tasks/agent/transcript"),
+    ];
+    for node in ["echo", "json", "commit", "selfcommit", "agent", "plain"] {
+        paths.push(format!("/api/v1/runs/{run}/tasks/{node}"));
+        paths.push(format!("/api/v1/runs/{run}/tasks/{node}/logs"));
+        paths.push(format!("/api/v1/runs/{run}/tasks/{node}/logs?stream=err"));
+        paths.push(format!("/api/v1/runs/{run}/tasks/{node}/diff"));
+    }
+    let artifacts = served.json(&format!("/api/v1/runs/{run}/artifacts"), 200);
+    let artifacts = artifacts.as_array().cloned().unwrap_or_default();
+    // The refused changes' patches at least, masked.
+    assert!(
+        artifacts.iter().filter(|a| a["kind"] == "patch").count() >= 2,
+        "{artifacts:?}"
+    );
+    for a in &artifacts {
+        paths.push(format!(
+            "/api/v1/runs/{run}/artifacts/{}/{}/{}",
+            a["node"].as_str().unwrap(),
+            a["attempt"],
+            a["path"].as_str().unwrap()
+        ));
+    }
+    let mut answered = 0;
+    for path in &paths {
+        let (code, body) = served.get(path);
+        answered += usize::from(code == 200);
+        assert_clean(&format!("GET {path}"), body.as_bytes());
+    }
+    assert!(answered >= paths.len() - 8, "{answered} of {}", paths.len());
 }
 
 /// Whether any secret file of `run` is left where ccluster writes them.
