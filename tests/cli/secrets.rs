@@ -436,3 +436,95 @@ run = "true"
     );
     assert!(!text.contains("plan-token-value"));
 }
+
+#[test]
+fn secret_files_on_kubernetes_and_a_templates_own_secrets_are_reported() {
+    let s = Sandbox::new(
+        r#"version = 1
+[secrets.GH_TOKEN]
+from = "env:GH_TOKEN"
+[runners.cluster]
+kind = "kubernetes"
+image = "alpine:3"
+[tasks.pod]
+runner = "cluster"
+secrets = [{ name = "GH_TOKEN", file = "t" }]
+run = "true"
+[tasks.lib]
+use = "./lib.toml"
+"#,
+    );
+    s.file(
+        "lib.toml",
+        r#"version = 1
+[secrets.OWN]
+from = "env:OWN"
+[tasks.inner]
+secrets = ["GH_TOKEN"]
+run = "true"
+"#,
+    )
+    .unwrap();
+    let out = s.command(&["validate", "-o", "json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let diags = report["diagnostics"].as_array().unwrap();
+    let unsupported = diags
+        .iter()
+        .find(|d| d["code"] == "secret-file-unsupported")
+        .unwrap_or_else(|| panic!("{report:#}"));
+    assert_eq!(unsupported["line"], 9);
+    let ignored = diags
+        .iter()
+        .find(|d| d["code"] == "ignored-key" && d["file"] == "lib.toml")
+        .unwrap_or_else(|| panic!("{report:#}"));
+    assert_eq!(ignored["line"], 2);
+    // The template's task names the clusterfile's secret: no unknown-secret.
+    assert!(
+        !diags.iter().any(|d| d["code"] == "unknown-secret"),
+        "{report:#}"
+    );
+}
+
+#[test]
+fn retry_reads_the_secrets_again_and_never_from_the_state() {
+    let s = Sandbox::new(
+        r#"version = 1
+[secrets.GH_TOKEN]
+from = "env:CC_TEST_RETRY_TOKEN"
+[tasks.use]
+secrets = ["GH_TOKEN"]
+run = '''test "$(printf %s "$GH_TOKEN" | rev)" = "eulav-nekot-yrter" && test -f fixed'''
+"#,
+    );
+    let first = s
+        .command(&["apply", "--output", "json"])
+        .env("CC_TEST_RETRY_TOKEN", "retry-token-value")
+        .output()
+        .unwrap();
+    assert_eq!(first.status.code(), Some(1), "{first:?}");
+    std::fs::write(s.path().join("fixed"), "").unwrap();
+    // Without its source, the retry cannot start: nothing kept the value.
+    let refused = s
+        .command(&["retry", "--output", "json"])
+        .env_remove("CC_TEST_RETRY_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr)
+        .contains("secret `GH_TOKEN` (from `env:CC_TEST_RETRY_TOKEN`) cannot be read"));
+    let retried = s
+        .command(&["retry", "--output", "json"])
+        .env("CC_TEST_RETRY_TOKEN", "retry-token-value")
+        .output()
+        .unwrap();
+    assert_eq!(retried.status.code(), Some(0), "{retried:?}");
+    for file in files_under(&s.path().join(".ccluster")) {
+        assert!(
+            !String::from_utf8_lossy(&std::fs::read(&file).unwrap_or_default())
+                .contains("retry-token-value"),
+            "{}",
+            file.display()
+        );
+    }
+}

@@ -490,7 +490,31 @@ pub fn resolve(
             }
             _ => (false, Vec::new()),
         };
-        super::secrets::resolve_uses(id, rt, &declared, process, &env, diags)
+        let uses = super::secrets::resolve_uses(id, rt, &declared, process, &env, diags);
+        // A pod cannot see a file written on ccluster's machine.
+        let on_kubernetes = runners
+            .get(&task.runner)
+            .is_some_and(|r| r.kind == RunnerKind::Kubernetes);
+        if let (true, Some(list)) = (on_kubernetes, &rt.secrets) {
+            if uses
+                .iter()
+                .any(|u| matches!(u.delivery, crate::secrets::Delivery::File { .. }))
+            {
+                diags.push(
+                    Diagnostic::error(
+                        Category::InvalidValue,
+                        "secret-file-unsupported",
+                        format!(
+                            "task `{id}` runs on the kubernetes runner `{}`, which cannot deliver a secret as a file",
+                            task.runner
+                        ),
+                    )
+                    .at(list.span, "a `file` here")
+                    .help("deliver it in a variable (leave out `file`), or run the task on another runner"),
+                );
+            }
+        }
+        uses
     };
     let mut tasks = Vec::new();
     for (id, rt) in &raw.tasks {
