@@ -972,27 +972,15 @@ turns = [
             && tool["detail"].as_str().unwrap().ends_with("note.txt"),
         "{tool}"
     );
-    assert!(
-        kinds.iter().filter(|k| **k == "turn").count() >= 2,
-        "{steps}"
-    );
+    assert!(kinds.iter().filter(|k| **k == "turn").count() >= 2, "{steps}");
     let result = steps.as_array().unwrap().last().unwrap();
     assert!(result["cost_usd"].as_f64().unwrap() > 0.0, "{result}");
-    assert!(
-        result["detail"]
-            .as_str()
-            .unwrap()
-            .contains("wrote the note"),
-        "{result}"
-    );
+    assert!(result["detail"].as_str().unwrap().contains("wrote the note"), "{result}");
     // The run's summary carries the cost, and the task its usage.
     let run = served.json(&format!("/api/v1/runs/{id}"), 200);
     assert!(run["cost_usd"].as_f64().unwrap() > 0.0, "{run}");
     let task = served.json(&format!("/api/v1/runs/{id}/tasks/writer"), 200);
-    assert!(
-        task["attempts"][0]["usage"]["turns"].as_u64().unwrap() >= 2,
-        "{task}"
-    );
+    assert!(task["attempts"][0]["usage"]["turns"].as_u64().unwrap() >= 2, "{task}");
     let (_, diff) = served.get(&format!("/api/v1/runs/{id}/tasks/writer/diff"));
     assert!(diff.contains("+noted"), "{diff}");
 }
