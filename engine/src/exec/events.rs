@@ -164,24 +164,23 @@ impl EventSink for EventLog<'_> {
         use std::io::Write;
         // The run's secrets are masked in the event itself, so the caller's sink (the terminal,
         // `--output json`) gets the masked event too.
-        let mut line = crate::secrets::json_bytes(event).unwrap_or_default();
-        let masked: Option<Event> = match crate::secrets::active() {
-            Some(r)
-                if r.find(&serde_json::to_vec(event).unwrap_or_default())
-                    .is_some() =>
-            {
-                Some(
-                    serde_json::from_slice(&line).unwrap_or_else(|_| Event::TaskProgress {
-                        run: String::new(),
-                        task: String::new(),
-                        attempt: 0,
-                        kind: "masked".into(),
-                        detail: crate::secrets::mask_of("event"),
-                        time_ms: crate::store::now_ms(),
-                    }),
-                )
+        let raw = serde_json::to_vec(event).unwrap_or_default();
+        let (mut line, masked) = match crate::secrets::active().filter(|r| r.find(&raw).is_some()) {
+            Some(redactor) => {
+                let mut tree = serde_json::to_value(event).unwrap_or_default();
+                redactor.redact_json(&mut tree);
+                let line = serde_json::to_vec(&tree).unwrap_or_default();
+                // Every string of an event is free text, so a masked one reads back; should one
+                // not, the sink gets a notice rather than the value.
+                let masked = serde_json::from_value(tree).unwrap_or_else(|_| Event::Warning {
+                    run: String::new(),
+                    task: String::new(),
+                    message: crate::secrets::mask_of("event"),
+                    time_ms: crate::store::now_ms(),
+                });
+                (line, Some(masked))
             }
-            _ => None,
+            None => (raw, None),
         };
         if let Some(out) = &mut self.out {
             line.push(b'\n');
