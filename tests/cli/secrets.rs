@@ -88,6 +88,10 @@ secrets = ["GH_TOKEN"]
 output = "json"
 run = '''printf '{"token": "%s"}' "$(printf '%s' "$GH_TOKEN" | sed 's/[\\"]/\\&/g')"'''
 
+[tasks.downstream]
+needs = ["json"]
+run = '''test '{{ tasks.json.output.token }}' = '[secret GH_TOKEN]' && echo downstream saw the mask'''
+
 [tasks.commit]
 secrets = [{ name = "GH_TOKEN", file = "gh-token", env = "TOKEN_PATH" }]
 workspace = "worktree"
@@ -184,6 +188,9 @@ fn secrets_are_masked_everywhere_and_a_commit_holding_one_is_refused() {
         agent.contains("agent saw [secret GH_TOKEN]"),
         "the agent's Bash tool ran with the secret: {agent}"
     );
+    // What the task downstream read of that output is the mask, as a cached result would give.
+    let downstream = std::fs::read_to_string(logs.join("downstream.1.out")).unwrap();
+    assert_eq!(downstream.trim(), "downstream saw the mask");
     let plain = std::fs::read_to_string(logs.join("plain.1.out")).unwrap();
     assert_eq!(plain.trim(), "no secret here");
     // The kept worktree of the refused change holds the mask, not the value.
@@ -233,7 +240,15 @@ fn secrets_are_masked_everywhere_and_a_commit_holding_one_is_refused() {
         format!("/api/v1/runs/{run}/events"),
         format!("/api/v1/runs/{run}/tasks/agent/transcript"),
     ];
-    for node in ["echo", "json", "commit", "selfcommit", "agent", "plain"] {
+    for node in [
+        "echo",
+        "json",
+        "downstream",
+        "commit",
+        "selfcommit",
+        "agent",
+        "plain",
+    ] {
         paths.push(format!("/api/v1/runs/{run}/tasks/{node}"));
         paths.push(format!("/api/v1/runs/{run}/tasks/{node}/logs"));
         paths.push(format!("/api/v1/runs/{run}/tasks/{node}/logs?stream=err"));

@@ -1686,6 +1686,11 @@ impl Dispatcher<'_> {
         retry_tx: &mpsc::UnboundedSender<usize>,
     ) -> Result<(), ApplyError> {
         let end = result.process.end.clone();
+        // An output is masked before anything reads it: the tasks downstream see what a cached
+        // result would give them, and their keys match it.
+        if let (Some(redactor), Some(output)) = (crate::secrets::active(), result.output.as_mut()) {
+            redactor.redact_json(output);
+        }
         // A planner's graph is checked before its success is: a bad one fails the attempt.
         if result.failure.is_none() && end == ProcessEnd::Exited(0) {
             let output = result.output.clone().unwrap_or(Value::Null);
