@@ -95,6 +95,7 @@ run = '''test '{{ tasks.json.output.token }}' = '[secret GH_TOKEN]' && echo down
 [tasks.commit]
 secrets = [{ name = "GH_TOKEN", file = "gh-token", env = "TOKEN_PATH" }]
 workspace = "worktree"
+retry = { limit = 2, backoff = { initial = "10ms" } }
 run = '''cat "$TOKEN_PATH" > leaked.txt; echo fine > fine.txt'''
 
 [tasks.selfcommit]
@@ -542,4 +543,52 @@ run = '''test "$(printf %s "$GH_TOKEN" | rev)" = "eulav-nekot-yrter" && test -f 
             file.display()
         );
     }
+}
+
+#[test]
+fn secrets_read_the_same_in_kdl() {
+    let toml = r#"version = 1
+[secrets.GH_TOKEN]
+from = "env:GH_TOKEN"
+[secrets.NPM]
+from = "command:pass show npm"
+[tasks.one]
+run = "true"
+secrets = ["GH_TOKEN"]
+[tasks.two]
+run = "true"
+secrets = ["GH_TOKEN", { name = "NPM", file = "npm", env = "NPM_PATH" }]
+"#;
+    let kdl = r#"version 1
+secrets {
+  GH_TOKEN from="env:GH_TOKEN"
+  NPM from="command:pass show npm"
+}
+tasks {
+  one {
+    run "true"
+    secrets "GH_TOKEN"
+  }
+  two {
+    run "true"
+    secrets {
+      - "GH_TOKEN"
+      - name="NPM" file="npm" env="NPM_PATH"
+    }
+  }
+}
+"#;
+    let s = Sandbox::new(toml);
+    s.file("clusterfile.kdl", kdl).unwrap();
+    let plan = |file: &str| {
+        let out = s.command(&["plan", file, "-o", "json"]).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let (from_toml, from_kdl) = (plan("clusterfile.toml"), plan("clusterfile.kdl"));
+    assert_eq!(from_toml["tasks"], from_kdl["tasks"]);
+    assert_eq!(
+        from_toml["tasks"][1]["secrets"][1],
+        serde_json::json!({"name": "NPM", "delivery": {"file": {"file": "npm", "env": "NPM_PATH"}}})
+    );
 }
