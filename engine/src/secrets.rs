@@ -279,7 +279,8 @@ pub fn mask_of(name: &str) -> String {
 
 /// Masks known values and their encodings: base64 (standard and URL-safe, padded or not, also as
 /// part of a longer encoded text at each of its three alignments), percent-encoding (upper and
-/// lower case hex, `+` for spaces) and JSON string escaping. One Aho-Corasick automaton,
+/// lower case hex, `+` for spaces) and JSON string escaping (once, and twice: JSON text inside a
+/// JSON string). One Aho-Corasick automaton,
 /// leftmost-longest, so an encoding that contains another is masked whole.
 pub struct Redactor {
     automaton: Option<AhoCorasick>,
@@ -418,9 +419,15 @@ fn encodings(value: &str) -> Vec<Vec<u8>> {
     use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
     let raw = value.as_bytes();
     let mut out = vec![raw.to_vec()];
-    // JSON: what a value looks like inside a JSON string.
-    if let Ok(json) = serde_json::to_string(value) {
-        out.push(json.trim_matches('"').as_bytes().to_vec());
+    // JSON: what a value looks like inside a JSON string, and inside a JSON string that is itself
+    // inside one (an agent's `result`, which holds its structured output as JSON text).
+    let mut escaped = value.to_string();
+    for _ in 0..2 {
+        let Ok(json) = serde_json::to_string(&escaped) else {
+            break;
+        };
+        escaped = json[1..json.len() - 1].to_string();
+        out.push(escaped.as_bytes().to_vec());
     }
     // Base64, whole.
     for engine in [&STANDARD, &URL_SAFE] {
@@ -679,6 +686,8 @@ mod tests {
             assert_eq!(masked, "[secret TOKEN]".to_string(), "{text}");
         }
         assert_eq!(r.redact_str(&json), "\"[secret TOKEN]\"");
+        let twice = serde_json::to_string(&serde_json::json!({ "result": json })).unwrap();
+        assert_eq!(r.redact_str(&twice), r#"{"result":"\"[secret TOKEN]\""}"#);
         let masked = r.redact_str(&basic).into_owned();
         assert!(masked.contains("[secret TOKEN]"), "{basic} → {masked}");
     }

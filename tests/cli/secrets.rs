@@ -59,6 +59,11 @@ fn forms() -> Vec<String> {
             .to_string(),
         percent(VALUE),
         json.trim_matches('"').to_string(),
+        // JSON text inside a JSON string (an agent's `result` line).
+        serde_json::to_string(json.trim_matches('"'))
+            .unwrap()
+            .trim_matches('"')
+            .to_string(),
         // Distinctive parts, in case a value was cut or half-escaped.
         "gh_s3cr3t".to_string(),
     ]
@@ -109,6 +114,10 @@ prompt = "Print the token"
 claude = { permission_mode = "bypassPermissions" }
 rehearsal = { turns = [{ tools = [{ name = "Bash", input = { command = "printf 'agent saw %s\\n' \"$GH_TOKEN\"" } }] }, { text = "done" }] }
 
+[tasks.answer]
+prompt = "Answer with the token"
+output_schema = { type = "object", required = ["token"], properties = { token = { type = "string" } } }
+
 [tasks.plain]
 run = '''test -z "${GH_TOKEN:-}" && echo "no secret here"'''
 "#;
@@ -116,11 +125,20 @@ run = '''test -z "${GH_TOKEN:-}" && echo "no secret here"'''
 #[test]
 fn secrets_are_masked_everywhere_and_a_commit_holding_one_is_refused() {
     let s = Sandbox::in_repo(CLUSTERFILE, &[]);
+    // The scripted model answers `answer` with the value (a script outside the repository's
+    // commits, as a real model could).
+    let script = format!(
+        "[tasks.answer]\noutput = {{ token = {} }}\n",
+        serde_json::to_string(VALUE).unwrap()
+    );
+    std::fs::write(s.path().join("script.toml"), script).unwrap();
     // A rehearsal with the real CLI; the secret comes from ccluster's environment.
     let applied = Applied::from_output(
         s.command(&[
             "apply",
             "--rehearse",
+            "--script",
+            "script.toml",
             "--output",
             "json",
             "--grace-period",
@@ -171,6 +189,12 @@ fn secrets_are_masked_everywhere_and_a_commit_holding_one_is_refused() {
     let status = s.status();
     let json = crate::support::task(&status, "json");
     assert_eq!(json["output"]["token"], "[secret GH_TOKEN]", "{json}");
+    let answer = crate::support::task(&status, "answer");
+    assert_eq!(
+        answer["state"], "succeeded",
+        "the agent's structured output: {answer}"
+    );
+    assert_eq!(answer["output"]["token"], "[secret GH_TOKEN]", "{answer}");
     let run = s.run_id();
     let logs = s.path().join(".ccluster/runs").join(&run).join("logs");
     let echo = std::fs::read_to_string(logs.join("echo.1.out")).unwrap();
@@ -248,6 +272,7 @@ fn secrets_are_masked_everywhere_and_a_commit_holding_one_is_refused() {
         "commit",
         "selfcommit",
         "agent",
+        "answer",
         "plain",
     ] {
         paths.push(format!("/api/v1/runs/{run}/tasks/{node}"));
