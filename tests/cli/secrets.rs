@@ -112,7 +112,7 @@ run = '''printf '%s' "$GH_TOKEN" > own.txt && git add own.txt && git -c user.nam
 secrets = ["GH_TOKEN"]
 prompt = "Print the token"
 claude = { permission_mode = "bypassPermissions" }
-rehearsal = { turns = [{ tools = [{ name = "Bash", input = { command = "printf 'agent saw %s\\n' \"$GH_TOKEN\"" } }] }, { text = "done" }] }
+rehearsal = { turns = [{ tools = [{ name = "Bash", input = { command = "printf 'agent saw %s\\n' \"$GH_TOKEN\"" } }] }, { tools = [{ name = "Bash", input = { command = "printf 'model key %s\\n' \"$ANTHROPIC_API_KEY\"" } }] }, { text = "done" }] }
 
 [tasks.answer]
 prompt = "Answer with the token"
@@ -216,6 +216,11 @@ fn secrets_are_masked_everywhere_and_a_commit_holding_one_is_refused() {
     // What the task downstream read of that output is the mask, as a cached result would give.
     let downstream = std::fs::read_to_string(logs.join("downstream.1.out")).unwrap();
     assert_eq!(downstream.trim(), "downstream saw the mask");
+    // The credential ccluster gave the agent (here the rehearsal server's token) is masked too.
+    assert!(
+        agent.contains("model key [secret ANTHROPIC_API_KEY]"),
+        "the agent's credential: {agent}"
+    );
     let plain = std::fs::read_to_string(logs.join("plain.1.out")).unwrap();
     assert_eq!(plain.trim(), "no secret here");
     // The kept worktree of the refused change holds the mask, not the value.
