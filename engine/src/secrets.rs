@@ -342,6 +342,30 @@ impl Redactor {
         Some(self.names[m.pattern().as_usize()].as_str())
     }
 
+    /// The name of the first secret found in what `reader` gives, read in pieces (a file of any
+    /// size costs a fixed buffer).
+    pub fn find_in(&self, mut reader: impl std::io::Read) -> std::io::Result<Option<&str>> {
+        let Some(ac) = &self.automaton else {
+            return Ok(None);
+        };
+        let keep = self.longest - 1;
+        let mut buffer: Vec<u8> = Vec::with_capacity(keep + (64 << 10));
+        let mut piece = vec![0u8; 64 << 10];
+        loop {
+            let n = reader.read(&mut piece)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            buffer.extend_from_slice(&piece[..n]);
+            if let Some(m) = ac.find(&buffer) {
+                return Ok(Some(self.names[m.pattern().as_usize()].as_str()));
+            }
+            // A value cut at the end of this piece starts in its last (longest − 1) bytes.
+            let cut = buffer.len().saturating_sub(keep);
+            buffer.drain(..cut);
+        }
+    }
+
     pub fn redact_bytes<'a>(&self, bytes: &'a [u8]) -> Cow<'a, [u8]> {
         match &self.automaton {
             Some(ac) if ac.is_match(bytes) => {
@@ -710,6 +734,17 @@ mod tests {
                 "pieces of {size}"
             );
         }
+    }
+
+    #[test]
+    fn a_value_is_found_in_a_reader_across_its_pieces() {
+        let value = "abcdefghijklmnop";
+        let r = redactor(value);
+        let mut text = vec![b'x'; (64 << 10) - 5];
+        text.extend_from_slice(value.as_bytes());
+        text.extend_from_slice(b"tail");
+        assert_eq!(r.find_in(&text[..]).unwrap(), Some("TOKEN"));
+        assert_eq!(r.find_in(&text[..100]).unwrap(), None);
     }
 
     #[test]

@@ -489,10 +489,10 @@ async fn secret_in_changes(
         let path = dir.join(&file);
         // Regular files only: a link is committed as its target's name, not its content.
         let regular = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
-        let Some(bytes) = regular.then(|| std::fs::read(&path).ok()).flatten() else {
+        let Some(file_read) = regular.then(|| std::fs::File::open(&path).ok()).flatten() else {
             continue;
         };
-        if let Some(name) = redactor.find(&bytes) {
+        if let Ok(Some(name)) = redactor.find_in(std::io::BufReader::new(file_read)) {
             found.push(format!("`{file}` holds the value of secret `{name}`"));
             crate::secrets::redact_file(&redactor, &path);
         }
