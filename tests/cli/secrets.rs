@@ -446,8 +446,29 @@ secrets = ["GH_TOKEN"]
     find("invalid-secret-file");
     let kind = find("key-not-for-kind");
     assert_eq!(kind["line"], 14);
-    let unused = find("unused-secret");
+    // With a misspelt name reported, "unused" would only repeat it.
+    assert!(
+        !diags.iter().any(|d| d["code"] == "unused-secret"),
+        "{report:#}"
+    );
+    s.write(
+        r#"version = 1
+[secrets.GH_TOKEN]
+from = "env:GH_TOKEN"
+[secrets.UNUSED]
+from = "env:UNUSED"
+[tasks.use]
+secrets = ["GH_TOKEN"]
+run = "true"
+"#,
+    );
+    let out = s.command(&["validate", "-o", "json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let unused = &report["diagnostics"][0];
+    assert_eq!(unused["code"], "unused-secret", "{report:#}");
     assert_eq!(unused["severity"], "warning");
+    assert_eq!(unused["line"], 4);
     // Plans show which secrets a task gets, never a value (none is read).
     s.write(
         r#"version = 1

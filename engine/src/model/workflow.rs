@@ -552,7 +552,10 @@ pub fn resolve(
         .iter()
         .flat_map(|t| t.secrets.iter().map(|u| u.name.clone()))
         .collect();
-    super::secrets::check_unused(raw, &used, diags);
+    // A misspelt name in a task is reported already: "unused" would only repeat it.
+    if !diags.iter().any(|d| d.code == "unknown-secret") {
+        super::secrets::check_unused(raw, &used, diags);
+    }
     let secrets = declared
         .into_iter()
         .filter(|(name, _)| used.contains(name))
