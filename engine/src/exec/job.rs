@@ -296,9 +296,21 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
     let mut succeeded = result.failure.is_none() && result.output.is_some();
     if succeeded {
         // A change that holds a secret's value is never committed.
-        if let Some(leak) = secret_in_changes(&ws.path, &start, &copied, &limits).await {
+        let refused = match secret_in_changes(&ws.path, &start, &copied, &limits).await {
+            Ok(leak) => leak.map(|message| (FailureClass::Policy, message)),
+            Err(e) => {
+                let (process, class, message) = git_failure(e, FailureClass::SetupError, |e| {
+                    format!("cannot check the result for secrets: {e}")
+                });
+                if process.end != ProcessEnd::Exited(0) {
+                    result.process.end = process.end;
+                }
+                Some((class, message))
+            }
+        };
+        if let Some(failure) = refused {
             result.output = None;
-            result.failure = Some((FailureClass::Policy, leak));
+            result.failure = Some(failure);
             succeeded = false;
         }
     }
@@ -478,12 +490,11 @@ async fn secret_in_changes(
     start: &str,
     copied: &[String],
     limits: &workspace::GitLimits,
-) -> Option<String> {
-    let redactor = crate::secrets::active()?;
-    let files = match workspace::uncommitted_files(dir, start, copied, limits).await {
-        Ok(files) => files,
-        Err(e) => return Some(format!("cannot check the change for secrets: {e}")),
+) -> Result<Option<String>, GitError> {
+    let Some(redactor) = crate::secrets::active() else {
+        return Ok(None);
     };
+    let files = workspace::uncommitted_files(dir, start, copied, limits).await?;
     let mut found = Vec::new();
     for file in files {
         let path = dir.join(&file);
@@ -498,17 +509,17 @@ async fn secret_in_changes(
         }
     }
     if found.is_empty() {
-        return None;
+        return Ok(None);
     }
     // Commits the task made on its own hold the value: the worktree no longer points at them.
     let undone = match workspace::undo_commits(dir, start, limits).await {
         Ok(()) => String::new(),
         Err(e) => format!(" (its own commits could not be undone: {e})"),
     };
-    Some(format!(
+    Ok(Some(format!(
         "{}: the change is not committed (the file is masked in the kept worktree){undone}",
         found.join("; ")
-    ))
+    )))
 }
 
 fn save_patch(job: &Job, patch: &[u8], record: &mut ArtifactRecord) {

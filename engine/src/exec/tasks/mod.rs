@@ -237,7 +237,10 @@ pub(crate) fn prepare(cx: &TaskContext) -> Result<Prepared, ApplyError> {
     // (which looks for CCLUSTER_RUN) by overriding it.
     env.extend(rendered.env.iter().cloned());
     let file_name = format!("{}.{attempt}", node_file_name(&plan.id));
-    let (secret_env, secret_dir) = secret_env(cx, &file_name, &mut env)?;
+    let (secret_env, secret_dir) = match secret_env(cx, &file_name, &mut env) {
+        Ok(delivered) => delivered,
+        Err(reason) => return Ok(Prepared::Refused(reason)),
+    };
     env.push(("CCLUSTER_RUN".into(), cx.run.id.clone()));
     env.push(("CCLUSTER_TASK".into(), plan.id.clone()));
     env.push(("CCLUSTER_ATTEMPT".into(), attempt.to_string()));
@@ -328,22 +331,23 @@ pub(crate) fn prepare(cx: &TaskContext) -> Result<Prepared, ApplyError> {
 
 /// Adds the secrets the node's task lists to `env`: a value, or the path of a 0600 file written
 /// for the attempt outside the state and the workspace ([`crate::secrets::files_root`], removed
-/// when the attempt ends). Returns the variables that hold them and the files' directory.
+/// when the attempt ends). Returns the variables that hold them and the files' directory, or why
+/// the node cannot have them (it then fails without an attempt).
 fn secret_env(
     cx: &TaskContext,
     file_name: &str,
     env: &mut Vec<(String, String)>,
-) -> Result<(Vec<String>, Option<PathBuf>), ApplyError> {
+) -> Result<(Vec<String>, Option<PathBuf>), String> {
     use crate::secrets::Delivery;
     let mut names = Vec::new();
     let mut dir = None;
     for secret in &cx.plan.secrets {
-        // Resolved when the run started, every one a task lists: a missing one is a bug.
+        // Every secret a task lists was read when the run started.
         let Some(value) = cx.secrets.get(&secret.name) else {
-            return Err(ApplyError::Internal(format!(
-                "secret `{}` was not resolved",
+            return Err(format!(
+                "secret `{}` was not read when the run started",
                 secret.name
-            )));
+            ));
         };
         match &secret.delivery {
             Delivery::Env(var) => {
@@ -352,13 +356,13 @@ fn secret_env(
             }
             Delivery::File { file, env: var } => {
                 let d = crate::secrets::files_root(&cx.run.id).join(file_name);
-                let path =
-                    crate::secrets::write_secret_file(&d, file, value).map_err(|source| {
-                        ApplyError::Io {
-                            path: d.join(file),
-                            source,
-                        }
-                    })?;
+                let path = crate::secrets::write_secret_file(&d, file, value).map_err(|e| {
+                    format!(
+                        "cannot write the file of secret `{}` in `{}`: {e}",
+                        secret.name,
+                        d.display()
+                    )
+                })?;
                 env.push((var.clone(), path.display().to_string()));
                 names.push(var.clone());
                 dir = Some(d);
