@@ -103,6 +103,11 @@ workspace = "worktree"
 retry = { limit = 2, backoff = { initial = "10ms" } }
 run = '''cat "$TOKEN_PATH" > leaked.txt; echo fine > fine.txt'''
 
+[tasks.failing]
+secrets = ["GH_TOKEN"]
+workspace = "worktree"
+run = '''printf '%s' "$GH_TOKEN" > kept.txt; exit 3'''
+
 [tasks.selfcommit]
 secrets = ["GH_TOKEN"]
 workspace = "worktree"
@@ -174,8 +179,8 @@ fn secrets_are_masked_everywhere_and_a_commit_holding_one_is_refused() {
         .as_str()
         .unwrap_or_default()
         .contains("`own.txt`"));
-    // Only those tasks failed, and they were not retried.
-    assert_eq!(failed.len(), 2, "{}", applied.stdout);
+    // Only those tasks (and the one that exits 3) failed, and they were not retried.
+    assert_eq!(failed.len(), 3, "{}", applied.stdout);
     assert_eq!(
         applied
             .of("task_started")
@@ -233,6 +238,15 @@ fn secrets_are_masked_everywhere_and_a_commit_holding_one_is_refused() {
         std::fs::read_to_string(leaked).unwrap(),
         "[secret GH_TOKEN]"
     );
+    // So does a failed attempt's.
+    let kept_file = kept
+        .iter()
+        .find(|p| p.ends_with("kept.txt"))
+        .unwrap_or_else(|| panic!("no kept.txt in {kept:?}"));
+    assert_eq!(
+        std::fs::read_to_string(kept_file).unwrap(),
+        "[secret GH_TOKEN]"
+    );
 
     // Nowhere: the event stream, ccluster's stderr, every file of the state, every commit, the
     // report in both forms.
@@ -275,6 +289,7 @@ fn secrets_are_masked_everywhere_and_a_commit_holding_one_is_refused() {
         "json",
         "downstream",
         "commit",
+        "failing",
         "selfcommit",
         "agent",
         "answer",

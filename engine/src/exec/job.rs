@@ -355,6 +355,8 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
         }
     }
     if !succeeded {
+        // The kept worktree of a failed attempt holds no value either (what git ignores aside).
+        let _ = secret_in_changes(&ws.path, &start, &copied, &GitLimits::none()).await;
         // What the failed attempt changed, for `ccluster artifacts`: a clean-up step, not bounded
         // by the attempt's limits (it runs no hooks).
         if let Ok((changed, patch)) =
