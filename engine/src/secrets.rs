@@ -621,27 +621,50 @@ pub fn redact_file(redactor: &Redactor, path: &Path) -> bool {
     }
 }
 
-/// The directory a run's secret files are written in: under `$XDG_RUNTIME_DIR` (memory, the
-/// user's only) when there is one, else the temporary directory; never in the state or a
-/// workspace.
-pub fn files_root(run: &str) -> PathBuf {
+/// The user's own directory of secret files: under `$XDG_RUNTIME_DIR` (memory, the user's only)
+/// when there is one, else the temporary directory; never in the state or a workspace.
+fn user_root() -> PathBuf {
     let base = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
         .filter(|d| d.is_dir())
         .unwrap_or_else(std::env::temp_dir);
     base.join(format!("ccluster-secrets-{}", nix::unistd::getuid()))
-        .join(run)
 }
 
-/// Writes `value` as a 0600 file `name` in `dir` (made 0700).
-pub fn write_secret_file(dir: &Path, name: &str, value: &str) -> std::io::Result<PathBuf> {
+/// The directory a run's secret files are written in (see [`write_secret_file`]).
+pub fn files_root(run: &str) -> PathBuf {
+    user_root().join(run)
+}
+
+/// Writes `value` as a 0600 file `name` in `<files_root(run)>/<attempt>/` and returns its path.
+/// In a shared temporary directory someone else could have made the user's directory first: it
+/// must be a real directory, the user's, and closed to others, or nothing is written. Below it
+/// (0700) nobody else can change anything.
+pub fn write_secret_file(
+    run: &str,
+    attempt: &str,
+    name: &str,
+    value: &str,
+) -> std::io::Result<PathBuf> {
     use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+    let root = user_root();
+    match std::fs::DirBuilder::new().mode(0o700).create(&root) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    let meta = std::fs::symlink_metadata(&root)?;
+    if !meta.is_dir() || meta.uid() != nix::unistd::getuid().as_raw() || meta.mode() & 0o077 != 0 {
+        return Err(std::io::Error::other(format!(
+            "`{}` must be a directory of this user's, closed to others (mode 0700)",
+            root.display()
+        )));
+    }
+    let dir = root.join(run).join(attempt);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        .create(&dir)?;
     let path = dir.join(name);
     let mut file = std::fs::OpenOptions::new()
         .write(true)

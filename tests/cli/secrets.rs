@@ -376,6 +376,31 @@ run = '''test "$(cat "$B_FILE")" = "$A" && stat -c '%a' "$B_FILE" && case "$B_FI
         "{path} outlived its attempt"
     );
     assert!(!secret_files_left(&run));
+
+    // A directory for secret files that others could open (made by someone else first, in a
+    // shared temporary directory) gets no file: the node fails without an attempt.
+    let runtime = tempfile::tempdir().unwrap();
+    let uid = Command::new("id").arg("-u").output().unwrap();
+    let root = runtime.path().join(format!(
+        "ccluster-secrets-{}",
+        String::from_utf8_lossy(&uid.stdout).trim()
+    ));
+    std::fs::create_dir(&root).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = s
+        .command(&["apply", "--fresh", "--output", "json"])
+        .env("CC_TEST_FILE_TOKEN", "file-token-12345")
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("must be a directory of this user's, closed to others"),
+        "{stdout}"
+    );
+    assert!(files_under(&root).is_empty());
 }
 
 #[test]

@@ -356,13 +356,14 @@ fn secret_env(
             }
             Delivery::File { file, env: var } => {
                 let d = crate::secrets::files_root(&cx.run.id).join(file_name);
-                let path = crate::secrets::write_secret_file(&d, file, value).map_err(|e| {
-                    format!(
-                        "cannot write the file of secret `{}` in `{}`: {e}",
-                        secret.name,
-                        d.display()
-                    )
-                })?;
+                let path = crate::secrets::write_secret_file(&cx.run.id, file_name, file, value)
+                    .map_err(|e| {
+                        format!(
+                            "cannot write the file of secret `{}` in `{}`: {e}",
+                            secret.name,
+                            d.display()
+                        )
+                    })?;
                 env.push((var.clone(), path.display().to_string()));
                 names.push(var.clone());
                 dir = Some(d);
