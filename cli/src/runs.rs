@@ -536,6 +536,15 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
             eprintln!("error: {e}");
             exit::INVALID_INPUT
         }
+        Err(exec::ApplyError::Secret(e)) => {
+            for line in e.lines() {
+                eprintln!("error: {line}");
+            }
+            eprintln!(
+                "  hint: nothing was run; set what the secret is read from, or change its `from`"
+            );
+            exit::INVALID_INPUT
+        }
         Err(exec::ApplyError::Workspace(e)) => {
             eprintln!("error: {e}");
             eprintln!("  hint: run `git init && git commit --allow-empty -m init` in the clusterfile's directory, or set `[workflow] base` to an existing ref");

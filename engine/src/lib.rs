@@ -12,6 +12,7 @@ pub mod render;
 pub mod report;
 pub mod schema;
 pub mod scripted;
+pub mod secrets;
 pub mod serve;
 pub mod syntax;
 

@@ -25,6 +25,7 @@ mod refs;
 mod rehearsal_server;
 mod scale;
 mod schema;
+mod secrets;
 mod serve;
 mod statefs;
 mod support;

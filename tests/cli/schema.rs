@@ -86,6 +86,7 @@ fn document_paths(doc: &Value, prefix: &str, out: &mut BTreeSet<String>, free_fo
             let is_map = [
                 "inputs",
                 "runners",
+                "secrets",
                 "tasks",
                 "vars",
                 "env",

@@ -335,6 +335,12 @@ pub fn key_parts(node: &PlannedTask, rendered: &Rendered, upstream: &str, read: 
     }
     parts.insert("item".into(), hash(&(&node.index, &node.item)));
     parts.insert("runner".into(), hash(&node.runner));
+    // Which secrets a task gets, and how, changes what it does; their values are never hashed
+    // (a key is written to the state). A part only when there are some: other keys stay as they
+    // were.
+    if !node.secrets.is_empty() {
+        parts.insert("secrets".into(), hash(&node.secrets));
+    }
     parts.insert("upstream".into(), upstream.to_string());
     parts
 }

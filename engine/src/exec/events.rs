@@ -6,7 +6,7 @@ use serde::Serialize;
 use crate::model::raw::FailureClass;
 use crate::store::RunState;
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     RunStarted {
@@ -115,7 +115,7 @@ pub enum Event {
 }
 
 /// An instance of a task graph, in `map_expanded`: its plan node and the nodes it runs after.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct GraphInstance {
     pub node: String,
     pub after: Vec<String>,
@@ -162,14 +162,33 @@ impl<'a> EventLog<'a> {
 impl EventSink for EventLog<'_> {
     fn emit(&mut self, event: &Event) {
         use std::io::Write;
+        // The run's secrets are masked in the event itself, so the caller's sink (the terminal,
+        // `--output json`) gets the masked event too.
+        let raw = serde_json::to_vec(event).unwrap_or_default();
+        let (mut line, masked) = match crate::secrets::active().filter(|r| r.find(&raw).is_some()) {
+            Some(redactor) => {
+                let mut tree = serde_json::to_value(event).unwrap_or_default();
+                redactor.redact_json(&mut tree);
+                let line = serde_json::to_vec(&tree).unwrap_or_default();
+                // Every string of an event is free text, so a masked one reads back; should one
+                // not, the sink gets a notice rather than the value.
+                let masked = serde_json::from_value(tree).unwrap_or_else(|_| Event::Warning {
+                    run: String::new(),
+                    task: String::new(),
+                    message: crate::secrets::mask_of("event"),
+                    time_ms: crate::store::now_ms(),
+                });
+                (line, Some(masked))
+            }
+            None => (raw, None),
+        };
         if let Some(out) = &mut self.out {
-            let mut line = serde_json::to_vec(event).unwrap_or_default();
             line.push(b'\n');
             if out.write_all(&line).is_err() {
                 self.out = None;
             }
         }
-        self.inner.emit(event);
+        self.inner.emit(masked.as_ref().unwrap_or(event));
     }
 
     fn flush(&mut self) {
@@ -180,5 +199,57 @@ impl EventSink for EventLog<'_> {
             }
         }
         self.inner.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_event_log_masks_events_for_its_file_and_its_inner_sink() {
+        let value = "event-log-secret-4711";
+        crate::secrets::install(crate::secrets::Redactor::new(&[(
+            "EV_TOKEN".into(),
+            value.into(),
+        )]));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(EVENTS_FILE);
+        let mut inner: Vec<Event> = Vec::new();
+        {
+            let mut log = EventLog::new(&path, &mut inner);
+            log.emit(&Event::TaskFailed {
+                run: "r".into(),
+                task: "t".into(),
+                attempt: 1,
+                class: Some(FailureClass::ExitCode),
+                exit_code: Some(1),
+                message: format!("printed {value} and failed"),
+                time_ms: 1,
+            });
+            log.emit(&Event::TaskProgress {
+                run: "r".into(),
+                task: "t".into(),
+                attempt: 1,
+                kind: "tool".into(),
+                detail: format!("Bash echo {}", serde_json::to_string(value).unwrap()),
+                time_ms: 2,
+            });
+            log.flush();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains(value), "{text}");
+        assert!(
+            text.contains("printed [secret EV_TOKEN] and failed"),
+            "{text}"
+        );
+        let Event::TaskFailed { message, .. } = &inner[0] else {
+            panic!("{inner:?}");
+        };
+        assert_eq!(message, "printed [secret EV_TOKEN] and failed");
+        let Event::TaskProgress { detail, .. } = &inner[1] else {
+            panic!("{inner:?}");
+        };
+        assert_eq!(detail, "Bash echo \"[secret EV_TOKEN]\"");
     }
 }

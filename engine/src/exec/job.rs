@@ -295,6 +295,26 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
     let mut result = run_command(&job, &runner, stop).await;
     let mut succeeded = result.failure.is_none() && result.output.is_some();
     if succeeded {
+        // A change that holds a secret's value is never committed.
+        let refused = match secret_in_changes(&ws.path, &start, &copied, &limits).await {
+            Ok(leak) => leak.map(|message| (FailureClass::Policy, message)),
+            Err(e) => {
+                let (process, class, message) = git_failure(e, FailureClass::SetupError, |e| {
+                    format!("cannot check the result for secrets: {e}")
+                });
+                if process.end != ProcessEnd::Exited(0) {
+                    result.process.end = process.end;
+                }
+                Some((class, message))
+            }
+        };
+        if let Some(failure) = refused {
+            result.output = None;
+            result.failure = Some(failure);
+            succeeded = false;
+        }
+    }
+    if succeeded {
         let published = async {
             let commit = workspace::commit_all(ws, &copied, &limits).await?;
             let (changed, patch) =
@@ -335,6 +355,8 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
         }
     }
     if !succeeded {
+        // The kept worktree of a failed attempt holds no value either (what git ignores aside).
+        let _ = secret_in_changes(&ws.path, &start, &copied, &GitLimits::none()).await;
         // What the failed attempt changed, for `ccluster artifacts`: a clean-up step, not bounded
         // by the attempt's limits (it runs no hooks).
         if let Ok((changed, patch)) =
@@ -470,12 +492,56 @@ async fn run_agent(
     tokio::join!(process, read)
 }
 
+/// Looks for the run's secrets in the files a commit of the worktree would take. Each file that
+/// holds one is masked in place (the kept worktree and its patch hold no value) and named, with
+/// the secret's name, in the message; `None` when there is nothing to refuse.
+async fn secret_in_changes(
+    dir: &std::path::Path,
+    start: &str,
+    copied: &[String],
+    limits: &workspace::GitLimits,
+) -> Result<Option<String>, GitError> {
+    let Some(redactor) = crate::secrets::active() else {
+        return Ok(None);
+    };
+    let files = workspace::uncommitted_files(dir, start, copied, limits).await?;
+    let mut found = Vec::new();
+    for file in files {
+        let path = dir.join(&file);
+        // Regular files only: a link is committed as its target's name, not its content.
+        let regular = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
+        let Some(file_read) = regular.then(|| std::fs::File::open(&path).ok()).flatten() else {
+            continue;
+        };
+        if let Ok(Some(name)) = redactor.find_in(std::io::BufReader::new(file_read)) {
+            found.push(format!("`{file}` holds the value of secret `{name}`"));
+            crate::secrets::redact_file(&redactor, &path);
+        }
+    }
+    if found.is_empty() {
+        return Ok(None);
+    }
+    // Commits the task made on its own hold the value: the worktree no longer points at them.
+    let undone = match workspace::undo_commits(dir, start, limits).await {
+        Ok(()) => String::new(),
+        Err(e) => format!(" (its own commits could not be undone: {e})"),
+    };
+    Ok(Some(format!(
+        "{}: the change is not committed (the file is masked in the kept worktree){undone}",
+        found.join("; ")
+    )))
+}
+
 fn save_patch(job: &Job, patch: &[u8], record: &mut ArtifactRecord) {
     if patch.is_empty() {
         return;
     }
     let _ = crate::store::create_private_dir_all(&job.artifact_dir);
-    if crate::store::write_private(&job.artifact_dir.join("patch.diff"), patch).is_ok() {
+    let patch = match crate::secrets::active() {
+        Some(r) => r.redact_bytes(patch).into_owned(),
+        None => patch.to_vec(),
+    };
+    if crate::store::write_private(&job.artifact_dir.join("patch.diff"), &patch).is_ok() {
         record.patch = Some("patch.diff".into());
     }
 }

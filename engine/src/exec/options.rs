@@ -52,6 +52,10 @@ pub enum ApplyError {
     /// Agent workers cannot run (no `claude` CLI, no credentials).
     #[error("{0}")]
     Agent(String),
+    /// A secret cannot be read (its variable unset, its file missing, its command failing, its
+    /// value too short). The message names the secret and its source, never a value.
+    #[error("{0}")]
+    Secret(String),
     #[error("cannot create `{path}`: {source}")]
     Io {
         path: PathBuf,

@@ -297,6 +297,9 @@ pub(crate) struct LazyLog {
     path: PathBuf,
     file: Option<std::fs::File>,
     failed: bool,
+    /// Masks the run's secrets; holds back the end of what it was given until the next piece
+    /// (a value may be cut between two reads) or the drop.
+    redact: Option<crate::secrets::StreamRedactor>,
 }
 
 impl LazyLog {
@@ -305,10 +308,24 @@ impl LazyLog {
             path,
             file: None,
             failed: false,
+            redact: crate::secrets::active().map(|r| r.stream()),
         }
     }
 
     pub(crate) fn write(&mut self, bytes: &[u8]) {
+        match &mut self.redact {
+            Some(redact) => {
+                let mut masked = Vec::with_capacity(bytes.len());
+                redact.push(bytes, &mut masked);
+                if !masked.is_empty() {
+                    self.write_out(&masked);
+                }
+            }
+            None => self.write_out(bytes),
+        }
+    }
+
+    fn write_out(&mut self, bytes: &[u8]) {
         use std::io::Write;
         if self.failed {
             return;
@@ -331,6 +348,19 @@ impl LazyLog {
         if let Some(f) = &mut self.file {
             if f.write_all(bytes).is_err() {
                 self.failed = true;
+            }
+        }
+    }
+}
+
+impl Drop for LazyLog {
+    /// The end of the stream: what the masker held back is written.
+    fn drop(&mut self) {
+        if let Some(mut redact) = self.redact.take() {
+            let mut rest = Vec::new();
+            redact.finish(&mut rest);
+            if !rest.is_empty() {
+                self.write_out(&rest);
             }
         }
     }

@@ -494,6 +494,18 @@ pub fn expand(
             Some(tree) if tdiags.is_empty() => decode::decode(&tree, &mut tdiags),
             _ => RawClusterfile::default(),
         };
+        // Secrets are the using clusterfile's: its tasks' `secrets` name those.
+        if let Some(secret) = traw.secrets.values().next() {
+            tdiags.push(
+                Diagnostic::warning(
+                    crate::diagnostic::Category::InvalidValue,
+                    "ignored-key",
+                    format!("template `{name}` declares `[secrets]`, which are not read"),
+                )
+                .at(secret.name_span, "ignored")
+                .help("declare secrets in the clusterfile that uses the template; its tasks' `secrets` name those"),
+            );
+        }
         // The template's own problems are reported in its own file.
         let template_errors = tdiags.iter().any(Diagnostic::is_error);
         diags.extend(tdiags.into_iter().map(|d| d.in_file(&tfile)));

@@ -391,6 +391,9 @@ impl Decoder<'_> {
         if let Some(n) = t.get("runners") {
             raw.runners = self.named_tables(n, "runners", |d, key, node| d.runner(key, node));
         }
+        if let Some(n) = t.get("secrets") {
+            raw.secrets = self.named_tables(n, "secrets", |d, key, node| d.secret(key, node));
+        }
         if let Some(n) = t.get("tasks") {
             raw.tasks = self.named_tables(n, "tasks", |d, key, node| d.task(key, node));
         }
@@ -470,6 +473,63 @@ impl Decoder<'_> {
         self.finish(t);
         input.decode_errors = self.errors_so_far() > before;
         Some(input)
+    }
+
+    fn secret(&mut self, key: &Key, node: &Node) -> Option<RawSecret> {
+        let mut t = self.table(node, &key.name, format!("secret `{}`", key.name))?;
+        let mut secret = RawSecret {
+            name_span: key.span,
+            ..RawSecret::default()
+        };
+        if let Some(n) = t.get("from") {
+            secret.from = self.string(n, "from");
+        }
+        self.finish(t);
+        Some(secret)
+    }
+
+    /// A task's `secrets`: names, or `{ name, env, file }` tables.
+    fn secret_refs(&mut self, node: &Node) -> Option<Spanned<Vec<RawSecretRef>>> {
+        let items = self.list(node, "secrets")?;
+        let mut refs = Vec::new();
+        for item in items {
+            match &item.value {
+                NodeValue::String(s) => refs.push(RawSecretRef {
+                    name: Spanned::new(s.clone(), item.span),
+                    env: None,
+                    file: None,
+                }),
+                NodeValue::Table(_) => {
+                    let Some(mut t) = self.table(item, "secrets", "a `secrets` entry".into())
+                    else {
+                        continue;
+                    };
+                    let name = match t.get("name") {
+                        Some(n) => self.string(n, "name"),
+                        None => {
+                            self.error(
+                                Diagnostic::error(
+                                    Category::InvalidValue,
+                                    "missing-key",
+                                    "a `secrets` entry has no `name`",
+                                )
+                                .at(item.span, "which secret?")
+                                .help("write `{ name = \"GH_TOKEN\", file = \"gh-token\" }`"),
+                            );
+                            None
+                        }
+                    };
+                    let env = t.get("env").and_then(|n| self.string(n, "env"));
+                    let file = t.get("file").and_then(|n| self.string(n, "file"));
+                    self.finish(t);
+                    if let Some(name) = name {
+                        refs.push(RawSecretRef { name, env, file });
+                    }
+                }
+                _ => self.wrong_type(item, "secrets", "a secret's name or a table"),
+            }
+        }
+        Some(Spanned::new(refs, node.span))
     }
 
     fn claude(&mut self, node: &Node, what: &str) -> Option<RawClaude> {
@@ -552,6 +612,19 @@ impl Decoder<'_> {
                             .help("a rejected credential does not fix itself; remove `auth` from `on`"),
                         );
                     }
+                }
+                for class in classes.iter().filter(|c| c.value == FailureClass::Policy) {
+                    self.error(
+                        Diagnostic::error(
+                            Category::InvalidValue,
+                            "policy-not-retryable",
+                            "`policy` failures are never retried",
+                        )
+                        .at(class.span, "not retryable")
+                        .help(
+                            "the same work breaks the same rule again; remove `policy` from `on`",
+                        ),
+                    );
                 }
                 r.on = Some(Spanned::new(classes, n.span));
             }
@@ -799,6 +872,9 @@ impl Decoder<'_> {
         }
         if let Some(n) = t.get("workdir") {
             task.workdir = self.string(n, "workdir");
+        }
+        if let Some(n) = t.get("secrets") {
+            task.secrets = self.secret_refs(n);
         }
         if let Some(n) = t.get("needs") {
             task.needs = self.string_list(n, "needs");

@@ -8,6 +8,7 @@ pub mod fetch;
 pub mod k8s_values;
 pub mod raw;
 pub mod runners;
+pub mod secrets;
 pub mod spanned;
 pub mod template;
 pub mod workflow;

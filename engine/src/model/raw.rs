@@ -36,6 +36,11 @@ pub struct RawClusterfile {
     /// Named runners that tasks can select with `runner = "<name>"`. `local` always exists.
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
     pub runners: IndexMap<String, RawRunner>,
+    /// Secrets, by name (letters, digits and `_`, not starting with a digit): resolved when a
+    /// run starts, given only to the tasks that list them in `secrets`, and masked in everything
+    /// ccluster writes.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub secrets: IndexMap<String, RawSecret>,
     /// The tasks, by id. An id is letters, digits, `_` and `-`, starting with a letter or `_`.
     #[serde(default)]
     pub tasks: IndexMap<String, RawTask>,
@@ -124,6 +129,54 @@ pub struct RawInput {
     #[serde(skip)]
     #[schemars(skip)]
     pub decode_errors: bool,
+}
+
+/// A declared secret: where its value comes from.
+#[derive(Clone, Debug, Default, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecret {
+    /// `env:VAR` (a variable of ccluster's environment), `file:PATH` (relative to the
+    /// clusterfile's directory; one trailing newline dropped) or `command:CMD` (run by `sh -c` in
+    /// the clusterfile's directory; its stdout, one trailing newline dropped). Read when a run
+    /// starts; a value shorter than 8 bytes is refused.
+    #[schemars(required, regex(pattern = r"^(env|file|command):.+$"))]
+    pub from: Option<Spanned<String>>,
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub name_span: Span,
+}
+
+/// A secret a task lists: its name (delivered in the variable of that name), or a table saying
+/// how it is delivered.
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum RawSecretRefSchema {
+    /// The secret's name: the task gets its value in the environment variable of that name.
+    Name(String),
+    Table(RawSecretRefTable),
+}
+
+/// How a task gets a secret: in a variable (`env`, default: the secret's name), or in a file
+/// (`file`, a name: a 0600 file outside the workspace, whose path is in the variable `env`,
+/// default `<NAME>_FILE`).
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecretRefTable {
+    /// The secret's name, as declared under `[secrets]`.
+    pub name: String,
+    /// The variable the value (or, with `file`, the file's path) is in.
+    #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    pub env: Option<String>,
+    /// Deliver the value as a file of this name (no `/`) instead of a variable.
+    pub file: Option<String>,
+}
+
+/// A secret a task lists, as written (see [`RawSecretRefSchema`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct RawSecretRef {
+    pub name: Spanned<String>,
+    pub env: Option<Spanned<String>>,
+    pub file: Option<Spanned<String>>,
 }
 
 /// Agent (Claude Code) settings of a task, or of every task under `[defaults.claude]`.
@@ -304,6 +357,9 @@ pub enum FailureClass {
     /// No node could take the attempt's pod for longer than the runner's
     /// `unschedulable_timeout` (the message gives the scheduler's reason).
     Unschedulable,
+    /// The attempt broke a rule of the run: its change holds the value of a secret, and was not
+    /// committed (the message names the file and the secret, never the value). Never retried.
+    Policy,
 }
 
 impl FailureClass {
@@ -328,6 +384,7 @@ impl FailureClass {
         ("infra", FailureClass::Infra),
         ("image", FailureClass::Image),
         ("unschedulable", FailureClass::Unschedulable),
+        ("policy", FailureClass::Policy),
     ];
 
     pub fn name(self) -> &'static str {
@@ -348,6 +405,7 @@ impl FailureClass {
                 | FailureClass::Oom
                 | FailureClass::Image
                 | FailureClass::Unschedulable
+                | FailureClass::Policy
         )
     }
 }
@@ -773,6 +831,10 @@ pub struct RawTask {
     pub env: IndexMap<String, Spanned<String>>,
     /// Shell task: working directory relative to the workspace (template).
     pub workdir: Option<Spanned<String>>,
+    /// Shell and agent tasks: the secrets the task gets, by name (in the variable of that name),
+    /// or as `{ name, env, file }`. A task gets no other secret.
+    #[schemars(with = "Option<Vec<RawSecretRefSchema>>")]
+    pub secrets: Option<Spanned<Vec<RawSecretRef>>>,
     /// Ids of the tasks this one runs after.
     pub needs: Option<Spanned<Vec<Spanned<String>>>>,
     /// Run only when this is true; otherwise the task is skipped.

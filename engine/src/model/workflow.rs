@@ -270,6 +270,8 @@ pub struct Task {
     pub scope: Option<std::sync::Arc<super::raw::Origin>>,
     /// What the scripted model does for this task under `apply --rehearse`.
     pub rehearsal: Option<crate::scripted::TaskScript>,
+    /// The secrets the task gets, and how.
+    pub secrets: Vec<crate::secrets::SecretUse>,
 }
 
 impl Task {
@@ -311,6 +313,8 @@ pub struct Workflow {
     pub max_run_usd: Option<f64>,
     /// `[defaults] max_agents`: agent tasks running at once.
     pub max_agents: Option<usize>,
+    /// Declared secrets that some task uses, by name: read when a run starts.
+    pub secrets: IndexMap<String, super::secrets::SecretDecl>,
 }
 
 impl Workflow {
@@ -480,6 +484,40 @@ pub fn resolve(
         }
     }
 
+    let declared = super::secrets::resolve_declarations(raw, diags);
+    let secret_uses = |id: &str, rt: &RawTask, task: &Task, diags: &mut Vec<Diagnostic>| {
+        let (process, env) = match &task.action {
+            Action::Shell { env, .. } | Action::Agent { env, .. } => {
+                (true, env.keys().map(String::as_str).collect::<Vec<_>>())
+            }
+            _ => (false, Vec::new()),
+        };
+        let uses = super::secrets::resolve_uses(id, rt, &declared, process, &env, diags);
+        // A pod cannot see a file written on ccluster's machine.
+        let on_kubernetes = runners
+            .get(&task.runner)
+            .is_some_and(|r| r.kind == RunnerKind::Kubernetes);
+        if let (true, Some(list)) = (on_kubernetes, &rt.secrets) {
+            if uses
+                .iter()
+                .any(|u| matches!(u.delivery, crate::secrets::Delivery::File { .. }))
+            {
+                diags.push(
+                    Diagnostic::error(
+                        Category::InvalidValue,
+                        "secret-file-unsupported",
+                        format!(
+                            "task `{id}` runs on the kubernetes runner `{}`, which cannot deliver a secret as a file",
+                            task.runner
+                        ),
+                    )
+                    .at(list.span, "a `file` here")
+                    .help("deliver it in a variable (leave out `file`), or run the task on another runner"),
+                );
+            }
+        }
+        uses
+    };
     let mut tasks = Vec::new();
     for (id, rt) in &raw.tasks {
         match &rt.origin {
@@ -498,18 +536,33 @@ pub fn resolve(
                     &mut own,
                 );
                 task.scope = Some(origin.clone());
+                task.secrets = secret_uses(id, rt, &task, &mut own);
                 diags.extend(own.into_iter().map(|d| d.in_file(&origin.file)));
                 tasks.push(task);
             }
             None => {
                 let needs = resolve_needs(id, rt, &ids, diags);
-                tasks.push(resolve_task(
-                    id, rt, needs, &defaults, &runners, file, base_dir, diags,
-                ));
+                let mut task =
+                    resolve_task(id, rt, needs, &defaults, &runners, file, base_dir, diags);
+                task.secrets = secret_uses(id, rt, &task, diags);
+                tasks.push(task);
             }
         }
     }
 
+    let used: std::collections::HashSet<String> = tasks
+        .iter()
+        .flat_map(|t| t.secrets.iter().map(|u| u.name.clone()))
+        .collect();
+    // A misspelt name in a task is reported already: "unused" would only repeat it.
+    if !diags.iter().any(|d| d.code == "unknown-secret") {
+        super::secrets::check_unused(raw, &used, diags);
+    }
+    let secrets = declared
+        .into_iter()
+        .filter(|(name, _)| used.contains(name))
+        .filter_map(|(name, decl)| Some((name, decl?)))
+        .collect();
     let meta = raw.workflow.as_ref();
     let workflow = Workflow {
         name: raw
@@ -542,6 +595,7 @@ pub fn resolve(
             .as_ref()
             .and_then(|d| d.max_agents.as_ref())
             .map(|m| m.value.max(1) as usize),
+        secrets,
     };
     let mut workflow = workflow;
     check_cycles(&workflow, diags);
@@ -943,6 +997,7 @@ fn resolve_task(
                 }
             }
         }),
+        secrets: Vec::new(),
     }
 }
 
@@ -1225,12 +1280,12 @@ fn overlay_retry(
         }
     }
     if let Some(on) = &raw.on {
-        // `auth` was reported by the decoder; it is never retried.
+        // `auth` and `policy` were reported by the decoder; they are never retried.
         let mut classes: Vec<FailureClass> = on
             .value
             .iter()
             .map(|c| c.value)
-            .filter(|c| *c != FailureClass::Auth)
+            .filter(|c| !matches!(c, FailureClass::Auth | FailureClass::Policy))
             .collect();
         classes.sort();
         classes.dedup();

@@ -155,6 +155,9 @@ pub struct PlannedTask {
     /// For a template's task: the instance it belongs to and its inputs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scope: Option<std::sync::Arc<PlannedScope>>,
+    /// The secrets the node gets (names and how they are delivered; never values).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<crate::secrets::SecretUse>,
     pub action: PlannedAction,
 }
 
@@ -947,6 +950,7 @@ fn plan_instance<'w>(
             .map(|t| renderer.render(t, ctx, "touches", name, diags))
             .collect(),
         scope: None,
+        secrets: task.secrets.clone(),
         workspace: (task.workspace != WorkspaceMode::None).then(|| PlannedWorkspace {
             mode: task.workspace,
             setup: task.setup.clone(),

@@ -234,6 +234,19 @@ pub fn to_text(plan: &Plan) -> String {
         if !node.reports.is_empty() {
             let _ = writeln!(out, "  reports: {}", node.reports.join(", "));
         }
+        if !node.secrets.is_empty() {
+            let list: Vec<String> = node
+                .secrets
+                .iter()
+                .map(|u| match &u.delivery {
+                    crate::secrets::Delivery::Env(var) => format!("{} (env {var})", u.name),
+                    crate::secrets::Delivery::File { file, env } => {
+                        format!("{} (file {file}, path in {env})", u.name)
+                    }
+                })
+                .collect();
+            let _ = writeln!(out, "  secrets: {}", list.join(", "));
+        }
         match &node.action {
             PlannedAction::Agent {
                 prompt,

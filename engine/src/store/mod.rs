@@ -443,7 +443,8 @@ impl Store {
     }
 
     fn put<T: Serialize>(&self, tree: &sled::Tree, key: &str, value: &T) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Corrupt {
+        // The run's secrets never reach the state: every record is masked as it is written.
+        let bytes = crate::secrets::json_bytes(value).map_err(|source| StoreError::Corrupt {
             key: key.to_string(),
             source,
         })?;

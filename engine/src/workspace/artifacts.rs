@@ -158,7 +158,29 @@ pub fn copy_files(from: &Path, files: &[String], to: &Path) -> std::io::Result<(
                 Some(nix::libc::ELOOP) => refused(f, "is a symbolic link where it is copied to"),
                 _ => e,
             })?;
-        std::io::copy(&mut input, &mut output)?;
+        match crate::secrets::active() {
+            // Kept files are masked as they are copied, through the masker of a stream.
+            Some(redactor) => {
+                use std::io::{Read, Write};
+                let mut stream = redactor.stream();
+                let mut buf = vec![0u8; 64 << 10];
+                let mut masked = Vec::new();
+                loop {
+                    let n = input.read(&mut buf)?;
+                    masked.clear();
+                    if n == 0 {
+                        stream.finish(&mut masked);
+                        output.write_all(&masked)?;
+                        break;
+                    }
+                    stream.push(&buf[..n], &mut masked);
+                    output.write_all(&masked)?;
+                }
+            }
+            None => {
+                std::io::copy(&mut input, &mut output)?;
+            }
+        }
         output.set_permissions(std::fs::Permissions::from_mode(mode))?;
     }
     Ok(())

@@ -658,6 +658,69 @@ pub async fn create(
         .collect())
 }
 
+/// Moves the worktree's HEAD back to `start`, keeping its files and index: commits a task made
+/// on its own are no longer reachable from the worktree (a refused change's).
+pub async fn undo_commits(dir: &Path, start: &str, limits: &GitLimits) -> Result<(), GitError> {
+    git(
+        dir,
+        &["reset", "--soft", "--quiet", "--end-of-options", start],
+        &[],
+        limits,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// The files the attempt's result would take since `start`: modified and new ones not ignored by
+/// git, and those a commit the task made itself changed, leaving out `excluded` paths (files
+/// copied in), relative to `dir`.
+pub async fn uncommitted_files(
+    dir: &Path,
+    start: &str,
+    excluded: &[String],
+    limits: &GitLimits,
+) -> Result<Vec<String>, GitError> {
+    let specs: Vec<String> = excluded
+        .iter()
+        .map(|p| format!(":(exclude,literal){p}"))
+        .collect();
+    let mut args = vec![
+        "ls-files",
+        "--modified",
+        "--others",
+        "--exclude-standard",
+        "-z",
+        "--",
+        ".",
+    ];
+    args.extend(specs.iter().map(String::as_str));
+    let mut out = git(dir, &args, &[], limits).await?;
+    // A task that committed on its own: what its commits changed is in the result too.
+    let mut committed = vec![
+        "diff",
+        "--name-only",
+        "--no-renames",
+        "--diff-filter=d",
+        "-z",
+        "--end-of-options",
+        start,
+        "HEAD",
+        "--",
+        ".",
+    ];
+    committed.extend(specs.iter().map(String::as_str));
+    out.push('\0');
+    out.push_str(&git(dir, &committed, &[], limits).await?);
+    let mut files: Vec<String> = out
+        .split('\0')
+        .filter(|f| !f.is_empty())
+        .map(str::to_string)
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
 /// `git add --all`, leaving out `excluded` paths (files copied in: `.env` must not be committed).
 async fn add_all(dir: &Path, excluded: &[String], limits: &GitLimits) -> Result<(), GitError> {
     let specs: Vec<String> = excluded

@@ -202,6 +202,8 @@ struct Dispatcher<'a> {
     max_run_usd: Option<f64>,
     /// Which node of the run does each work, and which duplicates wait for it.
     dedup: Dedup,
+    /// The run's secrets, resolved when it started; in memory only.
+    secrets: crate::secrets::SecretValues,
     /// Declared runners with a `max_parallel`: their attempts running (or armed) and the nodes
     /// held back for a slot.
     runner_slots: HashMap<String, RunnerSlots>,
@@ -322,6 +324,17 @@ pub async fn apply(
     sink: &mut dyn EventSink,
 ) -> Result<RunSummary, ApplyError> {
     check_supported(compiled, &runners)?;
+    // Secrets are read before anything else happens: one that cannot be read stops the run
+    // before it starts.
+    let secrets = crate::secrets::resolve_declared(
+        compiled
+            .workflow
+            .secrets
+            .iter()
+            .map(|(name, decl)| (name.as_str(), &decl.source)),
+        &opts.workdir,
+    )
+    .map_err(ApplyError::Secret)?;
     // Workspaces need the repository and the commit they start from, before anything runs.
     let (repo, base) = if compiled.plan.nodes.iter().any(|n| n.workspace.is_some()) {
         let repo = Repo::discover(&opts.workdir).map_err(|e| {
@@ -357,6 +370,13 @@ pub async fn apply(
         }
     }
     let agents = agents_for(compiled, opts).await?;
+    // From here on, every value is masked in what the run writes, and so are the credentials
+    // agents get.
+    let mut masked = secrets.pairs().to_vec();
+    if let Some(agents) = &agents {
+        masked.extend(tasks::agent::credentials(agents));
+    }
+    crate::secrets::install(crate::secrets::Redactor::new(&masked));
     let id = new_run_id();
     let run = RunRecord {
         task_refs: Some(workspace::names::task_refs_prefix(&id)),
@@ -470,6 +490,7 @@ pub async fn apply(
                 parked: Vec::new(),
             })
         }),
+        secrets,
     };
     d.build(compiled)?;
     crate::serve::graph::PlanGroups::of(&compiled.plan, compiled.workflow.max_run_usd)
@@ -484,7 +505,10 @@ pub async fn apply(
     });
     // Every event also goes to the run's event log, which `ccluster serve` streams.
     let mut sink = super::EventLog::new(&d.paths.run.join(super::EVENTS_FILE), sink);
+    let secret_files = crate::secrets::files_root(&d.run.id);
     let summary = d.drive(runners.clone(), &mut sink).await;
+    // Whatever an attempt left of its secret files goes with the run.
+    let _ = std::fs::remove_dir_all(&secret_files);
     // Kept work nothing adopted is removed with its workspace (adopted work's was moved).
     for runner in runners.all() {
         runner.release().await;
@@ -1493,6 +1517,7 @@ impl Dispatcher<'_> {
             feedback: (attempt > 1)
                 .then(|| tasks::agent::feedback(n.record.class, n.record.message.as_deref()))
                 .flatten(),
+            secrets: &self.secrets,
         }
     }
 
@@ -1838,6 +1863,11 @@ impl Dispatcher<'_> {
         retry_tx: &mpsc::UnboundedSender<usize>,
     ) -> Result<(), ApplyError> {
         let end = result.process.end.clone();
+        // An output is masked before anything reads it: the tasks downstream see what a cached
+        // result would give them, and their keys match it.
+        if let (Some(redactor), Some(output)) = (crate::secrets::active(), result.output.as_mut()) {
+            redactor.redact_json(output);
+        }
         // A planner's graph is checked before its success is: a bad one fails the attempt.
         if result.failure.is_none() && end == ProcessEnd::Exited(0) {
             let output = result.output.clone().unwrap_or(Value::Null);
@@ -2110,14 +2140,14 @@ impl Dispatcher<'_> {
         let mut out = Vec::new();
         if !self.live_started {
             self.live_started = true;
-            let _ = serde_json::to_writer(&mut out, &self.run);
+            out.extend(crate::secrets::json_bytes(&self.run).unwrap_or_default());
             out.push(b'\n');
         }
         let mut changed = std::mem::take(&mut self.committed_changes);
         changed.sort_unstable();
         changed.dedup();
         for node in changed {
-            let _ = serde_json::to_writer(&mut out, &self.nodes[node].record);
+            out.extend(crate::secrets::json_bytes(&self.nodes[node].record).unwrap_or_default());
             out.push(b'\n');
         }
         let file = crate::store::private_file()

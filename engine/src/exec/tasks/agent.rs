@@ -236,6 +236,68 @@ pub(crate) fn commands(
     }))
 }
 
+/// The credentials workers get, as (variable, value) pairs: masked like the workflow's secrets.
+/// A login session's tokens are read from its credentials file; the scripted server's token is
+/// the rehearsal's.
+pub(crate) fn credentials(agents: &Agents) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = crate::agent::SECRET_VARS
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+        .collect();
+    if let Some(server) = &agents.server {
+        out.push(("ANTHROPIC_API_KEY".into(), server.token().to_string()));
+    }
+    if let crate::agent::Auth::Subscription(file) = &agents.auth {
+        let json: Option<serde_json::Value> = std::fs::read(file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let mut stack: Vec<&serde_json::Value> = json.iter().collect();
+        while let Some(v) = stack.pop() {
+            match v {
+                serde_json::Value::Object(map) => {
+                    for (k, item) in map {
+                        match item {
+                            serde_json::Value::String(s) if k.ends_with("Token") => {
+                                out.push(("CLAUDE_LOGIN".into(), s.clone()));
+                            }
+                            other => stack.push(other),
+                        }
+                    }
+                }
+                serde_json::Value::Array(items) => stack.extend(items),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// An attempt's secrets do not outlive it either: its secret files are removed, and what its
+/// worker wrote under the state (the session's transcript, the Bash tool's output) is masked.
+fn forget_secrets(paths: &RunPaths, node: &str, attempt: u32, session_dir: Option<&Path>) {
+    let file_name = format!("{}.{attempt}", node_file_name(node));
+    let run = paths
+        .run
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let _ = std::fs::remove_dir_all(crate::secrets::files_root(&run).join(&file_name));
+    if crate::secrets::active().is_none() {
+        return;
+    }
+    let workers = paths.workers();
+    for dir in [
+        Some(workers.join(&file_name)),
+        Some(workers.join(format!("{file_name}.resolve"))),
+        session_dir.map(Path::to_path_buf),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        crate::secrets::redact_files_under(&dir);
+    }
+}
+
 /// A copied `claude login` credential does not outlive the attempt, whether its worker (or its
 /// merge's resolver) ran or not. Only a login session is copied: nothing to do else.
 pub(crate) fn forget_credentials(
@@ -245,6 +307,7 @@ pub(crate) fn forget_credentials(
     attempt: u32,
     session_dir: Option<&Path>,
 ) {
+    forget_secrets(paths, node, attempt, session_dir);
     if !matches!(
         agents.map(|a| &a.auth),
         Some(crate::agent::Auth::Subscription(_))
@@ -291,10 +354,8 @@ pub(super) fn worker_process(
         s.reads.push(PathBuf::from(p));
     }
     s.writes.push(worker.dir.to_path_buf());
-    s.secret_env = crate::agent::SECRET_VARS
-        .iter()
-        .map(|v| v.to_string())
-        .collect();
+    s.secret_env
+        .extend(crate::agent::SECRET_VARS.iter().map(|v| v.to_string()));
     s.model_api = Some(worker.model_api());
     Ok(s)
 }

@@ -118,6 +118,8 @@ pub(crate) struct TaskContext<'a> {
     /// Why the previous attempt's answer was refused, for the resumed session (see
     /// [`agent::feedback`]).
     pub feedback: Option<String>,
+    /// The run's secrets, resolved when it started: the node gets those its task lists.
+    pub secrets: &'a crate::secrets::SecretValues,
 }
 
 /// What preparing an attempt gave.
@@ -168,6 +170,10 @@ pub(crate) struct Attempt<'a> {
     pub cwd: PathBuf,
     /// Resolvers work from the repository's top: conflicted paths are relative to it.
     pub ws_root: PathBuf,
+    /// The variables of `env` that hold secrets (or their files' paths).
+    pub secret_env: Vec<String>,
+    /// The directory of the attempt's secret files, when it has any.
+    pub secret_dir: Option<PathBuf>,
 }
 
 impl Attempt<'_> {
@@ -182,9 +188,10 @@ impl Attempt<'_> {
             stdin: None,
             cwd,
             workspace: Some(self.ws_root.clone()),
-            reads: Vec::new(),
+            // A runner that isolates the process shows it its secret files, read-only.
+            reads: self.secret_dir.iter().cloned().collect(),
             writes: Vec::new(),
-            secret_env: Vec::new(),
+            secret_env: self.secret_env.clone(),
             model_api: None,
             identity: Some(crate::exec::runner::Identity {
                 run: cx.run.id.clone(),
@@ -229,11 +236,15 @@ pub(crate) fn prepare(cx: &TaskContext) -> Result<Prepared, ApplyError> {
     // Declared variables first, ccluster's own last: a task cannot hide from orphan reaping
     // (which looks for CCLUSTER_RUN) by overriding it.
     env.extend(rendered.env.iter().cloned());
+    let file_name = format!("{}.{attempt}", node_file_name(&plan.id));
+    let (secret_env, secret_dir) = match secret_env(cx, &file_name, &mut env) {
+        Ok(delivered) => delivered,
+        Err(reason) => return Ok(Prepared::Refused(reason)),
+    };
     env.push(("CCLUSTER_RUN".into(), cx.run.id.clone()));
     env.push(("CCLUSTER_TASK".into(), plan.id.clone()));
     env.push(("CCLUSTER_ATTEMPT".into(), attempt.to_string()));
 
-    let file_name = format!("{}.{attempt}", node_file_name(&plan.id));
     let workspace = workspace_spec(cx, &file_name);
     let subdir = cx
         .workspace
@@ -262,6 +273,8 @@ pub(crate) fn prepare(cx: &TaskContext) -> Result<Prepared, ApplyError> {
         file_name,
         cwd,
         ws_root,
+        secret_env,
+        secret_dir,
     };
     let mut commands = match &plan.action {
         PlannedAction::Shell { output, .. } => shell::commands(&a, *output),
@@ -314,6 +327,50 @@ pub(crate) fn prepare(cx: &TaskContext) -> Result<Prepared, ApplyError> {
         },
         session: commands.session,
     })
+}
+
+/// Adds the secrets the node's task lists to `env`: a value, or the path of a 0600 file written
+/// for the attempt outside the state and the workspace ([`crate::secrets::files_root`], removed
+/// when the attempt ends). Returns the variables that hold them and the files' directory, or why
+/// the node cannot have them (it then fails without an attempt).
+fn secret_env(
+    cx: &TaskContext,
+    file_name: &str,
+    env: &mut Vec<(String, String)>,
+) -> Result<(Vec<String>, Option<PathBuf>), String> {
+    use crate::secrets::Delivery;
+    let mut names = Vec::new();
+    let mut dir = None;
+    for secret in &cx.plan.secrets {
+        // Every secret a task lists was read when the run started.
+        let Some(value) = cx.secrets.get(&secret.name) else {
+            return Err(format!(
+                "secret `{}` was not read when the run started",
+                secret.name
+            ));
+        };
+        match &secret.delivery {
+            Delivery::Env(var) => {
+                env.push((var.clone(), value.to_string()));
+                names.push(var.clone());
+            }
+            Delivery::File { file, env: var } => {
+                let d = crate::secrets::files_root(&cx.run.id).join(file_name);
+                let path = crate::secrets::write_secret_file(&cx.run.id, file_name, file, value)
+                    .map_err(|e| {
+                        format!(
+                            "cannot write the file of secret `{}` in `{}`: {e}",
+                            secret.name,
+                            d.display()
+                        )
+                    })?;
+                env.push((var.clone(), path.display().to_string()));
+                names.push(var.clone());
+                dir = Some(d);
+            }
+        }
+    }
+    Ok((names, dir))
 }
 
 /// The attempt's workspace: where it is, what it starts from and merges, what it publishes.
