@@ -20,6 +20,7 @@ mod invalid;
 mod k8smodel;
 mod library;
 mod logs;
+mod policy;
 mod procs;
 mod refs;
 mod rehearsal_server;

@@ -319,12 +319,27 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
             let commit = workspace::commit_all(ws, &copied, &limits).await?;
             let (changed, patch) =
                 workspace::changes(&ws.path, &start, Some(&commit), &copied, &limits).await?;
+            // `[policy]`: a change it refuses is not published, and its commit is undone (the
+            // files stay in the kept worktree, for inspection).
+            if let Some(violation) = ws
+                .policy
+                .as_ref()
+                .and_then(|p| policy_violation(p, &changed, &patch))
+            {
+                workspace::undo_commits(&ws.path, &start, &limits).await?;
+                return Ok(Err(violation));
+            }
             workspace::publish(ws, &commit, &limits).await?;
-            Ok::<_, GitError>((commit, changed, patch))
+            Ok::<_, GitError>(Ok((commit, changed, patch)))
         }
         .await;
         match published {
-            Ok((commit, changed, patch)) => {
+            Ok(Err(violation)) => {
+                result.output = None;
+                result.failure = Some((FailureClass::Policy, violation));
+                succeeded = false;
+            }
+            Ok(Ok((commit, changed, patch))) => {
                 record.commit = Some(commit.clone());
                 record.branch = Some(ws.task_ref.clone());
                 record.changed = changed;
@@ -374,6 +389,39 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
     }
     result.artifacts = Some(record);
     spent(result, &resolvers)
+}
+
+/// What `[policy]` says of a change: its files with their line counts and the lines it adds (from
+/// the patch), checked; the first violation in words.
+fn policy_violation(
+    policy: &crate::policy::ChangePolicy,
+    changed: &[workspace::ChangedFile],
+    patch: &[u8],
+) -> Option<String> {
+    let text = String::from_utf8_lossy(patch);
+    let mut added: std::collections::HashMap<&str, String> = std::collections::HashMap::new();
+    let mut current: Option<&str> = None;
+    for line in text.lines() {
+        if let Some(path) = line.strip_prefix("+++ ") {
+            current = path.strip_prefix("b/");
+        } else if line.starts_with("diff --git ") {
+            current = None;
+        } else if let (Some(file), Some(rest)) = (current, line.strip_prefix('+')) {
+            let entry = added.entry(file).or_default();
+            entry.push_str(rest);
+            entry.push('\n');
+        }
+    }
+    let changes: Vec<crate::policy::Changed<'_>> = changed
+        .iter()
+        .map(|c| crate::policy::Changed {
+            path: &c.path,
+            added: c.added.unwrap_or(0),
+            removed: c.removed.unwrap_or(0),
+            added_text: added.get(c.path.as_str()).map_or("", String::as_str),
+        })
+        .collect();
+    policy.violation(&changes)
 }
 
 /// Runs the task's command (or nothing, for a merge) and reads its output: a shell task's from

@@ -394,6 +394,9 @@ impl Decoder<'_> {
         if let Some(n) = t.get("secrets") {
             raw.secrets = self.named_tables(n, "secrets", |d, key, node| d.secret(key, node));
         }
+        if let Some(n) = t.get("policy") {
+            raw.policy = self.policy(n);
+        }
         if let Some(n) = t.get("tasks") {
             raw.tasks = self.named_tables(n, "tasks", |d, key, node| d.task(key, node));
         }
@@ -631,6 +634,28 @@ impl Decoder<'_> {
         }
         self.finish(t);
         Some(r)
+    }
+
+    fn policy(&mut self, node: &Node) -> Option<RawPolicy> {
+        let mut t = self.table(node, "policy", "`[policy]`".to_string())?;
+        let mut p = RawPolicy::default();
+        if let Some(n) = t.get("allowed_paths") {
+            p.allowed_paths = self.string_list(n, "allowed_paths");
+        }
+        if let Some(n) = t.get("denied_paths") {
+            p.denied_paths = self.string_list(n, "denied_paths");
+        }
+        if let Some(n) = t.get("max_files_changed") {
+            p.max_files_changed = self.count(n, "max_files_changed", 1);
+        }
+        if let Some(n) = t.get("max_lines_changed") {
+            p.max_lines_changed = self.count(n, "max_lines_changed", 1);
+        }
+        if let Some(n) = t.get("forbid_credentials") {
+            p.forbid_credentials = self.bool(n, "forbid_credentials");
+        }
+        self.finish(t);
+        Some(p)
     }
 
     fn defaults(&mut self, node: &Node) -> Option<RawDefaults> {

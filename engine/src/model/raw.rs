@@ -41,6 +41,9 @@ pub struct RawClusterfile {
     /// ccluster writes.
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
     pub secrets: IndexMap<String, RawSecret>,
+    /// Guardrails on what tasks may change, checked on each task's change before it is
+    /// committed; a violation fails the attempt with class `policy` (never retried).
+    pub policy: Option<RawPolicy>,
     /// The tasks, by id. An id is letters, digits, `_` and `-`, starting with a letter or `_`.
     #[serde(default)]
     pub tasks: IndexMap<String, RawTask>,
@@ -479,6 +482,26 @@ pub struct RawDefaults {
     pub setup: Option<Spanned<String>>,
     /// Globs of files copied from the main checkout into every fresh workspace (`.env`).
     pub copy: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// `[policy]`: what the tasks of the workflow may change.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    /// Globs of the paths a task may change (relative to the repository; `**` crosses
+    /// directories): a change to any other path is refused. Default: every path.
+    pub allowed_paths: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Globs of paths no task may change (`.github/**`, `**/.env`).
+    pub denied_paths: Option<Spanned<Vec<Spanned<String>>>>,
+    /// At most this many files changed by one task's attempt.
+    #[schemars(range(min = 1))]
+    pub max_files_changed: Option<Spanned<i64>>,
+    /// At most this many lines changed (added plus removed) by one task's attempt.
+    #[schemars(range(min = 1))]
+    pub max_lines_changed: Option<Spanned<i64>>,
+    /// Refuse a change that adds what looks like a credential (a private key, an AWS, GitHub,
+    /// Anthropic, Slack or Google key or token). Default `true`.
+    pub forbid_credentials: Option<Spanned<bool>>,
 }
 
 /// Where a task runs.

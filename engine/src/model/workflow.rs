@@ -315,6 +315,8 @@ pub struct Workflow {
     pub max_agents: Option<usize>,
     /// Declared secrets that some task uses, by name: read when a run starts.
     pub secrets: IndexMap<String, super::secrets::SecretDecl>,
+    /// `[policy]`: what each task's change may hold, checked before it is committed.
+    pub policy: crate::policy::ChangePolicy,
 }
 
 impl Workflow {
@@ -596,6 +598,7 @@ pub fn resolve(
             .and_then(|d| d.max_agents.as_ref())
             .map(|m| m.value.max(1) as usize),
         secrets,
+        policy: change_policy(raw.policy.as_ref(), diags),
     };
     let mut workflow = workflow;
     check_cycles(&workflow, diags);
@@ -998,6 +1001,54 @@ fn resolve_task(
             }
         }),
         secrets: Vec::new(),
+    }
+}
+
+/// `[policy]` as the checks take it; a glob that is not one is an error at its place.
+fn change_policy(
+    raw: Option<&RawPolicy>,
+    diags: &mut Vec<Diagnostic>,
+) -> crate::policy::ChangePolicy {
+    let Some(raw) = raw else {
+        return crate::policy::ChangePolicy {
+            forbid_credentials: true,
+            ..Default::default()
+        };
+    };
+    let mut globs = |list: &Option<Spanned<Vec<Spanned<String>>>>, key: &str| -> Vec<String> {
+        let mut out = Vec::new();
+        for g in list.iter().flat_map(|l| l.value.iter()) {
+            match glob::Pattern::new(&g.value) {
+                Ok(_) if !g.value.is_empty() => out.push(g.value.clone()),
+                result => diags.push(
+                    Diagnostic::error(
+                        Category::InvalidValue,
+                        "invalid-glob",
+                        format!(
+                            "`{key}` entry `{}` is not a glob{}",
+                            g.value,
+                            result.err().map(|e| format!(" ({e})")).unwrap_or_default()
+                        ),
+                    )
+                    .at(g.span, "not a glob")
+                    .help("paths are globs relative to the repository, like `src/**` or `**/.env`"),
+                ),
+            }
+        }
+        out
+    };
+    crate::policy::ChangePolicy {
+        allowed_paths: globs(&raw.allowed_paths, "allowed_paths"),
+        denied_paths: globs(&raw.denied_paths, "denied_paths"),
+        max_files_changed: raw
+            .max_files_changed
+            .as_ref()
+            .map(|m| m.value.max(1) as u64),
+        max_lines_changed: raw
+            .max_lines_changed
+            .as_ref()
+            .map(|m| m.value.max(1) as u64),
+        forbid_credentials: raw.forbid_credentials.as_ref().is_none_or(|f| f.value),
     }
 }
 

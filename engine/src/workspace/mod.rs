@@ -83,6 +83,8 @@ pub struct WorkspaceSpec {
     pub copy: Vec<String>,
     /// The full ref the result is published as: `refs/ccluster/runs/<run>/<node>`.
     pub task_ref: String,
+    /// What the change may hold (`[policy]`), checked before it is published.
+    pub policy: Option<crate::policy::ChangePolicy>,
     /// For the run's result task: its branch, `refs/heads/ccluster/<run>/<node>`, set with the
     /// other refs.
     pub result_branch: Option<String>,

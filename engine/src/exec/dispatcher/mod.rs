@@ -200,6 +200,8 @@ struct Dispatcher<'a> {
     /// Whatever stops the run stops agents too.
     agent_stop: (watch::Sender<Stop>, watch::Receiver<Stop>),
     max_run_usd: Option<f64>,
+    /// `[policy]`: what a task's change may hold.
+    change_policy: crate::policy::ChangePolicy,
     /// Which node of the run does each work, and which duplicates wait for it.
     dedup: Dedup,
     /// The run's secrets, resolved when it started; in memory only.
@@ -478,6 +480,7 @@ pub async fn apply(
         live_usd: HashMap::new(),
         agent_stop: watch::channel(Stop::No),
         max_run_usd: compiled.workflow.max_run_usd,
+        change_policy: compiled.workflow.policy.clone(),
         dedup: Dedup::default(),
         runner_slots,
         agent_level: (opts.agents > 0 && opts.adapt_agents)
@@ -1507,6 +1510,7 @@ impl Dispatcher<'_> {
                     run_base,
                     result_branch: self.result_branch_of(&plan.id),
                     pool_size: self.capacity(),
+                    policy: &self.change_policy,
                 }),
                 _ => None,
             },

@@ -84,6 +84,8 @@ pub(crate) struct WorkspaceInputs<'a> {
     pub result_branch: Option<String>,
     /// As many worktrees wait for reuse as can run at once (`--jobs`).
     pub pool_size: usize,
+    /// `[policy]`: what the task's change may hold.
+    pub policy: &'a crate::policy::ChangePolicy,
 }
 
 /// Everything a kind of task needs to prepare one attempt. The dispatcher builds it from its own
@@ -425,6 +427,8 @@ fn workspace_spec(cx: &TaskContext, file_name: &str) -> Option<WorkspaceSpec> {
         message: format!("ccluster: {} (run {}, attempt {attempt})", plan.id, run.id),
         identity,
         pool: Some((worktrees.join("pool"), w.pool_size)),
+        // A merge joins changes that were checked as their tasks made them.
+        policy: (!is_merge && !w.policy.is_empty()).then(|| w.policy.clone()),
         // Adopted work's workspace (a killed run's), or the interrupted session's.
         reuse: match &cx.adopted {
             Some(adopted) => adopted.workspace.clone(),
