@@ -1111,13 +1111,14 @@ impl Dispatcher<'_> {
     /// run stops starting tasks and its agents are stopped (SIGTERM, then the grace period), so
     /// it overshoots by at most the responses in flight.
     fn agent_cost(&mut self, task: &str, usd: f64) -> Result<(), ApplyError> {
+        // Without a run budget there is nothing to hold (and no node to look up per response).
+        let Some(max) = self.max_run_usd else {
+            return Ok(());
+        };
         let Some(node) = self.nodes.iter().position(|n| n.plan.id == task) else {
             return Ok(());
         };
         self.live_usd.insert(node, usd);
-        let Some(max) = self.max_run_usd else {
-            return Ok(());
-        };
         let spent = self.spent_usd + self.live_usd.values().sum::<f64>();
         if spent < max || *self.agent_stop.1.borrow() != Stop::No {
             return Ok(());
