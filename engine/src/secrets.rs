@@ -288,6 +288,10 @@ pub struct Redactor {
     names: Vec<String>,
     replacements: Vec<String>,
     longest: usize,
+    /// The patterns themselves, and the bytes they start with: a stream keeps back only a tail
+    /// that could be the start of one.
+    patterns: Vec<Vec<u8>>,
+    starts: [bool; 256],
 }
 
 impl std::fmt::Debug for Redactor {
@@ -324,12 +328,28 @@ impl Redactor {
             })
             .flatten();
         let replacements = names.iter().map(|n| mask_of(n)).collect();
+        let mut starts = [false; 256];
+        for p in &patterns {
+            starts[p[0] as usize] = true;
+        }
         Redactor {
             automaton,
             names,
             replacements,
             longest,
+            patterns,
+            starts,
         }
+    }
+
+    /// Whether a pattern could start at the beginning of `tail` (a stream's last bytes): `tail`
+    /// is the start of a pattern, or a pattern is the start of `tail`.
+    fn could_start(&self, tail: &[u8]) -> bool {
+        tail.first().is_some_and(|b| self.starts[*b as usize])
+            && self
+                .patterns
+                .iter()
+                .any(|p| p.starts_with(tail) || tail.starts_with(p))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -512,8 +532,9 @@ fn lower_hex_escapes(text: &str) -> String {
     out
 }
 
-/// Masks a stream written in pieces (a log file): keeps back the last (longest pattern − 1)
-/// bytes of what it was given, since they may be the start of a value the next piece ends.
+/// Masks a stream written in pieces (a log file): of the last (longest pattern − 1) bytes of what
+/// it was given, keeps back those from the first that could start a value the next piece ends (a
+/// line like `waiting` goes out at once, so a followed log stays live).
 pub struct StreamRedactor {
     redactor: Arc<Redactor>,
     carry: Vec<u8>,
@@ -540,7 +561,10 @@ impl StreamRedactor {
             out.extend_from_slice(self.redactor.replacements[m.pattern().as_usize()].as_bytes());
             written = m.end();
         }
-        let keep_from = written.max(cut);
+        let undecided = written.max(cut);
+        let keep_from = (undecided..buffer.len())
+            .find(|&q| self.redactor.could_start(&buffer[q..]))
+            .unwrap_or(buffer.len());
         out.extend_from_slice(&buffer[written..keep_from]);
         self.carry = buffer[keep_from..].to_vec();
     }
@@ -757,6 +781,21 @@ mod tests {
                 "pieces of {size}"
             );
         }
+    }
+
+    #[test]
+    fn a_stream_keeps_back_only_what_could_start_a_value() {
+        let r = redactor("abcdefghijklmnop");
+        let mut stream = r.stream();
+        let mut out = Vec::new();
+        // Nothing here can start a value: all of it goes out at once, for followed logs.
+        stream.push(b"waiting\n", &mut out);
+        assert_eq!(out, b"waiting\n");
+        // The start of one is kept back until the next piece says.
+        stream.push(b"x abcd", &mut out);
+        assert_eq!(out, b"waiting\nx ");
+        stream.push(b"ex\n", &mut out);
+        assert_eq!(out, b"waiting\nx abcdex\n");
     }
 
     #[test]

@@ -1055,7 +1055,7 @@ run = "echo never"
         30 * SECOND,
         "const rows = [...document.querySelectorAll('#runs [data-run]')]; \
          return rows.some(r => r.innerText.includes('server (dashboard/API)')) \
-            && rows.some(r => r.innerText.includes('(cli)'));",
+            && rows.some(r => r.innerText.includes('(cli'));",
     );
 
     // Start a run from the page: a clusterfile that is not there is said; the plan of the one
