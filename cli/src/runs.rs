@@ -913,22 +913,11 @@ pub fn status(dir: &Path, run: Option<&str>, json: bool) -> u8 {
     exit::SUCCESS
 }
 
-/// Whether `pid` is a live ccluster process (a pid recorded by a run that died may have been
-/// reused by something else, which must not get the signal).
-fn is_ccluster(pid: i32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| {
-        cmd.split(|b| *b == 0)
-            .next()
-            .is_some_and(|argv0| argv0.ends_with(b"ccluster"))
-    })
-}
-
 pub fn cancel(dir: &Path, run: Option<&str>) -> u8 {
     // The run in progress is the one with a live view whose process is still there.
-    let live = snapshots(dir)
-        .into_iter()
-        .rev()
-        .find(|v| v.run.state == RunState::Running && is_ccluster(v.run.pid as i32));
+    let live = snapshots(dir).into_iter().rev().find(|v| {
+        v.run.state == RunState::Running && ccluster_engine::serve::state::driver_alive(v.run.pid)
+    });
     let Some(live) = live else {
         eprintln!("error: no run is in progress in {}", dir.display());
         eprintln!("  help: `cancel` stops a run in progress; `ccluster runs` lists the runs of this state");

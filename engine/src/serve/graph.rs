@@ -99,27 +99,11 @@ impl PlanGroups {
                 if known.contains(node.as_str()) {
                     continue;
                 }
-                out.push(TaskRecord {
-                    node: node.clone(),
-                    task: group.task.clone(),
-                    order: (group.first << 32) + k as u64,
-                    state: TaskState::Pending,
-                    attempts: 0,
-                    cache_key: None,
-                    exit_code: None,
-                    class: None,
-                    started_ms: None,
-                    finished_ms: None,
-                    output: None,
-                    message: None,
-                    cached_from: None,
-                    commit: None,
-                    cost_usd: None,
-                    tokens: None,
-                    denials: None,
-                    after: Vec::new(),
-                    deduplicated_from: None,
-                });
+                out.push(TaskRecord::pending(
+                    node.clone(),
+                    group.task.clone(),
+                    (group.first << 32) + k as u64,
+                ));
             }
         }
         out

@@ -32,6 +32,7 @@ pub struct RunView {
 }
 
 /// A live snapshot read so far.
+#[derive(Default)]
 struct LiveFile {
     offset: u64,
     /// Bytes after the last whole line.
@@ -172,26 +173,10 @@ impl States {
         let mut file = std::fs::File::open(path).ok()?;
         let len = file.metadata().ok()?.len();
         let mut lives = self.lives.lock().ok()?;
-        let live = lives.entry(path.to_path_buf()).or_insert_with(|| LiveFile {
-            offset: 0,
-            partial: Vec::new(),
-            run: None,
-            tasks: Vec::new(),
-            at: HashMap::new(),
-            shared: None,
-            plan: None,
-        });
+        let live = lives.entry(path.to_path_buf()).or_default();
         if len < live.offset {
             // Replaced (a new driver started over): read it again.
-            *live = LiveFile {
-                offset: 0,
-                partial: Vec::new(),
-                run: None,
-                tasks: Vec::new(),
-                at: HashMap::new(),
-                shared: None,
-                plan: None,
-            };
+            *live = LiveFile::default();
         }
         if len > live.offset {
             file.seek(SeekFrom::Start(live.offset)).ok()?;

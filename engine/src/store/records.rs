@@ -162,6 +162,31 @@ pub struct TaskRecord {
 }
 
 impl TaskRecord {
+    /// A node that has not started: its record before anything happened to it.
+    pub fn pending(node: String, task: String, order: u64) -> TaskRecord {
+        TaskRecord {
+            node,
+            task,
+            order,
+            state: TaskState::Pending,
+            attempts: 0,
+            cache_key: None,
+            exit_code: None,
+            class: None,
+            started_ms: None,
+            finished_ms: None,
+            output: None,
+            message: None,
+            cached_from: None,
+            commit: None,
+            cost_usd: None,
+            tokens: None,
+            denials: None,
+            after: Vec::new(),
+            deduplicated_from: None,
+        }
+    }
+
     /// The run and plan node whose attempts made this node's result: another run's for a cached
     /// node, the original's for a deduplicated one (their artifacts and logs are there).
     pub fn result_source<'a>(&'a self, run: &'a str) -> (&'a str, &'a str) {

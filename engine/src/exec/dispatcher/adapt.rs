@@ -1,10 +1,17 @@
-//! Agent slots that follow the API's rate limits: when a worker is told 429 (rate limited) or 529
-//! (overloaded), the run's agent slots are halved and no new agent starts until the wait the API
-//! asked for has passed; each agent attempt that ends without such trouble grows them back by
-//! about one slot per round of attempts (additive increase, multiplicative decrease), up to
-//! `--agents`.
+//! What the model API and the run's budget do to agents: agent slots that follow the API's rate
+//! limits (when a worker is told 429 or 529, the run's agent slots are halved and no new agent
+//! starts until the wait the API asked for has passed; each agent attempt that ends without such
+//! trouble grows them back by about one slot per round of attempts, up to `--agents`), and the run
+//! budget held while agents run (their responses priced as they stream).
 
 use std::time::{Duration, Instant};
+
+use super::{Dispatcher, AGENT_SLOTS};
+use crate::exec::events::Event;
+use crate::exec::options::ApplyError;
+use crate::exec::runner::Stop;
+use crate::model::raw::FailureClass;
+use crate::store::now_ms;
 
 /// Two cuts within this long are one episode: the workers that were running all hear the same
 /// refusal, and one refusal is one halving.
@@ -89,6 +96,115 @@ impl AgentLevel {
             }
             None => false,
         }
+    }
+}
+
+impl Dispatcher<'_> {
+    /// A running agent's cost so far: when the run's spending with it crosses `max_run_usd`, the
+    /// run stops starting tasks and its agents are stopped (SIGTERM, then the grace period), so
+    /// it overshoots by at most the responses in flight.
+    pub(super) fn agent_cost(&mut self, task: &str, usd: f64) -> Result<(), ApplyError> {
+        // Without a run budget there is nothing to hold (and no node to look up per response).
+        let Some(max) = self.max_run_usd else {
+            return Ok(());
+        };
+        let Some(node) = self.nodes.iter().position(|n| n.plan.id == task) else {
+            return Ok(());
+        };
+        self.live_usd.insert(node, usd);
+        let spent = self.spent_usd + self.live_usd.values().sum::<f64>();
+        if spent < max || *self.agent_stop.1.borrow() != Stop::No {
+            return Ok(());
+        }
+        let reason = format!(
+            "stopped: the run's agent budget is spent (${spent:.2} of `max_run_usd = {max}`)"
+        );
+        self.events.push(Event::Warning {
+            run: self.run.id.clone(),
+            task: task.to_string(),
+            message: format!("the run's agent budget is spent (${spent:.2} of `max_run_usd = {max}`, priced as the responses streamed): its agents are stopped"),
+            time_ms: now_ms(),
+        });
+        let _ = self.agent_stop.0.send(Stop::Graceful);
+        self.stop(reason)
+    }
+
+    /// A worker of `task` was refused by the API (429 or 529) and waits `wait`: fewer agent
+    /// slots, said as a warning when they change.
+    pub(super) fn agent_refused(&mut self, task: &str, wait: Duration) {
+        if let Some(node) = self.nodes.iter().position(|n| n.plan.id == task) {
+            self.asked_to_wait.insert(node, wait);
+        }
+        let Some(level) = &mut self.agent_level else {
+            return;
+        };
+        if let Some((before, after)) = level.refused(wait) {
+            if let Some(slots) = &mut self.kind_slots {
+                slots[AGENT_SLOTS].max = after;
+            }
+            self.events.push(Event::Warning {
+                run: self.run.id.clone(),
+                task: task.to_string(),
+                message: format!(
+                    "the model API refused a request (rate limit or overload): agent slots {before} → {after}, new agents wait {} ms",
+                    wait.as_millis()
+                ),
+                time_ms: now_ms(),
+            });
+        }
+    }
+
+    /// An agent attempt ended: unless the API refused it, the slots grow back.
+    pub(super) fn agent_ended(&mut self, node: usize, class: Option<FailureClass>) {
+        if self.kind_of(node) != AGENT_SLOTS {
+            return;
+        }
+        if matches!(
+            class,
+            Some(FailureClass::RateLimit | FailureClass::Overloaded)
+        ) {
+            let task = self.nodes[node].plan.id.clone();
+            let wait = self
+                .asked_to_wait
+                .get(&node)
+                .copied()
+                .unwrap_or(Duration::from_secs(1));
+            self.agent_refused(&task, wait);
+            return;
+        }
+        let Some(level) = &mut self.agent_level else {
+            return;
+        };
+        if level.went_well() {
+            let slots = level.slots();
+            if let Some(kinds) = &mut self.kind_slots {
+                kinds[AGENT_SLOTS].max = slots;
+            }
+            self.release_agents();
+        }
+    }
+
+    /// Agents held back go back in the queue (a slot grew, or a wait the API asked for is over).
+    pub(super) fn release_agents(&mut self) {
+        let parked = match &mut self.kind_slots {
+            Some(slots) => std::mem::take(&mut slots[AGENT_SLOTS].parked),
+            None => return,
+        };
+        for node in parked {
+            self.enqueue(node);
+        }
+    }
+
+    /// When held agents may start, if any are held.
+    pub(super) fn agents_held_until(&self) -> Option<tokio::time::Instant> {
+        let parked = self
+            .kind_slots
+            .as_ref()
+            .is_some_and(|s| !s[AGENT_SLOTS].parked.is_empty());
+        self.agent_level
+            .as_ref()
+            .and_then(|l| l.hold_until)
+            .filter(|_| parked)
     }
 }
 

@@ -625,28 +625,12 @@ impl Dispatcher<'_> {
         let order = self.groups[group].next_order;
         self.groups[group].next_order += 1;
         let record = TaskRecord {
-            node: plan.id.clone(),
-            task: plan.task.clone(),
-            order,
-            state: TaskState::Pending,
-            attempts: 0,
-            cache_key: None,
-            exit_code: None,
-            class: None,
-            started_ms: None,
-            finished_ms: None,
-            output: None,
-            message: None,
-            cached_from: None,
-            commit: None,
-            cost_usd: None,
-            tokens: None,
-            denials: None,
             after: plan.after.clone(),
-            deduplicated_from: None,
+            ..TaskRecord::pending(plan.id.clone(), plan.task.clone(), order)
         };
         // Pending nodes are not written: a node's record is first written when it starts or
-        // settles (so `status` lists the nodes a run reached), which halves the writes of a run.
+        // settles, which halves the writes of a run (readers of a run in progress list the
+        // others, pending, from its grouped plan: `serve::graph`).
         self.nodes.push(Node {
             plan: Rc::new(plan),
             group,
@@ -1107,115 +1091,8 @@ impl Dispatcher<'_> {
         self.opts.jobs + self.kind_slots.as_ref().map_or(0, |s| s[AGENT_SLOTS].max)
     }
 
-    /// A running agent's cost so far: when the run's spending with it crosses `max_run_usd`, the
-    /// run stops starting tasks and its agents are stopped (SIGTERM, then the grace period), so
-    /// it overshoots by at most the responses in flight.
-    fn agent_cost(&mut self, task: &str, usd: f64) -> Result<(), ApplyError> {
-        // Without a run budget there is nothing to hold (and no node to look up per response).
-        let Some(max) = self.max_run_usd else {
-            return Ok(());
-        };
-        let Some(node) = self.nodes.iter().position(|n| n.plan.id == task) else {
-            return Ok(());
-        };
-        self.live_usd.insert(node, usd);
-        let spent = self.spent_usd + self.live_usd.values().sum::<f64>();
-        if spent < max || *self.agent_stop.1.borrow() != Stop::No {
-            return Ok(());
-        }
-        let reason = format!(
-            "stopped: the run's agent budget is spent (${spent:.2} of `max_run_usd = {max}`)"
-        );
-        self.events.push(Event::Warning {
-            run: self.run.id.clone(),
-            task: task.to_string(),
-            message: format!("the run's agent budget is spent (${spent:.2} of `max_run_usd = {max}`, priced as the responses streamed): its agents are stopped"),
-            time_ms: now_ms(),
-        });
-        let _ = self.agent_stop.0.send(Stop::Graceful);
-        self.stop(reason)
-    }
-
-    /// A worker of `task` was refused by the API (429 or 529) and waits `wait`: fewer agent
-    /// slots, said as a warning when they change.
-    fn agent_refused(&mut self, task: &str, wait: Duration) {
-        if let Some(node) = self.nodes.iter().position(|n| n.plan.id == task) {
-            self.asked_to_wait.insert(node, wait);
-        }
-        let Some(level) = &mut self.agent_level else {
-            return;
-        };
-        if let Some((before, after)) = level.refused(wait) {
-            if let Some(slots) = &mut self.kind_slots {
-                slots[AGENT_SLOTS].max = after;
-            }
-            self.events.push(Event::Warning {
-                run: self.run.id.clone(),
-                task: task.to_string(),
-                message: format!(
-                    "the model API refused a request (rate limit or overload): agent slots {before} → {after}, new agents wait {} ms",
-                    wait.as_millis()
-                ),
-                time_ms: now_ms(),
-            });
-        }
-    }
-
-    /// An agent attempt ended: unless the API refused it, the slots grow back.
-    fn agent_ended(&mut self, node: usize, class: Option<FailureClass>) {
-        if self.kind_of(node) != AGENT_SLOTS {
-            return;
-        }
-        if matches!(
-            class,
-            Some(FailureClass::RateLimit | FailureClass::Overloaded)
-        ) {
-            let task = self.nodes[node].plan.id.clone();
-            let wait = self
-                .asked_to_wait
-                .get(&node)
-                .copied()
-                .unwrap_or(Duration::from_secs(1));
-            self.agent_refused(&task, wait);
-            return;
-        }
-        let Some(level) = &mut self.agent_level else {
-            return;
-        };
-        if level.went_well() {
-            let slots = level.slots();
-            if let Some(kinds) = &mut self.kind_slots {
-                kinds[AGENT_SLOTS].max = slots;
-            }
-            self.release_agents();
-        }
-    }
-
-    /// Agents held back go back in the queue (a slot grew, or a wait the API asked for is over).
-    fn release_agents(&mut self) {
-        let parked = match &mut self.kind_slots {
-            Some(slots) => std::mem::take(&mut slots[AGENT_SLOTS].parked),
-            None => return,
-        };
-        for node in parked {
-            self.enqueue(node);
-        }
-    }
-
-    /// When held agents may start, if any are held.
-    fn agents_held_until(&self) -> Option<tokio::time::Instant> {
-        let parked = self
-            .kind_slots
-            .as_ref()
-            .is_some_and(|s| !s[AGENT_SLOTS].parked.is_empty());
-        self.agent_level
-            .as_ref()
-            .and_then(|l| l.hold_until)
-            .filter(|_| parked)
-    }
-
     /// Which of [`Dispatcher::kind_slots`] a node takes.
-    fn kind_of(&self, node: usize) -> usize {
+    pub(super) fn kind_of(&self, node: usize) -> usize {
         match self.nodes[node].plan.action {
             crate::plan::PlannedAction::Agent { .. } => AGENT_SLOTS,
             _ => PROCESS_SLOTS,
