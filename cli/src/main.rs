@@ -145,6 +145,10 @@ enum Command {
         /// cancel runs.
         #[arg(long)]
         insecure: bool,
+        /// A policy every run the server plans or starts is held to, over each clusterfile's
+        /// `[policy]`: the stricter wins.
+        #[arg(long, value_name = "FILE", env = "CCLUSTER_POLICY")]
+        policy: Option<PathBuf>,
     },
     /// List the runs of a state directory.
     Runs {
@@ -208,6 +212,9 @@ enum Command {
         /// The value of a secret input (runs do not keep them): `--var token=...`.
         #[arg(long = "var", value_name = "NAME=VALUE")]
         vars: Vec<String>,
+        /// Hold the retry to this operator's policy instead of the one the run kept.
+        #[arg(long, value_name = "FILE", env = "CCLUSTER_POLICY")]
+        policy: Option<PathBuf>,
         #[command(flatten)]
         options: RunArgs,
         #[command(flatten)]
@@ -302,6 +309,9 @@ enum Command {
         /// Rehearse against the scripted model server (no key, no tokens).
         #[arg(long)]
         rehearse: bool,
+        /// An operator's policy laid over the workflow's: the stricter wins.
+        #[arg(long, value_name = "FILE", env = "CCLUSTER_POLICY")]
+        policy: Option<PathBuf>,
         #[command(flatten)]
         run: RunArgs,
         #[command(flatten)]
@@ -420,6 +430,10 @@ struct FileArgs {
     /// Read input values from a TOML or JSON file.
     #[arg(long = "vars", value_name = "FILE")]
     vars_files: Vec<PathBuf>,
+    /// An operator's policy laid over the clusterfile's `[policy]` (a file holding one
+    /// `[policy]` table): the stricter of the two wins.
+    #[arg(long, value_name = "FILE", env = "CCLUSTER_POLICY")]
+    policy: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -451,7 +465,23 @@ impl FileArgs {
 }
 
 /// `ccluster serve`.
-fn serve(addr: std::net::SocketAddr, repos: Vec<PathBuf>, insecure: bool) -> u8 {
+fn serve(
+    addr: std::net::SocketAddr,
+    repos: Vec<PathBuf>,
+    insecure: bool,
+    policy: Option<PathBuf>,
+) -> u8 {
+    // Read now, so a broken policy stops the server rather than every run it starts.
+    if let Err(code) = read_policy(policy.as_deref()) {
+        return code;
+    }
+    let policy = match policy.map(std::path::absolute).transpose() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: cannot find the policy file: {e}");
+            return exit::INVALID_INPUT;
+        }
+    };
     if !addr.ip().is_loopback() {
         if !insecure {
             eprintln!(
@@ -478,7 +508,12 @@ fn serve(addr: std::net::SocketAddr, repos: Vec<PathBuf>, insecure: bool) -> u8 
     let Some(rt) = runtime() else {
         return exit::INVALID_INPUT;
     };
-    let config = ccluster_engine::serve::ServeConfig { addr, repos, exe };
+    let config = ccluster_engine::serve::ServeConfig {
+        addr,
+        repos,
+        exe,
+        policy,
+    };
     match rt.block_on(ccluster_engine::serve::serve(config)) {
         Ok(()) => 0,
         Err(e) => {
@@ -586,6 +621,7 @@ fn main() -> ExitCode {
             run,
             tasks,
             vars,
+            policy,
             options,
             state,
         } => runs::retry(
@@ -593,6 +629,7 @@ fn main() -> ExitCode {
             runs::RetryArgs {
                 run: run.as_deref(),
                 vars,
+                policy,
                 tasks,
                 jobs: options.jobs(),
                 agents: options.agents.map(|n| n as usize),
@@ -607,7 +644,8 @@ fn main() -> ExitCode {
             addr,
             repos,
             insecure,
-        } => serve(addr, repos, insecure),
+            policy,
+        } => serve(addr, repos, insecure, policy),
         Command::Runs { output, state } => runs::runs(&state.dir(None), output == ListFormat::Json),
         Command::Status {
             run,
@@ -715,9 +753,10 @@ fn main() -> ExitCode {
             goal,
             vars,
             rehearse,
+            policy,
             run,
             state,
-        } => run_goal(goal, vars, rehearse, run, state),
+        } => run_goal(goal, vars, rehearse, policy, run, state),
         Command::Schema { openapi: false } => {
             print(&ccluster_engine::schema::clusterfile_schema());
             exit::SUCCESS
@@ -749,7 +788,14 @@ fn main() -> ExitCode {
 
 /// `run --goal`: the built-in `goal` workflow, compiled from the text inside the binary, applied
 /// in the current directory. Its text is kept with the run, so `retry` works as for any run.
-fn run_goal(goal: String, vars: Vec<String>, rehearse: bool, run: RunArgs, state: StateArgs) -> u8 {
+fn run_goal(
+    goal: String,
+    vars: Vec<String>,
+    rehearse: bool,
+    policy: Option<PathBuf>,
+    run: RunArgs,
+    state: StateArgs,
+) -> u8 {
     let Some(builtin) = ccluster_engine::library::find("goal") else {
         eprintln!("error: the built-in goal workflow is missing");
         return exit::TASK_FAILED;
@@ -765,6 +811,10 @@ fn run_goal(goal: String, vars: Vec<String>, rehearse: bool, run: RunArgs, state
             return exit::INVALID_INPUT;
         }
     }
+    args.policy = match read_policy(policy.as_deref()) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
     let name = "builtin:goal";
     let source = SourceFile::new(name, builtin.text);
     let compiled = match ccluster_engine::compile(
@@ -940,6 +990,28 @@ fn human(diagnostics: &[Diagnostic], source: &SourceFile) -> String {
     render::human(diagnostics, source, color)
 }
 
+/// Reads an operator's policy file, printing its problems.
+fn read_policy(
+    path: Option<&std::path::Path>,
+) -> Result<Option<std::sync::Arc<ccluster_engine::model::guardrails::OperatorPolicy>>, u8> {
+    let Some(path) = path else { return Ok(None) };
+    match ccluster_engine::model::guardrails::OperatorPolicy::read(path) {
+        Ok(Ok(policy)) => Ok(Some(policy)),
+        Ok(Err(diagnostics)) => {
+            let source = diagnostics
+                .iter()
+                .find_map(|d| d.file.clone())
+                .unwrap_or_else(|| SourceFile::new(path.display().to_string(), ""));
+            eprint!("{}", human(&diagnostics, &source));
+            Err(exit::INVALID_INPUT)
+        }
+        Err(e) => {
+            eprintln!("error: cannot read the policy `{}`: {e}", path.display());
+            Err(exit::INVALID_INPUT)
+        }
+    }
+}
+
 fn input_args(file: &FileArgs) -> Result<InputArgs, String> {
     let mut args = InputArgs::default();
     for path in &file.vars_files {
@@ -1046,10 +1118,11 @@ fn compile_recording(
     ),
     u8,
 > {
-    let args = input_args(file).map_err(|e| {
+    let mut args = input_args(file).map_err(|e| {
         eprintln!("error: {e}");
         exit::INVALID_INPUT
     })?;
+    args.policy = read_policy(file.policy.as_deref())?;
     let name = file.file.display().to_string();
     let mut loader = loader_for(&file.file, state_dir, templates)?;
     let (source, result) = compile_file_with(&file.file, &name, &args, stage, &mut loader)

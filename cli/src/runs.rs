@@ -600,6 +600,7 @@ fn snapshots(dir: &Path) -> Vec<RunView> {
             tasks.extend(pending);
         }
         tasks.sort_by_key(|t| t.order);
+        ccluster_engine::store::read_live_costs(&entry.path(), &mut tasks);
         out.push(RunView {
             run,
             tasks,
@@ -871,7 +872,7 @@ pub fn status(dir: &Path, run: Option<&str>, json: bool) -> u8 {
             _ => "-".into(),
         };
         let exit_code = t.exit_code.map_or("-".to_string(), |c| c.to_string());
-        cost += t.cost_usd.unwrap_or(0.0);
+        cost += t.cost_usd.unwrap_or(0.0) + t.live_cost_usd.unwrap_or(0.0);
         tokens += t.tokens.unwrap_or(0);
         denials += t.denials.unwrap_or(0);
         say!(
@@ -881,7 +882,15 @@ pub fn status(dir: &Path, run: Option<&str>, json: bool) -> u8 {
             t.attempts,
             took,
             exit_code,
-            t.cost_usd.map_or("-".into(), ccluster_engine::report::usd),
+            match (t.cost_usd, t.live_cost_usd) {
+                // A running agent: what it has spent so far, beside its ended attempts'.
+                (spent, Some(so_far)) => format!(
+                    "{}~",
+                    ccluster_engine::report::usd(spent.unwrap_or(0.0) + so_far)
+                ),
+                (Some(spent), None) => ccluster_engine::report::usd(spent),
+                (None, None) => "-".into(),
+            },
             t.tokens.map_or("-".into(), |n| n.to_string()),
             t.message
                 .as_deref()
@@ -1044,6 +1053,8 @@ pub struct RetryArgs<'a> {
     pub run: Option<&'a str>,
     /// `--var name=value`: the values of secret inputs, which runs do not keep.
     pub vars: Vec<String>,
+    /// `--policy FILE`: instead of the operator's policy the run kept.
+    pub policy: Option<PathBuf>,
     pub tasks: Vec<String>,
     /// `--jobs`; `None`: [`default_jobs`].
     pub jobs: Option<usize>,
@@ -1105,6 +1116,28 @@ pub fn retry(dir: &Path, args: RetryArgs<'_>) -> u8 {
         );
         return exit::INVALID_INPUT;
     }
+    inputs.policy = match (&args.policy, &run.policy) {
+        (Some(path), _) => match crate::read_policy(Some(path)) {
+            Ok(p) => p,
+            Err(code) => return code,
+        },
+        (None, Some(kept)) => {
+            let source = ccluster_engine::SourceFile::new(kept.file.clone(), kept.text.clone());
+            let format = ccluster_engine::syntax::Format::from_path(Path::new(&kept.file));
+            match ccluster_engine::model::guardrails::OperatorPolicy::parse(source.clone(), format)
+            {
+                Ok(p) => Some(std::sync::Arc::new(p)),
+                Err(diagnostics) => {
+                    eprint!(
+                        "{}",
+                        ccluster_engine::render::human(&diagnostics, &source, false)
+                    );
+                    return exit::INVALID_INPUT;
+                }
+            }
+        }
+        (None, None) => None,
+    };
     let source = ccluster_engine::SourceFile::new(run.clusterfile.clone(), run.source.clone());
     let base_dir = clusterfile
         .parent()

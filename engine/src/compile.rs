@@ -79,7 +79,13 @@ pub fn compile_with(
         None,
         &mut diags,
     );
-    let workflow = workflow::resolve(&raw, &source.text, base_dir, &mut diags);
+    let workflow = workflow::resolve(
+        &raw,
+        &source.text,
+        base_dir,
+        args.policy.as_deref(),
+        &mut diags,
+    );
     drop(raw);
     if has_errors(&diags) {
         return Err(in_report_order(diags));

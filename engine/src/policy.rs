@@ -16,8 +16,9 @@ const MATCH: glob::MatchOptions = glob::MatchOptions {
 /// The change limits of a task, as the clusterfile's `[policy]` gives them.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct ChangePolicy {
-    /// Globs: when not empty, every changed path must match one.
-    pub allowed_paths: Vec<String>,
+    /// Lists of globs, one per policy that has `allowed_paths` (the clusterfile's, an
+    /// operator's): every changed path must match a glob of each.
+    pub allowed_paths: Vec<Vec<String>>,
     /// Globs: no changed path may match one.
     pub denied_paths: Vec<String>,
     pub max_files_changed: Option<u64>,
@@ -66,6 +67,61 @@ impl ChangePolicy {
         *self == ChangePolicy::default()
     }
 
+    /// Lays another policy over this one: the stricter of each wins.
+    pub fn tighten(&mut self, other: ChangePolicy) {
+        self.allowed_paths.extend(other.allowed_paths);
+        for p in other.denied_paths {
+            if !self.denied_paths.contains(&p) {
+                self.denied_paths.push(p);
+            }
+        }
+        let least = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.max_files_changed = least(self.max_files_changed, other.max_files_changed);
+        self.max_lines_changed = least(self.max_lines_changed, other.max_lines_changed);
+        self.forbid_credentials |= other.forbid_credentials;
+    }
+
+    /// In words, for `plan`: `paths src/** (not .github/**) | at most 20 files, 500 lines |
+    /// credentials refused`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        let mut paths = self
+            .allowed_paths
+            .iter()
+            .map(|set| set.join(", "))
+            .collect::<Vec<_>>()
+            .join(" and ");
+        if paths.is_empty() {
+            paths = "any".into();
+        }
+        if !self.denied_paths.is_empty() {
+            paths.push_str(&format!(" (not {})", self.denied_paths.join(", ")));
+        }
+        parts.push(format!("paths {paths}"));
+        let mut sizes = Vec::new();
+        if let Some(f) = self.max_files_changed {
+            sizes.push(format!("{f} files"));
+        }
+        if let Some(l) = self.max_lines_changed {
+            sizes.push(format!("{l} lines"));
+        }
+        if !sizes.is_empty() {
+            parts.push(format!("at most {}", sizes.join(", ")));
+        }
+        parts.push(
+            if self.forbid_credentials {
+                "credentials refused"
+            } else {
+                "credentials not checked"
+            }
+            .into(),
+        );
+        parts.join(" | ")
+    }
+
     /// The first violation of the policy by `changes`, in words (naming the file, never the
     /// content it found).
     pub fn violation(&self, changes: &[Changed<'_>]) -> Option<String> {
@@ -76,13 +132,15 @@ impl ChangePolicy {
                     c.path
                 ));
             }
-            if !self.allowed_paths.is_empty()
-                && !self.allowed_paths.iter().any(|p| matches(p, c.path))
+            if let Some(allowed) = self
+                .allowed_paths
+                .iter()
+                .find(|set| !set.iter().any(|p| matches(p, c.path)))
             {
                 return Some(format!(
                     "`{}` may not be changed: it matches none of the policy's allowed paths ({})",
                     c.path,
-                    self.allowed_paths
+                    allowed
                         .iter()
                         .map(|p| format!("`{p}`"))
                         .collect::<Vec<_>>()
@@ -139,7 +197,7 @@ mod tests {
     #[test]
     fn paths_are_allowed_and_denied_by_glob() {
         let policy = ChangePolicy {
-            allowed_paths: vec!["src/**".into(), "docs/*.md".into()],
+            allowed_paths: vec![vec!["src/**".into(), "docs/*.md".into()]],
             denied_paths: vec!["src/secrets/**".into(), "**/.env".into()],
             ..ChangePolicy::default()
         };

@@ -25,6 +25,9 @@ pub struct RunReport {
     pub result: Option<ResultBranch>,
     pub tasks: Vec<TaskReport>,
     pub totals: Totals,
+    /// Why a budget stopped the run (its agents were stopped and nothing more started).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped_by_budget: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -196,7 +199,17 @@ pub fn build(store: &dyn RunRecords, run: &RunRecord) -> Result<RunReport, Store
             changed: task.changed.clone(),
         })
     });
+    let stopped_by_budget = tasks
+        .iter()
+        .filter_map(|t| t.message.as_deref())
+        .find(|m| m.contains(crate::exec::RUN_BUDGET_SPENT))
+        .map(|m| {
+            m.trim_start_matches("stopped: ")
+                .trim_start_matches("not run: ")
+                .to_string()
+        });
     Ok(RunReport {
+        stopped_by_budget,
         run: run.id.clone(),
         workflow: run.workflow.clone(),
         state: run.state,
@@ -388,6 +401,13 @@ pub fn to_markdown(r: &RunReport) -> String {
         );
     }
     out.push_str(".\n\n");
+    if let Some(why) = &r.stopped_by_budget {
+        let _ = writeln!(
+            out,
+            "**Stopped by its budget:** {}; its running agents were stopped and nothing more started.\n",
+            text(why)
+        );
+    }
     if let Some(res) = &r.result {
         let _ = writeln!(
             out,
@@ -569,6 +589,7 @@ mod tests {
             resolved_by: Some("fix ``it`` <script>".into()),
         }];
         RunReport {
+            stopped_by_budget: None,
             run: "20261125-084844.031-1213".into(),
             workflow: "w <script>alert(1)</script>".into(),
             state: RunState::Failed,

@@ -87,6 +87,7 @@ fn document_paths(doc: &Value, prefix: &str, out: &mut BTreeSet<String>, free_fo
                 "inputs",
                 "runners",
                 "secrets",
+                "prices",
                 "tasks",
                 "vars",
                 "env",

@@ -84,6 +84,9 @@ const CLUSTERFILE: &str = r#"version = 1
 [secrets.GH_TOKEN]
 from = "env:CC_TEST_TOKEN"
 
+[policy]
+max_permission_mode = "bypassPermissions"
+
 [tasks.echo]
 secrets = ["GH_TOKEN"]
 run = '''printf 'token=%s\n' "$GH_TOKEN"; printf '%s' "$GH_TOKEN" | base64; printf 'err %s\n' "$GH_TOKEN" >&2'''

@@ -481,6 +481,8 @@ pub struct Transcript {
     priced: std::collections::HashMap<String, (String, u64)>,
     /// The last live cost said ([`Progress::Cost`]).
     live_cost: f64,
+    /// The clusterfile's `[prices]`, over the built-in table.
+    pub prices: std::sync::Arc<prices::Overrides>,
 }
 
 /// The last `cost-state` entry of a session's transcript (`<config>/projects/*/<session>.jsonl`):
@@ -549,7 +551,11 @@ impl Transcript {
             .map(|(id, (model, chars))| {
                 let [input, output, read, write] =
                     self.streamed.get(id).copied().unwrap_or_default();
-                prices::cost(model, [input, output.max(chars / 4), read, write])
+                prices::cost(
+                    &self.prices,
+                    model,
+                    [input, output.max(chars / 4), read, write],
+                )
             })
             .sum()
     }

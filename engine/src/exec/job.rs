@@ -48,6 +48,8 @@ pub struct AgentJob {
     pub run: String,
     pub node: String,
     pub progress: tokio::sync::mpsc::UnboundedSender<super::Event>,
+    /// What its responses are priced at (the clusterfile's `[prices]` over the built-in table).
+    pub prices: std::sync::Arc<crate::agent::prices::Overrides>,
 }
 
 /// How an attempt ended.
@@ -216,7 +218,8 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
         let left_by_merge = workspace::left_by_merge(ws, &conflict);
         let end = if resolver.argv.is_some() {
             // An agent: its stream-json gives what it spent.
-            let (process, transcript) = run_agent(resolver, &runner, stop.clone(), |_| {}).await;
+            let (process, transcript) =
+                run_agent(resolver, &runner, stop.clone(), Default::default(), |_| {}).await;
             resolvers = crate::agent::Usage::plus(resolvers, transcript.usage().as_ref());
             process.end
         } else {
@@ -453,7 +456,7 @@ async fn run_command(
         }
         return result;
     };
-    let (process, transcript) = run_agent(spec, runner, stop, |p| {
+    let (process, transcript) = run_agent(spec, runner, stop, agent.prices.clone(), |p| {
         let (kind, detail) = match p {
             crate::agent::Progress::Turn(n) => ("turn", n.to_string()),
             crate::agent::Progress::Tool { name, detail } => {
@@ -516,6 +519,7 @@ async fn run_agent(
     mut spec: ProcessSpec,
     runner: &Arc<dyn Runner>,
     stop: watch::Receiver<Stop>,
+    prices: std::sync::Arc<crate::agent::prices::Overrides>,
     mut on_progress: impl FnMut(crate::agent::Progress),
 ) -> (ProcessResult, crate::agent::Transcript) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -530,6 +534,7 @@ async fn run_agent(
     let process = runner.run(spec, stop);
     let read = async {
         let mut transcript = crate::agent::Transcript::in_dir(cwd);
+        transcript.prices = prices;
         while let Some(line) = rx.recv().await {
             for p in transcript.feed(&line) {
                 on_progress(p);

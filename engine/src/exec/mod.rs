@@ -20,6 +20,7 @@ mod tasks;
 
 pub use dispatcher::{
     apply, check_supported, default_state_dir, ApplyError, ApplyOptions, RunSummary, LIVE_FILE,
+    RUN_BUDGET_SPENT,
 };
 pub use events::{Event, EventLog, EventSink, EVENTS_FILE};
 pub use runner::{LocalRunner, ProcessEnd, ProcessResult, ProcessSpec, Runner, Stop};

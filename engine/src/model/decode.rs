@@ -14,6 +14,28 @@ pub fn decode(root: &Node, diagnostics: &mut Vec<Diagnostic>) -> RawClusterfile 
     d.clusterfile(root)
 }
 
+/// Decodes a policy file: one `[policy]` table and nothing else.
+pub fn decode_policy_file(root: &Node, diagnostics: &mut Vec<Diagnostic>) -> RawPolicy {
+    let mut d = Decoder { diagnostics };
+    let Some(mut t) = d.table(root, "policy file", "the policy file".to_string()) else {
+        return RawPolicy::default();
+    };
+    let policy = t.get("policy").and_then(|n| d.policy(n));
+    d.finish(t);
+    if policy.is_none() && !d.diagnostics.iter().any(Diagnostic::is_error) {
+        d.error(
+            Diagnostic::error(
+                Category::InvalidValue,
+                "missing-key",
+                "the policy file has no `[policy]` table",
+            )
+            .at(root.span, "expected `[policy]`")
+            .help("a policy file holds one `[policy]` table, as a clusterfile's"),
+        );
+    }
+    policy.unwrap_or_default()
+}
+
 /// Names other tools use for our keys, for "did you mean" hints.
 const ALIASES: &[(&str, &str)] = &[
     ("depends_on", "needs"),
@@ -394,6 +416,9 @@ impl Decoder<'_> {
         if let Some(n) = t.get("secrets") {
             raw.secrets = self.named_tables(n, "secrets", |d, key, node| d.secret(key, node));
         }
+        if let Some(n) = t.get("prices") {
+            raw.prices = self.named_tables(n, "prices", |d, key, node| d.price(key, node));
+        }
         if let Some(n) = t.get("policy") {
             raw.policy = self.policy(n);
         }
@@ -476,6 +501,29 @@ impl Decoder<'_> {
         self.finish(t);
         input.decode_errors = self.errors_so_far() > before;
         Some(input)
+    }
+
+    fn price(&mut self, key: &Key, node: &Node) -> Option<RawPrice> {
+        let mut t = self.table(node, &key.name, format!("the price of `{}`", key.name))?;
+        let mut price = RawPrice {
+            name_span: key.span,
+            ..RawPrice::default()
+        };
+        let range = (0.0, f64::INFINITY);
+        if let Some(n) = t.get("input") {
+            price.input = self.float(n, "input", range);
+        }
+        if let Some(n) = t.get("output") {
+            price.output = self.float(n, "output", range);
+        }
+        if let Some(n) = t.get("cache_read") {
+            price.cache_read = self.float(n, "cache_read", range);
+        }
+        if let Some(n) = t.get("cache_write") {
+            price.cache_write = self.float(n, "cache_write", range);
+        }
+        self.finish(t);
+        Some(price)
     }
 
     fn secret(&mut self, key: &Key, node: &Node) -> Option<RawSecret> {
@@ -653,6 +701,27 @@ impl Decoder<'_> {
         }
         if let Some(n) = t.get("forbid_credentials") {
             p.forbid_credentials = self.bool(n, "forbid_credentials");
+        }
+        if let Some(n) = t.get("allowed_tools") {
+            p.allowed_tools = self.string_list(n, "allowed_tools");
+        }
+        if let Some(n) = t.get("denied_tools") {
+            p.denied_tools = self.string_list(n, "denied_tools");
+        }
+        if let Some(n) = t.get("max_permission_mode") {
+            p.max_permission_mode = self.choice(n, "max_permission_mode", PermissionMode::ALL);
+        }
+        if let Some(n) = t.get("max_turns") {
+            p.max_turns = self.count(n, "max_turns", 1);
+        }
+        if let Some(n) = t.get("max_budget_usd") {
+            p.max_budget_usd = self.float(n, "max_budget_usd", (0.0, f64::INFINITY));
+        }
+        if let Some(n) = t.get("max_run_usd") {
+            p.max_run_usd = self.float(n, "max_run_usd", (0.0, f64::INFINITY));
+        }
+        if let Some(n) = t.get("network") {
+            p.network = self.choice(n, "network", NetworkMode::ALL);
         }
         self.finish(t);
         Some(p)

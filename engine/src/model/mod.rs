@@ -5,6 +5,7 @@ pub mod confine;
 pub mod decode;
 mod fanout;
 pub mod fetch;
+pub mod guardrails;
 pub mod k8s_values;
 pub mod raw;
 pub mod runners;

@@ -44,6 +44,10 @@ pub struct RawClusterfile {
     /// Guardrails on what tasks may change, checked on each task's change before it is
     /// committed; a violation fails the attempt with class `policy` (never retried).
     pub policy: Option<RawPolicy>,
+    /// Model prices (US dollars per million tokens) over ccluster's own table, by model name
+    /// prefix (`"claude-sonnet-5"`): what running agents are priced at for budgets.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub prices: IndexMap<String, RawPrice>,
     /// The tasks, by id. An id is letters, digits, `_` and `-`, starting with a letter or `_`.
     #[serde(default)]
     pub tasks: IndexMap<String, RawTask>,
@@ -261,6 +265,24 @@ impl PermissionMode {
             .iter()
             .find(|(_, m)| *m == self)
             .map_or("default", |(n, _)| n)
+    }
+
+    /// How much a mode lets an agent do without asking (which a `-p` session cannot): `plan`
+    /// changes nothing; `dontAsk`, `default` and `manual` allow only what `allowed_tools` lists;
+    /// `acceptEdits` also edits the worktree; `auto` lets a classifier approve the rest;
+    /// `bypassPermissions` allows everything, also outside the worktree.
+    pub fn permissiveness(self) -> u8 {
+        match self {
+            PermissionMode::Plan => 0,
+            PermissionMode::DontAsk | PermissionMode::Default | PermissionMode::Manual => 1,
+            PermissionMode::AcceptEdits => 2,
+            PermissionMode::Auto => 3,
+            PermissionMode::BypassPermissions => 4,
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<PermissionMode> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, m)| *m)
     }
 }
 
@@ -484,6 +506,25 @@ pub struct RawDefaults {
     pub copy: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
+/// `[prices."<model prefix>"]`: what a model's tokens cost, US dollars per million.
+#[derive(Clone, Debug, Default, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    #[schemars(range(min = 0))]
+    pub input: Option<Spanned<f64>>,
+    #[schemars(range(min = 0))]
+    pub output: Option<Spanned<f64>>,
+    /// Default: a tenth of `input`.
+    #[schemars(range(min = 0))]
+    pub cache_read: Option<Spanned<f64>>,
+    /// Default: 1.25 times `input`.
+    #[schemars(range(min = 0))]
+    pub cache_write: Option<Spanned<f64>>,
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub name_span: crate::diagnostic::Span,
+}
+
 /// `[policy]`: what the tasks of the workflow may change.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -502,6 +543,29 @@ pub struct RawPolicy {
     /// Refuse a change that adds what looks like a credential (a private key, an AWS, GitHub,
     /// Anthropic, Slack or Google key or token). Default `true`.
     pub forbid_credentials: Option<Spanned<bool>>,
+    /// The tool rules an agent task may list in `allowed_tools` (a bare tool name, `"Bash"`, also
+    /// covers its rules, `"Bash(cargo *)"`). Default: any.
+    pub allowed_tools: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Tool rules every agent is denied (added to its `disallowed_tools`); no task may allow
+    /// one. Default `["Bash(git push:*)"]`: ccluster publishes results, agents do not push.
+    pub denied_tools: Option<Spanned<Vec<Spanned<String>>>>,
+    /// The most permissive `permission_mode` a task may ask for, in the order `plan` <
+    /// `dontAsk` = `default` = `manual` < `acceptEdits` < `auto` < `bypassPermissions`.
+    /// Default `auto`: `bypassPermissions` only where the policy says so.
+    pub max_permission_mode: Option<Spanned<PermissionMode>>,
+    /// A ceiling on each agent task's `max_turns` (and its value where a task sets none).
+    #[schemars(range(min = 1))]
+    pub max_turns: Option<Spanned<i64>>,
+    /// A ceiling on each agent task's `max_budget_usd` (and its value where a task sets none).
+    #[schemars(range(min = 0))]
+    pub max_budget_usd: Option<Spanned<f64>>,
+    /// A ceiling on `[defaults] max_run_usd` (and its value where the workflow sets none).
+    #[schemars(range(min = 0))]
+    pub max_run_usd: Option<Spanned<f64>>,
+    /// The widest network a `docker` or `kubernetes` runner may give tasks: `none` < `api-only`
+    /// < `bridge`. Default: unlimited (runners default to `api-only` for agents and `bridge` for
+    /// shell tasks).
+    pub network: Option<Spanned<NetworkMode>>,
 }
 
 /// Where a task runs.
@@ -601,6 +665,15 @@ impl NetworkMode {
             .iter()
             .find(|(_, k)| *k == self)
             .map_or("none", |(n, _)| n)
+    }
+
+    /// How much of the network a mode opens: `none` < `api-only` < `bridge`.
+    pub fn reach(self) -> u8 {
+        match self {
+            NetworkMode::None => 0,
+            NetworkMode::ApiOnly => 1,
+            NetworkMode::Bridge => 2,
+        }
     }
 }
 

@@ -317,6 +317,10 @@ pub struct Workflow {
     pub secrets: IndexMap<String, super::secrets::SecretDecl>,
     /// `[policy]`: what each task's change may hold, checked before it is committed.
     pub policy: crate::policy::ChangePolicy,
+    /// The operator's policy laid over `[policy]`, kept with a run so `retry` keeps to it.
+    pub operator_policy: Option<std::sync::Arc<super::guardrails::OperatorPolicy>>,
+    /// `[prices]`: what running agents' responses are priced at, over the built-in table.
+    pub prices: crate::agent::prices::Overrides,
 }
 
 impl Workflow {
@@ -415,6 +419,7 @@ pub fn resolve(
     raw: &RawClusterfile,
     file: &str,
     base_dir: &Path,
+    operator: Option<&super::guardrails::OperatorPolicy>,
     diags: &mut Vec<Diagnostic>,
 ) -> Workflow {
     match &raw.version {
@@ -598,9 +603,12 @@ pub fn resolve(
             .and_then(|d| d.max_agents.as_ref())
             .map(|m| m.value.max(1) as usize),
         secrets,
-        policy: change_policy(raw.policy.as_ref(), diags),
+        policy: super::guardrails::change_policy(raw, operator, diags),
+        operator_policy: operator.map(|o| std::sync::Arc::new(o.clone())),
+        prices: super::guardrails::prices(raw, diags),
     };
     let mut workflow = workflow;
+    super::guardrails::apply(&mut workflow, raw, operator, diags);
     check_cycles(&workflow, diags);
     resolve_workspaces(&mut workflow, raw, diags);
     workflow.result = resolve_result(&workflow, meta, diags);
@@ -1001,54 +1009,6 @@ fn resolve_task(
             }
         }),
         secrets: Vec::new(),
-    }
-}
-
-/// `[policy]` as the checks take it; a glob that is not one is an error at its place.
-fn change_policy(
-    raw: Option<&RawPolicy>,
-    diags: &mut Vec<Diagnostic>,
-) -> crate::policy::ChangePolicy {
-    let Some(raw) = raw else {
-        return crate::policy::ChangePolicy {
-            forbid_credentials: true,
-            ..Default::default()
-        };
-    };
-    let mut globs = |list: &Option<Spanned<Vec<Spanned<String>>>>, key: &str| -> Vec<String> {
-        let mut out = Vec::new();
-        for g in list.iter().flat_map(|l| l.value.iter()) {
-            match glob::Pattern::new(&g.value) {
-                Ok(_) if !g.value.is_empty() => out.push(g.value.clone()),
-                result => diags.push(
-                    Diagnostic::error(
-                        Category::InvalidValue,
-                        "invalid-glob",
-                        format!(
-                            "`{key}` entry `{}` is not a glob{}",
-                            g.value,
-                            result.err().map(|e| format!(" ({e})")).unwrap_or_default()
-                        ),
-                    )
-                    .at(g.span, "not a glob")
-                    .help("paths are globs relative to the repository, like `src/**` or `**/.env`"),
-                ),
-            }
-        }
-        out
-    };
-    crate::policy::ChangePolicy {
-        allowed_paths: globs(&raw.allowed_paths, "allowed_paths"),
-        denied_paths: globs(&raw.denied_paths, "denied_paths"),
-        max_files_changed: raw
-            .max_files_changed
-            .as_ref()
-            .map(|m| m.value.max(1) as u64),
-        max_lines_changed: raw
-            .max_lines_changed
-            .as_ref()
-            .map(|m| m.value.max(1) as u64),
-        forbid_credentials: raw.forbid_credentials.as_ref().is_none_or(|f| f.value),
     }
 }
 

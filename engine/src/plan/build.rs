@@ -199,6 +199,10 @@ pub struct Plan {
     pub graph: DiGraph<usize, ()>,
     /// The declared runners the plan's nodes use (not `local`), as checked: where they run.
     pub runners: IndexMap<String, crate::model::workflow::RunnerDecl>,
+    /// What every task's change may hold (`[policy]` and an operator's, the stricter winning).
+    pub policy: crate::policy::ChangePolicy,
+    /// The run's agent budget, US dollars.
+    pub max_run_usd: Option<f64>,
 }
 
 /// Renders a workflow's templates at plan time. Each template is parsed and analysed once (the
@@ -628,6 +632,8 @@ pub fn build(
         nodes,
         graph,
         runners,
+        policy: workflow.policy.clone(),
+        max_run_usd: workflow.max_run_usd,
     }
 }
 
@@ -1058,6 +1064,8 @@ impl Plan {
             nodes,
             graph,
             runners: self.runners.clone(),
+            policy: self.policy.clone(),
+            max_run_usd: self.max_run_usd,
         }
     }
 }

@@ -16,6 +16,9 @@ pub struct InputArgs {
     pub values: IndexMap<String, Value>,
     /// `--var name=value` pairs, in order (they win over files).
     pub pairs: Vec<(String, String)>,
+    /// A policy laid over the clusterfile's `[policy]` (`--policy FILE`, `serve --policy`): the
+    /// stricter wins.
+    pub policy: Option<std::sync::Arc<crate::model::guardrails::OperatorPolicy>>,
 }
 
 impl InputArgs {

@@ -21,7 +21,15 @@ struct JsonPlan<'a> {
     /// Declared runners the tasks use (absent when all run locally).
     #[serde(skip_serializing_if = "indexmap::IndexMap::is_empty")]
     runners: &'a indexmap::IndexMap<String, crate::model::workflow::RunnerDecl>,
+    policy: JsonPolicy<'a>,
     tasks: &'a [PlannedTask],
+}
+
+/// The run-wide part of the effective policy (each agent's limits are in its `settings`).
+#[derive(Serialize)]
+struct JsonPolicy<'a> {
+    changes: &'a crate::policy::ChangePolicy,
+    max_run_usd: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -40,6 +48,10 @@ pub fn to_json(plan: &Plan) -> String {
         inputs: &plan.inputs,
         summary: &plan.summary,
         runners: &plan.runners,
+        policy: JsonPolicy {
+            changes: &plan.policy,
+            max_run_usd: plan.max_run_usd,
+        },
         tasks: &plan.nodes,
     };
     let mut out =
@@ -99,6 +111,11 @@ pub fn to_text(plan: &Plan) -> String {
         n(s.dynamic_maps, "dynamic map", "dynamic maps"),
         s.skipped
     );
+    let mut policy = format!("policy: {}", plan.policy.describe());
+    if let Some(usd) = plan.max_run_usd {
+        policy.push_str(&format!(" | run budget ${usd}"));
+    }
+    let _ = writeln!(out, "{policy}");
     for (name, r) in &plan.runners {
         let _ = write!(out, "runner {name}: {}", r.kind.name());
         if let Some(image) = &r.image {

@@ -180,7 +180,7 @@ pub async fn plan(
     let repo = pick_repo(&shared, req.repo.as_deref())?.clone();
     let file = clusterfile_in(&repo, req.clusterfile.as_deref())?;
     let vars = inputs_file(&repo, &req.inputs)?;
-    let mut cmd = tokio::process::Command::new(&shared.exe);
+    let mut cmd = shared.ccluster();
     cmd.current_dir(&repo.root)
         .args(["plan", "--output", "json"])
         .stdin(Stdio::null());
@@ -226,7 +226,7 @@ async fn start_driver(
     };
     let stdout = open(&out_path).map_err(internal)?;
     let stderr = open(&err_path).map_err(internal)?;
-    let mut cmd = tokio::process::Command::new(&shared.exe);
+    let mut cmd = shared.ccluster();
     cmd.current_dir(&repo.root)
         .args(&args)
         .env("CCLUSTER_STARTED_BY", "server")

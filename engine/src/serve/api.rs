@@ -153,7 +153,7 @@ pub fn summary(shared: &Shared, view: &RunView) -> RunSummary {
         } += 1;
         // A cached node's cost was spent by the run it came from.
         if t.cached_from.is_none() {
-            cost += t.cost_usd.unwrap_or(0.0);
+            cost += t.cost_usd.unwrap_or(0.0) + t.live_cost_usd.unwrap_or(0.0);
             tokens += t.tokens.unwrap_or(0);
         }
     }

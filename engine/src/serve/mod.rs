@@ -39,6 +39,8 @@ pub struct ServeConfig {
     pub repos: Vec<PathBuf>,
     /// The `ccluster` binary that runs started by the server are driven by.
     pub exe: PathBuf,
+    /// The server's policy (absolute): every run it plans, starts or retries is held to it.
+    pub policy: Option<PathBuf>,
 }
 
 /// What every request handler shares.
@@ -48,6 +50,21 @@ pub struct Shared {
     pub exe: PathBuf,
     /// Large answers made once (see [`api::Bodies`]).
     pub bodies: api::Bodies,
+    /// The server's policy file, given to every `ccluster` it starts (`CCLUSTER_POLICY`).
+    pub policy: Option<PathBuf>,
+}
+
+impl Shared {
+    /// A `ccluster` command as the server starts one: held to the server's policy, or to none
+    /// (not to whatever `CCLUSTER_POLICY` the server's own environment had).
+    pub fn ccluster(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.exe);
+        match &self.policy {
+            Some(p) => cmd.env("CCLUSTER_POLICY", p),
+            None => cmd.env_remove("CCLUSTER_POLICY"),
+        };
+        cmd
+    }
 }
 
 #[derive(OpenApi)]
@@ -198,6 +215,7 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         watchers: Arc::new(live::Watchers::default()),
         exe: config.exe.clone(),
         bodies: api::Bodies::default(),
+        policy: config.policy.clone(),
     });
     let listener = tokio::net::TcpListener::bind(config.addr).await?;
     let addr = listener.local_addr()?;

@@ -130,11 +130,17 @@ impl States {
                 live: false,
             });
         }
-        let (mut run, tasks) = self.live(&dir.join(LIVE_FILE))?;
+        let (mut run, mut tasks) = self.live(&dir.join(LIVE_FILE))?;
         // A snapshot whose driver is gone is a run nobody drives any more: the next `apply`
         // marks it interrupted in the database; say so already.
         if run.state == RunState::Running && !driver_alive(run.pid) {
             run.state = RunState::Interrupted;
+        }
+        // Running agents' costs so far, while there are any.
+        if run.state == RunState::Running && dir.join(crate::store::LIVE_COSTS_FILE).exists() {
+            let mut with_costs = (*tasks).clone();
+            crate::store::read_live_costs(&dir, &mut with_costs);
+            tasks = Arc::new(with_costs);
         }
         Some(RunView {
             repo,

@@ -308,6 +308,7 @@ mod tests {
             templates: Default::default(),
             rehearsed: false,
             started_by: None,
+            policy: None,
         }
     }
 
@@ -332,6 +333,7 @@ mod tests {
             denials: None,
             after: Vec::new(),
             deduplicated_from: None,
+            live_cost_usd: None,
         }
     }
 

@@ -721,6 +721,7 @@ mod tests {
                     templates: Default::default(),
                     rehearsed: false,
                     started_by: None,
+                    policy: None,
                 })
                 .unwrap();
             store.commit().unwrap();

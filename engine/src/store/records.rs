@@ -68,6 +68,18 @@ pub struct RunRecord {
     /// Who or what started the run: `alice (cli)`, `alice (cli, GitHub Actions)`, `server`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_by: Option<String>,
+    /// The operator's policy the run was held to (`--policy FILE`, a server's): `retry` holds it
+    /// to the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<KeptPolicy>,
+}
+
+/// A policy file as a run kept it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct KeptPolicy {
+    /// The file's path as it was given.
+    pub file: String,
+    pub text: String,
 }
 
 impl RunRecord {
@@ -159,6 +171,28 @@ pub struct TaskRecord {
     /// node, whose outcome (success, failure or cancellation) it took.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deduplicated_from: Option<String>,
+    /// A running agent's cost so far, priced as its responses stream (US dollars): read from
+    /// the run's `live-costs.json` for a run in progress, never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_cost_usd: Option<f64>,
+}
+
+/// The file a run in progress keeps its running agents' costs so far in: `{node: usd}`.
+pub const LIVE_COSTS_FILE: &str = "live-costs.json";
+
+/// Lays the costs so far of a run in progress (its `runs/<run>/` directory) over its records.
+pub fn read_live_costs(run_dir: &std::path::Path, tasks: &mut [TaskRecord]) {
+    let Ok(text) = std::fs::read(run_dir.join(LIVE_COSTS_FILE)) else {
+        return;
+    };
+    let Ok(costs) = serde_json::from_slice::<std::collections::HashMap<String, f64>>(&text) else {
+        return;
+    };
+    for t in tasks {
+        if t.state == TaskState::Running {
+            t.live_cost_usd = costs.get(&t.node).copied();
+        }
+    }
 }
 
 impl TaskRecord {
@@ -184,6 +218,7 @@ impl TaskRecord {
             denials: None,
             after: Vec::new(),
             deduplicated_from: None,
+            live_cost_usd: None,
         }
     }
 

@@ -27,6 +27,14 @@ pub(super) struct AgentLevel {
     pub(super) hold_until: Option<tokio::time::Instant>,
 }
 
+/// A node's own agent budget (`max_budget_usd`), if it is an agent with one.
+pub(super) fn task_budget(plan: &crate::plan::PlannedTask) -> Option<f64> {
+    match &plan.action {
+        crate::plan::PlannedAction::Agent { settings, .. } => settings.max_budget_usd,
+        _ => None,
+    }
+}
+
 /// What the API said in an `api_retry` progress detail (`#2 after 429 (rate_limit), again in
 /// 3000 ms`): whether it was a rate limit or overload, and the wait it asked for.
 pub(super) fn refusal(detail: &str) -> Option<Duration> {
@@ -100,24 +108,55 @@ impl AgentLevel {
 }
 
 impl Dispatcher<'_> {
-    /// A running agent's cost so far: when the run's spending with it crosses `max_run_usd`, the
-    /// run stops starting tasks and its agents are stopped (SIGTERM, then the grace period), so
-    /// it overshoots by at most the responses in flight.
+    /// Tells every running agent, and every agent started from now on, to stop.
+    pub(super) fn stop_agents(&mut self, level: Stop) {
+        self.agents_stopped = level;
+        for stop in self.agent_stops.values() {
+            let _ = stop.send(level);
+        }
+    }
+
+    /// A running agent's cost so far. When it crosses its task's `max_budget_usd`, that agent is
+    /// stopped (its attempt fails with class `budget`); when the run's spending with it crosses
+    /// `max_run_usd`, the run stops starting tasks and all its agents are stopped (SIGTERM, then
+    /// the grace period). Either overshoots by at most the responses in flight.
     pub(super) fn agent_cost(&mut self, task: &str, usd: f64) -> Result<(), ApplyError> {
-        // Without a run budget there is nothing to hold (and no node to look up per response).
-        let Some(max) = self.max_run_usd else {
-            return Ok(());
-        };
-        let Some(node) = self.nodes.iter().position(|n| n.plan.id == task) else {
+        let Some(node) = self.node_named(task) else {
             return Ok(());
         };
         self.live_usd.insert(node, usd);
+        // `status` and `serve` show it with the next snapshot.
+        self.live_costs_changed = true;
+        self.snapshot_due = true;
+        if let Some(max) = task_budget(&self.nodes[node].plan) {
+            if usd >= max && !self.over_task_budget.contains_key(&node) {
+                let message = format!(
+                    "stopped: the task's budget is spent (${usd:.2} of `max_budget_usd = {max}`, priced as the responses streamed)"
+                );
+                self.events.push(Event::Warning {
+                    run: self.run.id.clone(),
+                    task: task.to_string(),
+                    message: format!(
+                        "the task's agent budget is spent (${usd:.2} of `max_budget_usd = {max}`): its agent is stopped"
+                    ),
+                    time_ms: now_ms(),
+                });
+                if let Some(stop) = self.agent_stops.get(&node) {
+                    let _ = stop.send(Stop::Graceful);
+                }
+                self.over_task_budget.insert(node, message);
+            }
+        }
+        let Some(max) = self.max_run_usd else {
+            return Ok(());
+        };
         let spent = self.spent_usd + self.live_usd.values().sum::<f64>();
-        if spent < max || *self.agent_stop.1.borrow() != Stop::No {
+        if spent < max || self.agents_stopped != Stop::No {
             return Ok(());
         }
         let reason = format!(
-            "stopped: the run's agent budget is spent (${spent:.2} of `max_run_usd = {max}`)"
+            "stopped: {} (${spent:.2} of `max_run_usd = {max}`)",
+            super::RUN_BUDGET_SPENT
         );
         self.events.push(Event::Warning {
             run: self.run.id.clone(),
@@ -125,7 +164,7 @@ impl Dispatcher<'_> {
             message: format!("the run's agent budget is spent (${spent:.2} of `max_run_usd = {max}`, priced as the responses streamed): its agents are stopped"),
             time_ms: now_ms(),
         });
-        let _ = self.agent_stop.0.send(Stop::Graceful);
+        self.stop_agents(Stop::Graceful);
         self.stop(reason)
     }
 

@@ -196,10 +196,19 @@ struct Dispatcher<'a> {
     spent_usd: f64,
     /// What running agent attempts have cost so far, priced as their responses stream.
     live_usd: HashMap<usize, f64>,
-    /// Agents' own stop: a run whose budget is crossed stops its agents, not its processes.
-    /// Whatever stops the run stops agents too.
-    agent_stop: (watch::Sender<Stop>, watch::Receiver<Stop>),
+    /// Each running agent attempt's own stop: a run whose budget is crossed stops its agents,
+    /// not its processes, and a task whose budget is crossed stops that agent alone. Whatever
+    /// stops the run stops agents too.
+    agent_stops: HashMap<usize, watch::Sender<Stop>>,
+    /// How the run's agents have been told to stop (new agent attempts start told so).
+    agents_stopped: Stop,
+    /// Agents stopped for crossing their task's `max_budget_usd`: why, for their attempt's end.
+    over_task_budget: HashMap<usize, String>,
     max_run_usd: Option<f64>,
+    /// Node ids looked up so far (a cost event names its node by id).
+    node_ids: HashMap<String, usize>,
+    /// `live_usd` changed since `live-costs.json` was written.
+    live_costs_changed: bool,
     /// `[policy]`: what a task's change may hold.
     change_policy: crate::policy::ChangePolicy,
     /// Which node of the run does each work, and which duplicates wait for it.
@@ -244,6 +253,9 @@ const COMMIT_HOLD: Duration = Duration::from_millis(10);
 
 /// The live view of a running run, for `ccluster status` from another terminal.
 pub const LIVE_FILE: &str = "live.jsonl";
+
+/// Said by every task a run's spent budget stopped or kept from starting (the report finds it).
+pub const RUN_BUDGET_SPENT: &str = "the run's agent budget is spent";
 
 /// How soon a repeated stop signal counts as the same one (see `drive`).
 const SIGNAL_ECHO: Duration = Duration::from_millis(100);
@@ -400,6 +412,14 @@ pub async fn apply(
         rehearsed: opts.rehearse.is_some(),
         templates: opts.templates.clone(),
         started_by: Some(started_by()),
+        policy: compiled
+            .workflow
+            .operator_policy
+            .as_ref()
+            .map(|p| crate::store::KeptPolicy {
+                file: p.source.name.clone(),
+                text: p.source.text.to_string(),
+            }),
     };
     let paths = RunPaths::new(store.dir(), &run.id);
     crate::store::create_private_dir_all(&paths.logs).map_err(|source| ApplyError::Io {
@@ -478,8 +498,12 @@ pub async fn apply(
         progress_rx: Some(progress_rx),
         spent_usd: 0.0,
         live_usd: HashMap::new(),
-        agent_stop: watch::channel(Stop::No),
+        agent_stops: HashMap::new(),
+        agents_stopped: Stop::No,
+        over_task_budget: HashMap::new(),
         max_run_usd: compiled.workflow.max_run_usd,
+        node_ids: HashMap::new(),
+        live_costs_changed: false,
         change_policy: compiled.workflow.policy.clone(),
         dedup: Dedup::default(),
         runner_slots,
@@ -1592,7 +1616,7 @@ impl Dispatcher<'_> {
         let max = self.max_run_usd?;
         (self.spent_usd >= max).then(|| {
             format!(
-                "not run: the run's agent budget is spent (${:.2} of `max_run_usd = {max}`)",
+                "not run: {RUN_BUDGET_SPENT} (${:.2} of `max_run_usd = {max}`)",
                 self.spent_usd
             )
         })
@@ -1652,7 +1676,9 @@ impl Dispatcher<'_> {
             self.running += 1;
             let runner = runners.get(&self.nodes[node].plan.runner).clone();
             let stop = if job.agent.is_some() {
-                self.agent_stop.1.clone()
+                let (tx, rx) = watch::channel(self.agents_stopped);
+                self.agent_stops.insert(node, tx);
+                rx
             } else {
                 stop.clone()
             };
@@ -1793,7 +1819,9 @@ impl Dispatcher<'_> {
                 u.cost_usd = (u.cost_usd - before).max(0.0);
             }
         }
-        self.live_usd.remove(&node);
+        self.live_costs_changed |= self.live_usd.remove(&node).is_some();
+        self.agent_stops.remove(&node);
+        let over_budget = self.over_task_budget.remove(&node);
         if let Some(u) = &usage {
             self.spent_usd += u.cost_usd;
             let r = &mut self.nodes[node].record;
@@ -1805,6 +1833,14 @@ impl Dispatcher<'_> {
         }
         self.nodes[node].usage = usage;
         let (class, exit_code, signal, message) = match (&result.failure, &end) {
+            // Stopped by ccluster for its task's budget (the CLI may have ended it first, by
+            // the same budget: then it says so itself, below).
+            (_, ProcessEnd::Cancelled) if over_budget.is_some() => (
+                Some(FailureClass::Budget),
+                None,
+                None,
+                over_budget.unwrap_or_default(),
+            ),
             (_, ProcessEnd::Cancelled) => (None, None, None, "cancelled".to_string()),
             (Some((class, message)), end) => (
                 Some(*class),
@@ -1890,16 +1926,18 @@ impl Dispatcher<'_> {
         n.record.class = class;
         n.record.message = Some(message.clone());
         let Some(class) = class else {
+            // Stopped while it ran: by a cancel, or by the run's spent budget.
+            let reason = match &self.stopping {
+                Some(r) if r.starts_with("stopped:") => r.clone(),
+                _ => "stopped: the run was cancelled".to_string(),
+            };
             n.record.state = TaskState::Cancelled;
             n.record.finished_ms = Some(now_ms());
+            n.record.message = Some(reason.clone());
             self.events.push(Event::TaskCancelled {
                 run: self.run.id.clone(),
                 task: plan.id.clone(),
-                // Stopped while it ran: by a cancel, or by the run's spent budget.
-                reason: match &self.stopping {
-                    Some(r) if r.starts_with("stopped:") => r.clone(),
-                    _ => "stopped: the run was cancelled".into(),
-                },
+                reason,
                 time_ms: now_ms(),
             });
             self.save(node)?;
@@ -2039,6 +2077,34 @@ impl Dispatcher<'_> {
         if let Ok(mut file) = file {
             let _ = file.write_all(&out);
         }
+        if std::mem::take(&mut self.live_costs_changed) {
+            self.write_live_costs();
+        }
+    }
+
+    /// What running agents have cost so far, for `status` and `serve` (replaced whole, so a
+    /// reader never sees half of it; informational, not part of the run's state).
+    fn write_live_costs(&self) {
+        let dir = self.store.dir().join("runs").join(&self.run.id);
+        let costs: std::collections::BTreeMap<&str, f64> = self
+            .live_usd
+            .iter()
+            .map(|(node, usd)| (self.nodes[*node].plan.id.as_str(), *usd))
+            .collect();
+        let tmp = dir.join(format!("{}.tmp", crate::store::LIVE_COSTS_FILE));
+        if std::fs::write(&tmp, serde_json::to_vec(&costs).unwrap_or_default()).is_ok() {
+            let _ = std::fs::rename(&tmp, dir.join(crate::store::LIVE_COSTS_FILE));
+        }
+    }
+
+    /// The node named `id`.
+    fn node_named(&mut self, id: &str) -> Option<usize> {
+        if let Some(&node) = self.node_ids.get(id) {
+            return Some(node);
+        }
+        let node = self.nodes.iter().position(|n| n.plan.id == id)?;
+        self.node_ids.insert(id.to_string(), node);
+        Some(node)
     }
 
     async fn drive(
@@ -2292,13 +2358,9 @@ impl Dispatcher<'_> {
         });
         self.commit(sink)?;
         // The run is over: its state is in the database, readable once the lock is released.
-        let _ = std::fs::remove_file(
-            self.store
-                .dir()
-                .join("runs")
-                .join(&self.run.id)
-                .join(LIVE_FILE),
-        );
+        let dir = self.store.dir().join("runs").join(&self.run.id);
+        let _ = std::fs::remove_file(dir.join(LIVE_FILE));
+        let _ = std::fs::remove_file(dir.join(crate::store::LIVE_COSTS_FILE));
         Ok(summary)
     }
 
@@ -2311,7 +2373,7 @@ impl Dispatcher<'_> {
         };
         self.cancelled = true;
         let _ = stop.send(level);
-        let _ = self.agent_stop.0.send(level);
+        self.stop_agents(level);
         self.stop("not run: the run was cancelled".into())
     }
 }

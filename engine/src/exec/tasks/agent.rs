@@ -23,6 +23,8 @@ pub(crate) struct Agents {
     pub auth: crate::agent::Auth,
     /// Kept alive for the run.
     pub server: Option<crate::scripted::Server>,
+    /// The clusterfile's `[prices]`, over the built-in table: what responses are priced at.
+    pub prices: std::sync::Arc<crate::agent::prices::Overrides>,
 }
 
 /// Finds the `claude` CLI and the credentials workers will use, or starts the scripted server
@@ -45,6 +47,7 @@ pub(crate) async fn agents_for(
     // A configured `bin` is relative to the clusterfile.
     let configured = configured.map(|b| opts.workdir.join(b).display().to_string());
     let bin = crate::agent::find_bin(configured.as_deref()).map_err(ApplyError::Agent)?;
+    let prices = std::sync::Arc::new(compiled.workflow.prices.clone());
     let Some(script) = &opts.rehearse else {
         let auth = crate::agent::Auth::detect()
             .ok_or_else(|| ApplyError::Agent(crate::agent::Auth::MISSING.into()))?;
@@ -52,6 +55,7 @@ pub(crate) async fn agents_for(
             bin,
             auth,
             server: None,
+            prices,
         }));
     };
     let script = rehearsal_script(compiled, script);
@@ -63,6 +67,7 @@ pub(crate) async fn agents_for(
         bin,
         auth: crate::agent::Auth::Rehearsal,
         server: Some(server),
+        prices,
     }))
 }
 
@@ -232,6 +237,7 @@ pub(crate) fn commands(
             run: cx.run.id.clone(),
             node: plan.id.clone(),
             progress: cx.progress.clone(),
+            prices: agents.prices.clone(),
         }),
     }))
 }
