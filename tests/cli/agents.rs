@@ -487,14 +487,15 @@ rehearsal = { faults = [{ hang = true, turn = 1 }], turns = [{ tools = [{ name =
 
 #[test]
 fn api_retries_and_denied_tools_are_reported_as_progress() {
-    // The CLI retries the 429 itself (once allowed); the agent then tries to write outside its
-    // worktree, which `acceptEdits` denies.
+    // The CLI retries the 429 itself (once allowed: a 429 that does not say when to come back
+    // passes the run's model gateway); the agent then tries to write outside its worktree, which
+    // `acceptEdits` denies.
     let s = repo(
         r#"version = 1
 [tasks.busy]
 prompt = "go"
 env = { CLAUDE_CODE_MAX_RETRIES = "1" }
-rehearsal = { faults = [{ status = 429, retry_after = 0 }], turns = [{ tools = [{ name = "Write", input = { file_path = "/tmp/ccluster-outside-the-tree.txt", content = "x" } }] }, { text = "gave up" }] }
+rehearsal = { faults = [{ status = 429 }], turns = [{ tools = [{ name = "Write", input = { file_path = "/tmp/ccluster-outside-the-tree.txt", content = "x" } }] }, { text = "gave up" }] }
 "#,
     );
     let done = rehearse(&s, &[]);

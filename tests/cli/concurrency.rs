@@ -90,7 +90,50 @@ fn agent_slots_halve_when_the_api_rate_limits_and_everything_still_succeeds() {
         "{cuts:?}\n{}",
         done.stdout
     );
-    // The workers saw the limit, and were told how long to wait.
+    // The API refused requests, yet no worker saw it: the run's model gateway waited each
+    // refusal out (it said when to come back) and sent the request again.
+    let run = done.of("run_started")[0]["run"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let answers: Vec<String> = std::fs::read_to_string(
+        s.path()
+            .join(format!(".ccluster/runs/{run}/rehearsal.jsonl")),
+    )
+    .unwrap()
+    .lines()
+    .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["answer"].to_string())
+    .collect();
+    assert!(answers.iter().any(|a| a.contains("429")), "{answers:?}");
+    let retries: Vec<&str> = done
+        .of("task_progress")
+        .iter()
+        .filter(|p| p["kind"] == "api_retry")
+        .filter_map(|p| p["detail"].as_str())
+        .collect();
+    assert!(retries.is_empty(), "{retries:?}");
+    assert!(done.of("task_retrying").is_empty(), "{}", done.stdout);
+}
+
+#[test]
+fn without_adapting_workers_meet_the_limit_themselves() {
+    let tasks: String = (0..4)
+        .map(|i| format!("[tasks.t{i}]\nprompt = \"Say {i}\"\n"))
+        .collect();
+    let s = repo(&format!(
+        "version = 1\n[workflow]\nname = \"limited\"\n[defaults]\ntimeout = \"3m\"\nretry = {{ limit = 4 }}\n{tasks}"
+    ));
+    std::fs::write(
+        s.path().join("script.toml"),
+        "rate_limit = { per_minute = 60, burst = 2 }\n",
+    )
+    .unwrap();
+    let done = rehearse(
+        &s,
+        &["--script", "script.toml", "--agents", "4", "--no-adapt"],
+    );
+    assert_eq!(done.code, 0, "{}{}", done.stdout, done.stderr);
+    // No gateway: the workers saw the limit, and were told how long to wait.
     let retries: Vec<&str> = done
         .of("task_progress")
         .iter()

@@ -15,6 +15,7 @@ use crate::model::raw::FailureClass;
 use crate::model::raw::StringOrObject;
 use crate::model::workflow::AgentSettings;
 
+pub mod gateway;
 pub mod prices;
 pub mod transcript_view;
 

@@ -25,6 +25,37 @@ pub(crate) struct Agents {
     pub server: Option<crate::scripted::Server>,
     /// The clusterfile's `[prices]`, over the built-in table: what responses are priced at.
     pub prices: std::sync::Arc<crate::agent::prices::Overrides>,
+    /// The model gateway that paces local workers' requests (unless `--no-adapt`), and the
+    /// runners whose workers use it: those on this machine, which reach its loopback address.
+    pub gateway: Option<(crate::agent::gateway::Gateway, Vec<String>)>,
+}
+
+/// The model gateway for the run's local workers, when it paces them: not with `--no-adapt`,
+/// nor for Bedrock or Vertex (reached at their clouds' own hosts, with their own limits).
+async fn gateway_for(
+    compiled: &Compiled,
+    opts: &ApplyOptions,
+    auth: &crate::agent::Auth,
+    model_api: &str,
+) -> Result<Option<(crate::agent::gateway::Gateway, Vec<String>)>, ApplyError> {
+    use crate::agent::Auth;
+    if !opts.adapt_agents || matches!(auth, Auth::Bedrock | Auth::Vertex) {
+        return Ok(None);
+    }
+    let local: Vec<String> = std::iter::once("local".to_string())
+        .chain(
+            compiled
+                .workflow
+                .runners
+                .iter()
+                .filter(|(_, r)| r.kind == crate::model::raw::RunnerKind::Local)
+                .map(|(name, _)| name.clone()),
+        )
+        .collect();
+    let gateway = crate::agent::gateway::Gateway::start(model_api)
+        .await
+        .map_err(|e| ApplyError::Agent(format!("cannot start the model gateway: {e}")))?;
+    Ok(Some((gateway, local)))
 }
 
 /// Finds the `claude` CLI and the credentials workers will use, or starts the scripted server
@@ -51,11 +82,17 @@ pub(crate) async fn agents_for(
     let Some(script) = &opts.rehearse else {
         let auth = crate::agent::Auth::detect()
             .ok_or_else(|| ApplyError::Agent(crate::agent::Auth::MISSING.into()))?;
+        let model_api = std::env::var("ANTHROPIC_BASE_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| crate::agent::DEFAULT_MODEL_API.to_string());
+        let gateway = gateway_for(compiled, opts, &auth, &model_api).await?;
         return Ok(Some(Agents {
             bin,
             auth,
             server: None,
             prices,
+            gateway,
         }));
     };
     let script = rehearsal_script(compiled, script);
@@ -63,11 +100,19 @@ pub(crate) async fn agents_for(
     // workers get.
     let server = crate::scripted::Server::start(script, None)
         .map_err(|e| ApplyError::Agent(format!("cannot start the scripted model server: {e}")))?;
+    let gateway = gateway_for(
+        compiled,
+        opts,
+        &crate::agent::Auth::Rehearsal,
+        &server.url(),
+    )
+    .await?;
     Ok(Some(Agents {
         bin,
         auth: crate::agent::Auth::Rehearsal,
         server: Some(server),
         prices,
+        gateway,
     }))
 }
 
@@ -227,6 +272,16 @@ pub(crate) fn commands(
             .into_iter()
             .filter(|(k, _)| !PASSED_ENV.contains(&k.as_str())),
     );
+    // A worker on this machine talks to the model API through the run's gateway, which paces
+    // all of them (its credentials pass through it untouched).
+    if let Some((gateway, local)) = &agents.gateway {
+        if local.contains(&plan.runner) && s.model_api.is_some() {
+            s.env.retain(|(k, _)| k != "ANTHROPIC_BASE_URL");
+            s.env
+                .push(("ANTHROPIC_BASE_URL".into(), gateway.url().to_string()));
+            s.model_api = Some(gateway.url().to_string());
+        }
+    }
     Ok(Ok(Commands {
         process: Some(s),
         output: OutputMode::Text,
