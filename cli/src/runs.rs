@@ -102,8 +102,6 @@ pub fn describe(event: &Event) -> String {
             )
         }
                 Event::TaskProgress { task, kind, detail, .. } => format!("  ·     {task}: {kind} {detail}"),
-        // A warning of the run as a whole (the model gateway's) names no task.
-        Event::Warning { task, message, .. } if task.is_empty() => format!("warning: {message}"),
         Event::Warning { task, message, .. } => format!("warning {task}: {message}"),
         Event::RunFinished { run, state, succeeded, cached, failed, skipped, cancelled, duration_ms, .. } => format!(
             "run {run} {} in {}: {succeeded} succeeded, {cached} cached, {failed} failed, {skipped} skipped, {cancelled} cancelled",

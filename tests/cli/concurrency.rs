@@ -60,18 +60,23 @@ fn agent_slots_hold_agents_back() {
     assert_eq!(most_at_once(&done.events), 2, "{}", done.stdout);
 }
 
-#[test]
-fn agent_slots_halve_when_the_api_rate_limits_and_everything_still_succeeds() {
+fn six_agents() -> crate::support::Sandbox {
     let tasks: String = (0..6)
         .map(|i| format!("[tasks.t{i}]\nprompt = \"Say {i}\"\n"))
         .collect();
-    let s = repo(&format!(
+    repo(&format!(
         "version = 1\n[workflow]\nname = \"limited\"\n[defaults]\ntimeout = \"3m\"\nretry = {{ limit = 4 }}\n{tasks}"
-    ));
-    // One request a second, two at once: six agents asking together are refused at once.
+    ))
+}
+
+#[test]
+fn agent_slots_halve_when_the_api_is_overloaded_and_everything_still_succeeds() {
+    let s = six_agents();
+    // Overloaded for the first five seconds: six agents asking together are refused at
+    // once (529 reaches the workers; it says nothing of when to come back).
     std::fs::write(
         s.path().join("script.toml"),
-        "rate_limit = { per_minute = 60, burst = 2 }\n",
+        "overloaded = [{ from_ms = 0, for_ms = 5000 }]\n",
     )
     .unwrap();
     let done = rehearse(&s, &["--script", "script.toml", "--agents", "6"]);
@@ -90,6 +95,20 @@ fn agent_slots_halve_when_the_api_rate_limits_and_everything_still_succeeds() {
         "{cuts:?}\n{}",
         done.stdout
     );
+}
+
+#[test]
+fn under_a_rate_limit_the_gateway_paces_the_workers_who_never_see_a_refusal() {
+    let s = six_agents();
+    // One request a second, two at once: six agents asking together meet the limit at once.
+    std::fs::write(
+        s.path().join("script.toml"),
+        "rate_limit = { per_minute = 60, burst = 2 }\n",
+    )
+    .unwrap();
+    let done = rehearse(&s, &["--script", "script.toml", "--agents", "6"]);
+    assert_eq!(done.code, 0, "{}{}", done.stdout, done.stderr);
+    assert_eq!(done.of("task_succeeded").len(), 6, "{}", done.stdout);
     // The API refused requests, yet no worker saw it: the run's model gateway waited each
     // refusal out (it said when to come back) and sent the request again.
     let run = done.of("run_started")[0]["run"]
@@ -117,12 +136,7 @@ fn agent_slots_halve_when_the_api_rate_limits_and_everything_still_succeeds() {
 
 #[test]
 fn without_adapting_workers_meet_the_limit_themselves() {
-    let tasks: String = (0..4)
-        .map(|i| format!("[tasks.t{i}]\nprompt = \"Say {i}\"\n"))
-        .collect();
-    let s = repo(&format!(
-        "version = 1\n[workflow]\nname = \"limited\"\n[defaults]\ntimeout = \"3m\"\nretry = {{ limit = 4 }}\n{tasks}"
-    ));
+    let s = six_agents();
     std::fs::write(
         s.path().join("script.toml"),
         "rate_limit = { per_minute = 60, burst = 2 }\n",
@@ -130,7 +144,7 @@ fn without_adapting_workers_meet_the_limit_themselves() {
     .unwrap();
     let done = rehearse(
         &s,
-        &["--script", "script.toml", "--agents", "4", "--no-adapt"],
+        &["--script", "script.toml", "--agents", "6", "--no-adapt"],
     );
     assert_eq!(done.code, 0, "{}{}", done.stdout, done.stderr);
     // No gateway: the workers saw the limit, and were told how long to wait.

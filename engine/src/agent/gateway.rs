@@ -51,9 +51,6 @@ struct Shared {
     >,
     pace: Mutex<Pace>,
     counts: Mutex<Counts>,
-    /// Each refusal, with the wait the API asked for (or the pace's): the run's agent slots
-    /// follow them as they follow the workers' own.
-    refusals: tokio::sync::watch::Sender<Duration>,
 }
 
 /// What the gateway did, for the run's report of it.
@@ -102,9 +99,7 @@ impl Shared {
             // What was lined up under the old pace waits for the new one.
             p.next = p.next.max(now + p.interval);
         }
-        let wait = asked.unwrap_or(p.interval).min(MAX_HELD);
-        self.refusals.send_replace(wait);
-        wait
+        asked.unwrap_or(p.interval).min(MAX_HELD)
     }
 
     /// A request was answered: a slightly faster pace, back to none at all.
@@ -150,7 +145,6 @@ impl Gateway {
                 last_cut: None,
             }),
             counts: Mutex::new(Counts::default()),
-            refusals: tokio::sync::watch::Sender::new(Duration::ZERO),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -174,11 +168,6 @@ impl Gateway {
     /// Where workers send their requests (their `ANTHROPIC_BASE_URL`).
     pub fn url(&self) -> &str {
         &self.url
-    }
-
-    /// Changes with each refusal the gateway meets, to the wait it asked for.
-    pub fn refusals(&self) -> tokio::sync::watch::Receiver<Duration> {
-        self.shared.refusals.subscribe()
     }
 
     pub fn counts(&self) -> Counts {
@@ -320,7 +309,6 @@ mod tests {
                 last_cut: None,
             }),
             counts: Mutex::new(Counts::default()),
-            refusals: tokio::sync::watch::Sender::new(Duration::ZERO),
         }
     }
 

@@ -2160,12 +2160,6 @@ impl Dispatcher<'_> {
             .take()
             .ok_or_else(|| ApplyError::Internal("the run was driven twice".into()))?;
         let mut hold_until: Option<tokio::time::Instant> = None;
-        // The model gateway's refusals count as the workers' own for the agent slots.
-        let mut gateway_refusals = self
-            .agents
-            .as_ref()
-            .and_then(|a| a.gateway.as_ref())
-            .map(|(g, _)| g.refusals());
         loop {
             self.start_armed(&mut procs, &runners, &stop_rx, sink)?;
             self.launch(&mut staged)?;
@@ -2196,11 +2190,6 @@ impl Dispatcher<'_> {
                 break;
             }
             let wake = tokio::select! {
-                Ok(()) = async { gateway_refusals.as_mut().expect("guarded").changed().await }, if gateway_refusals.is_some() => {
-                    let wait = *gateway_refusals.as_mut().expect("guarded").borrow_and_update();
-                    self.agent_refused("", wait);
-                    None
-                }
                 synced = async { flush.as_mut().expect("guarded").await }, if flush.is_some() => {
                     flush = None;
                     synced.map_err(|e| ApplyError::Internal(format!("the state writer crashed: {e}")))??;
