@@ -21,8 +21,8 @@ use tokio::time::Instant;
 const FIRST_INTERVAL: Duration = Duration::from_millis(100);
 const MAX_INTERVAL: Duration = Duration::from_secs(10);
 /// How much slower a refusal makes the pace, and how much faster each answered request.
-const SLOWER: f64 = 1.5;
-const FASTER: f64 = 0.95;
+const SLOWER: f64 = 1.25;
+const FASTER: f64 = 0.93;
 /// How long the gateway keeps one request, over how many refusals, before it hands the refusal to
 /// the worker (whose own retries and timeouts then decide): well within the CLI's shortest
 /// request timeout ccluster gives it (10 s) times its retries.
@@ -31,7 +31,10 @@ const MAX_REFUSALS: u32 = 8;
 /// The largest request body relayed (a request is kept whole, to be sent again).
 const MAX_REQUEST: usize = 64 << 20;
 
-/// The pace: the least time between two requests sent, learnt from refusals.
+/// The pace: the least time between two requests sent. Where the API says its request limit
+/// (`anthropic-ratelimit-requests-limit` and `-remaining`, on every answer), what it has left is
+/// sent at once and the rest at the limit's rate; other refusals (a token limit, an API that does
+/// not say) slow it down and answers speed it up again.
 #[derive(Debug)]
 struct Pace {
     interval: Duration,
@@ -39,6 +42,28 @@ struct Pace {
     next: Instant,
     /// The last slow-down: the refusals of one moment are one slow-down.
     last_cut: Option<Instant>,
+    /// The API's request limit, a minute, as it last said it.
+    limit_per_minute: Option<f64>,
+    /// Requests the API had left at its last answer, less those sent since.
+    left: f64,
+}
+
+/// What an answer says of the API's request limit: (requests a minute, requests left).
+fn request_limit(headers: &HeaderMap) -> Option<(f64, f64)> {
+    let number = |name: &str| {
+        headers
+            .get(name)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|n| n.is_finite() && *n >= 0.0)
+    };
+    Some((
+        number("anthropic-ratelimit-requests-limit").filter(|l| *l > 0.0)?,
+        number("anthropic-ratelimit-requests-remaining")?,
+    ))
 }
 
 /// What the gateway shares between requests.
@@ -76,21 +101,42 @@ impl Shared {
     async fn turn(&self) {
         let at = {
             let mut p = self.pace();
-            let at = p.next.max(Instant::now());
-            p.next = at + p.interval;
-            at
+            let now = Instant::now();
+            if p.left >= 1.0 && p.next <= now {
+                // The API has this one left: no wait.
+                p.left -= 1.0;
+                now
+            } else {
+                let spacing = p
+                    .limit_per_minute
+                    .map_or(Duration::ZERO, |l| Duration::from_secs_f64(60.0 / l))
+                    .max(p.interval);
+                let at = p.next.max(now);
+                p.next = at + spacing;
+                at
+            }
         };
         tokio::time::sleep_until(at).await;
     }
 
+    /// An answer said what the API's request limit has left.
+    fn limit_said(&self, per_minute: f64, left: f64) {
+        let mut p = self.pace();
+        p.limit_per_minute = Some(per_minute);
+        p.left = left;
+    }
+
     /// The API refused a request: a slower pace (once per moment: the requests in flight when
-    /// the limit was met all hear it). Returns how long the refused request waits before its next
-    /// turn: what the API asked, else the pace.
-    fn refused(&self, asked: Option<Duration>) -> Duration {
+    /// the limit was met all hear it), unless the refusal was the request limit the API says,
+    /// which the pace follows already. Returns how long the refused request waits before its
+    /// next turn: what the API asked, else the pace.
+    fn refused(&self, asked: Option<Duration>, request_limit_met: bool) -> Duration {
         let mut p = self.pace();
         let now = Instant::now();
         let episode = p.interval.max(FIRST_INTERVAL);
-        if p.last_cut.is_none_or(|t| now.duration_since(t) >= episode) {
+        if request_limit_met {
+            p.left = 0.0;
+        } else if p.last_cut.is_none_or(|t| now.duration_since(t) >= episode) {
             p.interval = p
                 .interval
                 .mul_f64(SLOWER)
@@ -143,6 +189,8 @@ impl Gateway {
                 interval: Duration::ZERO,
                 next: Instant::now(),
                 last_cut: None,
+                limit_per_minute: None,
+                left: 0.0,
             }),
             counts: Mutex::new(Counts::default()),
         });
@@ -264,7 +312,11 @@ async fn relay(State(shared): State<Arc<Shared>>, request: Request<Body>) -> Res
         let status = answer.status();
         if status == StatusCode::TOO_MANY_REQUESTS || status.as_u16() == 529 {
             let asked = retry_after(answer.headers());
-            let wait = shared.refused(asked);
+            let said = request_limit(answer.headers());
+            if let Some((limit, left)) = said {
+                shared.limit_said(limit, left);
+            }
+            let wait = shared.refused(asked, said.is_some_and(|(_, left)| left < 1.0));
             refusals += 1;
             let keep = status == StatusCode::TOO_MANY_REQUESTS
                 && asked.is_some()
@@ -278,6 +330,9 @@ async fn relay(State(shared): State<Arc<Shared>>, request: Request<Body>) -> Res
             }
             shared.count(|c| c.passed_on += 1);
         } else if status.is_success() {
+            if let Some((limit, left)) = request_limit(answer.headers()) {
+                shared.limit_said(limit, left);
+            }
             shared.answered();
         }
         let (answer_parts, answer_body) = answer.into_parts();
@@ -307,6 +362,8 @@ mod tests {
                 interval: Duration::ZERO,
                 next: Instant::now(),
                 last_cut: None,
+                limit_per_minute: None,
+                left: 0.0,
             }),
             counts: Mutex::new(Counts::default()),
         }
@@ -319,21 +376,54 @@ mod tests {
         assert_eq!(s.pace().interval, Duration::ZERO);
         // A refusal that says when: that request waits as asked.
         assert_eq!(
-            s.refused(Some(Duration::from_secs(1))),
+            s.refused(Some(Duration::from_secs(1)), false),
             Duration::from_secs(1)
         );
         assert_eq!(s.pace().interval, FIRST_INTERVAL);
         // The other requests refused at the same moment slow nothing more.
-        s.refused(Some(Duration::from_secs(1)));
+        s.refused(Some(Duration::from_secs(1)), false);
         assert_eq!(s.pace().interval, FIRST_INTERVAL);
         tokio::time::advance(Duration::from_millis(150)).await;
-        s.refused(None);
+        s.refused(None, false);
         assert_eq!(s.pace().interval, FIRST_INTERVAL.mul_f64(SLOWER));
         // Requests answered bring the pace back, to none at all.
         for _ in 0..200 {
             s.answered();
         }
         assert_eq!(s.pace().interval, Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_the_api_has_left_goes_at_once_and_the_rest_at_its_rate() {
+        let s = shared();
+        // 120 a minute, 2 left.
+        s.limit_said(120.0, 2.0);
+        let t0 = Instant::now();
+        s.turn().await;
+        s.turn().await;
+        assert_eq!(Instant::now(), t0);
+        s.turn().await;
+        s.turn().await;
+        s.turn().await;
+        assert_eq!(Instant::now() - t0, Duration::from_millis(1000));
+        // A refusal of the request limit the pace follows slows nothing.
+        s.refused(Some(Duration::from_secs(1)), true);
+        assert_eq!(s.pace().interval, Duration::ZERO);
+    }
+
+    #[test]
+    fn the_request_limit_is_read_from_the_answers_headers() {
+        let mut h = HeaderMap::new();
+        assert_eq!(request_limit(&h), None);
+        h.insert(
+            "anthropic-ratelimit-requests-limit",
+            HeaderValue::from_static("50"),
+        );
+        h.insert(
+            "anthropic-ratelimit-requests-remaining",
+            HeaderValue::from_static("49"),
+        );
+        assert_eq!(request_limit(&h), Some((50.0, 49.0)));
     }
 
     #[tokio::test(start_paused = true)]

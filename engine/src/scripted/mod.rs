@@ -56,12 +56,15 @@ struct State {
     started: std::time::Instant,
     /// The rate limit's bucket: tokens, and when it was last filled.
     bucket: (f64, std::time::Instant),
+    /// The rate-limit headers of the answer being made (empty without a rate limit).
+    limit_headers: String,
 }
 
 impl State {
     /// The API's own refusals, before any task's script: 529 in an overloaded spell, 429 (with
     /// the seconds until a request would pass) beyond the rate limit.
     fn refusal(&mut self) -> Option<(u16, Option<u32>)> {
+        self.limit_headers.clear();
         let now = std::time::Instant::now();
         let since = now.duration_since(self.started).as_millis() as u64;
         if self
@@ -82,6 +85,16 @@ impl State {
         );
         let (tokens, filled) = self.bucket;
         let tokens = (tokens + now.duration_since(filled).as_secs_f64() * per_second).min(size);
+        // What the API says of its limit on every answer (`anthropic-ratelimit-requests-*`):
+        // the limit a minute, what is left after this request, and when the bucket is full.
+        let left = if tokens >= 1.0 { tokens - 1.0 } else { tokens };
+        let full_in = Duration::from_secs_f64(((size - left) / per_second).max(0.0));
+        self.limit_headers = format!(
+            "anthropic-ratelimit-requests-limit: {}\r\nanthropic-ratelimit-requests-remaining: {}\r\nanthropic-ratelimit-requests-reset: {}\r\n",
+            limit.per_minute,
+            left.floor() as u64,
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now() + full_in)
+        );
         if tokens >= 1.0 {
             self.bucket = (tokens - 1.0, now);
             None
@@ -220,6 +233,7 @@ impl Server {
                 script,
                 attempts: HashMap::new(),
                 log,
+                limit_headers: String::new(),
             }),
             token,
             limits,
@@ -431,7 +445,7 @@ async fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     let turn = body["messages"]
         .as_array()
         .map_or(0, |m| m.iter().filter(|m| m["role"] == "assistant").count());
-    let (answer, delay) = {
+    let (answer, delay, limit_headers) = {
         let mut st = shared.state();
         #[cfg(test)]
         if header(tests::PANIC_HEADER).is_some() {
@@ -491,7 +505,7 @@ async fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             let _ = serde_json::to_writer(&mut *log, &record);
             let _ = log.write_all(b"\n");
         }
-        (answer, st.script.turn_delay_ms)
+        (answer, st.script.turn_delay_ms, st.limit_headers.clone())
     };
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -505,12 +519,20 @@ async fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         return Ok(());
     }
     // A client that stops reading cannot hold the connection forever.
-    tokio::time::timeout(limits.io_timeout, answer_with(&mut stream, answer, &body))
-        .await
-        .unwrap_or(Ok(()))
+    tokio::time::timeout(
+        limits.io_timeout,
+        answer_with(&mut stream, answer, &body, &limit_headers),
+    )
+    .await
+    .unwrap_or(Ok(()))
 }
 
-async fn answer_with(stream: &mut TcpStream, answer: Answer, body: &Value) -> std::io::Result<()> {
+async fn answer_with(
+    stream: &mut TcpStream,
+    answer: Answer,
+    body: &Value,
+    limit_headers: &str,
+) -> std::io::Result<()> {
     match answer {
         Answer::Hang => Ok(()),
         Answer::Refuse(message) => {
@@ -524,9 +546,9 @@ async fn answer_with(stream: &mut TcpStream, answer: Answer, body: &Value) -> st
             .await
         }
         Answer::Error(status, retry_after) => {
-            let mut extra = String::new();
+            let mut extra = limit_headers.to_string();
             if let Some(s) = retry_after {
-                extra = format!("retry-after: {s}\r\n");
+                extra.push_str(&format!("retry-after: {s}\r\n"));
             }
             http::respond(
                 stream,
@@ -551,7 +573,7 @@ async fn answer_with(stream: &mut TcpStream, answer: Answer, body: &Value) -> st
             message["model"] = body["model"].clone();
             if body["stream"].as_bool().unwrap_or(false) {
                 let frames = http::sse_frames(&message);
-                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nconnection: close\r\n\r\n";
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n{limit_headers}connection: close\r\n\r\n");
                 stream.write_all(head.as_bytes()).await?;
                 stream.write_all(frames.as_bytes()).await?;
                 stream.shutdown().await
@@ -560,7 +582,7 @@ async fn answer_with(stream: &mut TcpStream, answer: Answer, body: &Value) -> st
                     stream,
                     200,
                     "application/json",
-                    "",
+                    limit_headers,
                     message.to_string().as_bytes(),
                 )
                 .await

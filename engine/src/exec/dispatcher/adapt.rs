@@ -108,6 +108,19 @@ impl AgentLevel {
 }
 
 impl Dispatcher<'_> {
+    /// An agent's worker said something (it is up, past its CPU-bound start): the next agent
+    /// may start.
+    pub(super) fn agent_booted(&mut self, task: &str) {
+        if self.booting.is_empty() {
+            return;
+        }
+        if let Some(node) = self.node_named(task) {
+            if self.booting.remove(&node) {
+                self.release_agents();
+            }
+        }
+    }
+
     /// Tells every running agent, and every agent started from now on, to stop.
     pub(super) fn stop_agents(&mut self, level: Stop) {
         self.agents_stopped = level;

@@ -227,6 +227,10 @@ struct Dispatcher<'a> {
     /// The wait the API last asked of each node's worker: a retry of a rate-limited attempt
     /// waits at least this long.
     asked_to_wait: HashMap<usize, Duration>,
+    /// Agent attempts started whose worker has not said anything yet: a worker's start is
+    /// CPU-bound, so only [`Dispatcher::boot_slots`] start at once (unless `--no-adapt`).
+    booting: std::collections::HashSet<usize>,
+    boot_slots: Option<usize>,
 }
 
 /// A runner's `max_parallel`, as the dispatcher keeps it.
@@ -510,6 +514,12 @@ pub async fn apply(
         agent_level: (opts.agents > 0 && opts.adapt_agents)
             .then(|| adapt::AgentLevel::new(opts.agents)),
         asked_to_wait: HashMap::new(),
+        booting: std::collections::HashSet::new(),
+        // Two a CPU: each takes about a second of CPU before its first request, and many at once
+        // only delay each other's (24 at once on 2 CPUs: 7.5 s to the first request).
+        boot_slots: opts
+            .adapt_agents
+            .then(|| 2 * std::thread::available_parallelism().map_or(1, |n| n.get())),
         kind_slots: (opts.agents > 0).then(|| {
             [opts.jobs, opts.agents].map(|max| RunnerSlots {
                 max: max.max(1),
@@ -1162,8 +1172,9 @@ impl Dispatcher<'_> {
             // Processes and agents each within their own slots; no new agent while the API asks
             // its workers to wait.
             let kind = self.kind_of(node);
-            let held =
-                kind == AGENT_SLOTS && self.agent_level.as_mut().is_some_and(|l| l.holding());
+            let held = kind == AGENT_SLOTS
+                && (self.agent_level.as_mut().is_some_and(|l| l.holding())
+                    || self.boot_slots.is_some_and(|b| self.booting.len() >= b));
             if let Some(slots) = &mut self.kind_slots {
                 if slots[kind].running >= slots[kind].max || held {
                     slots[kind].parked.push(node);
@@ -1178,6 +1189,9 @@ impl Dispatcher<'_> {
                 if let Some(slots) = &mut self.kind_slots {
                     slots[kind].running += 1;
                 }
+                if kind == AGENT_SLOTS && self.boot_slots.is_some() {
+                    self.booting.insert(node);
+                }
                 spawns.push((node, job));
             }
         }
@@ -1191,6 +1205,7 @@ impl Dispatcher<'_> {
     /// An attempt of `node` ended (or was refused): its runner's slot is free, and what its
     /// `max_parallel` held back goes back in the queue, in its order.
     fn free_runner_slot(&mut self, node: usize) {
+        self.booting.remove(&node);
         let kind = self.kind_of(node);
         if let Some(slots) = &mut self.kind_slots {
             slots[kind].running = slots[kind].running.saturating_sub(1);
@@ -2218,8 +2233,10 @@ impl Dispatcher<'_> {
                     // Progress is not state: it is reported as it comes, never checkpointed.
                     let mut refusals = Vec::new();
                     let mut costs = Vec::new();
+                    let mut spoke = Vec::new();
                     let mut note = |event: &Event| {
                         if let Event::TaskProgress { task, kind, detail, .. } = event {
+                            spoke.push(task.clone());
                             if kind == "api_retry" {
                                 if let Some(wait) = adapt::refusal(detail) {
                                     refusals.push((task.clone(), wait));
@@ -2238,6 +2255,9 @@ impl Dispatcher<'_> {
                         sink.emit(&event);
                     }
                     sink.flush();
+                    for task in spoke {
+                        self.agent_booted(&task);
+                    }
                     for (task, wait) in refusals {
                         self.agent_refused(&task, wait);
                     }
