@@ -37,6 +37,7 @@ use ccluster_engine::{compile_file_with, render, Diagnostic, SourceFile, Stage};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod attach;
+mod github;
 mod live;
 mod logs;
 mod results;
@@ -1075,9 +1076,11 @@ fn compile_recording(
             if format == DiagnosticFormat::Human {
                 eprint!("{}", human(&compiled.warnings, &source));
             }
+            github::diagnostics(&compiled.warnings, &source, github_stream(format));
             Ok((source, compiled, loader.served))
         }
         Err(diagnostics) => {
+            github::diagnostics(&diagnostics, &source, github_stream(format));
             match format {
                 DiagnosticFormat::Human => {
                     eprint!("{}", human(&diagnostics, &source))
@@ -1092,10 +1095,23 @@ fn compile_recording(
     }
 }
 
+/// Where GitHub workflow commands go beside diagnostics printed in `format`.
+fn github_stream(format: DiagnosticFormat) -> github::Stream {
+    match format {
+        DiagnosticFormat::Human => github::Stream::Stdout,
+        DiagnosticFormat::Json | DiagnosticFormat::JsonLine => github::Stream::Stderr,
+    }
+}
+
 fn validate(file: &FileArgs, format: DiagnosticFormat, fetch: bool) -> u8 {
     match compile(file, Stage::Validate, format, Templates::fetch_if(fetch)) {
         Ok((source, c)) => {
             if let Some(refusal) = what_apply_refuses_here(&file.file, &c) {
+                github::diagnostics(
+                    std::slice::from_ref(&refusal),
+                    &source,
+                    github_stream(format),
+                );
                 match format {
                     DiagnosticFormat::Human => eprint!("{}", human(&[refusal], &source)),
                     _ => print(&render::json(&[refusal], &source)),

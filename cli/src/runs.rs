@@ -467,7 +467,7 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         out: std::io::BufWriter::new(std::io::stdout()),
     };
     let mut live;
-    let sink: &mut dyn EventSink = match args.output {
+    let plain: &mut dyn EventSink = match args.output {
         // On a terminal, a live view; elsewhere (CI, pipes), plain timestamped lines.
         OutputFormat::Human if std::io::stdout().is_terminal() => {
             live = crate::live::LiveView::new();
@@ -475,6 +475,23 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         }
         OutputFormat::Human => &mut human,
         OutputFormat::Json => &mut json,
+    };
+    // Under GitHub Actions, the same output plus annotations and grouped logs of failed tasks.
+    let github = crate::github::active();
+    let mut annotated;
+    let sink: &mut dyn EventSink = match github {
+        true => {
+            annotated = crate::github::GitHubEvents {
+                inner: plain,
+                state_dir: args.state_dir.clone(),
+                stream: match args.output {
+                    OutputFormat::Json => crate::github::Stream::Stderr,
+                    OutputFormat::Human => crate::github::Stream::Stdout,
+                },
+            };
+            &mut annotated
+        }
+        false => plain,
     };
     let has_agents = compiled.plan.nodes.iter().any(|n| {
         matches!(
@@ -505,6 +522,11 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         }
     }
     let result = runtime.block_on(exec::apply(compiled, &store, runners, &opts, sink));
+    if let (true, Ok(summary)) = (github, &result) {
+        // Whatever the run's end (succeeded, failed, cancelled), its report goes to the job
+        // summary, from the records this process still holds.
+        job_summary(&store, &summary.run);
+    }
     match result {
         Ok(summary) => {
             if args.output == OutputFormat::Human
@@ -555,6 +577,19 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
             eprintln!("error: {e}");
             exit::TASK_FAILED
         }
+    }
+}
+
+/// Appends run `id`'s Markdown report to the GitHub job summary.
+fn job_summary(store: &Store, id: &str) {
+    let report = store
+        .run(id)
+        .map_err(|e| e.to_string())
+        .and_then(|run| run.ok_or_else(|| format!("run {id} is not recorded")))
+        .and_then(|run| ccluster_engine::report::build(store, &run).map_err(|e| e.to_string()));
+    match report {
+        Ok(report) => crate::github::summary(&ccluster_engine::report::to_markdown(&report)),
+        Err(e) => eprintln!("warning: no report for the job summary: {e}"),
     }
 }
 
