@@ -42,6 +42,7 @@ mod live;
 mod logs;
 mod results;
 mod runs;
+mod state;
 #[cfg(target_os = "linux")]
 mod supervisor;
 mod templates;
@@ -259,6 +260,12 @@ enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// Move a run's state between clones: `state export RUN FILE`, `state import FILE` (to resume a
+    /// CI run on another machine).
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
     /// Remove the worktrees and refs finished runs left (result branches stay).
     Gc {
         /// Say what would be removed, remove nothing.
@@ -332,6 +339,34 @@ enum Command {
         /// Wait this long before each answer.
         #[arg(long, default_value_t = 0)]
         turn_delay_ms: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Write run RUN's state (records, logs, artifacts, the cache entries it made or used, and its
+    /// refs as a git bundle) to FILE, a verified tar.gz archive. Credentials are never included.
+    Export {
+        /// A run id, a unique prefix of one, or `latest`.
+        run: String,
+        /// The archive to write (replaced whole, never left half-written).
+        file: PathBuf,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Restore an archive written by `state export` into this clone's state (and its refs into
+    /// this repository), after verifying all of it; then `apply` resumes the run.
+    Import {
+        /// The archive.
+        file: PathBuf,
+        /// Replace the run if the state already has it (refused otherwise).
+        #[arg(long)]
+        force: bool,
+        /// The repository the run's refs go into (default: the one of the current directory).
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        repo: PathBuf,
+        #[command(flatten)]
+        state: StateArgs,
     },
 }
 
@@ -678,6 +713,18 @@ fn main() -> ExitCode {
             patch.as_deref(),
             branch.as_deref(),
         ),
+        Command::State {
+            command: StateCommand::Export { run, file, state },
+        } => state::export(&state.dir(None), &run, &file),
+        Command::State {
+            command:
+                StateCommand::Import {
+                    file,
+                    force,
+                    repo,
+                    state,
+                },
+        } => state::import(&state.dir(None), &file, &repo, force),
         Command::Gc {
             dry_run,
             keep,
