@@ -293,7 +293,13 @@ enum Command {
         /// A built-in template (`ccluster templates` lists them).
         #[arg(long)]
         template: Option<String>,
-        /// Replace an existing clusterfile.toml.
+        /// Write a CI pipeline that applies the clusterfile and keeps its state between jobs,
+        /// instead of a clusterfile: `github` writes `.github/workflows/ccluster.yml`, `gitlab`
+        /// writes `.gitlab-ci.yml` (or prints the job when that file exists), at the top of the
+        /// repository.
+        #[arg(long, value_enum, conflicts_with = "template")]
+        ci: Option<templates::CiSystem>,
+        /// Replace an existing clusterfile.toml (with --ci: the pipeline file).
         #[arg(long)]
         force: bool,
     },
@@ -756,9 +762,14 @@ fn main() -> ExitCode {
                 Err(code) => code,
             }
         }
-        Command::Init { template, force } => {
-            templates::init(std::path::Path::new("."), template.as_deref(), force)
-        }
+        Command::Init {
+            ci: Some(system),
+            force,
+            ..
+        } => templates::init_ci(std::path::Path::new("."), system, force),
+        Command::Init {
+            template, force, ..
+        } => templates::init(std::path::Path::new("."), template.as_deref(), force),
         Command::Run {
             goal,
             vars,
