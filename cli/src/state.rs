@@ -22,6 +22,19 @@ pub fn export(dir: &Path, run: &str, file: &Path) -> u8 {
         );
         return exit::INVALID_INPUT;
     }
+    // A destination that cannot be written is said before anything is read.
+    let parent = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        eprintln!(
+            "error: cannot write `{}`: the directory `{}` does not exist",
+            file.display(),
+            parent.display()
+        );
+        return exit::INVALID_INPUT;
+    }
     let store = match Store::open_reader(dir) {
         Ok(s) => s,
         Err(StoreError::Locked { pid, .. }) => {

@@ -553,10 +553,34 @@ pub fn read_archive(file: &Path) -> Result<VerifiedArchive, PortableError> {
         })?;
     serde_json::from_value::<RunRecord>(run.clone())
         .map_err(|e| damaged(file, format!("the run record: {e}")))?;
-    if !safe_relative(&manifest.run) || manifest.run.contains('\0') {
+    // A run id names a directory and a ref component: nothing but what ccluster makes them of.
+    let is_name = |id: &str| {
+        !id.is_empty()
+            && !id.starts_with('.')
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+    };
+    if !is_name(&manifest.run) {
         return Err(damaged(
             file,
             format!("run id `{}` is not a name", manifest.run),
+        ));
+    }
+    // Only the run's own refs and keep refs may be restored: never a branch of the user's.
+    let run_refs = [
+        format!("refs/ccluster/runs/{}/", manifest.run),
+        format!("refs/heads/ccluster/{}/", manifest.run),
+        "refs/ccluster/keep/".to_string(),
+    ];
+    if let Some(name) = manifest.refs.keys().find(|name| {
+        !run_refs
+            .iter()
+            .any(|prefix| name.starts_with(prefix.as_str()))
+    }) {
+        return Err(damaged(
+            file,
+            format!("ref `{name}` is not one of the run's"),
         ));
     }
     let bundle = unpacked.remove(BUNDLE).map(|(b, _)| b);
@@ -615,6 +639,20 @@ pub fn check_repo(archive: &VerifiedArchive, repo: &Path) -> Result<CheckedRepo,
                     root.display()
                 ))
             })?;
+            // The bundle holds the refs the manifest lists, at the commits it lists.
+            let heads = git_sync(&root, &["bundle", "list-heads", &path])
+                .map_err(PortableError::Repository)?;
+            let heads: BTreeMap<String, String> = heads
+                .lines()
+                .filter_map(|l| l.split_once(' '))
+                .map(|(commit, name)| (name.to_string(), commit.to_string()))
+                .collect();
+            if heads != archive.manifest.refs {
+                return Err(damaged(
+                    &archive.file,
+                    "its git bundle's refs differ from the manifest's",
+                ));
+            }
             Some(tmp)
         }
     };
@@ -773,6 +811,7 @@ pub fn import(
         return Err(io_at(&run_dir)(e));
     }
 
+    let clusterfile_prefix = format!("{}\0", archive.manifest.clusterfile);
     let written = (|| -> Result<usize, StoreError> {
         let prefix = format!("{run_id}\0");
         if exists {
@@ -790,7 +829,7 @@ pub fn import(
                         cache_entries += usize::from(wins);
                         wins
                     }
-                    "last_success" => true,
+                    "last_success" => key.starts_with(&clusterfile_prefix),
                     t if RUN_TREES.contains(&t) => key.starts_with(&prefix),
                     _ => false,
                 };
@@ -829,5 +868,194 @@ pub fn import(
             let _ = std::fs::remove_dir_all(&run_dir);
             Err(e.into())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{CacheEntry, RunState, TaskRecord, TaskState, ARCHIVE_FILE};
+
+    fn run_record(id: &str, state_dir: &Path) -> RunRecord {
+        RunRecord {
+            id: id.into(),
+            workflow: "w".into(),
+            clusterfile: "clusterfile.toml".into(),
+            state: RunState::Failed,
+            pid: 1,
+            started_ms: 1,
+            finished_ms: Some(2),
+            inputs: serde_json::Value::Null,
+            source: "version = 1\n".into(),
+            repo: None,
+            base: None,
+            result: Some(state_dir.join("runs").display().to_string()),
+            keep_failed: false,
+            task_refs: None,
+            templates: Default::default(),
+            rehearsed: false,
+            started_by: None,
+        }
+    }
+
+    /// A state with one run (`r1`: a succeeded task and its cache entry, a log, a credentials
+    /// copy), and another run's cache entry that must not travel.
+    fn state_with_a_run(dir: &Path) -> RunRecord {
+        let store = Store::open(dir).unwrap();
+        let run = run_record("r1", dir);
+        store.put_run(&run).unwrap();
+        let mut task = TaskRecord::pending("t".into(), "t".into(), 0);
+        task.state = TaskState::Succeeded;
+        task.cache_key = Some("k1".into());
+        store.put_task("r1", &task).unwrap();
+        let entry = |run: &str| CacheEntry {
+            run: run.into(),
+            node: "t".into(),
+            output: serde_json::json!("out"),
+            finished_ms: 5,
+            commit: None,
+        };
+        store.put_cache("k1", &entry("r1")).unwrap();
+        store.put_cache("k2", &entry("r0")).unwrap();
+        store.commit().unwrap();
+        let logs = dir.join("runs/r1/logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        std::fs::write(logs.join("t.1.out"), "hello\n").unwrap();
+        let config = dir.join("runs/r1/workers/t.1/config");
+        std::fs::create_dir_all(&config).unwrap();
+        std::fs::write(config.join(".credentials.json"), "secret").unwrap();
+        run
+    }
+
+    #[test]
+    fn a_run_moves_with_its_records_files_and_cache_but_not_credentials() {
+        let from = tempfile::tempdir().unwrap();
+        let to = tempfile::tempdir().unwrap();
+        let run = state_with_a_run(from.path());
+        let file = from.path().join("r1.tgz");
+        {
+            let store = Store::open_reader(from.path()).unwrap();
+            let done = export_run(&store, &run, &file).unwrap();
+            assert!(done.manifest.refs.is_empty());
+        }
+        let archive = read_archive(&file).unwrap();
+        let names: Vec<&str> = archive.files.iter().map(|(p, _, _)| p.as_str()).collect();
+        // The finished run's `record.json` travels; the credentials copy never does.
+        assert_eq!(names, ["logs/t.1.out", ARCHIVE_FILE]);
+        let target = to.path().join("state");
+        let done = import(&target, archive, None, false).unwrap();
+        assert_eq!((done.cache_entries, done.files), (1, 2));
+        let store = Store::open_reader(&target).unwrap();
+        let imported = store.run("r1").unwrap().unwrap();
+        // Paths of the exporting state now name this one.
+        let moved = std::path::absolute(&target).unwrap().join("runs");
+        assert_eq!(imported.result.as_deref(), Some(moved.to_str().unwrap()));
+        assert_eq!(store.tasks("r1").unwrap().len(), 1);
+        assert!(store.cached("k1").unwrap().is_some());
+        assert!(store.cached("k2").unwrap().is_none());
+        drop(store);
+        assert_eq!(
+            std::fs::read_to_string(target.join("runs/r1/logs/t.1.out")).unwrap(),
+            "hello\n"
+        );
+        let again = import(&target, read_archive(&file).unwrap(), None, false);
+        assert!(matches!(again, Err(PortableError::Exists { .. })));
+    }
+
+    /// A hand-made archive with `manifest` (entries and hashes filled in) and `entries`.
+    fn craft(dir: &Path, mut manifest: Value, entries: &[(&str, &[u8])]) -> PathBuf {
+        manifest["entries"] = entries
+            .iter()
+            .map(|(path, bytes)| {
+                serde_json::json!({"path": path, "size": bytes.len(), "sha256": sha256_hex(bytes)})
+            })
+            .collect();
+        let file = dir.join("crafted.tgz");
+        let out = std::fs::File::create(&file).unwrap();
+        let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+            out,
+            flate2::Compression::default(),
+        ));
+        append(
+            &mut tar,
+            MANIFEST,
+            &serde_json::to_vec(&manifest).unwrap(),
+            0o600,
+        )
+        .unwrap();
+        for (path, bytes) in entries {
+            // `append_data` refuses `..`: a raw header is what a hostile archive would carry.
+            let mut header = tar::Header::new_old();
+            header.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o600);
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_cksum();
+            tar.append(&header, *bytes).unwrap();
+        }
+        tar.into_inner().unwrap().finish().unwrap();
+        file
+    }
+
+    fn manifest_for(dir: &Path, refs: Value) -> Value {
+        let run = serde_json::to_value(run_record("r1", dir)).unwrap();
+        serde_json::json!({
+            "format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION, "ccluster": "0", "run": "r1",
+            "workflow": "w", "base": null, "clusterfile": "clusterfile.toml",
+            "clusterfile_sha256": "", "state_dir": "/x", "repo": null, "created_ms": 0,
+            "refs": refs, "entries": [], "_run": run,
+        })
+    }
+
+    fn records(dir: &Path) -> Vec<u8> {
+        let run = serde_json::to_value(run_record("r1", dir)).unwrap();
+        serde_json::to_vec(&serde_json::json!({"trees": {"runs": {"r1": run}}})).unwrap()
+    }
+
+    #[test]
+    fn hostile_archives_are_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = records(dir.path());
+        let escaping = craft(
+            dir.path(),
+            manifest_for(dir.path(), serde_json::json!({})),
+            &[("records.json", &records), ("run/../../evil", b"x")],
+        );
+        let err = read_archive(&escaping).unwrap_err().to_string();
+        assert!(err.contains("not a plain file inside the archive"), "{err}");
+
+        let foreign_ref = craft(
+            dir.path(),
+            manifest_for(
+                dir.path(),
+                serde_json::json!({"refs/heads/main": "0000000000000000000000000000000000000000"}),
+            ),
+            &[("records.json", &records)],
+        );
+        let err = read_archive(&foreign_ref).unwrap_err().to_string();
+        assert!(
+            err.contains("ref `refs/heads/main` is not one of the run's"),
+            "{err}"
+        );
+
+        let mut newer = manifest_for(dir.path(), serde_json::json!({}));
+        newer["version"] = (ARCHIVE_VERSION + 1).into();
+        let newer = craft(dir.path(), newer, &[("records.json", &records)]);
+        assert!(matches!(
+            read_archive(&newer),
+            Err(PortableError::Version { found, .. }) if found == ARCHIVE_VERSION + 1
+        ));
+    }
+
+    #[test]
+    fn paths_move_only_at_a_component_boundary() {
+        let mut value = serde_json::json!({
+            "a": "/old/state/runs/x", "b": ["/old/state"], "c": "/old/stateful", "d": "rel/old/state",
+        });
+        move_paths(&mut value, &[("/old/state".into(), "/new".into())]);
+        assert_eq!(
+            value,
+            serde_json::json!({"a": "/new/runs/x", "b": ["/new"], "c": "/old/stateful", "d": "rel/old/state"})
+        );
     }
 }
