@@ -80,6 +80,11 @@ pub fn import(dir: &Path, file: &Path, repo: &Path, force: bool) -> u8 {
         false => None,
     };
     let run = archive.manifest.run.clone();
+    // Worth knowing before `apply`: an edited clusterfile runs again what its edit changed.
+    let recorded = std::path::PathBuf::from(&archive.manifest.clusterfile);
+    let edited = std::fs::read(&recorded)
+        .ok()
+        .filter(|text| store::sha256_hex(text) != archive.manifest.clusterfile_sha256);
     match store::import(dir, archive, checked, force) {
         Ok(done) => {
             eprintln!(
@@ -95,6 +100,13 @@ pub fn import(dir: &Path, file: &Path, repo: &Path, force: bool) -> u8 {
                 if done.refs == 1 { "" } else { "s" },
             );
             eprintln!("  resume it: ccluster apply (what finished is cached)");
+            if edited.is_some() {
+                eprintln!(
+                    "note: {} differs from the text run {} recorded: tasks whose definition changed will run again",
+                    recorded.display(),
+                    done.run
+                );
+            }
             exit::SUCCESS
         }
         Err(PortableError::Exists { .. }) => {

@@ -176,6 +176,7 @@ fn state_export_import_resumes_in_a_fresh_clone_without_rerunning_finished_work(
         "{}",
         imported.stderr
     );
+    assert!(!imported.stderr.contains("differs"), "{}", imported.stderr);
     assert!(!git(second.path(), &["for-each-ref", "refs/ccluster/keep/"]).is_empty());
     std::fs::write(&marker, "").unwrap();
     let resumed = rehearse(&second);
@@ -314,12 +315,24 @@ run = "echo edited > edited.txt"
     assert_eq!(twice.code, 2);
     assert!(twice.stderr.contains("already has run"), "{}", twice.stderr);
     assert!(before == footprint(&without_state));
+    // An edited clusterfile is worth a note: what its edit changed will run again.
+    let edited = without_state
+        .read("clusterfile.toml")
+        .replace("edited", "changed");
+    without_state.write(&edited);
     let forced = ccluster(
         &without_state,
         &["state", "import", "--force", good.to_str().unwrap()],
     );
     assert_eq!(forced.code, 0, "{}", forced.stderr);
     assert!(forced.stderr.contains("replacing it"), "{}", forced.stderr);
+    assert!(
+        forced
+            .stderr
+            .contains("note: clusterfile.toml differs from the text run"),
+        "{}",
+        forced.stderr
+    );
     let status = without_state.status();
     assert_eq!(task(&status, "edit")["state"], "succeeded");
 }

@@ -20,8 +20,8 @@ use serde::Serialize;
 
 pub use archive::{Archive, RunArchive, RunRecords, ARCHIVE_FILE};
 pub use portable::{
-    check_repo, export_run, import, read_archive, CheckedRepo, Exported, Imported, Manifest,
-    PortableError, VerifiedArchive, ARCHIVE_FORMAT, ARCHIVE_VERSION,
+    check_repo, export_run, import, read_archive, sha256_hex, CheckedRepo, Exported, Imported,
+    Manifest, PortableError, VerifiedArchive, ARCHIVE_FORMAT, ARCHIVE_VERSION,
 };
 pub use private::{
     create_private_dir_all, is_state_dir, private_file, write_private, LooseState,

@@ -788,6 +788,8 @@ pub fn import(
                 let path = bundle.path().display().to_string();
                 let mut args = vec![
                     "fetch",
+                    // Every ref or none: a failed fetch leaves the repository as it was.
+                    "--atomic",
                     "--quiet",
                     "--no-tags",
                     "--no-write-fetch-head",
