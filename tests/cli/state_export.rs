@@ -446,3 +446,80 @@ fn run_tar(dir: &Path, args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A run killed with SIGKILL mid-way (its record still says `running`) moves too: the next
+/// `apply` in the other clone marks it interrupted, keeps what succeeded and runs the rest once.
+#[test]
+fn state_export_of_a_killed_run_resumes_in_another_clone() {
+    let markers = tempfile::tempdir().unwrap();
+    let marker = markers.path().join("fast");
+    let started = markers.path().join("started");
+    let first = Sandbox::in_repo(
+        &format!(
+            r#"version = 1
+[workflow]
+name = "killed"
+
+[tasks.a]
+workspace = "worktree"
+run = "echo a > a.txt"
+
+[tasks.slow]
+workspace = "worktree"
+needs = ["a"]
+run = "test -f '{}' || {{ touch '{}'; sleep 60; }}; echo s > s.txt"
+"#,
+            marker.display(),
+            started.display()
+        ),
+        &[],
+    );
+    let mut child = first.spawn_apply(&[]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !started.exists() {
+        assert!(std::time::Instant::now() < deadline, "`slow` never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    let _ = child.wait();
+
+    // The killed process's keeper lets go of the state a moment later.
+    let archive = markers.path().join("killed.tgz");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let exported = loop {
+        let out = ccluster(
+            &first,
+            &["state", "export", "latest", archive.to_str().unwrap()],
+        );
+        if out.code == 0 || std::time::Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(exported.code, 0, "{}", exported.stderr);
+    let run1 = archive_run(&archive);
+    assert_eq!(
+        first.status()["run"]["state"],
+        "running",
+        "recorded as the kill left it"
+    );
+
+    let second = clone(&first);
+    let imported = ccluster(&second, &["state", "import", archive.to_str().unwrap()]);
+    assert_eq!(imported.code, 0, "{}", imported.stderr);
+    std::fs::write(&marker, "").unwrap();
+    let resumed = second.apply(&[]);
+    assert_eq!(resumed.code, 0, "{}", resumed.stderr);
+    assert_eq!(resumed.tasks("task_cached"), ["a"]);
+    assert_eq!(resumed.tasks("task_started"), ["slow"]);
+    let runs = ccluster(&second, &["runs", "-o", "json"]);
+    assert!(runs.code == 0, "{}", runs.stderr);
+    let listed: serde_json::Value = serde_json::from_str(&runs.stdout).unwrap();
+    let killed = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == run1.as_str())
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(killed["state"], "interrupted");
+}
