@@ -58,6 +58,21 @@ pub fn diagnostics(diagnostics: &[Diagnostic], source: &SourceFile, stream: Stre
     }
 }
 
+/// An error that stops a command before or outside any task (a locked state, a missing
+/// repository, a failed state write), as an annotation of the job.
+pub fn error(message: &str, stream: Stream) {
+    if !active() {
+        return;
+    }
+    let annotation = Annotation {
+        level: Some(ci::Level::Error),
+        title: Some("ccluster".into()),
+        message: message.to_string(),
+        ..Annotation::default()
+    };
+    write_lines(stream, &[annotation.to_command()]);
+}
+
 /// Appends to `$GITHUB_STEP_SUMMARY` when it is set; a failure to is said, never fatal.
 pub fn summary(markdown: &str) {
     if !active() {

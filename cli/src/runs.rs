@@ -161,6 +161,8 @@ impl EventSink for JsonEvents {
 fn open_store(dir: &Path) -> Result<Store, u8> {
     let store = Store::open(dir).map_err(|e| {
         eprintln!("error: {e}");
+        // On stderr: stdout may carry JSON events, and the runner reads both.
+        crate::github::error(&e.to_string(), crate::github::Stream::Stderr);
         if let StoreError::Locked { .. } = e {
             eprintln!("  help: wait for it, or stop it with `ccluster cancel`; `ccluster status` shows its progress");
         }
@@ -484,10 +486,7 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
             annotated = crate::github::GitHubEvents {
                 inner: plain,
                 state_dir: args.state_dir.clone(),
-                stream: match args.output {
-                    OutputFormat::Json => crate::github::Stream::Stderr,
-                    OutputFormat::Human => crate::github::Stream::Stdout,
-                },
+                stream: github_stream(args.output),
             };
             &mut annotated
         }
@@ -522,6 +521,9 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         }
     }
     let result = runtime.block_on(exec::apply(compiled, &store, runners, &opts, sink));
+    if let Err(e) = &result {
+        crate::github::error(&e.to_string(), github_stream(args.output));
+    }
     if let (true, Ok(summary)) = (github, &result) {
         // Whatever the run's end (succeeded, failed, cancelled), its report goes to the job
         // summary, from the records this process still holds.
@@ -577,6 +579,14 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
             eprintln!("error: {e}");
             exit::TASK_FAILED
         }
+    }
+}
+
+/// Where workflow commands go beside `apply`'s output: stdout, unless it carries JSON events.
+fn github_stream(output: OutputFormat) -> crate::github::Stream {
+    match output {
+        OutputFormat::Json => crate::github::Stream::Stderr,
+        OutputFormat::Human => crate::github::Stream::Stdout,
     }
 }
 

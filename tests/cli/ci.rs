@@ -460,3 +460,18 @@ fn ci_shipped_gitlab_pipeline_is_valid_and_names_real_commands() {
         &["state import", "apply", "state export", "report"],
     );
 }
+
+#[test]
+fn ci_an_error_outside_the_clusterfile_is_annotated_too() {
+    // Valid, but its workspace task cannot run outside a git repository.
+    let s = Sandbox::new(
+        "version = 1\n[workflow]\nname = \"norepo\"\n[tasks.edit]\nworkspace = \"worktree\"\nrun = \"true\"\n",
+    );
+    let summary = s.path().join("summary.md");
+    let (code, stdout, stderr) = in_github(&s, &summary, &["apply"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("::error title=ccluster::")),
+        "{stdout}"
+    );
+}
