@@ -471,7 +471,9 @@ fn ci_an_error_outside_the_clusterfile_is_annotated_too() {
     let (code, stdout, stderr) = in_github(&s, &summary, &["apply"]);
     assert_eq!(code, 2, "{stderr}");
     assert!(
-        stdout.lines().any(|l| l.starts_with("::error title=ccluster::")),
+        stdout
+            .lines()
+            .any(|l| l.starts_with("::error title=ccluster::")),
         "{stdout}"
     );
 }

@@ -299,6 +299,18 @@ run = "echo edited > edited.txt"
         }
     }
 
+    // A path that is no archive at all.
+    let missing = ccluster(&without_state, &["state", "import", "no-such.tgz"]);
+    assert_eq!(missing.code, 2, "{}", missing.stderr);
+    assert!(
+        missing
+            .stderr
+            .contains("cannot read the archive `no-such.tgz`"),
+        "{}",
+        missing.stderr
+    );
+    assert!(!without_state.path().join(".ccluster").exists());
+
     // A clone without the commits the bundle builds on (an unrelated repository).
     let unrelated = Sandbox::in_repo("version = 1\n[workflow]\nname = \"other\"\n", &[]);
     let before = footprint(&unrelated);

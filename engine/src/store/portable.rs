@@ -39,6 +39,11 @@ pub enum PortableError {
     NotAnArchive { file: PathBuf, detail: String },
     #[error("the archive `{file}` has format version {found}; this ccluster reads version {ARCHIVE_VERSION}")]
     Version { file: PathBuf, found: u32 },
+    #[error("cannot read the archive `{file}`: {source}")]
+    Unreadable {
+        file: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Repository(String),
     #[error("the state already has run {run}")]
@@ -448,7 +453,10 @@ fn safe_relative(path: &str) -> bool {
 /// a truncation), the manifest's format and version, every entry's size and SHA-256, no entry
 /// missing or extra, no path leaving the run directory.
 pub fn read_archive(file: &Path) -> Result<VerifiedArchive, PortableError> {
-    let compressed = std::fs::read(file).map_err(io_at(file))?;
+    let compressed = std::fs::read(file).map_err(|source| PortableError::Unreadable {
+        file: file.to_path_buf(),
+        source,
+    })?;
     if compressed.len() < 2 || compressed[..2] != [0x1f, 0x8b] {
         return Err(PortableError::NotAnArchive {
             file: file.to_path_buf(),
