@@ -477,3 +477,266 @@ fn ci_an_error_outside_the_clusterfile_is_annotated_too() {
         "{stdout}"
     );
 }
+
+/// How one step of the shipped GitHub workflow ended, as the job goes.
+struct Job {
+    /// The clone the job checked out.
+    checkout: PathBuf,
+    home: PathBuf,
+    /// What `actions/cache` keeps between jobs.
+    cache: PathBuf,
+    summary: PathBuf,
+    /// Each `run` step's name, exit code and output.
+    ran: Vec<(String, i32, String)>,
+}
+
+/// Plays the shipped workflow's job on `checkout` as GitHub would: `run` steps under bash with the
+/// workflow's `env`, a failure skipping later steps but those with `if: always()`; the cache
+/// actions as copies of the archive to and from `cache`. The install step is left out: the built
+/// binary is on `PATH`, as an installed one would be.
+fn play_github_job(doc: &Value, checkout: &Path, home: &Path, cache: &Path) -> Job {
+    let home = home.to_path_buf();
+    std::fs::create_dir_all(&home).unwrap();
+    let mut job = Job {
+        checkout: checkout.to_path_buf(),
+        home: home.clone(),
+        cache: cache.to_path_buf(),
+        summary: home.join("summary.md"),
+        ran: Vec::new(),
+    };
+    let archive = home.join(".cache/ccluster-ci/state.tgz");
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_ccluster")).parent().unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    let mut failed = false;
+    let mut matched = false;
+    for step in doc["jobs"]["apply"]["steps"].as_array().unwrap() {
+        let condition = step["if"].as_str().unwrap_or("");
+        let runs_now = match condition {
+            "always()" => true,
+            "steps.restore.outputs.cache-matched-key != ''" => !failed && matched,
+            "" => !failed,
+            other => panic!("a condition this test does not know: {other}"),
+        };
+        if !runs_now {
+            continue;
+        }
+        match step["uses"].as_str() {
+            Some("actions/checkout@v4") | Some("actions/upload-artifact@v4") => {}
+            Some("actions/cache/restore@v4") => {
+                let saved = job.cache.join("state.tgz");
+                if saved.exists() {
+                    std::fs::create_dir_all(archive.parent().unwrap()).unwrap();
+                    std::fs::copy(&saved, &archive).unwrap();
+                    matched = true;
+                }
+            }
+            Some("actions/cache/save@v4") => {
+                if archive.exists() {
+                    std::fs::create_dir_all(&job.cache).unwrap();
+                    std::fs::copy(&archive, job.cache.join("state.tgz")).unwrap();
+                }
+            }
+            Some(other) => panic!("an action this test does not play: {other}"),
+            None => {
+                let name = step["name"].as_str().unwrap_or("").to_string();
+                if name.starts_with("Install") {
+                    continue;
+                }
+                let mut cmd = Command::new("bash");
+                cmd.args(["--noprofile", "--norc", "-eo", "pipefail", "-c"])
+                    .arg(step["run"].as_str().unwrap())
+                    .current_dir(checkout)
+                    .env("PATH", &path)
+                    .env("HOME", &home)
+                    .env("GITHUB_ACTIONS", "true")
+                    .env("CI", "true")
+                    .env("GITHUB_WORKSPACE", checkout)
+                    .env("GITHUB_STEP_SUMMARY", &job.summary)
+                    .env_remove("CCLUSTER_STATE_DIR");
+                for (key, value) in doc["env"].as_object().unwrap() {
+                    cmd.env(key, value.as_str().unwrap());
+                }
+                let out = cmd.output().unwrap();
+                let code = out.status.code().unwrap_or(-1);
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                failed |= code != 0;
+                job.ran.push((name, code, text));
+            }
+        }
+    }
+    job
+}
+
+impl Job {
+    fn step(&self, name: &str) -> &(String, i32, String) {
+        self.ran
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .unwrap_or_else(|| panic!("step `{name}` did not run: {:?}", self.ran))
+    }
+}
+
+/// The shipped workflow, played twice: the first job's `apply` fails, its state is still saved;
+/// the second job, on a fresh clone, imports it and runs only what did not finish.
+#[test]
+fn ci_shipped_github_workflow_resumes_a_failed_job_in_the_next() {
+    let (_, python) = check_jsonschema();
+    let doc = yaml(&python, &root().join("workflows/ci/github.yml"));
+    let markers = tempfile::tempdir().unwrap();
+    let marker = markers.path().join("fixed");
+    let first = Sandbox::in_repo(
+        &format!(
+            "version = 1\n[workflow]\nname = \"ci\"\n\n[tasks.build]\nworkspace = \"worktree\"\nrun = \"echo built > built.txt\"\n\n[tasks.test]\nworkspace = \"worktree\"\nneeds = [\"build\"]\nrun = \"test -f '{}'\"\n",
+            marker.display()
+        ),
+        &[],
+    );
+    let jobs = tempfile::tempdir().unwrap();
+    let cache = jobs.path().join("actions-cache");
+
+    let one = play_github_job(&doc, first.path(), &jobs.path().join("home-1"), &cache);
+    let (_, code, out) = one.step("Apply");
+    assert_eq!(*code, 1, "{out}");
+    assert!(
+        out.contains("::error title=task test failed (exit_code)::"),
+        "{out}"
+    );
+    let (_, code, out) = one.step("Export the state");
+    assert_eq!(*code, 0, "{out}");
+    assert!(
+        one.cache.join("state.tgz").exists(),
+        "the failed job saved its state"
+    );
+    assert!(one.checkout.join("ccluster-report.md").exists());
+    let summary = std::fs::read_to_string(&one.summary).unwrap();
+    assert!(summary.contains("| `test` | failed |"), "{summary}");
+
+    // The next job: another machine, a fresh clone of the same commit.
+    let second = jobs.path().join("second");
+    git(
+        jobs.path(),
+        &["clone", "-q", first.path().to_str().unwrap(), "second"],
+    );
+    std::fs::write(&marker, "").unwrap();
+    let two = play_github_job(&doc, &second, &jobs.path().join("home-2"), &cache);
+    let (_, code, out) = two.step("Import the state");
+    assert_eq!(*code, 0, "{out}");
+    assert!(out.contains("imported run"), "{out}");
+    let (_, code, out) = two.step("Apply");
+    assert_eq!(*code, 0, "{out}");
+    assert!(out.contains("cached  build (from run "), "{out}");
+    assert!(!out.contains("start   build"), "{out}");
+    assert!(out.contains("start   test"), "{out}");
+    assert!(two.home.join(".cache/ccluster-ci/state.tgz").exists());
+}
+
+/// Plays the shipped GitLab job on `checkout`: `before_script` and `script` (a failure ends them),
+/// then `after_script` whatever happened, each line under `sh -e` with the job's variables; the
+/// cache as a copy of `.ccluster-ci/` to and from `cache` (restored before, saved `when: always`).
+/// The install lines are left out: the built binary is on `PATH`.
+fn play_gitlab_job(doc: &Value, checkout: &Path, cache: &Path) -> Vec<(String, i32, String)> {
+    let job = &doc["ccluster"];
+    let kept = checkout.join(".ccluster-ci");
+    if cache.join("state.tgz").exists() {
+        std::fs::create_dir_all(&kept).unwrap();
+        std::fs::copy(cache.join("state.tgz"), kept.join("state.tgz")).unwrap();
+    }
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_ccluster")).parent().unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    let run = |line: &str| {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-e", "-c", line])
+            .current_dir(checkout)
+            .env("PATH", &path)
+            .env("CI", "true")
+            .env("GITLAB_CI", "true")
+            .env_remove("GITHUB_ACTIONS")
+            .env_remove("CCLUSTER_STATE_DIR");
+        for (key, value) in job["variables"].as_object().unwrap() {
+            cmd.env(key, value.as_str().unwrap());
+        }
+        let out = cmd.output().unwrap();
+        (
+            line.to_string(),
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let mut ran = Vec::new();
+    let mut failed = false;
+    for part in ["before_script", "script", "after_script"] {
+        for line in job[part].as_array().unwrap() {
+            let line = line.as_str().unwrap();
+            let install = line.starts_with("command -v") || line.starts_with("npm install");
+            if install || (failed && part != "after_script") {
+                continue;
+            }
+            let result = run(line);
+            failed |= result.1 != 0 && part != "after_script";
+            ran.push(result);
+        }
+    }
+    if kept.join("state.tgz").exists() {
+        std::fs::create_dir_all(cache).unwrap();
+        std::fs::copy(kept.join("state.tgz"), cache.join("state.tgz")).unwrap();
+    }
+    ran
+}
+
+fn line_ran<'a>(ran: &'a [(String, i32, String)], starts: &str) -> &'a (String, i32, String) {
+    ran.iter()
+        .find(|(l, _, _)| l.trim_start().starts_with(starts))
+        .unwrap_or_else(|| panic!("no line `{starts}` ran: {ran:?}"))
+}
+
+/// The shipped GitLab job, played twice, as the GitHub one above.
+#[test]
+fn ci_shipped_gitlab_pipeline_resumes_a_failed_job_in_the_next() {
+    let (_, python) = check_jsonschema();
+    let doc = yaml(&python, &root().join("workflows/ci/gitlab-ci.yml"));
+    let markers = tempfile::tempdir().unwrap();
+    let marker = markers.path().join("fixed");
+    let first = Sandbox::in_repo(
+        &format!(
+            "version = 1\n[workflow]\nname = \"ci\"\n\n[tasks.build]\nworkspace = \"worktree\"\nrun = \"echo built > built.txt\"\n\n[tasks.test]\nworkspace = \"worktree\"\nneeds = [\"build\"]\nrun = \"test -f '{}'\"\n",
+            marker.display()
+        ),
+        &[],
+    );
+    let jobs = tempfile::tempdir().unwrap();
+    let cache = jobs.path().join("gitlab-cache");
+    let one = play_gitlab_job(&doc, first.path(), &cache);
+    let (_, code, out) = line_ran(&one, "ccluster apply");
+    assert_eq!(*code, 1, "{out}");
+    assert!(!out.contains("::"), "no GitHub commands on GitLab: {out}");
+    let (_, code, out) = line_ran(&one, "ccluster state export");
+    assert_eq!(*code, 0, "{out}");
+    assert!(
+        cache.join("state.tgz").exists(),
+        "the failed job saved its state"
+    );
+    assert!(first.path().join("ccluster-report.md").exists());
+
+    let second = jobs.path().join("second");
+    git(
+        jobs.path(),
+        &["clone", "-q", first.path().to_str().unwrap(), "second"],
+    );
+    std::fs::write(&marker, "").unwrap();
+    let two = play_gitlab_job(&doc, &second, &cache);
+    let (_, code, out) = line_ran(&two, "if [ -f .ccluster-ci/state.tgz ]");
+    assert_eq!(*code, 0, "{out}");
+    assert!(out.contains("imported run"), "{out}");
+    let (_, code, out) = line_ran(&two, "ccluster apply");
+    assert_eq!(*code, 0, "{out}");
+    assert!(out.contains("cached  build (from run "), "{out}");
+    assert!(!out.contains("start   build"), "{out}");
+}
