@@ -130,10 +130,17 @@ fn fail(e: PortableError) -> u8 {
                 eprintln!("  help: import when it ends; nothing was imported");
             }
         }
+        e @ (PortableError::Damaged { .. }
+        | PortableError::NotAnArchive { .. }
+        | PortableError::Unreadable { .. }
+        | PortableError::Version { .. }) => {
+            eprintln!("error: {e}");
+            eprintln!("  help: nothing was changed; export the run again from its state");
+        }
         e => {
             eprintln!("error: {e}");
             if refusal {
-                eprintln!("  help: nothing was changed; export the run again from its state");
+                eprintln!("  help: nothing was changed");
             }
         }
     }

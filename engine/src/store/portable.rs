@@ -405,7 +405,7 @@ fn make_bundle(
     refs: &BTreeMap<String, String>,
     base: Option<&str>,
 ) -> Result<Vec<u8>, PortableError> {
-    let dir = tempfile::tempdir().map_err(io_at(Path::new("/tmp")))?;
+    let dir = tempfile::tempdir().map_err(io_at(&std::env::temp_dir()))?;
     let path = dir.path().join("refs.bundle");
     let path_text = path.display().to_string();
     let mut args = vec!["bundle", "create", "--quiet", path_text.as_str()];
@@ -638,7 +638,7 @@ pub fn check_repo(archive: &VerifiedArchive, repo: &Path) -> Result<CheckedRepo,
     let bundle = match &archive.bundle {
         None => None,
         Some(bytes) => {
-            let mut tmp = tempfile::NamedTempFile::new().map_err(io_at(Path::new("/tmp")))?;
+            let mut tmp = tempfile::NamedTempFile::new().map_err(io_at(&std::env::temp_dir()))?;
             tmp.write_all(bytes).map_err(io_at(tmp.path()))?;
             let path = tmp.path().display().to_string();
             git_sync(&root, &["bundle", "verify", "--quiet", &path]).map_err(|e| {
@@ -876,7 +876,11 @@ pub fn import(
         Err(e) => {
             // The records did not land: the files go too, so the state has no half-run.
             let _ = std::fs::remove_dir_all(&run_dir);
-            Err(e.into())
+            // A failure while writing, not a refusal: the refs may have been fetched already.
+            Err(PortableError::Io {
+                path: dir.to_path_buf(),
+                source: std::io::Error::other(e.to_string()),
+            })
         }
     }
 }
