@@ -37,10 +37,12 @@ use ccluster_engine::{compile_file_with, render, Diagnostic, SourceFile, Stage};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod attach;
+mod github;
 mod live;
 mod logs;
 mod results;
 mod runs;
+mod state;
 #[cfg(target_os = "linux")]
 mod supervisor;
 mod templates;
@@ -265,6 +267,12 @@ enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// Move a run's state between clones: `state export RUN FILE`, `state import FILE` (to resume a
+    /// CI run on another machine).
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
     /// Remove the worktrees and refs finished runs left (result branches stay).
     Gc {
         /// Say what would be removed, remove nothing.
@@ -292,7 +300,13 @@ enum Command {
         /// A built-in template (`ccluster templates` lists them).
         #[arg(long)]
         template: Option<String>,
-        /// Replace an existing clusterfile.toml.
+        /// Write a CI pipeline that applies the clusterfile and keeps its state between jobs,
+        /// instead of a clusterfile: `github` writes `.github/workflows/ccluster.yml`, `gitlab`
+        /// writes `.gitlab-ci.yml` (or prints the job when that file exists), at the top of the
+        /// repository.
+        #[arg(long, value_enum, conflicts_with = "template")]
+        ci: Option<templates::CiSystem>,
+        /// Replace an existing clusterfile.toml (with --ci: the pipeline file).
         #[arg(long)]
         force: bool,
     },
@@ -341,6 +355,34 @@ enum Command {
         /// Wait this long before each answer.
         #[arg(long, default_value_t = 0)]
         turn_delay_ms: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Write run RUN's state (records, logs, artifacts, the cache entries it made or used, and its
+    /// refs as a git bundle) to FILE, a verified tar.gz archive. Credentials are never included.
+    Export {
+        /// A run id, a unique prefix of one, or `latest`.
+        run: String,
+        /// The archive to write (replaced whole, never left half-written).
+        file: PathBuf,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Restore an archive written by `state export` into this clone's state (and its refs into
+    /// this repository), after verifying all of it; then `apply` resumes the run.
+    Import {
+        /// The archive.
+        file: PathBuf,
+        /// Replace the run if the state already has it (refused otherwise).
+        #[arg(long)]
+        force: bool,
+        /// The repository the run's refs go into (default: the one of the current directory).
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        repo: PathBuf,
+        #[command(flatten)]
+        state: StateArgs,
     },
 }
 
@@ -715,6 +757,18 @@ fn main() -> ExitCode {
             patch.as_deref(),
             branch.as_deref(),
         ),
+        Command::State {
+            command: StateCommand::Export { run, file, state },
+        } => state::export(&state.dir(None), &run, &file),
+        Command::State {
+            command:
+                StateCommand::Import {
+                    file,
+                    force,
+                    repo,
+                    state,
+                },
+        } => state::import(&state.dir(None), &file, &repo, force),
         Command::Gc {
             dry_run,
             keep,
@@ -746,9 +800,14 @@ fn main() -> ExitCode {
                 Err(code) => code,
             }
         }
-        Command::Init { template, force } => {
-            templates::init(std::path::Path::new("."), template.as_deref(), force)
-        }
+        Command::Init {
+            ci: Some(system),
+            force,
+            ..
+        } => templates::init_ci(std::path::Path::new("."), system, force),
+        Command::Init {
+            template, force, ..
+        } => templates::init(std::path::Path::new("."), template.as_deref(), force),
         Command::Run {
             goal,
             vars,
@@ -1148,9 +1207,11 @@ fn compile_recording(
             if format == DiagnosticFormat::Human {
                 eprint!("{}", human(&compiled.warnings, &source));
             }
+            github::diagnostics(&compiled.warnings, &source, github_stream(format));
             Ok((source, compiled, loader.served))
         }
         Err(diagnostics) => {
+            github::diagnostics(&diagnostics, &source, github_stream(format));
             match format {
                 DiagnosticFormat::Human => {
                     eprint!("{}", human(&diagnostics, &source))
@@ -1165,10 +1226,23 @@ fn compile_recording(
     }
 }
 
+/// Where GitHub workflow commands go beside diagnostics printed in `format`.
+fn github_stream(format: DiagnosticFormat) -> github::Stream {
+    match format {
+        DiagnosticFormat::Human => github::Stream::Stdout,
+        DiagnosticFormat::Json | DiagnosticFormat::JsonLine => github::Stream::Stderr,
+    }
+}
+
 fn validate(file: &FileArgs, format: DiagnosticFormat, fetch: bool) -> u8 {
     match compile(file, Stage::Validate, format, Templates::fetch_if(fetch)) {
         Ok((source, c)) => {
             if let Some(refusal) = what_apply_refuses_here(&file.file, &c) {
+                github::diagnostics(
+                    std::slice::from_ref(&refusal),
+                    &source,
+                    github_stream(format),
+                );
                 match format {
                     DiagnosticFormat::Human => eprint!("{}", human(&[refusal], &source)),
                     _ => print(&render::json(&[refusal], &source)),

@@ -161,6 +161,8 @@ impl EventSink for JsonEvents {
 fn open_store(dir: &Path) -> Result<Store, u8> {
     let store = Store::open(dir).map_err(|e| {
         eprintln!("error: {e}");
+        // On stderr: stdout may carry JSON events, and the runner reads both.
+        crate::github::error(&e.to_string(), crate::github::Stream::Stderr);
         if let StoreError::Locked { .. } = e {
             eprintln!("  help: wait for it, or stop it with `ccluster cancel`; `ccluster status` shows its progress");
         }
@@ -467,7 +469,7 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         out: std::io::BufWriter::new(std::io::stdout()),
     };
     let mut live;
-    let sink: &mut dyn EventSink = match args.output {
+    let plain: &mut dyn EventSink = match args.output {
         // On a terminal, a live view; elsewhere (CI, pipes), plain timestamped lines.
         OutputFormat::Human if std::io::stdout().is_terminal() => {
             live = crate::live::LiveView::new();
@@ -475,6 +477,20 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         }
         OutputFormat::Human => &mut human,
         OutputFormat::Json => &mut json,
+    };
+    // Under GitHub Actions, the same output plus annotations and grouped logs of failed tasks.
+    let github = crate::github::active();
+    let mut annotated;
+    let sink: &mut dyn EventSink = match github {
+        true => {
+            annotated = crate::github::GitHubEvents {
+                inner: plain,
+                state_dir: args.state_dir.clone(),
+                stream: github_stream(args.output),
+            };
+            &mut annotated
+        }
+        false => plain,
     };
     let has_agents = compiled.plan.nodes.iter().any(|n| {
         matches!(
@@ -505,6 +521,14 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
         }
     }
     let result = runtime.block_on(exec::apply(compiled, &store, runners, &opts, sink));
+    if let Err(e) = &result {
+        crate::github::error(&e.to_string(), github_stream(args.output));
+    }
+    if let (true, Ok(summary)) = (github, &result) {
+        // Whatever the run's end (succeeded, failed, cancelled), its report goes to the job
+        // summary, from the records this process still holds.
+        job_summary(&store, &summary.run);
+    }
     match result {
         Ok(summary) => {
             if args.output == OutputFormat::Human
@@ -555,6 +579,27 @@ pub fn apply(compiled: &ccluster_engine::Compiled, args: ApplyArgs<'_>) -> u8 {
             eprintln!("error: {e}");
             exit::TASK_FAILED
         }
+    }
+}
+
+/// Where workflow commands go beside `apply`'s output: stdout, unless it carries JSON events.
+fn github_stream(output: OutputFormat) -> crate::github::Stream {
+    match output {
+        OutputFormat::Json => crate::github::Stream::Stderr,
+        OutputFormat::Human => crate::github::Stream::Stdout,
+    }
+}
+
+/// Appends run `id`'s Markdown report to the GitHub job summary.
+fn job_summary(store: &Store, id: &str) {
+    let report = store
+        .run(id)
+        .map_err(|e| e.to_string())
+        .and_then(|run| run.ok_or_else(|| format!("run {id} is not recorded")))
+        .and_then(|run| ccluster_engine::report::build(store, &run).map_err(|e| e.to_string()));
+    match report {
+        Ok(report) => crate::github::summary(&ccluster_engine::report::to_markdown(&report)),
+        Err(e) => eprintln!("warning: no report for the job summary: {e}"),
     }
 }
 

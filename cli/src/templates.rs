@@ -153,3 +153,68 @@ pub fn init(dir: &Path, template: Option<&str>, force: bool) -> u8 {
     out!("  ccluster apply               # run it for real");
     exit::SUCCESS
 }
+
+/// The CI systems `init --ci` writes a pipeline for.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CiSystem {
+    Github,
+    Gitlab,
+}
+
+/// The shipped pipelines (`workflows/ci/`), inside the binary.
+const GITHUB_WORKFLOW: &str = include_str!("../../workflows/ci/github.yml");
+const GITLAB_PIPELINE: &str = include_str!("../../workflows/ci/gitlab-ci.yml");
+
+/// `init --ci`: the pipeline, written at the top of the repository `dir` is in (where GitHub and
+/// GitLab look), naming the clusterfile of `dir` by its path from there.
+pub fn init_ci(dir: &Path, system: CiSystem, force: bool) -> u8 {
+    let top = match ccluster_engine::workspace::Repo::discover(dir) {
+        Ok(repo) => repo.root,
+        Err(e) => {
+            eprintln!("error: {} is not in a git repository: {e}", dir.display());
+            eprintln!("  help: CI runs a repository's pipeline; run `git init` first");
+            return exit::INVALID_INPUT;
+        }
+    };
+    let here = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let clusterfile = match here.strip_prefix(&top) {
+        Ok(rel) if !rel.as_os_str().is_empty() => {
+            format!("{}/clusterfile.toml", rel.display())
+        }
+        _ => "clusterfile.toml".to_string(),
+    };
+    let (template, path) = match system {
+        CiSystem::Github => (GITHUB_WORKFLOW, top.join(".github/workflows/ccluster.yml")),
+        CiSystem::Gitlab => (GITLAB_PIPELINE, top.join(".gitlab-ci.yml")),
+    };
+    let text = template.replace("clusterfile.toml", &clusterfile);
+    if path.exists() && !force {
+        if system == CiSystem::Gitlab {
+            // A project has one .gitlab-ci.yml: the job is for the user to merge into it.
+            eprintln!(
+                "{} exists already: add this job to it (or pass --force to replace it)",
+                path.display()
+            );
+            let _ = std::io::stdout().lock().write_all(text.as_bytes());
+            return exit::SUCCESS;
+        }
+        eprintln!("error: {} exists already", path.display());
+        eprintln!("  help: pass --force to replace it");
+        return exit::INVALID_INPUT;
+    }
+    if let Some(parent) = path.parent() {
+        if let Err(e) = std::fs::create_dir_all(parent) {
+            eprintln!("error: cannot create {}: {e}", parent.display());
+            return exit::INVALID_INPUT;
+        }
+    }
+    if let Err(e) = std::fs::write(&path, text) {
+        eprintln!("error: cannot write {}: {e}", path.display());
+        return exit::INVALID_INPUT;
+    }
+    out!("wrote {} (applies {clusterfile})", path.display());
+    out!("next:");
+    out!("  set the ANTHROPIC_API_KEY secret of the repository (agents need it)");
+    out!("  commit it; docs/ci.md explains the state it keeps between jobs");
+    exit::SUCCESS
+}

@@ -2,6 +2,7 @@
 //! executor, runners and agents. The `ccluster` binary is a thin shell over this crate.
 
 pub mod agent;
+pub mod ci;
 pub mod compile;
 pub mod diagnostic;
 pub mod library;

@@ -27,6 +27,10 @@ pub fn ccluster(args: &[&str]) -> Run {
         .current_dir(root())
         .env("NO_COLOR", "1")
         .env_remove("CLICOLOR_FORCE")
+        // Run under GitHub Actions, the output would carry workflow commands: tests that want
+        // them set the variable themselves (tests/cli/ci.rs).
+        .env_remove("GITHUB_ACTIONS")
+        .env_remove("GITHUB_STEP_SUMMARY")
         .output()
         .expect("run ccluster");
     Run {
@@ -194,6 +198,8 @@ impl Sandbox {
         cmd.args(args)
             .current_dir(self.path())
             .env_remove("CCLUSTER_STATE_DIR")
+            .env_remove("GITHUB_ACTIONS")
+            .env_remove("GITHUB_STEP_SUMMARY")
             .stdin(Stdio::null());
         cmd
     }

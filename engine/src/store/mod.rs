@@ -4,6 +4,7 @@
 //! must survive a crash is followed by [`Store::commit`] (an fsync) before the change is acted on.
 
 mod archive;
+mod portable;
 mod private;
 mod records;
 
@@ -18,6 +19,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub use archive::{Archive, RunArchive, RunRecords, ARCHIVE_FILE};
+pub use portable::{
+    check_repo, export_run, import, read_archive, sha256_hex, CheckedRepo, Exported, Imported,
+    Manifest, PortableError, VerifiedArchive, ARCHIVE_FORMAT, ARCHIVE_VERSION,
+};
 pub use private::{
     create_private_dir_all, is_state_dir, private_file, write_private, LooseState,
     PRIVATE_DIR_MODE, PRIVATE_FILE_MODE,
