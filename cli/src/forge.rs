@@ -184,7 +184,12 @@ pub fn publish(state_dir: &Path, opts: &PublishOptions) -> u8 {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or_else(|| repo.clone());
     let source = (!run.source.is_empty()).then_some(run.source.as_str());
+    let Some(rt) = crate::runtime() else {
+        return exit::TASK_FAILED;
+    };
     let forge = if opts.pr {
+        // octocrab starts its client's worker on the runtime it is built in.
+        let _entered = rt.enter();
         match connect(&repo, &opts.remote, &opts.forge, source, &base_dir) {
             Ok(f) => Some(f),
             Err(e) => {
@@ -232,9 +237,6 @@ pub fn publish(state_dir: &Path, opts: &PublishOptions) -> u8 {
         draft: opts.draft,
         labels: opts.labels.clone(),
         reviewers: opts.reviewers.clone(),
-    };
-    let Some(rt) = crate::runtime() else {
-        return exit::TASK_FAILED;
     };
     let pull = match rt.block_on(publish::upsert_pull_request(
         &forge,
@@ -303,15 +305,21 @@ pub fn review(state_dir: &Path, opts: &ReviewOptions) -> u8 {
     // The review's run goes to this state directory whatever the working directory becomes.
     let state_dir = cwd.join(state_dir);
     let source = std::fs::read_to_string(cwd.join("clusterfile.toml")).ok();
-    let forge = match connect(&repo, &opts.remote, &opts.forge, source.as_deref(), &cwd) {
+    let Some(rt) = crate::runtime() else {
+        return exit::TASK_FAILED;
+    };
+    // octocrab starts its client's worker on the runtime it is built in; the review's own run
+    // (below) starts another runtime, so this one is entered only here and in `block_on`.
+    let connected = {
+        let _entered = rt.enter();
+        connect(&repo, &opts.remote, &opts.forge, source.as_deref(), &cwd)
+    };
+    let forge = match connected {
         Ok(f) => f,
         Err(e) => {
             eprintln!("error: {e}");
             return exit::INVALID_INPUT;
         }
-    };
-    let Some(rt) = crate::runtime() else {
-        return exit::TASK_FAILED;
     };
     let number = opts.pr;
     let fetched = rt.block_on(async {
@@ -326,7 +334,6 @@ pub fn review(state_dir: &Path, opts: &ReviewOptions) -> u8 {
             return exit::TASK_FAILED;
         }
     };
-    drop(rt);
     let base = match fetch_pull(&repo, &opts.remote, &pull) {
         Ok(b) => b,
         Err(e) => {
@@ -346,9 +353,6 @@ pub fn review(state_dir: &Path, opts: &ReviewOptions) -> u8 {
         &run_id,
     );
     let inline = review.comments.len();
-    let Some(rt) = crate::runtime() else {
-        return exit::TASK_FAILED;
-    };
     match rt.block_on(publish::post_review(&forge, number, &review)) {
         Ok((posted, retired)) => {
             out!(

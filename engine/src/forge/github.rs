@@ -191,7 +191,7 @@ impl Forge for GitHub {
             .client
             .get(self.route("/pulls"), Some(&query))
             .await
-            .map_err(|e| self.error(format!("listing the pull requests of {}", self.repo), e))?;
+            .map_err(|e| self.error(format!("the pull requests of {}", self.repo), e))?;
         // The filter is GitHub's; checking the head again costs nothing.
         Ok(pulls
             .into_iter()
