@@ -272,6 +272,52 @@ pub fn publish(state_dir: &Path, opts: &PublishOptions) -> u8 {
     exit::SUCCESS
 }
 
+/// `[workflow] publish`, after a successful `apply`: the run just made, published as the table
+/// says. A rehearsal publishes nothing (its result is made up): it says how to publish it.
+pub fn publish_after_run(
+    state_dir: &Path,
+    settings: &ccluster_engine::model::publish::Publish,
+    rehearsal: bool,
+) -> u8 {
+    if rehearsal {
+        eprintln!(
+            "note: a rehearsal is not published (`[workflow] publish`); `ccluster publish` publishes it anyway"
+        );
+        return exit::SUCCESS;
+    }
+    let code = publish(
+        state_dir,
+        &PublishOptions {
+            run: None,
+            remote: settings.remote.clone(),
+            branch: settings.branch.clone(),
+            pr: settings.pr,
+            draft: settings.draft,
+            base: settings.base.clone(),
+            title: settings.title.clone(),
+            labels: settings.labels.clone(),
+            reviewers: settings.reviewers.clone(),
+            review: settings.review,
+            force: false,
+            forge: ForgeArgs {
+                repo: settings.repo.clone(),
+                api_url: std::env::var("GITHUB_API_URL")
+                    .ok()
+                    .filter(|u| !u.is_empty())
+                    .unwrap_or_else(|| DEFAULT_API_URL.into()),
+                token_secret: settings.token.clone(),
+            },
+            rehearse: None,
+        },
+    );
+    if code != exit::SUCCESS {
+        eprintln!(
+            "error: the run succeeded, but publishing it failed: `ccluster publish` tries again"
+        );
+    }
+    code
+}
+
 fn short(sha: &str) -> &str {
     &sha[..sha.len().min(10)]
 }

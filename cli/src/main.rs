@@ -617,7 +617,8 @@ fn main() -> ExitCode {
                     Ok(r) => r,
                     Err(code) => return ExitCode::from(code),
                 };
-                runs::apply(
+                let rehearsing = rehearse.is_some();
+                let code = runs::apply(
                     &compiled,
                     runs::ApplyArgs {
                         clusterfile: &file.file,
@@ -635,7 +636,13 @@ fn main() -> ExitCode {
                         rehearse,
                         templates,
                     },
-                )
+                );
+                match &compiled.workflow.publish {
+                    Some(settings) if code == exit::SUCCESS => {
+                        forge::publish_after_run(&state.dir(Some(&file.file)), settings, rehearsing)
+                    }
+                    _ => code,
+                }
             }
             Err(code) => code,
         },

@@ -1162,3 +1162,85 @@ fn forge_errors_are_said_plainly() {
     assert_eq!(code, 2, "{stderr}");
     hub.assert_no_violations();
 }
+
+#[test]
+fn forge_workflow_publish_opens_the_pull_request_when_the_run_succeeds() {
+    let remotes = tempfile::tempdir().unwrap();
+    let (bare, daemon) = serve_git(remotes.path(), "acme", "gadgets");
+    let hub = FakeGitHub::start(&bare, "acme", "gadgets");
+    // The token comes from a declared secret, read by `publish` only (no task lists it).
+    let s = Sandbox::in_repo(
+        r#"version = 1
+[workflow]
+name = "gadgets"
+publish = { pr = true, base = "main", labels = ["automated"], token = "FORGE_TOKEN" }
+
+[secrets.FORGE_TOKEN]
+from = "env:MY_FORGE_TOKEN"
+
+[tasks.edit]
+workspace = "worktree"
+run = "echo gadget > gadget.txt"
+
+[tasks.merge]
+needs = ["edit"]
+merge = { strategy = "git" }
+"#,
+        &[("README.md", "gadgets\n")],
+    );
+    git(s.path(), &["remote", "add", "origin", &daemon.url]);
+    git(s.path(), &["push", "-q", "origin", "main"]);
+
+    // A rehearsal's result is made up: it is not published.
+    let out = s
+        .command(&["apply", "--rehearse"])
+        .env("GITHUB_API_URL", &hub.url)
+        .env("MY_FORGE_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a rehearsal is not published"));
+    assert!(hub.take_seen().is_empty());
+
+    let out = s
+        .command(&["apply", "--fresh"])
+        .env("GITHUB_API_URL", &hub.url)
+        .env("MY_FORGE_TOKEN", TOKEN)
+        .env_remove("GITHUB_TOKEN")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(!stdout.contains(TOKEN) && !stderr.contains(TOKEN));
+    assert!(
+        stdout.contains("ccluster/gadgets on origin: created at"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("opened pull request #1"), "{stdout}");
+    let seen = hub.take_seen();
+    assert_eq!(
+        ops(&seen),
+        vec![
+            "GET /repos/{owner}/{repo}/pulls",
+            "POST /repos/{owner}/{repo}/pulls",
+            "POST /repos/{owner}/{repo}/issues/{issue_number}/labels",
+        ]
+    );
+    assert_eq!(seen[1].body["title"], "ccluster: gadgets");
+    assert_eq!(seen[2].body, json!({ "labels": ["automated"] }));
+    // Nothing ccluster wrote holds the token.
+    for file in crate::support::files_under(&s.path().join(".ccluster")) {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(TOKEN),
+            "{} holds the token",
+            file.display()
+        );
+    }
+    hub.assert_no_violations();
+}

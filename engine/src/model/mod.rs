@@ -6,6 +6,7 @@ pub mod decode;
 mod fanout;
 pub mod fetch;
 pub mod k8s_values;
+pub mod publish;
 pub mod raw;
 pub mod runners;
 pub mod secrets;

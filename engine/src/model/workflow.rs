@@ -317,6 +317,8 @@ pub struct Workflow {
     pub secrets: IndexMap<String, super::secrets::SecretDecl>,
     /// `[policy]`: what each task's change may hold, checked before it is committed.
     pub policy: crate::policy::ChangePolicy,
+    /// `[workflow] publish`: where the result goes when a run succeeds.
+    pub publish: Option<super::publish::Publish>,
 }
 
 impl Workflow {
@@ -552,10 +554,17 @@ pub fn resolve(
         }
     }
 
-    let used: std::collections::HashSet<String> = tasks
+    let publish = raw
+        .workflow
+        .as_ref()
+        .and_then(|w| w.publish.as_ref())
+        .and_then(|p| super::publish::resolve(p, diags));
+    let mut used: std::collections::HashSet<String> = tasks
         .iter()
         .flat_map(|t| t.secrets.iter().map(|u| u.name.clone()))
         .collect();
+    // The forge token is read by `publish`, not by a task: declared for it, it is used.
+    used.extend(publish.as_ref().map(|p| p.token.clone()));
     // A misspelt name in a task is reported already: "unused" would only repeat it.
     if !diags.iter().any(|d| d.code == "unknown-secret") {
         super::secrets::check_unused(raw, &used, diags);
@@ -599,6 +608,7 @@ pub fn resolve(
             .map(|m| m.value.max(1) as usize),
         secrets,
         policy: change_policy(raw.policy.as_ref(), diags),
+        publish,
     };
     let mut workflow = workflow;
     check_cycles(&workflow, diags);
