@@ -62,7 +62,7 @@ fn nullable_to_json_schema(v: &mut Value) {
 }
 
 /// Follows a `$ref` into the description (`#/components/responses/not_found`).
-fn resolve<'a>(v: &'a Value) -> &'a Value {
+fn resolve(v: &Value) -> &Value {
     match v.get("$ref").and_then(Value::as_str) {
         Some(r) => spec()
             .pointer(r.trim_start_matches('#'))
@@ -138,6 +138,8 @@ struct Fault {
 
 #[derive(Default)]
 struct Hub {
+    /// The API's base path (`/api/v3` on GitHub Enterprise Server; empty on github.com).
+    prefix: String,
     /// The bare repository the pull requests' branches live in.
     bare: PathBuf,
     owner: String,
@@ -164,7 +166,13 @@ struct FakeGitHub {
 
 impl FakeGitHub {
     fn start(bare: &Path, owner: &str, repo: &str) -> FakeGitHub {
+        FakeGitHub::start_at(bare, owner, repo, "")
+    }
+
+    /// With the API under `prefix`, as GitHub Enterprise Server's `/api/v3`.
+    fn start_at(bare: &Path, owner: &str, repo: &str, prefix: &str) -> FakeGitHub {
         let hub = Arc::new(Mutex::new(Hub {
+            prefix: prefix.into(),
             bare: bare.to_path_buf(),
             owner: owner.into(),
             repo: repo.into(),
@@ -173,7 +181,7 @@ impl FakeGitHub {
         }));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let url = format!("http://{}{prefix}", listener.local_addr().unwrap());
         let state = hub.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -238,6 +246,15 @@ async fn handle(
             .to_string()
     };
     let mut hub = hub.lock().unwrap();
+    // GitHub Enterprise serves the API under `/api/v3`: the client must keep the base's path.
+    let Some(path) = path.strip_prefix(hub.prefix.as_str()).map(str::to_owned) else {
+        let problem = format!(
+            "{method} {path}: not under the API's base path {}",
+            hub.prefix
+        );
+        hub.violations.push(problem);
+        return respond(404, vec![], json!({ "message": "Not Found" }));
+    };
     let Some((template, op, params)) = operation(&method, &path) else {
         hub.violations.push(format!(
             "{method} {path}: not an operation ccluster should use"
@@ -953,6 +970,10 @@ fn forge_publish_opens_then_updates_one_pull_request_and_review_replaces_its_rev
         ]
     );
     let body = review["body"].as_str().unwrap();
+    insta::with_settings!({ filters => vec![(r"\d{8}-\d{6}\.\d{3}-[0-9a-f]{4}", "[run]")] }, {
+        insta::assert_snapshot!("forge_review_body", body);
+        insta::assert_json_snapshot!("forge_review_comments", review["comments"]);
+    });
     assert!(body.starts_with("<!-- ccluster:review -->"), "{body}");
     assert!(
         body.contains("`src/lib.rs:1`: one() could be const"),
@@ -1026,7 +1047,8 @@ fn forge_publish_opens_then_updates_one_pull_request_and_review_replaces_its_rev
 fn forge_errors_are_said_plainly() {
     let remotes = tempfile::tempdir().unwrap();
     let (bare, daemon) = serve_git(remotes.path(), "acme", "widgets");
-    let hub = FakeGitHub::start(&bare, "acme", "widgets");
+    // As on GitHub Enterprise Server: the API under `/api/v3` of its host.
+    let hub = FakeGitHub::start_at(&bare, "acme", "widgets", "/api/v3");
     // A shell task's result: no agent needed to have something to publish.
     let s = Sandbox::in_repo(
         "version = 1\n[workflow]\nname = \"errs\"\n[tasks.edit]\nworkspace = \"worktree\"\nrun = \"echo two > two.txt\"\n[tasks.merge]\nneeds = [\"edit\"]\nmerge = { strategy = \"git\" }\n",
