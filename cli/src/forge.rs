@@ -151,6 +151,8 @@ pub fn publish(state_dir: &Path, opts: &PublishOptions) -> u8 {
         Ok(r) => r,
         Err(e) => return crate::runs::report(e),
     };
+    // Closed now: `--review` starts a run of its own in this state directory.
+    drop(store);
     let (Some(repo), Some(result)) = (&run.repo, &built.result) else {
         eprintln!(
             "error: run {} has no result to publish: {}",

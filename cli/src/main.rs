@@ -293,6 +293,12 @@ enum Command {
         /// Then run `builtin:review` on the pull request and post its review.
         #[arg(long, requires = "pr")]
         review: bool,
+        /// With --review: rehearse the review (reviewers run against the scripted model server).
+        #[arg(long, requires = "review")]
+        rehearse: bool,
+        /// With --rehearse: the rehearsal script of the review.
+        #[arg(long, value_name = "FILE", requires = "rehearse")]
+        script: Option<PathBuf>,
         /// Overwrite the remote branch even when someone else pushed to it since ccluster did.
         #[arg(long)]
         force: bool,
@@ -752,27 +758,35 @@ fn main() -> ExitCode {
             labels,
             reviewers,
             review,
+            rehearse,
+            script,
             force,
             forge,
             state,
-        } => forge::publish(
-            &state.dir(None),
-            &forge::PublishOptions {
-                run,
-                remote,
-                branch,
-                pr,
-                draft,
-                base,
-                title,
-                labels,
-                reviewers,
-                review,
-                force,
-                forge,
-                rehearse: None,
-            },
-        ),
+        } => {
+            let rehearse = match rehearsal_script(rehearse, script.as_deref()) {
+                Ok(r) => r,
+                Err(code) => return ExitCode::from(code),
+            };
+            forge::publish(
+                &state.dir(None),
+                &forge::PublishOptions {
+                    run,
+                    remote,
+                    branch,
+                    pr,
+                    draft,
+                    base,
+                    title,
+                    labels,
+                    reviewers,
+                    review,
+                    force,
+                    forge,
+                    rehearse,
+                },
+            )
+        }
         Command::Review {
             pr,
             remote,

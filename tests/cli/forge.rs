@@ -1266,3 +1266,79 @@ merge = { strategy = "git" }
     }
     hub.assert_no_violations();
 }
+
+/// docs/forges.md's worked example: `run --goal`, then `publish --pr --review`: an open pull
+/// request titled with the goal, the report as its body, and a review with inline comments.
+#[test]
+fn forge_run_goal_to_a_reviewed_pull_request() {
+    let remotes = tempfile::tempdir().unwrap();
+    let (bare, daemon) = serve_git(remotes.path(), "acme", "greeter");
+    let hub = FakeGitHub::start(&bare, "acme", "greeter");
+    let s = Sandbox::new("");
+    std::fs::remove_file(s.path().join("clusterfile.toml")).unwrap();
+    s.file("README.md", "greeter\n").unwrap();
+    s.file(".gitignore", ".ccluster/\n").unwrap();
+    git(s.path(), &["init", "-q", "-b", "main"]);
+    s.commit_all("init");
+    git(s.path(), &["remote", "add", "origin", &daemon.url]);
+    git(s.path(), &["push", "-q", "origin", "main"]);
+
+    let goal = "Add a greeting to the README";
+    let (code, stdout, stderr) = forge_cmd(&s, &hub, &["run", "--goal", goal, "--rehearse"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+
+    // The rehearsed planner's note is in the change: a finding on its first line goes inline; one
+    // on README.md (unchanged) goes to the summary.
+    let findings = json!({ "angle": "docs", "findings": [
+        { "severity": "medium", "file": ".ccluster-rehearsal/plan.md", "line": 1, "message": "say what the plan is for" },
+        { "severity": "low", "file": "README.md", "line": 1, "message": "the README does not greet yet" },
+    ]});
+    let quiet = json!({ "angle": "other", "findings": [] });
+    let mut script = format!(
+        "[tasks.\"review[0]\"]\noutput = {}\n",
+        toml_inline(&findings)
+    );
+    for i in 1..4 {
+        script.push_str(&format!(
+            "[tasks.\"review[{i}]\"]\noutput = {}\n",
+            toml_inline(&quiet)
+        ));
+    }
+    std::fs::write(s.path().join("review.toml"), script).unwrap();
+    let (code, stdout, stderr) = forge_cmd(
+        &s,
+        &hub,
+        &[
+            "publish",
+            "--pr",
+            "--review",
+            "--rehearse",
+            "--script",
+            "review.toml",
+        ],
+    );
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("ccluster/goal-add-a-greeting-to-the-readme on origin: created at"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("opened pull request #1"), "{stdout}");
+    assert!(
+        stdout.contains("2 findings, 1 inline, 1 in the summary"),
+        "{stdout}"
+    );
+    let h = hub.hub();
+    let pull = &h.pulls[0];
+    assert_eq!(pull["title"], goal);
+    assert_eq!(pull["base"]["ref"], "main", "the remote's default branch");
+    assert!(pull["body"]
+        .as_str()
+        .unwrap()
+        .contains("of `goal`: succeeded"));
+    assert_eq!(h.comments.len(), 1);
+    assert_eq!(h.comments[0]["path"], ".ccluster-rehearsal/plan.md");
+    assert_eq!(h.comments[0]["line"], 1);
+    assert_eq!(h.comments[0]["side"], "RIGHT");
+    drop(h);
+    hub.assert_no_violations();
+}
