@@ -984,6 +984,20 @@ fn forge_publish_opens_then_updates_one_pull_request_and_review_replaces_its_rev
         "{body}"
     );
     let first_review = hub.hub().reviews[&1][0]["id"].as_u64().unwrap();
+    // A pending review of ccluster's (left by an interrupted post, say) is deleted, as GitHub
+    // permits for pending reviews only; a person's review is left alone.
+    {
+        let mut h = hub.hub();
+        let mut pending = spec()["components"]["examples"]["pull-request-review"]["value"].clone();
+        pending["id"] = json!(77);
+        pending["state"] = json!("PENDING");
+        pending["body"] = json!("<!-- ccluster:review -->\nunfinished");
+        let mut person = pending.clone();
+        person["id"] = json!(78);
+        person["state"] = json!("APPROVED");
+        person["body"] = json!("LGTM");
+        h.reviews.get_mut(&1).unwrap().extend([pending, person]);
+    }
 
     // Posting again replaces it: the new review is posted, the old one (submitted, so it cannot
     // be deleted) says it is superseded and loses its inline comments.
@@ -1002,11 +1016,17 @@ fn forge_publish_opens_then_updates_one_pull_request_and_review_replaces_its_rev
     );
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert!(
-        stdout.contains("1 earlier ccluster review superseded"),
+        stdout.contains("2 earlier ccluster reviews superseded"),
         "{stdout}"
     );
     let seen = hub.take_seen();
     let kinds = ops(&seen);
+    let deleted: Vec<&str> = seen
+        .iter()
+        .filter(|r| r.method == "DELETE" && r.operation.ends_with("/reviews/{review_id}"))
+        .map(|r| r.path.as_str())
+        .collect();
+    assert_eq!(deleted, vec!["/repos/acme/widgets/pulls/1/reviews/77"]);
     assert!(
         kinds.contains(
             &"PUT /repos/{owner}/{repo}/pulls/{pull_number}/reviews/{review_id}".to_string()
@@ -1023,7 +1043,9 @@ fn forge_publish_opens_then_updates_one_pull_request_and_review_replaces_its_rev
     {
         let h = hub.hub();
         let reviews = &h.reviews[&1];
-        assert_eq!(reviews.len(), 2);
+        // The first, the person's and the new one.
+        assert_eq!(reviews.len(), 3);
+        assert!(reviews.iter().any(|r| r["id"] == 78 && r["body"] == "LGTM"));
         let old = reviews.iter().find(|r| r["id"] == first_review).unwrap();
         assert!(
             old["body"].as_str().unwrap().contains("Superseded"),
@@ -1034,7 +1056,11 @@ fn forge_publish_opens_then_updates_one_pull_request_and_review_replaces_its_rev
             .iter()
             .all(|c| c["pull_request_review_id"] != first_review));
         assert_eq!(h.comments.len(), 2);
-        let new_review = reviews.iter().find(|r| r["id"] != first_review).unwrap()["id"].clone();
+        let new_review = reviews
+            .iter()
+            .find(|r| r["id"] != first_review && r["id"] != 78)
+            .unwrap()["id"]
+            .clone();
         assert!(h
             .comments
             .iter()

@@ -156,8 +156,17 @@ impl GitHub {
                 if header("x-ratelimit-remaining").as_deref() == Some("0")
                     || message.to_ascii_lowercase().contains("rate limit") =>
             {
+                // A secondary limit says how long to wait in `retry-after` (seconds) instead.
+                let retry_after = header("retry-after")
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .and_then(|secs| {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .ok()?;
+                        Some(now.as_secs() + secs)
+                    });
                 ForgeError::RateLimited {
-                    reset: source.rate_limit_reset,
+                    reset: source.rate_limit_reset.or(retry_after),
                 }
             }
             403 => ForgeError::Forbidden { what, message },
