@@ -62,18 +62,18 @@ pub struct PublishOptions {
     pub rehearse: Option<ccluster_engine::scripted::Script>,
 }
 
-/// The token: a declared secret of the clusterfile `source` (resolved from `base_dir`), else
-/// the environment variable of that name. Installed in the redactor, so no message shows it.
-fn token(name: &str, source: Option<&str>, base_dir: &Path) -> Result<String, String> {
-    let declared = source
-        .and_then(|text| toml::from_str::<toml::Table>(text).ok())
-        .and_then(|t| {
-            t.get("secrets")?
-                .get(name)?
-                .get("from")?
-                .as_str()
-                .map(str::to_owned)
-        });
+/// The token: a declared secret of the clusterfile `source` (named `file`: its extension says
+/// TOML or KDL; resolved from `base_dir`), else the environment variable of that name. Installed
+/// in the redactor, so no message shows it.
+fn token(name: &str, source: Option<(&str, &Path)>, base_dir: &Path) -> Result<String, String> {
+    let declared = source.and_then(|(text, file)| {
+        use ccluster_engine::syntax::{self, Format};
+        // A clusterfile that no longer parses declares nothing: the variable is tried.
+        let (node, _) = syntax::parse(text, Format::from_path(file));
+        let raw = ccluster_engine::model::decode::decode(&node?, &mut Vec::new());
+        let from = raw.secrets.get(name)?.from.as_ref()?;
+        Some(from.value.clone())
+    });
     let value = match declared {
         Some(from) => SecretSource::parse(&from)
             .and_then(|s| s.resolve(base_dir))
@@ -113,7 +113,7 @@ fn connect(
     repo: &Path,
     remote: &str,
     args: &ForgeArgs,
-    source: Option<&str>,
+    source: Option<(&str, &Path)>,
     base_dir: &Path,
 ) -> Result<GitHub, String> {
     let id = match &args.repo {
@@ -185,7 +185,8 @@ pub fn publish(state_dir: &Path, opts: &PublishOptions) -> u8 {
         .map(Path::to_path_buf)
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or_else(|| repo.clone());
-    let source = (!run.source.is_empty()).then_some(run.source.as_str());
+    let source =
+        (!run.source.is_empty()).then_some((run.source.as_str(), Path::new(&run.clusterfile)));
     let Some(rt) = crate::runtime() else {
         return exit::TASK_FAILED;
     };
@@ -352,7 +353,14 @@ pub fn review(state_dir: &Path, opts: &ReviewOptions) -> u8 {
     };
     // The review's run goes to this state directory whatever the working directory becomes.
     let state_dir = cwd.join(state_dir);
-    let source = std::fs::read_to_string(cwd.join("clusterfile.toml")).ok();
+    // The secrets this directory's clusterfile declares (the TOML one, else the KDL one).
+    let source = ["clusterfile.toml", "clusterfile.kdl"]
+        .iter()
+        .find_map(|name| {
+            std::fs::read_to_string(cwd.join(name))
+                .ok()
+                .map(|text| (text, PathBuf::from(name)))
+        });
     let Some(rt) = crate::runtime() else {
         return exit::TASK_FAILED;
     };
@@ -360,7 +368,15 @@ pub fn review(state_dir: &Path, opts: &ReviewOptions) -> u8 {
     // (below) starts another runtime, so this one is entered only here and in `block_on`.
     let connected = {
         let _entered = rt.enter();
-        connect(&repo, &opts.remote, &opts.forge, source.as_deref(), &cwd)
+        connect(
+            &repo,
+            &opts.remote,
+            &opts.forge,
+            source
+                .as_ref()
+                .map(|(text, file)| (text.as_str(), file.as_path())),
+            &cwd,
+        )
     };
     let forge = match connected {
         Ok(f) => f,
