@@ -1337,6 +1337,7 @@ fn forge_run_goal_to_a_reviewed_pull_request() {
         &[
             "publish",
             "--pr",
+            "--draft",
             "--review",
             "--rehearse",
             "--script",
@@ -1356,6 +1357,7 @@ fn forge_run_goal_to_a_reviewed_pull_request() {
     let h = hub.hub();
     let pull = &h.pulls[0];
     assert_eq!(pull["title"], goal);
+    assert_eq!(pull["draft"], true);
     assert_eq!(pull["base"]["ref"], "main", "the remote's default branch");
     assert!(pull["body"]
         .as_str()
@@ -1367,4 +1369,49 @@ fn forge_run_goal_to_a_reviewed_pull_request() {
     assert_eq!(h.comments[0]["side"], "RIGHT");
     drop(h);
     hub.assert_no_violations();
+}
+
+#[test]
+fn forge_publish_without_pr_pushes_to_a_bare_repository_on_disk() {
+    let remotes = tempfile::tempdir().unwrap();
+    let bare = remotes.path().join("plain.git");
+    std::fs::create_dir_all(&bare).unwrap();
+    git(&bare, &["init", "-q", "--bare", "-b", "main"]);
+    let s = Sandbox::in_repo(
+        "version = 1\n[workflow]\nname = \"plain\"\n[tasks.edit]\nworkspace = \"worktree\"\nrun = \"echo one > one.txt\"\n[tasks.merge]\nneeds = [\"edit\"]\nmerge = { strategy = \"git\" }\n",
+        &[],
+    );
+    let out = s.command(&["apply"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let remote = bare.to_string_lossy().into_owned();
+    // No forge, so no token needed: a plain push to a path.
+    let out = s
+        .command(&["publish", "--remote", &remote, "--branch", "results/plain"])
+        .env_remove("GITHUB_TOKEN")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("results/plain on {remote}: created at")),
+        "{stdout}"
+    );
+    let pushed = git(&bare, &["rev-parse", "refs/heads/results/plain"]);
+    let recorded = git(
+        s.path(),
+        &["rev-parse", "refs/ccluster/published/results/plain"],
+    );
+    assert_eq!(pushed, recorded);
+    assert_eq!(
+        git(&bare, &["show", "refs/heads/results/plain:one.txt"]),
+        "one\n"
+    );
 }
