@@ -203,6 +203,18 @@ pub fn publish(state_dir: &Path, opts: &PublishOptions) -> u8 {
     } else {
         None
     };
+    // The forge is asked first: a token or repository it refuses stops before anything is
+    // pushed.
+    let open = match &forge {
+        Some(forge) => match rt.block_on(forge.find_pull_request(&branch_name)) {
+            Ok(open) => open,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return exit::TASK_FAILED;
+            }
+        },
+        None => None,
+    };
     match publish::push(&repo, &opts.remote, &branch, &result.commit, opts.force) {
         Ok(pushed) => out!(
             "{branch_name} on {}: {}",
@@ -241,10 +253,11 @@ pub fn publish(state_dir: &Path, opts: &PublishOptions) -> u8 {
         labels: opts.labels.clone(),
         reviewers: opts.reviewers.clone(),
     };
-    let pull = match rt.block_on(publish::upsert_pull_request(
+    let pull = match rt.block_on(publish::upsert_found_pull_request(
         &forge,
         &branch_name,
         &settings,
+        open,
     )) {
         Ok((pull, created)) => {
             out!(

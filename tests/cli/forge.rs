@@ -1103,6 +1103,10 @@ fn forge_errors_are_said_plainly() {
         stderr.contains("the forge refused the token (401 Bad credentials): check that GITHUB_TOKEN holds a valid, unexpired token"),
         "{stderr}"
     );
+    // The forge is asked before the push: nothing was pushed.
+    assert!(git(&bare, &["branch", "--list", "ccluster/errs"])
+        .trim()
+        .is_empty());
 
     // 403 with the rate limit spent: when it resets.
     let reset = std::time::SystemTime::now()
@@ -1168,6 +1172,17 @@ fn forge_errors_are_said_plainly() {
         ]
     );
     assert_eq!(hub.hub().pulls.len(), 1);
+
+    // A forge nobody answers at.
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let (code, _, stderr) = forge_cmd(&s, &hub, &["publish", "--pr", "--api-url", &nowhere]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot reach the forge's API for the pull requests of acme/widgets"),
+        "{stderr}"
+    );
 
     // No token at all: said before anything is pushed (exit 2).
     let out = s

@@ -3,6 +3,8 @@
 //! rate-limit headers; ccluster reads only the fields it needs from the JSON answers, so new or
 //! missing optional fields in a GitHub Enterprise version do not break it.
 
+use std::time::Duration;
+
 use octocrab::Octocrab;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -98,6 +100,10 @@ impl GitHub {
             .base_uri(api_url.trim_end_matches('/'))
             .map_err(|e| other(format!("`{api_url}` is not a URL: {e}")))?
             .personal_token(token.to_string())
+            // A forge that stops answering fails the command instead of hanging it.
+            .set_connect_timeout(Some(Duration::from_secs(30)))
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .set_write_timeout(Some(Duration::from_secs(120)))
             .add_header(
                 http::HeaderName::from_static("x-github-api-version"),
                 API_VERSION.into(),
@@ -119,9 +125,24 @@ impl GitHub {
     /// request on acme/widgets`).
     fn error(&self, what: String, e: octocrab::Error) -> ForgeError {
         let octocrab::Error::GitHub { source, .. } = e else {
-            // Connection errors and the like: octocrab's text, with any secret masked.
-            let message = crate::secrets::redact_text(&e.to_string()).into_owned();
-            return ForgeError::Other { what, message };
+            // Connection errors and the like: octocrab's text and its causes (`client error
+            // (Connect)` alone does not say "connection refused"), with any secret masked.
+            let mut message = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                let text = c.to_string();
+                if !message.contains(&text) {
+                    message = format!("{message}: {text}");
+                }
+                cause = c.source();
+            }
+            let message = crate::secrets::redact_text(&message).into_owned();
+            return match e {
+                octocrab::Error::Service { .. } | octocrab::Error::Hyper { .. } => {
+                    ForgeError::Unreachable { what, message }
+                }
+                _ => ForgeError::Other { what, message },
+            };
         };
         let header = |name: &str| {
             source
@@ -175,7 +196,7 @@ impl GitHub {
             422 => ForgeError::Invalid { what, message },
             status => ForgeError::Other {
                 what,
-                message: format!("{status} {message}"),
+                message: format!("the forge answered {status}: {message}"),
             },
         }
     }

@@ -190,7 +190,9 @@ pub enum ForgeError {
     AlreadyExists { message: String },
     #[error("the forge refused {what} (422): {message}")]
     Invalid { what: String, message: String },
-    #[error("{what} failed: {message}")]
+    #[error("cannot reach the forge's API for {what}: {message}; check --api-url (GITHUB_API_URL) and the network")]
+    Unreachable { what: String, message: String },
+    #[error("{what}: {message}")]
     Other { what: String, message: String },
 }
 

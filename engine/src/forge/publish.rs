@@ -129,7 +129,19 @@ pub async fn upsert_pull_request<F: Forge>(
     branch: &str,
     settings: &PullRequestSettings,
 ) -> Result<(PullRequest, bool), ForgeError> {
-    let (pull, created) = match forge.find_pull_request(branch).await? {
+    let open = forge.find_pull_request(branch).await?;
+    upsert_found_pull_request(forge, branch, settings, open).await
+}
+
+/// [`upsert_pull_request`] with the branch's open pull request already looked up (before the
+/// push, so that a token or repository the forge refuses stops `publish` before it pushes).
+pub async fn upsert_found_pull_request<F: Forge>(
+    forge: &F,
+    branch: &str,
+    settings: &PullRequestSettings,
+    open: Option<PullRequest>,
+) -> Result<(PullRequest, bool), ForgeError> {
+    let (pull, created) = match open {
         Some(open) => (
             forge
                 .update_pull_request(open.number, &settings.title, &settings.body)
