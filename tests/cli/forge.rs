@@ -281,6 +281,31 @@ async fn handle(
         body: body.clone(),
         authorization: header("authorization"),
     });
+    // Its query parameters must be ones the operation declares, with values of their schema.
+    for (name, value) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+        let declared = op["parameters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(resolve)
+            .find(|p| p["in"] == "query" && p["name"] == name);
+        match declared {
+            None => hub.violations.push(format!(
+                "request {method} {path}: undeclared query parameter `{name}`"
+            )),
+            Some(p) => {
+                // Query values are text: numbers are checked as numbers.
+                let value = value
+                    .parse::<i64>()
+                    .map(Value::from)
+                    .unwrap_or(json!(value));
+                for v in violations(&p["schema"], &value) {
+                    hub.violations
+                        .push(format!("request {method} {path}: query `{name}`: {v}"));
+                }
+            }
+        }
+    }
     // The request against the operation's request body schema.
     if let Some(schema) = op
         .get("requestBody")
@@ -1429,4 +1454,50 @@ fn forge_publish_without_pr_pushes_to_a_bare_repository_on_disk() {
         git(&bare, &["show", "refs/heads/results/plain:one.txt"]),
         "one\n"
     );
+}
+
+/// The fake's checks are not vacuous: off-description bodies and answers are caught.
+#[test]
+fn forge_fake_github_catches_what_is_off_the_description() {
+    let (template, op, params) = operation("POST", "/repos/acme/widgets/pulls").unwrap();
+    assert_eq!(template, "/repos/{owner}/{repo}/pulls");
+    assert_eq!(params["owner"], "acme");
+    let schema = op
+        .pointer("/requestBody/content/application~1json/schema")
+        .unwrap();
+    assert!(violations(
+        schema,
+        &json!({ "title": "t", "head": "h", "base": "main" })
+    )
+    .is_empty());
+    assert!(!violations(schema, &json!({ "title": "t", "base": "main" })).is_empty());
+    assert!(!violations(
+        schema,
+        &json!({ "head": "h", "base": "main", "draft": "yes" })
+    )
+    .is_empty());
+    let created = resolve(&op["responses"]["201"])
+        .pointer("/content/application~1json/schema")
+        .unwrap();
+    let mut pull = spec()["components"]["examples"]["pull-request"]["value"].clone();
+    pull["requested_teams"] = json!([]);
+    assert!(
+        violations(created, &pull).is_empty(),
+        "{:?}",
+        violations(created, &pull)
+    );
+    pull["number"] = json!("one");
+    assert!(!violations(created, &pull).is_empty());
+    let (_, review, _) = operation("POST", "/repos/acme/widgets/pulls/1/reviews").unwrap();
+    let schema = review
+        .pointer("/requestBody/content/application~1json/schema")
+        .unwrap();
+    // (The description leaves `side` a free string: the tests assert `RIGHT` themselves.)
+    let comment = json!({ "path": "a", "line": 1, "side": "RIGHT", "body": "x" });
+    let event = |e: &str| json!({ "event": e, "comments": [comment] });
+    assert!(violations(schema, &event("COMMENT")).is_empty());
+    assert!(!violations(schema, &event("LGTM")).is_empty());
+    let no_body = json!({ "event": "COMMENT", "comments": [{ "path": "a", "line": 1 }] });
+    assert!(!violations(schema, &no_body).is_empty());
+    assert!(operation("POST", "/repos/acme/widgets/merges").is_none());
 }
