@@ -334,6 +334,28 @@ pub fn publish_after_run(
     code
 }
 
+/// After a successful `retry`: the run it made (the latest), published as its own clusterfile
+/// text's `[workflow] publish` says, if it says anything.
+pub fn publish_after_retry(state_dir: &Path) -> u8 {
+    let (store, run) = match crate::results::open_run(state_dir, None) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    drop(store);
+    let settings = {
+        use ccluster_engine::syntax::{self, Format};
+        let (node, _) = syntax::parse(&run.source, Format::from_path(Path::new(&run.clusterfile)));
+        let mut diags = Vec::new();
+        node.map(|n| ccluster_engine::model::decode::decode(&n, &mut diags))
+            .and_then(|raw| raw.workflow?.publish)
+            .and_then(|p| ccluster_engine::model::publish::resolve(&p, &mut diags))
+    };
+    match settings {
+        Some(settings) => publish_after_run(state_dir, &settings, run.rehearsed),
+        None => exit::SUCCESS,
+    }
+}
+
 fn short(sha: &str) -> &str {
     &sha[..sha.len().min(10)]
 }

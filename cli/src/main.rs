@@ -658,7 +658,7 @@ fn main() -> ExitCode {
             vars,
             options,
             state,
-        } => runs::retry(
+        } => match runs::retry(
             &state.dir(None),
             runs::RetryArgs {
                 run: run.as_deref(),
@@ -672,7 +672,11 @@ fn main() -> ExitCode {
                 output: options.output,
                 keep_going: options.keep_going,
             },
-        ),
+        ) {
+            // A retry that makes the run succeed publishes it as `apply` would.
+            exit::SUCCESS => forge::publish_after_retry(&state.dir(None)),
+            code => code,
+        },
         Command::Serve {
             addr,
             repos,

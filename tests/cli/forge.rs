@@ -1321,6 +1321,29 @@ merge = { strategy = "git" }
     );
     assert_eq!(seen[1].body["title"], "ccluster: gadgets");
     assert_eq!(seen[2].body, json!({ "labels": ["automated"] }));
+
+    // A retry that succeeds publishes too: the same branch and pull request, updated.
+    let out = s
+        .command(&["retry", "--task", "edit"])
+        .env("GITHUB_API_URL", &hub.url)
+        .env("MY_FORGE_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let retried = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{retried}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(retried.contains("updated pull request #1"), "{retried}");
+    assert_eq!(
+        ops(&hub.take_seen()),
+        vec![
+            "GET /repos/{owner}/{repo}/pulls",
+            "PATCH /repos/{owner}/{repo}/pulls/{pull_number}",
+            "POST /repos/{owner}/{repo}/issues/{issue_number}/labels",
+        ]
+    );
     // Nothing ccluster wrote holds the token.
     for file in crate::support::files_under(&s.path().join(".ccluster")) {
         let bytes = std::fs::read(&file).unwrap_or_default();
