@@ -124,6 +124,7 @@ struct Seen {
     query: String,
     body: Value,
     authorization: String,
+    api_version: String,
 }
 
 /// An answer to give once instead of the real one.
@@ -280,6 +281,7 @@ async fn handle(
         query: query.clone(),
         body: body.clone(),
         authorization: header("authorization"),
+        api_version: header("x-github-api-version"),
     });
     // Its query parameters must be ones the operation declares, with values of their schema.
     for (name, value) in query.split('&').filter_map(|kv| kv.split_once('=')) {
@@ -908,7 +910,7 @@ fn forge_publish_opens_then_updates_one_pull_request_and_review_replaces_its_rev
     );
     assert!(seen
         .iter()
-        .all(|r| r.authorization == format!("Bearer {TOKEN}")));
+        .all(|r| r.authorization == format!("Bearer {TOKEN}") && r.api_version == "2022-11-28"));
     assert!(
         seen[0].query.contains("head=acme%3Accluster%2Fwidgets")
             || seen[0].query.contains("head=acme:ccluster/widgets"),
@@ -1090,6 +1092,15 @@ fn forge_publish_opens_then_updates_one_pull_request_and_review_replaces_its_rev
             .comments
             .iter()
             .all(|c| c["pull_request_review_id"] == new_review));
+    }
+    // Neither the runs nor the reviews left the token in the state directory.
+    for file in crate::support::files_under(&s.path().join(".ccluster")) {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(TOKEN),
+            "{} holds the token",
+            file.display()
+        );
     }
     hub.assert_no_violations();
 }
