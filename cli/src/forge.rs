@@ -273,6 +273,17 @@ pub fn publish(state_dir: &Path, opts: &PublishOptions) -> u8 {
             return exit::TASK_FAILED;
         }
     };
+    if let Err(e) = rt.block_on(publish::label_and_request_reviews(
+        &forge,
+        pull.number,
+        &settings,
+    )) {
+        eprintln!(
+            "error: {e} (pull request #{} is open: {})",
+            pull.number, pull.url
+        );
+        return exit::TASK_FAILED;
+    }
     drop(rt);
     if opts.review {
         return review(

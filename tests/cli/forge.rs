@@ -477,6 +477,13 @@ async fn handle(
             let Some(p) = hubref.pulls.iter_mut().find(|p| p["number"] == n) else {
                 return respond(404, vec![], json!({ "message": "Not Found" }));
             };
+            // GitHub refuses to ask the author; the description gives that 422 no body.
+            if body["reviewers"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| *r == p["user"]["login"]))
+            {
+                return checked(&mut hub, op, &method, &path, 422, vec![], Value::Null);
+            }
             let mut reviewers = p["requested_reviewers"]
                 .as_array()
                 .cloned()
@@ -1217,6 +1224,20 @@ fn forge_errors_are_said_plainly() {
     assert_eq!(code, 1, "{stderr}");
     assert!(
         stderr.contains("cannot reach the forge's API for the pull requests of acme/widgets"),
+        "{stderr}"
+    );
+
+    // A reviewer GitHub refuses (the author): the pull request is open all the same, and said.
+    let (code, stdout, stderr) = forge_cmd(
+        &s,
+        &hub,
+        &["publish", "--pr", "--base", "main", "--reviewer", "octocat"],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stdout.contains("updated pull request #1"), "{stdout}");
+    assert!(
+        stderr.contains("the forge refused requesting reviewers for pull request #1 (422)")
+            && stderr.contains("(pull request #1 is open: https://github.com/acme/widgets/pull/1)"),
         "{stderr}"
     );
 

@@ -122,19 +122,39 @@ pub struct PullRequestSettings {
 }
 
 /// Opens the pull request of `branch`, or updates the open one (title and body): one pull
-/// request per branch however often the run is published. Labels and reviewers are added each
-/// time (GitHub ignores what is already there).
+/// request per branch however often the run is published; then adds its labels and reviewers
+/// ([`label_and_request_reviews`]). Whether it was created comes with it.
 pub async fn upsert_pull_request<F: Forge>(
     forge: &F,
     branch: &str,
     settings: &PullRequestSettings,
 ) -> Result<(PullRequest, bool), ForgeError> {
     let open = forge.find_pull_request(branch).await?;
-    upsert_found_pull_request(forge, branch, settings, open).await
+    let (pull, created) = upsert_found_pull_request(forge, branch, settings, open).await?;
+    label_and_request_reviews(forge, pull.number, settings).await?;
+    Ok((pull, created))
 }
 
-/// [`upsert_pull_request`] with the branch's open pull request already looked up (before the
-/// push, so that a token or repository the forge refuses stops `publish` before it pushes).
+/// Adds the labels and requests the reviews `settings` lists, each time it is published
+/// (GitHub ignores what is already there). Apart from the upsert, so that a pull request that
+/// is open is said to be even when a reviewer cannot be asked (GitHub refuses the author).
+pub async fn label_and_request_reviews<F: Forge>(
+    forge: &F,
+    number: u64,
+    settings: &PullRequestSettings,
+) -> Result<(), ForgeError> {
+    if !settings.labels.is_empty() {
+        forge.add_labels(number, &settings.labels).await?;
+    }
+    if !settings.reviewers.is_empty() {
+        forge.request_reviewers(number, &settings.reviewers).await?;
+    }
+    Ok(())
+}
+
+/// The pull request part of [`upsert_pull_request`] (no labels or reviewers), with the branch's
+/// open pull request already looked up (before the push, so that a token or repository the
+/// forge refuses stops `publish` before it pushes).
 pub async fn upsert_found_pull_request<F: Forge>(
     forge: &F,
     branch: &str,
@@ -175,14 +195,6 @@ pub async fn upsert_found_pull_request<F: Forge>(
             }
         }
     };
-    if !settings.labels.is_empty() {
-        forge.add_labels(pull.number, &settings.labels).await?;
-    }
-    if !settings.reviewers.is_empty() {
-        forge
-            .request_reviewers(pull.number, &settings.reviewers)
-            .await?;
-    }
     Ok((pull, created))
 }
 
