@@ -223,3 +223,243 @@ pub async fn post_review<F: Forge>(
     }
     Ok((posted, retire.len()))
 }
+
+#[cfg(test)]
+mod tests {
+    //! The orchestration over an in-memory forge: the seam is all it needs.
+
+    use std::cell::RefCell;
+
+    use super::*;
+    use crate::forge::review::MARKER;
+    use crate::forge::InlineComment;
+
+    #[derive(Default)]
+    struct Memory {
+        pulls: RefCell<Vec<PullRequest>>,
+        reviews: RefCell<Vec<(Review, Vec<u64>)>>,
+        calls: RefCell<Vec<String>>,
+        /// The listing misses open pull requests once (as one that raced a creation).
+        blind_once: RefCell<bool>,
+    }
+
+    impl Memory {
+        fn called(&self, what: impl Into<String>) {
+            self.calls.borrow_mut().push(what.into());
+        }
+    }
+
+    fn pull(number: u64, branch: &str, title: &str) -> PullRequest {
+        PullRequest {
+            number,
+            url: format!("https://forge.example/pr/{number}"),
+            title: title.into(),
+            state: "open".into(),
+            draft: false,
+            head_ref: branch.into(),
+            head_sha: "h".into(),
+            base_ref: "main".into(),
+            base_sha: "b".into(),
+        }
+    }
+
+    impl Forge for Memory {
+        async fn find_pull_request(&self, branch: &str) -> Result<Option<PullRequest>, ForgeError> {
+            self.called("find");
+            if self.blind_once.replace(false) {
+                return Ok(None);
+            }
+            Ok(self
+                .pulls
+                .borrow()
+                .iter()
+                .find(|p| p.head_ref == branch)
+                .cloned())
+        }
+        async fn get_pull_request(&self, number: u64) -> Result<PullRequest, ForgeError> {
+            self.pulls
+                .borrow()
+                .iter()
+                .find(|p| p.number == number)
+                .cloned()
+                .ok_or(ForgeError::NotFound {
+                    what: format!("#{number}"),
+                })
+        }
+        async fn pull_request_diff(&self, _: u64) -> Result<String, ForgeError> {
+            Ok(String::new())
+        }
+        async fn create_pull_request(
+            &self,
+            new: &NewPullRequest,
+        ) -> Result<PullRequest, ForgeError> {
+            self.called("create");
+            if self.pulls.borrow().iter().any(|p| p.head_ref == new.head) {
+                return Err(ForgeError::AlreadyExists {
+                    message: "exists".into(),
+                });
+            }
+            let p = pull(self.pulls.borrow().len() as u64 + 1, &new.head, &new.title);
+            self.pulls.borrow_mut().push(p.clone());
+            Ok(p)
+        }
+        async fn update_pull_request(
+            &self,
+            number: u64,
+            title: &str,
+            _: &str,
+        ) -> Result<PullRequest, ForgeError> {
+            self.called(format!("update {number}"));
+            let mut pulls = self.pulls.borrow_mut();
+            let p = pulls.iter_mut().find(|p| p.number == number).unwrap();
+            p.title = title.into();
+            Ok(p.clone())
+        }
+        async fn add_labels(&self, number: u64, labels: &[String]) -> Result<(), ForgeError> {
+            self.called(format!("labels {number} {}", labels.join(",")));
+            Ok(())
+        }
+        async fn request_reviewers(&self, number: u64, who: &[String]) -> Result<(), ForgeError> {
+            self.called(format!("reviewers {number} {}", who.join(",")));
+            Ok(())
+        }
+        async fn list_reviews(&self, _: u64) -> Result<Vec<Review>, ForgeError> {
+            Ok(self
+                .reviews
+                .borrow()
+                .iter()
+                .map(|(r, _)| r.clone())
+                .collect())
+        }
+        async fn create_review(&self, _: u64, new: &NewReview) -> Result<Review, ForgeError> {
+            // Ids are never reused, as on a forge.
+            let id = 100 + self.calls.borrow().len() as u64;
+            self.called(format!("review {id}"));
+            let review = Review {
+                id,
+                body: new.body.clone(),
+                state: "COMMENTED".into(),
+            };
+            let comments = (0..new.comments.len() as u64)
+                .map(|i| id * 10 + i)
+                .collect();
+            self.reviews.borrow_mut().push((review.clone(), comments));
+            Ok(review)
+        }
+        async fn update_review(&self, _: u64, id: u64, body: &str) -> Result<(), ForgeError> {
+            self.called(format!("supersede {id}"));
+            for (r, _) in self
+                .reviews
+                .borrow_mut()
+                .iter_mut()
+                .filter(|(r, _)| r.id == id)
+            {
+                r.body = body.into();
+            }
+            Ok(())
+        }
+        async fn delete_pending_review(&self, _: u64, id: u64) -> Result<(), ForgeError> {
+            self.called(format!("delete {id}"));
+            self.reviews.borrow_mut().retain(|(r, _)| r.id != id);
+            Ok(())
+        }
+        async fn review_comment_ids(&self, _: u64, review: u64) -> Result<Vec<u64>, ForgeError> {
+            Ok(self
+                .reviews
+                .borrow()
+                .iter()
+                .find(|(r, _)| r.id == review)
+                .map(|(_, c)| c.clone())
+                .unwrap_or_default())
+        }
+        async fn delete_review_comment(&self, comment: u64) -> Result<(), ForgeError> {
+            self.called(format!("delete comment {comment}"));
+            for (_, comments) in self.reviews.borrow_mut().iter_mut() {
+                comments.retain(|c| *c != comment);
+            }
+            Ok(())
+        }
+    }
+
+    fn settings(title: &str) -> PullRequestSettings {
+        PullRequestSettings {
+            title: title.into(),
+            body: "report".into(),
+            base: "main".into(),
+            labels: vec!["ccluster".into()],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn one_pull_request_per_branch_created_then_updated() {
+        let forge = Memory::default();
+        let (p, created) = upsert_pull_request(&forge, "ccluster/w", &settings("one"))
+            .await
+            .unwrap();
+        assert!(created);
+        let (q, created) = upsert_pull_request(&forge, "ccluster/w", &settings("two"))
+            .await
+            .unwrap();
+        assert!(!created);
+        assert_eq!((p.number, q.title.as_str()), (1, "two"));
+        // The listing missed it: the creation is refused, and the one there is updated.
+        *forge.blind_once.borrow_mut() = true;
+        let (r, created) = upsert_pull_request(&forge, "ccluster/w", &settings("three"))
+            .await
+            .unwrap();
+        assert!(!created);
+        assert_eq!((r.number, forge.pulls.borrow().len()), (1, 1));
+        assert_eq!(
+            *forge.calls.borrow(),
+            [
+                "find",
+                "create",
+                "labels 1 ccluster",
+                "find",
+                "update 1",
+                "labels 1 ccluster",
+                "find",
+                "create",
+                "find",
+                "update 1",
+                "labels 1 ccluster",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_new_review_retires_the_earlier_ones() {
+        let forge = Memory::default();
+        let review = |body: &str| NewReview {
+            commit_id: "h".into(),
+            body: format!("{MARKER}\n{body}"),
+            comments: vec![InlineComment {
+                path: "a".into(),
+                line: 1,
+                side: "RIGHT",
+                body: "x".into(),
+            }],
+        };
+        forge.reviews.borrow_mut().push((
+            Review {
+                id: 7,
+                body: format!("{MARKER}\npending"),
+                state: "PENDING".into(),
+            },
+            vec![],
+        ));
+        let (first, retired) = post_review(&forge, 1, &review("first")).await.unwrap();
+        assert_eq!(retired, 1);
+        let (_, retired) = post_review(&forge, 1, &review("second")).await.unwrap();
+        assert_eq!(retired, 1);
+        let reviews = forge.reviews.borrow();
+        let old = reviews.iter().find(|(r, _)| r.id == first.id).unwrap();
+        assert_eq!(old.0.body, SUPERSEDED);
+        assert!(old.1.is_empty(), "its comments are deleted");
+        assert!(
+            !reviews.iter().any(|(r, _)| r.id == 7),
+            "the pending one is deleted"
+        );
+    }
+}
