@@ -37,6 +37,7 @@ use ccluster_engine::{compile_file_with, render, Diagnostic, SourceFile, Stage};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod attach;
+mod forge;
 mod github;
 mod live;
 mod logs;
@@ -272,6 +273,75 @@ enum Command {
     State {
         #[command(subcommand)]
         command: StateCommand,
+    },
+    /// Push a run's result to a branch of a git remote and, with --pr, open or update its pull
+    /// request with the run's report as the body (GitHub; docs/forges.md). Publishing again
+    /// updates the same branch and pull request.
+    Publish {
+        /// Default: the latest run.
+        run: Option<String>,
+        /// The git remote to push to (a remote's name or a URL).
+        #[arg(long, default_value = "origin")]
+        remote: String,
+        /// The branch to push to (default: `ccluster/<workflow>`; `ccluster/goal-<goal>` for
+        /// `run --goal` runs).
+        #[arg(long, value_name = "NAME")]
+        branch: Option<String>,
+        /// Open (or update) the branch's pull request.
+        #[arg(long)]
+        pr: bool,
+        /// Open the pull request as a draft.
+        #[arg(long, requires = "pr")]
+        draft: bool,
+        /// The branch the pull request merges into (default: the remote's default branch).
+        #[arg(long, requires = "pr", value_name = "BRANCH")]
+        base: Option<String>,
+        /// The pull request's title (default: the goal, or `ccluster: <workflow>`).
+        #[arg(long, requires = "pr")]
+        title: Option<String>,
+        /// Add this label to the pull request; repeatable.
+        #[arg(long = "label", value_name = "LABEL", requires = "pr")]
+        labels: Vec<String>,
+        /// Request a review from this user (or `org/team`); repeatable.
+        #[arg(long = "reviewer", value_name = "LOGIN", requires = "pr")]
+        reviewers: Vec<String>,
+        /// Then run `builtin:review` on the pull request and post its review.
+        #[arg(long, requires = "pr")]
+        review: bool,
+        /// With --review: rehearse the review (reviewers run against the scripted model server).
+        #[arg(long, requires = "review")]
+        rehearse: bool,
+        /// With --rehearse: the rehearsal script of the review.
+        #[arg(long, value_name = "FILE", requires = "rehearse")]
+        script: Option<PathBuf>,
+        /// Overwrite the remote branch even when someone else pushed to it since ccluster did.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        forge: forge::ForgeArgs,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Run `builtin:review` on a pull request's change and post one review: a summary, and
+    /// inline comments on the lines of the diff the findings name. Posting again replaces
+    /// ccluster's earlier review (docs/forges.md).
+    Review {
+        /// The pull request's number.
+        #[arg(long, value_name = "N")]
+        pr: u64,
+        /// The git remote the pull request's commits are fetched from.
+        #[arg(long, default_value = "origin")]
+        remote: String,
+        /// Rehearse the review: reviewers run against the scripted model server.
+        #[arg(long)]
+        rehearse: bool,
+        /// With --rehearse: the rehearsal script (`[tasks."review[0]"] output = {...}`).
+        #[arg(long, value_name = "FILE", requires = "rehearse")]
+        script: Option<PathBuf>,
+        #[command(flatten)]
+        forge: forge::ForgeArgs,
+        #[command(flatten)]
+        state: StateArgs,
     },
     /// Remove the worktrees and refs finished runs left (result branches stay).
     Gc {
@@ -576,7 +646,11 @@ fn main() -> ExitCode {
     }
     if matches!(
         cli.command,
-        Command::Apply { .. } | Command::Retry { .. } | Command::Run { .. }
+        Command::Apply { .. }
+            | Command::Retry { .. }
+            | Command::Run { .. }
+            | Command::Review { .. }
+            | Command::Publish { review: true, .. }
     ) {
         // Commands that run tasks work under supervising processes: no task outlives ccluster.
         #[cfg(target_os = "linux")]
@@ -622,22 +696,12 @@ fn main() -> ExitCode {
             Templates::Fetch,
         ) {
             Ok((source, compiled, templates)) => {
-                let rehearse = match (rehearse, script) {
-                    (false, _) => None,
-                    (true, None) => Some(ccluster_engine::scripted::Script::default()),
-                    (true, Some(path)) => match std::fs::read_to_string(&path)
-                        .map_err(|e| e.to_string())
-                        .and_then(|t| ccluster_engine::scripted::Script::from_toml(&t))
-                    {
-                        Ok(s) => Some(s),
-                        Err(e) => {
-                            eprintln!("error: {}: {e}", path.display());
-                            eprintln!("  help: the rehearsal script's format is in docs/agents.md (\"The rehearsal script\")");
-                            return ExitCode::from(exit::INVALID_INPUT);
-                        }
-                    },
+                let rehearse = match rehearsal_script(rehearse, script.as_deref()) {
+                    Ok(r) => r,
+                    Err(code) => return ExitCode::from(code),
                 };
-                runs::apply(
+                let rehearsing = rehearse.is_some();
+                let code = runs::apply(
                     &compiled,
                     runs::ApplyArgs {
                         clusterfile: &file.file,
@@ -655,7 +719,13 @@ fn main() -> ExitCode {
                         rehearse,
                         templates,
                     },
-                )
+                );
+                match &compiled.workflow.publish {
+                    Some(settings) if code == exit::SUCCESS => {
+                        forge::publish_after_run(&state.dir(Some(&file.file)), settings, rehearsing)
+                    }
+                    _ => code,
+                }
             }
             Err(code) => code,
         },
@@ -666,7 +736,7 @@ fn main() -> ExitCode {
             policy,
             options,
             state,
-        } => runs::retry(
+        } => match runs::retry(
             &state.dir(None),
             runs::RetryArgs {
                 run: run.as_deref(),
@@ -681,7 +751,11 @@ fn main() -> ExitCode {
                 output: options.output,
                 keep_going: options.keep_going,
             },
-        ),
+        ) {
+            // A retry that makes the run succeed publishes it as `apply` would.
+            exit::SUCCESS => forge::publish_after_retry(&state.dir(None)),
+            code => code,
+        },
         Command::Serve {
             addr,
             repos,
@@ -769,6 +843,68 @@ fn main() -> ExitCode {
                     state,
                 },
         } => state::import(&state.dir(None), &file, &repo, force),
+        Command::Publish {
+            run,
+            remote,
+            branch,
+            pr,
+            draft,
+            base,
+            title,
+            labels,
+            reviewers,
+            review,
+            rehearse,
+            script,
+            force,
+            forge,
+            state,
+        } => {
+            let rehearse = match rehearsal_script(rehearse, script.as_deref()) {
+                Ok(r) => r,
+                Err(code) => return ExitCode::from(code),
+            };
+            forge::publish(
+                &state.dir(None),
+                &forge::PublishOptions {
+                    run,
+                    remote,
+                    branch,
+                    pr,
+                    draft,
+                    base,
+                    title,
+                    labels,
+                    reviewers,
+                    review,
+                    force,
+                    forge,
+                    rehearse,
+                },
+            )
+        }
+        Command::Review {
+            pr,
+            remote,
+            rehearse,
+            script,
+            forge,
+            state,
+        } => {
+            let rehearse = match rehearsal_script(rehearse, script.as_deref()) {
+                Ok(r) => r,
+                Err(code) => return ExitCode::from(code),
+            };
+            forge::review(
+                &state.dir(None),
+                &forge::ReviewOptions {
+                    pr,
+                    remote,
+                    forge,
+                    rehearse,
+                },
+            )
+        }
         Command::Gc {
             dry_run,
             keep,
@@ -843,6 +979,29 @@ fn main() -> ExitCode {
         }
     }
     ExitCode::from(code)
+}
+
+/// The rehearsal script of `--rehearse [--script FILE]`; `Err` (said on stderr) when the file
+/// cannot be read or parsed.
+fn rehearsal_script(
+    rehearse: bool,
+    script: Option<&std::path::Path>,
+) -> Result<Option<ccluster_engine::scripted::Script>, u8> {
+    match (rehearse, script) {
+        (false, _) => Ok(None),
+        (true, None) => Ok(Some(ccluster_engine::scripted::Script::default())),
+        (true, Some(path)) => match std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| ccluster_engine::scripted::Script::from_toml(&t))
+        {
+            Ok(s) => Ok(Some(s)),
+            Err(e) => {
+                eprintln!("error: {}: {e}", path.display());
+                eprintln!("  help: the rehearsal script's format is in docs/agents.md (\"The rehearsal script\")");
+                Err(exit::INVALID_INPUT)
+            }
+        },
+    }
 }
 
 /// `run --goal`: the built-in `goal` workflow, compiled from the text inside the binary, applied

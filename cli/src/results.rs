@@ -25,7 +25,10 @@ use crate::runs::{find_run, load_runs, report as store_error};
 
 /// The run (default: the latest) and its records: the store, opened for reading, or, while another
 /// process drives it, the finished runs' archives.
-fn open_run(dir: &Path, run: Option<&str>) -> Result<(Box<dyn RunRecords>, RunRecord), u8> {
+pub(crate) fn open_run(
+    dir: &Path,
+    run: Option<&str>,
+) -> Result<(Box<dyn RunRecords>, RunRecord), u8> {
     let view = load_runs(dir).and_then(|v| find_run(v, run))?;
     if view.live {
         eprintln!(

@@ -20,5 +20,6 @@ pub mod syntax;
 pub use compile::{compile, compile_file, compile_file_with, compile_with, Compiled, Stage};
 pub use diagnostic::{Diagnostic, SourceFile};
 pub mod exec;
+pub mod forge;
 pub mod store;
 pub mod workspace;

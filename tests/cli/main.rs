@@ -15,6 +15,7 @@ mod dedup;
 mod docker;
 mod docker_agents;
 mod examples;
+mod forge;
 mod gitsafe;
 mod graphs;
 mod invalid;

@@ -472,8 +472,49 @@ impl Decoder<'_> {
         if let Some(n) = t.get("keep_failed") {
             w.keep_failed = self.bool(n, "keep_failed");
         }
+        if let Some(n) = t.get("publish") {
+            w.publish = self.publish(n);
+        }
         self.finish(t);
         Some(w)
+    }
+
+    /// `[workflow] publish = { ... }` (checked further in `model::publish`).
+    fn publish(&mut self, node: &Node) -> Option<super::publish::RawPublish> {
+        let mut t = self.table(node, "publish", "`[workflow] publish`".to_string())?;
+        let mut p = super::publish::RawPublish {
+            span: node.span,
+            ..Default::default()
+        };
+        for (key, slot) in [
+            ("remote", &mut p.remote),
+            ("branch", &mut p.branch),
+            ("base", &mut p.base),
+            ("title", &mut p.title),
+            ("repo", &mut p.repo),
+            ("token", &mut p.token),
+        ] {
+            if let Some(n) = t.get(key) {
+                *slot = self.string(n, key);
+            }
+        }
+        for (key, slot) in [
+            ("pr", &mut p.pr),
+            ("draft", &mut p.draft),
+            ("review", &mut p.review),
+        ] {
+            if let Some(n) = t.get(key) {
+                *slot = self.bool(n, key);
+            }
+        }
+        if let Some(n) = t.get("labels") {
+            p.labels = self.string_list(n, "labels");
+        }
+        if let Some(n) = t.get("reviewers") {
+            p.reviewers = self.string_list(n, "reviewers");
+        }
+        self.finish(t);
+        Some(p)
     }
 
     fn input(&mut self, key: &Key, node: &Node) -> Option<RawInput> {

@@ -7,6 +7,7 @@ mod fanout;
 pub mod fetch;
 pub mod guardrails;
 pub mod k8s_values;
+pub mod publish;
 pub mod raw;
 pub mod runners;
 pub mod secrets;

@@ -70,6 +70,9 @@ pub struct RawWorkflowMeta {
     pub result: Option<Spanned<String>>,
     /// `ccluster gc` keeps the worktrees of failed attempts (default `false`).
     pub keep_failed: Option<Spanned<bool>>,
+    /// Publish the result when a run succeeds (not in a rehearsal): push it to a branch of a
+    /// git remote and, with `pr = true`, open or update its pull request (docs/forges.md).
+    pub publish: Option<super::publish::RawPublish>,
 }
 
 /// The type of an input parameter.

@@ -321,6 +321,8 @@ pub struct Workflow {
     pub operator_policy: Option<std::sync::Arc<super::guardrails::OperatorPolicy>>,
     /// `[prices]`: what running agents' responses are priced at, over the built-in table.
     pub prices: crate::agent::prices::Overrides,
+    /// `[workflow] publish`: where the result goes when a run succeeds.
+    pub publish: Option<super::publish::Publish>,
 }
 
 impl Workflow {
@@ -557,10 +559,17 @@ pub fn resolve(
         }
     }
 
-    let used: std::collections::HashSet<String> = tasks
+    let publish = raw
+        .workflow
+        .as_ref()
+        .and_then(|w| w.publish.as_ref())
+        .and_then(|p| super::publish::resolve(p, diags));
+    let mut used: std::collections::HashSet<String> = tasks
         .iter()
         .flat_map(|t| t.secrets.iter().map(|u| u.name.clone()))
         .collect();
+    // The forge token is read by `publish`, not by a task: declared for it, it is used.
+    used.extend(publish.as_ref().map(|p| p.token.clone()));
     // A misspelt name in a task is reported already: "unused" would only repeat it.
     if !diags.iter().any(|d| d.code == "unknown-secret") {
         super::secrets::check_unused(raw, &used, diags);
@@ -606,6 +615,7 @@ pub fn resolve(
         policy: super::guardrails::change_policy(raw, operator, diags),
         operator_policy: operator.map(|o| std::sync::Arc::new(o.clone())),
         prices: super::guardrails::prices(raw, diags),
+        publish,
     };
     let mut workflow = workflow;
     super::guardrails::apply(&mut workflow, raw, operator, diags);

@@ -909,6 +909,7 @@ mod tests {
             templates: Default::default(),
             rehearsed: false,
             started_by: None,
+            policy: None,
         }
     }
 
