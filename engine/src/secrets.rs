@@ -33,15 +33,49 @@ pub enum SecretSource {
     /// A command run by `sh -c` in the clusterfile's directory; its stdout, one trailing newline
     /// dropped. Its stderr goes to ccluster's stderr.
     Command(String),
+    /// A key of a Kubernetes Secret, read through the kubeconfig's current context (as `kubectl`
+    /// finds it: `KUBECONFIG`, `~/.kube/config`, or in a pod its service account).
+    Kubernetes {
+        namespace: String,
+        name: String,
+        key: String,
+    },
 }
 
 impl SecretSource {
-    /// Parses `env:VAR`, `file:PATH` or `command:...`; the error says what is wrong.
+    /// Parses `env:VAR`, `file:PATH`, `command:...` or `kubernetes:NAMESPACE/SECRET/KEY`; the error
+    /// says what is wrong.
     pub fn parse(text: &str) -> Result<SecretSource, String> {
         let Some((scheme, rest)) = text.split_once(':') else {
-            return Err("it has no `env:`, `file:` or `command:` prefix".into());
+            return Err("it has no `env:`, `file:`, `command:` or `kubernetes:` prefix".into());
         };
         match scheme {
+            "kubernetes" => {
+                let parts: Vec<&str> = rest.split('/').collect();
+                let name_ok = |n: &str| {
+                    !n.is_empty()
+                        && n.len() <= 253
+                        && n.chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-.".contains(c))
+                };
+                let key_ok = |k: &str| {
+                    !k.is_empty()
+                        && k.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+                };
+                match parts.as_slice() {
+                    [namespace, name, key] if name_ok(namespace) && name_ok(name) && key_ok(key) => {
+                        Ok(SecretSource::Kubernetes {
+                            namespace: namespace.to_string(),
+                            name: name.to_string(),
+                            key: key.to_string(),
+                        })
+                    }
+                    _ => Err(format!(
+                        "`kubernetes:{rest}` is not `kubernetes:NAMESPACE/SECRET/KEY` (names of lowercase letters, digits, `-` and `.`)"
+                    )),
+                }
+            }
             "env" if is_env_name(rest) => Ok(SecretSource::Env(rest.into())),
             "env" => Err(format!(
                 "`{rest}` is not an environment variable name (letters, digits and `_`, not starting with a digit)"
@@ -50,7 +84,7 @@ impl SecretSource {
             "command" if !rest.trim().is_empty() => Ok(SecretSource::Command(rest.into())),
             "file" | "command" => Err(format!("nothing follows `{scheme}:`")),
             other => Err(format!(
-                "unknown source `{other}:`; expected `env:`, `file:` or `command:`"
+                "unknown source `{other}:`; expected `env:`, `file:`, `command:` or `kubernetes:`"
             )),
         }
     }
@@ -61,6 +95,11 @@ impl SecretSource {
             SecretSource::Env(v) => format!("env:{v}"),
             SecretSource::File(p) => format!("file:{p}"),
             SecretSource::Command(c) => format!("command:{c}"),
+            SecretSource::Kubernetes {
+                namespace,
+                name,
+                key,
+            } => format!("kubernetes:{namespace}/{name}/{key}"),
         }
     }
 
@@ -85,6 +124,11 @@ impl SecretSource {
                 strip_newline(text)
             }
             SecretSource::Command(command) => strip_newline(run_command(command, base_dir)?),
+            SecretSource::Kubernetes {
+                namespace,
+                name,
+                key,
+            } => read_kubernetes_secret(namespace, name, key)?,
         };
         if value.len() < MIN_SECRET_LEN {
             return Err(format!(
@@ -701,6 +745,47 @@ pub fn write_secret_file(
     Ok(path)
 }
 
+/// Reads one key of a Kubernetes Secret through the kubeconfig's current context. On a thread of
+/// its own, with a runtime of its own: secrets are read before a run starts, from synchronous code
+/// that may itself run on a runtime's thread.
+fn read_kubernetes_secret(namespace: &str, name: &str, key: &str) -> Result<String, String> {
+    let (namespace, name, key) = (namespace.to_string(), name.to_string(), key.to_string());
+    let read = move || -> Result<String, String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start a runtime: {e}"))?;
+        runtime.block_on(async {
+            let config = kube::Config::infer()
+                .await
+                .map_err(|e| format!("cannot find a Kubernetes configuration: {e}"))?;
+            let server = config.cluster_url.to_string();
+            let client = kube::Client::try_from(config)
+                .map_err(|e| format!("cannot make a Kubernetes client: {e}"))?;
+            let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+                kube::Api::namespaced(client, &namespace);
+            let secret = secrets.get(&name).await.map_err(|e| match &e {
+                kube::Error::Api(s) if s.code == 404 => {
+                    format!("the Secret `{name}` does not exist in namespace `{namespace}` on {server}")
+                }
+                kube::Error::Api(s) if s.code == 403 => format!(
+                    "the Kubernetes API at {server} refuses to show Secret `{name}` in namespace `{namespace}` (it needs `get` on `secrets`)"
+                ),
+                _ => format!("cannot reach the Kubernetes API at {server}: {e}"),
+            })?;
+            let bytes = secret
+                .data
+                .and_then(|mut d| d.remove(&key))
+                .ok_or_else(|| format!("the Secret `{name}` in namespace `{namespace}` has no key `{key}`"))?;
+            String::from_utf8(bytes.0)
+                .map_err(|_| format!("the key `{key}` of Secret `{name}` is not UTF-8 text"))
+        })
+    };
+    std::thread::spawn(read)
+        .join()
+        .map_err(|_| "reading the Kubernetes Secret failed".to_string())?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -723,6 +808,28 @@ mod tests {
         assert!(SecretSource::parse("file:").is_err());
         assert!(SecretSource::parse("vault:x").is_err());
         assert!(SecretSource::parse("GH_TOKEN").is_err());
+        assert_eq!(
+            SecretSource::parse("kubernetes:ci/api-tokens/github.token"),
+            Ok(SecretSource::Kubernetes {
+                namespace: "ci".into(),
+                name: "api-tokens".into(),
+                key: "github.token".into(),
+            })
+        );
+        assert_eq!(
+            SecretSource::parse("kubernetes:ci/api-tokens/github.token")
+                .unwrap()
+                .describe(),
+            "kubernetes:ci/api-tokens/github.token"
+        );
+        for bad in [
+            "kubernetes:api-tokens/key",
+            "kubernetes:ci/API/key",
+            "kubernetes:ci/a/b/c",
+            "kubernetes:ci//key",
+        ] {
+            assert!(SecretSource::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

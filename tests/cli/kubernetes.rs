@@ -1233,3 +1233,53 @@ run = "sleep 20; echo made while nobody watched > made.txt"
     );
     cluster.assert_emptied(&ns);
 }
+
+#[test]
+fn a_secret_read_from_a_kubernetes_secret_reaches_its_task_and_is_masked() {
+    let cluster = Cluster::get();
+    let ns = cluster.namespace("secret-source");
+    cluster.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "api-tokens",
+        "-n",
+        &ns,
+        "--from-literal=token=kube-held-value-4921",
+    ]);
+    let s = Sandbox::new(&format!(
+        r#"version = 1
+[secrets.TOKEN]
+from = "kubernetes:{ns}/api-tokens/token"
+
+[tasks.use]
+secrets = ["TOKEN"]
+run = 'test "$TOKEN" = kube-held-value-4921 && echo "the task got $TOKEN"'
+"#
+    ));
+    let run = cluster.apply(&s, &[]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let logs = s.command(&["logs", "latest", "use"]).output().unwrap();
+    let logs = String::from_utf8_lossy(&logs.stdout);
+    assert!(logs.contains("the task got [secret TOKEN]"), "{logs}");
+    // Nothing the run wrote holds the value.
+    for file in crate::support::files_under(&s.path().join(".ccluster")) {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains("kube-held-value-4921"),
+            "{} holds the value",
+            file.display()
+        );
+    }
+    // A key the Secret does not have stops the run before it starts, naming the source.
+    s.write(&s.read("clusterfile.toml").replace("/token\"", "/missing\""));
+    let run = cluster.apply(&s, &[]);
+    assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains(&format!(
+            "secret `TOKEN` (from `kubernetes:{ns}/api-tokens/missing`) cannot be read: the Secret `api-tokens` in namespace `{ns}` has no key `missing`"
+        )),
+        "{}",
+        run.stderr
+    );
+}

@@ -437,6 +437,142 @@ mod tests {
         assert_eq!(Instant::now() - t0, Duration::from_millis(1000));
     }
 
+    /// Makes a CA and a certificate it signs for 127.0.0.1, with the system's `openssl`.
+    fn certificates(dir: &std::path::Path) {
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("openssl runs");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509", "-days", "1", "-subj", "/CN=test CA"];
+        ca.extend(ec);
+        ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+        openssl(&ca);
+        let mut csr = vec!["req", "-new", "-subj", "/CN=127.0.0.1"];
+        csr.extend(ec);
+        csr.extend(["-keyout", "server.key", "-out", "server.csr"]);
+        openssl(&csr);
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.pem",
+        ]);
+    }
+
+    #[tokio::test]
+    async fn an_https_model_api_is_reached_and_trusted_by_the_systems_roots() {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        certificates(dir.path());
+        let chain: Vec<CertificateDer> =
+            CertificateDer::pem_file_iter(dir.path().join("server.pem"))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+        let key = PrivateKeyDer::from_pem_file(dir.path().join("server.key")).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // The model API: one answer over TLS, and what it was asked.
+        let api = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let mut asked = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !asked.ends_with(b"\r\n\r\n{}") {
+                let n = tls.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the request ended early");
+                asked.extend_from_slice(&buf[..n]);
+            }
+            tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello")
+                .await
+                .unwrap();
+            let _ = tls.shutdown().await;
+            String::from_utf8_lossy(&asked).into_owned()
+        });
+        // The system's roots are what `SSL_CERT_FILE` names, as for any rustls-native-certs user
+        // (only this test of the process reads them).
+        std::env::set_var("SSL_CERT_FILE", dir.path().join("ca.pem"));
+        let gateway = Gateway::start(&format!("https://127.0.0.1:{port}/base"))
+            .await
+            .unwrap();
+        let mut worker =
+            tokio::net::TcpStream::connect(gateway.url().trim_start_matches("http://"))
+                .await
+                .unwrap();
+        worker
+            .write_all(b"POST /v1/messages?beta=true HTTP/1.1\r\nhost: x\r\nx-api-key: the-key\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(20), worker.read_to_string(&mut answer)).await;
+        if read.is_err() {
+            api.abort();
+            panic!(
+                "no answer from the gateway: {answer:?}; api task: {:?}",
+                api.await
+            );
+        }
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("hello"), "{answer}");
+        let asked = tokio::time::timeout(Duration::from_secs(10), api)
+            .await
+            .expect("the model API was asked")
+            .unwrap();
+        assert!(
+            asked.starts_with("POST /base/v1/messages?beta=true HTTP/1.1"),
+            "{asked}"
+        );
+        // The worker's credentials pass through; its Host does not.
+        assert!(asked.contains("x-api-key: the-key"), "{asked}");
+        assert!(
+            asked.contains(&format!("host: 127.0.0.1:{port}")),
+            "{asked}"
+        );
+    }
+
     #[test]
     fn retry_after_is_read_in_seconds() {
         let mut h = HeaderMap::new();

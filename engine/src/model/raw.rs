@@ -146,10 +146,11 @@ pub struct RawInput {
 #[serde(deny_unknown_fields)]
 pub struct RawSecret {
     /// `env:VAR` (a variable of ccluster's environment), `file:PATH` (relative to the
-    /// clusterfile's directory; one trailing newline dropped) or `command:CMD` (run by `sh -c` in
-    /// the clusterfile's directory; its stdout, one trailing newline dropped). Read when a run
-    /// starts; a value shorter than 8 bytes is refused.
-    #[schemars(required, regex(pattern = r"^(env|file|command):.+$"))]
+    /// clusterfile's directory; one trailing newline dropped), `command:CMD` (run by `sh -c` in
+    /// the clusterfile's directory; its stdout, one trailing newline dropped) or
+    /// `kubernetes:NAMESPACE/SECRET/KEY` (a key of a Kubernetes Secret, through the kubeconfig's
+    /// current context). Read when a run starts; a value shorter than 8 bytes is refused.
+    #[schemars(required, regex(pattern = r"^(env|file|command|kubernetes):.+$"))]
     pub from: Option<Spanned<String>>,
     #[serde(skip)]
     #[schemars(skip)]
