@@ -1,5 +1,6 @@
 //! The live view of `apply` on a terminal: finished tasks scroll by as lines, and below them one
-//! spinner per running task and a summary line (done, failed, running, pending, elapsed).
+//! spinner per running task (an agent's with its cost so far) and a summary line (done, failed,
+//! running, pending, what agents have cost so far, elapsed).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -18,6 +19,10 @@ pub struct LiveView {
     failed: usize,
     skipped: usize,
     cancelled: usize,
+    /// Running agents' cost so far, priced as their responses stream.
+    live_cost: HashMap<String, f64>,
+    /// What ended agent attempts had cost, the same way (the report has the CLI's own figures).
+    ended_cost: f64,
 }
 
 impl LiveView {
@@ -38,6 +43,8 @@ impl LiveView {
             failed: 0,
             skipped: 0,
             cancelled: 0,
+            live_cost: HashMap::new(),
+            ended_cost: 0.0,
         }
     }
 
@@ -46,13 +53,20 @@ impl LiveView {
         let pending = self
             .total
             .saturating_sub(self.done + self.failed + self.skipped + running);
+        let cost = self.ended_cost + self.live_cost.values().sum::<f64>();
+        let cost = if cost > 0.0 {
+            format!(", agents ${cost:.2} so far")
+        } else {
+            String::new()
+        };
         self.summary.set_message(format!(
-            "{} done, {} failed, {} skipped, {} cancelled, {running} running, {pending} pending",
+            "{} done, {} failed, {} skipped, {} cancelled, {running} running, {pending} pending{cost}",
             self.done, self.failed, self.skipped, self.cancelled
         ));
     }
 
     fn finish(&mut self, task: &str, line: String) {
+        self.ended_cost += self.live_cost.remove(task).unwrap_or(0.0);
         if let Some(bar) = self.running.remove(task) {
             bar.finish_and_clear();
             self.multi.remove(&bar);
@@ -79,7 +93,7 @@ impl EventSink for LiveView {
                     .multi
                     .insert_before(&self.summary, ProgressBar::new_spinner());
                 bar.set_style(
-                    ProgressStyle::with_template("  {spinner} {msg} {elapsed}")
+                    ProgressStyle::with_template("  {spinner} {msg} {prefix}{elapsed}")
                         .unwrap_or_else(|_| ProgressStyle::default_spinner()),
                 );
                 bar.set_message(if *attempt > 1 {
@@ -95,9 +109,15 @@ impl EventSink for LiveView {
             Event::TaskProgress {
                 task, kind, detail, ..
             } => {
-                // The spinner line shows what the agent does now (its cost as it grows is for
-                // machines: `status` and the report say it).
+                // The spinner line shows what the agent does now, and what it has cost so far.
                 if kind == "cost" {
+                    if let Ok(usd) = detail.parse::<f64>() {
+                        self.live_cost.insert(task.clone(), usd);
+                        if let Some(bar) = self.running.get(task) {
+                            bar.set_prefix(format!("${usd:.2} "));
+                        }
+                        self.refresh();
+                    }
                     return;
                 }
                 if let Some(bar) = self.running.get(task) {

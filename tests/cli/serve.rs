@@ -1005,3 +1005,51 @@ turns = [
     let (_, diff) = served.get(&format!("/api/v1/runs/{id}/tasks/writer/diff"));
     assert!(diff.contains("+noted"), "{diff}");
 }
+
+#[test]
+fn a_servers_policy_holds_every_run_it_plans_and_starts() {
+    let s = Sandbox::in_repo(
+        r#"version = 1
+[workflow]
+name = "guarded"
+
+[tasks.change]
+workspace = "worktree"
+run = "mkdir -p .github && echo 'on: push' > .github/ci.yml"
+"#,
+        &[("README.md", "hi\n")],
+    );
+    let ops = tempfile::tempdir().unwrap();
+    let policy = ops.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[policy]\ndenied_paths = [\".github/**\"]\nmax_run_usd = 1\n",
+    )
+    .unwrap();
+    let served = Served::start_with(&[s.path()], 0, &["--policy", policy.to_str().unwrap()]);
+    // The plan the server makes is held to its policy, and shows it.
+    let (code, plan) = served.post("/api/v1/plan", "{}");
+    assert_eq!(code, 200, "{plan}");
+    assert_eq!(plan["policy"]["changes"]["denied_paths"][0], ".github/**");
+    assert_eq!(plan["policy"]["max_run_usd"], 1.0);
+    // So is the run it starts: the clusterfile allows the change, the server's policy does not.
+    let (code, started) = served.post("/api/v1/runs", "{}");
+    assert_eq!(code, 202, "{started}");
+    let id = started["run"].as_str().unwrap().to_string();
+    wait_for("the run to end", Duration::from_secs(30), || {
+        let (code, run) = served.get(&format!("/api/v1/runs/{id}"));
+        code == 200 && serde_json::from_str::<Value>(&run).is_ok_and(|r| r["state"] == "failed")
+    });
+    let run = served.json(&format!("/api/v1/runs/{id}"), 200);
+    let task = run["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["node"] == "change")
+        .unwrap();
+    assert_eq!(task["class"], "policy", "{run}");
+    assert!(
+        task["message"].as_str().unwrap().contains("`.github/**`"),
+        "{run}"
+    );
+}

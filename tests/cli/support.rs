@@ -266,13 +266,20 @@ impl Served {
 
     /// On `port` (0: any free one).
     pub fn start_on(repos: &[&Path], port: u16) -> Served {
+        Served::start_with(repos, port, &[])
+    }
+
+    /// Serves `repos` on `port` (0: a free one), with more arguments to `serve`.
+    pub fn start_with(repos: &[&Path], port: u16, extra: &[&str]) -> Served {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ccluster"));
         cmd.args(["serve", "--addr", &format!("127.0.0.1:{port}")]);
+        cmd.args(extra);
         for r in repos {
             cmd.arg("--repo").arg(r);
         }
         let mut child = cmd
             .env_remove("CCLUSTER_STATE_DIR")
+            .env_remove("CCLUSTER_POLICY")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
