@@ -584,7 +584,8 @@ run = "echo finished"
 const WATCHED_SCRIPT: &str = r#"turn_delay_ms = 1200
 
 [tasks.notes]
-faults = [{ status = 429, retry_after = 0 }]
+# A 429 that does not say when to come back passes the run's model gateway: the worker retries it.
+faults = [{ status = 429 }]
 turns = [
   { text = "Writing the first note", tools = [{ name = "Write", input = { file_path = "{{cwd}}/notes/one.md", content = "one\n" } }] },
   { tools = [{ name = "Write", input = { file_path = "/tmp/ccluster-dashboard-outside-the-tree.txt", content = "x" } }] },
