@@ -295,3 +295,42 @@ rehearsal = { turns = [{ tools = [{ name = "Read", input = { file_path = "{{cwd}
     assert_eq!(failed[0]["task"], "chatty");
     assert_eq!(failed[0]["class"], "max_turns");
 }
+
+#[test]
+fn an_inherited_setting_over_the_policy_is_one_error_at_the_defaults() {
+    let s = Sandbox::new(
+        r#"version = 1
+[policy]
+max_turns = 5
+
+[defaults.claude]
+max_turns = 9
+
+[tasks.a]
+prompt = "A"
+
+[tasks.b]
+prompt = "B"
+"#,
+    );
+    let out = s
+        .command(&["validate", "clusterfile.toml", "--output", "json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let found: Vec<&serde_json::Value> = doc["diagnostics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["code"] == "policy-max-turns")
+        .collect();
+    assert_eq!(found.len(), 1, "{doc}");
+    assert!(
+        found[0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("`[defaults.claude]` asks for 9 turns"),
+        "{doc}"
+    );
+}

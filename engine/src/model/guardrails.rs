@@ -131,6 +131,19 @@ struct Asked<'a, T> {
     span: Span,
     /// Written in another file than the clusterfile (a template's task).
     elsewhere: Option<&'a SourceFile>,
+    /// Inherited from `[defaults.claude]`, not the task's own.
+    inherited: bool,
+}
+
+impl<T> Asked<'_, T> {
+    /// Who asks: the task, or `[defaults.claude]` for every task that inherits it.
+    fn who(&self, task: &str) -> String {
+        if self.inherited {
+            "`[defaults.claude]`".to_string()
+        } else {
+            task.to_string()
+        }
+    }
 }
 
 fn asked<'a, T>(
@@ -144,12 +157,14 @@ fn asked<'a, T>(
             value: &s.value,
             span: s.span,
             elsewhere: task_file,
+            inherited: false,
         });
     }
     defaults.and_then(&f).map(|s| Asked {
         value: &s.value,
         span: s.span,
         elsewhere: None,
+        inherited: true,
     })
 }
 
@@ -195,7 +210,8 @@ fn guard_agent(
                             over(
                                 "policy-permission-mode",
                                 format!(
-                                    "{who} asks for `permission_mode = \"{}\"`, more than the policy allows",
+                                    "{} asks for `permission_mode = \"{}\"`, more than the policy allows",
+                                    a.who(who),
                                     mode.name()
                                 ),
                             ),
@@ -225,7 +241,8 @@ fn guard_agent(
                             over(
                                 "policy-max-turns",
                                 format!(
-                                    "{who} asks for {turns} turns, more than the policy allows"
+                                    "{} asks for {turns} turns, more than the policy allows",
+                                    a.who(who)
                                 ),
                             ),
                             &a,
@@ -253,7 +270,8 @@ fn guard_agent(
                             over(
                                 "policy-max-budget",
                                 format!(
-                                    "{who} asks for a budget of ${usd}, more than the policy allows"
+                                    "{} asks for a budget of ${usd}, more than the policy allows",
+                                    a.who(who)
                                 ),
                             ),
                             &a,
@@ -282,13 +300,18 @@ fn guard_agent(
                     value: &rule.value,
                     span: rule.span,
                     elsewhere: a.elsewhere,
+                    inherited: a.inherited,
                 };
                 if let Some((d_rule, d_span)) = denied.iter().find(|(d, _)| covers(d, &rule.value))
                 {
                     let d = place(
                         over(
                             "policy-denied-tool",
-                            format!("{who} allows `{}`, which the policy denies", rule.value),
+                            format!(
+                                "{} allows `{}`, which the policy denies",
+                                one.who(who),
+                                rule.value
+                            ),
                         ),
                         &one,
                         "denied by the policy".to_string(),
@@ -308,7 +331,8 @@ fn guard_agent(
                             over(
                                 "policy-tool-not-allowed",
                                 format!(
-                                    "{who} allows `{}`, which the policy does not allow",
+                                    "{} allows `{}`, which the policy does not allow",
+                                    one.who(who),
                                     rule.value
                                 ),
                             ),
@@ -368,6 +392,7 @@ pub fn apply(
     let none = RawPolicy::default();
     let layers = layers(raw, operator, &none);
     let defaults = raw.defaults.as_ref().and_then(|d| d.claude.as_ref());
+    let found_before = diags.len();
     for task in &mut workflow.tasks {
         let raw_task = raw.tasks.get(task.id.as_str());
         let task_file = raw_task.and_then(|t| t.origin.as_ref()).map(|o| &o.file);
@@ -406,6 +431,18 @@ pub fn apply(
                 &layers,
                 diags,
             );
+        }
+    }
+    // A `[defaults.claude]` key over the policy is one error, not one per task inheriting it.
+    let mut seen = std::collections::HashSet::new();
+    let mut i = found_before;
+    while i < diags.len() {
+        let d = &diags[i];
+        let key = (d.code, d.span, d.file.as_ref().map(|f| f.name.clone()));
+        if seen.insert(key) {
+            i += 1;
+        } else {
+            diags.remove(i);
         }
     }
     // The run's budget.
