@@ -107,7 +107,7 @@ prompt = "Spend a little"
     std::fs::write(
         s.path().join("script.toml"),
         format!(
-            "turn_delay_ms = 700\n[tasks.capped]\nusage = [250000, 10]\nturns = [{}]\n[tasks.free]\nusage = [250000, 10]\nturns = [{}]\n",
+            "turn_delay_ms = 1500\n[tasks.capped]\nusage = [250000, 10]\nturns = [{}]\n[tasks.free]\nusage = [250000, 10]\nturns = [{}]\n",
             turns(7),
             turns(3)
         ),
@@ -141,23 +141,25 @@ prompt = "Spend a little"
             if status["run"]["state"] != "running" && !seen.is_empty() {
                 break;
             }
-            let so_far: f64 = status["tasks"]
+            // The capped agent's cost so far, as `status` tells it.
+            if let Some(so_far) = status["tasks"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter_map(|t| t["live_cost_usd"].as_f64())
-                .sum();
-            if so_far > 0.0 {
-                seen.push(so_far);
+                .find(|t| t["node"] == "capped")
+                .and_then(|t| t["live_cost_usd"].as_f64())
+            {
+                if seen.last() != Some(&so_far) {
+                    seen.push(so_far);
+                }
             }
         }
         std::thread::sleep(std::time::Duration::from_millis(150));
     }
     let done = crate::support::Applied::from_output(child.wait_with_output().unwrap());
-    assert!(
-        seen.windows(2).any(|w| w[1] > w[0]),
-        "the cost so far never grew: {seen:?}"
-    );
+    // It grew, response by response, and never shrank.
+    assert!(seen.len() >= 2, "the cost so far never grew: {seen:?}");
+    assert!(seen.windows(2).all(|w| w[1] > w[0]), "{seen:?}");
     // The capped agent was stopped by its own budget, at the clusterfile's prices: the CLI's
     // own `--max-budget-usd 5` (at $1 a response) would have let it make five responses.
     let failed = done.of("task_failed");

@@ -394,16 +394,27 @@ fn after_kill_9_the_next_apply_adopts_what_containers_did_and_leaves_none() {
     assert_eq!(daemon.containers(), "");
 
     // Running on `api-only`, whose proxy died with ccluster: stopped, and the task runs again.
+    // It is let go only once the next apply has started it again: were it let go before, it
+    // could end before that apply looks (under load), and a finished container is harvested.
     let since = unix_now();
     let (s, signals) = waiter("api-only");
     kill_once_started(&daemon, &mut daemon.ccluster(&s, &["apply"]));
+    let child = daemon
+        .ccluster(&s, &["apply", "--output", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while runs_since(&daemon, &s, since) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the task was not started again"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     std::fs::write(signals.path().join("go"), "").unwrap();
-    let run = Applied::from_output(
-        daemon
-            .ccluster(&s, &["apply", "--output", "json"])
-            .output()
-            .unwrap(),
-    );
+    let run = Applied::from_output(child.wait_with_output().unwrap());
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert_eq!(runs_since(&daemon, &s, since), 2);
     assert!(!run.stdout.contains("\"adopted\""), "{}", run.stdout);
