@@ -48,6 +48,35 @@ struct Pace {
     left: f64,
 }
 
+impl Pace {
+    fn new() -> Pace {
+        Pace {
+            interval: Duration::ZERO,
+            next: Instant::now(),
+            last_cut: None,
+            limit_per_minute: None,
+            left: 0.0,
+        }
+    }
+}
+
+/// A client of the model API.
+type ModelApiClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+/// The client of the model API: `http://` or `https://` (TLS with the system's roots).
+fn model_api_client() -> Result<ModelApiClient, String> {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_native_roots(rustls::crypto::ring::default_provider())
+        .map_err(|e| format!("cannot read the system's root certificates: {e}"))?
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(Client::builder(hyper_util::rt::TokioExecutor::new()).build(https))
+}
+
 /// What an answer says of the API's request limit: (requests a minute, requests left).
 fn request_limit(headers: &HeaderMap) -> Option<(f64, f64)> {
     let number = |name: &str| {
@@ -70,10 +99,7 @@ fn request_limit(headers: &HeaderMap) -> Option<(f64, f64)> {
 struct Shared {
     /// `scheme://authority[/path]` of the model API, without a trailing `/`.
     upstream: String,
-    client: Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        Full<Bytes>,
-    >,
+    client: ModelApiClient,
     pace: Mutex<Pace>,
     counts: Mutex<Counts>,
 }
@@ -175,23 +201,10 @@ impl Gateway {
                 "the model API `{upstream}` is not an http:// or https:// URL"
             ));
         }
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_native_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| format!("cannot read the system's root certificates: {e}"))?
-            .https_or_http()
-            .enable_http1()
-            .build();
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
         let shared = Arc::new(Shared {
             upstream,
-            client,
-            pace: Mutex::new(Pace {
-                interval: Duration::ZERO,
-                next: Instant::now(),
-                last_cut: None,
-                limit_per_minute: None,
-                left: 0.0,
-            }),
+            client: model_api_client()?,
+            pace: Mutex::new(Pace::new()),
             counts: Mutex::new(Counts::default()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -350,21 +363,8 @@ mod tests {
     fn shared() -> Shared {
         Shared {
             upstream: String::new(),
-            client: Client::builder(hyper_util::rt::TokioExecutor::new()).build(
-                hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_provider_and_native_roots(rustls::crypto::ring::default_provider())
-                    .unwrap()
-                    .https_or_http()
-                    .enable_http1()
-                    .build(),
-            ),
-            pace: Mutex::new(Pace {
-                interval: Duration::ZERO,
-                next: Instant::now(),
-                last_cut: None,
-                limit_per_minute: None,
-                left: 0.0,
-            }),
+            client: model_api_client().unwrap(),
+            pace: Mutex::new(Pace::new()),
             counts: Mutex::new(Counts::default()),
         }
     }

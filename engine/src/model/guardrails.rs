@@ -397,8 +397,8 @@ pub fn apply(
         let raw_task = raw.tasks.get(task.id.as_str());
         let task_file = raw_task.and_then(|t| t.origin.as_ref()).map(|o| &o.file);
         let who = format!("task `{}`", task.id);
-        match &mut task.action {
-            Action::Agent { settings, .. } => guard_agent(
+        if let Action::Agent { settings, .. } = &mut task.action {
+            guard_agent(
                 settings,
                 &who,
                 raw_task.and_then(|t| t.claude.as_ref()),
@@ -406,22 +406,17 @@ pub fn apply(
                 defaults,
                 &layers,
                 diags,
-            ),
+            );
+        }
+        // The agents that resolve conflicts (a git merge's, a task graph's) take `[defaults]`.
+        let resolvers = match &mut task.action {
             Action::Merge {
                 agent: Some(settings),
                 ..
-            } => guard_agent(
-                settings,
-                &format!("the agent resolving {who}'s conflicts"),
-                None,
-                None,
-                defaults,
-                &layers,
-                diags,
-            ),
-            _ => {}
-        }
-        if let Some(settings) = &mut task.conflict_agent {
+            } => vec![settings],
+            _ => Vec::new(),
+        };
+        for settings in resolvers.into_iter().chain(task.conflict_agent.as_mut()) {
             guard_agent(
                 settings,
                 &format!("the agent resolving {who}'s conflicts"),
