@@ -69,6 +69,29 @@ mod exit {
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    logs: LogArgs,
+}
+
+/// Logs (the progress on the terminal stays as it is): see docs/observability.md.
+#[derive(Args)]
+struct LogArgs {
+    /// Log ccluster's spans and events at this level (`error`, `warn`, `info`, `debug`, `trace`),
+    /// or by full `RUST_LOG` directives (default: `RUST_LOG`; none for text, `info` for JSON).
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Log lines as text, or as one JSON object per line (with `run`, `task`, `attempt`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Write logs to FILE (appended) instead of stderr.
+    #[arg(long, global = true, value_name = "FILE")]
+    log_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -498,6 +521,10 @@ struct RunArgs {
     /// run's git endpoint (default: the address the API server is reached from).
     #[arg(long, env = "CCLUSTER_ADVERTISE_ADDR", value_name = "IP[:PORT]")]
     advertise_addr: Option<String>,
+    /// Serve the run's metrics as Prometheus text at `http://ADDR/metrics` while it runs
+    /// (port 0: any free port, said on stderr).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl RunArgs {
@@ -582,6 +609,7 @@ fn serve(
     repos: Vec<PathBuf>,
     insecure: bool,
     policy: Option<PathBuf>,
+    metrics: Option<ccluster_engine::telemetry::MetricsText>,
 ) -> u8 {
     // Read now, so a broken policy stops the server rather than every run it starts.
     if let Err(code) = read_policy(policy.as_deref()) {
@@ -625,6 +653,7 @@ fn serve(
         repos,
         exe,
         policy,
+        metrics,
     };
     match rt.block_on(ccluster_engine::serve::serve(config)) {
         Ok(()) => 0,
@@ -655,6 +684,38 @@ fn main() -> ExitCode {
         // Commands that run tasks work under supervising processes: no task outlives ccluster.
         #[cfg(target_os = "linux")]
         supervisor::split();
+    }
+    // After the split: the exporters' threads belong to the process that runs the tasks.
+    let metrics_addr = match &cli.command {
+        Command::Apply { run, .. } | Command::Run { run, .. } => run.metrics_addr,
+        Command::Retry { options, .. } => options.metrics_addr,
+        _ => None,
+    };
+    let serving = matches!(cli.command, Command::Serve { .. });
+    let telemetry = match ccluster_engine::telemetry::init(ccluster_engine::telemetry::Settings {
+        log_level: cli.logs.log_level.clone(),
+        log_format: match cli.logs.log_format {
+            LogFormat::Text => ccluster_engine::telemetry::LogFormat::Text,
+            LogFormat::Json => ccluster_engine::telemetry::LogFormat::Json,
+        },
+        log_file: cli.logs.log_file.clone(),
+        prometheus: serving || metrics_addr.is_some(),
+        service: "ccluster",
+    }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(exit::INVALID_INPUT);
+        }
+    };
+    if let (Some(addr), Some(metrics)) = (metrics_addr, telemetry.metrics_text()) {
+        match ccluster_engine::telemetry::serve_metrics(addr, metrics) {
+            Ok(bound) => eprintln!("metrics on http://{bound}/metrics"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(exit::INVALID_INPUT);
+            }
+        }
     }
     let code = match cli.command {
         Command::Validate {
@@ -761,7 +822,7 @@ fn main() -> ExitCode {
             repos,
             insecure,
             policy,
-        } => serve(addr, repos, insecure, policy),
+        } => serve(addr, repos, insecure, policy, telemetry.metrics_text()),
         Command::Runs { output, state } => runs::runs(&state.dir(None), output == ListFormat::Json),
         Command::Status {
             run,

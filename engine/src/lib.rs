@@ -16,6 +16,7 @@ pub mod scripted;
 pub mod secrets;
 pub mod serve;
 pub mod syntax;
+pub mod telemetry;
 
 pub use compile::{compile, compile_file, compile_file_with, compile_with, Compiled, Stage};
 pub use diagnostic::{Diagnostic, SourceFile};

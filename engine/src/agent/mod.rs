@@ -397,6 +397,9 @@ pub struct Usage {
     /// the CLI had spent by then (its session's `cost-state`), else the tokens streamed so far.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub partial: bool,
+    /// The model that did most of the work (most output tokens), as the result names it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub model: String,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -420,6 +423,9 @@ impl Usage {
                 a.denials += b.denials;
                 a.partial |= b.partial;
                 a.duration_ms += b.duration_ms;
+                if a.model.is_empty() {
+                    a.model = b.model.clone();
+                }
                 Some(a)
             }
         }
@@ -680,6 +686,14 @@ impl Transcript {
             });
         u.session_id = session;
         u.turns = self.messages.len() as u32;
+        if u.model.is_empty() {
+            u.model = self
+                .priced
+                .values()
+                .map(|(model, _)| model.clone())
+                .find(|m| !m.is_empty())
+                .unwrap_or_default();
+        }
         u.denials = self.denials;
         u.partial = true;
         Some(u)
@@ -702,6 +716,11 @@ impl Transcript {
             ..Usage::default()
         };
         if let Some(models) = r["modelUsage"].as_object() {
+            u.model = models
+                .iter()
+                .max_by_key(|(_, m)| m["outputTokens"].as_u64().unwrap_or(0))
+                .map(|(name, _)| name.clone())
+                .unwrap_or_default();
             for m in models.values() {
                 u.input_tokens += m["inputTokens"].as_u64().unwrap_or(0);
                 u.output_tokens += m["outputTokens"].as_u64().unwrap_or(0);

@@ -460,6 +460,10 @@ impl DockerRunner {
 }
 
 impl Runner for DockerRunner {
+    fn kind(&self) -> &'static str {
+        "docker"
+    }
+
     fn run(&self, spec: ProcessSpec, stop: watch::Receiver<Stop>) -> ProcessFuture {
         let network = self.network_of(&spec);
         if let Some(refusal) = unreachable_model_api(&spec, network) {

@@ -13,12 +13,24 @@ pub enum Event {
         run: String,
         workflow: String,
         nodes: usize,
+        /// The run's `max_run_usd`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_run_usd: Option<f64>,
         time_ms: u64,
     },
     TaskStarted {
         run: String,
         task: String,
         attempt: u32,
+        /// `shell`, `agent`, `merge` or `outputs`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kind: Option<String>,
+        /// The kind of runner it runs on: `local`, `docker` or `kubernetes`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        runner: Option<String>,
+        /// How long the attempt waited for a slot after it was ready.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        queued_ms: Option<u64>,
         time_ms: u64,
     },
     TaskRetrying {
@@ -28,6 +40,11 @@ pub enum Event {
         class: FailureClass,
         delay_ms: u64,
         message: String,
+        /// How long the failed attempt took.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        duration_ms: Option<u64>,
+        #[serde(flatten)]
+        facts: AttemptFacts,
         time_ms: u64,
     },
     TaskSucceeded {
@@ -35,6 +52,8 @@ pub enum Event {
         task: String,
         attempt: u32,
         duration_ms: u64,
+        #[serde(flatten)]
+        facts: AttemptFacts,
         time_ms: u64,
     },
     /// Not run: a result with the same cache key exists (from `from_run`).
@@ -59,6 +78,11 @@ pub enum Event {
         class: Option<FailureClass>,
         exit_code: Option<i32>,
         message: String,
+        /// How long the failed attempt took; absent when it failed before running.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        duration_ms: Option<u64>,
+        #[serde(flatten)]
+        facts: AttemptFacts,
         time_ms: u64,
     },
     TaskSkipped {
@@ -112,6 +136,51 @@ pub enum Event {
         duration_ms: u64,
         time_ms: u64,
     },
+}
+
+/// What an attempt used and how long its steps took, on the event that ends it: what metrics
+/// are made of (by `apply` from its own events, by `serve` from event logs).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct AttemptFacts {
+    /// The agent's tokens and cost (its resolving agents' too, for a merge).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<AttemptUsage>,
+    /// Its steps in order: `workspace.create`, `workspace.merge`, `setup`, `runner.run`,
+    /// `workspace.commit`, `artifacts.collect`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepTime>,
+    /// The branches it merged into its workspace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merges: Option<MergeCount>,
+}
+
+/// An agent attempt's usage.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct AttemptUsage {
+    /// The model that did most of the work (most output tokens).
+    pub model: String,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_creation_tokens: u64,
+    pub cost_usd: f64,
+}
+
+/// How long one step of an attempt took.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct StepTime {
+    pub step: String,
+    pub ms: u64,
+}
+
+/// Merges into an attempt's workspace: clean ones, conflicted ones (and of those, resolved), and
+/// the files in conflict.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct MergeCount {
+    pub clean: u32,
+    pub conflicted: u32,
+    pub resolved: u32,
+    pub conflicted_files: u32,
 }
 
 /// An instance of a task graph, in `map_expanded`: its plan node and the nodes it runs after.
@@ -188,7 +257,11 @@ impl EventSink for EventLog<'_> {
                 self.out = None;
             }
         }
-        self.inner.emit(masked.as_ref().unwrap_or(event));
+        let event = masked.as_ref().unwrap_or(event);
+        // Logs and metrics see what the log file does: the masked event.
+        crate::telemetry::spans::log_event(event);
+        crate::telemetry::metrics::observe(event);
+        self.inner.emit(event);
     }
 
     fn flush(&mut self) {
@@ -225,6 +298,8 @@ mod tests {
                 class: Some(FailureClass::ExitCode),
                 exit_code: Some(1),
                 message: format!("printed {value} and failed"),
+                duration_ms: None,
+                facts: AttemptFacts::default(),
                 time_ms: 1,
             });
             log.emit(&Event::TaskProgress {

@@ -63,6 +63,56 @@ pub struct JobResult {
     /// `None` when there was nothing to keep (no workspace, no globs).
     pub artifacts: Option<ArtifactRecord>,
     pub usage: Option<crate::agent::Usage>,
+    /// How long each step took, in order.
+    pub steps: Vec<super::StepTime>,
+    /// The merges into its workspace.
+    pub merges: Option<super::MergeCount>,
+}
+
+/// The steps of an attempt as they are timed: each is a span (a child of the attempt's) and a
+/// [`super::StepTime`] of the result. Shared by the attempt's futures, hence the lock.
+#[derive(Default)]
+struct Steps {
+    times: std::sync::Mutex<Vec<super::StepTime>>,
+    merges: std::sync::Mutex<Option<super::MergeCount>>,
+}
+
+impl Steps {
+    fn push(&self, step: &'static str, took: Duration) {
+        self.times
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(super::StepTime {
+                step: step.to_string(),
+                ms: took.as_millis() as u64,
+            });
+    }
+
+    async fn time<T>(&self, step: &'static str, work: impl std::future::Future<Output = T>) -> T {
+        use tracing::Instrument as _;
+        let span = tracing::info_span!("step", otel.name = step, ccluster.operation = step);
+        let t0 = std::time::Instant::now();
+        let out = work.instrument(span).await;
+        self.push(step, t0.elapsed());
+        out
+    }
+
+    fn time_sync<T>(&self, step: &'static str, work: impl FnOnce() -> T) -> T {
+        let span = tracing::info_span!("step", otel.name = step, ccluster.operation = step);
+        let t0 = std::time::Instant::now();
+        let out = span.in_scope(work);
+        self.push(step, t0.elapsed());
+        out
+    }
+
+    fn merged(&self, count: impl FnOnce(&mut super::MergeCount)) {
+        count(
+            self.merges
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert_with(Default::default),
+        );
+    }
 }
 
 /// The output of a shell task from its stdout.
@@ -113,6 +163,19 @@ fn git_failure(
 }
 
 pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>) -> JobResult {
+    let steps = Steps::default();
+    let mut result = attempt(job, runner, stop, &steps).await;
+    result.steps = steps.times.into_inner().unwrap_or_else(|e| e.into_inner());
+    result.merges = steps.merges.into_inner().unwrap_or_else(|e| e.into_inner());
+    result
+}
+
+async fn attempt(
+    job: Job,
+    runner: Arc<dyn Runner>,
+    stop: watch::Receiver<Stop>,
+    steps: &Steps,
+) -> JobResult {
     let mut record = ArtifactRecord {
         attempt: job.attempt,
         dir: job.artifact_dir.display().to_string(),
@@ -126,12 +189,16 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
         commit: None,
         artifacts: Some(record),
         usage: None,
+        steps: Vec::new(),
+        merges: None,
     };
 
     let Some(ws) = &job.workspace else {
-        let mut result = run_command(&job, &runner, stop).await;
+        let mut result = run_command(&job, &runner, stop, steps).await;
         if keep {
-            collect(&job, &job.root, &mut record);
+            steps.time_sync("artifacts.collect", || {
+                collect(&job, &job.root, &mut record)
+            });
             result.artifacts = Some(record);
         }
         return result;
@@ -142,7 +209,13 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
         let (process, class, message) = git_failure(error, class, context);
         fail(record, process, class, message)
     };
-    let copied = match workspace::create(ws, &job.copy_from, &limits).await {
+    let copied = match steps
+        .time(
+            "workspace.create",
+            workspace::create(ws, &job.copy_from, &limits),
+        )
+        .await
+    {
         Ok(copied) => copied,
         Err(e) => {
             return git_fail(record, e, FailureClass::SetupError, &|e| {
@@ -158,9 +231,29 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
         r
     };
     for (i, input) in ws.merge.iter().enumerate() {
-        let mut conflict = match workspace::merge_one(ws, input, &ws.merge[..i], &limits).await {
-            Ok(MergeStep::Merged) => continue,
-            Ok(MergeStep::Conflicted(c)) => c,
+        let merged = steps
+            .time(
+                "workspace.merge",
+                workspace::merge_one(ws, input, &ws.merge[..i], &limits),
+            )
+            .await;
+        let mut conflict = match merged {
+            Ok(MergeStep::Merged) => {
+                steps.merged(|m| m.clean += 1);
+                continue;
+            }
+            Ok(MergeStep::Conflicted(c)) => {
+                tracing::info!(
+                    from = %input.node,
+                    files = c.files.len(),
+                    "merge conflict"
+                );
+                steps.merged(|m| {
+                    m.conflicted += 1;
+                    m.conflicted_files += c.files.len() as u32;
+                });
+                c
+            }
             Err(e) => {
                 return git_fail(record, e, FailureClass::SetupError, &|e| {
                     format!("cannot merge `{}`: {e}", input.node)
@@ -218,12 +311,19 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
         let left_by_merge = workspace::left_by_merge(ws, &conflict);
         let end = if resolver.argv.is_some() {
             // An agent: its stream-json gives what it spent.
-            let (process, transcript) =
-                run_agent(resolver, &runner, stop.clone(), Default::default(), |_| {}).await;
+            let (process, transcript) = steps
+                .time(
+                    "merge.resolve",
+                    run_agent(resolver, &runner, stop.clone(), Default::default(), |_| {}),
+                )
+                .await;
             resolvers = crate::agent::Usage::plus(resolvers, transcript.usage().as_ref());
             process.end
         } else {
-            runner.run(resolver, stop.clone()).await.end
+            steps
+                .time("merge.resolve", runner.run(resolver, stop.clone()))
+                .await
+                .end
         };
         if end != ProcessEnd::Exited(0) {
             let message = format!(
@@ -255,6 +355,7 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
             );
         }
         conflict.resolved_by = Some(format!("run: {command}"));
+        steps.merged(|m| m.resolved += 1);
         record.conflicts.push(conflict);
     }
     // A task's own changes are measured from where it starts working; a merge's from the run's
@@ -274,7 +375,10 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
     record.base = Some(start.clone());
     if let Some(setup) = job.setup.clone() {
         let command = setup.command.clone();
-        let end = runner.run(setup, stop.clone()).await.end;
+        let end = steps
+            .time("setup", runner.run(setup, stop.clone()))
+            .await
+            .end;
         if end != ProcessEnd::Exited(0) {
             let process = ProcessResult {
                 end: if end == ProcessEnd::Cancelled {
@@ -295,7 +399,7 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
             );
         }
     }
-    let mut result = run_command(&job, &runner, stop).await;
+    let mut result = run_command(&job, &runner, stop, steps).await;
     let mut succeeded = result.failure.is_none() && result.output.is_some();
     if succeeded {
         // A change that holds a secret's value is never committed.
@@ -318,24 +422,25 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
         }
     }
     if succeeded {
-        let published = async {
-            let commit = workspace::commit_all(ws, &copied, &limits).await?;
-            let (changed, patch) =
-                workspace::changes(&ws.path, &start, Some(&commit), &copied, &limits).await?;
-            // `[policy]`: a change it refuses is not published, and its commit is undone (the
-            // files stay in the kept worktree, for inspection).
-            if let Some(violation) = ws
-                .policy
-                .as_ref()
-                .and_then(|p| policy_violation(p, &changed, &patch))
-            {
-                workspace::undo_commits(&ws.path, &start, &limits).await?;
-                return Ok(Err(violation));
-            }
-            workspace::publish(ws, &commit, &limits).await?;
-            Ok::<_, GitError>(Ok((commit, changed, patch)))
-        }
-        .await;
+        let published = steps
+            .time("workspace.commit", async {
+                let commit = workspace::commit_all(ws, &copied, &limits).await?;
+                let (changed, patch) =
+                    workspace::changes(&ws.path, &start, Some(&commit), &copied, &limits).await?;
+                // `[policy]`: a change it refuses is not published, and its commit is undone (the
+                // files stay in the kept worktree, for inspection).
+                if let Some(violation) = ws
+                    .policy
+                    .as_ref()
+                    .and_then(|p| policy_violation(p, &changed, &patch))
+                {
+                    workspace::undo_commits(&ws.path, &start, &limits).await?;
+                    return Ok(Err(violation));
+                }
+                workspace::publish(ws, &commit, &limits).await?;
+                Ok::<_, GitError>(Ok((commit, changed, patch)))
+            })
+            .await;
         match published {
             Ok(Err(violation)) => {
                 result.output = None;
@@ -384,7 +489,9 @@ pub async fn run(job: Job, runner: Arc<dyn Runner>, stop: watch::Receiver<Stop>)
             save_patch(&job, &patch, &mut record);
         }
     }
-    collect(&job, &ws.path.clone(), &mut record);
+    steps.time_sync("artifacts.collect", || {
+        collect(&job, &ws.path.clone(), &mut record)
+    });
     if succeeded {
         // The work is in the run's ref: the checkout is no longer needed.
         workspace::remove(ws).await;
@@ -433,6 +540,7 @@ async fn run_command(
     job: &Job,
     runner: &Arc<dyn Runner>,
     stop: watch::Receiver<Stop>,
+    steps: &Steps,
 ) -> JobResult {
     let mut result = JobResult {
         output: None,
@@ -441,13 +549,15 @@ async fn run_command(
         artifacts: None,
         usage: None,
         process: no_process(),
+        steps: Vec::new(),
+        merges: None,
     };
     let Some(spec) = job.process.clone() else {
         result.output = Some(Value::Null);
         return result;
     };
     let Some(agent) = &job.agent else {
-        result.process = runner.run(spec, stop).await;
+        result.process = steps.time("runner.run", runner.run(spec, stop)).await;
         if result.process.end == ProcessEnd::Exited(0) {
             match shell_output(job.output, &String::from_utf8_lossy(&result.process.stdout)) {
                 Ok(v) => result.output = Some(v),
@@ -456,7 +566,9 @@ async fn run_command(
         }
         return result;
     };
-    let (process, transcript) = run_agent(spec, runner, stop, agent.prices.clone(), |p| {
+    let mut turns = AgentSpans::default();
+    let agent_run = run_agent(spec, runner, stop, agent.prices.clone(), |p| {
+        turns.progress(&p);
         let (kind, detail) = match p {
             crate::agent::Progress::Turn(n) => ("turn", n.to_string()),
             crate::agent::Progress::Tool { name, detail } => {
@@ -487,8 +599,8 @@ async fn run_command(
             detail,
             time_ms: crate::store::now_ms(),
         });
-    })
-    .await;
+    });
+    let (process, transcript) = steps.time("runner.run", agent_run).await;
 
     // An attempt cut short still cost something: what the CLI had spent by then.
     let config_dir = job
@@ -511,6 +623,60 @@ async fn run_command(
     }
     result.process = process;
     result
+}
+
+/// An agent's turns and tool calls as spans, from its stream-json: a turn lasts from its model
+/// response to the next one (or the end), a tool call from the response that asks for it to the
+/// next response, which comes once every call of the turn is answered.
+#[derive(Default)]
+struct AgentSpans {
+    turn: Option<tracing::Span>,
+    tools: Vec<tracing::Span>,
+}
+
+impl AgentSpans {
+    fn progress(&mut self, p: &crate::agent::Progress) {
+        use crate::agent::Progress;
+        match p {
+            Progress::Turn(n) => {
+                self.tools.clear();
+                self.turn = None;
+                self.turn = Some(tracing::info_span!(
+                    "agent.turn",
+                    otel.name = "agent turn",
+                    gen_ai.operation.name = "chat",
+                    ccluster.turn = n,
+                ));
+            }
+            Progress::Tool { name, detail } => {
+                let parent = self.turn.clone().unwrap_or_else(tracing::Span::current);
+                self.tools.push(tracing::info_span!(
+                    parent: &parent,
+                    "agent.tool",
+                    otel.name = %format!("tool {name}"),
+                    gen_ai.operation.name = "execute_tool",
+                    gen_ai.tool.name = %name,
+                    ccluster.tool.detail = %crate::secrets::redact_text(detail),
+                ));
+            }
+            Progress::Denied { tool, reason } => {
+                let parent = self.turn.clone().unwrap_or_else(tracing::Span::current);
+                tracing::info!(
+                    parent: &parent,
+                    tool = %tool,
+                    reason = %crate::secrets::redact_text(reason),
+                    "tool denied"
+                );
+            }
+            Progress::ApiRetry {
+                attempt, status, ..
+            } => {
+                let parent = self.turn.clone().unwrap_or_else(tracing::Span::current);
+                tracing::info!(parent: &parent, attempt, status = %status, "model API retry");
+            }
+            Progress::Cost(_) => {}
+        }
+    }
 }
 
 /// Runs a `claude` worker, reading its stream-json line by line as it arrives: each progress step

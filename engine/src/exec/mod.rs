@@ -22,7 +22,9 @@ pub use dispatcher::{
     apply, check_supported, default_state_dir, ApplyError, ApplyOptions, RunSummary, LIVE_FILE,
     RUN_BUDGET_SPENT,
 };
-pub use events::{Event, EventLog, EventSink, EVENTS_FILE};
+pub use events::{
+    AttemptFacts, AttemptUsage, Event, EventLog, EventSink, MergeCount, StepTime, EVENTS_FILE,
+};
 pub use runner::{LocalRunner, ProcessEnd, ProcessResult, ProcessSpec, Runner, Stop};
 pub use tasks::agent::rehearsal_script;
 pub use tasks::{log_path, PASSED_ENV};

@@ -170,6 +170,11 @@ pub type ProcessFuture = Pin<Box<dyn Future<Output = ProcessResult> + Send>>;
 pub trait Runner: Send + Sync {
     fn run(&self, spec: ProcessSpec, stop: watch::Receiver<Stop>) -> ProcessFuture;
 
+    /// What kind of runner this is (`local`, `docker`, `kubernetes`): a label of its metrics.
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
     /// Finds what dead ccluster processes of the state directory `state_dir` left with this
     /// runner (a killed ccluster cannot clean up), before a new run starts; we hold the state's
     /// lock, so whatever carries its mark is an orphan. Finished or running work a task of the new

@@ -12,6 +12,7 @@ pub mod api;
 pub mod dashboard;
 pub mod graph;
 pub mod live;
+pub mod metrics;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -41,6 +42,8 @@ pub struct ServeConfig {
     pub exe: PathBuf,
     /// The server's policy (absolute): every run it plans, starts or retries is held to it.
     pub policy: Option<PathBuf>,
+    /// The metrics `/metrics` serves (counted from the served runs' event logs).
+    pub metrics: Option<crate::telemetry::MetricsText>,
 }
 
 /// What every request handler shares.
@@ -52,6 +55,8 @@ pub struct Shared {
     pub bodies: api::Bodies,
     /// The server's policy file, given to every `ccluster` it starts (`CCLUSTER_POLICY`).
     pub policy: Option<PathBuf>,
+    pub metrics: Option<crate::telemetry::MetricsText>,
+    pub counted: metrics::EventCounter,
 }
 
 impl Shared {
@@ -199,11 +204,35 @@ pub fn router(shared: Arc<Shared>) -> Router {
                 )
             }),
         )
+        .route("/metrics", get(prometheus_metrics))
         .route("/", get(dashboard::index))
         .route("/assets/{file}", get(dashboard::asset))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(shared)
+}
+
+/// `GET /metrics`: what the served runs' event logs add up to, as Prometheus text.
+async fn prometheus_metrics(
+    axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
+) -> Response {
+    let Some(metrics) = shared.metrics.clone() else {
+        return not_found().await;
+    };
+    let text = tokio::task::spawn_blocking(move || {
+        shared.counted.catch_up(&shared.states);
+        metrics.render()
+    })
+    .await
+    .unwrap_or_default();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::telemetry::PROMETHEUS_TEXT,
+        )],
+        text,
+    )
+        .into_response()
 }
 
 /// Serves until the process is stopped (SIGINT or SIGTERM: connections are closed and the server
@@ -216,6 +245,8 @@ pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
         exe: config.exe.clone(),
         bodies: api::Bodies::default(),
         policy: config.policy.clone(),
+        metrics: config.metrics.clone(),
+        counted: metrics::EventCounter::default(),
     });
     let listener = tokio::net::TcpListener::bind(config.addr).await?;
     let addr = listener.local_addr()?;

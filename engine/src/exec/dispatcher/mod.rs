@@ -40,6 +40,7 @@ use crate::workspace::{self, Input, Repo};
 mod adapt;
 mod graph;
 mod interrupted;
+mod traced;
 
 pub(crate) use graph::graph_of;
 use interrupted::{clean_interrupted, reap_orphans};
@@ -92,6 +93,8 @@ struct Node {
     resumed: bool,
     /// What the session has cost so far, as the CLI last reported it.
     session_cost: f64,
+    /// Its spans, while open (see [`traced`]).
+    spans: traced::NodeSpans,
 }
 
 /// A task of the workflow: its plan nodes (one, or a fan-out's instances) and its aggregate state.
@@ -231,6 +234,8 @@ struct Dispatcher<'a> {
     /// CPU-bound, so only [`Dispatcher::boot_slots`] start at once (unless `--no-adapt`).
     booting: std::collections::HashSet<usize>,
     boot_slots: Option<usize>,
+    /// The run's span: the root of its trace.
+    run_span: tracing::Span,
 }
 
 /// A runner's `max_parallel`, as the dispatcher keeps it.
@@ -396,6 +401,7 @@ pub async fn apply(
     }
     crate::secrets::install(crate::secrets::Redactor::new(&masked));
     let id = new_run_id();
+    let run_id = id.clone();
     let run = RunRecord {
         task_refs: Some(workspace::names::task_refs_prefix(&id)),
         id,
@@ -528,6 +534,7 @@ pub async fn apply(
             })
         }),
         secrets,
+        run_span: crate::telemetry::spans::run(&run_id, &compiled.plan.name),
     };
     d.build(compiled)?;
     crate::serve::graph::PlanGroups::of(&compiled.plan, compiled.workflow.max_run_usd)
@@ -538,12 +545,21 @@ pub async fn apply(
         run: d.run.id.clone(),
         workflow: d.run.workflow.clone(),
         nodes: d.nodes.len(),
+        max_run_usd: d.max_run_usd,
         time_ms: now_ms(),
     });
     // Every event also goes to the run's event log, which `ccluster serve` streams.
     let mut sink = super::EventLog::new(&d.paths.run.join(super::EVENTS_FILE), sink);
     let secret_files = crate::secrets::files_root(&d.run.id);
-    let summary = d.drive(runners.clone(), &mut sink).await;
+    let run_span = d.run_span.clone();
+    let summary = {
+        use tracing::Instrument as _;
+        d.drive(runners.clone(), &mut sink)
+            .instrument(run_span.clone())
+            .await
+    };
+    traced::run_ended(&run_span, &summary);
+    drop(run_span);
     // Whatever an attempt left of its secret files goes with the run.
     let _ = std::fs::remove_dir_all(&secret_files);
     // Kept work nothing adopted is removed with its workspace (adopted work's was moved).
@@ -676,6 +692,7 @@ impl Dispatcher<'_> {
             session: None,
             resumed: false,
             session_cost: 0.0,
+            spans: traced::NodeSpans::default(),
             after: Vec::new(),
             blocks: Vec::new(),
             waiting: 0,
@@ -971,6 +988,8 @@ impl Dispatcher<'_> {
     }
 
     fn enqueue(&mut self, node: usize) {
+        let n = &mut self.nodes[node];
+        n.spans.ready_since.get_or_insert_with(Instant::now);
         let n = &self.nodes[node];
         self.ready
             .push((self.groups[n.group].depth, Reverse(n.order), node));
@@ -988,6 +1007,8 @@ impl Dispatcher<'_> {
             class: None,
             exit_code: None,
             message,
+            duration_ms: None,
+            facts: Default::default(),
             time_ms: now_ms(),
         });
         self.save(node)?;
@@ -996,6 +1017,7 @@ impl Dispatcher<'_> {
 
     /// A node became terminal: its group's count, then the duplicates that waited for it.
     fn node_done(&mut self, node: usize) -> Result<(), ApplyError> {
+        self.task_span_ended(node);
         self.group_node_done(node)?;
         for duplicate in self.dedup.take_waiting(node) {
             if !self.nodes[duplicate].record.state.is_terminal() {
@@ -1606,6 +1628,8 @@ impl Dispatcher<'_> {
                 class: r.class,
                 exit_code: r.exit_code,
                 message: r.message.clone().unwrap_or_default(),
+                duration_ms: None,
+                facts: Default::default(),
                 time_ms,
             },
             TaskState::Skipped => Event::TaskSkipped {
@@ -1679,17 +1703,22 @@ impl Dispatcher<'_> {
                 continue;
             }
             let now = now_ms();
+            let runner = runners.get(&self.nodes[node].plan.runner).clone();
             let n = &mut self.nodes[node];
             n.attempt_started_ms = now;
+            let queued = n.spans.ready_since.take().map(|t| t.elapsed());
             sink.emit(&Event::TaskStarted {
                 run: self.run.id.clone(),
                 task: n.plan.id.clone(),
                 attempt: n.record.attempts,
+                kind: Some(n.plan.action.kind().to_string()),
+                runner: Some(runner.kind().to_string()),
+                queued_ms: queued.map(|q| q.as_millis() as u64),
                 time_ms: now,
             });
             started = true;
             self.running += 1;
-            let runner = runners.get(&self.nodes[node].plan.runner).clone();
+            let (job, span) = self.attempt_span(node, job);
             let stop = if job.agent.is_some() {
                 let (tx, rx) = watch::channel(self.agents_stopped);
                 self.agent_stops.insert(node, tx);
@@ -1697,7 +1726,7 @@ impl Dispatcher<'_> {
             } else {
                 stop.clone()
             };
-            let fut = job::run(job, runner, stop);
+            let fut = tracing::Instrument::instrument(job::run(job, runner, stop), span);
             let t0 = Instant::now();
             procs.spawn(async move { (node, fut.await, t0.elapsed()) });
         }
@@ -1729,6 +1758,7 @@ impl Dispatcher<'_> {
             task: n.plan.id.clone(),
             attempt,
             duration_ms: 0,
+            facts: Default::default(),
             time_ms: now,
         });
         self.succeeded(node)
@@ -1786,6 +1816,7 @@ impl Dispatcher<'_> {
         retry_tx: &mpsc::UnboundedSender<usize>,
     ) -> Result<(), ApplyError> {
         let end = result.process.end.clone();
+        let mut facts = traced::facts_of(&result);
         // An output is masked before anything reads it: the tasks downstream see what a cached
         // result would give them, and their keys match it.
         if let (Some(redactor), Some(output)) = (crate::secrets::active(), result.output.as_mut()) {
@@ -1846,7 +1877,12 @@ impl Dispatcher<'_> {
                 r.denials = Some(r.denials.unwrap_or(0) + u.denials);
             }
         }
+        if let (Some(u), Some(f)) = (&usage, facts.usage.as_mut()) {
+            // This attempt's part of a resumed session's cost.
+            f.cost_usd = u.cost_usd;
+        }
         self.nodes[node].usage = usage;
+        let duration_ms = elapsed.as_millis() as u64;
         let (class, exit_code, signal, message) = match (&result.failure, &end) {
             // Stopped by ccluster for its task's budget (the CLI may have ended it first, by
             // the same budget: then it says so itself, below).
@@ -1887,11 +1923,13 @@ impl Dispatcher<'_> {
                 n.record.commit = result.commit;
                 n.record.finished_ms = Some(now_ms());
                 n.record.message = None;
+                self.attempt_span_ended(node, "succeeded", None, None, &facts);
                 self.events.push(Event::TaskSucceeded {
                     run: self.run.id.clone(),
                     task: plan.id.clone(),
                     attempt,
-                    duration_ms: elapsed.as_millis() as u64,
+                    duration_ms,
+                    facts,
                     time_ms: now_ms(),
                 });
                 return self.succeeded(node);
@@ -1941,6 +1979,8 @@ impl Dispatcher<'_> {
         n.record.class = class;
         n.record.message = Some(message.clone());
         let Some(class) = class else {
+            self.attempt_span_ended(node, "cancelled", None, Some(&message), &facts);
+            let n = &mut self.nodes[node];
             // Stopped while it ran: by a cancel, or by the run's spent budget.
             let reason = match &self.stopping {
                 Some(r) if r.starts_with("stopped:") => r.clone(),
@@ -1973,6 +2013,7 @@ impl Dispatcher<'_> {
                     delay = delay.max(*asked);
                 }
             }
+            self.attempt_span_ended(node, "retried", Some(class), Some(&message), &facts);
             let n = &mut self.nodes[node];
             n.record.state = TaskState::Retrying;
             self.events.push(Event::TaskRetrying {
@@ -1982,6 +2023,8 @@ impl Dispatcher<'_> {
                 class,
                 delay_ms: delay.as_millis() as u64,
                 message,
+                duration_ms: Some(duration_ms),
+                facts,
                 time_ms: now_ms(),
             });
             self.save(node)?;
@@ -1995,6 +2038,7 @@ impl Dispatcher<'_> {
         }
         n.record.state = TaskState::Failed;
         n.record.finished_ms = Some(now_ms());
+        self.attempt_span_ended(node, "failed", Some(class), Some(&message), &facts);
         self.events.push(Event::TaskFailed {
             run: self.run.id.clone(),
             task: plan.id.clone(),
@@ -2002,6 +2046,8 @@ impl Dispatcher<'_> {
             class: Some(class),
             exit_code,
             message,
+            duration_ms: Some(duration_ms),
+            facts,
             time_ms: now_ms(),
         });
         self.save(node)?;

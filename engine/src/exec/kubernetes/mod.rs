@@ -577,6 +577,10 @@ impl Inner {
 }
 
 impl Runner for KubernetesRunner {
+    fn kind(&self) -> &'static str {
+        "kubernetes"
+    }
+
     fn run(&self, spec: ProcessSpec, stop: watch::Receiver<Stop>) -> ProcessFuture {
         let inner = self.inner.clone();
         Box::pin(async move {
