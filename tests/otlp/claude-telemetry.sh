@@ -7,9 +7,14 @@
 #   tests/otlp/claude-telemetry.sh [options] [NAME=VALUE ...]
 #
 #   --protocol P     OTEL_EXPORTER_OTLP_PROTOCOL: grpc (default) or http/protobuf or http/json
+#   --script FILE    the model server's script (docs/agents.md, "The rehearsal script"), for the
+#                    task `telemetry` (the CLI is told it is that task)
+#   --cli-arg ARG    one more argument for `claude -p` (repeatable), e.g. --cli-arg --permission-mode
+#                    --cli-arg acceptEdits
 #   --delay-ms N     the model server waits N ms before each answer (default 0), to see exports
 #                    during a run rather than at its end
 #   --linger S       seconds to keep receiving after the CLI exits (default 3)
+#   --term-after S   send the CLI SIGTERM S seconds after it started (as a timeout would)
 #   --strace         record the CLI's connect() calls (needs strace) and print their addresses
 #   --values         print every data point and attribute value, not only names
 #   --keep DIR       keep the run's files (receiver output, CLI output, HOME) in DIR
@@ -21,13 +26,17 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
-protocol=grpc delay_ms=0 linger=3 use_strace= values= keep=
+script= cli_args=()
+protocol=grpc delay_ms=0 linger=3 term_after= use_strace= values= keep=
 overrides=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --protocol) protocol=$2; shift 2 ;;
     --delay-ms) delay_ms=$2; shift 2 ;;
+    --script) script=$(realpath "$2"); shift 2 ;;
+    --cli-arg) cli_args+=("$2"); shift 2 ;;
     --linger) linger=$2; shift 2 ;;
+    --term-after) term_after=$2; shift 2 ;;
     --strace) use_strace=1; shift ;;
     --values) values=--values; shift ;;
     --keep) keep=$2; shift 2 ;;
@@ -74,7 +83,7 @@ first_line() {
 }
 
 token=test
-CCLUSTER_MODEL_SERVER_TOKEN=$token "$ccluster" model-server --turn-delay-ms "$delay_ms" \
+CCLUSTER_MODEL_SERVER_TOKEN=$token "$ccluster" model-server --turn-delay-ms "$delay_ms" ${script:+--script "$script"} \
   >"$dir/model-server.jsonl" 2>"$dir/model-server.err" &
 pids+=($!)
 "$PYTHON" "$RECEIVER" --out "$dir/otlp.jsonl" >"$dir/receiver.out" 2>"$dir/receiver.err" &
@@ -95,7 +104,7 @@ git -C "$dir/work" -c user.name=t -c user.email=t@localhost commit -q --allow-em
 
 cli_env=(
   PATH=/usr/local/bin:/usr/bin:/bin HOME="$dir/home" TERM=dumb
-  ANTHROPIC_BASE_URL="$model_url" ANTHROPIC_API_KEY=$token
+  ANTHROPIC_BASE_URL="$model_url" ANTHROPIC_API_KEY=$token ANTHROPIC_CUSTOM_HEADERS="X-Ccluster-Task: telemetry"
   CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 DISABLE_AUTOUPDATER=1
   CLAUDE_CODE_ENABLE_TELEMETRY=1
   OTEL_METRICS_EXPORTER=otlp OTEL_LOGS_EXPORTER=otlp OTEL_TRACES_EXPORTER=otlp
@@ -106,7 +115,7 @@ cli_env=(
 echo "model server: $model_url   receiver: grpc $grpc_endpoint, http $http_endpoint"
 echo "CLI environment: ${cli_env[*]}"
 
-cli=("$claude" -p "hello" --output-format stream-json --verbose)
+cli=("$claude" -p "hello" --output-format stream-json --verbose "${cli_args[@]}")
 if [ -n "$use_strace" ]; then
   cli=(strace -f -qq -e trace=connect -e signal=none -o "$dir/connect.strace" "${cli[@]}")
 fi
@@ -131,6 +140,11 @@ print(", ".join(l["signal"] + "/" + l["transport"] for l in map(json.loads, sys.
 echo "arrivals (seconds after the CLI started):"
 while kill -0 "$cli_pid" 2>/dev/null; do
   report_arrivals
+  if [ -n "$term_after" ] && awk -v s="$start" -v n="$(date +%s.%N)" -v t="$term_after" 'BEGIN { exit !(n - s >= t) }'; then
+    echo "  +$(elapsed) s: SIGTERM to the CLI"
+    kill -TERM "$cli_pid" 2>/dev/null || true
+    term_after=
+  fi
   sleep 0.1
 done
 cli_status=0

@@ -100,7 +100,7 @@ def main():
         duration_ms = (int(span.get("end_time_unix_nano", 0)) - int(span.get("start_time_unix_nano", 0))) / 1e6
         print(
             f"  {span['name']}  kind={span.get('kind')}  trace_id={span.get('trace_id')}  span_id={span.get('span_id')}"
-            f"  parent={span.get('parent_span_id', '')}  {duration_ms:.0f} ms  scope={scope}"
+            f"  parent={span.get('parent_span_id', '')}  {duration_ms:.0f} ms  status={span.get('status', {})}  scope={scope}"
         )
         print(f"      attributes={sorted(attrs) if not show_values else json.dumps(attrs, sort_keys=True)}")
         for event in span.get("events", []):
