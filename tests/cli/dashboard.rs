@@ -60,7 +60,7 @@ fn free_port() -> u16 {
 
 /// An HTTP client for loopback only: no proxy from the environment, and error statuses are
 /// answers to look at rather than errors.
-fn http() -> ureq::Agent {
+pub(crate) fn http() -> ureq::Agent {
     ureq::Agent::config_builder()
         .proxy(None)
         .http_status_as_error(false)

@@ -22,6 +22,7 @@ mod invalid;
 mod k8smodel;
 mod library;
 mod logs;
+mod observability;
 mod policy;
 mod procs;
 mod refs;

@@ -143,6 +143,18 @@ fn metric_exporter(
     built.map_err(|e| format!("cannot export metrics over OTLP: {e}"))
 }
 
+/// Spans wait in a queue for the exporter: a run of thousands of tiny tasks ends three spans a
+/// task within a second or two, more than the SDK's default queue (2,048) holds, and a full queue
+/// drops spans. `OTEL_BSP_MAX_QUEUE_SIZE` still decides when it is set.
+fn batch_config() -> opentelemetry_sdk::trace::BatchConfig {
+    let builder = opentelemetry_sdk::trace::BatchConfigBuilder::default();
+    if std::env::var_os("OTEL_BSP_MAX_QUEUE_SIZE").is_some() {
+        builder.build()
+    } else {
+        builder.with_max_queue_size(65_536).build()
+    }
+}
+
 /// The log filter: `--log-level` (a bare level is for ccluster's own targets, others stay at
 /// `warn`), else `RUST_LOG`, else `info` for JSON logs and nothing for text.
 fn log_filter(settings: &Settings) -> Option<tracing_subscriber::EnvFilter> {
@@ -187,7 +199,11 @@ pub fn init(settings: Settings) -> Result<Telemetry, String> {
         (Some(rt), true) => Some(
             SdkTracerProvider::builder()
                 .with_resource(resource.clone().expect("made above"))
-                .with_batch_exporter(span_exporter(rt)?)
+                .with_span_processor(
+                    opentelemetry_sdk::trace::BatchSpanProcessor::builder(span_exporter(rt)?)
+                        .with_batch_config(batch_config())
+                        .build(),
+                )
                 .build(),
         ),
         _ => None,

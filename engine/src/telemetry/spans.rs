@@ -103,7 +103,8 @@ pub fn ended(span: &Span, field: &str, state: &str, class: Option<&str>, message
 }
 
 /// One log line per event of the run, with `run`, `task` and `attempt` as fields (what a log
-/// pipeline filters by); failures at `warn`, the rest at `info`, agent progress at `debug`.
+/// pipeline filters by; `attempt` is 0 on lines about no attempt: cached, skipped, cancelled);
+/// failures at `warn`, the rest at `info`, agent progress at `debug`.
 pub fn log_event(event: &Event) {
     match event {
         Event::RunStarted {
@@ -164,13 +165,21 @@ pub fn log_event(event: &Event) {
             task,
             from_run,
             ..
-        } => tracing::info!(run = %run, task = %task, from_run = %from_run, "task cached"),
+        } => {
+            tracing::info!(run = %run, task = %task, attempt = 0u32, from_run = %from_run, "task cached")
+        }
         Event::TaskDeduplicated {
             run,
             task,
             from_task,
             ..
-        } => tracing::info!(run = %run, task = %task, from_task = %from_task, "task deduplicated"),
+        } => tracing::info!(
+            run = %run,
+            task = %task,
+            attempt = 0u32,
+            from_task = %from_task,
+            "task deduplicated"
+        ),
         Event::TaskFailed {
             run,
             task,
@@ -190,10 +199,14 @@ pub fn log_event(event: &Event) {
         ),
         Event::TaskSkipped {
             run, task, reason, ..
-        } => tracing::info!(run = %run, task = %task, reason = %reason, "task skipped"),
+        } => {
+            tracing::info!(run = %run, task = %task, attempt = 0u32, reason = %reason, "task skipped")
+        }
         Event::TaskCancelled {
             run, task, reason, ..
-        } => tracing::info!(run = %run, task = %task, reason = %reason, "task cancelled"),
+        } => {
+            tracing::info!(run = %run, task = %task, attempt = 0u32, reason = %reason, "task cancelled")
+        }
         Event::TaskProgress {
             run,
             task,
@@ -211,10 +224,12 @@ pub fn log_event(event: &Event) {
         ),
         Event::Warning {
             run, task, message, ..
-        } => tracing::warn!(run = %run, task = %task, message = %message, "warning"),
+        } => {
+            tracing::warn!(run = %run, task = %task, attempt = 0u32, message = %message, "warning")
+        }
         Event::MapExpanded {
             run, task, items, ..
-        } => tracing::info!(run = %run, task = %task, items, "map expanded"),
+        } => tracing::info!(run = %run, task = %task, attempt = 0u32, items, "map expanded"),
         Event::RunFinished {
             run,
             state,
