@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
+import urllib.error
 import urllib.request
 
 import grpc
