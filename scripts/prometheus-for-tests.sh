@@ -14,9 +14,10 @@ find_bin() {
   prometheus=$(command -v prometheus || true)
 }
 
-# PIDs of running `prometheus` server processes (only the binary itself, by its exact name).
+# PIDs of Prometheus daemons run as the package's system user (what its init script starts), so
+# that no test's own Prometheus (run as the test's user) is ever taken for one.
 prometheus_pids() {
-  pgrep -x prometheus || true
+  pgrep -x -u prometheus prometheus 2>/dev/null || true
 }
 
 find_bin

@@ -49,6 +49,10 @@ ccluster=${CCLUSTER_BIN:-$repo/target/debug/ccluster}
 [ -x "$ccluster" ] || { echo "error: no ccluster binary at $ccluster (cargo build, or set CCLUSTER_BIN)" >&2; exit 1; }
 claude=$("$repo/scripts/ensure-claude.sh")
 eval "$("$repo/scripts/otlp-receiver-for-tests.sh")"   # PYTHON, RECEIVER
+if [ -n "$use_strace" ] && [ -n "$term_after" ]; then
+  echo "error: --term-after would signal strace, not the CLI: use one or the other" >&2
+  exit 1
+fi
 if [ -n "$use_strace" ] && ! command -v strace >/dev/null; then
   echo "error: --strace needs strace (apt-get install strace)" >&2
   exit 1

@@ -3,7 +3,7 @@
 
 It serves OTLP/gRPC (TraceService, MetricsService and LogsService Export) and OTLP/HTTP
 (POST /v1/traces, /v1/metrics, /v1/logs with application/x-protobuf or application/json bodies,
-optionally gzip-encoded) on 127.0.0.1, on ports the OS picks. When both listen it prints one JSON
+optionally gzip-encoded or chunked) on 127.0.0.1, on ports the OS picks. When both listen it prints one JSON
 line to stdout:
 
     {"grpc": "127.0.0.1:PORT", "http": "http://127.0.0.1:PORT"}
@@ -133,7 +133,9 @@ def http_handler(recorder):
             if self.path.split("?", 1)[0] != f"/v1/{signal_name}" or signal_name not in SIGNALS:
                 return self._reply(404, "text/plain", b"unknown OTLP path\n")
             request_type, response_type = SIGNALS[signal_name]
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = self._read_body()
+            if body is None:
+                return self._reply(400, "text/plain", b"malformed chunked body\n")
             encoding = (self.headers.get("Content-Encoding") or "").lower()
             try:
                 if encoding == "gzip":
@@ -162,6 +164,24 @@ def http_handler(recorder):
             recorder.record(signal_name, "http", request)
             self._reply(200, content_type, response)
 
+        def _read_body(self):
+            """The request body, by Content-Length or chunked transfer coding (None when malformed)."""
+            if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                chunks = []
+                while True:
+                    size_line = self.rfile.readline(1024).split(b";", 1)[0].strip()
+                    try:
+                        size = int(size_line, 16)
+                    except ValueError:
+                        return None
+                    if size == 0:
+                        while self.rfile.readline(1024).strip():
+                            pass  # trailers
+                        return b"".join(chunks)
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline(1024)  # the CRLF after each chunk
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
         def _reply(self, status, content_type, body):
             self.send_response(status)
             self.send_header("Content-Type", content_type)
@@ -185,7 +205,11 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
-    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    # Exporters batch; gRPC's default 4 MiB limit on a received message would reject big batches.
+    grpc_server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+    )
     traces, metrics, logs = grpc_servicers(recorder)
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(traces, grpc_server)
     metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(metrics, grpc_server)

@@ -10,13 +10,14 @@ Exits 0 and prints "N passed, 0 failed" when everything holds, 1 otherwise.
 """
 
 import gzip
+import http.client
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
-import time
+import urllib.error
 import urllib.request
 
 import grpc
@@ -152,6 +153,18 @@ def main():
             logs_json["resourceLogs"][0]["scopeLogs"][0]["logRecords"][0].update(traceId=TRACE_ID, spanId=PARENT_SPAN_ID)
             post(ready["http"] + "/v1/logs", json.dumps(logs_json).encode(), "application/json")
 
+            # A chunked body (no Content-Length), as some HTTP clients send.
+            connection = http.client.HTTPConnection(ready["http"].removeprefix("http://"), timeout=10)
+            body = trace_request("4444444444444444", "http-chunked-span").SerializeToString()
+            connection.request(
+                "POST", "/v1/traces", body=iter([body[:10], body[10:]]),
+                headers={"Content-Type": "application/x-protobuf"}, encode_chunked=True,
+            )
+            reply = connection.getresponse()
+            reply.read()
+            connection.close()
+            check("chunked http protobuf answered 200", reply.status == 200, reply.status)
+
             try:
                 post(ready["http"] + "/v1/nothing", b"", "application/x-protobuf")
                 check("unknown path is 404", False)
@@ -170,7 +183,7 @@ def main():
         seen = [(line["signal"], line["transport"]) for line in lines]
         expected = [
             ("traces", "grpc"), ("metrics", "grpc"), ("logs", "grpc"),
-            ("traces", "http"), ("metrics", "http"), ("traces", "http"), ("logs", "http"),
+            ("traces", "http"), ("metrics", "http"), ("traces", "http"), ("logs", "http"), ("traces", "http"),
         ]
         check("every request recorded in order", seen == expected, seen)
         spans = [
@@ -178,9 +191,9 @@ def main():
             for line in lines if line["signal"] == "traces"
             for rs in line["request"]["resource_spans"] for ss in rs["scope_spans"] for span in ss["spans"]
         ]
-        check("span names", [s["name"] for s in spans] == ["grpc-span", "http-proto-span", "http-json-span"], spans)
+        check("span names", [s["name"] for s in spans] == ["grpc-span", "http-proto-span", "http-json-span", "http-chunked-span"], spans)
         check("trace ids as hex", all(s["trace_id"] == TRACE_ID for s in spans), spans)
-        check("span ids as hex", [s["span_id"] for s in spans] == ["1111111111111111", "2222222222222222", "3333333333333333"], spans)
+        check("span ids as hex", [s["span_id"] for s in spans] == ["1111111111111111", "2222222222222222", "3333333333333333", "4444444444444444"], spans)
         check("parent span ids as hex", all(s["parent_span_id"] == PARENT_SPAN_ID for s in spans), spans)
         check("preserved proto field names", "start_time_unix_nano" in spans[0], spans[0])
         log = lines[2]["request"]["resource_logs"][0]["scope_logs"][0]["log_records"][0]
