@@ -531,6 +531,7 @@ needs = ["b"]
         .unwrap();
     assert_eq!(failed["level"], "WARN");
     assert_eq!(failed["class"], "exit_code");
+    assert_eq!(failed["error"], "exit code 2");
     // Without flags, nothing but the progress: text logs are off unless asked for.
     let quiet = s
         .command(&["apply"])
@@ -654,7 +655,7 @@ fn prometheus_scrapes_serve_and_a_running_apply_and_finds_the_runs_figures() {
         "version = 1\n[workflow]\nname = \"scraped\"\n[defaults]\ntimeout = \"2m\"\nmax_run_usd = 50.0\n{tasks}[tasks.check]\nrun = \"echo ok\"\n"
     ));
     // Slow answers, so that the run lasts a few scrapes.
-    std::fs::write(s.path().join("script.toml"), "turn_delay_ms = 1500\n").unwrap();
+    std::fs::write(s.path().join("script.toml"), "turn_delay_ms = 2500\n").unwrap();
     let served = Served::start(&[s.path()]);
     let apply_port = free_port();
     let prometheus = Prometheus::start(&[
@@ -664,6 +665,9 @@ fn prometheus_scrapes_serve_and_a_running_apply_and_finds_the_runs_figures() {
         ),
         ("apply", format!("127.0.0.1:{apply_port}")),
     ]);
+    wait_for(30, "a first scrape of the server", || {
+        prometheus.value("up{job=\"serve\"}") == Some(1.0)
+    });
     let run = s
         .command(&[
             "apply",
@@ -683,7 +687,7 @@ fn prometheus_scrapes_serve_and_a_running_apply_and_finds_the_runs_figures() {
     // While it runs, Prometheus scrapes the apply process itself.
     wait_for(60, "a scrape of the running apply", || {
         prometheus
-            .value("sum(ccluster_tasks_running{job=\"apply\"})")
+            .value("max_over_time(sum(ccluster_tasks_running{job=\"apply\"})[5m:500ms])")
             .is_some_and(|n| n >= 1.0)
     });
     let done = Applied::from_output(run.wait_with_output().unwrap());

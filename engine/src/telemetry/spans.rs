@@ -142,7 +142,7 @@ pub fn log_event(event: &Event) {
             attempt,
             class = class.name(),
             delay_ms,
-            message = %message,
+            error = %message,
             "task attempt failed; retrying"
         ),
         Event::TaskSucceeded {
@@ -194,7 +194,7 @@ pub fn log_event(event: &Event) {
             attempt,
             class = class.map_or("", |c| c.name()),
             exit_code = exit_code.unwrap_or_default(),
-            message = %message,
+            error = %message,
             "task failed"
         ),
         Event::TaskSkipped {
@@ -225,7 +225,7 @@ pub fn log_event(event: &Event) {
         Event::Warning {
             run, task, message, ..
         } => {
-            tracing::warn!(run = %run, task = %task, attempt = 0u32, message = %message, "warning")
+            tracing::warn!(run = %run, task = %task, attempt = 0u32, error = %message, "warning")
         }
         Event::MapExpanded {
             run, task, items, ..
