@@ -14,6 +14,9 @@
 #   bench/apply-vs-ninja.sh [N ...]      (default: 1000 10000)
 # With BASELINE=/path/to/an/older/ccluster, each round also runs that build (both ways) right
 # after this one, for a regression check side by side on the same machine and minute.
+# With OTLP=1, each round also runs this build with OpenTelemetry export on
+# (OTEL_EXPORTER_OTLP_ENDPOINT) to a local OTLP receiver (tests/otlp/receiver.py, started here on
+# 127.0.0.1 and stopped by its pid), and checks that every span of the run arrived.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v ninja >/dev/null || { echo "ninja is required: apt-get install ninja-build" >&2; exit 1; }
@@ -35,6 +38,31 @@ median() { # median of column $2 of file $1
 }
 
 fresh() { rm -rf out .ninja_log .ninja_deps .ccluster; mkdir -p out; sleep 1; }
+
+receiver_pid=
+if [ -n "${OTLP:-}" ]; then
+  eval "$(scripts/otlp-receiver-for-tests.sh)"   # PYTHON=..., RECEIVER=...
+  otlp_out=$(mktemp -d)
+  "$PYTHON" "$RECEIVER" --out "$otlp_out/otlp.jsonl" > "$otlp_out/ready" &
+  receiver_pid=$!
+  trap 'kill "$receiver_pid" 2>/dev/null || true; rm -rf "$otlp_out"' EXIT
+  for _ in $(seq 100); do [ -s "$otlp_out/ready" ] && break; sleep 0.1; done
+  otlp_http=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["http"])' "$otlp_out/ready")
+fi
+
+spans_received() { # spans in the receiver's file so far
+  python3 - "$otlp_out/otlp.jsonl" <<'PY'
+import json, sys
+n = 0
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r["signal"] == "traces":
+        for rs in r["request"]["resource_spans"]:
+            for ss in rs.get("scope_spans", []):
+                n += len(ss.get("spans", []))
+print(n)
+PY
+}
 
 for n in "${sizes[@]}"; do
   dir=bench/out/touch-$n
@@ -62,8 +90,18 @@ PY
     run_sh() { fresh; timed sh.cold env CCLUSTER_ALWAYS_SHELL=1 "$bin" apply -j2; test -f out/all; }
     run_base() { fresh; timed base.cold "$BASELINE" apply -j2; test -f out/all; }
     run_basesh() { fresh; timed basesh.cold env CCLUSTER_ALWAYS_SHELL=1 "$BASELINE" apply -j2; test -f out/all; }
+    run_otlp() {
+      fresh
+      local before; before=$(spans_received)
+      timed otlp.cold env OTEL_EXPORTER_OTLP_ENDPOINT="$otlp_http" "$bin" apply -j2
+      test -f out/all
+      # Three spans a task (task, attempt, runner.run) and the run's: none may be lost.
+      local got=$(( $(spans_received) - before ))
+      [ "$got" -ge $(( 3 * (n + 1) + 1 )) ] || { echo "only $got spans arrived for N=$n" >&2; exit 1; }
+    }
     columns=(run_ninja run_cc run_sh)
     [ -z "${BASELINE:-}" ] || columns+=(run_base run_basesh)
+    [ -z "${OTLP:-}" ] || columns+=(run_otlp)
     for round in $(seq "$reps"); do
       for k in $(seq 0 $((${#columns[@]} - 1))); do
         "${columns[$(((round + k) % ${#columns[@]}))]}"
@@ -85,6 +123,15 @@ PY
         "$bc_" "$(echo "scale=2; $bc_ / $nc" | bc)" "$bs" "$(echo "scale=2; $bs / $nc" | bc)" "$BASELINE"
       printf '  every round (wall cpu peak_kb): baseline [%s] through sh [%s]\n' \
         "$(paste -sd, base.cold)" "$(paste -sd, basesh.cold)"
+      printf '  this build / baseline: %sx (wall), cpu %6.2fs / %6.2fs\n' \
+        "$(echo "scale=3; $cc / $bc_" | bc)" "$(median cc.cold 2)" "$(median base.cold 2)"
+    fi
+    if [ -n "${OTLP:-}" ]; then
+      oc=$(median otlp.cold 1)
+      printf '  OTLP on    %6.2fs (cpu %6.2fs, peak %6.1f MB) | OTLP on / off: %sx\n' \
+        "$oc" "$(median otlp.cold 2)" "$(echo "scale=1; $(median otlp.cold 3) / 1024" | bc)" \
+        "$(echo "scale=3; $oc / $cc" | bc)"
+      printf '  every round (wall cpu peak_kb): OTLP on [%s]\n' "$(paste -sd, otlp.cold)"
     fi
   )
 done

@@ -135,12 +135,17 @@ impl Receiver {
 
 impl Drop for Receiver {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
+        stop(&mut self.child);
     }
+}
+
+/// Stops a server the test started: SIGTERM to its pid, then waits for it.
+fn stop(child: &mut Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
 }
 
 #[derive(Clone, Debug)]
@@ -414,7 +419,7 @@ turns = [
 #[test]
 fn the_claude_cli_joins_the_attempts_trace_when_its_own_telemetry_is_on() {
     let receiver = Receiver::start();
-    let s = repo(&format!(
+    let s = repo(
         r#"version = 1
 [workflow]
 name = "joined"
@@ -422,15 +427,17 @@ name = "joined"
 timeout = "2m"
 [tasks.ask]
 prompt = "Say hello"
-env = {{ CLAUDE_CODE_ENABLE_TELEMETRY = "1", CLAUDE_CODE_ENHANCED_TELEMETRY_BETA = "1", OTEL_TRACES_EXPORTER = "otlp", OTEL_METRICS_EXPORTER = "otlp", OTEL_LOGS_EXPORTER = "none", OTEL_EXPORTER_OTLP_PROTOCOL = "grpc", OTEL_EXPORTER_OTLP_ENDPOINT = "{}" }}
 "#,
-        receiver.grpc
-    ));
+    );
+    // Everything over gRPC: ccluster's export, and the workers' own, which
+    // CCLUSTER_AGENT_TELEMETRY switches on with the same endpoint.
     let done = Applied::from_output(
         s.command(&["apply", "--rehearse", "--output", "json"])
             .env("CCLUSTER_CLAUDE_BIN", claude_bin())
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.http)
-            .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
+            .env("CCLUSTER_AGENT_TELEMETRY", "1")
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.grpc)
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+            .env_remove("OTEL_RESOURCE_ATTRIBUTES")
             .env_remove("TRACEPARENT")
             .output()
             .unwrap(),
@@ -446,6 +453,8 @@ env = {{ CLAUDE_CODE_ENABLE_TELEMETRY = "1", CLAUDE_CODE_ENHANCED_TELEMETRY_BETA
         .find(|s| s.name == "claude_code.interaction")
         .unwrap_or_else(|| panic!("the CLI sent no interaction span: {spans:#?}"));
     assert_eq!(interaction.resource["service.name"], "claude-code");
+    assert_eq!(interaction.resource["ccluster.task"], "ask");
+    assert_eq!(interaction.resource["ccluster.workflow"], "joined");
     assert_eq!(interaction.trace, attempt.trace);
     assert_eq!(interaction.parent.as_deref(), Some(attempt.id.as_str()));
     assert!(spans
@@ -629,11 +638,7 @@ impl Prometheus {
 
 impl Drop for Prometheus {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
+        stop(&mut self.child);
     }
 }
 
@@ -652,10 +657,19 @@ fn prometheus_scrapes_serve_and_a_running_apply_and_finds_the_runs_figures() {
         .map(|i| format!("[tasks.agent{i}]\nprompt = \"Work {i}\"\n"))
         .collect();
     let s = repo(&format!(
-        "version = 1\n[workflow]\nname = \"scraped\"\n[defaults]\ntimeout = \"2m\"\nmax_run_usd = 50.0\n{tasks}[tasks.check]\nrun = \"echo ok\"\n"
+        "version = 1\n[workflow]\nname = \"scraped\"\n[defaults]\ntimeout = \"2m\"\nmax_run_usd = 50.0\n{tasks}[tasks.check]\nrun = \"echo ok\"\n[tasks.merge]\nneeds = [{}]\nmerge = {{ strategy = \"git\" }}\n",
+        (0..agents)
+            .map(|i| format!("\"agent{i}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
-    // Slow answers, so that the run lasts a few scrapes.
-    std::fs::write(s.path().join("script.toml"), "turn_delay_ms = 2500\n").unwrap();
+    // Slow answers, so that the run lasts a few scrapes; one overloaded answer, which the
+    // worker's CLI retries.
+    std::fs::write(
+        s.path().join("script.toml"),
+        "turn_delay_ms = 2500\n[tasks.agent0]\nfaults = [{ status = 529 }]\n",
+    )
+    .unwrap();
     let served = Served::start(&[s.path()]);
     let apply_port = free_port();
     let prometheus = Prometheus::start(&[
@@ -696,7 +710,7 @@ fn prometheus_scrapes_serve_and_a_running_apply_and_finds_the_runs_figures() {
     // The server counts the finished run from its event log.
     let succeeded = "sum(ccluster_tasks_finished_total{job=\"serve\",ccluster_task_state=\"succeeded\",ccluster_workflow=\"scraped\"})";
     wait_for(30, "the run's tasks in Prometheus", || {
-        prometheus.value(succeeded) == Some(f64::from(agents + 1))
+        prometheus.value(succeeded) == Some(f64::from(agents + 2))
     });
     let runs = prometheus
         .value("sum(ccluster_runs_finished_total{job=\"serve\",ccluster_run_state=\"succeeded\"})");
@@ -719,7 +733,15 @@ fn prometheus_scrapes_serve_and_a_running_apply_and_finds_the_runs_figures() {
     let attempts = prometheus
         .value("sum(ccluster_attempt_duration_seconds_count{job=\"serve\"})")
         .unwrap();
-    assert_eq!(attempts, f64::from(agents + 1));
+    assert_eq!(attempts, f64::from(agents + 2));
+    let merged = prometheus
+        .value("sum(ccluster_merges_total{job=\"serve\",ccluster_merge_outcome=\"clean\"})")
+        .unwrap();
+    assert_eq!(merged, f64::from(agents));
+    let retried = prometheus
+        .value("sum(ccluster_agent_api_retries_total{job=\"serve\",error_type=\"overloaded\"})")
+        .unwrap();
+    assert!(retried >= 1.0, "{retried}");
     // The apply process's own figures, as last scraped before it ended.
     let started = prometheus
         .value("max_over_time(sum(ccluster_tasks_started_total{job=\"apply\"})[5m:1s])")
@@ -729,5 +751,63 @@ fn prometheus_scrapes_serve_and_a_running_apply_and_finds_the_runs_figures() {
         .value("max_over_time(min(ccluster_run_budget_remaining{job=\"apply\"})[5m:1s])")
         .unwrap();
     assert!(budget_left > 0.0 && budget_left <= 50.0, "{budget_left}");
+    // Every series the shipped Grafana dashboard charts is one Prometheus got from this run
+    // (conflicts aside: this run has none).
+    let mut answer = http()
+        .get(&format!("{}/api/v1/query", prometheus.base))
+        .query(
+            "query",
+            "count by (__name__) (last_over_time({__name__=~\"ccluster_.+\"}[5m]))",
+        )
+        .call()
+        .unwrap();
+    let seen: Value = answer.body_mut().read_json().unwrap();
+    let seen: Vec<&str> = seen["data"]["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["metric"]["__name__"].as_str())
+        .collect();
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("docs/grafana/ccluster.json")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs = Vec::new();
+    let mut stack = vec![&dashboard];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Object(o) => {
+                if let Some(Value::String(e)) = o.get("expr") {
+                    exprs.push(e.clone());
+                }
+                stack.extend(o.values());
+            }
+            Value::Array(a) => stack.extend(a),
+            _ => {}
+        }
+    }
+    // A series is a name with a selector: `ccluster_runs_started_total{...}`.
+    let mut charted = std::collections::BTreeSet::new();
+    for expr in &exprs {
+        for (at, _) in expr.match_indices("ccluster_") {
+            let rest = &expr[at..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(rest.len());
+            if rest[end..].starts_with('{') {
+                charted.insert(rest[..end].to_string());
+            }
+        }
+    }
+    assert!(charted.len() >= 10, "{charted:?}");
+    for name in charted {
+        if name == "ccluster_merge_conflicts_total" {
+            continue;
+        }
+        assert!(
+            seen.contains(&name.as_str()),
+            "the dashboard charts {name}, which Prometheus never saw: {seen:?}"
+        );
+    }
     drop(served);
 }

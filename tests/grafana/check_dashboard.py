@@ -41,10 +41,10 @@ COUNTERS_AND_GAUGES = {
     "ccluster_tasks_finished_total": {"ccluster_workflow", "ccluster_task_state", "error_type"},
     "ccluster_tasks_running": {"ccluster_workflow"},
     "ccluster_agent_token_usage_total": {"ccluster_workflow", "gen_ai_request_model", "gen_ai_token_type", "ccluster_task"},
-    "ccluster_agent_cost_usd_total": {"ccluster_workflow", "gen_ai_request_model", "ccluster_task"},
+    "ccluster_agent_cost_total": {"ccluster_workflow", "gen_ai_request_model", "ccluster_task"},
     "ccluster_agent_api_retries_total": {"ccluster_workflow", "error_type"},
-    "ccluster_run_budget_spent_usd": {"ccluster_run", "ccluster_workflow"},
-    "ccluster_run_budget_remaining_usd": {"ccluster_run", "ccluster_workflow"},
+    "ccluster_run_budget_spent": {"ccluster_run", "ccluster_workflow"},
+    "ccluster_run_budget_remaining": {"ccluster_run", "ccluster_workflow"},
     "ccluster_merges_total": {"ccluster_workflow", "ccluster_merge_outcome"},
     "ccluster_merge_conflicts_total": {"ccluster_workflow"},
 }

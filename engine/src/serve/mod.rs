@@ -61,13 +61,17 @@ pub struct Shared {
 
 impl Shared {
     /// A `ccluster` command as the server starts one: held to the server's policy, or to none
-    /// (not to whatever `CCLUSTER_POLICY` the server's own environment had).
+    /// (not to whatever `CCLUSTER_POLICY` the server's own environment had), exporting no
+    /// metrics of its own.
     pub fn ccluster(&self) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(&self.exe);
         match &self.policy {
             Some(p) => cmd.env("CCLUSTER_POLICY", p),
             None => cmd.env_remove("CCLUSTER_POLICY"),
         };
+        // The server counts its runs' metrics from their event logs (and exports them, when
+        // asked): a run it starts exports its trace only, so that nothing is counted twice.
+        cmd.env("OTEL_METRICS_EXPORTER", "none");
         cmd
     }
 }

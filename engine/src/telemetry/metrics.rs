@@ -109,44 +109,35 @@ fn retry_kind(detail: &str) -> String {
 impl Metrics {
     fn new(meter: &Meter) -> Metrics {
         let live = Arc::new(Mutex::new(Live::default()));
-        let gauge_live = live.clone();
-        meter
-            .u64_observable_gauge("ccluster.runs.running")
-            .with_unit("{run}")
-            .with_description("Runs going on now")
-            .with_callback(move |observer| {
-                let live = gauge_live.lock().unwrap_or_else(|e| e.into_inner());
-                let mut by_workflow: HashMap<&str, u64> = HashMap::new();
-                for run in live.runs.values() {
-                    *by_workflow.entry(&run.workflow).or_default() += 1;
-                }
-                for (workflow, n) in by_workflow {
-                    observer.observe(
-                        n,
-                        &[KeyValue::new("ccluster.workflow", workflow.to_string())],
-                    );
-                }
-            })
-            .build();
-        let gauge_live = live.clone();
-        meter
-            .u64_observable_gauge("ccluster.tasks.running")
-            .with_unit("{task}")
-            .with_description("Task attempts running now")
-            .with_callback(move |observer| {
-                let live = gauge_live.lock().unwrap_or_else(|e| e.into_inner());
-                let mut by_workflow: HashMap<&str, u64> = HashMap::new();
-                for run in live.runs.values() {
-                    *by_workflow.entry(&run.workflow).or_default() += run.running.len() as u64;
-                }
-                for (workflow, n) in by_workflow {
-                    observer.observe(
-                        n,
-                        &[KeyValue::new("ccluster.workflow", workflow.to_string())],
-                    );
-                }
-            })
-            .build();
+        // Gauges of the runs going on, summed by workflow.
+        let by_workflow = |name: &'static str, unit, description, count: fn(&LiveRun) -> u64| {
+            let gauge_live = live.clone();
+            meter
+                .u64_observable_gauge(name)
+                .with_unit(unit)
+                .with_description(description)
+                .with_callback(move |observer| {
+                    let live = gauge_live.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut sums: HashMap<&str, u64> = HashMap::new();
+                    for run in live.runs.values() {
+                        *sums.entry(&run.workflow).or_default() += count(run);
+                    }
+                    for (workflow, n) in sums {
+                        observer.observe(
+                            n,
+                            &[KeyValue::new("ccluster.workflow", workflow.to_string())],
+                        );
+                    }
+                })
+                .build()
+        };
+        by_workflow("ccluster.runs.running", "{run}", "Runs going on now", |_| 1);
+        by_workflow(
+            "ccluster.tasks.running",
+            "{task}",
+            "Task attempts running now",
+            |run| run.running.len() as u64,
+        );
         let gauge_live = live.clone();
         meter
             .f64_observable_gauge("ccluster.run.budget.spent")

@@ -4,6 +4,7 @@
 //! Nothing is installed unless asked for: a run without logs, OTLP or `/metrics` pays for
 //! disabled `tracing` call sites only. Documented in `docs/observability.md`.
 
+pub mod agents;
 pub mod metrics;
 pub mod spans;
 

@@ -399,6 +399,7 @@ pub async fn apply(
     if let Some(agents) = &agents {
         masked.extend(tasks::agent::credentials(agents));
     }
+    masked.extend(crate::telemetry::agents::forwarded_secrets());
     crate::secrets::install(crate::secrets::Redactor::new(&masked));
     let id = new_run_id();
     let run_id = id.clone();

@@ -59,6 +59,14 @@ impl Dispatcher<'_> {
                 spec.env.push(("TRACEPARENT".into(), parent.clone()));
             }
         }
+        if job.agent.is_some() || job.resolve.as_ref().is_some_and(|r| r.argv.is_some()) {
+            let forwarded = crate::telemetry::agents::worker_env(&subject_labels(&subject));
+            for spec in [&mut job.process, &mut job.resolve].into_iter().flatten() {
+                if spec.argv.is_some() {
+                    spec.env.extend(forwarded.iter().cloned());
+                }
+            }
+        }
         let spans = &mut self.nodes[node].spans;
         spans.task = Some(task);
         spans.attempt = Some(attempt.clone());
@@ -114,6 +122,16 @@ impl Dispatcher<'_> {
             record.message.as_deref(),
         );
     }
+}
+
+/// The resource attributes a worker's own telemetry is labelled with.
+fn subject_labels(s: &Subject<'_>) -> Vec<(&'static str, String)> {
+    vec![
+        ("ccluster.run", s.run.to_string()),
+        ("ccluster.workflow", s.workflow.to_string()),
+        ("ccluster.task", s.task.to_string()),
+        ("ccluster.node", s.node.to_string()),
+    ]
 }
 
 /// What an attempt's result tells metrics: its agent's usage, its steps' times, its merges.
