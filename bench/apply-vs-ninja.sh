@@ -33,6 +33,12 @@ timed() { # appends "wall cpu peak_kb" of a command (its output discarded) to th
   rm -f "$t"
 }
 
+paired() { # median over rounds of (column $3 of file $1) / (column $3 of file $2): runs of one round
+  # are minutes apart at most, so the machine's drift cancels out of each ratio
+  paste -d' ' "$1" "$2" | awk -v c="$3" '{ print $c / $(c + 3) }' | sort -n |
+    awk '{ v[NR] = $1 } END { printf "%.3f", v[int((NR + 1) / 2)] }'
+}
+
 median() { # median of column $2 of file $1
   sort -n -k"$2" "$1" | awk -v c="$2" '{ v[NR] = $c } END { print v[int((NR + 1) / 2)] }'
 }
@@ -123,14 +129,15 @@ PY
         "$bc_" "$(echo "scale=2; $bc_ / $nc" | bc)" "$bs" "$(echo "scale=2; $bs / $nc" | bc)" "$BASELINE"
       printf '  every round (wall cpu peak_kb): baseline [%s] through sh [%s]\n' \
         "$(paste -sd, base.cold)" "$(paste -sd, basesh.cold)"
-      printf '  this build / baseline: %sx (wall), cpu %6.2fs / %6.2fs\n' \
-        "$(echo "scale=3; $cc / $bc_" | bc)" "$(median cc.cold 2)" "$(median base.cold 2)"
+      printf '  this build / baseline: medians %sx wall, cpu %6.2fs / %6.2fs | per round (median): %sx wall, %sx cpu\n' \
+        "$(echo "scale=3; $cc / $bc_" | bc)" "$(median cc.cold 2)" "$(median base.cold 2)" \
+        "$(paired cc.cold base.cold 1)" "$(paired cc.cold base.cold 2)"
     fi
     if [ -n "${OTLP:-}" ]; then
       oc=$(median otlp.cold 1)
-      printf '  OTLP on    %6.2fs (cpu %6.2fs, peak %6.1f MB) | OTLP on / off: %sx\n' \
+      printf '  OTLP on    %6.2fs (cpu %6.2fs, peak %6.1f MB) | OTLP on / off: medians %sx | per round (median): %sx wall, %sx cpu\n' \
         "$oc" "$(median otlp.cold 2)" "$(echo "scale=1; $(median otlp.cold 3) / 1024" | bc)" \
-        "$(echo "scale=3; $oc / $cc" | bc)"
+        "$(echo "scale=3; $oc / $cc" | bc)" "$(paired otlp.cold cc.cold 1)" "$(paired otlp.cold cc.cold 2)"
       printf '  every round (wall cpu peak_kb): OTLP on [%s]\n' "$(paste -sd, otlp.cold)"
     fi
   )

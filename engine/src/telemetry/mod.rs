@@ -284,6 +284,7 @@ pub fn init(settings: Settings) -> Result<Telemetry, String> {
             .map_err(|e| format!("cannot install the log subscriber: {e}"))?;
     }
     if tracer.is_some() {
+        TRACING.store(true, std::sync::atomic::Ordering::Relaxed);
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
         );
@@ -363,11 +364,6 @@ impl Telemetry {
             .map(|registry| MetricsText { registry })
     }
 
-    /// Whether spans are exported (and so have a trace context workers can join).
-    pub fn exports_traces(&self) -> bool {
-        self.tracer.is_some()
-    }
-
     /// Exports what is buffered and stops the exporters; called once at the end of the command.
     pub fn shutdown(&mut self) {
         if let Some(tracer) = self.tracer.take() {
@@ -427,10 +423,16 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
     }
 }
 
+/// Spans are exported: only then do they have a context worth asking for.
+static TRACING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// The W3C `traceparent` of `span`, when spans are exported and it has a context.
 pub fn traceparent(span: &tracing::Span) -> Option<String> {
     use opentelemetry::trace::TraceContextExt as _;
     use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if !TRACING.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
     let context = span.context();
     let span_context = context.span().span_context().clone();
     span_context.is_valid().then(|| {
