@@ -15,8 +15,8 @@
 # With BASELINE=/path/to/an/older/ccluster, each round also runs that build (both ways) right
 # after this one, for a regression check side by side on the same machine and minute.
 # With OTLP=1, each round also runs this build with OpenTelemetry export on
-# (OTEL_EXPORTER_OTLP_ENDPOINT) to a local OTLP receiver (tests/otlp/receiver.py, started here on
-# 127.0.0.1 and stopped by its pid), and checks that every span of the run arrived.
+# (OTEL_EXPORTER_OTLP_ENDPOINT) to a local OTLP receiver (tests/otlp/receiver.py --count-only,
+# started here on 127.0.0.1 and stopped by its pid), and checks that every span of the run arrived.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v ninja >/dev/null || { echo "ninja is required: apt-get install ninja-build" >&2; exit 1; }
@@ -49,7 +49,7 @@ receiver_pid=
 if [ -n "${OTLP:-}" ]; then
   eval "$(scripts/otlp-receiver-for-tests.sh)"   # PYTHON=..., RECEIVER=...
   otlp_out=$(mktemp -d)
-  "$PYTHON" "$RECEIVER" --out "$otlp_out/otlp.jsonl" > "$otlp_out/ready" &
+  "$PYTHON" "$RECEIVER" --count-only --out "$otlp_out/otlp.jsonl" > "$otlp_out/ready" &
   receiver_pid=$!
   trap 'kill "$receiver_pid" 2>/dev/null || true; rm -rf "$otlp_out"' EXIT
   for _ in $(seq 100); do [ -s "$otlp_out/ready" ] && break; sleep 0.1; done
@@ -63,9 +63,7 @@ n = 0
 for line in open(sys.argv[1]):
     r = json.loads(line)
     if r["signal"] == "traces":
-        for rs in r["request"]["resource_spans"]:
-            for ss in rs.get("scope_spans", []):
-                n += len(ss.get("spans", []))
+        n += r["spans"]
 print(n)
 PY
 }

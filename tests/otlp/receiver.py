@@ -89,13 +89,20 @@ def base64_ids(value):
 class Recorder:
     """Appends one JSON line per received request to the output file, flushed at once."""
 
-    def __init__(self, path):
+    def __init__(self, path, count_only=False):
         self._file = open(path, "a", encoding="utf-8")
         self._lock = threading.Lock()
+        self._count_only = count_only
 
     def record(self, signal_name, transport, request):
-        rendered = hex_ids(json_format.MessageToDict(request, preserving_proto_field_name=True))
-        line = json.dumps({"signal": signal_name, "transport": transport, "request": rendered})
+        if self._count_only:
+            # For benchmarks: what arrived, counted, so that the receiver's own work (it shares
+            # the machine) stays small beside the exporter's.
+            spans = sum(len(ss.spans) for rs in getattr(request, "resource_spans", []) for ss in rs.scope_spans)
+            line = json.dumps({"signal": signal_name, "transport": transport, "spans": spans})
+        else:
+            rendered = hex_ids(json_format.MessageToDict(request, preserving_proto_field_name=True))
+            line = json.dumps({"signal": signal_name, "transport": transport, "request": rendered})
         with self._lock:
             self._file.write(line + "\n")
             self._file.flush()
@@ -198,9 +205,14 @@ def http_handler(recorder):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="file to append one JSON line per request to")
+    parser.add_argument(
+        "--count-only",
+        action="store_true",
+        help='write {"signal", "transport", "spans": N} per request instead of the request',
+    )
     args = parser.parse_args()
 
-    recorder = Recorder(args.out)
+    recorder = Recorder(args.out, count_only=args.count_only)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

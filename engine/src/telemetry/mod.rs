@@ -264,16 +264,21 @@ pub fn init(settings: Settings) -> Result<Telemetry, String> {
         _ => None,
     };
     // Spans go to OTLP from ccluster's own code only: the exporter's HTTP and gRPC clients trace
-    // too, and exporting their spans would feed the exporter with itself.
+    // too, and exporting their spans would feed the exporter with itself. The log line of each
+    // event of the run is not a span event (it would pile thousands onto the run's span); the
+    // events inside an attempt (a merge's conflict, a denied tool) are. Busy and idle times are
+    // not tracked: the attempt's future enters its span at every poll.
     let otel_layer = tracer.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("ccluster"))
             .with_threads(false)
             .with_location(false)
+            .with_tracked_inactivity(false)
             .with_filter(
                 tracing_subscriber::filter::Targets::new()
                     .with_target("ccluster_engine", tracing::Level::INFO)
-                    .with_target("ccluster", tracing::Level::INFO),
+                    .with_target("ccluster", tracing::Level::INFO)
+                    .with_target(spans::EVENTS, tracing_subscriber::filter::LevelFilter::OFF),
             )
     });
     if fmt_layer.is_some() || otel_layer.is_some() {

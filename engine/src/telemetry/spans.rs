@@ -102,6 +102,10 @@ pub fn ended(span: &Span, field: &str, state: &str, class: Option<&str>, message
     }
 }
 
+/// The target of the run's event lines (`target` in JSON logs): the OpenTelemetry layer leaves
+/// them out, since the spans say the same.
+pub const EVENTS: &str = "ccluster::events";
+
 /// One log line per event of the run, with `run`, `task` and `attempt` as fields (what a log
 /// pipeline filters by; `attempt` is 0 on lines about no attempt: cached, skipped, cancelled);
 /// failures at `warn`, the rest at `info`, agent progress at `debug`.
@@ -112,7 +116,7 @@ pub fn log_event(event: &Event) {
             workflow,
             nodes,
             ..
-        } => tracing::info!(run = %run, workflow = %workflow, nodes, "run started"),
+        } => tracing::info!(target: EVENTS, run = %run, workflow = %workflow, nodes, "run started"),
         Event::TaskStarted {
             run,
             task,
@@ -121,6 +125,7 @@ pub fn log_event(event: &Event) {
             runner,
             ..
         } => tracing::info!(
+            target: EVENTS,
             run = %run,
             task = %task,
             attempt,
@@ -137,6 +142,7 @@ pub fn log_event(event: &Event) {
             message,
             ..
         } => tracing::warn!(
+            target: EVENTS,
             run = %run,
             task = %task,
             attempt,
@@ -153,6 +159,7 @@ pub fn log_event(event: &Event) {
             facts,
             ..
         } => tracing::info!(
+            target: EVENTS,
             run = %run,
             task = %task,
             attempt,
@@ -166,7 +173,7 @@ pub fn log_event(event: &Event) {
             from_run,
             ..
         } => {
-            tracing::info!(run = %run, task = %task, attempt = 0u32, from_run = %from_run, "task cached")
+            tracing::info!(target: EVENTS, run = %run, task = %task, attempt = 0u32, from_run = %from_run, "task cached")
         }
         Event::TaskDeduplicated {
             run,
@@ -174,6 +181,7 @@ pub fn log_event(event: &Event) {
             from_task,
             ..
         } => tracing::info!(
+            target: EVENTS,
             run = %run,
             task = %task,
             attempt = 0u32,
@@ -189,6 +197,7 @@ pub fn log_event(event: &Event) {
             message,
             ..
         } => tracing::warn!(
+            target: EVENTS,
             run = %run,
             task = %task,
             attempt,
@@ -200,12 +209,12 @@ pub fn log_event(event: &Event) {
         Event::TaskSkipped {
             run, task, reason, ..
         } => {
-            tracing::info!(run = %run, task = %task, attempt = 0u32, reason = %reason, "task skipped")
+            tracing::info!(target: EVENTS, run = %run, task = %task, attempt = 0u32, reason = %reason, "task skipped")
         }
         Event::TaskCancelled {
             run, task, reason, ..
         } => {
-            tracing::info!(run = %run, task = %task, attempt = 0u32, reason = %reason, "task cancelled")
+            tracing::info!(target: EVENTS, run = %run, task = %task, attempt = 0u32, reason = %reason, "task cancelled")
         }
         Event::TaskProgress {
             run,
@@ -215,6 +224,7 @@ pub fn log_event(event: &Event) {
             detail,
             ..
         } => tracing::debug!(
+            target: EVENTS,
             run = %run,
             task = %task,
             attempt,
@@ -225,11 +235,13 @@ pub fn log_event(event: &Event) {
         Event::Warning {
             run, task, message, ..
         } => {
-            tracing::warn!(run = %run, task = %task, attempt = 0u32, error = %message, "warning")
+            tracing::warn!(target: EVENTS, run = %run, task = %task, attempt = 0u32, error = %message, "warning")
         }
         Event::MapExpanded {
             run, task, items, ..
-        } => tracing::info!(run = %run, task = %task, attempt = 0u32, items, "map expanded"),
+        } => {
+            tracing::info!(target: EVENTS, run = %run, task = %task, attempt = 0u32, items, "map expanded")
+        }
         Event::RunFinished {
             run,
             state,
@@ -241,6 +253,7 @@ pub fn log_event(event: &Event) {
             duration_ms,
             ..
         } => tracing::info!(
+            target: EVENTS,
             run = %run,
             state = ?state,
             succeeded,
