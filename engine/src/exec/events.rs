@@ -169,7 +169,8 @@ pub struct AttemptUsage {
 /// How long one step of an attempt took.
 #[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct StepTime {
-    pub step: String,
+    /// Borrowed when made by the attempt (one of a few names), owned when read back.
+    pub step: std::borrow::Cow<'static, str>,
     pub ms: u64,
 }
 

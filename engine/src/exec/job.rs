@@ -83,7 +83,7 @@ impl Steps {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(super::StepTime {
-                step: step.to_string(),
+                step: step.into(),
                 ms: took.as_millis() as u64,
             });
     }

@@ -444,7 +444,7 @@ impl Metrics {
                 step.ms as f64 / 1000.0,
                 &[
                     KeyValue::new("ccluster.runner.kind", runner.clone()),
-                    KeyValue::new("ccluster.operation", step.step.clone()),
+                    KeyValue::new("ccluster.operation", step.step.to_string()),
                 ],
             );
         }

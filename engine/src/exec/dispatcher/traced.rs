@@ -85,6 +85,9 @@ impl Dispatcher<'_> {
         let Some(span) = self.nodes[node].spans.attempt.take() else {
             return;
         };
+        if span.is_disabled() {
+            return;
+        }
         if let Some(u) = &facts.usage {
             span.record("gen_ai.request.model", u.model.as_str());
             span.record("gen_ai.usage.input_tokens", u.input_tokens);
@@ -110,6 +113,9 @@ impl Dispatcher<'_> {
             Some(span) => span,
             None => spans::task(&self.run_span, &self.subject(node)),
         };
+        if span.is_disabled() {
+            return;
+        }
         let record = &self.nodes[node].record;
         if let Some(from) = &record.cached_from {
             span.record("ccluster.cached_from", from.as_str());
@@ -152,6 +158,9 @@ pub(super) fn facts_of(result: &JobResult) -> AttemptFacts {
 
 /// Records how the run ended on its span.
 pub(super) fn run_ended(span: &Span, summary: &Result<RunSummary, ApplyError>) {
+    if span.is_disabled() {
+        return;
+    }
     match summary {
         Ok(s) => {
             let state = state_name(&s.state);
