@@ -371,14 +371,20 @@ impl Telemetry {
 
     /// Exports what is buffered and stops the exporters; called once at the end of the command.
     pub fn shutdown(&mut self) {
-        if let Some(tracer) = self.tracer.take() {
-            let _ = tracer.force_flush();
-            let _ = tracer.shutdown();
-        }
-        if let Some(meter) = self.meter.take() {
-            let _ = meter.force_flush();
-            let _ = meter.shutdown();
-        }
+        // Shutting down exports what is left (an explicit flush first would export twice to a
+        // collector that is down, each time with the exporter's retries); both signals at once,
+        // so that a collector that is down delays the exit by one round of retries.
+        let (tracer, meter) = (self.tracer.take(), self.meter.take());
+        std::thread::scope(|scope| {
+            if let Some(tracer) = tracer {
+                scope.spawn(move || {
+                    let _ = tracer.shutdown();
+                });
+            }
+            if let Some(meter) = meter {
+                let _ = meter.shutdown();
+            }
+        });
     }
 }
 
