@@ -548,6 +548,12 @@ needs = ["b"]
         .output()
         .unwrap();
     assert!(!String::from_utf8_lossy(&quiet.stderr).contains(" INFO "));
+    let wrong = s
+        .command(&["apply", "--log-level", "verbose"])
+        .output()
+        .unwrap();
+    assert_eq!(wrong.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("`verbose` is not a level"));
     let verbose = s
         .command(&["apply", "--log-level", "info"])
         .output()

@@ -157,23 +157,37 @@ fn batch_config() -> opentelemetry_sdk::trace::BatchConfig {
 }
 
 /// The log filter: `--log-level` (a bare level is for ccluster's own targets, others stay at
-/// `warn`), else `RUST_LOG`, else `info` for JSON logs and nothing for text.
-fn log_filter(settings: &Settings) -> Option<tracing_subscriber::EnvFilter> {
+/// `warn`), else `RUST_LOG`, else `info` for JSON logs and nothing for text. A `--log-level` that
+/// is neither a level nor valid directives is an error; `RUST_LOG` is read leniently, as every
+/// program reads it.
+fn log_filter(settings: &Settings) -> Result<Option<tracing_subscriber::EnvFilter>, String> {
     use tracing_subscriber::EnvFilter;
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
     let directives = match &settings.log_level {
         Some(level) if !level.contains(['=', ',']) => {
+            if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+                return Err(format!(
+                    "--log-level `{level}` is not a level\n  = help: use one of {}, or RUST_LOG directives such as `info,kube=debug`",
+                    LEVELS.join(", ")
+                ));
+            }
             format!("warn,ccluster_engine={level},ccluster={level}")
         }
-        Some(directives) => directives.clone(),
+        Some(directives) => {
+            return EnvFilter::builder()
+                .parse(directives)
+                .map(Some)
+                .map_err(|e| format!("--log-level `{directives}`: {e}"));
+        }
         None => match std::env::var("RUST_LOG") {
             Ok(v) if !v.trim().is_empty() => v,
             _ if settings.log_format == LogFormat::Json => {
                 "warn,ccluster_engine=info,ccluster=info".to_string()
             }
-            _ => return None,
+            _ => return Ok(None),
         },
     };
-    Some(EnvFilter::builder().parse_lossy(directives))
+    Ok(Some(EnvFilter::builder().parse_lossy(directives)))
 }
 
 /// Installs the process's subscriber and providers. An error (a log file that cannot be opened,
@@ -233,7 +247,7 @@ pub fn init(settings: Settings) -> Result<Telemetry, String> {
         metrics::install(provider);
     }
 
-    let logs = log_filter(&settings);
+    let logs = log_filter(&settings)?;
     let writer = match (&logs, &settings.log_file) {
         (Some(_), Some(path)) => Some(LogWriter::File(std::sync::Arc::new(std::sync::Mutex::new(
             crate::store::private_file()
