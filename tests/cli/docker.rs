@@ -124,7 +124,35 @@ fn apply_with(s: &Sandbox, host: &str) -> Applied {
 fn shell_tasks_run_in_containers_on_a_docker_runner() {
     let daemon = Daemon::start();
     let s = Sandbox::in_repo(&clusterfile(IMAGE, "never"), &[("README", "base\n")]);
-    let run = apply_with(&s, &daemon.host);
+    // Traced: the runner's own operations are spans of each attempt.
+    let receiver = crate::observability::Receiver::start();
+    let run = Applied::from_output(
+        s.command(&["apply", "--output", "json", "--grace-period", "1s", "-k"])
+            .env("DOCKER_HOST", &daemon.host)
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.http)
+            .output()
+            .unwrap(),
+    );
+    let spans = receiver.spans();
+    let parent_of = |span: &crate::observability::Span| {
+        spans
+            .iter()
+            .find(|p| Some(&p.id) == span.parent.as_ref())
+            .map(|p| p.name.as_str())
+    };
+    for operation in [
+        "docker.create",
+        "docker.attach",
+        "docker.start",
+        "docker.wait",
+    ] {
+        let found: Vec<_> = spans.iter().filter(|s| s.name == operation).collect();
+        assert!(!found.is_empty(), "no {operation} span: {spans:#?}");
+        assert!(
+            found.iter().all(|s| parent_of(s) == Some("runner.run")),
+            "{operation} outside runner.run: {found:#?}"
+        );
+    }
     // `slow` times out; the others succeed.
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
     assert_eq!(run.of("task_succeeded").len(), 2, "{}", run.stdout);

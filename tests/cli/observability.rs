@@ -36,16 +36,16 @@ fn script_output(script: &str) -> HashMap<String, String> {
 }
 
 /// The test OTLP receiver, stopped (by its pid) when dropped.
-struct Receiver {
+pub(crate) struct Receiver {
     child: Child,
     grpc: String,
-    http: String,
+    pub(crate) http: String,
     out: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Receiver {
-    fn start() -> Receiver {
+    pub(crate) fn start() -> Receiver {
         static SETUP: std::sync::OnceLock<HashMap<String, String>> = std::sync::OnceLock::new();
         let setup = SETUP.get_or_init(|| script_output("scripts/otlp-receiver-for-tests.sh"));
         let dir = tempfile::tempdir().unwrap();
@@ -85,7 +85,7 @@ impl Receiver {
     }
 
     /// Every span received, with its resource's attributes beside it.
-    fn spans(&self) -> Vec<Span> {
+    pub(crate) fn spans(&self) -> Vec<Span> {
         let mut out = Vec::new();
         for request in self.requests("traces") {
             for rs in request["request"]["resource_spans"].as_array().unwrap() {
@@ -149,11 +149,11 @@ fn stop(child: &mut Child) {
 }
 
 #[derive(Clone, Debug)]
-struct Span {
-    name: String,
+pub(crate) struct Span {
+    pub(crate) name: String,
     trace: String,
-    id: String,
-    parent: Option<String>,
+    pub(crate) id: String,
+    pub(crate) parent: Option<String>,
     error: bool,
     attributes: HashMap<String, String>,
     resource: HashMap<String, String>,

@@ -688,16 +688,21 @@ async fn run_container(
         end: ProcessEnd::SpawnFailed(e),
         stdout: Vec::new(),
     };
+    use tracing::Instrument as _;
     let Made { body, stdin } = made;
     // A container of the same attempt left by an earlier process is not this one's to reuse.
-    DockerRunner::remove(&docker, &name).await;
-    if let Err(e) = docker
-        .create_container(
-            Some(CreateContainerOptionsBuilder::default().name(&name).build()),
-            body,
-        )
-        .await
-    {
+    let created = async {
+        DockerRunner::remove(&docker, &name).await;
+        docker
+            .create_container(
+                Some(CreateContainerOptionsBuilder::default().name(&name).build()),
+                body,
+            )
+            .await
+    }
+    .instrument(tracing::info_span!("docker.create", container = %name))
+    .await;
+    if let Err(e) = created {
         return failed(format!("cannot create container `{name}`: {e}"));
     }
     let guard = ContainerGuard {
@@ -720,12 +725,17 @@ async fn run_container(
                     .build(),
             ),
         )
+        .instrument(tracing::info_span!("docker.attach"))
         .await;
     let attached = match attached {
         Ok(a) => a,
         Err(e) => return failed(format!("cannot attach to container `{name}`: {e}")),
     };
-    if let Err(e) = docker.start_container(&name, None).await {
+    if let Err(e) = docker
+        .start_container(&name, None)
+        .instrument(tracing::info_span!("docker.start"))
+        .await
+    {
         return failed(format!("cannot start container `{name}`: {e}"));
     }
     // Admitted to the proxy under its address, once it has one; refusals come back here.
@@ -757,7 +767,9 @@ async fn run_container(
             let _ = input.shutdown().await;
         });
     }
-    supervise(docker, name, guard, attached.output, refused, spec, stop).await
+    supervise(docker, name, guard, attached.output, refused, spec, stop)
+        .instrument(tracing::info_span!("docker.wait"))
+        .await
 }
 
 /// What a container prints, as Docker streams it.

@@ -3,6 +3,7 @@
 //! (a ConfigMap) and volumes, as the Job the runner makes.
 
 use super::*;
+use tracing::Instrument as _;
 
 /// Variables ccluster passes from its own environment that describe this machine, not the pod:
 /// dropped (the image's own apply) unless the task set them to something else.
@@ -224,6 +225,7 @@ impl Inner {
         let name = job_name(&run, &node, &attempt);
         let prepared = match self
             .prepare(&spec, &state, &run, &node, &attempt, &name)
+            .instrument(tracing::info_span!("kubernetes.prepare", job = %name))
             .await
         {
             Ok(p) => p,
@@ -241,10 +243,14 @@ impl Inner {
             let _ = configmaps.delete(&cm_name, &DeleteParams::default()).await;
             configmaps
                 .create(&PostParams::default(), cm)
+                .instrument(tracing::info_span!("kubernetes.create_inputs"))
                 .await
                 .map_err(|e| format!("cannot make ConfigMap `{cm_name}`: {}", api_error(&e)))?;
         }
-        let created = jobs.create(&PostParams::default(), &prepared.job).await;
+        let created = jobs
+            .create(&PostParams::default(), &prepared.job)
+            .instrument(tracing::info_span!("kubernetes.create_job"))
+            .await;
         let uid = match created {
             Ok(job) => job.metadata.uid,
             // The Job exists: the same attempt, made by a ccluster that was killed before it
@@ -281,6 +287,7 @@ impl Inner {
         }
         Ok(self
             .supervise(&hub, name, prepared.travel, spec, stop)
+            .instrument(tracing::info_span!("kubernetes.watch"))
             .await)
     }
 
