@@ -125,7 +125,7 @@ fn shell_tasks_run_in_containers_on_a_docker_runner() {
     let daemon = Daemon::start();
     let s = Sandbox::in_repo(&clusterfile(IMAGE, "never"), &[("README", "base\n")]);
     // Traced: the runner's own operations are spans of each attempt.
-    let receiver = crate::observability::Receiver::start();
+    let receiver = crate::otlp::Receiver::start();
     let run = Applied::from_output(
         s.command(&["apply", "--output", "json", "--grace-period", "1s", "-k"])
             .env("DOCKER_HOST", &daemon.host)
@@ -134,7 +134,7 @@ fn shell_tasks_run_in_containers_on_a_docker_runner() {
             .unwrap(),
     );
     let spans = receiver.spans();
-    let parent_of = |span: &crate::observability::Span| {
+    let parent_of = |span: &crate::otlp::Span| {
         spans
             .iter()
             .find(|p| Some(&p.id) == span.parent.as_ref())

@@ -350,9 +350,46 @@ run = "echo task {{{{ item }}}} on $(hostname); echo its stderr >&2"
             .join(", ")
     ));
     let pods = cluster.watch_pods(&ns);
-    let run = cluster.apply(&s, &["-j", "20"]);
+    // Traced, to a receiver in the cluster's network namespace (where ccluster runs).
+    let receiver = crate::otlp::Receiver::start_in(Some(&cluster.netns));
+    let run = Applied::from_output(
+        cluster
+            .ccluster(
+                &s,
+                &[
+                    "apply",
+                    "--output",
+                    "json",
+                    "--grace-period",
+                    "2s",
+                    "-j",
+                    "20",
+                ],
+            )
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.http)
+            .output()
+            .unwrap(),
+    );
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert_eq!(run.tasks("task_succeeded").len(), 20, "{}", run.stdout);
+    // Each attempt's runner operations are spans under its `runner.run`.
+    let spans = receiver.spans();
+    for operation in [
+        "kubernetes.prepare",
+        "kubernetes.create_job",
+        "kubernetes.watch",
+    ] {
+        let found: Vec<&crate::otlp::Span> = spans.iter().filter(|s| s.name == operation).collect();
+        assert_eq!(found.len(), 20, "{operation}: {found:#?}");
+        for span in found {
+            let parent = spans.iter().find(|p| Some(&p.id) == span.parent.as_ref());
+            assert_eq!(
+                parent.map(|p| p.name.as_str()),
+                Some("runner.run"),
+                "{span:#?}"
+            );
+        }
+    }
     // Each ran in a pod of its own, at the same time as the others.
     let starts: Vec<&serde_json::Value> = run.of("task_started");
     let finishes: Vec<&serde_json::Value> = run.of("task_succeeded");

@@ -23,6 +23,7 @@ mod k8smodel;
 mod library;
 mod logs;
 mod observability;
+mod otlp;
 mod policy;
 mod procs;
 mod refs;

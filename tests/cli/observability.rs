@@ -1,13 +1,11 @@
 //! Observability against real components: an OTLP receiver built on the official protocol
-//! definitions (`tests/otlp/receiver.py`: opentelemetry-proto and grpcio from PyPI) gets a
-//! rehearsed run's trace and metrics; Debian's Prometheus scrapes `serve` and `apply
+//! definitions (`tests/otlp/receiver.py`: opentelemetry-proto and grpcio from PyPI; see
+//! [`crate::otlp`]) gets a rehearsed run's trace and metrics; Debian's Prometheus scrapes `serve` and `apply
 //! --metrics-addr`; JSON logs parse line by line. The components are installed by
 //! `scripts/otlp-receiver-for-tests.sh` and `scripts/prometheus-for-tests.sh` when missing, and a
 //! test fails when it cannot get them.
 
 use std::collections::HashMap;
-use std::io::BufRead;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,169 +13,8 @@ use serde_json::Value;
 
 use crate::agents::repo;
 use crate::dashboard::http;
+use crate::otlp::{attributes, script_output, stop, Receiver, Span};
 use crate::support::{claude_bin, root, Applied, Sandbox, Served};
-
-/// Lines `KEY=value` a setup script printed, by key.
-fn script_output(script: &str) -> HashMap<String, String> {
-    let out = Command::new(root().join(script))
-        .output()
-        .unwrap_or_else(|e| panic!("run {script}: {e}"));
-    assert!(
-        out.status.success(),
-        "{script} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-/// The test OTLP receiver, stopped (by its pid) when dropped.
-pub(crate) struct Receiver {
-    child: Child,
-    grpc: String,
-    pub(crate) http: String,
-    out: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Receiver {
-    pub(crate) fn start() -> Receiver {
-        static SETUP: std::sync::OnceLock<HashMap<String, String>> = std::sync::OnceLock::new();
-        let setup = SETUP.get_or_init(|| script_output("scripts/otlp-receiver-for-tests.sh"));
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("otlp.jsonl");
-        let mut child = Command::new(&setup["PYTHON"])
-            .arg(&setup["RECEIVER"])
-            .arg("--out")
-            .arg(&out)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the OTLP receiver");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let ready: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("the receiver said {line:?}: {e}"));
-        Receiver {
-            grpc: format!("http://{}", ready["grpc"].as_str().unwrap()),
-            http: ready["http"].as_str().unwrap().to_string(),
-            child,
-            out,
-            _dir: dir,
-        }
-    }
-
-    /// Every request of `signal` received so far.
-    fn requests(&self, signal: &str) -> Vec<Value> {
-        std::fs::read_to_string(&self.out)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .filter(|r| r["signal"] == signal)
-            .collect()
-    }
-
-    /// Every span received, with its resource's attributes beside it.
-    pub(crate) fn spans(&self) -> Vec<Span> {
-        let mut out = Vec::new();
-        for request in self.requests("traces") {
-            for rs in request["request"]["resource_spans"].as_array().unwrap() {
-                let resource = attributes(&rs["resource"]["attributes"]);
-                for ss in rs["scope_spans"].as_array().into_iter().flatten() {
-                    for s in ss["spans"].as_array().into_iter().flatten() {
-                        out.push(Span {
-                            name: s["name"].as_str().unwrap_or_default().to_string(),
-                            trace: s["trace_id"].as_str().unwrap_or_default().to_string(),
-                            id: s["span_id"].as_str().unwrap_or_default().to_string(),
-                            parent: s["parent_span_id"]
-                                .as_str()
-                                .filter(|p| !p.is_empty())
-                                .map(str::to_string),
-                            error: s["status"]["code"] == "STATUS_CODE_ERROR",
-                            attributes: attributes(&s["attributes"]),
-                            resource: resource.clone(),
-                        });
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    /// The names of the metrics received, with their data points.
-    fn metrics(&self) -> HashMap<String, Vec<Value>> {
-        let mut out: HashMap<String, Vec<Value>> = HashMap::new();
-        for request in self.requests("metrics") {
-            for rm in request["request"]["resource_metrics"].as_array().unwrap() {
-                for sm in rm["scope_metrics"].as_array().into_iter().flatten() {
-                    for m in sm["metrics"].as_array().into_iter().flatten() {
-                        let points = ["sum", "gauge", "histogram"]
-                            .iter()
-                            .flat_map(|kind| m[kind]["data_points"].as_array().cloned())
-                            .flatten();
-                        out.entry(m["name"].as_str().unwrap().to_string())
-                            .or_default()
-                            .extend(points);
-                    }
-                }
-            }
-        }
-        out
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        stop(&mut self.child);
-    }
-}
-
-/// Stops a server the test started: SIGTERM to its pid, then waits for it.
-fn stop(child: &mut Child) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = child.wait();
-}
-
-#[derive(Clone, Debug)]
-pub(crate) struct Span {
-    pub(crate) name: String,
-    trace: String,
-    pub(crate) id: String,
-    pub(crate) parent: Option<String>,
-    error: bool,
-    attributes: HashMap<String, String>,
-    resource: HashMap<String, String>,
-}
-
-/// OTLP attributes as strings (`int_value`s are strings in OTLP's JSON already).
-fn attributes(list: &Value) -> HashMap<String, String> {
-    list.as_array()
-        .into_iter()
-        .flatten()
-        .map(|a| {
-            let v = &a["value"];
-            let value = v
-                .as_object()
-                .and_then(|o| o.values().next())
-                .map(|x| match x {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                })
-                .unwrap_or_default();
-            (a["key"].as_str().unwrap().to_string(), value)
-        })
-        .collect()
-}
 
 /// Polls `done` until it holds, for at most `secs` seconds.
 fn wait_for(secs: u64, what: &str, mut done: impl FnMut() -> bool) {

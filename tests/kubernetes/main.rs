@@ -9,6 +9,9 @@
 #[path = "../cli/support.rs"]
 mod support;
 
+#[path = "../cli/otlp.rs"]
+mod otlp;
+
 #[path = "../cli/kubernetes.rs"]
 mod kubernetes;
 
