@@ -41,6 +41,7 @@ mod forge;
 mod github;
 mod live;
 mod logs;
+mod observe;
 mod results;
 mod runs;
 mod state;
@@ -70,28 +71,7 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     #[command(flatten)]
-    logs: LogArgs,
-}
-
-/// Logs (the progress on the terminal stays as it is): see docs/observability.md.
-#[derive(Args)]
-struct LogArgs {
-    /// Log ccluster's spans and events at this level (`error`, `warn`, `info`, `debug`, `trace`),
-    /// or by full `RUST_LOG` directives (default: `RUST_LOG`; none for text, `info` for JSON).
-    #[arg(long, global = true, value_name = "LEVEL")]
-    log_level: Option<String>,
-    /// Log lines as text, or as one JSON object per line (with `run`, `task`, `attempt`).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-    /// Write logs to FILE (appended) instead of stderr.
-    #[arg(long, global = true, value_name = "FILE")]
-    log_file: Option<PathBuf>,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
+    logs: observe::LogArgs,
 }
 
 #[derive(Subcommand)]
@@ -692,31 +672,10 @@ fn main() -> ExitCode {
         _ => None,
     };
     let serving = matches!(cli.command, Command::Serve { .. });
-    let telemetry = match ccluster_engine::telemetry::init(ccluster_engine::telemetry::Settings {
-        log_level: cli.logs.log_level.clone(),
-        log_format: match cli.logs.log_format {
-            LogFormat::Text => ccluster_engine::telemetry::LogFormat::Text,
-            LogFormat::Json => ccluster_engine::telemetry::LogFormat::Json,
-        },
-        log_file: cli.logs.log_file.clone(),
-        prometheus: serving || metrics_addr.is_some(),
-        service: "ccluster",
-    }) {
+    let telemetry = match observe::start(&cli.logs, metrics_addr, serving) {
         Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(exit::INVALID_INPUT);
-        }
+        Err(code) => return ExitCode::from(code),
     };
-    if let (Some(addr), Some(metrics)) = (metrics_addr, telemetry.metrics_text()) {
-        match ccluster_engine::telemetry::serve_metrics(addr, metrics) {
-            Ok(bound) => eprintln!("metrics on http://{bound}/metrics"),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(exit::INVALID_INPUT);
-            }
-        }
-    }
     let code = match cli.command {
         Command::Validate {
             file,

@@ -138,32 +138,33 @@ impl Metrics {
             "Task attempts running now",
             |run| run.running.len() as u64,
         );
-        let gauge_live = live.clone();
-        meter
-            .f64_observable_gauge("ccluster.run.budget.spent")
-            .with_unit("{USD}")
-            .with_description("What each running run has spent on agents, running ones included")
-            .with_callback(move |observer| {
-                let live = gauge_live.lock().unwrap_or_else(|e| e.into_inner());
-                for (id, run) in &live.runs {
-                    observer.observe(run.spent(), &run_attributes(id, run));
-                }
-            })
-            .build();
-        let gauge_live = live.clone();
-        meter
-            .f64_observable_gauge("ccluster.run.budget.remaining")
-            .with_unit("{USD}")
-            .with_description("What each running run with a max_run_usd may still spend")
-            .with_callback(move |observer| {
-                let live = gauge_live.lock().unwrap_or_else(|e| e.into_inner());
-                for (id, run) in &live.runs {
-                    if let Some(budget) = run.budget_usd {
-                        observer.observe((budget - run.spent()).max(0.0), &run_attributes(id, run));
+        // Gauges of each run going on (`None`: the run has no such figure).
+        let per_run = |name: &'static str, description, value: fn(&LiveRun) -> Option<f64>| {
+            let gauge_live = live.clone();
+            meter
+                .f64_observable_gauge(name)
+                .with_unit("{USD}")
+                .with_description(description)
+                .with_callback(move |observer| {
+                    let live = gauge_live.lock().unwrap_or_else(|e| e.into_inner());
+                    for (id, run) in &live.runs {
+                        if let Some(v) = value(run) {
+                            observer.observe(v, &run_attributes(id, run));
+                        }
                     }
-                }
-            })
-            .build();
+                })
+                .build()
+        };
+        per_run(
+            "ccluster.run.budget.spent",
+            "What each running run has spent on agents, running ones included",
+            |run| Some(run.spent()),
+        );
+        per_run(
+            "ccluster.run.budget.remaining",
+            "What each running run with a max_run_usd may still spend",
+            |run| Some((run.budget_usd? - run.spent()).max(0.0)),
+        );
         Metrics {
             runs_started: meter
                 .u64_counter("ccluster.runs.started")
